@@ -1,0 +1,43 @@
+"""Builds the two compiled parts of centernet47 in place: `make setup` runs `python setup.py build_ext --inplace`.
+
+- lib/cpool: corner pooling (C++ CPU kernel; CUDA kernel when a GPU is visible or FORCE_CUDA=1).
+- lib/nms: soft-NMS in Cython.
+"""
+import os
+from glob import glob
+
+import numpy as np
+import torch
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+
+def want_cuda() -> bool:
+    # CPU machines (and CI) never compile CUDA: it is slow and fails on nvcc / torch version mismatches.
+    forced = os.environ.get("FORCE_CUDA", "0") == "1"
+    return CUDA_HOME is not None and torch.version.cuda is not None and (forced or torch.cuda.is_available())
+
+
+def cpool_extension():
+    sources = glob("lib/cpool/csrc/*.cpp")
+    args = {"cxx": ["-O3"]}
+    if want_cuda():
+        args["nvcc"] = ["-O3"]
+        return CUDAExtension("lib.cpool._ext", sources + glob("lib/cpool/csrc/*.cu"), extra_compile_args=args)
+    return CppExtension("lib.cpool._ext", sources, extra_compile_args=args)
+
+
+nms_extension = Extension(
+    "lib.nms._soft_nms",
+    ["lib/nms/soft_nms.pyx"],
+    include_dirs=[np.get_include()],
+    extra_compile_args=["-O3"],
+    define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+)
+
+setup(
+    name="centernet47",
+    ext_modules=[cpool_extension(), *cythonize([nms_extension], language_level=3)],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=False)},
+)
