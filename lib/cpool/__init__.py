@@ -1,0 +1,33 @@
+"""Corner pooling (CornerNet / CenterNet) on (N, C, H, W) tensors.
+
+    top_pool(x)[..., y, :]    = max over y' >= y of x[..., y', :]
+    bottom_pool(x)[..., y, :] = max over y' <= y of x[..., y', :]
+    left_pool(x)[..., :, x0]  = max over x' >= x0 of x[..., :, x']
+    right_pool(x)[..., :, x0] = max over x' <= x0 of x[..., :, x']
+
+Tie rule (all implementations, tested): each output's gradient goes to ONE input position, the maximum nearest
+to the output position. A single scan starting at the far end (top pooling scans y = H-1 .. 0) keeps a running
+maximum and replaces it whenever the new value is >= the running one, so on ties the last position met wins; this
+is also `torch.cummax`'s rule. A NaN becomes the running maximum and stays until the next NaN (as in cummax).
+
+The compiled extension `lib.cpool._ext` (C++ CPU kernel, CUDA kernel when built for a GPU; `make setup`) is used
+when present; otherwise a pure-PyTorch `torch.cummax` fallback runs, with one warning. Both run in the input
+dtype (float32, float64, bfloat16, float16), also inside `torch.autocast`.
+"""
+from .pool import (
+    BottomPool,
+    LeftPool,
+    RightPool,
+    TopPool,
+    bottom_pool,
+    extension_available,
+    left_pool,
+    right_pool,
+    top_pool,
+)
+
+__all__ = [
+    "top_pool", "bottom_pool", "left_pool", "right_pool",
+    "TopPool", "BottomPool", "LeftPool", "RightPool",
+    "extension_available",
+]

@@ -1,0 +1,119 @@
+"""Autograd functions and nn.Module wrappers for the four corner poolings (semantics and tie rule: see __init__)."""
+import warnings
+
+import torch
+from torch import Tensor, nn
+
+try:
+    from . import _ext  # noqa: F401  (registers torch.ops.cpool.*)
+    _HAVE_EXT = True
+except ImportError:
+    _HAVE_EXT = False
+
+# Direction codes shared with csrc/cpool.cpp: (code, dim scanned, scan starts at the far end).
+TOP, BOTTOM, LEFT, RIGHT = 0, 1, 2, 3
+_DIM = {TOP: 2, BOTTOM: 2, LEFT: 3, RIGHT: 3}
+_REVERSE = {TOP: True, BOTTOM: False, LEFT: True, RIGHT: False}
+_warned = False
+
+
+def extension_available() -> bool:
+    """True when the compiled kernels of lib/cpool/csrc are importable (`make setup`)."""
+    return _HAVE_EXT
+
+
+def _warn_fallback() -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        warnings.warn(
+            "lib/cpool: compiled extension lib.cpool._ext not built (run `make setup`); "
+            "using the slower torch.cummax fallback", RuntimeWarning, stacklevel=3)
+
+
+def _check(x: Tensor) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"lib/cpool: input must be (N, C, H, W), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"lib/cpool: input must be a floating-point tensor, got {x.dtype}")
+
+
+def cummax_forward(x: Tensor, direction: int) -> tuple[Tensor, Tensor]:
+    """Pure-PyTorch pooling: (output, argmax index along the scanned dim), both (N, C, H, W)."""
+    dim = _DIM[direction]
+    if _REVERSE[direction]:
+        out, idx = torch.cummax(x.flip(dim), dim)
+        return out.flip(dim), (x.shape[dim] - 1) - idx.flip(dim)
+    return torch.cummax(x, dim)
+
+
+def cummax_backward(grad: Tensor, idx: Tensor, direction: int) -> Tensor:
+    """Sends grad (N, C, H, W) to the argmax positions idx of the forward."""
+    return torch.zeros_like(grad).scatter_add_(_DIM[direction], idx, grad)
+
+
+class _CornerPool(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, direction: int) -> Tensor:
+        ctx.direction = direction
+        if _HAVE_EXT:
+            x = x.contiguous()
+            ctx.save_for_backward(x)
+            return torch.ops.cpool.pool_forward(x, direction)
+        out, idx = cummax_forward(x, direction)
+        ctx.save_for_backward(idx)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (saved,) = ctx.saved_tensors
+        if _HAVE_EXT:
+            return torch.ops.cpool.pool_backward(saved, grad.contiguous(), ctx.direction), None
+        return cummax_backward(grad, saved, ctx.direction), None
+
+
+def _pool(x: Tensor, direction: int) -> Tensor:
+    _check(x)
+    if not _HAVE_EXT:
+        _warn_fallback()
+    return _CornerPool.apply(x, direction)
+
+
+def top_pool(x: Tensor) -> Tensor:
+    """(N, C, H, W) -> (N, C, H, W): out[y] = max over y' >= y."""
+    return _pool(x, TOP)
+
+
+def bottom_pool(x: Tensor) -> Tensor:
+    """(N, C, H, W) -> (N, C, H, W): out[y] = max over y' <= y."""
+    return _pool(x, BOTTOM)
+
+
+def left_pool(x: Tensor) -> Tensor:
+    """(N, C, H, W) -> (N, C, H, W): out[x] = max over x' >= x."""
+    return _pool(x, LEFT)
+
+
+def right_pool(x: Tensor) -> Tensor:
+    """(N, C, H, W) -> (N, C, H, W): out[x] = max over x' <= x."""
+    return _pool(x, RIGHT)
+
+
+class TopPool(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return top_pool(x)
+
+
+class BottomPool(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return bottom_pool(x)
+
+
+class LeftPool(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return left_pool(x)
+
+
+class RightPool(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return right_pool(x)
