@@ -1,0 +1,32 @@
+"""Run logging on the main process: a plain text log, tensorboardX scalars, and the console."""
+from pathlib import Path
+
+from tensorboardX import SummaryWriter
+
+
+class RunLogger:
+    """Writes to `run_dir/train.log` and tensorboard files in `run_dir`; does nothing when `enabled` is False
+    (every process but rank 0), so callers need no rank checks."""
+
+    def __init__(self, run_dir: Path, enabled: bool):
+        self.enabled = enabled
+        self.writer = None
+        if enabled:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self.text = open(run_dir / "train.log", "a", buffering=1)
+            self.writer = SummaryWriter(str(run_dir))
+
+    def info(self, message: str) -> None:
+        if self.enabled:
+            print(message, flush=True)
+            self.text.write(message + "\n")
+
+    def scalars(self, values: dict[str, float], step: int, prefix: str = "") -> None:
+        if self.enabled:
+            for name, value in values.items():
+                self.writer.add_scalar(prefix + name, value, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.writer.close()
+            self.text.close()
