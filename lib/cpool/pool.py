@@ -28,7 +28,7 @@ def _warn_fallback() -> None:
         _warned = True
         warnings.warn(
             "lib/cpool: compiled extension lib.cpool._ext not built (run `make setup`); "
-            "using the slower torch.cummax fallback", RuntimeWarning, stacklevel=3)
+            "using the slower torch.cummax fallback", RuntimeWarning, stacklevel=4)
 
 
 def _check(x: Tensor) -> None:
@@ -52,31 +52,55 @@ def cummax_backward(grad: Tensor, idx: Tensor, direction: int) -> Tensor:
     return torch.zeros_like(grad).scatter_add_(_DIM[direction], idx, grad)
 
 
-class _CornerPool(torch.autograd.Function):
+class _ExtensionPool(torch.autograd.Function):
+    """torch.ops.cpool kernels; the backward recomputes the scan from the saved input instead of storing indices."""
+
     @staticmethod
     def forward(ctx, x: Tensor, direction: int) -> Tensor:
+        x = x.contiguous()
         ctx.direction = direction
-        if _HAVE_EXT:
-            x = x.contiguous()
-            ctx.save_for_backward(x)
-            return torch.ops.cpool.pool_forward(x, direction)
+        ctx.save_for_backward(x)
+        return torch.ops.cpool.pool_forward(x, direction)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (x,) = ctx.saved_tensors
+        return torch.ops.cpool.pool_backward(x, grad.contiguous(), ctx.direction), None
+
+
+class _CummaxPool(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, direction: int) -> Tensor:
         out, idx = cummax_forward(x, direction)
+        ctx.direction = direction
         ctx.save_for_backward(idx)
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        (saved,) = ctx.saved_tensors
-        if _HAVE_EXT:
-            return torch.ops.cpool.pool_backward(saved, grad.contiguous(), ctx.direction), None
-        return cummax_backward(grad, saved, ctx.direction), None
+        (idx,) = ctx.saved_tensors
+        return cummax_backward(grad, idx, ctx.direction), None
+
+
+def extension_pool(x: Tensor, direction: int) -> Tensor:
+    """Pooling in direction TOP, BOTTOM, LEFT or RIGHT with the compiled kernels (raises if not built)."""
+    _check(x)
+    if not _HAVE_EXT:
+        raise RuntimeError("lib/cpool: extension lib.cpool._ext is not built (run `make setup`)")
+    return _ExtensionPool.apply(x, direction)
+
+
+def cummax_pool(x: Tensor, direction: int) -> Tensor:
+    """Pooling in direction TOP, BOTTOM, LEFT or RIGHT with the pure-PyTorch fallback."""
+    _check(x)
+    return _CummaxPool.apply(x, direction)
 
 
 def _pool(x: Tensor, direction: int) -> Tensor:
-    _check(x)
-    if not _HAVE_EXT:
-        _warn_fallback()
-    return _CornerPool.apply(x, direction)
+    if _HAVE_EXT:
+        return extension_pool(x, direction)
+    _warn_fallback()
+    return cummax_pool(x, direction)
 
 
 def top_pool(x: Tensor) -> Tensor:

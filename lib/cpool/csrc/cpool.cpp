@@ -1,0 +1,367 @@
+// Corner pooling: CPU kernels and the op registrations torch.ops.cpool.pool_forward / pool_backward.
+//
+// Each output line (a column for top/bottom, a row for left/right) is one scan from its far end that keeps a
+// running maximum; a value v replaces the running maximum m when v >= m or v is NaN, so on ties the maximum nearest
+// to the output position wins (lib/cpool/__init__.py). The backward recomputes the scan instead of storing
+// indices: position k is the argmax of its own output exactly when the scan took it as the new maximum, i.e. when
+// x[k] == out[k] or x[k] is NaN, and its gradient is the sum of grad_out from k up to (not including) the next such
+// position in scan order. A second pass walking the scan backwards accumulates these sums without branches or
+// scatter (in float for the 16-bit types).
+//
+// Top/bottom: blocks of adjacent columns, which are contiguous in memory, so loops over a row vectorise.
+// Left/right: groups of kRowGroup rows scanned together (independent dependency chains), with software prefetch of
+// the next group because the hardware prefetcher does not follow kRowGroup interleaved streams within a page.
+#include <Python.h>
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "cpool.h"
+
+namespace cpool {
+namespace {
+
+constexpr int64_t kColumnBlock = 256;  // columns per group in top/bottom
+constexpr int64_t kRowGroup = 8;       // rows per group in left/right
+constexpr int64_t kGrainElements = 32768;
+constexpr int64_t kCacheLine = 64;
+
+template <typename acc_t>
+inline bool replaces(acc_t v, acc_t running) {
+  return v >= running || v != v;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Top / bottom: n adjacent columns; row k (in scan order) starts at k * elem_stride from the scan start.
+
+template <typename scalar_t>
+void column_forward(const scalar_t* in, scalar_t* out, int64_t n, int64_t len, int64_t elem_stride) {
+  using acc_t = at::opmath_type<scalar_t>;
+  std::copy(in, in + n, out);
+  for (int64_t k = 1; k < len; ++k) {
+    const scalar_t* __restrict src = in + k * elem_stride;
+    const scalar_t* __restrict prev = out + (k - 1) * elem_stride;
+    scalar_t* __restrict dst = out + k * elem_stride;
+    for (int64_t i = 0; i < n; ++i) {
+      dst[i] = replaces(static_cast<acc_t>(src[i]), static_cast<acc_t>(prev[i])) ? src[i] : prev[i];
+    }
+  }
+}
+
+template <typename scalar_t>
+void column_backward(const scalar_t* in, const scalar_t* grad_out, scalar_t* grad_in, int64_t n, int64_t len,
+                     int64_t elem_stride) {
+  using acc_t = at::opmath_type<scalar_t>;
+  column_forward(in, grad_in, n, len, elem_stride);
+  acc_t sum[kColumnBlock];
+  std::fill(sum, sum + n, acc_t(0));
+  for (int64_t k = len - 1; k >= 0; --k) {
+    const scalar_t* __restrict x = in + k * elem_stride;
+    const scalar_t* __restrict g = grad_out + k * elem_stride;
+    scalar_t* __restrict gi = grad_in + k * elem_stride;  // holds the forward output until overwritten here
+    for (int64_t i = 0; i < n; ++i) {
+      const acc_t v = static_cast<acc_t>(x[i]);
+      const bool is_argmax = v == static_cast<acc_t>(gi[i]) || v != v;
+      const acc_t t = sum[i] + static_cast<acc_t>(g[i]);
+      gi[i] = static_cast<scalar_t>(is_argmax ? t : acc_t(0));
+      sum[i] = is_argmax ? acc_t(0) : t;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Left / right: kRows rows of length len, row i at i * len from the block start; element k (in scan order) of row
+// i at `start + i * len + k * elem_stride` (start = 0, or len - 1 when scanning from the end).
+
+// Issues the prefetches of up to three blocks of cache lines a few per call, spread over a loop.
+class Prefetcher {
+ public:
+  Prefetcher(int64_t block_bytes, int64_t steps) : lines_((block_bytes + kCacheLine - 1) / kCacheLine), steps_(steps) {}
+  void add(const void* block, bool write) {
+    if (block != nullptr) {
+      blocks_[count_] = static_cast<const char*>(block);
+      write_[count_++] = write;
+    }
+  }
+  void step() {
+    const int64_t per_step = (count_ * lines_ + steps_ - 1) / steps_;
+    for (int64_t j = 0; j < per_step && issued_ < count_ * lines_; ++j, ++issued_) {
+      const int64_t b = issued_ / lines_;
+      const char* p = blocks_[b] + (issued_ % lines_) * kCacheLine;
+      if (write_[b]) {
+        __builtin_prefetch(p, 1);
+      } else {
+        __builtin_prefetch(p, 0);
+      }
+    }
+  }
+
+ private:
+  const char* blocks_[3] = {};
+  bool write_[3] = {};
+  int64_t count_ = 0, issued_ = 0;
+  const int64_t lines_, steps_;
+};
+
+// Bit pattern of a NaN: (bits & abs_mask) > inf_bits.
+template <typename scalar_t>
+struct FloatBits;
+template <>
+struct FloatBits<float> {
+  using type = uint32_t;
+  static constexpr type abs_mask = 0x7fffffffu, inf_bits = 0x7f800000u;
+};
+template <>
+struct FloatBits<double> {
+  using type = uint64_t;
+  static constexpr type abs_mask = 0x7fffffffffffffffull, inf_bits = 0x7ff0000000000000ull;
+};
+template <>
+struct FloatBits<at::Half> {
+  using type = uint16_t;
+  static constexpr type abs_mask = 0x7fff, inf_bits = 0x7c00;
+};
+template <>
+struct FloatBits<at::BFloat16> {
+  using type = uint16_t;
+  static constexpr type abs_mask = 0x7fff, inf_bits = 0x7f80;
+};
+
+template <typename scalar_t>
+bool has_nan(const scalar_t* p, int64_t n) {
+  using bits_t = typename FloatBits<scalar_t>::type;
+  int64_t count = 0;  // a counting loop over the bit patterns vectorises without -ffast-math
+  for (int64_t i = 0; i < n; ++i) {
+    bits_t b;
+    std::memcpy(&b, p + i, sizeof(b));
+    count += (b & FloatBits<scalar_t>::abs_mask) > FloatBits<scalar_t>::inf_bits;
+  }
+  return count != 0;
+}
+
+// The NaN-free scan step: for v, m not NaN, "m > v ? m : v" is the scan rule exactly (ties take v) and compiles to
+// one max instruction.
+template <typename scalar_t, int64_t kRows>
+void row_forward_fast(const scalar_t* in, scalar_t* out, int64_t start, int64_t len, int64_t elem_stride,
+                      Prefetcher& prefetch) {
+  using acc_t = at::opmath_type<scalar_t>;
+  acc_t running[kRows];
+  for (int64_t i = 0; i < kRows; ++i) {
+    running[i] = static_cast<acc_t>(in[start + i * len]);
+    out[start + i * len] = in[start + i * len];
+  }
+  for (int64_t k = 1; k < len; ++k) {
+    prefetch.step();
+    const int64_t off = start + k * elem_stride;
+    for (int64_t i = 0; i < kRows; ++i) {
+      const acc_t v = static_cast<acc_t>(in[off + i * len]);
+      running[i] = running[i] > v ? running[i] : v;
+      out[off + i * len] = static_cast<scalar_t>(running[i]);
+    }
+  }
+}
+
+// One step of the gradient pass for NaN-free rows: grad_in = argmax ? sum + g : 0, sum = argmax ? 0 : sum + g.
+// On x86 the select is a mask (and / andnot), since a branch would mispredict on ties (e.g. zeros after a ReLU).
+template <typename scalar_t, typename acc_t>
+inline void gradient_step(acc_t& sum, const scalar_t* x, const scalar_t* g, scalar_t* gi) {
+  const acc_t t = sum + static_cast<acc_t>(*g);
+  const bool is_argmax = static_cast<acc_t>(*x) == static_cast<acc_t>(*gi);
+  *gi = static_cast<scalar_t>(is_argmax ? t : acc_t(0));
+  sum = is_argmax ? acc_t(0) : t;
+}
+#if defined(__SSE2__)
+template <>
+inline void gradient_step<float, float>(float& sum, const float* x, const float* g, float* gi) {
+  const __m128 t = _mm_add_ss(_mm_set_ss(sum), _mm_load_ss(g));
+  const __m128 mask = _mm_cmpeq_ss(_mm_load_ss(x), _mm_load_ss(gi));
+  _mm_store_ss(gi, _mm_and_ps(mask, t));
+  sum = _mm_cvtss_f32(_mm_andnot_ps(mask, t));
+}
+template <>
+inline void gradient_step<double, double>(double& sum, const double* x, const double* g, double* gi) {
+  const __m128d t = _mm_add_sd(_mm_set_sd(sum), _mm_load_sd(g));
+  const __m128d mask = _mm_cmpeq_sd(_mm_load_sd(x), _mm_load_sd(gi));
+  _mm_store_sd(gi, _mm_and_pd(mask, t));
+  sum = _mm_cvtsd_f64(_mm_andnot_pd(mask, t));
+}
+#endif
+
+template <typename scalar_t, int64_t kRows>
+void row_backward_fast(const scalar_t* in, const scalar_t* grad_out, scalar_t* grad_in, int64_t start, int64_t len,
+                       int64_t elem_stride, Prefetcher& prefetch) {
+  using acc_t = at::opmath_type<scalar_t>;
+  row_forward_fast<scalar_t, kRows>(in, grad_in, start, len, elem_stride, prefetch);
+  acc_t sum[kRows];
+  std::fill(sum, sum + kRows, acc_t(0));
+  for (int64_t k = len - 1; k >= 0; --k) {
+    prefetch.step();
+    const int64_t off = start + k * elem_stride;
+    for (int64_t i = 0; i < kRows; ++i) {
+      gradient_step(sum[i], in + off + i * len, grad_out + off + i * len, grad_in + off + i * len);
+    }
+  }
+}
+
+// Rows that contain a NaN, and the last group when it has fewer than kRowGroup rows: one row at a time, any input.
+template <typename scalar_t>
+void row_forward_exact(const scalar_t* in, scalar_t* out, int64_t start, int64_t len, int64_t elem_stride) {
+  using acc_t = at::opmath_type<scalar_t>;
+  acc_t running = static_cast<acc_t>(in[start]);
+  out[start] = in[start];
+  for (int64_t k = 1; k < len; ++k) {
+    const int64_t j = start + k * elem_stride;
+    const acc_t v = static_cast<acc_t>(in[j]);
+    running = replaces(v, running) ? v : running;
+    out[j] = static_cast<scalar_t>(running);
+  }
+}
+
+template <typename scalar_t>
+void row_backward_exact(const scalar_t* in, const scalar_t* grad_out, scalar_t* grad_in, int64_t start, int64_t len,
+                        int64_t elem_stride) {
+  using acc_t = at::opmath_type<scalar_t>;
+  row_forward_exact(in, grad_in, start, len, elem_stride);
+  acc_t sum = 0;
+  for (int64_t k = len - 1; k >= 0; --k) {
+    const int64_t j = start + k * elem_stride;
+    const acc_t v = static_cast<acc_t>(in[j]);
+    const bool is_argmax = v == static_cast<acc_t>(grad_in[j]) || v != v;
+    const acc_t t = sum + static_cast<acc_t>(grad_out[j]);
+    grad_in[j] = static_cast<scalar_t>(is_argmax ? t : acc_t(0));
+    sum = is_argmax ? acc_t(0) : t;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Drivers: parallel over column blocks of all planes, or over row groups.
+
+template <typename Fn>
+void for_each_column_block(const at::Tensor& x, int64_t direction, const Fn& fn) {
+  const int64_t planes = x.size(0) * x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t blocks = (W + kColumnBlock - 1) / kColumnBlock;
+  const bool reverse = is_reverse(direction);
+  const int64_t start = reverse ? (H - 1) * W : 0, elem_stride = reverse ? -W : W;
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / (H * std::min(W, kColumnBlock)));
+  at::parallel_for(0, planes * blocks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t plane = t / blocks, w0 = (t % blocks) * kColumnBlock;
+      fn(plane * H * W + start + w0, std::min(kColumnBlock, W - w0), H, elem_stride);
+    }
+  });
+}
+
+// fn(block_offset, rows, next_block_offset or -1, start, len, elem_stride); a block is `rows` whole rows.
+template <typename Fn>
+void for_each_row_group(const at::Tensor& x, int64_t direction, const Fn& fn) {
+  const int64_t rows = x.size(0) * x.size(1) * x.size(2), W = x.size(3);
+  const int64_t groups = (rows + kRowGroup - 1) / kRowGroup;
+  const bool reverse = is_reverse(direction);
+  const int64_t start = reverse ? W - 1 : 0, elem_stride = reverse ? -1 : 1;
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / (W * kRowGroup));
+  at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t next = t + 1 < end ? (t + 1) * kRowGroup * W : -1;
+      fn(t * kRowGroup * W, std::min(kRowGroup, rows - t * kRowGroup), next, start, W, elem_stride);
+    }
+  });
+}
+
+at::Tensor pool_forward_cpu(const at::Tensor& input, int64_t direction) {
+  check_input(input, direction, "pool_forward");
+  const at::Tensor x = input.contiguous();
+  at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
+  if (x.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "cpool_forward", [&] {
+    const scalar_t* in = x.const_data_ptr<scalar_t>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    if (is_vertical(direction)) {
+      for_each_column_block(x, direction, [&](int64_t base, int64_t n, int64_t len, int64_t es) {
+        column_forward(in + base, o + base, n, len, es);
+      });
+      return;
+    }
+    for_each_row_group(x, direction, [&](int64_t base, int64_t rows, int64_t next, int64_t start, int64_t len,
+                                         int64_t es) {
+      if (rows == kRowGroup && !has_nan(in + base, rows * len)) {
+        Prefetcher prefetch(rows * len * sizeof(scalar_t), len - 1);
+        if (next >= 0) {
+          prefetch.add(in + next, false);
+          prefetch.add(o + next, true);
+        }
+        row_forward_fast<scalar_t, kRowGroup>(in + base, o + base, start, len, es, prefetch);
+        return;
+      }
+      for (int64_t r = 0; r < rows; ++r) row_forward_exact(in + base + r * len, o + base + r * len, start, len, es);
+    });
+  });
+  return out;
+}
+
+at::Tensor pool_backward_cpu(const at::Tensor& input, const at::Tensor& grad_output, int64_t direction) {
+  check_input(input, direction, "pool_backward");
+  check_grad(input, grad_output, "pool_backward");
+  const at::Tensor x = input.contiguous(), g = grad_output.contiguous();
+  at::Tensor grad_in = at::empty_like(x, at::MemoryFormat::Contiguous);
+  if (x.numel() == 0) return grad_in;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "cpool_backward", [&] {
+    const scalar_t* in = x.const_data_ptr<scalar_t>();
+    const scalar_t* go = g.const_data_ptr<scalar_t>();
+    scalar_t* gi = grad_in.mutable_data_ptr<scalar_t>();
+    if (is_vertical(direction)) {
+      for_each_column_block(x, direction, [&](int64_t base, int64_t n, int64_t len, int64_t es) {
+        column_backward(in + base, go + base, gi + base, n, len, es);
+      });
+      return;
+    }
+    for_each_row_group(x, direction, [&](int64_t base, int64_t rows, int64_t next, int64_t start, int64_t len,
+                                         int64_t es) {
+      if (rows == kRowGroup && !has_nan(in + base, rows * len)) {
+        // Pass 1 prefetches the next group's input and grad_in, pass 2 its grad_output.
+        Prefetcher prefetch(rows * len * sizeof(scalar_t), 2 * len - 1);
+        if (next >= 0) {
+          prefetch.add(in + next, false);
+          prefetch.add(gi + next, true);
+          prefetch.add(go + next, false);
+        }
+        row_backward_fast<scalar_t, kRowGroup>(in + base, go + base, gi + base, start, len, es, prefetch);
+        return;
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        row_backward_exact(in + base + r * len, go + base + r * len, gi + base + r * len, start, len, es);
+      }
+    });
+  });
+  return grad_in;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(cpool, m) {
+  m.def("pool_forward(Tensor input, int direction) -> Tensor");
+  m.def("pool_backward(Tensor input, Tensor grad_output, int direction) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(cpool, CPU, m) {
+  m.impl("pool_forward", &pool_forward_cpu);
+  m.impl("pool_backward", &pool_backward_cpu);
+}
+
+}  // namespace cpool
+
+// Importing lib.cpool._ext only has to run the registrations above; the module itself is empty.
+extern "C" PyMODINIT_FUNC PyInit__ext(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_ext", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
