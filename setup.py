@@ -4,6 +4,7 @@
 - lib/nms: soft-NMS in Cython.
 """
 import os
+import sys
 from glob import glob
 
 import numpy as np
@@ -19,13 +20,22 @@ def want_cuda() -> bool:
     return CUDA_HOME is not None and torch.version.cuda is not None and (forced or torch.cuda.is_available())
 
 
+def openmp_flags() -> list[str]:
+    # at::parallel_for is inlined into the extension: with torch's OpenMP backend it runs on one thread unless the
+    # extension is compiled with -fopenmp (at run time it shares torch's libgomp.so.1).
+    openmp = "parallel backend: OpenMP" in torch.__config__.parallel_info()
+    return ["-fopenmp"] if openmp and sys.platform.startswith("linux") else []
+
+
 def cpool_extension():
     sources = glob("lib/cpool/csrc/*.cpp")
-    args = {"cxx": ["-O3"]}
+    args = {"cxx": ["-O3", *openmp_flags()]}
+    link = openmp_flags()
     if want_cuda():
         args["nvcc"] = ["-O3"]
-        return CUDAExtension("lib.cpool._ext", sources + glob("lib/cpool/csrc/*.cu"), extra_compile_args=args)
-    return CppExtension("lib.cpool._ext", sources, extra_compile_args=args)
+        return CUDAExtension("lib.cpool._ext", sources + glob("lib/cpool/csrc/*.cu"), extra_compile_args=args,
+                             extra_link_args=link)
+    return CppExtension("lib.cpool._ext", sources, extra_compile_args=args, extra_link_args=link)
 
 
 nms_extension = Extension(
