@@ -84,25 +84,22 @@ void column_backward(const scalar_t* in, const scalar_t* grad_out, scalar_t* gra
 // Left / right: kRows rows of length len, row i at i * len from the block start; element k (in scan order) of row
 // i at `start + i * len + k * elem_stride` (start = 0, or len - 1 when scanning from the end).
 
-// Issues the prefetches of up to three blocks of cache lines a few per call, spread over a loop.
+// Prefetches every cache line of up to three blocks of block_bytes, a few lines per step() over `steps` calls.
 class Prefetcher {
  public:
   Prefetcher(int64_t block_bytes, int64_t steps) : lines_((block_bytes + kCacheLine - 1) / kCacheLine), steps_(steps) {}
   void add(const void* block, bool write) {
-    if (block != nullptr) {
-      blocks_[count_] = static_cast<const char*>(block);
-      write_[count_++] = write;
-    }
+    blocks_[count_] = static_cast<const char*>(block);
+    write_[count_++] = write;
   }
   void step() {
-    const int64_t per_step = (count_ * lines_ + steps_ - 1) / steps_;
-    for (int64_t j = 0; j < per_step && issued_ < count_ * lines_; ++j, ++issued_) {
-      const int64_t b = issued_ / lines_;
-      const char* p = blocks_[b] + (issued_ % lines_) * kCacheLine;
-      if (write_[b]) {
-        __builtin_prefetch(p, 1);
-      } else {
-        __builtin_prefetch(p, 0);
+    for (credit_ += lines_; credit_ >= steps_ && next_ < lines_; credit_ -= steps_, ++next_) {
+      for (int b = 0; b < count_; ++b) {
+        if (write_[b]) {
+          __builtin_prefetch(blocks_[b] + next_ * kCacheLine, 1);
+        } else {
+          __builtin_prefetch(blocks_[b] + next_ * kCacheLine, 0);
+        }
       }
     }
   }
@@ -110,48 +107,51 @@ class Prefetcher {
  private:
   const char* blocks_[3] = {};
   bool write_[3] = {};
-  int64_t count_ = 0, issued_ = 0;
+  int count_ = 0;
+  int64_t credit_ = 0, next_ = 0;
   const int64_t lines_, steps_;
 };
 
-// Bit pattern of a NaN: (bits & abs_mask) > inf_bits.
+// NaN test on the bit pattern: (bits & abs_mask) > inf_bits, in signed integers of the type's width so that the
+// loop vectorises (SSE2 has signed compares only) without -ffast-math.
 template <typename scalar_t>
 struct FloatBits;
 template <>
 struct FloatBits<float> {
-  using type = uint32_t;
-  static constexpr type abs_mask = 0x7fffffffu, inf_bits = 0x7f800000u;
+  using type = int32_t;
+  static constexpr type abs_mask = 0x7fffffff, inf_bits = 0x7f800000;
 };
 template <>
 struct FloatBits<double> {
-  using type = uint64_t;
-  static constexpr type abs_mask = 0x7fffffffffffffffull, inf_bits = 0x7ff0000000000000ull;
+  using type = int64_t;
+  static constexpr type abs_mask = 0x7fffffffffffffffll, inf_bits = 0x7ff0000000000000ll;
 };
 template <>
 struct FloatBits<at::Half> {
-  using type = uint16_t;
+  using type = int16_t;
   static constexpr type abs_mask = 0x7fff, inf_bits = 0x7c00;
 };
 template <>
 struct FloatBits<at::BFloat16> {
-  using type = uint16_t;
+  using type = int16_t;
   static constexpr type abs_mask = 0x7fff, inf_bits = 0x7f80;
 };
 
 template <typename scalar_t>
 bool has_nan(const scalar_t* p, int64_t n) {
   using bits_t = typename FloatBits<scalar_t>::type;
-  int64_t count = 0;  // a counting loop over the bit patterns vectorises without -ffast-math
+  bits_t any = 0;
   for (int64_t i = 0; i < n; ++i) {
     bits_t b;
     std::memcpy(&b, p + i, sizeof(b));
-    count += (b & FloatBits<scalar_t>::abs_mask) > FloatBits<scalar_t>::inf_bits;
+    any |= static_cast<bits_t>((b & FloatBits<scalar_t>::abs_mask) > FloatBits<scalar_t>::inf_bits);
   }
-  return count != 0;
+  return any != 0;
 }
 
-// The NaN-free scan step: for v, m not NaN, "m > v ? m : v" is the scan rule exactly (ties take v) and compiles to
-// one max instruction.
+// The fast scan step "m > v ? m : v" (one max instruction) is the scan rule exactly when there is no NaN (ties take
+// v). A NaN v becomes m there but does not stay, so its output differs only after the NaN; the output holds a NaN if
+// and only if the input does, and the callers redo such groups with the exact step.
 template <typename scalar_t, int64_t kRows>
 void row_forward_fast(const scalar_t* in, scalar_t* out, int64_t start, int64_t len, int64_t elem_stride,
                       Prefetcher& prefetch) {
@@ -198,11 +198,13 @@ inline void gradient_step<double, double>(double& sum, const double* x, const do
 }
 #endif
 
+// Returns false, having written only the forward output into grad_in, when the rows hold a NaN.
 template <typename scalar_t, int64_t kRows>
-void row_backward_fast(const scalar_t* in, const scalar_t* grad_out, scalar_t* grad_in, int64_t start, int64_t len,
+bool row_backward_fast(const scalar_t* in, const scalar_t* grad_out, scalar_t* grad_in, int64_t start, int64_t len,
                        int64_t elem_stride, Prefetcher& prefetch) {
   using acc_t = at::opmath_type<scalar_t>;
   row_forward_fast<scalar_t, kRows>(in, grad_in, start, len, elem_stride, prefetch);
+  if (has_nan(grad_in, kRows * len)) return false;
   acc_t sum[kRows];
   std::fill(sum, sum + kRows, acc_t(0));
   for (int64_t k = len - 1; k >= 0; --k) {
@@ -212,6 +214,7 @@ void row_backward_fast(const scalar_t* in, const scalar_t* grad_out, scalar_t* g
       gradient_step(sum[i], in + off + i * len, grad_out + off + i * len, grad_in + off + i * len);
     }
   }
+  return true;
 }
 
 // Rows that contain a NaN, and the last group when it has fewer than kRowGroup rows: one row at a time, any input.
@@ -294,14 +297,14 @@ at::Tensor pool_forward_cpu(const at::Tensor& input, int64_t direction) {
     }
     for_each_row_group(x, direction, [&](int64_t base, int64_t rows, int64_t next, int64_t start, int64_t len,
                                          int64_t es) {
-      if (rows == kRowGroup && !has_nan(in + base, rows * len)) {
+      if (rows == kRowGroup) {
         Prefetcher prefetch(rows * len * sizeof(scalar_t), len - 1);
         if (next >= 0) {
           prefetch.add(in + next, false);
           prefetch.add(o + next, true);
         }
         row_forward_fast<scalar_t, kRowGroup>(in + base, o + base, start, len, es, prefetch);
-        return;
+        if (!has_nan(o + base, rows * len)) return;
       }
       for (int64_t r = 0; r < rows; ++r) row_forward_exact(in + base + r * len, o + base + r * len, start, len, es);
     });
@@ -327,16 +330,15 @@ at::Tensor pool_backward_cpu(const at::Tensor& input, const at::Tensor& grad_out
     }
     for_each_row_group(x, direction, [&](int64_t base, int64_t rows, int64_t next, int64_t start, int64_t len,
                                          int64_t es) {
-      if (rows == kRowGroup && !has_nan(in + base, rows * len)) {
-        // Pass 1 prefetches the next group's input and grad_in, pass 2 its grad_output.
+      if (rows == kRowGroup) {
+        // spread over both passes: the next group's input, grad_output and grad_in
         Prefetcher prefetch(rows * len * sizeof(scalar_t), 2 * len - 1);
         if (next >= 0) {
           prefetch.add(in + next, false);
-          prefetch.add(gi + next, true);
           prefetch.add(go + next, false);
+          prefetch.add(gi + next, true);
         }
-        row_backward_fast<scalar_t, kRowGroup>(in + base, go + base, gi + base, start, len, es, prefetch);
-        return;
+        if (row_backward_fast<scalar_t, kRowGroup>(in + base, go + base, gi + base, start, len, es, prefetch)) return;
       }
       for (int64_t r = 0; r < rows; ++r) {
         row_backward_exact(in + base + r * len, go + base + r * len, gi + base + r * len, start, len, es);
