@@ -53,19 +53,21 @@ def cummax_backward(grad: Tensor, idx: Tensor, direction: int) -> Tensor:
 
 
 class _ExtensionPool(torch.autograd.Function):
-    """torch.ops.cpool kernels; the backward recomputes the scan from the saved input instead of storing indices."""
+    """torch.ops.cpool kernels. The backward finds the argmax positions from the saved input and output
+    (x == out where the scan took a new maximum), so it needs no index tensor and no second scan."""
 
     @staticmethod
     def forward(ctx, x: Tensor, direction: int) -> Tensor:
         x = x.contiguous()
+        out = torch.ops.cpool.pool_forward(x, direction)
         ctx.direction = direction
-        ctx.save_for_backward(x)
-        return torch.ops.cpool.pool_forward(x, direction)
+        ctx.save_for_backward(x, out)
+        return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        (x,) = ctx.saved_tensors
-        return torch.ops.cpool.pool_backward(x, grad.contiguous(), ctx.direction), None
+        x, out = ctx.saved_tensors
+        return torch.ops.cpool.pool_backward(x, out, grad.contiguous(), ctx.direction), None
 
 
 class _CummaxPool(torch.autograd.Function):

@@ -20,13 +20,14 @@ inline void check_input(const at::Tensor& input, int64_t direction, const char* 
               ": direction must be 0 (top), 1 (bottom), 2 (left) or 3 (right), got ", direction);
 }
 
-inline void check_grad(const at::Tensor& input, const at::Tensor& grad_output, const char* op) {
-  TORCH_CHECK(grad_output.sizes() == input.sizes(), "lib/cpool/csrc ", op, ": grad_output shape ",
-              grad_output.sizes(), " must equal input shape ", input.sizes());
-  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(), "lib/cpool/csrc ", op, ": grad_output dtype ",
-              grad_output.scalar_type(), " must equal input dtype ", input.scalar_type());
-  TORCH_CHECK(grad_output.device() == input.device(), "lib/cpool/csrc ", op, ": grad_output device ",
-              grad_output.device(), " must equal input device ", input.device());
+// `other` (the saved output, or grad_output) must match input in shape, dtype and device.
+inline void check_same(const at::Tensor& input, const at::Tensor& other, const char* name, const char* op) {
+  TORCH_CHECK(other.sizes() == input.sizes(), "lib/cpool/csrc ", op, ": ", name, " shape ", other.sizes(),
+              " must equal input shape ", input.sizes());
+  TORCH_CHECK(other.scalar_type() == input.scalar_type(), "lib/cpool/csrc ", op, ": ", name, " dtype ",
+              other.scalar_type(), " must equal input dtype ", input.scalar_type());
+  TORCH_CHECK(other.device() == input.device(), "lib/cpool/csrc ", op, ": ", name, " device ", other.device(),
+              " must equal input device ", input.device());
 }
 
 }  // namespace cpool
