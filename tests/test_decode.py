@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from utils.decode import decode
+from utils.decode import decode, heatmap_peaks, window_max
 
 
 def reference_decode(out: dict, image: int, K: int, ae_threshold: float, num_dets: int) -> np.ndarray:
@@ -150,3 +150,16 @@ def test_half_precision_outputs_and_small_maps():
     dets = decode(out, K=100, num_dets=1000)  # K above C * h * w = 16 and num_dets above 16^2
     assert dets.dtype == torch.float32 and dets.shape == (1, 256, 8)
     assert len(kept(dets)) == 1
+
+
+@pytest.mark.parametrize("kernel", [1, 3, 5])
+def test_window_max_is_max_pool(kernel):
+    gen = torch.Generator().manual_seed(kernel)
+    for shape in [(2, 3, 9, 14), (1, 1, 1, 5), (1, 2, 3, 2)]:
+        x = torch.randint(-3, 3, shape, generator=gen).float()  # small integers: many ties
+        want = torch.nn.functional.max_pool2d(x, kernel, stride=1, padding=kernel // 2)
+        assert torch.equal(window_max(x, kernel), want)
+    peaks = heatmap_peaks(x, kernel)
+    assert torch.equal(peaks == x, want == x) and torch.all(peaks[want != x] == float("-inf"))
+    with pytest.raises(ValueError, match="odd"):
+        heatmap_peaks(x, 2)

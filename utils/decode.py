@@ -2,7 +2,8 @@
 
 Facts from the official CenterNet (models/py_utils/kp_utils.py `_decode`, test/coco.py `kp_detection`):
 - heatmaps: sigmoid, 3x3 max-pool NMS (a peak keeps its score, everything else becomes 0), top K over classes
-  and positions, for top-left corners, bottom-right corners and centers alike;
+  and positions, for top-left corners, bottom-right corners and centers alike (here: NMS and top K on the
+  logits, then the sigmoid of the K kept, which selects the same peaks);
 - a (tl, br) pair is a box when both have the same class, |e_tl - e_br| <= ae_threshold and br_x >= tl_x,
   br_y >= tl_y (the official code rejects only br < tl); its corner score is (s_tl + s_br) / 2 and the best
   `num_dets` pairs are kept;
@@ -22,10 +23,28 @@ STRIDE = 4  # input pixels per output cell
 SMALL_BOX_AREA = 150**2  # input pixels: boxes up to this area use the 1/3 central region, larger ones 1/5
 
 
-def heatmap_peaks(heat: torch.Tensor, kernel: int = 3) -> torch.Tensor:
-    """(N, C, h, w) probabilities -> same, zero everywhere except at local maxima of a kernel x kernel window."""
-    hmax = F.max_pool2d(heat, kernel, stride=1, padding=(kernel - 1) // 2)
-    return heat * (hmax == heat)
+def window_max(x: torch.Tensor, kernel: int) -> torch.Tensor:
+    """(N, C, h, w) -> the maximum over each kernel x kernel window (odd kernel, padded with -inf): the same as
+    F.max_pool2d(x, kernel, 1, kernel // 2), as two separable passes (10x faster on the CPU)."""
+    r = kernel // 2
+    h, w = x.shape[-2:]
+    padded = F.pad(x, (r, r, r, r), value=float("-inf"))
+    rows = padded[..., :, :w]
+    for s in range(1, kernel):
+        rows = torch.maximum(rows, padded[..., :, s:s + w])
+    out = rows[..., :h, :]
+    for s in range(1, kernel):
+        out = torch.maximum(out, rows[..., s:s + h, :])
+    return out
+
+
+def heatmap_peaks(logits: torch.Tensor, kernel: int = 3) -> torch.Tensor:
+    """(N, C, h, w) logits -> same, -inf everywhere except at the maxima of their kernel x kernel window.
+    On logits rather than probabilities: the sigmoid is monotonic, so the peaks are the same (without the ties
+    that saturated probabilities would make), and only the top K need a sigmoid."""
+    if kernel % 2 != 1:
+        raise ValueError(f"utils/decode.py: the NMS kernel must be odd, got {kernel}")
+    return logits.masked_fill(window_max(logits, kernel) != logits, float("-inf"))
 
 
 def topk_keypoints(heat: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -44,9 +63,9 @@ def gather_maps(maps: torch.Tensor, inds: torch.Tensor) -> torch.Tensor:
 
 def keypoints(out: dict, kind: str, K: int, kernel: int) -> dict[str, torch.Tensor]:
     """Top K keypoints of `kind` (tl, br or ct): score, label, x, y (cell + offset, output units), all (N, K)."""
-    heat = heatmap_peaks(torch.sigmoid(out[f"hm_{kind}"]), kernel)
-    scores, labels, inds = topk_keypoints(heat, K)
-    width = heat.shape[3]
+    logits, labels, inds = topk_keypoints(heatmap_peaks(out[f"hm_{kind}"], kernel), K)
+    scores = torch.sigmoid(logits)
+    width = out[f"hm_{kind}"].shape[3]
     offsets = gather_maps(out[f"off_{kind}"], inds)  # (N, K, 2) x, y
     points = dict(score=scores, label=labels, x=(inds % width).to(scores.dtype) + offsets[..., 0],
                   y=(inds // width).to(scores.dtype) + offsets[..., 1])
