@@ -3,7 +3,9 @@
     .venv/bin/python bench/bench_cpool.py [--shape 2 128 128 128] [--device cpu|cuda] [--repeats 7]
 
 Prints one row per direction (and their sum): median ms over the repeats for each implementation and the ratio
-fallback / extension. Both are measured in the same run, interleaved, on the same input and output gradient.
+fallback / extension. Both are measured in the same run on the same input and output gradient, one implementation
+after the other (interleaving them would time the fallback's large allocations, which make the allocator return
+memory to the system, against the extension).
 """
 import argparse
 import statistics
@@ -22,21 +24,25 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shape", type=int, nargs=4, default=[2, 128, 128, 128], metavar=("N", "C", "H", "W"))
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--warmup", type=int, default=2)
     return parser
 
 
-def time_ms(fn, x: torch.Tensor, grad: torch.Tensor, direction: int) -> float:
-    """Wall time of one forward + backward in ms."""
-    x = x.detach().requires_grad_()
-    if x.is_cuda:
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn(x, direction).backward(grad)
-    if x.is_cuda:
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) * 1e3
+def median_ms(fn, x: torch.Tensor, grad: torch.Tensor, direction: int, warmup: int, repeats: int) -> float:
+    """Median wall time of one forward + backward in ms."""
+    times = []
+    for i in range(warmup + repeats):
+        xg = x.detach().requires_grad_()
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn(xg, direction).backward(grad)
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
 
 
 def main(args: argparse.Namespace) -> None:
@@ -50,13 +56,8 @@ def main(args: argparse.Namespace) -> None:
     print(f"{'direction':<10} {'extension':>10} {'cummax':>10} {'ratio':>7}")
     total_ext = total_ref = 0.0
     for name, direction in [("top", TOP), ("bottom", BOTTOM), ("left", LEFT), ("right", RIGHT)]:
-        ext, ref = [], []
-        for i in range(args.warmup + args.repeats):
-            e, r = time_ms(extension_pool, x, grad, direction), time_ms(cummax_pool, x, grad, direction)
-            if i >= args.warmup:
-                ext.append(e)
-                ref.append(r)
-        e, r = statistics.median(ext), statistics.median(ref)
+        e = median_ms(extension_pool, x, grad, direction, args.warmup, args.repeats)
+        r = median_ms(cummax_pool, x, grad, direction, args.warmup, args.repeats)
         total_ext, total_ref = total_ext + e, total_ref + r
         print(f"{name:<10} {e:>10.2f} {r:>10.2f} {r / e:>6.1f}x")
     print(f"{'all four':<10} {total_ext:>10.2f} {total_ref:>10.2f} {total_ref / total_ext:>6.1f}x")
