@@ -30,12 +30,11 @@ def openmp_flags() -> list[str]:
 def cpool_extension():
     sources = glob("lib/cpool/csrc/*.cpp")
     args = {"cxx": ["-O3", *openmp_flags()]}
-    link = openmp_flags()
+    common = dict(extra_compile_args=args, extra_link_args=openmp_flags(), depends=glob("lib/cpool/csrc/*.h"))
     if want_cuda():
         args["nvcc"] = ["-O3"]
-        return CUDAExtension("lib.cpool._ext", sources + glob("lib/cpool/csrc/*.cu"), extra_compile_args=args,
-                             extra_link_args=link)
-    return CppExtension("lib.cpool._ext", sources, extra_compile_args=args, extra_link_args=link)
+        return CUDAExtension("lib.cpool._ext", sources + glob("lib/cpool/csrc/*.cu"), **common)
+    return CppExtension("lib.cpool._ext", sources, **common)
 
 
 nms_extension = Extension(
