@@ -2,15 +2,17 @@
 //
 // Each output line (a column for top/bottom, a row for left/right) is one scan from its far end that keeps a
 // running maximum; a value v replaces the running maximum m when v >= m or v is NaN, so on ties the maximum nearest
-// to the output position wins (lib/cpool/__init__.py). The backward recomputes the scan instead of storing
-// indices: position k is the argmax of its own output exactly when the scan took it as the new maximum, i.e. when
-// x[k] == out[k] or x[k] is NaN, and its gradient is the sum of grad_out from k up to (not including) the next such
-// position in scan order. A second pass walking the scan backwards accumulates these sums without branches or
-// scatter (in float for the 16-bit types).
+// to the output position wins (lib/cpool/__init__.py). The backward takes the saved input and output instead of
+// argmax indices: position k is the argmax of its own output exactly when the scan took it as the new maximum, i.e.
+// when x[k] == out[k] or x[k] is NaN, and its gradient is the sum of grad_out from k up to (not including) the next
+// such position in scan order. One pass walking the scan backwards accumulates these sums without branches or
+// scatter (in float for the 16-bit types). Saving the output was measured against recomputing it in the backward:
+// 1.3-1.6x faster backward on CPU for one more saved activation.
 //
 // Top/bottom: blocks of adjacent columns, which are contiguous in memory, so loops over a row vectorise.
-// Left/right: groups of kRowGroup rows scanned together (independent dependency chains), with software prefetch of
-// the next group because the hardware prefetcher does not follow kRowGroup interleaved streams within a page.
+// Left/right: groups of kRowGroup rows scanned together (independent dependency chains; float gradients on 4x4
+// register tiles), with software prefetch of the next group because the hardware prefetcher does not follow
+// interleaved streams within a page.
 #include <Python.h>
 
 #include <ATen/Dispatch.h>
@@ -214,9 +216,7 @@ inline void gradient_step<double, double>(double& sum, const double* x, const do
   _mm_store_sd(gi, _mm_and_pd(mask, t));
   sum = _mm_cvtsd_f64(_mm_andnot_pd(mask, t));
 }
-#endif
 
-#if defined(__SSE2__)
 // The gradient pass for 4 float rows on 4x4 tiles transposed in registers, one row per SSE lane: about half the
 // instructions of the scalar steps. kUp: the pass (reverse scan order) runs to increasing memory addresses.
 template <bool kUp>
