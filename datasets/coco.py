@@ -1,0 +1,207 @@
+"""A detection data set over any COCO-format json: COCO 2017 itself, the built-in shapes set, or your own data.
+
+Layout: `{data_dir}/annotations/instances_{split}.json` and the images in `{data_dir}/{split}/`.
+- Classes come from the json: category ids sorted ascending map to labels 0..C-1 (`cat_ids[label]` is the id,
+  `class_names[label]` its name); any number of classes.
+- Training targets leave out crowd boxes (iscrowd 1) and boxes with zero or negative width or height; boxes that
+  reach outside the image are clipped to it (and dropped when nothing is left). Images without annotations are
+  kept and give empty targets. The COCO ground truth used for evaluation is left as the json has it.
+- Checked when the data set is built (an error names the file, the entry and what was expected): the json exists
+  and parses; it has `images`, `annotations` and `categories` lists; images have `id` and `file_name`,
+  annotations `image_id`, `category_id` and a `bbox` of 4 finite numbers, categories `id` and `name`; ids are
+  unique and every annotation refers to a listed image and category. Filled in when absent: annotation `id`
+  (numbered after the largest given), `iscrowd` (0) and `area` (w * h).
+- Checked when an item is read (the error names the image file): the file exists, decodes (a truncated JPEG does
+  not) and has the json's `width` and `height` when those are given. Grayscale, RGBA and 16-bit images are read
+  as 8-bit BGR (see datasets/image_io.py).
+
+A training item is the dict of CONTRACT.md (normalised image and triplet targets); an evaluation item is
+dict(image_id=int, inputs=[(images (1 or 2, 3, H_in, W_in), EvalMeta) for each test scale]).
+"""
+import contextlib
+import io
+import json
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from pycocotools.coco import COCO
+from torch.utils.data import Dataset
+
+from datasets.image_io import load_image
+from datasets.targets import make_targets
+from datasets.transforms import clip_boxes, eval_input, train_transform
+
+
+def read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: annotation file not found (expected annotations/instances_<split>.json)")
+    try:
+        with open(path, "rb") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid json: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: invalid json (not UTF-8 text): {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a json object with 'images', 'annotations' and 'categories', "
+                         f"got a {type(data).__name__}")
+    return data
+
+
+def _entries(data: dict, key: str, path: Path, required: tuple[str, ...]) -> list[dict]:
+    items = data.get(key)
+    if not isinstance(items, list):
+        raise ValueError(f"{path}: missing list '{key}' (a COCO detection file has 'images', 'annotations' and "
+                         "'categories')")
+    for i, item in enumerate(items):
+        missing = [k for k in required if not isinstance(item, dict) or k not in item]
+        if missing:
+            raise ValueError(f"{path}: {key}[{i}] lacks {', '.join(repr(k) for k in missing)}")
+    return items
+
+
+def _unique_ids(items: list[dict], key: str, path: Path, field: str = "id") -> list:
+    ids = [item[field] for item in items]
+    for i, v in enumerate(ids):
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise ValueError(f"{path}: {key}[{i}].{field} must be an integer, got {v!r}")
+    if len(set(ids)) != len(ids):
+        seen, dup = set(), None
+        for v in ids:
+            if v in seen:
+                dup = v
+                break
+            seen.add(v)
+        raise ValueError(f"{path}: {key} id {dup} appears more than once")
+    return ids
+
+
+def check_coco_dict(data: dict, path: Path) -> dict:
+    """Validates a COCO detection dict (see the module docstring) and fills in the optional annotation fields."""
+    categories = _entries(data, "categories", path, ("id", "name"))
+    images = _entries(data, "images", path, ("id", "file_name"))
+    annotations = _entries(data, "annotations", path, ("image_id", "category_id", "bbox"))
+    if not categories:
+        raise ValueError(f"{path}: 'categories' is empty; at least one class is needed")
+    cat_ids = set(_unique_ids(categories, "categories", path))
+    image_ids = set(_unique_ids(images, "images", path))
+    for i, im in enumerate(images):
+        for k in ("width", "height"):
+            if k in im and (not isinstance(im[k], int) or im[k] <= 0):
+                raise ValueError(f"{path}: images[{i}] (file {im['file_name']!r}) has {k} {im[k]!r}, expected a "
+                                 "positive integer")
+    next_id = 1 + max([a["id"] for a in annotations if isinstance(a.get("id"), int)], default=0)
+    for i, a in enumerate(annotations):
+        box = a["bbox"]
+        if (not isinstance(box, list) or len(box) != 4 or not all(isinstance(v, (int, float)) for v in box)
+                or not all(math.isfinite(v) for v in box)):
+            raise ValueError(f"{path}: annotations[{i}].bbox is {box!r}, expected [x, y, width, height] "
+                             "(4 finite numbers)")
+        if a["image_id"] not in image_ids:
+            raise ValueError(f"{path}: annotations[{i}].image_id {a['image_id']!r} is not in 'images'")
+        if a["category_id"] not in cat_ids:
+            raise ValueError(f"{path}: annotations[{i}].category_id {a['category_id']!r} is not in 'categories' "
+                             f"(ids {sorted(cat_ids)})")
+        if "id" not in a:
+            a["id"], next_id = next_id, next_id + 1
+        a.setdefault("iscrowd", 0)
+        a.setdefault("area", float(box[2] * box[3]))
+    _unique_ids(annotations, "annotations", path)
+    return data
+
+
+def coco_from_dict(data: dict) -> COCO:
+    """pycocotools COCO over an already loaded dict (reading the json once), without its progress prints."""
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+class CocoDetection(Dataset):
+    """COCO-format detection data; see the module docstring.
+
+    data_dir: folder with annotations/ and the image folders; split: e.g. "train2017" or "val";
+    train: training items (augmentation + targets) or evaluation items; img_size: training canvas, 128k - 1;
+    test_scales, test_flip: the evaluation inputs; max_objects: objects with offsets and indices per image.
+    """
+
+    def __init__(self, data_dir: str | Path, split: str, train: bool, img_size: int = 511,
+                 test_scales: Sequence[float] = (1.0,), test_flip: bool = False, max_objects: int = 128):
+        root = Path(data_dir)
+        if not root.is_dir():
+            raise FileNotFoundError(f"{root}: data directory not found (expected annotations/instances_{split}.json "
+                                    f"and {split}/ inside it)")
+        if img_size % 128 != 127:
+            raise ValueError(f"img_size must be of the form 128k - 1 (127, 255, 383, 511, ...), got {img_size}")
+        if not test_scales or min(test_scales) <= 0:
+            raise ValueError(f"test_scales must be positive numbers, got {list(test_scales)}")
+        self.ann_file = root / "annotations" / f"instances_{split}.json"
+        self.img_dir = root / split
+        self.train, self.img_size, self.max_objects = train, img_size, max_objects
+        self.test_scales, self.test_flip = tuple(float(s) for s in test_scales), test_flip
+
+        data = check_coco_dict(read_json(self.ann_file), self.ann_file)
+        if not self.img_dir.is_dir():
+            raise FileNotFoundError(f"{self.img_dir}: image directory of split {split!r} not found")
+        self.coco = coco_from_dict(data)
+        categories = sorted(data["categories"], key=lambda c: c["id"])
+        self.cat_ids = [c["id"] for c in categories]
+        self.class_names = [str(c["name"]) for c in categories]
+        self.images = list(data["images"])
+        self.image_ids = [im["id"] for im in self.images]
+        self.boxes, self.labels = self._training_boxes(data["annotations"])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.cat_ids)
+
+    def _training_boxes(self, annotations: list[dict]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Per image (in self.images order): boxes (n, 4) float32 x1 y1 x2 y2 and labels (n,) int64 of the
+        non-crowd annotations with positive width and height."""
+        label_of = {c: i for i, c in enumerate(self.cat_ids)}
+        row_of = {im_id: i for i, im_id in enumerate(self.image_ids)}
+        per_image: list[list] = [[] for _ in self.image_ids]
+        for a in annotations:
+            x, y, w, h = a["bbox"]
+            if not a["iscrowd"] and w > 0 and h > 0:
+                per_image[row_of[a["image_id"]]].append((x, y, x + w, y + h, label_of[a["category_id"]]))
+        rows = [np.array(r, np.float64).reshape(-1, 5) for r in per_image]
+        return [r[:, :4].astype(np.float32) for r in rows], [r[:, 4].astype(np.int64) for r in rows]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(image (H, W, 3) uint8 BGR, boxes (n, 4) float32 clipped to the image, labels (n,) int64)."""
+        info = self.images[index]
+        path = self.img_dir / info["file_name"]
+        image = load_image(path)
+        h, w = image.shape[:2]
+        if (info.get("width", w), info.get("height", h)) != (w, h):
+            raise ValueError(f"{path}: decoded size {w}x{h} differs from width x height "
+                             f"{info.get('width', w)}x{info.get('height', h)} in {self.ann_file}")
+        boxes, keep = clip_boxes(self.boxes[index], w, h)
+        return image, boxes[keep], self.labels[index][keep]
+
+    def train_sample(self, index: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        """The training dict of CONTRACT.md for image `index`, augmentation drawn from `rng`."""
+        image, boxes, labels = self.load(index)
+        image, boxes, labels = train_transform(image, boxes, labels, self.img_size, rng)
+        targets = make_targets(boxes, labels, self.num_classes, self.img_size, self.img_size, self.max_objects)
+        return {"image": torch.from_numpy(image), **{k: torch.from_numpy(v) for k, v in targets.items()}}
+
+    def eval_sample(self, index: int) -> dict:
+        image, _, _ = self.load(index)
+        inputs = [eval_input(image, s, self.test_flip) for s in self.test_scales]
+        return {"image_id": self.image_ids[index], "inputs": inputs}
+
+    def __getitem__(self, index: int) -> dict:
+        if not self.train:
+            return self.eval_sample(index)
+        # Seeded from torch's generator, which DataLoader seeds differently in each worker and train.py per epoch.
+        return self.train_sample(index, np.random.default_rng(int(torch.randint(0, 2 ** 62, ()))))

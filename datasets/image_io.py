@@ -1,0 +1,37 @@
+"""Image decoding to 8-bit BGR with errors that name the file.
+
+Grayscale, gray + alpha, RGBA and 16-bit images are converted to 3-channel 8-bit BGR (alpha dropped, 16-bit values
+keep their high byte). EXIF orientation is ignored: pixels stay in stored order, the frame that the image's
+width / height in an annotation file describe. A JPEG cut short (which libjpeg would otherwise decode with gray
+rows at the bottom) is an error.
+"""
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+_JPEG_SOI, _JPEG_SOS, _JPEG_EOI = b"\xff\xd8", b"\xff\xda", b"\xff\xd9"
+
+
+def is_truncated_jpeg(data: bytes) -> bool:
+    """True for JPEG bytes whose last scan has no end-of-image marker after it. Entropy-coded data never holds
+    0xFFD9 (0xFF is stuffed), and an EXIF thumbnail's markers all come before the main image's scans."""
+    return data[:2] == _JPEG_SOI and data.rfind(_JPEG_EOI) < data.rfind(_JPEG_SOS)
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """(H, W, 3) uint8 BGR image at `path`; FileNotFoundError or ValueError naming the file otherwise."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: image file not found") from None
+    if not data:
+        raise ValueError(f"{path}: image file is empty")
+    if is_truncated_jpeg(data):
+        raise ValueError(f"{path}: truncated JPEG (no end-of-image marker after the last scan)")
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), _FLAGS)
+    if image is None:
+        raise ValueError(f"{path}: cannot decode the image (not an image format OpenCV reads, or corrupt)")
+    return image

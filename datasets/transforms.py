@@ -1,0 +1,207 @@
+"""Image transforms with their boxes: CornerNet's training augmentation and the padded test input.
+
+Coordinates are continuous pixels: pixel (row i, column j) covers [j, j + 1) x [i, i + 1), a box is x1 y1 x2 y2
+with x2 = x1 + w. Every geometric step is an affine map of these coordinates, applied to the pixels with one
+`cv2.warpAffine` and to the boxes with the same matrix. A horizontal flip of an image of width W maps x -> W - x.
+
+Training (SPEC.md): scale s from {0.6, ..., 1.3}; a square of side int(img_size * s) around a random center of the
+original image (at least `border` pixels inside it, the border halved for small images) is cut out, zero-padded
+where it leaves the image, and resized to img_size x img_size; horizontal flip with p 0.5; boxes clipped to the
+canvas, those narrower or lower than `min_box_size` dropped. Then brightness, contrast and saturation (each
+1 + U(-0.4, 0.4), in random order, blending with the grayscale of the unjittered canvas as CornerNet does), PCA
+lighting (std 0.1) and normalisation. All of these are affine in the B, G, R values, so they are composed into one
+3 x 4 colour matrix and applied in one pass.
+
+Test: the image resized by each test scale keeps its aspect ratio, padded with zeros (centered) to the next size
+of the form 128k - 1 (`h | 127`); `boxes_to_original` maps boxes decoded on that input back to the image.
+"""
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+
+from datasets.targets import STRIDE
+
+# Statistics of COCO in BGR order, in [0, 1] units (CornerNet's db/coco.py).
+COCO_MEAN = np.array([0.40789654, 0.44719302, 0.47026115], np.float32)
+COCO_STD = np.array([0.28863828, 0.27408164, 0.27809835], np.float32)
+COCO_EIGEN_VALUES = np.array([0.2141788, 0.01817699, 0.00341571], np.float32)
+COCO_EIGEN_VECTORS = np.array([[-0.58752847, -0.69563484, 0.41340352],
+                               [-0.5832747, 0.00994535, -0.81221408],
+                               [-0.56089297, 0.71832671, 0.41158938]], np.float32)
+GRAY_WEIGHTS = np.array([0.114, 0.587, 0.299], np.float64)  # BGR -> gray, as cv2.COLOR_BGR2GRAY
+RAND_SCALES = tuple(s / 10 for s in range(6, 14))
+BORDER = 128
+JITTER = 0.4
+LIGHTING_STD = 0.1
+
+
+def affine_to_pixel_matrix(a: np.ndarray) -> np.ndarray:
+    """(2, 3) map of continuous coordinates -> the (2, 3) map of pixel indices that cv2.warpAffine expects
+    (pixel i has its center at i + 0.5)."""
+    m = np.asarray(a, np.float64).copy()
+    m[:, 2] += 0.5 * (m[:, 0] + m[:, 1]) - 0.5
+    return m
+
+
+def warp_image(image: np.ndarray, a: np.ndarray, out_w: int, out_h: int) -> np.ndarray:
+    """(H, W, 3) uint8 image through the continuous-coordinate affine `a` (2, 3) into an out_h x out_w canvas,
+    bilinear, zeros outside the source."""
+    return cv2.warpAffine(image, affine_to_pixel_matrix(a), (out_w, out_h), flags=cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
+
+
+def warp_boxes(boxes: np.ndarray, a: np.ndarray) -> np.ndarray:
+    """(N, 4) boxes through an axis-aligned affine `a` (2, 3) with a possible flip; x1 <= x2 is kept."""
+    xs = boxes[:, [0, 2]] * a[0, 0] + a[0, 2]
+    ys = boxes[:, [1, 3]] * a[1, 1] + a[1, 2]
+    return np.stack([xs.min(1), ys.min(1), xs.max(1), ys.max(1)], axis=1).astype(np.float32)
+
+
+def clip_boxes(boxes: np.ndarray, width: float, height: float, min_size: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Clips (N, 4) boxes to [0, width] x [0, height]; returns (clipped boxes, keep (N,) bool) where kept boxes have
+    both sides > min_size (> 0 when min_size is 0)."""
+    out = boxes.copy()
+    out[:, [0, 2]] = np.clip(out[:, [0, 2]], 0, width)
+    out[:, [1, 3]] = np.clip(out[:, [1, 3]], 0, height)
+    w, h = out[:, 2] - out[:, 0], out[:, 3] - out[:, 1]
+    keep = (w > 0) & (h > 0) & (w >= min_size) & (h >= min_size)
+    return out, keep
+
+
+def _border(border: int, size: int) -> int:
+    """CornerNet's rule: halve the border until the center range [border, size - border) is not empty."""
+    i = 1
+    while size - border // i <= border // i:
+        i *= 2
+    return border // i
+
+
+@dataclass(frozen=True)
+class CropParams:
+    crop: int  # side of the square cut from the original image, int(img_size * scale)
+    center_x: int  # its center, in original pixels
+    center_y: int
+    flip: bool
+
+
+def random_crop_params(rng: np.random.Generator, height: int, width: int, img_size: int,
+                       rand_scales=RAND_SCALES, border: int = BORDER, flip_prob: float = 0.5) -> CropParams:
+    """Draws the geometric augmentation of one image (these are the first draws from `rng`)."""
+    crop = int(img_size * rand_scales[rng.integers(len(rand_scales))])
+    bx, by = _border(border, width), _border(border, height)
+    cx = int(rng.integers(bx, width - bx))
+    cy = int(rng.integers(by, height - by))
+    return CropParams(crop, cx, cy, bool(rng.random() < flip_prob))
+
+
+def crop_matrix(p: CropParams, img_size: int) -> np.ndarray:
+    """(2, 3) continuous map original -> canvas: the crop's top-left corner (center - crop // 2) goes to 0,
+    the crop is scaled by img_size / crop, then flipped (x -> img_size - x) when p.flip."""
+    k = img_size / p.crop
+    a = np.array([[k, 0.0, -k * (p.center_x - p.crop // 2)],
+                  [0.0, k, -k * (p.center_y - p.crop // 2)]])
+    if p.flip:
+        a[0] = [-k, 0.0, img_size - a[0, 2]]
+    return a
+
+
+def random_color_matrix(rng: np.random.Generator, canvas: np.ndarray, mean=COCO_MEAN, std=COCO_STD,
+                        eig_val=COCO_EIGEN_VALUES, eig_vec=COCO_EIGEN_VECTORS) -> np.ndarray:
+    """(3, 4) matrix M with normalised = M[:, :3] @ bgr_uint8 + M[:, 3] that does colour jitter, lighting and
+    normalisation of the (H, W, 3) uint8 `canvas`.
+
+    Each jitter step maps x (in [0, 1]) to alpha * x + (1 - alpha) * t, t = 0 (brightness), the mean gray of the
+    canvas (contrast) or the pixel's gray (saturation); tracking x -> a * x + b * gray + c gives the composition.
+    """
+    gray_mean = float(GRAY_WEIGHTS @ np.asarray(cv2.mean(canvas)[:3])) / 255.0
+    a, b, c = 1.0, 0.0, 0.0
+    for step in rng.permutation(3):
+        alpha = 1.0 + rng.uniform(-JITTER, JITTER)
+        a, b, c = alpha * a, alpha * b, alpha * c
+        if step == 1:
+            c += (1 - alpha) * gray_mean
+        elif step == 2:
+            b += 1 - alpha
+    light = eig_vec.astype(np.float64) @ (eig_val * rng.normal(0.0, LIGHTING_STD, 3))
+    m = np.empty((3, 4))
+    m[:, :3] = a * np.eye(3) + b * GRAY_WEIGHTS[None, :]
+    m[:, :3] /= 255.0 * std[:, None]
+    m[:, 3] = (c + light - mean) / std
+    return m
+
+
+def normalize_matrix(mean=COCO_MEAN, std=COCO_STD) -> np.ndarray:
+    """(3, 4) colour matrix of plain normalisation, (x / 255 - mean) / std."""
+    m = np.zeros((3, 4))
+    m[:, :3] = np.diag(1.0 / (255.0 * std))
+    m[:, 3] = -mean / std
+    return m
+
+
+def apply_color_matrix(image: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 -> (3, H, W) float32 C-contiguous, each pixel mapped by the (3, 4) matrix `m`."""
+    out = cv2.transform(image.astype(np.float32), m.astype(np.float32))
+    return np.ascontiguousarray(out.transpose(2, 0, 1))
+
+
+def train_transform(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, img_size: int,
+                    rng: np.random.Generator, min_box_size: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """CornerNet augmentation of one image.
+
+    image (H, W, 3) uint8 BGR, boxes (N, 4) x1 y1 x2 y2 inside the image, labels (N,) ->
+    (image (3, S, S) float32 normalised, boxes (M, 4) float32 on the canvas, labels (M,)), S = img_size.
+    """
+    p = random_crop_params(rng, image.shape[0], image.shape[1], img_size)
+    a = crop_matrix(p, img_size)
+    canvas = warp_image(image, a, img_size, img_size)
+    boxes, keep = clip_boxes(warp_boxes(boxes, a), img_size, img_size, min_box_size)
+    chw = apply_color_matrix(canvas, random_color_matrix(rng, canvas))
+    return chw, boxes[keep], labels[keep]
+
+
+@dataclass(frozen=True)
+class EvalMeta:
+    """How an original image became a test input: input = original * scale + pad (per axis)."""
+    orig_w: int
+    orig_h: int
+    scale_x: float  # resized width / original width
+    scale_y: float
+    pad_x: int  # left padding of the input, pixels
+    pad_y: int
+    in_w: int  # input size, of the form 128k - 1
+    in_h: int
+
+
+def eval_input(image: np.ndarray, scale: float, flip: bool) -> tuple[torch.Tensor, EvalMeta]:
+    """(H, W, 3) uint8 BGR -> (images (1 or 2, 3, H_in, W_in) float32 normalised, meta). The image is resized to
+    (int(W * scale), int(H * scale)) and padded with zeros, centered, to (that | 127); image 1 (flip) is the
+    horizontally flipped copy of image 0."""
+    h, w = image.shape[:2]
+    new_w, new_h = max(1, int(w * scale)), max(1, int(h * scale))
+    in_w, in_h = new_w | 127, new_h | 127
+    meta = EvalMeta(orig_w=w, orig_h=h, scale_x=new_w / w, scale_y=new_h / h,
+                    pad_x=in_w // 2 - new_w // 2, pad_y=in_h // 2 - new_h // 2, in_w=in_w, in_h=in_h)
+    if new_w == w and new_h == h:
+        canvas = cv2.copyMakeBorder(image, meta.pad_y, in_h - h - meta.pad_y, meta.pad_x, in_w - w - meta.pad_x,
+                                    cv2.BORDER_CONSTANT, value=(0, 0, 0))
+    else:
+        a = np.array([[meta.scale_x, 0.0, meta.pad_x], [0.0, meta.scale_y, meta.pad_y]])
+        canvas = warp_image(image, a, in_w, in_h)
+    chw = apply_color_matrix(canvas, normalize_matrix())
+    images = np.stack([chw, chw[:, :, ::-1]]) if flip else chw[None]
+    return torch.from_numpy(images), meta
+
+
+def boxes_to_original(boxes: np.ndarray, meta: EvalMeta, flipped: bool) -> np.ndarray:
+    """(N, 4) x1 y1 x2 y2 in output-map units of the input described by `meta` (of its flipped copy when
+    `flipped`) -> (N, 4) float32 original-image pixels, clipped to the image."""
+    b = np.asarray(boxes, np.float64).reshape(-1, 4) * STRIDE
+    if flipped:
+        b[:, [0, 2]] = meta.in_w - b[:, [2, 0]]
+    b[:, [0, 2]] = (b[:, [0, 2]] - meta.pad_x) / meta.scale_x
+    b[:, [1, 3]] = (b[:, [1, 3]] - meta.pad_y) / meta.scale_y
+    b[:, [0, 2]] = np.clip(b[:, [0, 2]], 0, meta.orig_w)
+    b[:, [1, 3]] = np.clip(b[:, [1, 3]], 0, meta.orig_h)
+    return b.astype(np.float32)
