@@ -1,0 +1,157 @@
+"""The built-in data set: coloured shapes on cluttered backgrounds, in the COCO layout, deterministic for a seed.
+
+    python -m datasets.shapes --out data/shapes
+    python train.py ... --dataset coco --data_dir data/shapes --train_split train --val_split val --img_size 127
+
+writes `annotations/instances_{train,val}.json` and the JPEGs in `train/` and `val/` (400 + 100 images by default,
+a few seconds). Four classes (rectangle, ellipse, triangle, cross), each of random size, aspect ratio and colour;
+shapes may overlap, but none is covered by more than `--max_occlusion` of its area, and each box is the tight box of
+the shape's visible pixels. Backgrounds are smooth random colour fields with lines, soft blobs and pixel noise;
+`--empty` of the images have no shape. Images are `--min_size`..`--max_size` pixels a side (128..192), small
+enough for a CPU model at input 127. Harder: more `--clutter`, `--noise`, `--max_occlusion`, smaller `--min_obj`.
+"""
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from datasets.coco_eval import write_json_atomic
+
+CLASSES = ("rectangle", "ellipse", "triangle", "cross")
+
+
+@dataclass(frozen=True)
+class ShapesConfig:
+    min_size: int = 128  # image side range, pixels
+    max_size: int = 192
+    max_objects: int = 5  # shapes per non-empty image: 1..max_objects
+    min_obj: int = 16  # shape box side range, pixels
+    max_obj: int = 72
+    empty: float = 0.1  # fraction of images without shapes
+    clutter: int = 6  # lines and blobs drawn on each background
+    noise: float = 8.0  # std of the pixel noise, grey levels
+    max_occlusion: float = 0.4  # largest fraction of a shape that later shapes may cover
+    jpeg_quality: int = 95
+
+
+def shape_mask(rng: np.random.Generator, cls: int, w: int, h: int) -> np.ndarray:
+    """(h, w) uint8 mask (1 inside) of a shape of class `cls` spanning its h x w box."""
+    m = np.zeros((h, w), np.uint8)
+    if cls == 0:
+        m[:] = 1
+    elif cls == 1:
+        cv2.ellipse(m, (((w - 1) / 2, (h - 1) / 2), (w, h), 0), 1, -1)
+    elif cls == 2:
+        apex = int(rng.integers(0, w))
+        pts = np.array([[apex, 0], [0, h - 1], [w - 1, h - 1]], np.int32)
+        if rng.random() < 0.5:  # pointing down
+            pts[:, 1] = h - 1 - pts[:, 1]
+        cv2.fillPoly(m, [pts], 1)
+    else:
+        tw, th = max(2, int(w * rng.uniform(0.25, 0.45))), max(2, int(h * rng.uniform(0.25, 0.45)))
+        m[(h - th) // 2:(h - th) // 2 + th, :] = 1
+        m[:, (w - tw) // 2:(w - tw) // 2 + tw] = 1
+    return m
+
+
+def background(rng: np.random.Generator, h: int, w: int, cfg: ShapesConfig) -> np.ndarray:
+    """(h, w, 3) float32 smooth colour field with lines and soft blobs."""
+    coarse = rng.uniform(30, 225, (3, 4, 3)).astype(np.float32)
+    img = cv2.resize(coarse, (w, h), interpolation=cv2.INTER_CUBIC)
+    for _ in range(cfg.clutter):
+        color = rng.uniform(0, 255, 3).tolist()
+        if rng.random() < 0.5:
+            p1, p2 = rng.integers(0, [w, h], 2).tolist(), rng.integers(0, [w, h], 2).tolist()
+            cv2.line(img, p1, p2, color, int(rng.integers(1, 3)), cv2.LINE_AA)
+        else:
+            blob = np.zeros((h, w), np.float32)
+            cv2.circle(blob, rng.integers(0, [w, h], 2).tolist(), int(rng.integers(3, 10)), 1.0, -1)
+            blob = cv2.GaussianBlur(blob, (0, 0), 3)[:, :, None]
+            img = img * (1 - blob) + np.array(color, np.float32) * blob
+    return img
+
+
+def make_image(rng: np.random.Generator, cfg: ShapesConfig) -> tuple[np.ndarray, list[tuple[int, list[int]]]]:
+    """One image: ((h, w, 3) uint8 BGR, [(class, [x, y, w, h]) of each shape])."""
+    h, w = (int(v) for v in rng.integers(cfg.min_size, cfg.max_size + 1, 2))
+    img = background(rng, h, w, cfg)
+    owner = np.full((h, w), -1, np.int32)
+    areas, classes = [], []
+    n = 0 if rng.random() < cfg.empty else int(rng.integers(1, cfg.max_objects + 1))
+    for _ in range(n):
+        for _attempt in range(20):
+            cls = int(rng.integers(len(CLASSES)))
+            side = rng.uniform(cfg.min_obj, cfg.max_obj)
+            aspect = np.exp(rng.uniform(np.log(0.5), np.log(2.0)))
+            bw = int(np.clip(side * np.sqrt(aspect), cfg.min_obj, min(cfg.max_obj, w)))
+            bh = int(np.clip(side / np.sqrt(aspect), cfg.min_obj, min(cfg.max_obj, h)))
+            x0, y0 = int(rng.integers(0, w - bw + 1)), int(rng.integers(0, h - bh + 1))
+            mask = np.zeros((h, w), bool)
+            mask[y0:y0 + bh, x0:x0 + bw] = shape_mask(rng, cls, bw, bh) > 0
+            covered = np.bincount(owner[mask & (owner >= 0)], minlength=len(areas))
+            visible = np.bincount(owner[owner >= 0], minlength=len(areas))
+            if all(visible[j] - covered[j] >= (1 - cfg.max_occlusion) * areas[j] for j in range(len(areas))):
+                break
+        else:
+            continue
+        under = img[mask].mean(0)
+        color = rng.uniform(0, 255, 3)
+        while np.abs(color - under).sum() < 150:  # keep the shape visible against what lies under it
+            color = rng.uniform(0, 255, 3)
+        img[mask] = color
+        owner[mask] = len(areas)
+        areas.append(int(mask.sum()))
+        classes.append(cls)
+    img = np.clip(img + rng.normal(0, cfg.noise, img.shape), 0, 255).astype(np.uint8)
+    objects = []
+    for j, cls in enumerate(classes):
+        ys, xs = np.nonzero(owner == j)
+        objects.append((cls, [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]))
+    return img, objects
+
+
+def write_split(out: Path, split: str, num_images: int, seed: int, cfg: ShapesConfig) -> dict:
+    """Writes the images of `split` and its annotation json; returns the json dict."""
+    rng = np.random.default_rng([seed, {"train": 0, "val": 1}.get(split, 2)])
+    (out / split).mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    for i in range(num_images):
+        img, objects = make_image(rng, cfg)
+        name = f"{i + 1:06d}.jpg"
+        cv2.imwrite(str(out / split / name), img, [cv2.IMWRITE_JPEG_QUALITY, cfg.jpeg_quality])
+        images.append({"id": i + 1, "file_name": name, "width": img.shape[1], "height": img.shape[0]})
+        for cls, box in objects:
+            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": cls + 1, "bbox": box,
+                                "area": box[2] * box[3], "iscrowd": 0})
+    data = {"info": {"description": f"centernet47 built-in shapes, {split}, seed {seed}", "config": vars(cfg)},
+            "licenses": [], "images": images, "annotations": annotations,
+            "categories": [{"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(CLASSES)]}
+    write_json_atomic(out / "annotations" / f"instances_{split}.json", data)
+    return data
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("built-in shapes data set (COCO layout)")
+    p.add_argument("--out", default="data/shapes", help="folder to write (created)")
+    p.add_argument("--num_train", type=int, default=400)
+    p.add_argument("--num_val", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    for name, field in ShapesConfig.__dataclass_fields__.items():
+        p.add_argument(f"--{name}", type=type(field.default), default=field.default)
+    return p
+
+
+def main(args: argparse.Namespace) -> None:
+    cfg = ShapesConfig(**{k: getattr(args, k) for k in ShapesConfig.__dataclass_fields__})
+    if not (0 < cfg.min_obj <= cfg.max_obj <= cfg.min_size <= cfg.max_size):
+        raise SystemExit("expected 0 < --min_obj <= --max_obj <= --min_size <= --max_size")
+    out = Path(args.out)
+    for split, n in (("train", args.num_train), ("val", args.num_val)):
+        data = write_split(out, split, n, args.seed, cfg)
+        print(f"{out / split}: {len(data['images'])} images, {len(data['annotations'])} shapes")
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

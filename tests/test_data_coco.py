@@ -1,0 +1,267 @@
+"""datasets/coco.py: loading, classes, training items, and every kind of bad input (error or documented handling)."""
+import argparse
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, Subset, default_collate
+
+from datasets import build_dataset
+from datasets.coco import CocoDetection
+
+RACCOON = Path(__file__).parent / "data" / "raccoon"
+
+
+def write_set(root: Path, data, images: dict, split: str = "train") -> Path:
+    """A COCO-layout folder: `data` (dict, or bytes written verbatim) as the json, `images` {file name: array or bytes}."""
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    (root / split).mkdir(exist_ok=True)
+    text = data if isinstance(data, bytes) else json.dumps(data).encode()
+    (root / "annotations" / f"instances_{split}.json").write_bytes(text)
+    for name, img in images.items():
+        if isinstance(img, bytes):
+            (root / split / name).write_bytes(img)
+        else:
+            assert cv2.imwrite(str(root / split / name), img)
+    return root
+
+
+def image(h=80, w=100, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3)).astype(np.uint8)
+
+
+def coco_dict(boxes=((10, 10, 30, 20),), cats=((1, "a"),), width=100, height=80, **ann_extra):
+    return {"images": [{"id": 1, "file_name": "1.png", "width": width, "height": height}],
+            "annotations": [{"id": i + 1, "image_id": 1, "category_id": cats[0][0], "bbox": list(b), "iscrowd": 0,
+                             "area": b[2] * b[3], **ann_extra} for i, b in enumerate(boxes)],
+            "categories": [{"id": c, "name": n} for c, n in cats]}
+
+
+def test_raccoon_loads_with_classes_from_the_json():
+    ds = CocoDetection(RACCOON, "train", train=True)
+    assert ds.class_names == ["raccoon"] and ds.cat_ids == [1] and ds.num_classes == 1
+    assert len(ds) == 9 and sum(len(b) for b in ds.boxes) == 15
+    assert sorted(ds.coco.getImgIds()) == sorted(ds.image_ids)
+
+
+def test_non_contiguous_category_ids_sorted_to_labels(tmp_path):
+    data = coco_dict(cats=((90, "z"), (3, "c"), (7, "g")))
+    data["annotations"] += [{"id": 5, "image_id": 1, "category_id": 3, "bbox": [1, 1, 5, 5]},
+                            {"id": 6, "image_id": 1, "category_id": 7, "bbox": [2, 2, 5, 5]}]
+    ds = CocoDetection(write_set(tmp_path, data, {"1.png": image()}), "train", train=True)
+    assert ds.cat_ids == [3, 7, 90] and ds.class_names == ["c", "g", "z"]
+    assert ds.labels[0].tolist() == [2, 0, 1]
+
+
+def test_training_item_matches_the_contract():
+    ds = CocoDetection(RACCOON, "train", train=True)
+    torch.manual_seed(0)
+    batch = default_collate([ds[0], ds[1]])
+    assert batch["image"].shape == (2, 3, 511, 511) and batch["image"].dtype == torch.float32
+    for k in ("tl", "br", "ct"):
+        assert batch[f"hm_{k}"].shape == (2, 1, 128, 128) and batch[f"hm_{k}"].dtype == torch.float32
+        assert batch[f"off_{k}"].shape == (2, 128, 2) and batch[f"off_{k}"].dtype == torch.float32
+        assert batch[f"ind_{k}"].shape == (2, 128) and batch[f"ind_{k}"].dtype == torch.int64
+    assert batch["mask"].shape == (2, 128) and batch["mask"].dtype == torch.bool
+    # The image is normalised: roughly zero mean, unit spread.
+    assert abs(batch["image"].mean()) < 1.5 and 0.3 < batch["image"].std() < 3
+
+
+def test_augmentation_follows_torch_seed_and_differs_between_workers():
+    ds = CocoDetection(RACCOON, "train", train=True)
+    torch.manual_seed(1)
+    a = ds[2]["image"]
+    torch.manual_seed(1)
+    assert torch.equal(a, ds[2]["image"])
+    assert not torch.equal(a, ds[2]["image"])
+    torch.manual_seed(2)
+    loader = DataLoader(Subset(ds, [2] * 4), batch_size=1, num_workers=2)
+    images = [b["image"] for b in loader]
+    assert all(not torch.equal(images[0], x) for x in images[1:]) and not torch.equal(images[1], images[3])
+
+
+def test_build_dataset_reads_the_flags():
+    args = argparse.Namespace(dataset="coco", data_dir=str(RACCOON), img_size=255, test_scales=[0.5, 1.0],
+                              test_flip=True)
+    train = build_dataset(args, "train", train=True)
+    assert train.img_size == 255 and train.train
+    torch.manual_seed(0)
+    assert train[0]["hm_tl"].shape == (1, 64, 64)
+    val = build_dataset(argparse.Namespace(dataset="coco", data_dir=str(RACCOON)), "val", train=False)
+    assert val.test_scales == (1.0,) and not val.test_flip and val.img_size == 511
+    sample = build_dataset(args, "val", train=False)[0]
+    assert [t.shape[0] for t, _ in sample["inputs"]] == [2, 2]
+    with pytest.raises(ValueError, match="--dataset 'voc'"):
+        build_dataset(argparse.Namespace(dataset="voc", data_dir=str(RACCOON)), "val", train=False)
+
+
+def test_img_size_must_be_128k_minus_1():
+    with pytest.raises(ValueError, match="128k - 1"):
+        CocoDetection(RACCOON, "train", train=True, img_size=512)
+
+
+# ---------------------------------------------------------------- bad input: errors at construction
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere: data directory not found"):
+        CocoDetection(tmp_path / "nowhere", "train", train=True)
+
+
+def test_missing_json(tmp_path):
+    (tmp_path / "train").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"instances_train\.json: annotation file not found"):
+        CocoDetection(tmp_path, "train", train=True)
+
+
+def test_missing_image_directory(tmp_path):
+    write_set(tmp_path, coco_dict(), {}, split="train")
+    (tmp_path / "train").rmdir()
+    with pytest.raises(FileNotFoundError, match="image directory of split 'train' not found"):
+        CocoDetection(tmp_path, "train", train=True)
+
+
+@pytest.mark.parametrize("text,match", [(b'{"images": [', "invalid json"), (b"[1, 2]", "expected a json object"),
+                                        (b'{"images": "\xff"}', "invalid json")])
+def test_invalid_json(tmp_path, text, match):
+    write_set(tmp_path, text, {})
+    with pytest.raises(ValueError, match=r"instances_train\.json: " + match):
+        CocoDetection(tmp_path, "train", train=True)
+
+
+def drop(data, where, key):
+    entry = data if where is None else data[where][0]
+    del entry[key]
+    return data
+
+
+@pytest.mark.parametrize("where,key,match", [
+    (None, "images", "missing list 'images'"), (None, "annotations", "missing list 'annotations'"),
+    (None, "categories", "missing list 'categories'"), ("images", "file_name", r"images\[0\] lacks 'file_name'"),
+    ("images", "id", r"images\[0\] lacks 'id'"), ("annotations", "bbox", r"annotations\[0\] lacks 'bbox'"),
+    ("annotations", "category_id", r"annotations\[0\] lacks 'category_id'"),
+    ("annotations", "image_id", r"annotations\[0\] lacks 'image_id'"), ("categories", "name", r"categories\[0\] lacks 'name'")])
+def test_missing_keys(tmp_path, where, key, match):
+    write_set(tmp_path, drop(coco_dict(), where, key), {})
+    with pytest.raises(ValueError, match=match):
+        CocoDetection(tmp_path, "train", train=True)
+
+
+@pytest.mark.parametrize("bbox", [[1, 2, 3], [1, 2, 3, float("nan")], [1, 2, "3", 4], None])
+def test_malformed_bbox(tmp_path, bbox):
+    data = coco_dict()
+    data["annotations"][0]["bbox"] = bbox
+    write_set(tmp_path, data, {})
+    with pytest.raises(ValueError, match=r"annotations\[0\]\.bbox is .*expected \[x, y, width, height\]"):
+        CocoDetection(tmp_path, "train", train=True)
+
+
+def test_unknown_category_id(tmp_path):
+    write_set(tmp_path, coco_dict(cats=((1, "a"),), category_id=5), {})
+    with pytest.raises(ValueError, match=r"annotations\[0\]\.category_id 5 is not in 'categories' \(ids \[1\]\)"):
+        CocoDetection(tmp_path, "train", train=True)
+
+
+def test_unknown_image_id_and_duplicate_ids(tmp_path):
+    data = coco_dict()
+    data["annotations"][0]["image_id"] = 9
+    write_set(tmp_path, data, {})
+    with pytest.raises(ValueError, match=r"annotations\[0\]\.image_id 9 is not in 'images'"):
+        CocoDetection(tmp_path, "train", train=True)
+    data = coco_dict()
+    data["images"].append(dict(data["images"][0]))
+    write_set(tmp_path, data, {})
+    with pytest.raises(ValueError, match="images id 1 appears more than once"):
+        CocoDetection(tmp_path, "train", train=True)
+    data = coco_dict(boxes=((1, 1, 5, 5), (2, 2, 5, 5)))
+    data["annotations"][1]["id"] = 1
+    write_set(tmp_path, data, {})
+    with pytest.raises(ValueError, match="annotations id 1 appears more than once"):
+        CocoDetection(tmp_path, "train", train=True)
+    write_set(tmp_path, {"images": [], "annotations": [], "categories": []}, {})
+    with pytest.raises(ValueError, match="'categories' is empty"):
+        CocoDetection(tmp_path, "train", train=True)
+
+
+def test_optional_annotation_fields_are_filled(tmp_path):
+    data = coco_dict(boxes=((10, 10, 30, 20), (40, 5, 10, 10)))
+    for a in data["annotations"]:
+        del a["id"], a["area"], a["iscrowd"]
+    data["annotations"][1]["id"] = 7
+    ds = CocoDetection(write_set(tmp_path, data, {"1.png": image()}), "train", train=True)
+    anns = ds.coco.loadAnns(ds.coco.getAnnIds())
+    assert sorted(a["id"] for a in anns) == [7, 8]
+    assert sorted(a["area"] for a in anns) == [100, 600] and all(a["iscrowd"] == 0 for a in anns)
+
+
+# ---------------------------------------------------------------- bad input: errors when an item is read
+
+def test_missing_image_file(tmp_path):
+    ds = CocoDetection(write_set(tmp_path, coco_dict(), {}), "train", train=True)
+    with pytest.raises(FileNotFoundError, match=r"train/1\.png: image file not found"):
+        ds[0]
+
+
+@pytest.mark.parametrize("content,match", [(b"", "image file is empty"), (b"not an image at all", "cannot decode")])
+def test_undecodable_image(tmp_path, content, match):
+    ds = CocoDetection(write_set(tmp_path, coco_dict(), {"1.png": content}), "train", train=False)
+    with pytest.raises(ValueError, match=r"1\.png: " + match):
+        ds[0]
+
+
+def test_truncated_jpeg(tmp_path):
+    ok, buf = cv2.imencode(".jpg", image())
+    data = coco_dict()
+    data["images"][0]["file_name"] = "1.jpg"
+    ds = CocoDetection(write_set(tmp_path, data, {"1.jpg": buf.tobytes()[:-300]}), "train", train=True)
+    with pytest.raises(ValueError, match=r"1\.jpg: truncated JPEG"):
+        ds[0]
+    write_set(tmp_path, data, {"1.jpg": buf.tobytes()})
+    assert ds.load(0)[0].shape == (80, 100, 3)
+
+
+def test_image_size_differs_from_json(tmp_path):
+    ds = CocoDetection(write_set(tmp_path, coco_dict(width=80, height=100), {"1.png": image()}), "train", train=True)
+    with pytest.raises(ValueError, match=r"1\.png: decoded size 100x80 differs from width x height 80x100"):
+        ds[0]
+
+
+def test_gray_rgba_and_16_bit_images_become_8_bit_bgr(tmp_path):
+    img = image()
+    gray = img[:, :, 1]
+    cases = {"gray.png": gray, "rgba.png": np.dstack([img, np.full(gray.shape, 9, np.uint8)]),
+             "deep.png": img.astype(np.uint16) * 257, "deep_gray.png": gray.astype(np.uint16) * 257}
+    want = {"gray.png": np.dstack([gray] * 3), "rgba.png": img, "deep.png": img, "deep_gray.png": np.dstack([gray] * 3)}
+    data = coco_dict()
+    data["images"] = [{"id": i + 1, "file_name": n} for i, n in enumerate(cases)]
+    ds = CocoDetection(write_set(tmp_path, data, cases), "train", train=True)
+    for i, name in enumerate(cases):
+        got, _, _ = ds.load(i)
+        assert got.dtype == np.uint8 and got.shape == (80, 100, 3), name
+        np.testing.assert_array_equal(got, want[name], err_msg=name)
+        torch.manual_seed(i)
+        assert ds[i]["image"].shape == (3, 511, 511)
+
+
+def test_boxes_outside_zero_size_crowd_and_empty_images(tmp_path):
+    boxes = ((-10, -10, 30, 30),  # partly outside: clipped to (0, 0, 20, 20)
+             (90, 70, 50, 50),  # partly outside: clipped to (90, 70, 100, 80)
+             (120, 10, 20, 20),  # wholly outside: dropped
+             (5, 5, 0, 10), (5, 5, 10, 0), (5, 5, -3, 4),  # zero or negative size: dropped
+             (40, 40, 10, 10))  # crowd: not a target
+    data = coco_dict(boxes=boxes)
+    data["annotations"][-1]["iscrowd"] = 1
+    data["images"].append({"id": 2, "file_name": "2.png", "width": 100, "height": 80})
+    ds = CocoDetection(write_set(tmp_path, data, {"1.png": image(), "2.png": image(seed=1)}), "train", train=True)
+    _, b, labels = ds.load(0)
+    np.testing.assert_array_equal(b, [[0, 0, 20, 20], [90, 70, 100, 80]])
+    assert labels.tolist() == [0, 0]
+    assert len(ds.coco.getAnnIds(imgIds=[1], iscrowd=None)) == 7  # the ground truth keeps everything
+
+    torch.manual_seed(0)
+    empty = ds[1]
+    assert not empty["mask"].any() and all(empty[f"hm_{k}"].sum() == 0 for k in ("tl", "br", "ct"))
+    ev = CocoDetection(tmp_path, "train", train=False)
+    assert ev[1]["image_id"] == 2 and ev[1]["inputs"][0][0].shape == (1, 3, 127, 127)

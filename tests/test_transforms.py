@@ -1,0 +1,195 @@
+"""datasets/transforms.py: pixels and boxes move together; colour and test-input steps against slow references."""
+import cv2
+import numpy as np
+import pytest
+
+from datasets.transforms import (COCO_EIGEN_VALUES, COCO_EIGEN_VECTORS, COCO_MEAN, COCO_STD, RAND_SCALES,
+                                 CropParams, apply_color_matrix, boxes_to_original, clip_boxes, crop_matrix,
+                                 eval_input, random_color_matrix, random_crop_params, train_transform, warp_boxes,
+                                 warp_image)
+
+
+def smooth_image(rng, h, w):
+    small = rng.integers(0, 256, (max(2, h // 16), max(2, w // 16), 3)).astype(np.uint8)
+    return cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC)
+
+
+def crop_resize_reference(image, p: CropParams, size):
+    """Cut the crop x crop square by slicing (zeros outside), resize it with cv2.resize, flip by reversing columns."""
+    h, w = image.shape[:2]
+    x0, y0 = p.center_x - p.crop // 2, p.center_y - p.crop // 2
+    crop = np.zeros((p.crop, p.crop, 3), np.uint8)
+    sx, sy = max(x0, 0), max(y0, 0)
+    ex, ey = min(x0 + p.crop, w), min(y0 + p.crop, h)
+    if ex > sx and ey > sy:
+        crop[sy - y0:ey - y0, sx - x0:ex - x0] = image[sy:ey, sx:ex]
+    out = cv2.resize(crop, (size, size), interpolation=cv2.INTER_LINEAR)
+    return out[:, ::-1] if p.flip else out
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_unit_scale_crop_is_an_exact_copy(flip):
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (300, 700, 3)).astype(np.uint8)
+    p = CropParams(crop=255, center_x=600, center_y=40, flip=flip)
+    got = warp_image(image, crop_matrix(p, 255), 255, 255)
+    np.testing.assert_array_equal(got, crop_resize_reference(image, p, 255))
+
+
+@pytest.mark.parametrize("crop", [int(511 * s) for s in RAND_SCALES])
+def test_scaled_crop_matches_slice_and_resize(crop):
+    rng = np.random.default_rng(crop)
+    image = smooth_image(rng, 400, 560)
+    p = CropParams(crop=crop, center_x=int(rng.integers(0, 560)), center_y=int(rng.integers(0, 400)),
+                   flip=bool(crop % 2))
+    got = warp_image(image, crop_matrix(p, 511), 511, 511).astype(np.float64)
+    want = crop_resize_reference(image, p, 511).astype(np.float64)
+    # They differ in interpolation rounding, along the image's edge (mixing with zeros) and along the canvas
+    # frame (cv2.resize repeats the crop's last pixel where warpAffine reads the image beyond it).
+    edge = cv2.dilate(((want == 0).all(2) | (got == 0).all(2)).astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+    edge[:2] = edge[-2:] = edge[:, :2] = edge[:, -2:] = True
+    assert np.abs(got - want)[~edge].max() <= 3
+    assert np.abs(got - want)[~edge].mean() < 0.5
+
+
+def test_boxes_follow_pixels_through_the_training_geometry():
+    rng = np.random.default_rng(2)
+    for _ in range(60):
+        h, w = rng.integers(60, 900, 2)
+        image = np.zeros((h, w, 3), np.uint8)
+        x1, y1 = rng.integers(0, w - 20), rng.integers(0, h - 20)
+        x2, y2 = rng.integers(x1 + 20, w + 1), rng.integers(y1 + 20, h + 1)
+        image[y1:y2, x1:x2] = 255
+        p = random_crop_params(rng, h, w, 511)
+        a = crop_matrix(p, 511)
+        canvas = warp_image(image, a, 511, 511)
+        box, keep = clip_boxes(warp_boxes(np.array([[x1, y1, x2, y2]], np.float32), a), 511, 511)
+        ys, xs = np.nonzero(canvas[:, :, 0] >= 128)  # pixels more than half covered by the rectangle
+        assert keep[0] == (len(xs) > 0) or min(box[0, 2] - box[0, 0], box[0, 3] - box[0, 1]) < 1.5
+        if len(xs):
+            np.testing.assert_allclose([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], box[0], atol=1.0)
+        whole = warp_boxes(np.array([[x1, y1, x2, y2]], np.float32), a)[0]
+        if whole.min() > 2 and whole.max() < 509:
+            # Sub-pixel check: the intensity centroid (pixel centers at i + 0.5) is the box center, and the
+            # intensity sum its area; a half-pixel convention error would move the centroid by 0.5 k.
+            m = canvas[:, :, 0].astype(np.float64) / 255
+            cy, cx = (np.nonzero(m)[0] + 0.5) @ m[m > 0] / m.sum(), (np.nonzero(m)[1] + 0.5) @ m[m > 0] / m.sum()
+            np.testing.assert_allclose([cx, cy], [(whole[0] + whole[2]) / 2, (whole[1] + whole[3]) / 2], atol=0.15)
+            assert m.sum() == pytest.approx((whole[2] - whole[0]) * (whole[3] - whole[1]), rel=0.02)
+
+
+def test_random_crop_params_ranges_and_border():
+    rng = np.random.default_rng(3)
+    crops = {int(511 * s) for s in RAND_SCALES}
+    flips = []
+    for _ in range(300):
+        h, w = rng.integers(1, 1200, 2)
+        p = random_crop_params(rng, h, w, 511)
+        assert p.crop in crops
+        bx = 128 if w > 256 else None
+        if bx:
+            assert bx <= p.center_x < w - bx
+        assert 0 <= p.center_x < w and 0 <= p.center_y < h
+        flips.append(p.flip)
+    assert 0.4 < np.mean(flips) < 0.6
+    # A 200-pixel side halves the border to 64: centers in [64, 136).
+    cs = [random_crop_params(rng, 200, 200, 511).center_x for _ in range(500)]
+    assert min(cs) >= 64 and max(cs) < 136 and max(cs) - min(cs) > 50
+
+
+def color_reference(image, rng):
+    """CornerNet's sequential steps in float64: x / 255, brightness / contrast / saturation in random order with
+    the grayscale of the unjittered image, PCA lighting, normalisation; then HWC -> CHW."""
+    x = image.astype(np.float64) / 255
+    gray = x @ np.array([0.114, 0.587, 0.299])
+    gray_mean = gray.mean()
+    for step in rng.permutation(3):
+        alpha = 1 + rng.uniform(-0.4, 0.4)
+        if step == 0:
+            x = x * alpha
+        elif step == 1:
+            x = alpha * x + (1 - alpha) * gray_mean
+        else:
+            x = alpha * x + (1 - alpha) * gray[:, :, None]
+    x = x + COCO_EIGEN_VECTORS.astype(np.float64) @ (COCO_EIGEN_VALUES * rng.normal(0, 0.1, 3))
+    x = (x - COCO_MEAN) / COCO_STD
+    return x.transpose(2, 0, 1)
+
+
+def test_color_matrix_equals_sequential_jitter_lighting_normalisation():
+    for seed in range(10):
+        image = np.random.default_rng(100 + seed).integers(0, 256, (37, 53, 3)).astype(np.uint8)
+        got = apply_color_matrix(image, random_color_matrix(np.random.default_rng(seed), image))
+        want = color_reference(image, np.random.default_rng(seed))
+        assert got.dtype == np.float32 and got.shape == (3, 37, 53) and got.flags.c_contiguous
+        np.testing.assert_allclose(got, want, atol=2e-5)
+
+
+def test_train_transform_output_and_box_filtering():
+    rng = np.random.default_rng(4)
+    image = smooth_image(rng, 300, 400)
+    boxes = np.array([[0, 0, 400, 300], [10, 10, 10.5, 200], [100, 100, 101, 101]], np.float32)
+    labels = np.array([0, 1, 2])
+    for _ in range(20):
+        chw, b, lab = train_transform(image, boxes, labels, 511, rng)
+        assert chw.shape == (3, 511, 511) and chw.dtype == np.float32
+        assert b.dtype == np.float32 and len(b) == len(lab)
+        assert (b >= 0).all() and (b <= 511).all()
+        assert ((b[:, 2] - b[:, 0]) >= 1).all() and ((b[:, 3] - b[:, 1]) >= 1).all()
+        assert 1 not in lab.tolist()  # 0.5 pixel wide, at most 0.83 on the canvas: always dropped
+
+
+def test_clip_boxes_partly_and_wholly_outside_and_zero_size():
+    boxes = np.array([[-10, -5, 50, 40], [90, 90, 130, 120], [120, 10, 150, 20], [5, 5, 5, 30], [5, 5, 30, -2]],
+                     np.float32)
+    out, keep = clip_boxes(boxes, 100, 100)
+    np.testing.assert_array_equal(out[0], [0, 0, 50, 40])
+    np.testing.assert_array_equal(out[1], [90, 90, 100, 100])
+    assert keep.tolist() == [True, True, False, False, False]
+
+
+def forward_reference(boxes, image_w, image_h, scale):
+    """Where original boxes land on the test input: resized by int(size * scale) / size, then centered by
+    (input // 2 - resized // 2) in an input of size resized | 127; in output units (/ 4)."""
+    new_w, new_h = int(image_w * scale), int(image_h * scale)
+    in_w, in_h = new_w | 127, new_h | 127
+    b = boxes.astype(np.float64).copy()
+    b[:, [0, 2]] = b[:, [0, 2]] * new_w / image_w + (in_w // 2 - new_w // 2)
+    b[:, [1, 3]] = b[:, [1, 3]] * new_h / image_h + (in_h // 2 - new_h // 2)
+    return b / 4, in_w, in_h
+
+
+@pytest.mark.parametrize("scale", [0.5, 0.75, 1.0, 1.25, 1.5])
+def test_eval_input_layout_and_boxes_round_trip(scale):
+    rng = np.random.default_rng(int(scale * 100))
+    h, w = 194, 259
+    image = rng.integers(0, 256, (h, w, 3)).astype(np.uint8)
+    images, meta = eval_input(image, scale, flip=True)
+    new_w, new_h = int(w * scale), int(h * scale)
+    assert images.shape == (2, 3, new_h | 127, new_w | 127) and images.dtype.is_floating_point
+    assert (images.shape[2] + 1) % 128 == 0 and (images.shape[3] + 1) % 128 == 0
+    np.testing.assert_array_equal(images[1].numpy(), images[0].numpy()[:, :, ::-1])
+    pad_value = -COCO_MEAN / COCO_STD
+    np.testing.assert_allclose(images[0, :, 0, 0].numpy(), pad_value, atol=1e-6)
+    np.testing.assert_allclose(images[0, :, -1, -1].numpy(), pad_value, atol=1e-6)
+    if scale == 1.0:
+        x0, y0 = meta.pad_x, meta.pad_y
+        want = (image.astype(np.float32) / 255 - COCO_MEAN) / COCO_STD
+        np.testing.assert_allclose(images[0, :, y0:y0 + h, x0:x0 + w].numpy(), want.transpose(2, 0, 1), atol=1e-5)
+
+    boxes = np.stack([rng.uniform(0, w / 2, 30), rng.uniform(0, h / 2, 30), rng.uniform(w / 2, w, 30),
+                      rng.uniform(h / 2, h, 30)], axis=1)
+    on_input, in_w, in_h = forward_reference(boxes, w, h, scale)
+    assert (meta.in_w, meta.in_h) == (in_w, in_h)
+    np.testing.assert_allclose(boxes_to_original(on_input, meta, flipped=False), boxes, atol=1e-3)
+    flipped = on_input.copy()
+    flipped[:, [0, 2]] = in_w / 4 - on_input[:, [2, 0]]
+    np.testing.assert_allclose(boxes_to_original(flipped, meta, flipped=True), boxes, atol=1e-3)
+
+
+def test_boxes_to_original_clips_to_the_image():
+    _, meta = eval_input(np.zeros((100, 150, 3), np.uint8), 1.0, flip=False)
+    out = boxes_to_original(np.array([[0, 0, 1000, 1000], [1, 1, 2, 2]]), meta, flipped=False)
+    np.testing.assert_allclose(out[0], [0, 0, 150, 100])
+    assert out.dtype == np.float32 and out.shape == (2, 4)
+    assert boxes_to_original(np.zeros((0, 4)), meta, flipped=True).shape == (0, 4)
