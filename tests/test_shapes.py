@@ -1,0 +1,80 @@
+"""datasets/shapes.py: deterministic, COCO layout read by the ordinary loader, boxes tight on the drawn shapes."""
+import filecmp
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from datasets.coco import CocoDetection
+from datasets.coco_eval import evaluate_detections
+from datasets.shapes import CLASSES, ShapesConfig, get_args_parser, main, make_image
+
+
+def generate(out, *extra):
+    main(get_args_parser().parse_args(["--out", str(out), "--num_train", "24", "--num_val", "8", *extra]))
+
+
+def test_deterministic_and_seeded(tmp_path):
+    generate(tmp_path / "a")
+    generate(tmp_path / "b")
+    generate(tmp_path / "c", "--seed", "1")
+    for split in ("train", "val"):
+        ja = (tmp_path / "a" / "annotations" / f"instances_{split}.json").read_text()
+        assert ja == (tmp_path / "b" / "annotations" / f"instances_{split}.json").read_text()
+        assert ja != (tmp_path / "c" / "annotations" / f"instances_{split}.json").read_text()
+        names = sorted(p.name for p in (tmp_path / "a" / split).iterdir())
+        assert len(names) == (24 if split == "train" else 8)
+        match, mismatch, errors = filecmp.cmpfiles(tmp_path / "a" / split, tmp_path / "b" / split, names, shallow=False)
+        assert len(match) == len(names) and not mismatch and not errors
+
+
+def test_the_ordinary_loader_reads_it(tmp_path):
+    generate(tmp_path)
+    train = CocoDetection(tmp_path, "train", train=True, img_size=127)
+    val = CocoDetection(tmp_path, "val", train=False)
+    assert train.class_names == list(CLASSES) == val.class_names and train.cat_ids == [1, 2, 3, 4]
+    torch.manual_seed(0)
+    item = train[0]
+    assert item["image"].shape == (3, 127, 127) and item["hm_ct"].shape == (4, 32, 32)
+    assert val[0]["inputs"][0][0].shape[2] == 255  # 128..192 pixels pad to 255
+    dets = {}
+    for i in range(len(val)):
+        _, boxes, labels = val.load(i)
+        dets[val.image_ids[i]] = np.concatenate([boxes, np.ones((len(boxes), 1)), labels[:, None]], axis=1)
+    assert evaluate_detections(val.coco, dets, val.cat_ids, val.class_names)["AP"] == pytest.approx(1.0)
+
+
+def test_boxes_are_tight_on_visible_pixels_and_sets_are_varied():
+    rng = np.random.default_rng(0)
+    cfg = ShapesConfig(noise=0.0)  # every shape then has one exact colour
+    counts, empty, sides, aspects = np.zeros(len(CLASSES)), 0, [], []
+    for _ in range(60):
+        img, objects = make_image(rng, cfg)
+        assert cfg.min_size <= min(img.shape[:2]) and max(img.shape[:2]) <= cfg.max_size
+        empty += not objects
+        assert len(objects) <= cfg.max_objects
+        for cls, (x, y, w, h) in objects:
+            counts[cls] += 1
+            assert x >= 0 and y >= 0 and x + w <= img.shape[1] and y + h <= img.shape[0]
+            crop = img[y:y + h, x:x + w].reshape(-1, 3)
+            colours, n = np.unique(crop, axis=0, return_counts=True)
+            colour = colours[n.argmax()]
+            ys, xs = np.nonzero((img == colour).all(2))
+            inside = (xs >= x) & (xs < x + w) & (ys >= y) & (ys < y + h)
+            assert [xs[inside].min(), ys[inside].min(), xs[inside].max() + 1, ys[inside].max() + 1] == [x, y, x + w, y + h]
+            sides.append(max(w, h))
+            aspects.append(w / h)
+    assert (counts > 10).all() and 1 <= empty <= 20
+    assert min(sides) < 30 and max(sides) > 60 and min(aspects) < 0.7 and max(aspects) > 1.4
+
+
+def test_bad_config_is_refused(tmp_path):
+    with pytest.raises(SystemExit):
+        generate(tmp_path, "--min_obj", "300")
+
+
+def test_info_records_the_config(tmp_path):
+    generate(tmp_path, "--noise", "3.5")
+    info = json.loads((tmp_path / "annotations" / "instances_val.json").read_text())["info"]
+    assert info["config"]["noise"] == 3.5
