@@ -1,12 +1,13 @@
 """Image transforms with their boxes: CornerNet's training augmentation and the padded test input.
 
 Coordinates are continuous pixels: pixel (row i, column j) covers [j, j + 1) x [i, i + 1), a box is x1 y1 x2 y2
-with x2 = x1 + w. Every geometric step is an affine map of these coordinates, applied to the pixels with one
-`cv2.warpAffine` and to the boxes with the same matrix. A horizontal flip of an image of width W maps x -> W - x.
+with x2 = x1 + w. Each geometric step is an axis-aligned affine map of these coordinates; the boxes go through the
+matrix, the pixels through slicing, `cv2.resize` (bilinear with pixel centers at i + 0.5, which realises exactly
+that map) and `cv2.flip`. A horizontal flip of an image of width W maps x -> W - x.
 
 Training (SPEC.md): scale s from {0.6, ..., 1.3}; a square of side int(img_size * s) around a random center of the
 original image (at least `border` pixels inside it, the border halved for small images) is cut out, zero-padded
-where it leaves the image, and resized to img_size x img_size; horizontal flip with p 0.5; boxes clipped to the
+where it leaves the image, and resized to img_size x img_size (CornerNet's `random_crop`, one slice and one resize); horizontal flip with p 0.5; boxes clipped to the
 canvas, those narrower or lower than `min_box_size` dropped. Then brightness, contrast and saturation (each
 1 + U(-0.4, 0.4), in random order, blending with the grayscale of the unjittered canvas as CornerNet does), PCA
 lighting (std 0.1) and normalisation. All of these are affine in the B, G, R values, so they are composed into one
@@ -35,21 +36,6 @@ RAND_SCALES = tuple(s / 10 for s in range(6, 14))
 BORDER = 128
 JITTER = 0.4
 LIGHTING_STD = 0.1
-
-
-def affine_to_pixel_matrix(a: np.ndarray) -> np.ndarray:
-    """(2, 3) map of continuous coordinates -> the (2, 3) map of pixel indices that cv2.warpAffine expects
-    (pixel i has its center at i + 0.5)."""
-    m = np.asarray(a, np.float64).copy()
-    m[:, 2] += 0.5 * (m[:, 0] + m[:, 1]) - 0.5
-    return m
-
-
-def warp_image(image: np.ndarray, a: np.ndarray, out_w: int, out_h: int) -> np.ndarray:
-    """(H, W, 3) uint8 image through the continuous-coordinate affine `a` (2, 3) into an out_h x out_w canvas,
-    bilinear, zeros outside the source."""
-    return cv2.warpAffine(image, affine_to_pixel_matrix(a), (out_w, out_h), flags=cv2.INTER_LINEAR,
-                          borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
 
 
 def warp_boxes(boxes: np.ndarray, a: np.ndarray) -> np.ndarray:
@@ -107,6 +93,23 @@ def crop_matrix(p: CropParams, img_size: int) -> np.ndarray:
     return a
 
 
+def crop_image(image: np.ndarray, p: CropParams, img_size: int) -> np.ndarray:
+    """(H, W, 3) uint8 -> (img_size, img_size, 3) uint8: the crop x crop square from (center - crop // 2), zeros
+    outside the image, resized to img_size and flipped when p.flip; pixels move as `crop_matrix` says."""
+    h, w = image.shape[:2]
+    x0, y0 = p.center_x - p.crop // 2, p.center_y - p.crop // 2
+    x1, y1 = x0 + p.crop, y0 + p.crop
+    if x0 >= 0 and y0 >= 0 and x1 <= w and y1 <= h:
+        crop = image[y0:y1, x0:x1]
+    else:
+        crop = np.zeros((p.crop, p.crop, 3), np.uint8)
+        sx0, sy0, sx1, sy1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
+        crop[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = image[sy0:sy1, sx0:sx1]
+    if p.crop != img_size:
+        crop = cv2.resize(crop, (img_size, img_size), interpolation=cv2.INTER_LINEAR)
+    return cv2.flip(crop, 1) if p.flip else np.ascontiguousarray(crop)
+
+
 def random_color_matrix(rng: np.random.Generator, canvas: np.ndarray, mean=COCO_MEAN, std=COCO_STD,
                         eig_val=COCO_EIGEN_VALUES, eig_vec=COCO_EIGEN_VECTORS) -> np.ndarray:
     """(3, 4) matrix M with normalised = M[:, :3] @ bgr_uint8 + M[:, 3] that does colour jitter, lighting and
@@ -142,8 +145,10 @@ def normalize_matrix(mean=COCO_MEAN, std=COCO_STD) -> np.ndarray:
 
 def apply_color_matrix(image: np.ndarray, m: np.ndarray) -> np.ndarray:
     """(H, W, 3) uint8 -> (3, H, W) float32 C-contiguous, each pixel mapped by the (3, 4) matrix `m`."""
-    out = cv2.transform(image.astype(np.float32), m.astype(np.float32))
-    return np.ascontiguousarray(out.transpose(2, 0, 1))
+    hwc = cv2.transform(image.astype(np.float32), m.astype(np.float32))
+    out = np.empty((3, *image.shape[:2]), np.float32)
+    cv2.split(hwc, [out[0], out[1], out[2]])  # into the planes of `out`: faster than a strided transpose
+    return out
 
 
 def train_transform(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, img_size: int,
@@ -154,9 +159,8 @@ def train_transform(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, im
     (image (3, S, S) float32 normalised, boxes (M, 4) float32 on the canvas, labels (M,)), S = img_size.
     """
     p = random_crop_params(rng, image.shape[0], image.shape[1], img_size)
-    a = crop_matrix(p, img_size)
-    canvas = warp_image(image, a, img_size, img_size)
-    boxes, keep = clip_boxes(warp_boxes(boxes, a), img_size, img_size, min_box_size)
+    canvas = crop_image(image, p, img_size)
+    boxes, keep = clip_boxes(warp_boxes(boxes, crop_matrix(p, img_size)), img_size, img_size, min_box_size)
     chw = apply_color_matrix(canvas, random_color_matrix(rng, canvas))
     return chw, boxes[keep], labels[keep]
 
@@ -183,12 +187,10 @@ def eval_input(image: np.ndarray, scale: float, flip: bool) -> tuple[torch.Tenso
     in_w, in_h = new_w | 127, new_h | 127
     meta = EvalMeta(orig_w=w, orig_h=h, scale_x=new_w / w, scale_y=new_h / h,
                     pad_x=in_w // 2 - new_w // 2, pad_y=in_h // 2 - new_h // 2, in_w=in_w, in_h=in_h)
-    if new_w == w and new_h == h:
-        canvas = cv2.copyMakeBorder(image, meta.pad_y, in_h - h - meta.pad_y, meta.pad_x, in_w - w - meta.pad_x,
-                                    cv2.BORDER_CONSTANT, value=(0, 0, 0))
-    else:
-        a = np.array([[meta.scale_x, 0.0, meta.pad_x], [0.0, meta.scale_y, meta.pad_y]])
-        canvas = warp_image(image, a, in_w, in_h)
+    if (new_w, new_h) != (w, h):
+        image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    canvas = cv2.copyMakeBorder(image, meta.pad_y, in_h - new_h - meta.pad_y, meta.pad_x, in_w - new_w - meta.pad_x,
+                                cv2.BORDER_CONSTANT, value=(0, 0, 0))
     chw = apply_color_matrix(canvas, normalize_matrix())
     images = np.stack([chw, chw[:, :, ::-1]]) if flip else chw[None]
     return torch.from_numpy(images), meta

@@ -1,0 +1,130 @@
+"""Data loading speed of one worker: training and evaluation samples/s, single process, no DataLoader workers,
+one thread for OpenCV and torch (as in a DataLoader worker).
+
+    python bench/bench_data.py --data_dir ../shared/data/raccoon
+    python bench/bench_data.py --data_dir ../shared/data/raccoon --seed_repo /tmp/seed   # side by side
+    python bench/bench_data.py --data_dir ../shared/data/raccoon --profile               # where the time goes
+
+--seed_repo is a checkout of the seed reimplementation (github zzzxxxttt/pytorch_simple_CenterNet_47), kept outside
+this repository. Its loader reads DATA/coco/{train,val}2017 and annotations/instances_{train,val}2017.json: the
+bench links the two splits into that layout in a temporary folder and runs the seed's `COCO` (training) and
+`COCO_eval` (test scale 1, no flip) in a subprocess, since its packages are named like ours. The seed hardcodes
+COCO's 80 classes; its `num_classes` is set to the data's class count so both build the same heatmaps. Each round
+times every image of the split once; the table shows the median round.
+"""
+import argparse
+import cProfile
+import json
+import pstats
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from datasets.coco import CocoDetection  # noqa: E402
+
+SEED_DRIVER = r"""
+import contextlib, io, json, sys, time
+import cv2, numpy as np, torch
+cv2.setNumThreads(1)
+torch.set_num_threads(1)
+repo, root, img_size, num_classes = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+sys.path.insert(0, repo)
+with contextlib.redirect_stdout(io.StringIO()):
+    from datasets.coco import COCO, COCO_eval
+    train = COCO(root, "train", img_size=img_size)
+    val = COCO_eval(root, "val", test_scales=(1,), test_flip=False)
+train.num_classes = num_classes
+np.random.seed(0)
+rates = {}
+for name, ds in (("train", train), ("eval", val)):
+    start = time.perf_counter()
+    for i in range(len(ds)):
+        ds[i]
+    rates[name] = len(ds) / (time.perf_counter() - start)
+print(json.dumps(rates))
+"""
+
+
+def rate(dataset, count: int) -> float:
+    """Samples/s over the first `count` items."""
+    start = time.perf_counter()
+    for i in range(count):
+        dataset[i]
+    return count / (time.perf_counter() - start)
+
+
+def seed_layout(data_dir: Path, train_split: str, val_split: str, tmp: Path) -> Path:
+    """TMP/coco/{train,val}2017 and annotations/instances_{train,val}2017.json linked to our splits."""
+    coco = tmp / "coco"
+    (coco / "annotations").mkdir(parents=True)
+    for ours, theirs in ((train_split, "train"), (val_split, "val")):
+        (coco / f"{theirs}2017").symlink_to((data_dir / ours).resolve())
+        (coco / "annotations" / f"instances_{theirs}2017.json").symlink_to(
+            (data_dir / "annotations" / f"instances_{ours}.json").resolve())
+    return tmp
+
+
+def run_seed(repo: Path, root: Path, img_size: int, num_classes: int) -> dict:
+    out = subprocess.run([sys.executable, "-c", SEED_DRIVER, str(repo), str(root), str(img_size), str(num_classes)],
+                         cwd=repo, capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"the seed's loader failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("data loading bench")
+    p.add_argument("--data_dir", default="../shared/data/raccoon")
+    p.add_argument("--train_split", default="train")
+    p.add_argument("--val_split", default="val")
+    p.add_argument("--img_size", type=int, default=511)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--seed_repo", default=None, help="checkout of pytorch_simple_CenterNet_47 to compare with")
+    p.add_argument("--profile", action="store_true", help="cProfile one training pass of ours")
+    return p
+
+
+def main(args: argparse.Namespace) -> None:
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    data_dir = Path(args.data_dir)
+    train = CocoDetection(data_dir, args.train_split, train=True, img_size=args.img_size)
+    val = CocoDetection(data_dir, args.val_split, train=False)
+    if args.profile:
+        prof = cProfile.Profile()
+        prof.runcall(rate, train, len(train))
+        pstats.Stats(prof).sort_stats("tottime").print_stats(12)
+
+    rates = {"ours": {"train": [], "eval": []}, "seed": {"train": [], "eval": []}}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = seed_layout(data_dir, args.train_split, args.val_split, Path(tmp)) if args.seed_repo else None
+        rate(train, min(8, len(train)))  # warm-up: imports, caches
+        for _ in range(args.rounds):
+            rates["ours"]["train"].append(rate(train, len(train)))
+            rates["ours"]["eval"].append(rate(val, len(val)))
+            if args.seed_repo:
+                for k, v in run_seed(Path(args.seed_repo), root, args.img_size, train.num_classes).items():
+                    rates["seed"][k].append(v)
+
+    med = {who: {k: statistics.median(v) for k, v in r.items() if v} for who, r in rates.items()}
+    print(f"{data_dir}: {len(train)} training images ({args.train_split}, img_size {args.img_size}, random crop, "
+          f"flip, colour), {len(val)} evaluation images ({args.val_split}, scale 1, no flip); median of "
+          f"{args.rounds} rounds, one thread")
+    print(f"| loader | train samples/s | eval samples/s |\n|---|---|---|")
+    print(f"| centernet47 | {med['ours']['train']:.1f} | {med['ours']['eval']:.1f} |")
+    if args.seed_repo:
+        print(f"| seed (pytorch_simple_CenterNet_47) | {med['seed']['train']:.1f} | {med['seed']['eval']:.1f} |")
+        print(f"| ratio | {med['ours']['train'] / med['seed']['train']:.2f}x | "
+              f"{med['ours']['eval'] / med['seed']['eval']:.2f}x |")
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
