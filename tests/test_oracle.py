@@ -8,7 +8,6 @@ checked against where the image's pixels actually are, and turned into heatmaps,
 datasets.targets.make_targets. Heatmap logits are logit(clamp(gaussian)), each object's corner embeddings are its
 index (background -1, matching no object), offsets are exact at the keypoint cells.
 """
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ import torch
 
 from datasets.coco import CocoDetection
 from datasets.coco_eval import evaluate_detections
+from datasets.shapes import ShapesConfig, write_split
 from datasets.targets import make_targets
 from datasets.transforms import COCO_MEAN, COCO_STD
 from utils.inference import InferenceConfig, detect
@@ -101,4 +101,17 @@ def oracle_ap(data_dir: Path, split: str, scales: tuple, flip: bool) -> dict:
 @pytest.mark.parametrize("scales, flip", [((1.0,), False), ((1.0,), True), ((0.75, 1.25), True)])
 def test_oracle_raccoon(scales, flip):
     stats = oracle_ap(RACCOON, "val", scales, flip)
+    assert stats["AP"] >= 0.95, stats
+
+
+@pytest.fixture(scope="module")
+def shapes_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("shapes")
+    write_split(root, "val", 24, seed=0, cfg=ShapesConfig())
+    return root
+
+
+@pytest.mark.parametrize("scales, flip", [((1.0,), False), ((1.0,), True), ((0.75, 1.25), True)])
+def test_oracle_shapes(shapes_dir, scales, flip):
+    stats = oracle_ap(shapes_dir, "val", scales, flip)
     assert stats["AP"] >= 0.95, stats
