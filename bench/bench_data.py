@@ -26,8 +26,8 @@ from pathlib import Path
 import cv2
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from datasets.coco import CocoDetection  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: import the repo
+from datasets.coco import CocoDetection
 
 SEED_DRIVER = r"""
 import contextlib, io, json, sys, time

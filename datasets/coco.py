@@ -90,9 +90,10 @@ def check_coco_dict(data: dict, path: Path) -> dict:
     image_ids = set(_unique_ids(images, "images", path))
     for i, im in enumerate(images):
         for k in ("width", "height"):
-            if k in im and (not isinstance(im[k], int) or im[k] <= 0):
-                raise ValueError(f"{path}: images[{i}] (file {im['file_name']!r}) has {k} {im[k]!r}, expected a "
-                                 "positive integer")
+            v = im.get(k, 1)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0 or not float(v).is_integer():
+                raise ValueError(f"{path}: images[{i}] (file {im['file_name']!r}) has {k} {v!r}, expected a "
+                                 "positive whole number")
     next_id = 1 + max([a["id"] for a in annotations if isinstance(a.get("id"), int)], default=0)
     for i, a in enumerate(annotations):
         box = a["bbox"]

@@ -108,7 +108,8 @@ def make_image(rng: np.random.Generator, cfg: ShapesConfig) -> tuple[np.ndarray,
     objects = []
     for j, cls in enumerate(classes):
         ys, xs = np.nonzero(owner == j)
-        objects.append((cls, [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]))
+        x0, y0 = int(xs.min()), int(ys.min())
+        objects.append((cls, [x0, y0, int(xs.max()) + 1 - x0, int(ys.max()) + 1 - y0]))
     return img, objects
 
 

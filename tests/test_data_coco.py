@@ -16,7 +16,8 @@ RACCOON = Path(__file__).parent / "data" / "raccoon"
 
 
 def write_set(root: Path, data, images: dict, split: str = "train") -> Path:
-    """A COCO-layout folder: `data` (dict, or bytes written verbatim) as the json, `images` {file name: array or bytes}."""
+    """A COCO-layout folder: `data` (dict, or bytes written verbatim) as the json, `images` {file name: array or
+    bytes} in the split's folder."""
     (root / "annotations").mkdir(parents=True, exist_ok=True)
     (root / split).mkdir(exist_ok=True)
     text = data if isinstance(data, bytes) else json.dumps(data).encode()
@@ -142,7 +143,8 @@ def drop(data, where, key):
     (None, "categories", "missing list 'categories'"), ("images", "file_name", r"images\[0\] lacks 'file_name'"),
     ("images", "id", r"images\[0\] lacks 'id'"), ("annotations", "bbox", r"annotations\[0\] lacks 'bbox'"),
     ("annotations", "category_id", r"annotations\[0\] lacks 'category_id'"),
-    ("annotations", "image_id", r"annotations\[0\] lacks 'image_id'"), ("categories", "name", r"categories\[0\] lacks 'name'")])
+    ("annotations", "image_id", r"annotations\[0\] lacks 'image_id'"),
+    ("categories", "name", r"categories\[0\] lacks 'name'")])
 def test_missing_keys(tmp_path, where, key, match):
     write_set(tmp_path, drop(coco_dict(), where, key), {})
     with pytest.raises(ValueError, match=match):
@@ -265,3 +267,13 @@ def test_boxes_outside_zero_size_crowd_and_empty_images(tmp_path):
     assert not empty["mask"].any() and all(empty[f"hm_{k}"].sum() == 0 for k in ("tl", "br", "ct"))
     ev = CocoDetection(tmp_path, "train", train=False)
     assert ev[1]["image_id"] == 2 and ev[1]["inputs"][0][0].shape == (1, 3, 127, 127)
+
+
+@pytest.mark.parametrize("value,ok", [(100.0, True), (100.5, False), (0, False), ("100", False)])
+def test_image_width_must_be_a_positive_whole_number(tmp_path, value, ok):
+    write_set(tmp_path, coco_dict(width=value), {"1.png": image()})
+    if ok:
+        assert CocoDetection(tmp_path, "train", train=True).load(0)[0].shape == (80, 100, 3)
+    else:
+        with pytest.raises(ValueError, match=r"images\[0\] \(file '1.png'\) has width .* positive whole number"):
+            CocoDetection(tmp_path, "train", train=True)

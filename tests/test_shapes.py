@@ -62,7 +62,8 @@ def test_boxes_are_tight_on_visible_pixels_and_sets_are_varied():
             colour = colours[n.argmax()]
             ys, xs = np.nonzero((img == colour).all(2))
             inside = (xs >= x) & (xs < x + w) & (ys >= y) & (ys < y + h)
-            assert [xs[inside].min(), ys[inside].min(), xs[inside].max() + 1, ys[inside].max() + 1] == [x, y, x + w, y + h]
+            tight = [xs[inside].min(), ys[inside].min(), xs[inside].max() + 1, ys[inside].max() + 1]
+            assert tight == [x, y, x + w, y + h]
             sides.append(max(w, h))
             aspects.append(w / h)
     assert (counts > 10).all() and 1 <= empty <= 20

@@ -8,7 +8,8 @@ from datasets.targets import draw_gaussian, gaussian_radius, keypoint_cells, mak
 
 
 def radius_reference(h: float, w: float, o: float) -> float:
-    """CornerNet's official form, one box at a time: each case's quadratic a r^2 + b r + c = 0, value (b + sqrt(D)) / 2."""
+    """CornerNet's official form, one box at a time: for each case's quadratic a r^2 + b r + c = 0 the value
+    (b + sqrt(b^2 - 4ac)) / 2."""
     cases = [(1.0, h + w, w * h * (1 - o) / (1 + o)),
              (4.0, 2 * (h + w), (1 - o) * w * h),
              (4 * o, -2 * o * (h + w), (o - 1) * w * h)]
@@ -99,7 +100,8 @@ def test_make_targets_matches_reference(n, max_objects):
         np.testing.assert_allclose(t[f"off_{k}"], offs[k], atol=1e-5)
         assert t[f"off_{k}"].dtype == np.float32 and t[f"ind_{k}"].dtype == np.int64
         np.testing.assert_array_equal(t[f"ind_{k}"], inds[k])
-    assert t["mask"].dtype == bool and t["mask"].tolist() == [True] * min(n, max_objects) + [False] * max(0, max_objects - n)
+    assert t["mask"].dtype == bool
+    assert t["mask"].tolist() == [True] * min(n, max_objects) + [False] * max(0, max_objects - n)
 
 
 def test_targets_peak_is_one_at_every_keypoint_cell():

@@ -14,10 +14,9 @@ def smooth_image(rng, h, w):
     return cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC)
 
 
-def bilinear_reference(image, a, size):
-    """Each canvas pixel center (u + 0.5, v + 0.5) pulled back through the continuous map `a`, sampled bilinearly
-    from the image's pixel centers (i + 0.5) with zeros outside it, the sample point clamped into the crop square
-    (cv2.resize repeats the crop's edge pixels)."""
+def pulled_back_centers(a, size):
+    """Canvas pixel centers u + 0.5 (u < size) pulled back through the continuous map `a`: (xs (size,), ys (size,))
+    in original-image coordinates."""
     inv = np.linalg.inv(np.vstack([a, [0, 0, 1]]))[:2]
     u = np.arange(size) + 0.5
     xs = inv[0, 0] * u + inv[0, 2]
@@ -26,7 +25,8 @@ def bilinear_reference(image, a, size):
 
 
 def sample(image, xs, ys, box):
-    """Bilinear samples at continuous points xs (W,) x ys (H,), clamped into box x0 y0 x1 y1 (continuous)."""
+    """Bilinear samples at continuous points xs (W,) x ys (H,) from the image's pixel centers (i + 0.5), zeros
+    outside it, the points clamped into box x0 y0 x1 y1 (cv2.resize repeats the crop's edge pixels)."""
     h, w = image.shape[:2]
     padded = np.zeros((h + 2, w + 2, 3), np.float64)
     padded[1:-1, 1:-1] = image
@@ -58,7 +58,7 @@ def test_scaled_crop_matches_bilinear_reference(crop):
     p = CropParams(crop=crop, center_x=int(rng.integers(0, 560)), center_y=int(rng.integers(0, 400)),
                    flip=bool(crop % 2))
     got = crop_image(image, p, 511).astype(np.float64)
-    xs, ys = bilinear_reference(image, crop_matrix(p, 511), 511)
+    xs, ys = pulled_back_centers(crop_matrix(p, 511), 511)
     x0, y0 = p.center_x - crop // 2, p.center_y - crop // 2
     want = sample(image, xs, ys, (x0, y0, x0 + crop, y0 + crop))
     assert np.abs(got - want).max() <= 1.5  # cv2 rounds its weights to 11 bits
