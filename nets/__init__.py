@@ -1,0 +1,25 @@
+"""`build_model(arch, num_classes)`: the CenterNet variants by name."""
+from .hourglass import CenterNet
+
+HOURGLASS_DIMS = [256, 256, 384, 384, 384, 512]
+HOURGLASS_BLOCKS = [2, 2, 2, 2, 2, 4]
+
+ARCHS = {
+    # CenterNet-104: two stacks (210,062,960 parameters with 80 classes, as the seed).
+    "large_hourglass": dict(num_stacks=2, dims=HOURGLASS_DIMS, blocks=HOURGLASS_BLOCKS, stem_dim=128, cnv_dim=256,
+                            pool_dim=128, head_dim=256),
+    # CenterNet-52: one stack (104,844,152 parameters with 80 classes).
+    "small_hourglass": dict(num_stacks=1, dims=HOURGLASS_DIMS, blocks=HOURGLASS_BLOCKS, stem_dim=128, cnv_dim=256,
+                            pool_dim=128, head_dim=256),
+    # CPU-sized: the same architecture, narrower and shallower, for the built-in data set and the tests.
+    "tiny_hourglass": dict(num_stacks=1, dims=[48, 64, 96, 128], blocks=[1, 1, 1, 2], stem_dim=32, cnv_dim=64,
+                           pool_dim=32, head_dim=64),
+}
+
+
+def build_model(arch: str, num_classes: int) -> CenterNet:
+    if arch not in ARCHS:
+        raise ValueError(f"unknown --arch {arch!r}; expected one of {', '.join(ARCHS)}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be at least 1, got {num_classes}")
+    return CenterNet(num_classes=num_classes, **ARCHS[arch])

@@ -1,0 +1,105 @@
+"""The CenterNet hourglass network: stem, stacked hourglass modules, and per stack the three pooling branches
+with their heads (heatmaps, embeddings, offsets).
+
+Shapes: image (N, 3, H, W) with H, W of the form 128k - 1 -> maps (N, *, (H + 1) / 4, (W + 1) / 4).
+"""
+import torch
+from torch import nn
+
+from .corner_pool import CascadeCornerPool, CenterPool
+from .layers import ConvBnRelu, Residual
+
+HEATMAP_BIAS = -2.19  # sigmoid(-2.19) ~ 0.1: the focal loss starts small on the mostly-negative heatmaps
+
+
+def residuals(in_dim: int, out_dim: int, count: int, stride: int = 1) -> nn.Sequential:
+    """`count` residual blocks; the first changes the width (and applies the stride)."""
+    return nn.Sequential(Residual(in_dim, out_dim, stride), *(Residual(out_dim, out_dim) for _ in range(count - 1)))
+
+
+class Hourglass(nn.Module):
+    """Recursive hourglass of depth len(dims) - 1: skip branch at dims[0], a stride-2 residual down to dims[1],
+    the inner hourglass, residuals back to dims[0], nearest x2 up-sampling, sum."""
+
+    def __init__(self, dims: list[int], blocks: list[int]):
+        super().__init__()
+        self.skip = residuals(dims[0], dims[0], blocks[0])
+        self.down = residuals(dims[0], dims[1], blocks[0], stride=2)
+        self.inner = Hourglass(dims[1:], blocks[1:]) if len(dims) > 2 else residuals(dims[1], dims[1], blocks[1])
+        self.up = nn.Sequential(*(Residual(dims[1], dims[1]) for _ in range(blocks[0] - 1)),
+                                Residual(dims[1], dims[0]))
+        self.upsample = nn.Upsample(scale_factor=2, mode="nearest")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.skip(x) + self.upsample(self.up(self.inner(self.down(x))))
+
+
+def head(in_dim: int, mid_dim: int, out_dim: int, bias: float | None = None) -> nn.Sequential:
+    """conv3x3 (with bias) - ReLU - conv1x1."""
+    layers = nn.Sequential(nn.Conv2d(in_dim, mid_dim, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(mid_dim, out_dim, 1))
+    if bias is not None:
+        nn.init.constant_(layers[-1].bias, bias)
+    return layers
+
+
+class KeypointBranches(nn.Module):
+    """Per stack: top-left, bottom-right and center pooling, each followed by its heads.
+    (N, cnv_dim, h, w) -> dict of CONTRACT.md: hm_* (N, C, h, w), emb_* (N, 1, h, w), off_* (N, 2, h, w)."""
+
+    def __init__(self, cnv_dim: int, head_dim: int, pool_dim: int, num_classes: int):
+        super().__init__()
+        self.pool_tl = CascadeCornerPool(cnv_dim, pool_dim, "top", "left")
+        self.pool_br = CascadeCornerPool(cnv_dim, pool_dim, "bottom", "right")
+        self.pool_ct = CenterPool(cnv_dim, pool_dim)
+        self.hm_tl = head(cnv_dim, head_dim, num_classes, HEATMAP_BIAS)
+        self.hm_br = head(cnv_dim, head_dim, num_classes, HEATMAP_BIAS)
+        self.hm_ct = head(cnv_dim, head_dim, num_classes, HEATMAP_BIAS)
+        self.emb_tl = head(cnv_dim, head_dim, 1)
+        self.emb_br = head(cnv_dim, head_dim, 1)
+        self.off_tl = head(cnv_dim, head_dim, 2)
+        self.off_br = head(cnv_dim, head_dim, 2)
+        self.off_ct = head(cnv_dim, head_dim, 2)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        tl, br, ct = self.pool_tl(x), self.pool_br(x), self.pool_ct(x)
+        return {
+            "hm_tl": self.hm_tl(tl), "hm_br": self.hm_br(br), "hm_ct": self.hm_ct(ct),
+            "emb_tl": self.emb_tl(tl), "emb_br": self.emb_br(br),
+            "off_tl": self.off_tl(tl), "off_br": self.off_br(br), "off_ct": self.off_ct(ct),
+        }
+
+
+class CenterNet(nn.Module):
+    """Stem (7x7 conv stride 2, residual stride 2), `num_stacks` hourglasses with intermediate supervision.
+
+    Training mode returns a list with one output dict per stack; eval mode returns the last stack's dict."""
+
+    def __init__(self, num_classes: int, num_stacks: int, dims: list[int], blocks: list[int], stem_dim: int,
+                 cnv_dim: int, pool_dim: int, head_dim: int):
+        super().__init__()
+        width = dims[0]
+        self.num_stacks = num_stacks
+        self.stem = nn.Sequential(ConvBnRelu(7, 3, stem_dim, stride=2), Residual(stem_dim, width, stride=2))
+        self.hourglasses = nn.ModuleList(Hourglass(dims, blocks) for _ in range(num_stacks))
+        self.cnvs = nn.ModuleList(ConvBnRelu(3, width, cnv_dim) for _ in range(num_stacks))
+        self.branches = nn.ModuleList(KeypointBranches(cnv_dim, head_dim, pool_dim, num_classes)
+                                      for _ in range(num_stacks))
+        # Between stacks: ReLU(BN(conv1x1(features)) + BN(conv1x1(cnv))), then a residual.
+        self.inter_feats = nn.ModuleList(nn.Sequential(nn.Conv2d(width, width, 1, bias=False), nn.BatchNorm2d(width))
+                                         for _ in range(num_stacks - 1))
+        self.inter_cnvs = nn.ModuleList(nn.Sequential(nn.Conv2d(cnv_dim, width, 1, bias=False), nn.BatchNorm2d(width))
+                                        for _ in range(num_stacks - 1))
+        self.inters = nn.ModuleList(Residual(width, width) for _ in range(num_stacks - 1))
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, image: torch.Tensor) -> list[dict[str, torch.Tensor]] | dict[str, torch.Tensor]:
+        x = self.stem(image)
+        outputs = []
+        for i in range(self.num_stacks):
+            cnv = self.cnvs[i](self.hourglasses[i](x))
+            last = i == self.num_stacks - 1
+            if self.training or last:
+                outputs.append(self.branches[i](cnv))
+            if not last:
+                x = self.inters[i](self.relu(self.inter_feats[i](x) + self.inter_cnvs[i](cnv)))
+        return outputs if self.training else outputs[-1]
