@@ -1,0 +1,109 @@
+"""Inference speed per image: post-processing (decode + center check + soft-NMS) and the model forward.
+
+    .venv/bin/python bench/bench_infer.py [--device cpu|cuda] [--threads N] [--forward_repeats 2]
+                                          [--archs tiny_hourglass small_hourglass] [--skip_forward]
+
+Post-processing runs on synthetic outputs shaped like a trained network's (80 classes, 128 x 128 maps, a dozen
+objects in a few classes with near-duplicate corner peaks, a noisy background), K = 70, num_dets 1000,
+soft-NMS with merging per class, for one input (single) and for an image and its flipped copy (flip). Decoding
+runs on --device, soft-NMS on the CPU. The forward is timed at 511 x 511, batch 1, in eval mode.
+"""
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: import the repo
+from nets import build_model
+from utils.decode import decode
+from utils.inference import InferenceConfig, nms_per_class
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--archs", nargs="+", default=["tiny_hourglass", "small_hourglass"])
+    parser.add_argument("--post_repeats", type=int, default=10)
+    parser.add_argument("--forward_repeats", type=int, default=2)
+    parser.add_argument("--skip_forward", action="store_true")
+    return parser
+
+
+def synthetic_outputs(batch: int, classes: int = 80, size: int = 128, objects: int = 12, seed: int = 0) -> dict:
+    """Eval-mode output dict (CONTRACT.md) with `objects` objects of 3 classes, each corner and center seen as
+    a main peak and two weaker near-duplicates."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=gen)
+
+    out = {f"hm_{k}": torch.randn(batch, classes, size, size, generator=gen) - 7 for k in ("tl", "br", "ct")}
+    out.update({f"off_{k}": rand(batch, 2, size, size) for k in ("tl", "br", "ct")})
+    out.update({f"emb_{k}": rand(batch, 1, size, size) * 4 for k in ("tl", "br")})
+    labels = torch.randint(0, classes, (3,), generator=gen)
+    ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    for i in range(objects):
+        label = int(labels[i % 3])
+        x1, y1 = (rand(2) * size * 0.6).long().tolist()
+        w, h = (4 + rand(2) * (size - 4 - max(x1, y1)) * 0.9).long().tolist()
+        points = {"tl": (x1, y1), "br": (x1 + w, y1 + h), "ct": (x1 + w // 2, y1 + h // 2)}
+        peak = 3 * rand(1).item() - 1
+        for kind, (x, y) in points.items():
+            for dx, dy, drop in ((0, 0, 0.0), (2, 1, 1.5), (-1, 2, 2.0)):
+                px, py = min(max(x + dx, 0), size - 1), min(max(y + dy, 0), size - 1)
+                bump = peak - drop - ((xs - px) ** 2 + (ys - py) ** 2) / 2.0
+                out[f"hm_{kind}"][:, label] = torch.maximum(out[f"hm_{kind}"][:, label], bump)
+                if kind != "ct":
+                    out[f"emb_{kind}"][:, 0, py, px] = i + 0.1 * rand(1).item()
+    return out
+
+
+def postprocess(out: dict, cfg: InferenceConfig, device: torch.device):
+    dets = decode(out, K=cfg.K, ae_threshold=cfg.ae_threshold, num_dets=cfg.num_dets, kernel=cfg.kernel)
+    rows = dets[dets[..., 4] >= 0].cpu().numpy()
+    return nms_per_class(rows, cfg)
+
+
+def median_ms(fn, repeats: int, device: torch.device, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def main(args: argparse.Namespace) -> None:
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(False)
+    cfg = InferenceConfig()
+    print(f"device {device}, {torch.get_num_threads()} CPU threads")
+    print(f"{'stage':<34}{'ms / image':>12}{'boxes kept':>12}")
+    for name, batch in (("post-processing single", 1), ("post-processing flip (2 inputs)", 2)):
+        out = {k: v.to(device) for k, v in synthetic_outputs(batch).items()}
+        kept = len(postprocess(out, cfg, device))
+        print(f"{name:<34}{median_ms(lambda: postprocess(out, cfg, device), args.post_repeats, device):>12.1f}"
+              f"{kept:>12}")
+    if args.skip_forward:
+        return
+    image = torch.randn(1, 3, 511, 511, device=device)
+    for arch in args.archs:
+        model = build_model(arch, 80).to(device).eval()
+        ms = median_ms(lambda: model(image), args.forward_repeats, device)
+        print(f"{'forward ' + arch + ' 511x511':<34}{ms:>12.1f}{'':>12}")
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

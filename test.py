@@ -1,0 +1,116 @@
+"""Evaluates a trained CenterNet on the val split of a COCO-format data set: COCO AP table, per-class AP and the
+results json, written beside the checkpoint.
+
+    python test.py --log_name coco_hg_511_ddp --dataset coco --arch large_hourglass
+    python test.py --log_name coco_hg_511_ddp --dataset coco --arch large_hourglass --test_flip
+    python test.py --log_name coco_hg_511_ddp --dataset coco --arch large_hourglass --test_flip \
+        --test_scales 0.5,0.75,1,1.25,1.5
+    torchrun --nproc_per_node 8 test.py ...   # the images are split over the processes; same AP
+
+The checkpoint is CKPT_DIR/LOG_NAME/checkpoint.pt unless --ckpt names one. Architecture, classes and training
+input size come from it; --arch and --img_size, when given, must agree with it.
+"""
+import argparse
+from pathlib import Path
+
+from datasets import build_dataset
+from nets import build_model
+from utils import dist
+from utils.checkpoint import load_checkpoint
+from utils.device import select_device
+from utils.inference import InferenceConfig, build_eval_config, evaluate
+
+DEFAULTS = InferenceConfig()
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("centernet47 evaluation", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--log_name", help="run folder under --ckpt_dir holding checkpoint.pt")
+    p.add_argument("--ckpt_dir", default="ckpt", help="root of the run folders")
+    p.add_argument("--ckpt", help="checkpoint file to evaluate (instead of CKPT_DIR/LOG_NAME/checkpoint.pt)")
+    p.add_argument("--dataset", default="coco", choices=["coco"], help="COCO-format data (COCO or your own)")
+    p.add_argument("--data_dir", default="data/coco")
+    p.add_argument("--val_split", default="val2017")
+    p.add_argument("--arch", help="must match the checkpoint's (default: the checkpoint's)")
+    p.add_argument("--img_size", type=int, help="must match the checkpoint's training size (default: the checkpoint's)")
+    p.add_argument("--test_flip", action="store_true", help="also run the horizontally flipped image")
+    p.add_argument("--test_scales", default="1", help="comma-separated scales, e.g. 0.5,0.75,1,1.25,1.5")
+    p.add_argument("--topk", type=int, default=DEFAULTS.K, help="corners and centers kept per heatmap")
+    p.add_argument("--ae_threshold", type=float, default=DEFAULTS.ae_threshold, help="max embedding distance")
+    p.add_argument("--nms_threshold", type=float, default=DEFAULTS.nms_threshold, help="soft-NMS Nt")
+    p.add_argument("--w_exp", type=float, default=DEFAULTS.weight_exp, help="soft-NMS box-merge weight exponent")
+    p.add_argument("--no_merge", action="store_true", help="plain soft-NMS, without merging boxes")
+    p.add_argument("--num_workers", type=int, default=2, help="data loading workers per process")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--amp", action="store_true", help="fp16 autocast on CUDA, bf16 on CPU")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def parse_scales(text: str) -> list[float]:
+    try:
+        scales = [float(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise SystemExit(f"--test_scales: expected comma-separated numbers such as 0.5,1,1.5, got {text!r}")
+    if not scales or min(scales) <= 0:
+        raise SystemExit(f"--test_scales: expected positive scales, got {text!r}")
+    return scales
+
+
+def checkpoint_path(args: argparse.Namespace) -> Path:
+    if args.ckpt:
+        return Path(args.ckpt)
+    if not args.log_name:
+        raise SystemExit("give --log_name (evaluates CKPT_DIR/LOG_NAME/checkpoint.pt) or --ckpt PATH")
+    return Path(args.ckpt_dir) / args.log_name / "checkpoint.pt"
+
+
+def settings_from_checkpoint(args: argparse.Namespace, state: dict, path: Path) -> None:
+    """Takes arch, num_classes and img_size from the checkpoint into `args`; flags that disagree are an error."""
+    saved = state.get("args")
+    if not isinstance(saved, dict) or "class_names" not in state:
+        raise SystemExit(f"{path}: expected 'args' (a dict) and 'class_names' entries in the checkpoint")
+    for name in ("arch", "img_size"):
+        if name not in saved:
+            raise SystemExit(f"{path}: checkpoint args lack '{name}'")
+        given = getattr(args, name)
+        if given is not None and given != saved[name]:
+            raise SystemExit(f"--{name} {given} does not match the checkpoint {path}, trained with "
+                             f"{name} {saved[name]}; drop the flag or pass --{name} {saved[name]}")
+        setattr(args, name, saved[name])
+    args.num_classes = len(state["class_names"])
+
+
+def main(args: argparse.Namespace) -> dict:
+    args.test_scales = parse_scales(args.test_scales)
+    dist.init_distributed(dist.launched(), args.local_rank, args.device)
+    device = select_device(args.device, dist.local_rank())
+    path = checkpoint_path(args)
+    state = load_checkpoint(path, map_location="cpu")
+    settings_from_checkpoint(args, state, path)
+
+    dataset = build_dataset(args, args.val_split, train=False)
+    if list(dataset.class_names) != list(state["class_names"]):
+        raise SystemExit(f"{path} was trained on classes {state['class_names']}, but {args.data_dir} "
+                         f"{args.val_split} has {dataset.class_names}")
+    model = build_model(args.arch, args.num_classes)
+    model.load_state_dict(state["model"])
+    model.to(device).eval()
+
+    scales = "_".join(f"{s:g}" for s in args.test_scales)
+    out_json = path.parent / f"results_{args.val_split}_s{scales}{'_flip' if args.test_flip else ''}.json"
+    if dist.is_main():
+        print(f"evaluating {path} ({args.arch}, {args.num_classes} classes) on {len(dataset)} images of "
+              f"{args.data_dir} {args.val_split}, scales {args.test_scales}, flip {args.test_flip}, "
+              f"{dist.world_size()} process(es) on {device}", flush=True)
+    stats = evaluate(model, dataset, build_eval_config(args), device, num_workers=args.num_workers, amp=args.amp,
+                     out_json=out_json)
+    if dist.is_main():
+        print(f"results written to {out_json}")
+    dist.cleanup()
+    return stats
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -1,0 +1,107 @@
+"""test.py end to end: an untrained tiny_hourglass checkpoint evaluated on the raccoon val images (5) on CPU."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nets import build_model
+from utils.checkpoint import save_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+# test.py by path: a plain `import test` could find the standard library's `test` package
+_spec = importlib.util.spec_from_file_location("centernet47_test_cli", REPO / "test.py")
+test_cli = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(test_cli)
+RACCOON = Path(__file__).parent / "data" / "raccoon"
+VAL_IDS = {im["id"] for im in json.loads((RACCOON / "annotations" / "instances_val.json").read_text())["images"]}
+
+
+@pytest.fixture(scope="module")
+def ckpt_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("ckpt")
+    torch.manual_seed(0)
+    model = build_model("tiny_hourglass", 1)
+    state = {"model": model.state_dict(), "args": {"arch": "tiny_hourglass", "num_classes": 1, "img_size": 127},
+             "class_names": ["raccoon"], "epoch": 1}
+    save_checkpoint(root / "tiny" / "checkpoint.pt", state)
+    return root
+
+
+def cli_args(ckpt_dir: Path, *extra: str):
+    return test_cli.get_args_parser().parse_args([
+        "--log_name", "tiny", "--ckpt_dir", str(ckpt_dir), "--dataset", "coco", "--data_dir", str(RACCOON),
+        "--val_split", "val", "--device", "cpu", "--num_workers", "0", "--topk", "20", *extra])
+
+
+def read_results(path: Path) -> list[dict]:
+    results = json.loads(path.read_text())
+    for r in results:
+        assert r["image_id"] in VAL_IDS and r["category_id"] == 1
+        assert len(r["bbox"]) == 4 and r["bbox"][2] >= 0 and r["bbox"][3] >= 0 and 0 <= r["score"] <= 1
+    return results
+
+
+def test_evaluates_and_writes_json(ckpt_dir, capsys):
+    stats = test_cli.main(cli_args(ckpt_dir, "--arch", "tiny_hourglass", "--test_flip", "--test_scales", "0.5,1"))
+    printed = capsys.readouterr().out
+    assert "Average Precision  (AP) @[ IoU=0.50:0.95" in printed and "raccoon" in printed
+    assert set(stats) >= {"AP", "AP50", "per_class"} and 0 <= stats["AP"] <= 1
+    out = ckpt_dir / "tiny" / "results_val_s0.5_1_flip.json"
+    results = read_results(out)
+    per_image = {i: sum(r["image_id"] == i for r in results) for i in VAL_IDS}
+    assert 0 < max(per_image.values()) <= 100
+    assert not list(out.parent.glob("*.tmp"))
+
+
+def test_errors(ckpt_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        test_cli.main(cli_args(tmp_path))
+    with pytest.raises(SystemExit, match="--arch small_hourglass does not match"):
+        test_cli.main(cli_args(ckpt_dir, "--arch", "small_hourglass"))
+    with pytest.raises(SystemExit, match="--img_size 511 does not match"):
+        test_cli.main(cli_args(ckpt_dir, "--img_size", "511"))
+    with pytest.raises(SystemExit, match="--test_scales"):
+        test_cli.main(cli_args(ckpt_dir, "--test_scales", "1,x"))
+    other = torch.load(ckpt_dir / "tiny" / "checkpoint.pt", weights_only=False)
+    other["class_names"] = ["dog"]
+    save_checkpoint(tmp_path / "other" / "checkpoint.pt", other)
+    with pytest.raises(SystemExit, match=r"trained on classes \['dog'\]"):
+        test_cli.main(cli_args(tmp_path, "--log_name", "other"))
+
+
+def run_test_py(*args: str, nproc: int) -> subprocess.CompletedProcess:
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc > 1 else []
+    cmd = [sys.executable, *launcher, str(REPO / "test.py"), "--data_dir", str(RACCOON), "--val_split", "val",
+           "--device", "cpu", "--num_workers", "0", "--topk", "20", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # same arithmetic in every process
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_torchrun_two_processes_match_one(ckpt_dir, tmp_path):
+    """2 gloo processes split the 5 images and gather them: the same results json and AP as one process."""
+    runs = {}
+    for nproc in (1, 2):
+        run_dir = tmp_path / f"run{nproc}"
+        run_dir.mkdir()
+        (run_dir / "checkpoint.pt").symlink_to(ckpt_dir / "tiny" / "checkpoint.pt")
+        proc = run_test_py("--ckpt", str(run_dir / "checkpoint.pt"), "--test_flip", nproc=nproc)
+        lines = [line for line in proc.stdout.splitlines() if "Average Precision" in line or "Recall" in line]
+        assert len(lines) == 12, proc.stdout  # the table is printed once, by rank 0
+        runs[nproc] = lines, read_results(run_dir / "results_val_s1_flip.json")
+    assert runs[1][0] == runs[2][0]
+
+    def key(r):
+        return r["image_id"], -r["score"], r["bbox"]
+
+    got, expected = sorted(runs[2][1], key=key), sorted(runs[1][1], key=key)
+    assert len(got) == len(expected) > 0
+    for a, b in zip(got, expected):
+        assert a["image_id"] == b["image_id"] and a["category_id"] == b["category_id"]
+        assert a["bbox"] == pytest.approx(b["bbox"], abs=0.02) and a["score"] == pytest.approx(b["score"], abs=1e-5)
