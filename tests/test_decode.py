@@ -31,7 +31,8 @@ def reference_decode(out: dict, image: int, K: int, ae_threshold: float, num_det
     tls, brs, cts = peaks("tl"), peaks("br"), peaks("ct")
     pairs = [
         (t, b) for t in tls for b in brs
-        if t["label"] == b["label"] and abs(t["emb"] - b["emb"]) <= ae_threshold and b["x"] >= t["x"] and b["y"] >= t["y"]
+        if t["label"] == b["label"] and abs(t["emb"] - b["emb"]) <= ae_threshold
+        and b["x"] >= t["x"] and b["y"] >= t["y"]
     ]
     pairs = sorted(pairs, key=lambda tb: -(tb[0]["score"] + tb[1]["score"]) / 2)[:num_dets]
     rows = []
