@@ -20,3 +20,16 @@ test: setup
 
 clean:
 	rm -rf build lib/.built lib/cpool/*.so lib/nms/*.so lib/nms/*.c
+
+# The first run: built-in data, tiny_hourglass trained on the CPU, then test.py with flip. Each run gets its own
+# folder under ckpt/, so nothing from an earlier run is overwritten.
+DEMO_RUN := shapes_demo_$(shell date +%Y%m%d_%H%M%S)
+DEMO_DATA := --dataset coco --data_dir data/shapes --val_split val
+
+demo: setup data/shapes/annotations/instances_val.json
+	$(PY) train.py --log_name $(DEMO_RUN) $(DEMO_DATA) --train_split train --arch tiny_hourglass --img_size 127 \
+		--batch_size 16 --lr 2e-3 --lr_step 30 --num_epochs 36 --val_interval 12 --num_workers 2 --device cpu
+	$(PY) test.py --log_name $(DEMO_RUN) $(DEMO_DATA) --test_flip --device cpu
+
+data/shapes/annotations/instances_val.json: | .venv/.installed
+	$(PY) -m datasets.shapes --out data/shapes
