@@ -1,0 +1,143 @@
+"""Each loss term against a slow per-pixel / per-object reference written with Python loops."""
+import math
+
+import pytest
+import torch
+
+from utils.losses import PULL_WEIGHT, PUSH_WEIGHT, centernet_loss, focal_loss, offset_loss, pull_push_loss
+
+
+def ref_focal(logits, gt):
+    pos_sum, neg_sum, num_pos = 0.0, 0.0, 0
+    for lg, y in zip(logits.flatten().tolist(), gt.flatten().tolist()):
+        p = min(max(1 / (1 + math.exp(-lg)), 1e-4), 1 - 1e-4)
+        if y == 1:
+            pos_sum += math.log(p) * (1 - p) ** 2
+            num_pos += 1
+        else:
+            neg_sum += math.log(1 - p) * p ** 2 * (1 - y) ** 4
+    return -(pos_sum + neg_sum) / max(num_pos, 1)
+
+
+def ref_pull_push(emb_tl, emb_br, ind_tl, ind_br, mask):
+    pull, push, objects, pairs = 0.0, 0.0, 0, 0
+    width = emb_tl.shape[-1]
+    for b in range(mask.shape[0]):
+        means = []
+        for k in range(mask.shape[1]):
+            if not mask[b, k]:
+                continue
+            i, j = int(ind_tl[b, k]), int(ind_br[b, k])
+            t = float(emb_tl[b, 0, i // width, i % width])
+            r = float(emb_br[b, 0, j // width, j % width])
+            m = (t + r) / 2
+            pull += (t - m) ** 2 + (r - m) ** 2
+            objects += 1
+            means.append(m)
+        for a in range(len(means)):
+            for c in range(len(means)):
+                if a != c:
+                    push += max(0.0, 1 - abs(means[a] - means[c]))
+                    pairs += 1
+    return pull / max(objects, 1), push / max(pairs, 1)
+
+
+def ref_offset(off, ind, target, mask):
+    total, objects = 0.0, 0
+    width = off.shape[-1]
+    for b in range(mask.shape[0]):
+        for k in range(mask.shape[1]):
+            if not mask[b, k]:
+                continue
+            i = int(ind[b, k])
+            for d in range(2):
+                diff = abs(float(off[b, d, i // width, i % width]) - float(target[b, k, d]))
+                total += 0.5 * diff ** 2 if diff < 1 else diff - 0.5
+            objects += 1
+    return total / max(objects, 1)
+
+
+def random_case(counts, num_classes=3, h=6, w=7, max_objects=8, seed=0):
+    """Random outputs and targets for images with the given object counts."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(counts)
+    gt = torch.rand(n, num_classes, h, w, generator=g) * 0.9
+    mask = torch.zeros(n, max_objects, dtype=torch.bool)
+    batch = {"mask": mask}
+    for k in ("tl", "br", "ct"):
+        hm = gt.clone()
+        ind = torch.randint(0, h * w, (n, max_objects), generator=g)
+        for b, c in enumerate(counts):
+            for o in range(c):
+                hm[b, o % num_classes].view(-1)[ind[b, o]] = 1.0
+        batch[f"hm_{k}"], batch[f"ind_{k}"] = hm, ind
+        batch[f"off_{k}"] = torch.rand(n, max_objects, 2, generator=g)
+    for b, c in enumerate(counts):
+        mask[b, :c] = True
+    out = {f"hm_{k}": torch.randn(n, num_classes, h, w, generator=g) * 3 for k in ("tl", "br", "ct")}
+    out.update({f"emb_{k}": torch.randn(n, 1, h, w, generator=g) for k in ("tl", "br")})
+    out.update({f"off_{k}": torch.randn(n, 2, h, w, generator=g) * 1.5 for k in ("tl", "br", "ct")})
+    return out, batch
+
+
+@pytest.mark.parametrize("counts", [[3, 1, 0, 5], [0], [1], [2, 2], [8, 6]])
+def test_each_term_matches_the_slow_reference(counts):
+    out, batch = random_case(counts, seed=len(counts) * 10 + sum(counts))
+    for k in ("tl", "br", "ct"):
+        assert focal_loss(out[f"hm_{k}"], batch[f"hm_{k}"]).item() == pytest.approx(
+            ref_focal(out[f"hm_{k}"], batch[f"hm_{k}"]), rel=1e-5)
+        assert offset_loss(out[f"off_{k}"], batch[f"ind_{k}"], batch[f"off_{k}"], batch["mask"]).item() == \
+            pytest.approx(ref_offset(out[f"off_{k}"], batch[f"ind_{k}"], batch[f"off_{k}"], batch["mask"]), abs=1e-5)
+    pull, push = pull_push_loss(out["emb_tl"], out["emb_br"], batch["ind_tl"], batch["ind_br"], batch["mask"])
+    ref_pull, ref_push = ref_pull_push(out["emb_tl"], out["emb_br"], batch["ind_tl"], batch["ind_br"], batch["mask"])
+    assert pull.item() == pytest.approx(ref_pull, abs=1e-6)
+    assert push.item() == pytest.approx(ref_push, abs=1e-6)
+
+
+def test_no_object_and_single_object():
+    out, batch = random_case([0, 0])
+    _, terms = centernet_loss([out], batch)
+    assert terms["pull"].item() == 0 and terms["push"].item() == 0 and terms["off"].item() == 0
+    assert terms["focal"].item() > 0
+
+    out, batch = random_case([1])
+    _, terms = centernet_loss([out], batch)
+    assert terms["push"].item() == 0 and terms["pull"].item() > 0
+
+
+def test_push_is_zero_beyond_the_margin_and_pull_zero_for_equal_embeddings():
+    emb_tl = torch.tensor([0.0, 0.0, 3.0, 3.0]).view(1, 1, 1, 4)
+    emb_br = emb_tl.clone()
+    ind_tl = torch.tensor([[0, 2]])
+    ind_br = torch.tensor([[1, 3]])
+    pull, push = pull_push_loss(emb_tl, emb_br, ind_tl, ind_br, torch.tensor([[True, True]]))
+    assert pull.item() == 0 and push.item() == 0
+    emb_br = torch.tensor([0.0, 1.0, 3.0, 3.5]).view(1, 1, 1, 4)
+    pull, push = pull_push_loss(emb_tl, emb_br, ind_tl, ind_br, torch.tensor([[True, True]]))
+    # means 0.5 and 3.25: gap 2.75 > margin; pull = (0.25 + 0.25 + 0.0625 + 0.0625) / 2
+    assert pull.item() == pytest.approx(0.3125) and push.item() == 0
+
+
+def test_total_sums_weighted_terms_over_stacks():
+    out1, batch = random_case([2, 3], seed=1)
+    out2, _ = random_case([2, 3], seed=2)
+    total, terms = centernet_loss([out1, out2], batch)
+    _, t1 = centernet_loss([out1], batch)
+    _, t2 = centernet_loss([out2], batch)
+    for k in terms:
+        assert terms[k].item() == pytest.approx(t1[k].item() + t2[k].item(), rel=1e-6)
+    assert total.item() == pytest.approx(sum(v.item() for v in terms.values()), rel=1e-6)
+    pull, push = pull_push_loss(out1["emb_tl"], out1["emb_br"], batch["ind_tl"], batch["ind_br"], batch["mask"])
+    assert t1["pull"].item() == pytest.approx(PULL_WEIGHT * pull.item())
+    assert t1["push"].item() == pytest.approx(PUSH_WEIGHT * push.item())
+
+
+def test_gradients_are_finite_without_objects():
+    out, batch = random_case([0, 0])
+    for v in out.values():
+        v.requires_grad_(True)
+    total, _ = centernet_loss([out], batch)
+    total.backward()
+    for k, v in out.items():
+        assert torch.isfinite(v.grad).all(), k
+    assert out["hm_tl"].grad.abs().sum() > 0
