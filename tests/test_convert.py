@@ -1,0 +1,64 @@
+"""The official-checkpoint converter: its name mapping covers our networks exactly, with the right shapes.
+
+The fixtures list the official state-dict keys and shapes (`name shape`), read from the official model
+definitions (github Duankaiwen/CenterNet, models/CenterNet-52.py and CenterNet-104.py) built with PyTorch 2."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from nets import build_model
+from tools.convert_official import convert_state_dict, get_args_parser, main, our_name
+
+DATA = Path(__file__).parent / "data"
+
+
+def fake_official(name: str) -> dict[str, torch.Tensor]:
+    state = {}
+    for line in (DATA / f"official_keys_{name}.txt").read_text().splitlines():
+        key, shape = line.split(" ")
+        state[key] = torch.empty([int(s) for s in shape.split(",")] if shape else [], device="meta")
+    return state
+
+
+@pytest.mark.parametrize("name, arch", [("CenterNet-52", "small_hourglass"), ("CenterNet-104", "large_hourglass")])
+def test_mapping_covers_every_weight_one_to_one(name, arch):
+    official = fake_official(name)
+    converted = convert_state_dict(official, arch)
+    with torch.device("meta"):
+        expected = build_model(arch, 80).state_dict()
+    assert set(converted) == set(expected)
+    assert len({our_name(k) for k in official}) == len(official)
+    for k, v in converted.items():
+        assert v.shape == expected[k].shape, k
+    with torch.device("meta"):
+        build_model(arch, 80).load_state_dict(converted, strict=True, assign=True)
+
+
+def test_wrong_arch_or_shape_is_a_clear_error():
+    with pytest.raises(KeyError, match="wrong --arch"):
+        convert_state_dict(fake_official("CenterNet-104"), "small_hourglass")
+    official = fake_official("CenterNet-52")
+    official["module.tl_heats.0.1.weight"] = torch.empty(20, 256, 1, 1, device="meta")
+    with pytest.raises(ValueError, match="module.tl_heats.0.1.weight"):
+        convert_state_dict(official, "small_hourglass")
+    official = fake_official("CenterNet-52")
+    del official["module.ct_regrs.0.1.bias"]
+    with pytest.raises(KeyError, match="lacks 1 weights"):
+        convert_state_dict(official, "small_hourglass")
+
+
+def test_names_of_each_part():
+    assert our_name("module.kps.0.low2.low2.up1.0.conv1.weight") == "hourglasses.0.inner.inner.skip.0.conv1.weight"
+    assert our_name("module.tl_cnvs.1.P1_look_conv.weight") == "branches.1.pool_tl.cascade_v.weight"
+    assert our_name("module.ct_cnvs.0.p2_conv1.bn.running_var") == "branches.0.pool_ct.conv_row.1.running_var"
+    assert our_name("module.br_regrs.0.1.bias") == "branches.0.off_br.2.bias"
+
+
+def test_cli_never_replaces_an_existing_file(tmp_path):
+    out = tmp_path / "checkpoint.pt"
+    out.write_bytes(b"mine")
+    args = get_args_parser().parse_args(["--src", "x.pkl", "--arch", "small_hourglass", "--out", str(out)])
+    with pytest.raises(SystemExit, match="exists"):
+        main(args)
+    assert out.read_bytes() == b"mine"

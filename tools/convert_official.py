@@ -1,0 +1,119 @@
+"""Converts an official CenterNet checkpoint (github Duankaiwen/CenterNet, CenterNet-52 / CenterNet-104 `.pkl`
+state dicts) into a centernet47 checkpoint that test.py and demo.py read.
+
+    python tools/convert_official.py --src CenterNet-104_480000.pkl --arch large_hourglass \
+        --out ckpt/official_104/checkpoint.pt
+    python test.py --ckpt ckpt/official_104/checkpoint.pt --data_dir data/coco --test_flip
+
+The two networks have the same layers in the same order; only the names differ. Each official name is rewritten
+part by part (`kps.0.low2.low1.1.conv1` -> `hourglasses.0.inner.down.1.conv1`), and the result must cover our
+model exactly, with the same shapes. BN counters that PyTorch 0.4 did not save are set to zero.
+"""
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: import the repo
+from nets import build_model
+from utils.checkpoint import save_checkpoint
+
+COCO_CLASSES = [
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
+    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee", "skis",
+    "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket",
+    "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
+    "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant", "bed",
+    "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone", "microwave", "oven",
+    "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
+]
+
+# (pattern, replacement) applied in order to the official name without its `module.` prefix.
+RULES = [
+    (r"^pre\.0\.conv\.", "stem.0.0."), (r"^pre\.0\.bn\.", "stem.0.1."), (r"^pre\.1\.", "stem.1."),
+    (r"^kps\.", "hourglasses."), (r"\.up1(?=\.)", ".skip"), (r"\.low1(?=\.)", ".down"),
+    (r"\.low2(?=\.)", ".inner"), (r"\.low3(?=\.)", ".up"),
+    (r"^cnvs\.(\d+)\.conv\.", r"cnvs.\1.0."), (r"^cnvs\.(\d+)\.bn\.", r"cnvs.\1.1."),
+    (r"^inters_\.", "inter_feats."), (r"^cnvs_\.", "inter_cnvs."),
+    (r"^(tl|br)_cnvs\.(\d+)\.p1_conv1\.", r"branches.\2.pool_\1.conv_v."),
+    (r"^(tl|br)_cnvs\.(\d+)\.look_conv1\.", r"branches.\2.pool_\1.look_h."),
+    (r"^(tl|br)_cnvs\.(\d+)\.P1_look_conv\.", r"branches.\2.pool_\1.cascade_v."),
+    (r"^(tl|br)_cnvs\.(\d+)\.p2_conv1\.", r"branches.\2.pool_\1.conv_h."),
+    (r"^(tl|br)_cnvs\.(\d+)\.look_conv2\.", r"branches.\2.pool_\1.look_v."),
+    (r"^(tl|br)_cnvs\.(\d+)\.P2_look_conv\.", r"branches.\2.pool_\1.cascade_h."),
+    (r"^ct_cnvs\.(\d+)\.p1_conv1\.", r"branches.\1.pool_ct.conv_col."),
+    (r"^ct_cnvs\.(\d+)\.p2_conv1\.", r"branches.\1.pool_ct.conv_row."),
+    (r"^(tl|br|ct)_cnvs\.(\d+)\.p_conv1\.", r"branches.\2.pool_\1.merge.pool_conv."),
+    (r"^(tl|br|ct)_cnvs\.(\d+)\.p_bn1\.", r"branches.\2.pool_\1.merge.pool_bn."),
+    (r"^(tl|br|ct)_cnvs\.(\d+)\.conv1\.", r"branches.\2.pool_\1.merge.skip_conv."),
+    (r"^(tl|br|ct)_cnvs\.(\d+)\.bn1\.", r"branches.\2.pool_\1.merge.skip_bn."),
+    (r"^(tl|br|ct)_cnvs\.(\d+)\.conv2\.conv\.", r"branches.\2.pool_\1.merge.out.0."),
+    (r"^(tl|br|ct)_cnvs\.(\d+)\.conv2\.bn\.", r"branches.\2.pool_\1.merge.out.1."),
+    (r"\.(conv_[vh]|look_[hv]|conv_col|conv_row)\.conv\.", r".\1.0."),
+    (r"\.(conv_[vh]|look_[hv]|conv_col|conv_row)\.bn\.", r".\1.1."),
+    (r"^(tl|br|ct)_heats\.(\d+)\.0\.conv\.", r"branches.\2.hm_\1.0."), (r"^(tl|br|ct)_heats\.(\d+)\.1\.", r"branches.\2.hm_\1.2."),
+    (r"^(tl|br)_tags\.(\d+)\.0\.conv\.", r"branches.\2.emb_\1.0."), (r"^(tl|br)_tags\.(\d+)\.1\.", r"branches.\2.emb_\1.2."),
+    (r"^(tl|br|ct)_regrs\.(\d+)\.0\.conv\.", r"branches.\2.off_\1.0."), (r"^(tl|br|ct)_regrs\.(\d+)\.1\.", r"branches.\2.off_\1.2."),
+]
+
+
+def our_name(official: str) -> str:
+    name = official.removeprefix("module.")
+    for pattern, replacement in RULES:
+        name = re.sub(pattern, replacement, name)
+    return name
+
+
+def convert_state_dict(official: dict[str, torch.Tensor], arch: str, num_classes: int = 80) -> dict[str, torch.Tensor]:
+    """Official state dict -> ours for `arch`; any key or shape that does not fit is an error naming it."""
+    with torch.device("meta"):
+        expected = build_model(arch, num_classes).state_dict()
+    converted = {}
+    for key, value in official.items():
+        name = our_name(key)
+        if name not in expected:
+            raise KeyError(f"official key {key} -> {name}, which {arch} does not have (wrong --arch?)")
+        if name in converted:
+            raise KeyError(f"official key {key} -> {name}, which another key already filled")
+        if tuple(value.shape) != tuple(expected[name].shape):
+            raise ValueError(f"official key {key}: shape {tuple(value.shape)}, {arch} expects "
+                             f"{tuple(expected[name].shape)} at {name}")
+        converted[name] = value
+    for name, value in expected.items():
+        if name not in converted and name.endswith("num_batches_tracked"):
+            converted[name] = torch.zeros((), dtype=torch.long)
+    missing = [k for k in expected if k not in converted]
+    if missing:
+        raise KeyError(f"the official state dict lacks {len(missing)} weights of {arch}, e.g. {missing[:3]}")
+    return converted
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("convert an official CenterNet checkpoint", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--src", required=True, help="official .pkl (CenterNet-52_480000.pkl or CenterNet-104_480000.pkl)")
+    p.add_argument("--arch", required=True, choices=["small_hourglass", "large_hourglass"],
+                   help="small_hourglass for CenterNet-52, large_hourglass for CenterNet-104")
+    p.add_argument("--out", required=True, help="checkpoint to write (an existing file is not replaced)")
+    return p
+
+
+def main(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    if out.exists():
+        raise SystemExit(f"--out {out} exists; choose another path")
+    official = torch.load(args.src, map_location="cpu", weights_only=True)
+    state = convert_state_dict(official, args.arch)
+    model = build_model(args.arch, len(COCO_CLASSES))
+    model.load_state_dict(state, strict=True)
+    save_checkpoint(out, {"model": model.state_dict(), "epoch": 0, "best_ap": -1.0, "class_names": COCO_CLASSES,
+                          "args": {"arch": args.arch, "num_classes": len(COCO_CLASSES), "img_size": 511,
+                                   "converted_from": str(args.src)}})
+    print(f"{args.src} -> {out} ({args.arch}, {len(state)} tensors)")
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
