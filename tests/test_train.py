@@ -83,6 +83,14 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(shapes_dir, tmp_pat
     assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before
 
 
+def test_bf16_autocast_on_cpu(shapes_dir, tmp_path):
+    ap = train.main(args_for(shapes_dir, tmp_path, "--num_epochs", "1", "--amp"))
+    state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert state["args"]["amp"] and 0 <= ap <= 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert "loss" in (tmp_path / "run" / "train.log").read_text()
+
+
 def test_bad_arguments_are_clear_errors(shapes_dir, tmp_path):
     with pytest.raises(SystemExit, match="--lr_step"):
         train.main(args_for(shapes_dir, tmp_path, "--lr_step", "ten"))
