@@ -44,6 +44,14 @@ def run(fn, x: torch.Tensor, grad: torch.Tensor, direction: int) -> tuple[torch.
     return out.detach(), x.grad
 
 
+def assert_matches_reference(fn, x: torch.Tensor, grad: torch.Tensor, direction: int) -> None:
+    """Forward exactly equal to the loop reference, gradients equal up to float64 summation order."""
+    out, grad_in = run(fn, x, grad, direction)
+    ref_out, ref_grad = reference(x, grad, direction)
+    assert torch.equal(out, ref_out)
+    torch.testing.assert_close(grad_in, ref_grad, rtol=0, atol=1e-12)
+
+
 def tie_heavy(shape, generator, dtype=torch.float64) -> torch.Tensor:
     return torch.randint(0, 3, shape, generator=generator).to(dtype)
 
@@ -61,10 +69,7 @@ def test_matches_reference(impl, direction, kind):
     shape = (2, 3, 5, 7)
     x = torch.randn(shape, generator=g, dtype=torch.float64) if kind == "random" else tie_heavy(shape, g)
     grad = torch.randn(shape, generator=g, dtype=torch.float64)
-    out, grad_in = run(IMPLS[impl], x, grad, DIRECTIONS[direction])
-    ref_out, ref_grad = reference(x, grad, DIRECTIONS[direction])
-    assert torch.equal(out, ref_out)
-    torch.testing.assert_close(grad_in, ref_grad, rtol=0, atol=1e-12)
+    assert_matches_reference(IMPLS[impl], x, grad, DIRECTIONS[direction])
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -93,10 +98,7 @@ def test_size_one_and_wide(impl, shape):
     g = torch.Generator().manual_seed(1)
     x, grad = tie_heavy(shape, g), torch.randn(shape, generator=g, dtype=torch.float64)
     for direction in DIRECTIONS.values():
-        out, grad_in = run(IMPLS[impl], x, grad, direction)
-        ref_out, ref_grad = reference(x, grad, direction)
-        assert torch.equal(out, ref_out)
-        torch.testing.assert_close(grad_in, ref_grad, rtol=0, atol=1e-12)
+        assert_matches_reference(IMPLS[impl], x, grad, direction)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -118,10 +120,7 @@ def test_non_contiguous(impl, layout):
     assert not x.is_contiguous()
     grad = torch.randn(x.shape, generator=g, dtype=torch.float64).transpose(2, 3).contiguous().transpose(2, 3)
     for direction in DIRECTIONS.values():
-        out, grad_in = run(IMPLS[impl], x, grad, direction)
-        ref_out, ref_grad = reference(x, grad, direction)
-        assert torch.equal(out, ref_out)
-        torch.testing.assert_close(grad_in, ref_grad, rtol=0, atol=1e-12)
+        assert_matches_reference(IMPLS[impl], x, grad, direction)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
