@@ -20,10 +20,12 @@ def ref_focal(logits, gt):
 
 
 def ref_pull_push(emb_tl, emb_br, ind_tl, ind_br, mask):
-    pull, push, objects, pairs = 0.0, 0.0, 0, 0
+    """CornerNet's per-image pull (over objects) and push (over ordered pairs of distinct objects), averaged
+    over the images of the batch."""
+    pull, push = 0.0, 0.0
     width = emb_tl.shape[-1]
     for b in range(mask.shape[0]):
-        means = []
+        pulls, means = [], []
         for k in range(mask.shape[1]):
             if not mask[b, k]:
                 continue
@@ -31,15 +33,13 @@ def ref_pull_push(emb_tl, emb_br, ind_tl, ind_br, mask):
             t = float(emb_tl[b, 0, i // width, i % width])
             r = float(emb_br[b, 0, j // width, j % width])
             m = (t + r) / 2
-            pull += (t - m) ** 2 + (r - m) ** 2
-            objects += 1
+            pulls.append((t - m) ** 2 + (r - m) ** 2)
             means.append(m)
-        for a in range(len(means)):
-            for c in range(len(means)):
-                if a != c:
-                    push += max(0.0, 1 - abs(means[a] - means[c]))
-                    pairs += 1
-    return pull / max(objects, 1), push / max(pairs, 1)
+        gaps = [max(0.0, 1 - abs(means[a] - means[c])) for a in range(len(means)) for c in range(len(means))
+                if a != c]
+        pull += sum(pulls) / len(pulls) if pulls else 0.0
+        push += sum(gaps) / len(gaps) if gaps else 0.0
+    return pull / mask.shape[0], push / mask.shape[0]
 
 
 def ref_offset(off, ind, target, mask):
@@ -62,6 +62,7 @@ def random_case(counts, num_classes=3, h=6, w=7, max_objects=8, seed=0):
     g = torch.Generator().manual_seed(seed)
     n = len(counts)
     gt = torch.rand(n, num_classes, h, w, generator=g) * 0.9
+    gt[torch.rand(gt.shape, generator=g) < 0.3] = 0  # far from every object: only the focal weight p^2 is left
     mask = torch.zeros(n, max_objects, dtype=torch.bool)
     batch = {"mask": mask}
     for k in ("tl", "br", "ct"):
@@ -74,7 +75,11 @@ def random_case(counts, num_classes=3, h=6, w=7, max_objects=8, seed=0):
         batch[f"off_{k}"] = torch.rand(n, max_objects, 2, generator=g)
     for b, c in enumerate(counts):
         mask[b, :c] = True
-    out = {f"hm_{k}": torch.randn(n, num_classes, h, w, generator=g) * 3 for k in ("tl", "br", "ct")}
+    out = {}
+    for k in ("tl", "br", "ct"):
+        logits = torch.randn(n, num_classes, h, w, generator=g) * 3
+        extreme = torch.rand(logits.shape, generator=g) < 0.1  # saturated: the [1e-4, 1 - 1e-4] clamp applies
+        out[f"hm_{k}"] = torch.where(extreme, 30 * logits.sign(), logits)
     out.update({f"emb_{k}": torch.randn(n, 1, h, w, generator=g) for k in ("tl", "br")})
     out.update({f"off_{k}": torch.randn(n, 2, h, w, generator=g) * 1.5 for k in ("tl", "br", "ct")})
     return out, batch
@@ -141,3 +146,30 @@ def test_gradients_are_finite_without_objects():
     for k, v in out.items():
         assert torch.isfinite(v.grad).all(), k
     assert out["hm_tl"].grad.abs().sum() > 0
+
+
+def test_pull_push_are_normalised_per_image_then_averaged_over_the_batch():
+    # image 0: two objects, embedding means 0 and 0.5; image 1: three objects, all embeddings 0.
+    emb_tl = torch.zeros(2, 1, 1, 4)
+    emb_br = torch.tensor([[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]).view(2, 1, 1, 4)
+    ind = torch.tensor([[0, 1, 0], [0, 1, 2]])
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    pull, push = pull_push_loss(emb_tl, emb_br, ind, ind, mask)
+    # pull: image 0 (0 + 0.5) / 2 objects, image 1 zero; push: image 0 two pairs at gap 0.5, image 1 six at 1.
+    assert pull.item() == pytest.approx((0.25 + 0.0) / 2)
+    assert push.item() == pytest.approx(((0.5 + 0.5) / 2 + 6 / 6) / 2)
+
+
+def test_pull_push_of_a_batch_are_the_mean_of_its_halves():
+    out, batch = random_case([4, 0, 2, 7], seed=3)
+    keys = ("emb_tl", "emb_br", "ind_tl", "ind_br", "mask")
+    full = pull_push_loss(*(out.get(k, batch.get(k)) for k in keys))
+    halves = [pull_push_loss(*(out.get(k, batch.get(k))[s] for k in keys)) for s in (slice(0, 2), slice(2, 4))]
+    for i in range(2):
+        assert full[i].item() == pytest.approx((halves[0][i].item() + halves[1][i].item()) / 2, rel=1e-6)
+
+
+def test_eval_mode_outputs_are_refused():
+    out, batch = random_case([1])
+    with pytest.raises(ValueError, match="one dict per stack"):
+        centernet_loss(out, batch)

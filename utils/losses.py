@@ -1,30 +1,42 @@
 """CenterNet's training loss: focal loss on the three heatmaps, pull / push on the corner embeddings,
 smooth-L1 on the three offsets; summed over stacks.
 
-Normalisation (CornerNet's, with one change): the focal loss of a heatmap is divided by its number of positives
-in the batch (by 1 when there is none); offsets and pull are averaged over the objects of the batch, push over the
-ordered pairs of distinct objects of the same image (an image with one object has no push term). CornerNet sums
-per-image averages of pull and push over the images; averaging over the batch keeps the weights independent of
-the batch size, and one process with batch B equal to N processes with B / N.
+Normalisation follows CornerNet's `_neg_loss`, `_ae_loss` and `_regr_loss`:
+- focal: each heatmap's sum over the batch divided by its number of positives (gt == 1) in the batch; with no
+  positive, the negative sum alone.
+- offsets: smooth-L1 summed over both coordinates and all objects of the batch, divided by the number of objects.
+- pull: per image, averaged over its n objects; push: per image, averaged over its n (n - 1) ordered pairs of
+  distinct objects (an image with fewer than two objects has no push term).
+Three deliberate differences:
+- CornerNet sums the per-image pull and push over the images of each process's batch; here they are averaged
+  over the batch (CornerNet / B), so that one process with batch B equals N processes with B / N and the
+  weights do not grow with the batch size.
+- CornerNet's +1e-4 in the denominators is left out (with it, an image with a single object gets a constant,
+  gradient-free push of about 1).
+- The official code averages the total over the stacks; here the stacks are summed (SPEC.md).
 """
 import torch
 import torch.nn.functional as F
 
 PULL_WEIGHT, PUSH_WEIGHT, OFFSET_WEIGHT = 0.1, 0.1, 1.0
 PUSH_MARGIN = 1.0
+FOCAL_ALPHA, FOCAL_BETA = 2.0, 4.0
+PROB_EPS = 1e-4  # sigmoid outputs are clamped to [eps, 1 - eps], as CornerNet's `_sigmoid`
 
 
-def focal_loss(logits: torch.Tensor, gt: torch.Tensor, alpha: float = 2.0, beta: float = 4.0) -> torch.Tensor:
-    """(N, C, h, w) logits and gaussian targets (1 at keypoints) -> scalar."""
-    p = logits.float().sigmoid().clamp(1e-4, 1 - 1e-4)
+def focal_loss(logits: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """(N, C, h, w) logits and gaussian targets (1 exactly at keypoints) -> scalar."""
+    p = logits.float().sigmoid().clamp(PROB_EPS, 1 - PROB_EPS)
+    gt = gt.float()
     pos = gt.eq(1)
-    pos_loss = (torch.log(p) * (1 - p).pow(alpha))[pos].sum()
-    neg_loss = (torch.log(1 - p) * p.pow(alpha) * (1 - gt).pow(beta))[~pos].sum()
-    return -(pos_loss + neg_loss) / pos.sum().clamp(min=1)
+    pos_term = torch.log(p) * (1 - p).pow(FOCAL_ALPHA)
+    neg_term = torch.log(1 - p) * p.pow(FOCAL_ALPHA) * (1 - gt).pow(FOCAL_BETA)
+    total = torch.where(pos, pos_term, neg_term).sum()
+    return -total / pos.sum().clamp(min=1)
 
 
 def gather(maps: torch.Tensor, ind: torch.Tensor) -> torch.Tensor:
-    """(N, D, h, w) maps, (N, K) flat indices -> (N, K, D) values at those cells."""
+    """(N, D, h, w) maps, (N, K) flat indices y * w + x -> (N, K, D) values at those cells."""
     n, d = maps.shape[:2]
     flat = maps.float().reshape(n, d, -1)
     return flat.gather(2, ind.unsqueeze(1).expand(n, d, ind.shape[1])).transpose(1, 2)
@@ -32,21 +44,26 @@ def gather(maps: torch.Tensor, ind: torch.Tensor) -> torch.Tensor:
 
 def pull_push_loss(emb_tl: torch.Tensor, emb_br: torch.Tensor, ind_tl: torch.Tensor, ind_br: torch.Tensor,
                    mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Embedding maps (N, 1, h, w), indices (N, K), mask (N, K) -> (pull, push), unweighted."""
+    """Embedding maps (N, 1, h, w), indices (N, K), mask (N, K) -> (pull, push), unweighted, each the mean over
+    the N images of the per-image average (see the module docstring)."""
     e_tl, e_br = gather(emb_tl, ind_tl)[..., 0], gather(emb_br, ind_br)[..., 0]  # (N, K)
     mask = mask.bool()
+    num = mask.sum(1).float()  # (N,) objects per image
     e_mean = (e_tl + e_br) / 2
-    pull = (((e_tl - e_mean) ** 2 + (e_br - e_mean) ** 2) * mask).sum() / mask.sum().clamp(min=1)
+    pull_sum = (((e_tl - e_mean) ** 2 + (e_br - e_mean) ** 2) * mask).sum(1)
+    pull = (pull_sum / num.clamp(min=1)).mean()
+
     pairs = mask.unsqueeze(1) & mask.unsqueeze(2)
     pairs &= ~torch.eye(mask.shape[1], dtype=torch.bool, device=mask.device)  # (N, K, K), j != k
     gap = F.relu(PUSH_MARGIN - (e_mean.unsqueeze(1) - e_mean.unsqueeze(2)).abs())
-    push = (gap * pairs).sum() / pairs.sum().clamp(min=1)
+    push_sum = (gap * pairs).sum((1, 2))
+    push = (push_sum / (num * (num - 1)).clamp(min=1)).mean()
     return pull, push
 
 
 def offset_loss(off: torch.Tensor, ind: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Offset map (N, 2, h, w), indices (N, K), targets (N, K, 2), mask (N, K) -> smooth-L1 summed over objects
-    and both coordinates, divided by the number of objects."""
+    and both coordinates, divided by the number of objects of the batch."""
     mask = mask.bool()
     pred = gather(off, ind)
     loss = F.smooth_l1_loss(pred, target.float(), reduction="none") * mask.unsqueeze(2)
@@ -55,9 +72,12 @@ def offset_loss(off: torch.Tensor, ind: torch.Tensor, target: torch.Tensor, mask
 
 def centernet_loss(outputs: list[dict[str, torch.Tensor]], batch: dict[str, torch.Tensor]
                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Outputs of every stack (see nets.hourglass) and a training batch -> (total, weighted terms
-    `focal`, `pull`, `push`, `off`, which sum to total)."""
-    terms = dict.fromkeys(("focal", "pull", "push", "off"), 0.0)
+    """Outputs of every stack (nets.hourglass, training mode) and a training batch (CONTRACT.md) -> (total,
+    weighted terms `focal`, `pull`, `push`, `off`, which sum to total)."""
+    if not isinstance(outputs, (list, tuple)) or not outputs:
+        raise ValueError(f"utils/losses.py centernet_loss: `outputs` must be a non-empty list with one dict per "
+                         f"stack (the model in training mode), got {type(outputs).__name__}")
+    terms = {k: torch.zeros((), device=batch["mask"].device) for k in ("focal", "pull", "push", "off")}
     mask = batch["mask"]
     for out in outputs:
         for k in ("tl", "br", "ct"):
