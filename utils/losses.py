@@ -29,10 +29,11 @@ def focal_loss(logits: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
     p = logits.float().sigmoid().clamp(PROB_EPS, 1 - PROB_EPS)
     gt = gt.float()
     pos = gt.eq(1)
-    pos_term = torch.log(p) * (1 - p).pow(FOCAL_ALPHA)
-    neg_term = torch.log(1 - p) * p.pow(FOCAL_ALPHA) * (1 - gt).pow(FOCAL_BETA)
-    total = torch.where(pos, pos_term, neg_term).sum()
-    return -total / pos.sum().clamp(min=1)
+    # The negative term needs no mask: its weight (1 - gt)^4 is exactly 0 at the positives.
+    neg = (torch.log1p(-p) * p.pow(FOCAL_ALPHA) * (1 - gt).pow(FOCAL_BETA)).sum()
+    p_pos = p[pos]
+    pos_sum = (torch.log(p_pos) * (1 - p_pos).pow(FOCAL_ALPHA)).sum()
+    return -(pos_sum + neg) / pos.sum().clamp(min=1)
 
 
 def gather(maps: torch.Tensor, ind: torch.Tensor) -> torch.Tensor:
