@@ -79,6 +79,8 @@ class CenterNet(nn.Module):
         super().__init__()
         width = dims[0]
         self.num_stacks = num_stacks
+        # Each of the len(dims) - 1 hourglass levels halves the stride-4 map: (H + 1) / 4 must divide evenly.
+        self.size_unit = 4 * 2 ** (len(dims) - 1)
         self.stem = nn.Sequential(ConvBnRelu(7, 3, stem_dim, stride=2), Residual(stem_dim, width, stride=2))
         self.hourglasses = nn.ModuleList(Hourglass(dims, blocks) for _ in range(num_stacks))
         self.cnvs = nn.ModuleList(ConvBnRelu(3, width, cnv_dim) for _ in range(num_stacks))
@@ -93,6 +95,11 @@ class CenterNet(nn.Module):
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, image: torch.Tensor) -> list[dict[str, torch.Tensor]] | dict[str, torch.Tensor]:
+        """(N, 3, H, W), H and W of the form k * size_unit - 1 (128k - 1 for the full networks)."""
+        height, width = image.shape[-2:]
+        if (height + 1) % self.size_unit or (width + 1) % self.size_unit:
+            raise ValueError(f"nets/hourglass.py CenterNet: input height and width must be of the form "
+                             f"k * {self.size_unit} - 1 for this network, got {height} x {width}")
         x = self.stem(image)
         outputs = []
         for i in range(self.num_stacks):
