@@ -36,7 +36,8 @@ class Hourglass(nn.Module):
 
 def head(in_dim: int, mid_dim: int, out_dim: int, bias: float | None = None) -> nn.Sequential:
     """conv3x3 (with bias) - ReLU - conv1x1."""
-    layers = nn.Sequential(nn.Conv2d(in_dim, mid_dim, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(mid_dim, out_dim, 1))
+    layers = nn.Sequential(nn.Conv2d(in_dim, mid_dim, 3, padding=1), nn.ReLU(inplace=True),
+                           nn.Conv2d(mid_dim, out_dim, 1))
     if bias is not None:
         nn.init.constant_(layers[-1].bias, bias)
     return layers
