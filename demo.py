@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from datasets.coco_eval import write_json_atomic
+from utils.files import write_json
 from datasets.image_io import load_image
 from datasets.transforms import eval_input
 from nets import build_model
@@ -93,7 +93,7 @@ def main(args: argparse.Namespace) -> list[dict]:
         cv2.imwrite(str(out / path.name), draw(image, dets, class_names))
         results += [{"file": path.name, "box": [round(float(v), 2) for v in d[:4]], "score": round(float(d[4]), 4),
                      "class": class_names[int(d[5])]} for d in dets]
-    write_json_atomic(out / "detections.json", {"detections": results, "skipped": skipped})
+    write_json(out / "detections.json", {"detections": results, "skipped": skipped})
     print(f"{len(images) - len(skipped)} images, {len(results)} detections written to {out}"
           + (f"; {len(skipped)} unreadable files skipped" if skipped else ""))
     return results

@@ -14,10 +14,11 @@ import argparse
 from pathlib import Path
 
 from datasets import build_dataset
-from nets import build_model
+from nets import model_from_checkpoint
 from utils import dist
 from utils.checkpoint import load_checkpoint
 from utils.device import select_device
+from utils.errors import run_cli
 from utils.inference import InferenceConfig, build_eval_config, evaluate
 
 DEFAULTS = InferenceConfig()
@@ -94,9 +95,7 @@ def main(args: argparse.Namespace) -> dict:
     if list(dataset.class_names) != list(state["class_names"]):
         raise SystemExit(f"{path} was trained on classes {state['class_names']}, but {args.data_dir} "
                          f"{args.val_split} has {dataset.class_names}")
-    model = build_model(args.arch, args.num_classes)
-    model.load_state_dict(state["model"])
-    model.to(device).eval()
+    model = model_from_checkpoint(state, path).to(device).eval()
 
     scales = "_".join(f"{s:g}" for s in args.test_scales)
     out_json = path.parent / f"results_{args.val_split}_s{scales}{'_flip' if args.test_flip else ''}.json"
@@ -113,4 +112,4 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_cli(main, get_args_parser().parse_args())

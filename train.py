@@ -1,33 +1,47 @@
 """Trains CenterNet (keypoint triplets) on COCO-format data: CPU, one GPU, or many GPUs with DistributedDataParallel.
 
-Built-in data on CPU (what `make demo` runs):
+Built-in data on CPU (what `make demo` runs, with a dated --log_name):
     python train.py --log_name shapes_tiny --dataset coco --data_dir data/shapes --train_split train \
-        --val_split val --arch tiny_hourglass --img_size 127 --batch_size 16 --num_epochs 12 --lr 2e-3 --lr_step 10
-COCO on 8 GPUs (the seed's recipe; `python -m torch.distributed.launch --nproc_per_node 8` works too):
+        --val_split val --arch tiny_hourglass --img_size 127 --batch_size 16 --lr 2e-3 --lr_step 30 \
+        --num_epochs 36 --val_interval 12 --num_workers 2 --device cpu
+COCO on 8 GPUs (the recipe of pytorch_simple_CenterNet_47; `python -m torch.distributed.launch --nproc_per_node 8`
+and `srun` work too):
     torchrun --nproc_per_node 8 train.py --dist --log_name coco_hg_511_ddp --dataset coco --arch large_hourglass \
         --lr 5e-4 --lr_step 90,120 --batch_size 48 --num_epochs 200 --num_workers 2
-Resume a stopped run: the same command with --resume.
+Resume a stopped run: the same command with --resume. A run saves every --ckpt_interval minutes and when it is sent
+SIGTERM or Ctrl-C, and resumes from the exact step it reached.
 """
 import argparse
 import math
 import random
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from datasets import build_dataset
-from nets import build_model
+from datasets.sampling import EpochSampler, TrainSamples, epoch_order
+from nets import ARCHS, build_model, model_config
 from utils import dist
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.device import autocast, select_device
+from utils.errors import DataError, UserError, run_cli
+from utils.files import remove_stale_temporaries
 from utils.inference import build_eval_config, evaluate
 from utils.logger import RunLogger
 from utils.losses import centernet_loss
+from utils.stopping import CheckpointTimer, StopSignals, ignore_stop_signals
+
+CHECKPOINT, BEST = "checkpoint.pt", "best.pt"
+
+
+class TrainingDiverged(UserError, FloatingPointError):
+    """The loss became NaN or infinite."""
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -38,7 +52,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--data_dir", default="data/coco")
     p.add_argument("--train_split", default="train2017")
     p.add_argument("--val_split", default="val2017")
-    p.add_argument("--arch", default="large_hourglass")
+    p.add_argument("--arch", default="large_hourglass", choices=list(ARCHS))
     p.add_argument("--img_size", type=int, default=511, help="training crop size, of the form 128k-1")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--lr_step", default="90,120", help="epochs after which the lr is multiplied by 0.1")
@@ -50,8 +64,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=317)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--amp", action="store_true", help="fp16 autocast + GradScaler on CUDA, bf16 autocast on CPU")
-    p.add_argument("--resume", action="store_true", help="continue the run in CKPT_DIR/LOG_NAME")
-    p.add_argument("--dist", action="store_true", help="DistributedDataParallel (launch with torchrun)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in CKPT_DIR/LOG_NAME from its last checkpoint (a new run if it has none)")
+    p.add_argument("--ckpt_interval", type=float, default=20.0,
+                   help="minutes between mid-epoch checkpoints (0: only at the end of each epoch)")
+    p.add_argument("--max_bad_fraction", type=float, default=0.01,
+                   help="stop when more than this fraction of an epoch's training images cannot be read "
+                        "(fewer are skipped with a warning)")
+    p.add_argument("--dist", action="store_true",
+                   help="DistributedDataParallel (implied when torchrun or srun starts several processes)")
     p.add_argument("--sync_bn", action="store_true", help="SyncBatchNorm across processes (GPU only)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
@@ -64,75 +85,177 @@ def parse_lr_steps(text: str) -> list[int]:
         raise SystemExit(f"--lr_step: expected comma-separated epochs such as 90,120, got {text!r}")
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Flag values that cannot work, refused before anything is created."""
+    positive = {"--batch_size": args.batch_size, "--num_epochs": args.num_epochs, "--lr": args.lr}
+    for flag, value in positive.items():
+        if not value > 0:
+            raise SystemExit(f"{flag} must be positive, got {value}")
+    if args.img_size % 128 != 127:
+        raise SystemExit(f"--img_size must be of the form 128k - 1 (127, 255, 383, 511, ...), got {args.img_size}")
+    for flag, value in {"--num_workers": args.num_workers, "--val_interval": args.val_interval,
+                        "--ckpt_interval": args.ckpt_interval}.items():
+        if value < 0:
+            raise SystemExit(f"{flag} must be 0 or more, got {value}")
+    if not 0 <= args.max_bad_fraction < 1:
+        raise SystemExit(f"--max_bad_fraction must be in [0, 1), got {args.max_bad_fraction}")
+    parse_lr_steps(args.lr_step)
+
+
+def run_folder_plan(run_dir: Path, resume: bool) -> tuple[bool, str]:
+    """(resume from run_dir/checkpoint.pt?, a message for the log). Refuses (UserError) what would mix two runs in
+    one folder or lose one. Temporary files of an interrupted save are not part of a run."""
+    held = sorted(p.name for p in run_dir.iterdir() if not p.name.endswith(".tmp")) if run_dir.is_dir() else []
+    if resume and CHECKPOINT in held:
+        return True, f"resuming {run_dir / CHECKPOINT}"
+    if resume and BEST in held:
+        raise UserError(f"--resume: {run_dir} holds {BEST} but no {CHECKPOINT} (deleted, or its save failed), so "
+                        f"the run cannot continue; keep {BEST} and start a new run with another --log_name")
+    if resume:
+        # An elastic restart (torchrun --max-restarts) may come before the first save: start, and say so.
+        return False, f"--resume: nothing to resume in {run_dir} yet; starting a new run"
+    if held:
+        raise UserError(f"{run_dir} already holds a run ({', '.join(held)}); pass --resume to continue it, or choose "
+                        "another --log_name")
+    return False, f"starting a new run in {run_dir}"
+
+
+def check_resumable(state: dict, args: argparse.Namespace, class_names: list[str], path: Path) -> None:
+    """Refuses flags that cannot continue the checkpoint at `path`, before any network is built."""
+    saved = state["args"]
+    if saved["arch"] != args.arch:
+        raise SystemExit(f"--resume: {path} was trained with --arch {saved['arch']}, not {args.arch}")
+    if state["class_names"] != class_names:
+        raise SystemExit(f"--resume: {path} was trained on classes {state['class_names']}, but "
+                         f"{args.train_split} has {class_names}")
+    position = state.get("position")
+    if position and position["global_batch"] != args.batch_size:
+        raise SystemExit(f"--resume: {path} stopped inside epoch {position['epoch']} with --batch_size "
+                         f"{position['global_batch']}; resume with the same --batch_size")
+    last_epoch = position["epoch"] if position else state["epoch"] + 1
+    if last_epoch > args.num_epochs:
+        raise SystemExit(f"--resume: {path} has already trained {state['epoch']} epochs; pass a --num_epochs "
+                         f"above {state['epoch']} to train longer")
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
-def train_one_epoch(model, loader, optimizer, scaler, device, amp: bool, epoch: int, logger: RunLogger,
-                    global_step: int) -> tuple[dict[str, float], int]:
-    """One pass over `loader`; returns the mean of each loss term (over all processes) and the new step count."""
+@dataclass
+class EpochProgress:
+    """Where training stands inside `epoch`: its sample order, optimizer steps done, loss sums, unreadable images."""
+    epoch: int
+    order: np.ndarray
+    global_batch: int
+    step: int = 0
+    sums: dict[str, float] = field(default_factory=dict)
+    unreadable: int = 0
+
+    @property
+    def steps(self) -> int:
+        return len(self.order) // self.global_batch
+
+    def position(self) -> dict:
+        """The `position` entry of a mid-epoch checkpoint."""
+        return {"epoch": self.epoch, "step": self.step, "order": torch.from_numpy(self.order),
+                "global_batch": self.global_batch, "sums": dict(self.sums), "unreadable": self.unreadable}
+
+    @classmethod
+    def from_position(cls, p: dict) -> "EpochProgress":
+        return cls(p["epoch"], p["order"].numpy(), p["global_batch"], p["step"], dict(p["sums"]), p["unreadable"])
+
+
+def make_train_loader(dataset, progress: EpochProgress, num_workers: int, device: torch.device) -> DataLoader:
+    """The rest of `progress.epoch` for this process: `global_batch / world_size` images a step, from the step
+    reached on (datasets/sampling.py)."""
+    if progress.global_batch % dist.world_size():
+        raise SystemExit(f"--batch_size {progress.global_batch} must be divisible by the number of processes "
+                         f"({dist.world_size()})")
+    sampler = EpochSampler(progress.order, progress.global_batch, dist.rank(), dist.world_size(), progress.step)
+    return DataLoader(dataset, batch_size=progress.global_batch // dist.world_size(), sampler=sampler,
+                      num_workers=num_workers, drop_last=True, pin_memory=device.type == "cuda",
+                      worker_init_fn=ignore_stop_signals)
+
+
+def train_one_epoch(model, loader, optimizer, scaler, device, amp: bool, progress: EpochProgress,
+                    logger: RunLogger, global_step: int, pause=lambda: (False, False), save=lambda: None,
+                    max_unreadable: float = math.inf) -> tuple[int, bool]:
+    """Trains on `loader`, keeping `progress` current; returns the new global step and whether a stop was asked.
+
+    After each step `pause()` says, for all processes alike, whether to stop and whether to save: `save()` is then
+    called (a mid-epoch checkpoint of `progress`), and the epoch ends early on a stop."""
     model.train()
-    sums: dict[str, float] = {}
     images_seen, start = 0, time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {epoch}", disable=not dist.is_main(), dynamic_ncols=True)
+    bar = tqdm(loader, desc=f"epoch {progress.epoch}", disable=not dist.is_main(), dynamic_ncols=True,
+               initial=progress.step, total=progress.steps)
     for batch in bar:
+        unreadable = batch.pop("unreadable", torch.zeros(1)).sum()
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with autocast(device, amp):
             outputs = model(batch["image"])
         outputs = [{k: v.float() for k, v in stack.items()} for stack in outputs]
         loss, terms = centernet_loss(outputs, batch)
-        terms = dist.reduce_mean({"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()}})
+        terms = dist.reduce_mean({"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()},
+                                  "unreadable": unreadable.to(device).float()})
+        progress.unreadable += round(terms.pop("unreadable") * dist.world_size())
         if not all(math.isfinite(v) for v in terms.values()):
-            raise FloatingPointError(
-                f"non-finite loss at epoch {epoch}, step {global_step}: {terms}. Stopping; the last saved "
+            raise TrainingDiverged(
+                f"non-finite loss at epoch {progress.epoch}, step {global_step}: {terms}. Stopping; the last saved "
                 "checkpoint is intact. Try a lower --lr, or run without --amp.")
+        if progress.unreadable > max_unreadable:
+            raise DataError(
+                f"{progress.unreadable} training images of epoch {progress.epoch} could not be read (more than "
+                f"--max_bad_fraction of the epoch); the last checkpoint is intact. List every problem with "
+                f"`python -m datasets.check --data_dir DIR --split NAME`")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
 
         global_step += 1
+        progress.step += 1
         images_seen += batch["image"].shape[0] * dist.world_size()
         rate = images_seen / (time.perf_counter() - start)
         for k, v in terms.items():
-            sums[k] = sums.get(k, 0.0) + v
+            progress.sums[k] = progress.sums.get(k, 0.0) + v
         bar.set_postfix(loss=f"{terms['loss']:.3f}", img_s=f"{rate:.1f}")
         logger.scalars(terms, global_step, prefix="train/")
+        stop, save_now = pause()
+        if stop or save_now:
+            save()
+        if stop:
+            return global_step, True
+    bar.close()
     logger.scalars({"lr": optimizer.param_groups[0]["lr"], "images_per_s": images_seen / (time.perf_counter() - start)},
                    global_step, prefix="train/")
-    return {k: v / max(len(loader), 1) for k, v in sums.items()}, global_step
+    return global_step, False
 
 
-def make_train_loader(dataset, batch_size: int, num_workers: int, seed: int, epoch: int, device) -> DataLoader:
-    """Each process loads `batch_size / world_size` images a step. The sampler is the distributed one even in a
-    single process, so one process with batch B sees, step by step, the same images as N processes with B / N."""
-    if batch_size % dist.world_size():
-        raise SystemExit(f"--batch_size {batch_size} must be divisible by the number of processes ({dist.world_size()})")
-    per_process = batch_size // dist.world_size()
-    if len(dataset) < batch_size:
-        raise SystemExit(f"--batch_size {batch_size} is larger than the training set ({len(dataset)} images)")
-    sampler = DistributedSampler(dataset, num_replicas=dist.world_size(), rank=dist.rank(), shuffle=True, seed=seed,
-                                 drop_last=True)
-    sampler.set_epoch(epoch)
-    return DataLoader(dataset, batch_size=per_process, sampler=sampler, num_workers=num_workers, drop_last=True,
-                      pin_memory=device.type == "cuda")
-
-
-def check_run_dir(run_dir: Path, resume: bool) -> None:
-    last = run_dir / "checkpoint.pt"
-    if resume and not last.is_file():
-        raise SystemExit(f"--resume: no checkpoint to resume at {last}")
-    if not resume and last.exists():
-        raise SystemExit(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --log_name")
+def on_main_for_all(work):
+    """Runs `work()` on rank 0 only (a decision about the run folder, a save) and gives every process its result,
+    or raises rank 0's user error (disk full, a folder that holds another run) on every process."""
+    result, error = None, None
+    if dist.is_main():
+        try:
+            result = work()
+        except UserError as e:
+            error = e
+    result, error = dist.broadcast_object((result, error))
+    if error is not None:
+        raise error
+    return result
 
 
 def main(args: argparse.Namespace) -> float:
-    dist.init_distributed(args.dist, args.local_rank, args.device)
+    check_args(args)
+    launched_without_flag = dist.launched() and not args.dist
+    dist.init_distributed(args.dist or dist.launched(), args.local_rank, args.device)
     device = select_device(args.device, dist.local_rank())
     run_dir = Path(args.ckpt_dir) / args.log_name
-    check_run_dir(run_dir, args.resume)
+    resuming, plan_message = on_main_for_all(lambda: run_folder_plan(run_dir, args.resume))
     lr_steps = parse_lr_steps(args.lr_step)
     seed_everything(args.seed)
 
@@ -140,65 +263,104 @@ def main(args: argparse.Namespace) -> float:
     val_set = build_dataset(args, args.val_split, train=False)
     if val_set.class_names != train_set.class_names:
         raise SystemExit(f"{args.val_split} and {args.train_split} have different categories")
+    if len(train_set) < args.batch_size:
+        raise SystemExit(f"--batch_size {args.batch_size} is larger than the training set ({len(train_set)} images)")
     args.num_classes = len(train_set.class_names)
 
+    state = load_checkpoint(run_dir / CHECKPOINT) if resuming else None
+    if state is not None:
+        check_resumable(state, args, train_set.class_names, run_dir / CHECKPOINT)
+    config = model_config(args.arch, args.num_classes)
     model = build_model(args.arch, args.num_classes).to(device)
     if args.sync_bn and dist.is_dist():
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=lr_steps, gamma=0.1)
     scaler = torch.amp.GradScaler("cuda", enabled=args.amp and device.type == "cuda")
-    start_epoch, best_ap, global_step = 1, -1.0, 0
-    if args.resume:
-        state = load_checkpoint(run_dir / "checkpoint.pt", map_location=device)
-        if state["args"]["arch"] != args.arch or state["class_names"] != train_set.class_names:
-            raise SystemExit(f"--resume: {run_dir / 'checkpoint.pt'} was trained with --arch "
-                             f"{state['args']['arch']} on other classes; it cannot continue with these flags")
+    start_epoch, best_ap, global_step, progress = 1, -1.0, 0, None
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         start_epoch, best_ap, global_step = state["epoch"] + 1, state["best_ap"], state["global_step"]
+        progress = EpochProgress.from_position(state["position"]) if state.get("position") else None
+        del state
 
     logger = RunLogger(run_dir, enabled=dist.is_main())
-    logger.info(f"{'resuming' if args.resume else 'starting'} {run_dir} at epoch {start_epoch}: {args.arch}, "
+    logger.info(plan_message)
+    if dist.is_main():
+        for stale in remove_stale_temporaries(run_dir, CHECKPOINT) + remove_stale_temporaries(run_dir, BEST):
+            logger.info(f"removed {stale}, left by a save that was interrupted")
+    if launched_without_flag:
+        logger.info(f"started as {dist.world_size()} processes by a launcher: training with "
+                    "DistributedDataParallel (--dist implied)")
+    logger.info(f"{args.arch} at epoch {start_epoch}{f' step {progress.step}' if progress else ''}: "
                 f"{args.num_classes} classes, {len(train_set)} train / {len(val_set)} val images, "
                 f"{dist.world_size()} process(es) on {device}")
     ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if dist.is_dist() else model
     eval_config = build_eval_config(args)
 
-    ap = best_ap
-    for epoch in range(start_epoch, args.num_epochs + 1):
-        # Seeding per epoch makes a resumed run draw the same augmentations as an uninterrupted one.
-        seed_everything(args.seed * 1000 + epoch)
-        loader = make_train_loader(train_set, args.batch_size, args.num_workers, args.seed, epoch, device)
-        means, global_step = train_one_epoch(ddp_model, loader, optimizer, scaler, device, args.amp, epoch, logger,
-                                             global_step)
-        scheduler.step()
-        logger.info(f"epoch {epoch}: " + " ".join(f"{k} {v:.4f}" for k, v in means.items()))
+    def state_dict(epoch_done: int, position: dict | None) -> dict:
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch_done,
+                "position": position, "global_step": global_step, "best_ap": best_ap, "args": vars(args),
+                "model_config": config, "class_names": train_set.class_names}
 
-        validate = epoch == args.num_epochs or (args.val_interval > 0 and epoch % args.val_interval == 0)
-        if validate:
-            stats = evaluate(model, val_set, eval_config, device=device, num_workers=args.num_workers,
-                             amp=args.amp)
-            ap = stats["AP"]
-            logger.scalars({"AP": ap, "AP50": stats["AP50"]}, global_step, prefix="val/")
-            logger.info(f"epoch {epoch}: val AP {ap:.4f}")
-        if dist.is_main():
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                     "global_step": global_step, "best_ap": max(best_ap, ap), "args": vars(args),
-                     "class_names": train_set.class_names}
-            if validate and ap > best_ap:
-                save_checkpoint(run_dir / "best.pt", state)
-            save_checkpoint(run_dir / "checkpoint.pt", state)
-        best_ap = max(best_ap, ap)
-        dist.barrier()
+    timer = CheckpointTimer(args.ckpt_interval)
+    ap, stopped = best_ap, False
+    with StopSignals() as signals:
+        for epoch in range(start_epoch, args.num_epochs + 1):
+            if progress is None or progress.epoch != epoch:
+                progress = EpochProgress(epoch, epoch_order(len(train_set), args.batch_size, args.seed, epoch),
+                                         args.batch_size)
+            loader = make_train_loader(TrainSamples(train_set, args.seed, epoch), progress, args.num_workers, device)
+
+            def save_mid_epoch():
+                snapshot = state_dict(epoch - 1, progress.position())
+                on_main_for_all(lambda: save_checkpoint(run_dir / CHECKPOINT, snapshot))
+                timer.reset()
+
+            global_step, stopped = train_one_epoch(
+                ddp_model, loader, optimizer, scaler, device, args.amp, progress, logger, global_step,
+                pause=lambda: dist.any_true(signals.received is not None, dist.is_main() and timer.due()),
+                save=save_mid_epoch, max_unreadable=args.max_bad_fraction * len(progress.order))
+            if stopped:
+                break
+            scheduler.step()
+            means = {k: v / max(progress.steps, 1) for k, v in progress.sums.items()}
+            logger.info(f"epoch {epoch}: " + " ".join(f"{k} {v:.4f}" for k, v in means.items()) +
+                        (f" ({progress.unreadable} unreadable images skipped)" if progress.unreadable else ""))
+
+            validate = epoch == args.num_epochs or (args.val_interval > 0 and epoch % args.val_interval == 0)
+            if validate:
+                stats = evaluate(model, val_set, eval_config, device=device, num_workers=args.num_workers,
+                                 amp=args.amp)
+                ap = stats["AP"]
+                logger.scalars({"AP": ap, "AP50": stats["AP50"]}, global_step, prefix="val/")
+                logger.info(f"epoch {epoch}: val AP {ap:.4f}")
+            improved = validate and ap > best_ap
+            best_ap = max(best_ap, ap)
+            snapshot = state_dict(epoch, None)
+            # checkpoint.pt first: a failure between the two saves leaves a folder that --resume continues.
+            on_main_for_all(lambda: save_checkpoint(run_dir / CHECKPOINT, snapshot))
+            if improved:
+                on_main_for_all(lambda: save_checkpoint(run_dir / BEST, snapshot))
+            timer.reset()
+            stopped = dist.any_true(signals.received is not None)[0]
+            if stopped:
+                break
+    if stopped:
+        where = f"epoch {progress.epoch}, step {progress.step} of {progress.steps}"
+        logger.info(f"stopped by {signals.received or 'a signal to another process'} at {where}; saved "
+                    f"{run_dir / CHECKPOINT}. Resume with the same command plus --resume")
     logger.close()
     dist.cleanup()
+    if stopped:
+        raise SystemExit(signals.exit_status or 1)
     return ap
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_cli(main, get_args_parser().parse_args())

@@ -33,84 +33,100 @@ from torch.utils.data import Dataset
 from datasets.image_io import load_image
 from datasets.targets import make_targets
 from datasets.transforms import clip_boxes, eval_input, train_transform
+from utils.errors import DataError, MissingFileError
 
 
 def read_json(path: Path) -> dict:
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: annotation file not found (expected annotations/instances_<split>.json)")
+        raise MissingFileError(f"{path}: annotation file not found (expected annotations/instances_<split>.json)")
     try:
         with open(path, "rb") as f:
             data = json.load(f)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid json: {e}") from None
+        raise DataError(f"{path}: invalid json: {e}") from None
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: invalid json (not UTF-8 text): {e}") from None
+        raise DataError(f"{path}: invalid json (not UTF-8 text): {e}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a json object with 'images', 'annotations' and 'categories', "
+        raise DataError(f"{path}: expected a json object with 'images', 'annotations' and 'categories', "
                          f"got a {type(data).__name__}")
     return data
 
 
-def _entries(data: dict, key: str, path: Path, required: tuple[str, ...]) -> list[dict]:
+def _entries(data: dict, key: str, path: Path, required: tuple[str, ...], problems: list[str]) -> list[dict]:
+    """The dict entries of list `key` that have every `required` field; the others are reported in `problems`."""
     items = data.get(key)
     if not isinstance(items, list):
-        raise ValueError(f"{path}: missing list '{key}' (a COCO detection file has 'images', 'annotations' and "
-                         "'categories')")
+        problems.append(f"{path}: missing list '{key}' (a COCO detection file has 'images', 'annotations' and "
+                        "'categories')")
+        return []
+    usable = []
     for i, item in enumerate(items):
         missing = [k for k in required if not isinstance(item, dict) or k not in item]
         if missing:
-            raise ValueError(f"{path}: {key}[{i}] lacks {', '.join(repr(k) for k in missing)}")
-    return items
+            problems.append(f"{path}: {key}[{i}] lacks {', '.join(repr(k) for k in missing)}")
+        else:
+            usable.append(item)
+    return usable
 
 
-def _unique_ids(items: list[dict], key: str, path: Path, field: str = "id") -> list:
-    ids = [item[field] for item in items]
-    for i, v in enumerate(ids):
+def _unique_ids(items: list[dict], key: str, path: Path, problems: list[str]) -> set:
+    seen = set()
+    for i, item in enumerate(items):
+        v = item["id"]
         if not isinstance(v, int) or isinstance(v, bool):
-            raise ValueError(f"{path}: {key}[{i}].{field} must be an integer, got {v!r}")
-    if len(set(ids)) != len(ids):
-        seen, dup = set(), None
-        for v in ids:
-            if v in seen:
-                dup = v
-                break
-            seen.add(v)
-        raise ValueError(f"{path}: {key} id {dup} appears more than once")
-    return ids
+            problems.append(f"{path}: {key}[{i}].id must be an integer, got {v!r}")
+        elif v in seen:
+            problems.append(f"{path}: {key} id {v} appears more than once")
+        seen.add(v)
+    return seen
 
 
-def check_coco_dict(data: dict, path: Path) -> dict:
-    """Validates a COCO detection dict (see the module docstring) and fills in the optional annotation fields."""
-    categories = _entries(data, "categories", path, ("id", "name"))
-    images = _entries(data, "images", path, ("id", "file_name"))
-    annotations = _entries(data, "annotations", path, ("image_id", "category_id", "bbox"))
-    if not categories:
-        raise ValueError(f"{path}: 'categories' is empty; at least one class is needed")
-    cat_ids = set(_unique_ids(categories, "categories", path))
-    image_ids = set(_unique_ids(images, "images", path))
+def coco_problems(data: dict, path: Path) -> list[str]:
+    """Every problem of a COCO detection dict (see the module docstring), each naming its entry; [] if usable."""
+    problems: list[str] = []
+    categories = _entries(data, "categories", path, ("id", "name"), problems)
+    images = _entries(data, "images", path, ("id", "file_name"), problems)
+    annotations = _entries(data, "annotations", path, ("image_id", "category_id", "bbox"), problems)
+    if isinstance(data.get("categories"), list) and not data["categories"]:
+        problems.append(f"{path}: 'categories' is empty; at least one class is needed")
+    cat_ids = _unique_ids(categories, "categories", path, problems)
+    image_ids = _unique_ids(images, "images", path, problems)
     for i, im in enumerate(images):
         for k in ("width", "height"):
             v = im.get(k, 1)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0 or not float(v).is_integer():
-                raise ValueError(f"{path}: images[{i}] (file {im['file_name']!r}) has {k} {v!r}, expected a "
-                                 "positive whole number")
-    next_id = 1 + max([a["id"] for a in annotations if isinstance(a.get("id"), int)], default=0)
+                problems.append(f"{path}: images[{i}] (file {im['file_name']!r}) has {k} {v!r}, expected a "
+                                "positive whole number")
     for i, a in enumerate(annotations):
         box = a["bbox"]
         if (not isinstance(box, list) or len(box) != 4 or not all(isinstance(v, (int, float)) for v in box)
                 or not all(math.isfinite(v) for v in box)):
-            raise ValueError(f"{path}: annotations[{i}].bbox is {box!r}, expected [x, y, width, height] "
-                             "(4 finite numbers)")
+            problems.append(f"{path}: annotations[{i}].bbox is {box!r}, expected [x, y, width, height] "
+                            "(4 finite numbers)")
         if a["image_id"] not in image_ids:
-            raise ValueError(f"{path}: annotations[{i}].image_id {a['image_id']!r} is not in 'images'")
+            problems.append(f"{path}: annotations[{i}].image_id {a['image_id']!r} is not in 'images'")
         if a["category_id"] not in cat_ids:
-            raise ValueError(f"{path}: annotations[{i}].category_id {a['category_id']!r} is not in 'categories' "
-                             f"(ids {sorted(cat_ids)})")
+            problems.append(f"{path}: annotations[{i}].category_id {a['category_id']!r} is not in 'categories' "
+                            f"(ids {sorted(cat_ids, key=str)})")
+    _unique_ids([a for a in annotations if "id" in a], "annotations", path, problems)
+    return problems
+
+
+def check_coco_dict(data: dict, path: Path) -> dict:
+    """Validates a COCO detection dict (see the module docstring), raising DataError with its first problem, and
+    fills in the optional annotation fields."""
+    problems = coco_problems(data, path)
+    if problems:
+        more = f" (and {len(problems) - 1} more problems: list them all with `python -m datasets.check`)" \
+            if len(problems) > 1 else ""
+        raise DataError(problems[0] + more)
+    annotations = data["annotations"]
+    next_id = 1 + max([a["id"] for a in annotations if isinstance(a.get("id"), int)], default=0)
+    for a in annotations:
         if "id" not in a:
             a["id"], next_id = next_id, next_id + 1
         a.setdefault("iscrowd", 0)
-        a.setdefault("area", float(box[2] * box[3]))
-    _unique_ids(annotations, "annotations", path)
+        a.setdefault("area", float(a["bbox"][2] * a["bbox"][3]))
     return data
 
 
@@ -135,12 +151,12 @@ class CocoDetection(Dataset):
                  test_scales: Sequence[float] = (1.0,), test_flip: bool = False, max_objects: int = 128):
         root = Path(data_dir)
         if not root.is_dir():
-            raise FileNotFoundError(f"{root}: data directory not found (expected annotations/instances_{split}.json "
+            raise MissingFileError(f"{root}: data directory not found (expected annotations/instances_{split}.json "
                                     f"and {split}/ inside it)")
         if img_size % 128 != 127:
-            raise ValueError(f"img_size must be of the form 128k - 1 (127, 255, 383, 511, ...), got {img_size}")
+            raise DataError(f"img_size must be of the form 128k - 1 (127, 255, 383, 511, ...), got {img_size}")
         if not test_scales or min(test_scales) <= 0:
-            raise ValueError(f"test_scales must be positive numbers, got {list(test_scales)}")
+            raise DataError(f"test_scales must be positive numbers, got {list(test_scales)}")
         self.ann_file = root / "annotations" / f"instances_{split}.json"
         self.img_dir = root / split
         self.train, self.img_size, self.max_objects = train, img_size, max_objects
@@ -148,7 +164,7 @@ class CocoDetection(Dataset):
 
         data = check_coco_dict(read_json(self.ann_file), self.ann_file)
         if not self.img_dir.is_dir():
-            raise FileNotFoundError(f"{self.img_dir}: image directory of split {split!r} not found")
+            raise MissingFileError(f"{self.img_dir}: image directory of split {split!r} not found")
         self.coco = coco_from_dict(data)
         categories = sorted(data["categories"], key=lambda c: c["id"])
         self.cat_ids = [c["id"] for c in categories]
@@ -184,7 +200,7 @@ class CocoDetection(Dataset):
         image = load_image(path)
         h, w = image.shape[:2]
         if (info.get("width", w), info.get("height", h)) != (w, h):
-            raise ValueError(f"{path}: decoded size {w}x{h} differs from width x height "
+            raise DataError(f"{path}: decoded size {w}x{h} differs from width x height "
                              f"{info.get('width', w)}x{info.get('height', h)} in {self.ann_file}")
         boxes, keep = clip_boxes(self.boxes[index], w, h)
         return image, boxes[keep], self.labels[index][keep]

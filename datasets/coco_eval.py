@@ -6,14 +6,13 @@ are -1, as pycocotools reports them.
 """
 import contextlib
 import io
-import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+
+from utils.files import write_json
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
@@ -31,20 +30,6 @@ def detections_to_coco(detections: dict[int, np.ndarray], cat_ids: list[int]) ->
         results += [{"image_id": int(image_id), "category_id": int(cat_ids[c]), "bbox": box, "score": s}
                     for box, s, c in zip(xywh, scores, labels.tolist())]
     return results
-
-
-def write_json_atomic(path: str | Path, obj) -> None:
-    """Writes `obj` as json to `path` through a temporary file in the same folder, so a reader never sees half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def load_results(coco: COCO, results: list[dict]) -> COCO:
@@ -85,7 +70,7 @@ def evaluate_detections(coco: COCO, detections: dict[int, np.ndarray], cat_ids: 
         raise ValueError(f"detections for image ids not in the ground truth: {sorted(unknown)[:10]}")
     results = detections_to_coco(detections, cat_ids)
     if out_json is not None:
-        write_json_atomic(out_json, results)
+        write_json(out_json, results)
 
     coco_eval = COCOeval(coco, load_results(coco, results), "bbox")
     coco_eval.params.catIds = list(cat_ids)

@@ -10,6 +10,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from utils.errors import DataError, MissingFileError
+
 _FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
 _JPEG_SOI, _JPEG_SOS, _JPEG_EOI = b"\xff\xd8", b"\xff\xda", b"\xff\xd9"
 
@@ -26,12 +28,12 @@ def load_image(path: str | Path) -> np.ndarray:
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: image file not found") from None
+        raise MissingFileError(f"{path}: image file not found") from None
     if not data:
-        raise ValueError(f"{path}: image file is empty")
+        raise DataError(f"{path}: image file is empty")
     if is_truncated_jpeg(data):
-        raise ValueError(f"{path}: truncated JPEG (no end-of-image marker after the last scan)")
+        raise DataError(f"{path}: truncated JPEG (no end-of-image marker after the last scan)")
     image = cv2.imdecode(np.frombuffer(data, np.uint8), _FLAGS)
     if image is None:
-        raise ValueError(f"{path}: cannot decode the image (not an image format OpenCV reads, or corrupt)")
+        raise DataError(f"{path}: cannot decode the image (not an image format OpenCV reads, or corrupt)")
     return image

@@ -17,7 +17,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from datasets.coco_eval import write_json_atomic
+from utils.files import write_json
 
 CLASSES = ("rectangle", "ellipse", "triangle", "cross")
 
@@ -129,7 +129,7 @@ def write_split(out: Path, split: str, num_images: int, seed: int, cfg: ShapesCo
     data = {"info": {"description": f"centernet47 built-in shapes, {split}, seed {seed}", "config": vars(cfg)},
             "licenses": [], "images": images, "annotations": annotations,
             "categories": [{"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(CLASSES)]}
-    write_json_atomic(out / "annotations" / f"instances_{split}.json", data)
+    write_json(out / "annotations" / f"instances_{split}.json", data)
     return data
 
 

@@ -1,4 +1,7 @@
-"""`build_model(arch, num_classes)`: the CenterNet variants by name."""
+"""`build_model(arch, num_classes)`: the CenterNet variants by name; `model_from_checkpoint(state)`: the network a
+checkpoint holds, built from the constructor arguments stored in it."""
+from utils.errors import CheckpointError
+
 from .hourglass import CenterNet
 
 HOURGLASS_DIMS = [256, 256, 384, 384, 384, 512]
@@ -20,9 +23,33 @@ ARCHS = {
 }
 
 
-def build_model(arch: str, num_classes: int) -> CenterNet:
+def model_config(arch: str, num_classes: int) -> dict:
+    """The constructor arguments of CenterNet for `arch` (stored in checkpoints as `model_config`)."""
     if arch not in ARCHS:
         raise ValueError(f"unknown --arch {arch!r}; expected one of {', '.join(ARCHS)}")
     if num_classes < 1:
         raise ValueError(f"num_classes must be at least 1, got {num_classes}")
-    return CenterNet(num_classes=num_classes, **ARCHS[arch])
+    return dict(num_classes=num_classes, **ARCHS[arch])
+
+
+def build_model(arch: str, num_classes: int) -> CenterNet:
+    return CenterNet(**model_config(arch, num_classes))
+
+
+def model_from_checkpoint(state: dict, path) -> CenterNet:
+    """The network of a checkpoint (see utils/checkpoint.py) with its weights loaded. Checkpoints without
+    `model_config` (older ones, and converted official weights) are built from `args.arch` and `class_names`."""
+    config = state.get("model_config")
+    if config is None:
+        arch = state.get("args", {}).get("arch")
+        if arch not in ARCHS or "class_names" not in state:
+            raise CheckpointError(f"{path}: the checkpoint has no 'model_config' and no known args.arch "
+                                  f"({arch!r}) with 'class_names'")
+        config = model_config(arch, len(state["class_names"]))
+    model = CenterNet(**config)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: the weights do not fit the network they name: "
+                              f"{str(e).splitlines()[0]}") from None
+    return model

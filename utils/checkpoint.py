@@ -1,41 +1,38 @@
-"""Checkpoints: one dict per file, written atomically so an interrupted save never leaves a half-written file.
+"""Checkpoints: one dict per file, written atomically (utils/files.py), read with errors that name the file.
 
 A training checkpoint holds `model`, `optimizer`, `scheduler`, `scaler`, `epoch` (the last finished epoch),
-`best_ap`, `args` (a dict: arch, num_classes, img_size, ...) and `class_names`. `test.py` and `demo.py` need only
-`model`, `args` and `class_names`.
+`position` (None at an epoch's end; mid-epoch: the epoch, the optimizer steps done in it and its sample order,
+see utils/sampler.py), `global_step`, `best_ap`, `loss_sums` (the running sums of the epoch's loss terms),
+`args` (the flags, a dict), `model_config` (the network's constructor arguments, so that the checkpoint still
+builds after the architecture table in nets/ changes) and `class_names`. `test.py` and `demo.py` need only
+`model`, `args` (or `model_config`) and `class_names`.
 """
-import os
-import tempfile
+import pickle
+import zipfile
 from pathlib import Path
 
 import torch
 
+from utils.errors import CheckpointError, MissingFileError
+from utils.files import atomic_write
+
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
-    """Writes `state` to `path` through a temporary file in the same folder, then renames it over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Writes `state` to `path` atomically; a failed write raises CheckpointError and keeps the old file."""
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Reads a checkpoint written by `save_checkpoint`; a missing or unreadable file is a clear error."""
+    """Reads a checkpoint written by `save_checkpoint`; a missing, truncated or foreign file is a clear error."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise MissingFileError(f"checkpoint not found: {path}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:
-        raise RuntimeError(f"cannot read checkpoint {path}: {e}") from e
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot read checkpoint {path}: the file is truncated or corrupt ({first_line})") \
+            from e
     if not isinstance(state, dict) or "model" not in state:
-        raise ValueError(f"{path} is not a centernet47 checkpoint: expected a dict with a 'model' entry")
+        raise CheckpointError(f"{path} is not a centernet47 checkpoint: expected a dict with a 'model' entry")
     return state

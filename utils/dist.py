@@ -1,7 +1,8 @@
 """Distributed helpers: one place for rank, world size, process-group set-up and gathering.
 
 Launch with `torchrun --nproc_per_node N script.py ...` (or the legacy `python -m torch.distributed.launch`,
-which passes `--local_rank`/`--local-rank` to the script: give it to `init_distributed`). Without a launcher every
+which passes `--local_rank`/`--local-rank` to the script: give it to `init_distributed`), or with SLURM's
+`srun`, whose variables are translated to torchrun's. Without a launcher every
 helper acts as the single process of a world of one, so callers never branch on whether they are distributed.
 """
 import os
@@ -32,18 +33,52 @@ def is_main() -> bool:
 
 
 def launched() -> bool:
-    """Whether a launcher started several processes (WORLD_SIZE > 1 in the environment)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """Whether a launcher started several processes: torchrun / torch.distributed.launch (WORLD_SIZE > 1) or
+    SLURM's srun (a job step of several tasks)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or _slurm_step_tasks() > 1
+
+
+def _slurm_step_tasks() -> int:
+    # SLURM_STEP_NUM_TASKS is set by srun for its job step; a plain `python` in an sbatch script (one process of a
+    # many-task allocation) sees SLURM_NTASKS only, and must not wait for processes that never start.
+    return int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) if "SLURM_PROCID" in os.environ else 1
+
+
+def first_host(nodelist: str) -> str:
+    """The first host name of a SLURM node list: `gpu[03-05,9],cpu1` -> `gpu03`, `node7,node8` -> `node7`."""
+    head = nodelist.split(",")[0] if "[" not in nodelist.split(",")[0] else nodelist[:nodelist.index("]") + 1]
+    if "[" not in head:
+        return head
+    prefix, ranges = head[:-1].split("[")
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def slurm_to_torchrun_env() -> None:
+    """Fills in the variables torchrun would set (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) from
+    srun's, so that `srun python train.py ...` joins the same env:// rendezvous. The master is the first node of
+    the job; the port is MASTER_PORT when set, else one derived from the job id (two jobs sharing a node do not
+    collide)."""
+    env = os.environ
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    if not nodelist:
+        raise RuntimeError("utils/dist.py: srun started several tasks but SLURM_JOB_NODELIST is not set")
+    env.setdefault("RANK", env["SLURM_PROCID"])
+    env.setdefault("WORLD_SIZE", str(_slurm_step_tasks()))
+    env.setdefault("LOCAL_RANK", env.get("SLURM_LOCALID", "0"))
+    env.setdefault("MASTER_ADDR", first_host(nodelist))
+    env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
 
 
 def init_distributed(enabled: bool = True, local_rank: int | None = None, device: str = "auto") -> bool:
-    """Joins the process group described by the launcher's environment; returns whether the run is distributed.
-    Nothing happens when `enabled` is False or the launcher started one process. `device` picks the backend:
-    nccl for CUDA (`auto` with a GPU visible), gloo for the CPU."""
+    """Joins the process group described by the launcher's environment (torchrun's or srun's); returns whether the
+    run is distributed. Nothing happens when `enabled` is False or the launcher started one process. `device`
+    picks the backend: nccl for CUDA (`auto` with a GPU visible), gloo for the CPU."""
     if is_dist():
         return True
     if not enabled or not launched():
         return False
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        slurm_to_torchrun_env()
     missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
         raise RuntimeError(f"utils/dist.py: WORLD_SIZE > 1 but the environment lacks {missing}; launch with torchrun")
@@ -54,6 +89,10 @@ def init_distributed(enabled: bool = True, local_rank: int | None = None, device
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]) if "LOCAL_RANK" in os.environ else 0)
     dist.init_process_group("nccl" if use_cuda else "gloo", init_method="env://")
     return True
+
+
+def backend() -> str | None:
+    return dist.get_backend() if is_dist() else None
 
 
 def all_gather_object(obj) -> list:
@@ -74,6 +113,26 @@ def reduce_mean(values: dict[str, torch.Tensor]) -> dict[str, float]:
         dist.all_reduce(stacked)
         stacked /= world_size()
     return dict(zip(values, stacked.tolist()))
+
+
+def broadcast_object(obj):
+    """Rank 0's `obj` on every process."""
+    if not is_dist():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def any_true(*flags: bool) -> list[bool]:
+    """For each flag, whether it is true on any process (one all-reduce), so that all processes take the same
+    branch (stop, save) at the same step."""
+    values = torch.tensor([float(f) for f in flags])
+    if is_dist():
+        if dist.get_backend() == "nccl":
+            values = values.cuda()
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in values.tolist()]
 
 
 def barrier() -> None:

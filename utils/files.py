@@ -1,0 +1,81 @@
+"""Atomic file writes: a reader (or a resumed run) sees the old file or the new one, never half of one.
+
+The data go to a temporary file `NAME.XXXXXXXX.tmp` in the same folder, are flushed to disk, get the mode of a
+normally created file (`mkstemp` makes them 0600) and are renamed over NAME. A failed write removes the temporary
+file, leaves NAME as it was and raises `CheckpointError` with the operating system's reason in plain words.
+A process killed mid-write can leave a temporary file behind: `remove_stale_temporaries` clears them.
+"""
+import errno
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Callable
+
+from utils.errors import CheckpointError
+
+
+def _os_error(error: BaseException) -> OSError | None:
+    """The OSError behind `error`: torch.save reports a failed write as a RuntimeError about its zip writer, with
+    the OSError of the file object in its context."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _default_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Calls `write(f)` on a binary file object, then puts the result at `path` atomically (see the module)."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise CheckpointError(f"cannot write {path}: {e.strerror or e}") from e
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, _default_mode())
+        os.replace(tmp, path)
+    except BaseException as e:
+        os.unlink(tmp)
+        cause = _os_error(e)
+        if cause is None:
+            raise
+        reason = "no space left on device" if cause.errno == errno.ENOSPC else (cause.strerror or str(cause))
+        kept = "the previous file is intact" if path.exists() else "nothing was written"
+        raise CheckpointError(f"cannot write {path}: {reason} ({kept})") from e
+    _sync_folder(path.parent)
+
+
+def _sync_folder(folder: Path) -> None:
+    """Makes the rename itself durable (a power cut right after it keeps the new file)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json(path: str | Path, obj) -> None:
+    """`obj` as json at `path`, atomically."""
+    atomic_write(path, lambda f: f.write(json.dumps(obj).encode()))
+
+
+def remove_stale_temporaries(folder: str | Path, name: str) -> list[Path]:
+    """Deletes the temporary files that an interrupted `atomic_write` of `folder/name` left; returns them."""
+    stale = sorted(Path(folder).glob(f"{name}.*.tmp")) if Path(folder).is_dir() else []
+    for p in stale:
+        p.unlink()
+    return stale
