@@ -146,10 +146,12 @@ def seed_everything(seed: int) -> None:
 
 @dataclass
 class EpochProgress:
-    """Where training stands inside `epoch`: its sample order, optimizer steps done, loss sums, unreadable images."""
+    """Where training stands inside `epoch`: its sample order, optimizer steps done in it and in the whole run, the
+    sums of the loss terms, and the unreadable images skipped."""
     epoch: int
     order: np.ndarray
     global_batch: int
+    global_step: int
     step: int = 0
     sums: dict[str, float] = field(default_factory=dict)
     unreadable: int = 0
@@ -161,11 +163,13 @@ class EpochProgress:
     def position(self) -> dict:
         """The `position` entry of a mid-epoch checkpoint."""
         return {"epoch": self.epoch, "step": self.step, "order": torch.from_numpy(self.order),
-                "global_batch": self.global_batch, "sums": dict(self.sums), "unreadable": self.unreadable}
+                "global_batch": self.global_batch, "global_step": self.global_step, "sums": dict(self.sums),
+                "unreadable": self.unreadable}
 
     @classmethod
     def from_position(cls, p: dict) -> "EpochProgress":
-        return cls(p["epoch"], p["order"].numpy(), p["global_batch"], p["step"], dict(p["sums"]), p["unreadable"])
+        return cls(p["epoch"], p["order"].numpy(), p["global_batch"], p["global_step"], p["step"], dict(p["sums"]),
+                   p["unreadable"])
 
 
 def make_train_loader(dataset, progress: EpochProgress, num_workers: int, device: torch.device) -> DataLoader:
@@ -181,9 +185,9 @@ def make_train_loader(dataset, progress: EpochProgress, num_workers: int, device
 
 
 def train_one_epoch(model, loader, optimizer, scaler, device, amp: bool, progress: EpochProgress,
-                    logger: RunLogger, global_step: int, pause=lambda: (False, False), save=lambda: None,
-                    max_unreadable: float = math.inf) -> tuple[int, bool]:
-    """Trains on `loader`, keeping `progress` current; returns the new global step and whether a stop was asked.
+                    logger: RunLogger, pause=lambda: (False, False), save=lambda: None,
+                    max_unreadable: float = math.inf) -> bool:
+    """Trains on `loader`, keeping `progress` current; returns whether a stop was asked.
 
     After each step `pause()` says, for all processes alike, whether to stop and whether to save: `save()` is then
     called (a mid-epoch checkpoint of `progress`), and the epoch ends early on a stop."""
@@ -203,7 +207,7 @@ def train_one_epoch(model, loader, optimizer, scaler, device, amp: bool, progres
         progress.unreadable += round(terms.pop("unreadable") * dist.world_size())
         if not all(math.isfinite(v) for v in terms.values()):
             raise TrainingDiverged(
-                f"non-finite loss at epoch {progress.epoch}, step {global_step}: {terms}. Stopping; the last saved "
+                f"non-finite loss at epoch {progress.epoch}, step {progress.step + 1}: {terms}. Stopping; the last saved "
                 "checkpoint is intact. Try a lower --lr, or run without --amp.")
         if progress.unreadable > max_unreadable:
             raise DataError(
@@ -215,23 +219,23 @@ def train_one_epoch(model, loader, optimizer, scaler, device, amp: bool, progres
         scaler.step(optimizer)
         scaler.update()
 
-        global_step += 1
+        progress.global_step += 1
         progress.step += 1
         images_seen += batch["image"].shape[0] * dist.world_size()
         rate = images_seen / (time.perf_counter() - start)
         for k, v in terms.items():
             progress.sums[k] = progress.sums.get(k, 0.0) + v
         bar.set_postfix(loss=f"{terms['loss']:.3f}", img_s=f"{rate:.1f}")
-        logger.scalars(terms, global_step, prefix="train/")
+        logger.scalars(terms, progress.global_step, prefix="train/")
         stop, save_now = pause()
         if stop or save_now:
             save()
         if stop:
-            return global_step, True
+            return True
     bar.close()
     logger.scalars({"lr": optimizer.param_groups[0]["lr"], "images_per_s": images_seen / (time.perf_counter() - start)},
-                   global_step, prefix="train/")
-    return global_step, False
+                   progress.global_step, prefix="train/")
+    return False
 
 
 def on_main_for_all(work):
@@ -250,7 +254,18 @@ def on_main_for_all(work):
 
 
 def main(args: argparse.Namespace) -> float:
+    """Trains as the flags say; returns the last validation AP. Raises SystemExit(128 + signal) after saving when
+    stopped by SIGTERM / SIGINT."""
     check_args(args)
+    with StopSignals() as signals:
+        ap, stopped = train(args, signals)
+    if stopped:
+        raise SystemExit(signals.exit_status or 1)
+    return ap
+
+
+def train(args: argparse.Namespace, signals: StopSignals) -> tuple[float, bool]:
+    """The run of `main`: (last validation AP, whether a signal stopped it)."""
     launched_without_flag = dist.launched() and not args.dist
     dist.init_distributed(args.dist or dist.launched(), args.local_rank, args.device)
     device = select_device(args.device, dist.local_rank())
@@ -305,61 +320,59 @@ def main(args: argparse.Namespace) -> float:
     def state_dict(epoch_done: int, position: dict | None) -> dict:
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch_done,
-                "position": position, "global_step": global_step, "best_ap": best_ap, "args": vars(args),
+                "position": position, "global_step": progress.global_step if progress else 0, "best_ap": best_ap,
+                "args": vars(args),
                 "model_config": config, "class_names": train_set.class_names}
 
     timer = CheckpointTimer(args.ckpt_interval)
     ap, stopped = best_ap, False
-    with StopSignals() as signals:
-        for epoch in range(start_epoch, args.num_epochs + 1):
-            if progress is None or progress.epoch != epoch:
-                progress = EpochProgress(epoch, epoch_order(len(train_set), args.batch_size, args.seed, epoch),
-                                         args.batch_size)
-            loader = make_train_loader(TrainSamples(train_set, args.seed, epoch), progress, args.num_workers, device)
+    for epoch in range(start_epoch, args.num_epochs + 1):
+        if progress is None or progress.epoch != epoch:
+            progress = EpochProgress(epoch, epoch_order(len(train_set), args.batch_size, args.seed, epoch),
+                                     args.batch_size, progress.global_step if progress else global_step)
+        loader = make_train_loader(TrainSamples(train_set, args.seed, epoch), progress, args.num_workers, device)
 
-            def save_mid_epoch():
-                snapshot = state_dict(epoch - 1, progress.position())
-                on_main_for_all(lambda: save_checkpoint(run_dir / CHECKPOINT, snapshot))
-                timer.reset()
-
-            global_step, stopped = train_one_epoch(
-                ddp_model, loader, optimizer, scaler, device, args.amp, progress, logger, global_step,
-                pause=lambda: dist.any_true(signals.received is not None, dist.is_main() and timer.due()),
-                save=save_mid_epoch, max_unreadable=args.max_bad_fraction * len(progress.order))
-            if stopped:
-                break
-            scheduler.step()
-            means = {k: v / max(progress.steps, 1) for k, v in progress.sums.items()}
-            logger.info(f"epoch {epoch}: " + " ".join(f"{k} {v:.4f}" for k, v in means.items()) +
-                        (f" ({progress.unreadable} unreadable images skipped)" if progress.unreadable else ""))
-
-            validate = epoch == args.num_epochs or (args.val_interval > 0 and epoch % args.val_interval == 0)
-            if validate:
-                stats = evaluate(model, val_set, eval_config, device=device, num_workers=args.num_workers,
-                                 amp=args.amp)
-                ap = stats["AP"]
-                logger.scalars({"AP": ap, "AP50": stats["AP50"]}, global_step, prefix="val/")
-                logger.info(f"epoch {epoch}: val AP {ap:.4f}")
-            improved = validate and ap > best_ap
-            best_ap = max(best_ap, ap)
-            snapshot = state_dict(epoch, None)
-            # checkpoint.pt first: a failure between the two saves leaves a folder that --resume continues.
+        def save_mid_epoch():
+            snapshot = state_dict(epoch - 1, progress.position())
             on_main_for_all(lambda: save_checkpoint(run_dir / CHECKPOINT, snapshot))
-            if improved:
-                on_main_for_all(lambda: save_checkpoint(run_dir / BEST, snapshot))
             timer.reset()
-            stopped = dist.any_true(signals.received is not None)[0]
-            if stopped:
-                break
+
+        stopped = train_one_epoch(
+            ddp_model, loader, optimizer, scaler, device, args.amp, progress, logger,
+            pause=lambda: dist.any_true(signals.received is not None, dist.is_main() and timer.due()),
+            save=save_mid_epoch, max_unreadable=args.max_bad_fraction * len(progress.order))
+        if stopped:
+            break
+        scheduler.step()
+        means = {k: v / max(progress.steps, 1) for k, v in progress.sums.items()}
+        logger.info(f"epoch {epoch}: " + " ".join(f"{k} {v:.4f}" for k, v in means.items()) +
+                    (f" ({progress.unreadable} unreadable images skipped)" if progress.unreadable else ""))
+
+        validate = epoch == args.num_epochs or (args.val_interval > 0 and epoch % args.val_interval == 0)
+        if validate:
+            stats = evaluate(model, val_set, eval_config, device=device, num_workers=args.num_workers,
+                             amp=args.amp)
+            ap = stats["AP"]
+            logger.scalars({"AP": ap, "AP50": stats["AP50"]}, progress.global_step, prefix="val/")
+            logger.info(f"epoch {epoch}: val AP {ap:.4f}")
+        improved = validate and ap > best_ap
+        best_ap = max(best_ap, ap)
+        snapshot = state_dict(epoch, None)
+        # checkpoint.pt first: a failure between the two saves leaves a folder that --resume continues.
+        on_main_for_all(lambda: save_checkpoint(run_dir / CHECKPOINT, snapshot))
+        if improved:
+            on_main_for_all(lambda: save_checkpoint(run_dir / BEST, snapshot))
+        timer.reset()
+        stopped = dist.any_true(signals.received is not None)[0]
+        if stopped:
+            break
     if stopped:
         where = f"epoch {progress.epoch}, step {progress.step} of {progress.steps}"
         logger.info(f"stopped by {signals.received or 'a signal to another process'} at {where}; saved "
                     f"{run_dir / CHECKPOINT}. Resume with the same command plus --resume")
     logger.close()
     dist.cleanup()
-    if stopped:
-        raise SystemExit(signals.exit_status or 1)
-    return ap
+    return ap, stopped
 
 
 if __name__ == "__main__":

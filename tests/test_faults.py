@@ -1,0 +1,185 @@
+"""Faults a long run meets, injected for real where a test can: SIGTERM and kill -9 to a running train.py, a write
+that the kernel refuses (file size limit), a full disk, truncated checkpoints and unreadable training images.
+Each test states what must survive."""
+import errno
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from datasets.shapes import ShapesConfig, write_split
+from utils import files
+from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.errors import CheckpointError, DataError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def shapes_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shapes")
+    cfg = ShapesConfig(min_size=64, max_size=96, min_obj=16, max_obj=40, max_objects=3)
+    write_split(out, "train", 8, seed=2, cfg=cfg)
+    write_split(out, "val", 1, seed=2, cfg=cfg)
+    return out
+
+
+def train_cmd(shapes_dir: Path, ckpt_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "train.py", "--log_name", "run", "--ckpt_dir", str(ckpt_dir), "--data_dir",
+            str(shapes_dir), "--train_split", "train", "--val_split", "val", "--arch", "tiny_hourglass",
+            "--img_size", "127", "--batch_size", "2", "--num_workers", "0", "--device", "cpu", "--lr", "1e-3",
+            "--lr_step", "1", "--val_interval", "0", "--num_epochs", "2", *extra]
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def start(cmd: list[str], **kwargs) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            **kwargs)
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 240.0, poll: float = 0.001) -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < end, "timed out"
+        time.sleep(poll)
+
+
+def test_sigterm_then_kill_9_then_resume_ends_bit_identical_to_an_uninterrupted_run(shapes_dir, tmp_path):
+    """Run B gets SIGTERM in its first epoch (it finishes the step, saves its exact position and exits 143), is
+    resumed with a checkpoint every step and killed with SIGKILL while a save is being written, and is resumed
+    again to the end: its weights equal those of run A, which ran straight through (4 steps an epoch)."""
+    straight = subprocess.run(train_cmd(shapes_dir, tmp_path / "a"), cwd=ROOT, env=ENV, capture_output=True,
+                              text=True, timeout=600)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    run = tmp_path / "b" / "run"
+    proc = start(train_cmd(shapes_dir, tmp_path / "b"))
+    wait_for(lambda: (run / "train.log").is_file() and "tiny_hourglass at epoch 1" in (run / "train.log").read_text(),
+             proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "Resume with the same command plus --resume" in out
+    position = load_checkpoint(run / "checkpoint.pt")["position"]
+    assert position["epoch"] == 1 and 1 <= position["step"] <= 4
+
+    proc = start(train_cmd(shapes_dir, tmp_path / "b", "--resume", "--ckpt_interval", "1e-9"))
+    first = (run / "checkpoint.pt").stat().st_mtime_ns
+    wait_for(lambda: (run / "checkpoint.pt").stat().st_mtime_ns != first, proc)
+    wait_for(lambda: any(run.glob("checkpoint.pt.*.tmp")), proc)
+    proc.kill()
+    proc.communicate()
+    left_behind = sorted(run.glob("checkpoint.pt.*.tmp"))
+    load_checkpoint(run / "checkpoint.pt")  # the last complete checkpoint is intact
+
+    resumed = subprocess.run(train_cmd(shapes_dir, tmp_path / "b", "--resume"), cwd=ROOT, env=ENV,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert not any(run.glob("*.tmp")) and all(f"removed {p}" in resumed.stdout for p in left_behind)
+    a = load_checkpoint(tmp_path / "a" / "run" / "checkpoint.pt")
+    b = load_checkpoint(run / "checkpoint.pt")
+    assert a["epoch"] == b["epoch"] == 2 and a["global_step"] == b["global_step"] == 8
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for k, v in a["optimizer"]["state"].items():
+        assert torch.equal(v["exp_avg_sq"], b["optimizer"]["state"][k]["exp_avg_sq"])
+
+
+def test_a_write_the_kernel_refuses_stops_the_run_with_one_line_and_keeps_the_checkpoint(shapes_dir, tmp_path):
+    """The resumed run may write no file above 1 MB (RLIMIT_FSIZE: the kernel fails the write with EFBIG, as a
+    full disk fails it with ENOSPC); its first save fails."""
+    first = subprocess.run(train_cmd(shapes_dir, tmp_path, "--num_epochs", "1"), cwd=ROOT, env=ENV,
+                           capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    before = ckpt.read_bytes()
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2 ** 20, 2 ** 20))
+
+    limited = subprocess.run(train_cmd(shapes_dir, tmp_path, "--resume"), cwd=ROOT, env=ENV, capture_output=True,
+                             text=True, timeout=600, preexec_fn=limit_file_size)
+    assert limited.returncode == 1
+    last_line = limited.stderr.strip().splitlines()[-1]
+    assert last_line == f"error: cannot write {ckpt}: File too large (the previous file is intact)"
+    assert "Traceback" not in limited.stderr
+    assert ckpt.read_bytes() == before and not any(ckpt.parent.glob("*.tmp"))
+
+
+class FullDisk:
+    """A file object whose writes fail with ENOSPC after `room` bytes, as on a full disk."""
+
+    def __init__(self, f, room: int):
+        self.f, self.room = f, room
+
+    def write(self, data) -> int:
+        self.room -= len(data)
+        if self.room < 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def test_a_full_disk_is_said_plainly_and_the_old_checkpoint_stays(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, {"model": {"w": torch.ones(3)}})
+    real_fdopen = os.fdopen
+    monkeypatch.setattr(files.os, "fdopen", lambda fd, mode: FullDisk(real_fdopen(fd, mode), room=100))
+    with pytest.raises(CheckpointError) as e:
+        save_checkpoint(path, {"model": {"w": torch.zeros(100000)}})
+    assert str(e.value) == f"cannot write {path}: no space left on device (the previous file is intact)"
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+
+
+def test_truncated_or_foreign_checkpoints_are_clear_errors_naming_the_file(shapes_dir, tmp_path):
+    path = tmp_path / "run" / "checkpoint.pt"
+    save_checkpoint(path, {"model": {"w": torch.ones(1000)}, "epoch": 1})
+    data = path.read_bytes()
+    for broken in (data[:len(data) // 2], b"", b"not a checkpoint at all"):
+        path.write_bytes(broken)
+        with pytest.raises(CheckpointError, match=f"cannot read checkpoint {path}: the file is truncated or corrupt"):
+            load_checkpoint(path)
+        with pytest.raises(CheckpointError, match=str(path)):
+            train.main(train.get_args_parser().parse_args(train_cmd(shapes_dir, tmp_path, "--resume")[2:]))
+    save_checkpoint(path, [1, 2, 3])
+    with pytest.raises(CheckpointError, match="is not a centernet47 checkpoint"):
+        load_checkpoint(path)
+
+
+def test_an_unreadable_training_image_is_skipped_and_too_many_stop_the_run(tmp_path):
+    data = tmp_path / "data"
+    write_split(data, "train", 8, seed=4, cfg=ShapesConfig(min_size=64, max_size=96, min_obj=16, max_obj=40))
+    write_split(data, "val", 1, seed=4, cfg=ShapesConfig(min_size=64, max_size=96, min_obj=16, max_obj=40))
+    bad = sorted((data / "train").iterdir())[3]
+    bad.write_bytes(bad.read_bytes()[:200])  # a JPEG cut short
+
+    def args(ckpt: str, *extra: str):
+        return train.get_args_parser().parse_args(train_cmd(data, tmp_path / ckpt, "--batch_size", "4",
+                                                            "--num_epochs", "1", *extra)[2:])
+
+    with pytest.warns(UserWarning, match=f"skipping an unreadable training image: {bad}"):
+        train.main(args("tolerant", "--max_bad_fraction", "0.2"))
+    log = (tmp_path / "tolerant" / "run" / "train.log").read_text()
+    assert "(1 unreadable images skipped)" in log
+    with pytest.raises(DataError, match="1 training images of epoch 1 could not be read"), pytest.warns(UserWarning):
+        train.main(args("strict"))
+    assert not (tmp_path / "strict" / "run" / "checkpoint.pt").exists()
