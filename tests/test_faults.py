@@ -2,6 +2,7 @@
 that the kernel refuses (file size limit), a full disk, truncated checkpoints and unreadable training images.
 Each test states what must survive."""
 import errno
+import importlib.util
 import os
 import resource
 import signal
@@ -20,6 +21,10 @@ from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.errors import CheckpointError, DataError
 
 ROOT = Path(__file__).resolve().parents[1]
+# test.py by path: a plain `import test` could find the standard library's `test` package
+_spec = importlib.util.spec_from_file_location("centernet47_test_cli", ROOT / "test.py")
+test_cli = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(test_cli)
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +165,9 @@ def test_truncated_or_foreign_checkpoints_are_clear_errors_naming_the_file(shape
             load_checkpoint(path)
         with pytest.raises(CheckpointError, match=str(path)):
             train.main(train.get_args_parser().parse_args(train_cmd(shapes_dir, tmp_path, "--resume")[2:]))
+        with pytest.raises(CheckpointError, match=str(path)):
+            test_cli.main(test_cli.get_args_parser().parse_args(["--ckpt", str(path), "--data_dir", str(shapes_dir),
+                                                                 "--val_split", "val", "--device", "cpu"]))
     save_checkpoint(path, [1, 2, 3])
     with pytest.raises(CheckpointError, match="is not a centernet47 checkpoint"):
         load_checkpoint(path)

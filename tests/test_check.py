@@ -1,0 +1,61 @@
+"""python -m datasets.check: every problem of a split, each with its file and entry, not just the first."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from datasets.check import check_split, main
+from datasets.shapes import ShapesConfig, write_split
+
+ROOT = Path(__file__).resolve().parents[1]
+RACCOON = Path(__file__).parent / "data" / "raccoon"
+
+
+def broken_split(root: Path) -> Path:
+    """Six images with five problems: a missing file, a truncated JPEG, a size that differs from the json, a bad
+    box and an unknown category."""
+    write_split(root, "train", 6, seed=5, cfg=ShapesConfig(min_size=64, max_size=96, min_obj=16, max_obj=40))
+    ann_file = root / "annotations" / "instances_train.json"
+    data = json.loads(ann_file.read_text())
+    images = data["images"]
+    (root / "train" / images[0]["file_name"]).unlink()
+    truncated = root / "train" / images[1]["file_name"]
+    truncated.write_bytes(truncated.read_bytes()[:300])
+    resized = root / "train" / images[2]["file_name"]
+    cv2.imwrite(str(resized), np.zeros((images[2]["height"] + 3, images[2]["width"], 3), np.uint8))
+    data["annotations"][0]["bbox"] = [1, 2, 3]
+    data["annotations"][1]["category_id"] = 99
+    ann_file.write_text(json.dumps(data))
+    return ann_file
+
+
+def test_every_problem_is_listed_with_its_file_and_entry(tmp_path):
+    ann_file = broken_split(tmp_path)
+    data = json.loads(ann_file.read_text())
+    problems = check_split(tmp_path, "train", progress=False)
+    assert len(problems) == 5, problems
+    first, second = data["annotations"][0], data["annotations"][1]
+    expected = [
+        f"annotations[0].bbox is [1, 2, 3]", f"(annotation id {first['id']})",
+        f"annotations[1].category_id 99 is not in 'categories'", f"(annotation id {second['id']})",
+        f"{tmp_path / 'train' / data['images'][0]['file_name']}: image file not found",
+        f"{tmp_path / 'train' / data['images'][1]['file_name']}: ",
+        f"decoded size {data['images'][2]['width']}x{data['images'][2]['height'] + 3} differs",
+    ]
+    text = "\n".join(problems)
+    for part in expected:
+        assert part in text, part
+
+
+def test_exit_status_and_output_of_the_command(tmp_path, capsys):
+    assert main(["--data_dir", str(RACCOON), "--split", "val"]) == 0
+    assert "no problems found" in capsys.readouterr().out
+    broken_split(tmp_path)
+    result = subprocess.run([sys.executable, "-m", "datasets.check", "--data_dir", str(tmp_path), "--split", "train"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and result.stdout.strip().splitlines()[-1].endswith(": 5 problem(s)")
+    assert main(["--data_dir", str(tmp_path), "--split", "nope"]) == 1
+    assert "annotation file not found" in capsys.readouterr().err
