@@ -9,6 +9,8 @@ COCO on 8 GPUs (the seed's recipe; `python -m torch.distributed.launch --nproc_p
 Resume a stopped run: the same command with --resume.
 """
 import argparse
+import contextlib
+import itertools
 import math
 import random
 import time
@@ -28,6 +30,7 @@ from utils.device import autocast, select_device
 from utils.inference import build_eval_config, evaluate
 from utils.logger import RunLogger
 from utils.losses import centernet_loss
+from utils.pretrained import load_pretrained_checkpoint
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -54,6 +57,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--dist", action="store_true", help="DistributedDataParallel (launch with torchrun)")
     p.add_argument("--sync_bn", action="store_true", help="SyncBatchNorm across processes (GPU only)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    # Fine-tuning and memory (see README "Fine-tuning" and "Fewer GPUs").
+    p.add_argument("--pretrained", help="checkpoint to start from (weights only; other classes are fine)")
+    p.add_argument("--accum_steps", type=int, default=1,
+                   help="micro-batches of --batch_size per optimizer step (effective batch: their product)")
+    p.add_argument("--grad_checkpoint", action="store_true", help="recompute the hourglasses in backward")
     return p
 
 
@@ -71,38 +79,48 @@ def seed_everything(seed: int) -> None:
 
 
 def train_one_epoch(model, loader, optimizer, scaler, device, amp: bool, epoch: int, logger: RunLogger,
-                    global_step: int) -> tuple[dict[str, float], int]:
-    """One pass over `loader`; returns the mean of each loss term (over all processes) and the new step count."""
+                    global_step: int, accum_steps: int = 1) -> tuple[dict[str, float], int]:
+    """One pass over `loader`; returns the mean of each loss term (over all processes) and the new optimizer step
+    count. With `accum_steps` N the gradients of N batches (each loss scaled by 1 / N) make one optimizer step, as
+    one batch N times larger would; the last len(loader) % N batches are left out."""
     model.train()
     sums: dict[str, float] = {}
     images_seen, start = 0, time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {epoch}", disable=not dist.is_main(), dynamic_ncols=True)
-    for batch in bar:
+    num_batches = len(loader) // accum_steps * accum_steps
+    bar = tqdm(itertools.islice(loader, num_batches), total=num_batches, desc=f"epoch {epoch}",
+               disable=not dist.is_main(), dynamic_ncols=True)
+    optimizer.zero_grad(set_to_none=True)
+    for i, batch in enumerate(bar):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        with autocast(device, amp):
-            outputs = model(batch["image"])
-        outputs = [{k: v.float() for k, v in stack.items()} for stack in outputs]
-        loss, terms = centernet_loss(outputs, batch)
-        terms = dist.reduce_mean({"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()}})
-        if not all(math.isfinite(v) for v in terms.values()):
-            raise FloatingPointError(
-                f"non-finite loss at epoch {epoch}, step {global_step}: {terms}. Stopping; the last saved "
-                "checkpoint is intact. Try a lower --lr, or run without --amp.")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-
-        global_step += 1
-        images_seen += batch["image"].shape[0] * dist.world_size()
-        rate = images_seen / (time.perf_counter() - start)
+        step_now = (i + 1) % accum_steps == 0
+        # DDP all-reduces the gradients only in the backward of the micro-batch that ends a step.
+        with (contextlib.nullcontext() if step_now or not hasattr(model, "no_sync") else model.no_sync()):
+            with autocast(device, amp):
+                outputs = model(batch["image"])
+            outputs = [{k: v.float() for k, v in stack.items()} for stack in outputs]
+            loss, terms = centernet_loss(outputs, batch)
+            terms = dist.reduce_mean({"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()}})
+            if not all(math.isfinite(v) for v in terms.values()):
+                raise FloatingPointError(
+                    f"non-finite loss at epoch {epoch}, step {global_step}: {terms}. Stopping; the last saved "
+                    "checkpoint is intact. Try a lower --lr, or run without --amp.")
+            scaler.scale(loss / accum_steps).backward()
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + v
+        if not step_now:
+            continue
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+        global_step += 1
+        images_seen += batch["image"].shape[0] * dist.world_size() * accum_steps
+        rate = images_seen / (time.perf_counter() - start)
         bar.set_postfix(loss=f"{terms['loss']:.3f}", img_s=f"{rate:.1f}")
         logger.scalars(terms, global_step, prefix="train/")
     logger.scalars({"lr": optimizer.param_groups[0]["lr"], "images_per_s": images_seen / (time.perf_counter() - start)},
                    global_step, prefix="train/")
-    return {k: v / max(len(loader), 1) for k, v in sums.items()}, global_step
+    return {k: v / max(num_batches, 1) for k, v in sums.items()}, global_step
 
 
 def make_train_loader(dataset, batch_size: int, num_workers: int, seed: int, epoch: int, device) -> DataLoader:
@@ -134,6 +152,8 @@ def main(args: argparse.Namespace) -> float:
     run_dir = Path(args.ckpt_dir) / args.log_name
     check_run_dir(run_dir, args.resume)
     lr_steps = parse_lr_steps(args.lr_step)
+    if args.accum_steps < 1:
+        raise SystemExit(f"--accum_steps must be at least 1, got {args.accum_steps}")
     seed_everything(args.seed)
 
     train_set = build_dataset(args, args.train_split, train=True)
@@ -141,8 +161,11 @@ def main(args: argparse.Namespace) -> float:
     if val_set.class_names != train_set.class_names:
         raise SystemExit(f"{args.val_split} and {args.train_split} have different categories")
     args.num_classes = len(train_set.class_names)
+    if len(train_set) < args.batch_size * args.accum_steps:
+        raise SystemExit(f"--batch_size {args.batch_size} x --accum_steps {args.accum_steps} is larger than the "
+                         f"training set ({len(train_set)} images): no optimizer step would be made")
 
-    model = build_model(args.arch, args.num_classes).to(device)
+    model = build_model(args.arch, args.num_classes, grad_checkpoint=args.grad_checkpoint).to(device)
     if args.sync_bn and dist.is_dist():
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
@@ -164,6 +187,9 @@ def main(args: argparse.Namespace) -> float:
     logger.info(f"{'resuming' if args.resume else 'starting'} {run_dir} at epoch {start_epoch}: {args.arch}, "
                 f"{args.num_classes} classes, {len(train_set)} train / {len(val_set)} val images, "
                 f"{dist.world_size()} process(es) on {device}")
+    if args.pretrained and not args.resume:  # a resumed run already holds the fine-tuned weights
+        for line in load_pretrained_checkpoint(model, args.pretrained, train_set.class_names).lines():
+            logger.info(line)
     ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if dist.is_dist() else model
     eval_config = build_eval_config(args)
@@ -174,7 +200,7 @@ def main(args: argparse.Namespace) -> float:
         seed_everything(args.seed * 1000 + epoch)
         loader = make_train_loader(train_set, args.batch_size, args.num_workers, args.seed, epoch, device)
         means, global_step = train_one_epoch(ddp_model, loader, optimizer, scaler, device, args.amp, epoch, logger,
-                                             global_step)
+                                             global_step, args.accum_steps)
         scheduler.step()
         logger.info(f"epoch {epoch}: " + " ".join(f"{k} {v:.4f}" for k, v in means.items()))
 

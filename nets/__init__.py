@@ -1,4 +1,4 @@
-"""`build_model(arch, num_classes)`: the CenterNet variants by name."""
+"""`build_model(arch, num_classes, grad_checkpoint)`: the CenterNet variants by name."""
 from .hourglass import CenterNet
 
 HOURGLASS_DIMS = [256, 256, 384, 384, 384, 512]
@@ -20,9 +20,9 @@ ARCHS = {
 }
 
 
-def build_model(arch: str, num_classes: int) -> CenterNet:
+def build_model(arch: str, num_classes: int, grad_checkpoint: bool = False) -> CenterNet:
     if arch not in ARCHS:
         raise ValueError(f"unknown --arch {arch!r}; expected one of {', '.join(ARCHS)}")
     if num_classes < 1:
         raise ValueError(f"num_classes must be at least 1, got {num_classes}")
-    return CenterNet(num_classes=num_classes, **ARCHS[arch])
+    return CenterNet(num_classes=num_classes, grad_checkpoint=grad_checkpoint, **ARCHS[arch])
