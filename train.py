@@ -12,6 +12,7 @@ Resume a stopped run: the same command with --resume. A run saves every --ckpt_i
 SIGTERM or Ctrl-C, and resumes from the exact step it reached.
 """
 import argparse
+import contextlib
 import math
 import random
 import time
@@ -35,6 +36,7 @@ from utils.files import remove_stale_temporaries
 from utils.inference import build_eval_config, evaluate
 from utils.logger import RunLogger
 from utils.losses import centernet_loss
+from utils.pretrained import load_pretrained_checkpoint
 from utils.stopping import CheckpointTimer, StopSignals, ignore_stop_signals
 
 CHECKPOINT, BEST = "checkpoint.pt", "best.pt"
@@ -75,6 +77,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="DistributedDataParallel (implied when torchrun or srun starts several processes)")
     p.add_argument("--sync_bn", action="store_true", help="SyncBatchNorm across processes (GPU only)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    # Fine-tuning and memory (see README "Fine-tuning" and "Fewer GPUs").
+    p.add_argument("--pretrained", help="checkpoint to start from (weights only; other classes are fine)")
+    p.add_argument("--accum_steps", type=int, default=1,
+                   help="micro-batches of --batch_size per optimizer step (effective batch: their product)")
+    p.add_argument("--grad_checkpoint", action="store_true", help="recompute the hourglasses in backward")
     return p
 
 
@@ -87,7 +94,8 @@ def parse_lr_steps(text: str) -> list[int]:
 
 def check_args(args: argparse.Namespace) -> None:
     """Flag values that cannot work, refused before anything is created."""
-    positive = {"--batch_size": args.batch_size, "--num_epochs": args.num_epochs, "--lr": args.lr}
+    positive = {"--batch_size": args.batch_size, "--num_epochs": args.num_epochs, "--lr": args.lr,
+                "--accum_steps": args.accum_steps}
     for flag, value in positive.items():
         if not value > 0:
             raise SystemExit(f"{flag} must be positive, got {value}")
@@ -129,9 +137,9 @@ def check_resumable(state: dict, args: argparse.Namespace, class_names: list[str
         raise SystemExit(f"--resume: {path} was trained on classes {state['class_names']}, but "
                          f"{args.train_split} has {class_names}")
     position = state.get("position")
-    if position and position["global_batch"] != args.batch_size:
-        raise SystemExit(f"--resume: {path} stopped inside epoch {position['epoch']} with --batch_size "
-                         f"{position['global_batch']}; resume with the same --batch_size")
+    if position and position["global_batch"] != args.batch_size * args.accum_steps:
+        raise SystemExit(f"--resume: {path} stopped inside epoch {position['epoch']} with {position['global_batch']} "
+                         "images per optimizer step; resume with the same --batch_size and --accum_steps")
     last_epoch = position["epoch"] if position else state["epoch"] + 1
     if last_epoch > args.num_epochs:
         raise SystemExit(f"--resume: {path} has already trained {state['epoch']} epochs; pass a --num_epochs "
@@ -146,8 +154,9 @@ def seed_everything(seed: int) -> None:
 
 @dataclass
 class EpochProgress:
-    """Where training stands inside `epoch`: its sample order, optimizer steps done in it and in the whole run, the
-    sums of the loss terms, and the unreadable images skipped."""
+    """Where training stands inside `epoch`: its sample order, the images of one optimizer step (`global_batch`:
+    --batch_size x --accum_steps), optimizer steps done in it and in the whole run, the sums of the loss terms
+    (over micro-batches), and the unreadable images skipped."""
     epoch: int
     order: np.ndarray
     global_batch: int
@@ -172,59 +181,69 @@ class EpochProgress:
                    p["unreadable"])
 
 
-def make_train_loader(dataset, progress: EpochProgress, num_workers: int, device: torch.device) -> DataLoader:
-    """The rest of `progress.epoch` for this process: `global_batch / world_size` images a step, from the step
-    reached on (datasets/sampling.py)."""
-    if progress.global_batch % dist.world_size():
-        raise SystemExit(f"--batch_size {progress.global_batch} must be divisible by the number of processes "
+def make_train_loader(dataset, progress: EpochProgress, num_workers: int, device: torch.device,
+                      accum_steps: int = 1) -> DataLoader:
+    """The rest of `progress.epoch` for this process, from the step reached on (datasets/sampling.py), in
+    micro-batches of `global_batch / (accum_steps * world_size)` images."""
+    micro_batch = progress.global_batch // accum_steps
+    if micro_batch % dist.world_size():
+        raise SystemExit(f"--batch_size {micro_batch} must be divisible by the number of processes "
                          f"({dist.world_size()})")
     sampler = EpochSampler(progress.order, progress.global_batch, dist.rank(), dist.world_size(), progress.step)
-    return DataLoader(dataset, batch_size=progress.global_batch // dist.world_size(), sampler=sampler,
+    return DataLoader(dataset, batch_size=micro_batch // dist.world_size(), sampler=sampler,
                       num_workers=num_workers, drop_last=True, pin_memory=device.type == "cuda",
                       worker_init_fn=ignore_stop_signals)
 
 
 def train_one_epoch(model, loader, optimizer, scaler, device, amp: bool, progress: EpochProgress,
                     logger: RunLogger, pause=lambda: (False, False), save=lambda: None,
-                    max_unreadable: float = math.inf) -> bool:
+                    max_unreadable: float = math.inf, accum_steps: int = 1) -> bool:
     """Trains on `loader`, keeping `progress` current; returns whether a stop was asked.
 
-    After each step `pause()` says, for all processes alike, whether to stop and whether to save: `save()` is then
-    called (a mid-epoch checkpoint of `progress`), and the epoch ends early on a stop."""
+    With `accum_steps` N the gradients of N micro-batches (each loss scaled by 1 / N) make one optimizer step, as
+    one batch N times larger would. After each optimizer step `pause()` says, for all processes alike, whether to
+    stop and whether to save: `save()` is then called (a mid-epoch checkpoint of `progress`), and the epoch ends
+    early on a stop."""
     model.train()
     images_seen, start = 0, time.perf_counter()
     bar = tqdm(loader, desc=f"epoch {progress.epoch}", disable=not dist.is_main(), dynamic_ncols=True,
-               initial=progress.step, total=progress.steps)
-    for batch in bar:
+               initial=progress.step * accum_steps, total=progress.steps * accum_steps)
+    optimizer.zero_grad(set_to_none=True)
+    for micro, batch in enumerate(bar, start=1):
+        step_now = micro % accum_steps == 0
         unreadable = batch.pop("unreadable", torch.zeros(1)).sum()
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        with autocast(device, amp):
-            outputs = model(batch["image"])
-        outputs = [{k: v.float() for k, v in stack.items()} for stack in outputs]
-        loss, terms = centernet_loss(outputs, batch)
-        terms = dist.reduce_mean({"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()},
-                                  "unreadable": unreadable.to(device).float()})
-        progress.unreadable += round(terms.pop("unreadable") * dist.world_size())
-        if not all(math.isfinite(v) for v in terms.values()):
-            raise TrainingDiverged(
-                f"non-finite loss at epoch {progress.epoch}, step {progress.step + 1}: {terms}. Stopping; the last saved "
-                "checkpoint is intact. Try a lower --lr, or run without --amp.")
-        if progress.unreadable > max_unreadable:
-            raise DataError(
-                f"{progress.unreadable} training images of epoch {progress.epoch} could not be read (more than "
-                f"--max_bad_fraction of the epoch); the last checkpoint is intact. List every problem with "
-                f"`python -m datasets.check --data_dir DIR --split NAME`")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        # DDP all-reduces the gradients only in the backward of the micro-batch that ends a step.
+        with contextlib.nullcontext() if step_now or not hasattr(model, "no_sync") else model.no_sync():
+            with autocast(device, amp):
+                outputs = model(batch["image"])
+            outputs = [{k: v.float() for k, v in stack.items()} for stack in outputs]
+            loss, terms = centernet_loss(outputs, batch)
+            terms = dist.reduce_mean({"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()},
+                                      "unreadable": unreadable.to(device).float()})
+            progress.unreadable += round(terms.pop("unreadable") * dist.world_size())
+            if not all(math.isfinite(v) for v in terms.values()):
+                raise TrainingDiverged(
+                    f"non-finite loss at epoch {progress.epoch}, step {progress.step + 1}: {terms}. Stopping; the "
+                    "last saved checkpoint is intact. Try a lower --lr, or run without --amp.")
+            if progress.unreadable > max_unreadable:
+                raise DataError(
+                    f"{progress.unreadable} training images of epoch {progress.epoch} could not be read (more than "
+                    f"--max_bad_fraction of the epoch); the last checkpoint is intact. List every problem with "
+                    f"`python -m datasets.check --data_dir DIR --split NAME`")
+            scaler.scale(loss / accum_steps).backward()
+        for k, v in terms.items():
+            progress.sums[k] = progress.sums.get(k, 0.0) + v
+        images_seen += batch["image"].shape[0] * dist.world_size()
+        if not step_now:
+            continue
         scaler.step(optimizer)
         scaler.update()
+        optimizer.zero_grad(set_to_none=True)
 
         progress.global_step += 1
         progress.step += 1
-        images_seen += batch["image"].shape[0] * dist.world_size()
         rate = images_seen / (time.perf_counter() - start)
-        for k, v in terms.items():
-            progress.sums[k] = progress.sums.get(k, 0.0) + v
         bar.set_postfix(loss=f"{terms['loss']:.3f}", img_s=f"{rate:.1f}")
         logger.scalars(terms, progress.global_step, prefix="train/")
         stop, save_now = pause()
@@ -278,15 +297,17 @@ def train(args: argparse.Namespace, signals: StopSignals) -> tuple[float, bool]:
     val_set = build_dataset(args, args.val_split, train=False)
     if val_set.class_names != train_set.class_names:
         raise SystemExit(f"{args.val_split} and {args.train_split} have different categories")
-    if len(train_set) < args.batch_size:
-        raise SystemExit(f"--batch_size {args.batch_size} is larger than the training set ({len(train_set)} images)")
+    step_batch = args.batch_size * args.accum_steps
+    if len(train_set) < step_batch:
+        raise SystemExit(f"--batch_size {args.batch_size} x --accum_steps {args.accum_steps} is larger than the "
+                         f"training set ({len(train_set)} images): no optimizer step would be made")
     args.num_classes = len(train_set.class_names)
 
     state = load_checkpoint(run_dir / CHECKPOINT) if resuming else None
     if state is not None:
         check_resumable(state, args, train_set.class_names, run_dir / CHECKPOINT)
     config = model_config(args.arch, args.num_classes)
-    model = build_model(args.arch, args.num_classes).to(device)
+    model = build_model(args.arch, args.num_classes, grad_checkpoint=args.grad_checkpoint).to(device)
     if args.sync_bn and dist.is_dist():
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
@@ -310,6 +331,9 @@ def train(args: argparse.Namespace, signals: StopSignals) -> tuple[float, bool]:
     if launched_without_flag:
         logger.info(f"started as {dist.world_size()} processes by a launcher: training with "
                     "DistributedDataParallel (--dist implied)")
+    if args.pretrained and not resuming:  # a resumed run already holds the fine-tuned weights
+        for line in load_pretrained_checkpoint(model, args.pretrained, train_set.class_names).lines():
+            logger.info(line)
     logger.info(f"{args.arch} at epoch {start_epoch}{f' step {progress.step}' if progress else ''}: "
                 f"{args.num_classes} classes, {len(train_set)} train / {len(val_set)} val images, "
                 f"{dist.world_size()} process(es) on {device}")
@@ -328,9 +352,10 @@ def train(args: argparse.Namespace, signals: StopSignals) -> tuple[float, bool]:
     ap, stopped = best_ap, False
     for epoch in range(start_epoch, args.num_epochs + 1):
         if progress is None or progress.epoch != epoch:
-            progress = EpochProgress(epoch, epoch_order(len(train_set), args.batch_size, args.seed, epoch),
-                                     args.batch_size, progress.global_step if progress else global_step)
-        loader = make_train_loader(TrainSamples(train_set, args.seed, epoch), progress, args.num_workers, device)
+            progress = EpochProgress(epoch, epoch_order(len(train_set), step_batch, args.seed, epoch), step_batch,
+                                     progress.global_step if progress else global_step)
+        loader = make_train_loader(TrainSamples(train_set, args.seed, epoch), progress, args.num_workers, device,
+                                   args.accum_steps)
 
         def save_mid_epoch():
             snapshot = state_dict(epoch - 1, progress.position())
@@ -340,11 +365,12 @@ def train(args: argparse.Namespace, signals: StopSignals) -> tuple[float, bool]:
         stopped = train_one_epoch(
             ddp_model, loader, optimizer, scaler, device, args.amp, progress, logger,
             pause=lambda: dist.any_true(signals.received is not None, dist.is_main() and timer.due()),
-            save=save_mid_epoch, max_unreadable=args.max_bad_fraction * len(progress.order))
+            save=save_mid_epoch, max_unreadable=args.max_bad_fraction * len(progress.order),
+            accum_steps=args.accum_steps)
         if stopped:
             break
         scheduler.step()
-        means = {k: v / max(progress.steps, 1) for k, v in progress.sums.items()}
+        means = {k: v / max(progress.steps * args.accum_steps, 1) for k, v in progress.sums.items()}
         logger.info(f"epoch {epoch}: " + " ".join(f"{k} {v:.4f}" for k, v in means.items()) +
                     (f" ({progress.unreadable} unreadable images skipped)" if progress.unreadable else ""))
 

@@ -1,5 +1,5 @@
-"""`build_model(arch, num_classes)`: the CenterNet variants by name; `model_from_checkpoint(state)`: the network a
-checkpoint holds, built from the constructor arguments stored in it."""
+"""`build_model(arch, num_classes, grad_checkpoint)`: the CenterNet variants by name; `model_from_checkpoint(state)`:
+the network a checkpoint holds, built from the constructor arguments stored in it."""
 from utils.errors import CheckpointError
 
 from .hourglass import CenterNet
@@ -32,8 +32,9 @@ def model_config(arch: str, num_classes: int) -> dict:
     return dict(num_classes=num_classes, **ARCHS[arch])
 
 
-def build_model(arch: str, num_classes: int) -> CenterNet:
-    return CenterNet(**model_config(arch, num_classes))
+def build_model(arch: str, num_classes: int, grad_checkpoint: bool = False) -> CenterNet:
+    """`grad_checkpoint`: recompute the hourglasses' activations in the backward pass (less memory, more time)."""
+    return CenterNet(**model_config(arch, num_classes), grad_checkpoint=grad_checkpoint)
 
 
 def model_from_checkpoint(state: dict, path) -> CenterNet:

@@ -5,11 +5,13 @@ Shapes: image (N, 3, H, W) with H, W of the form 128k - 1 -> maps (N, *, (H + 1)
 """
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .corner_pool import CascadeCornerPool, CenterPool
 from .layers import ConvBnRelu, Residual
 
 HEATMAP_BIAS = -2.19  # sigmoid(-2.19) ~ 0.1: the focal loss starts small on the mostly-negative heatmaps
+HEATMAP_HEADS = ("hm_tl", "hm_br", "hm_ct")  # the heads with one output channel per class
 
 
 def residuals(in_dim: int, out_dim: int, count: int, stride: int = 1) -> nn.Sequential:
@@ -32,6 +34,31 @@ class Hourglass(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.skip(x) + self.upsample(self.up(self.inner(self.down(x))))
+
+
+def checkpointed(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """module(x) without keeping its activations for backward, which runs the forward a second time to recompute
+    them. That second run sees the same batch, so BN normalises the same way, but it would move the running
+    statistics a second time: they are put back after it, and evaluation gets the statistics of one forward."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    calls = 0
+
+    def run(inp: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return module(inp)
+        saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in norms]
+        try:  # torch may stop the recomputation early, with an exception, once it has what backward needs
+            return module(inp)
+        finally:
+            with torch.no_grad():
+                for m, (mean, var, count) in zip(norms, saved):
+                    m.running_mean.copy_(mean)
+                    m.running_var.copy_(var)
+                    m.num_batches_tracked.copy_(count)
+
+    return checkpoint(run, x, use_reentrant=False)
 
 
 def head(in_dim: int, mid_dim: int, out_dim: int, bias: float | None = None) -> nn.Sequential:
@@ -73,13 +100,16 @@ class KeypointBranches(nn.Module):
 class CenterNet(nn.Module):
     """Stem (7x7 conv stride 2, residual stride 2), `num_stacks` hourglasses with intermediate supervision.
 
-    Training mode returns a list with one output dict per stack; eval mode returns the last stack's dict."""
+    Training mode returns a list with one output dict per stack; eval mode returns the last stack's dict.
+    `grad_checkpoint`: in training, keep only each hourglass's input for backward and recompute the rest there
+    (less memory, one more hourglass forward per step; see bench/bench_memory.py)."""
 
     def __init__(self, num_classes: int, num_stacks: int, dims: list[int], blocks: list[int], stem_dim: int,
-                 cnv_dim: int, pool_dim: int, head_dim: int):
+                 cnv_dim: int, pool_dim: int, head_dim: int, grad_checkpoint: bool = False):
         super().__init__()
         width = dims[0]
         self.num_stacks = num_stacks
+        self.grad_checkpoint = grad_checkpoint
         # Each of the len(dims) - 1 hourglass levels halves the stride-4 map: (H + 1) / 4 must divide evenly.
         self.size_unit = 4 * 2 ** (len(dims) - 1)
         self.stem = nn.Sequential(ConvBnRelu(7, 3, stem_dim, stride=2), Residual(stem_dim, width, stride=2))
@@ -104,7 +134,11 @@ class CenterNet(nn.Module):
         x = self.stem(image)
         outputs = []
         for i in range(self.num_stacks):
-            cnv = self.cnvs[i](self.hourglasses[i](x))
+            if self.grad_checkpoint and self.training and torch.is_grad_enabled():
+                features = checkpointed(self.hourglasses[i], x)
+            else:
+                features = self.hourglasses[i](x)
+            cnv = self.cnvs[i](features)
             last = i == self.num_stacks - 1
             if self.training or last:
                 outputs.append(self.branches[i](cnv))

@@ -1,0 +1,76 @@
+"""Fine-tuning against training from scratch on a small 2-class data set, the same epochs and flags for both.
+
+    .venv/bin/python bench/bench_finetune.py --out /tmp/finetune
+
+1. Pre-training: tiny_hourglass on the built-in shapes (4 classes, seed 0, `--pre_images` train images).
+2. Target data: other images (seed 1) with only ellipses and crosses, `--target_images` train + 100 val images.
+3. Two runs on the target data for `--epochs` epochs: `--pretrained` with step 1's checkpoint, and from scratch.
+Prints the val AP of each (no flip). Everything is written under --out, which must not exist yet.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: import the repo
+import train
+from datasets.shapes import ShapesConfig, write_split
+
+KEEP = ("ellipse", "cross")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="work folder (created; must not exist)")
+    p.add_argument("--pre_images", type=int, default=400)
+    p.add_argument("--pre_epochs", type=int, default=12)
+    p.add_argument("--target_images", type=int, default=100)
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--num_workers", type=int, default=1)
+    return p
+
+
+def keep_classes(data_dir: Path, names: tuple[str, ...]) -> None:
+    for split in ("train", "val"):
+        path = data_dir / "annotations" / f"instances_{split}.json"
+        data = json.loads(path.read_text())
+        data["categories"] = [c for c in data["categories"] if c["name"] in names]
+        ids = {c["id"] for c in data["categories"]}
+        data["annotations"] = [a for a in data["annotations"] if a["category_id"] in ids]
+        path.write_text(json.dumps(data))
+
+
+def run(data_dir: Path, ckpt_dir: Path, name: str, epochs: int, lr_step: int, workers: int, *extra: str) -> float:
+    args = train.get_args_parser().parse_args([
+        "--log_name", name, "--ckpt_dir", str(ckpt_dir), "--data_dir", str(data_dir), "--train_split", "train",
+        "--val_split", "val", "--arch", "tiny_hourglass", "--img_size", "127", "--batch_size", "16", "--lr", "2e-3",
+        "--lr_step", str(lr_step), "--num_epochs", str(epochs), "--val_interval", "0", "--num_workers", str(workers),
+        "--device", "cpu", *extra])
+    return train.main(args)
+
+
+def main(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    if out.exists():
+        raise SystemExit(f"--out {out} exists; give a new folder")
+    cfg = ShapesConfig()
+    write_split(out / "pre", "train", args.pre_images, seed=0, cfg=cfg)
+    write_split(out / "pre", "val", 20, seed=0, cfg=cfg)
+    write_split(out / "target", "train", args.target_images, seed=1, cfg=cfg)
+    write_split(out / "target", "val", 100, seed=1, cfg=cfg)
+    keep_classes(out / "target", KEEP)
+
+    pre_step = max(1, args.pre_epochs * 5 // 6)
+    run(out / "pre", out / "ckpt", "pre", args.pre_epochs, pre_step, args.num_workers)
+    step = max(1, args.epochs * 5 // 6)
+    ap_fine = run(out / "target", out / "ckpt", "finetune", args.epochs, step, args.num_workers,
+                  "--pretrained", str(out / "ckpt" / "pre" / "checkpoint.pt"))
+    ap_scratch = run(out / "target", out / "ckpt", "scratch", args.epochs, step, args.num_workers)
+    print(f"\n{args.target_images} train images of {', '.join(KEEP)}, {args.epochs} epochs, val AP (100 images):")
+    print("| start | val AP |\n|---|---|")
+    print(f"| --pretrained (shapes, 4 classes, {args.pre_epochs} epochs on {args.pre_images} images) | {ap_fine:.3f} |")
+    print(f"| from scratch | {ap_scratch:.3f} |")
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -1,0 +1,90 @@
+"""Training memory and time with and without activation checkpointing of the hourglasses (--grad_checkpoint).
+
+    .venv/bin/python bench/bench_memory.py                     # CPU: tiny at 127 batch 16, small at 255 batch 2
+    .venv/bin/python bench/bench_memory.py --device cuda --configs large_hourglass:511:4 small_hourglass:511:8
+
+Each configuration (arch:input:batch) runs in its own process, once plain and once checkpointed: a training step
+(forward, loss, backward, Adam) on random images and targets (bench/bench_model.py), median time over the timed
+steps after one warm-up. Memory: the bytes autograd keeps for backward during the forward (saved tensors, exact),
+and the peak of the process (CPU: peak RSS, which includes weights, gradients and Adam state; CUDA:
+max_memory_allocated).
+"""
+import argparse
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: import the repo
+from bench.bench_model import random_batch, timed
+from nets import build_model
+from utils.losses import centernet_loss
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--configs", nargs="*", default=["tiny_hourglass:127:16", "small_hourglass:255:2"])
+    p.add_argument("--num_classes", type=int, default=80)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--one", help=argparse.SUPPRESS)  # arch:input:batch:checkpoint, run in this process
+    return p
+
+
+def measure(arch: str, size: int, batch_size: int, grad_checkpoint: bool, args) -> dict:
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = build_model(arch, args.num_classes, grad_checkpoint=grad_checkpoint).to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    batch = random_batch(batch_size, size, args.num_classes, device)
+    saved = 0
+
+    def pack(t):
+        nonlocal saved
+        saved += t.numel() * t.element_size()
+        return t
+
+    def step():
+        nonlocal saved
+        saved = 0
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            outputs = model(batch["image"])
+        loss, _ = centernet_loss(outputs, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    seconds = timed(step, args.steps, device)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"saved": saved, "peak": peak, "seconds": seconds}
+
+
+def main(args: argparse.Namespace) -> None:
+    if args.one:
+        arch, size, batch, ckpt = args.one.split(":")
+        print(json.dumps(measure(arch, int(size), int(batch), ckpt == "1", args)))
+        return
+    peak_name = "peak RSS" if args.device == "cpu" else "max allocated"
+    print(f"{args.device}, {torch.get_num_threads()} threads, {args.num_classes} classes, median of {args.steps} steps")
+    print(f"| arch | input | batch | --grad_checkpoint | saved activations MB | {peak_name} MB | s / step |")
+    print("|---|---|---|---|---|---|---|")
+    for config in args.configs:
+        arch, size, batch = config.split(":")
+        rows = []
+        for ckpt in (0, 1):
+            cmd = [sys.executable, __file__, "--one", f"{config}:{ckpt}", "--device", args.device,
+                   "--num_classes", str(args.num_classes), "--steps", str(args.steps)]
+            rows.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout))
+        for ckpt, r in enumerate(rows):
+            cells = [f"{r['saved'] / 2**20:.0f}", f"{r['peak'] / 2**20:.0f}", f"{r['seconds']:.2f}"]
+            if ckpt:  # the change against the plain row
+                cells = [f"{c} ({r[k] / rows[0][k] - 1:+.0%})" for c, k in zip(cells, ("saved", "peak", "seconds"))]
+            print(f"| {arch} | {size} | {batch} | {'yes' if ckpt else 'no'} | {' | '.join(cells)} |", flush=True)
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -1,0 +1,116 @@
+"""train.py --pretrained: a run on the built-in shapes (4 classes) starts a run on a 2-class subset of them."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from datasets.shapes import ShapesConfig, write_split
+from nets import build_model
+from nets.hourglass import HEATMAP_BIAS
+from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.pretrained import class_output_keys, load_pretrained, load_pretrained_checkpoint
+
+KEEP = ("ellipse", "cross")
+
+
+@pytest.fixture(scope="module")
+def shapes_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shapes")
+    cfg = ShapesConfig(min_size=64, max_size=96, min_obj=16, max_obj=40, max_objects=3)
+    write_split(out, "train", 8, seed=1, cfg=cfg)
+    write_split(out, "val", 2, seed=1, cfg=cfg)
+    return out
+
+
+def two_class_subset(src: Path, dst: Path) -> Path:
+    """The same images with only the ellipses and crosses (category ids 2 and 4, kept as they are)."""
+    shutil.copytree(src, dst)
+    for split in ("train", "val"):
+        path = dst / "annotations" / f"instances_{split}.json"
+        data = json.loads(path.read_text())
+        data["categories"] = [c for c in data["categories"] if c["name"] in KEEP]
+        ids = {c["id"] for c in data["categories"]}
+        data["annotations"] = [a for a in data["annotations"] if a["category_id"] in ids]
+        path.write_text(json.dumps(data))
+    return dst
+
+
+def run_args(data_dir: Path, ckpt_dir: Path, name: str, *extra: str):
+    return train.get_args_parser().parse_args([
+        "--log_name", name, "--ckpt_dir", str(ckpt_dir), "--data_dir", str(data_dir), "--train_split", "train",
+        "--val_split", "val", "--arch", "tiny_hourglass", "--img_size", "127", "--batch_size", "4",
+        "--num_workers", "0", "--device", "cpu", "--lr", "1e-3", "--num_epochs", "1", *extra])
+
+
+@pytest.fixture(scope="module")
+def shapes_ckpt(shapes_dir, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("ckpt")
+    train.main(run_args(shapes_dir, root, "four"))
+    return root / "four" / "checkpoint.pt"
+
+
+def test_weights_load_and_class_outputs_are_fresh(shapes_ckpt):
+    source = load_checkpoint(shapes_ckpt)["model"]
+    torch.manual_seed(0)
+    fresh = build_model("tiny_hourglass", 2).state_dict()
+    torch.manual_seed(0)
+    model = build_model("tiny_hourglass", 2)
+    report = load_pretrained_checkpoint(model, str(shapes_ckpt), list(KEEP))
+    state = model.state_dict()
+
+    class_keys = class_output_keys(model)
+    assert len(class_keys) == 6 and all(".hm_" in k for k in class_keys)  # weight and bias of 3 heads
+    assert sorted(report.class_outputs) == sorted(class_keys)
+    assert not report.shape_differs and not report.missing and not report.unused
+    assert sorted(report.loaded) == sorted(set(state) - set(class_keys))
+    for k in report.loaded:
+        torch.testing.assert_close(state[k], source[k], rtol=0, atol=0, msg=k)
+    for k in class_keys:
+        assert state[k].shape[0] == 2 and source[k].shape[0] == 4
+        torch.testing.assert_close(state[k], fresh[k], rtol=0, atol=0, msg=k)
+        if k.endswith("bias"):
+            assert torch.all(state[k] == HEATMAP_BIAS)
+    lines = report.lines()
+    assert lines[0].startswith(f"pretrained: loaded {len(report.loaded)} tensors; kept fresh: 6 class outputs")
+    assert sum("fresh (new classes)" in line for line in lines) == 6
+
+
+def test_same_classes_load_everything_and_other_shapes_are_reported(shapes_ckpt):
+    source = load_checkpoint(shapes_ckpt)["model"]
+    model = build_model("tiny_hourglass", 4)
+    report = load_pretrained(model, source, same_classes=True)
+    assert sorted(report.loaded) == sorted(source) and not report.class_outputs
+    # Four classes of other names: the outputs have the right shape but are not loaded.
+    report = load_pretrained(build_model("tiny_hourglass", 4), source, same_classes=False)
+    assert len(report.class_outputs) == 6
+    # A checkpoint with an extra tensor and one of another shape.
+    edited = dict(source)
+    edited["extra.weight"] = torch.zeros(1)
+    key = "stem.0.0.weight"
+    edited[key] = torch.zeros(1, 3, 7, 7)
+    report = load_pretrained(build_model("tiny_hourglass", 4), edited, same_classes=True)
+    assert report.unused == ["extra.weight"] and report.shape_differs == {key: ((1, 3, 7, 7), tuple(source[key].shape))}
+    assert any(line.startswith("  fresh (shape (1, 3, 7, 7) in the checkpoint") for line in report.lines())
+
+
+def test_another_architecture_is_refused(shapes_ckpt, tmp_path):
+    state = load_checkpoint(shapes_ckpt)
+    state["model"] = {f"backbone.{k}": v for k, v in state["model"].items()}  # another code's names
+    save_checkpoint(tmp_path / "odd.pt", state)
+    with pytest.raises(SystemExit, match="no tensor matches this network"):
+        load_pretrained_checkpoint(build_model("tiny_hourglass", 2), str(tmp_path / "odd.pt"), list(KEEP))
+    with pytest.raises(SystemExit, match="--pretrained: checkpoint not found"):
+        load_pretrained_checkpoint(build_model("tiny_hourglass", 2), str(tmp_path / "none.pt"), list(KEEP))
+
+
+def test_train_py_fine_tunes_on_a_two_class_subset(shapes_dir, shapes_ckpt, tmp_path):
+    subset = two_class_subset(shapes_dir, tmp_path / "subset")
+    train.main(run_args(subset, tmp_path, "two", "--pretrained", str(shapes_ckpt)))
+    state = load_checkpoint(tmp_path / "two" / "checkpoint.pt")
+    assert state["class_names"] == list(KEEP) and state["epoch"] == 1 and state["global_step"] == 2
+    assert state["model"]["branches.0.hm_ct.2.weight"].shape[0] == 2
+    log = (tmp_path / "two" / "train.log").read_text()
+    assert "pretrained: loaded" in log and log.count("fresh (new classes)") == 6

@@ -1,0 +1,110 @@
+"""tools/voc_to_coco.py on a VOC-style folder written in tmp_path: boxes, classes, difficult objects, errors;
+the result loads as a data set."""
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from datasets.coco import CocoDetection
+from tools.voc_to_coco import get_args_parser, main
+
+# image id: (width, height, [(name, xmin, ymin, xmax, ymax, difficult)])
+IMAGES = {
+    "000001": (64, 48, [("dog", 1, 1, 20, 30, 0), ("person", 10, 5, 60, 40, 1)]),
+    "000002": (50, 70, [("cat", 5, 6, 45, 66, 0)]),
+    "000003": (40, 40, []),
+}
+
+
+def xml_of(width: int, height: int, objects) -> str:
+    objs = "".join(f"<object><name>{n}</name><pose>Left</pose><truncated>0</truncated><difficult>{d}</difficult>"
+                   f"<bndbox><xmin>{x1}</xmin><ymin>{y1}</ymin><xmax>{x2}</xmax><ymax>{y2}</ymax></bndbox></object>"
+                   for n, x1, y1, x2, y2, d in objects)
+    return (f"<annotation><folder>VOC2007</folder><filename>x.jpg</filename><size><width>{width}</width>"
+            f"<height>{height}</height><depth>3</depth></size>{objs}</annotation>")
+
+
+@pytest.fixture
+def voc_dir(tmp_path) -> Path:
+    root = tmp_path / "VOC2007"
+    for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (root / sub).mkdir(parents=True)
+    for name, (w, h, objects) in IMAGES.items():
+        (root / "Annotations" / f"{name}.xml").write_text(xml_of(w, h, objects))
+        cv2.imwrite(str(root / "JPEGImages" / f"{name}.jpg"), np.full((h, w, 3), 127, np.uint8))
+    (root / "ImageSets" / "Main" / "train.txt").write_text("000001\n000002\n")
+    (root / "ImageSets" / "Main" / "val.txt").write_text("000003\n")
+    return root
+
+
+def convert(voc_dir: Path, out: Path, *extra: str) -> None:
+    main(get_args_parser().parse_args(["--voc_dir", str(voc_dir), "--out", str(out), *extra]))
+
+
+def test_boxes_classes_and_difficult(voc_dir, tmp_path):
+    out = tmp_path / "coco"
+    convert(voc_dir, out)
+    train = json.loads((out / "annotations" / "instances_train.json").read_text())
+    # VOC's 20 classes in their usual order (all names here are VOC classes): cat 8, dog 12, person 15.
+    assert [c["name"] for c in train["categories"]][:3] == ["aeroplane", "bicycle", "bird"]
+    assert len(train["categories"]) == 20
+    assert [(im["file_name"], im["width"], im["height"]) for im in train["images"]] == [
+        ("000001.jpg", 64, 48), ("000002.jpg", 50, 70)]
+    got = [(a["image_id"], a["category_id"], a["bbox"], a["iscrowd"]) for a in train["annotations"]]
+    assert got == [(1, 12, [0, 0, 20, 30], 0), (1, 15, [9, 4, 51, 36], 1), (2, 8, [4, 5, 41, 61], 0)]
+    assert (out / "train" / "000001.jpg").is_symlink()
+
+    dataset = CocoDetection(out, "train", train=False, img_size=127)
+    assert dataset.class_names[7] == "cat" and len(dataset) == 2
+    _, boxes, labels = dataset.load(0)  # the difficult person is not a training box
+    np.testing.assert_allclose(boxes, [[0, 0, 20, 30]])
+    assert labels.tolist() == [11]
+    val = CocoDetection(out, "val", train=False, img_size=127)
+    assert len(val) == 1 and val.class_names == dataset.class_names
+
+
+def test_class_list_keep_difficult_and_copy(voc_dir, tmp_path):
+    convert(voc_dir, tmp_path / "a", "--splits", "train", "--classes", "person,dog,cat", "--keep_difficult",
+            "--copy")
+    data = json.loads((tmp_path / "a" / "annotations" / "instances_train.json").read_text())
+    assert [c["name"] for c in data["categories"]] == ["person", "dog", "cat"]
+    assert [(a["category_id"], a["iscrowd"]) for a in data["annotations"]] == [(2, 0), (1, 0), (3, 0)]
+    assert not (tmp_path / "a" / "train" / "000001.jpg").is_symlink()
+    with pytest.raises(SystemExit, match="--classes: the annotations also name person"):
+        convert(voc_dir, tmp_path / "b", "--classes", "dog,cat")
+    # Names outside VOC's 20: the sorted names found.
+    xml = voc_dir / "Annotations" / "000002.xml"
+    xml.write_text(xml.read_text().replace("<name>cat</name>", "<name>zebra</name>"))
+    convert(voc_dir, tmp_path / "c")
+    data = json.loads((tmp_path / "c" / "annotations" / "instances_train.json").read_text())
+    assert [c["name"] for c in data["categories"]] == ["dog", "person", "zebra"]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s[:-20], r"000002\.xml: not valid XML"),
+    (lambda s: s.replace("<xmax>45</xmax>", ""), r"000002\.xml: object 1 \(cat\) lacks <bndbox/xmax>"),
+    (lambda s: s.replace("<xmax>45</xmax>", "<xmax>4x</xmax>"), r"000002\.xml: object 1 \(cat\) <bndbox/xmax> is '4x'"),
+    (lambda s: s.replace("<xmax>45</xmax>", "<xmax>2</xmax>"), r"000002\.xml: object 1 \(cat\) has xmin\.\.xmax 5\.\.2"),
+    (lambda s: s.replace("<width>50</width>", "<width>0</width>"), r"000002\.xml: <size> is 0 x 70"),
+])
+def test_broken_annotation_names_the_file(voc_dir, tmp_path, edit, message):
+    xml = voc_dir / "Annotations" / "000002.xml"
+    xml.write_text(edit(xml.read_text()))
+    with pytest.raises(SystemExit, match=message):
+        convert(voc_dir, tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_missing_files_and_existing_output(voc_dir, tmp_path):
+    with pytest.raises(SystemExit, match=r"Main/test\.txt: image list of split 'test' not found"):
+        convert(voc_dir, tmp_path / "out", "--splits", "test")
+    (voc_dir / "JPEGImages" / "000003.jpg").unlink()
+    with pytest.raises(SystemExit, match=r"000003\.jpg: image of split 'val' not found"):
+        convert(voc_dir, tmp_path / "out")
+    convert(voc_dir, tmp_path / "out", "--splits", "train")
+    before = (tmp_path / "out" / "annotations" / "instances_train.json").read_bytes()
+    with pytest.raises(SystemExit, match="already holds split 'train'"):
+        convert(voc_dir, tmp_path / "out", "--splits", "train")
+    assert (tmp_path / "out" / "annotations" / "instances_train.json").read_bytes() == before

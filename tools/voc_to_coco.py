@@ -1,0 +1,142 @@
+"""Converts a Pascal VOC folder to the COCO layout that train.py and test.py read.
+
+    python tools/voc_to_coco.py --voc_dir VOCdevkit/VOC2007 --out data/voc2007 --splits trainval test
+
+reads `Annotations/<id>.xml`, `JPEGImages/<id>.jpg` and the image lists `ImageSets/Main/<split>.txt`, and writes
+`OUT/annotations/instances_<split>.json` with `OUT/<split>/` holding the images (symbolic links to the VOC files,
+or copies with --copy). Boxes: VOC's 1-based inclusive pixel corners (xmin, ymin, xmax, ymax) become COCO's
+[xmin - 1, ymin - 1, xmax - xmin + 1, ymax - ymin + 1]. Objects marked `difficult` become `iscrowd` 1: left out
+of training and ignored by the COCO evaluation, as VOC's own evaluation ignores them (--keep_difficult: ordinary
+objects). Classes: the 20 VOC classes in their usual order when every name is one of them, else the names found
+in all splits, sorted (--classes fixes the list and its order); category ids are 1..C. An existing split in OUT is
+never overwritten.
+"""
+import argparse
+import shutil
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: import the repo
+from utils.files import write_json
+
+VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
+               "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--voc_dir", required=True, help="folder with Annotations/, JPEGImages/, ImageSets/Main/")
+    p.add_argument("--out", required=True, help="output folder (COCO layout)")
+    p.add_argument("--splits", nargs="+", default=["train", "val"], help="names of ImageSets/Main/<split>.txt")
+    p.add_argument("--classes", help="comma-separated class names, in label order (default: see above)")
+    p.add_argument("--keep_difficult", action="store_true", help="difficult objects as ordinary ones")
+    p.add_argument("--copy", action="store_true", help="copy the images instead of linking them")
+    return p
+
+
+def _text(node: ET.Element, path: str, xml_path: Path, where: str) -> str:
+    found = node.find(path)
+    if found is None or found.text is None or not found.text.strip():
+        raise SystemExit(f"{xml_path}: {where} lacks <{path}>")
+    return found.text.strip()
+
+
+def _number(node: ET.Element, path: str, xml_path: Path, where: str) -> float:
+    text = _text(node, path, xml_path, where)
+    try:
+        return float(text)
+    except ValueError:
+        raise SystemExit(f"{xml_path}: {where} <{path}> is {text!r}, expected a number") from None
+
+
+def read_voc_xml(xml_path: Path) -> dict:
+    """One VOC annotation file -> {"width", "height", "objects": [(name, [x, y, w, h] COCO, difficult)]}."""
+    try:
+        root = ET.parse(xml_path).getroot()
+    except ET.ParseError as e:
+        raise SystemExit(f"{xml_path}: not valid XML ({e})") from None
+    except OSError as e:
+        raise SystemExit(f"{xml_path}: cannot read the annotation ({e.strerror})") from None
+    width, height = (_number(root, f"size/{k}", xml_path, "<annotation>") for k in ("width", "height"))
+    if width <= 0 or height <= 0 or not width.is_integer() or not height.is_integer():
+        raise SystemExit(f"{xml_path}: <size> is {width:g} x {height:g}, expected positive whole numbers")
+    objects = []
+    for i, obj in enumerate(root.findall("object")):
+        where = f"object {i + 1}"
+        name = _text(obj, "name", xml_path, where)
+        x1, y1, x2, y2 = (_number(obj, f"bndbox/{k}", xml_path, f"{where} ({name})")
+                          for k in ("xmin", "ymin", "xmax", "ymax"))
+        if x2 < x1 or y2 < y1:
+            raise SystemExit(f"{xml_path}: {where} ({name}) has xmin..xmax {x1:g}..{x2:g}, ymin..ymax {y1:g}..{y2:g};"
+                             " expected xmin <= xmax and ymin <= ymax")
+        difficult = obj.find("difficult")
+        objects.append((name, [x1 - 1, y1 - 1, x2 - x1 + 1, y2 - y1 + 1],
+                        difficult is not None and (difficult.text or "0").strip() == "1"))
+    return {"width": int(width), "height": int(height), "objects": objects}
+
+
+def read_split(voc_dir: Path, split: str) -> list[tuple[str, dict]]:
+    """[(image id, read_voc_xml)] of the ids listed in ImageSets/Main/<split>.txt, in its order."""
+    list_path = voc_dir / "ImageSets" / "Main" / f"{split}.txt"
+    if not list_path.is_file():
+        raise SystemExit(f"{list_path}: image list of split {split!r} not found")
+    ids = [line.split()[0] for line in list_path.read_text().splitlines() if line.strip()]
+    if not ids:
+        raise SystemExit(f"{list_path}: no image ids listed")
+    return [(i, read_voc_xml(voc_dir / "Annotations" / f"{i}.xml")) for i in ids]
+
+
+def choose_classes(names: set[str], given: str | None) -> list[str]:
+    if given:
+        classes = [c.strip() for c in given.split(",") if c.strip()]
+        unknown = sorted(names - set(classes))
+        if unknown:
+            raise SystemExit(f"--classes: the annotations also name {', '.join(unknown)}; add them to the list")
+        return classes
+    return list(VOC_CLASSES) if names <= set(VOC_CLASSES) else sorted(names)
+
+
+def to_coco(items: list[tuple[str, dict]], classes: list[str], keep_difficult: bool) -> dict:
+    cat_id = {name: i + 1 for i, name in enumerate(classes)}
+    images, annotations = [], []
+    for image_id, (name, ann) in enumerate(items, start=1):
+        images.append({"id": image_id, "file_name": f"{name}.jpg", "width": ann["width"], "height": ann["height"]})
+        for cls, box, difficult in ann["objects"]:
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": cat_id[cls],
+                                "bbox": box, "area": box[2] * box[3], "iscrowd": int(difficult and not keep_difficult)})
+    return {"images": images, "annotations": annotations,
+            "categories": [{"id": i + 1, "name": n, "supercategory": "voc"} for i, n in enumerate(classes)]}
+
+
+def main(args: argparse.Namespace) -> None:
+    voc_dir, out = Path(args.voc_dir), Path(args.out)
+    if not (voc_dir / "Annotations").is_dir():
+        raise SystemExit(f"{voc_dir}: no Annotations/ folder (expected a VOC folder such as VOCdevkit/VOC2007)")
+    for split in args.splits:
+        if (out / "annotations" / f"instances_{split}.json").exists() or (out / split).exists():
+            raise SystemExit(f"{out} already holds split {split!r}; choose another --out or remove it")
+    splits = {split: read_split(voc_dir, split) for split in args.splits}
+    for split, items in splits.items():
+        missing = [voc_dir / "JPEGImages" / f"{i}.jpg" for i, _ in items
+                   if not (voc_dir / "JPEGImages" / f"{i}.jpg").is_file()]
+        if missing:
+            raise SystemExit(f"{missing[0]}: image of split {split!r} not found ({len(missing)} missing in all)")
+    classes = choose_classes({o[0] for items in splits.values() for _, a in items for o in a["objects"]},
+                             args.classes)
+    for split, items in splits.items():
+        (out / split).mkdir(parents=True)
+        for name, _ in items:
+            src, dst = (voc_dir / "JPEGImages" / f"{name}.jpg").absolute(), out / split / f"{name}.jpg"
+            if args.copy:
+                shutil.copy2(src, dst)
+            else:
+                dst.symlink_to(src)
+        data = to_coco(items, classes, args.keep_difficult)
+        write_json(out / "annotations" / f"instances_{split}.json", data)
+        print(f"{out / split}: {len(data['images'])} images, {len(data['annotations'])} objects, "
+              f"{len(classes)} classes")
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -1,0 +1,83 @@
+"""Starting a run from another run's weights (`train.py --pretrained CKPT`): fine-tuning, not resuming.
+
+Every weight of the checkpoint whose name and shape match the new network is copied into it. The class heatmap
+outputs (the last conv of hm_tl, hm_br and hm_ct, one channel per class) are left as the freshly built network has
+them, with the prior bias `nets.hourglass.HEATMAP_BIAS`, whenever the classes differ: their shapes differ when the
+number of classes does, and with the same number of other classes their channels mean other things. Optimizer,
+scheduler and epoch are not read: the run starts at epoch 1.
+"""
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from nets.hourglass import HEATMAP_HEADS
+from utils.checkpoint import load_checkpoint
+
+
+@dataclass
+class PretrainedReport:
+    """What `load_pretrained` did, by state-dict key of the new network."""
+    loaded: list[str] = field(default_factory=list)
+    class_outputs: list[str] = field(default_factory=list)  # left at their fresh initialisation: other classes
+    shape_differs: dict[str, tuple[tuple, tuple]] = field(default_factory=dict)  # key: (checkpoint, network) shape
+    missing: list[str] = field(default_factory=list)  # in the network, not in the checkpoint
+    unused: list[str] = field(default_factory=list)  # in the checkpoint, not in the network
+
+    def lines(self) -> list[str]:
+        """A summary line, then one line per key that was not loaded (for the run log)."""
+        out = [f"pretrained: loaded {len(self.loaded)} tensors; kept fresh: {len(self.class_outputs)} class outputs, "
+               f"{len(self.shape_differs)} of another shape, {len(self.missing)} missing from the checkpoint; "
+               f"{len(self.unused)} checkpoint tensors unused"]
+        out += [f"  fresh (new classes): {k}" for k in self.class_outputs]
+        out += [f"  fresh (shape {tuple(a)} in the checkpoint, {tuple(b)} here): {k}"
+                for k, (a, b) in self.shape_differs.items()]
+        out += [f"  fresh (not in the checkpoint): {k}" for k in self.missing]
+        out += [f"  unused: {k}" for k in self.unused]
+        return out
+
+
+def class_output_keys(model: nn.Module) -> list[str]:
+    """State-dict keys of the layers with one channel per class: the last conv of each heatmap head."""
+    keys = []
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in HEATMAP_HEADS:
+            last = f"{name}.{len(module) - 1}"
+            keys += [f"{last}.{p}" for p, _ in module[-1].named_parameters()]
+    return keys
+
+
+@torch.no_grad()
+def load_pretrained(model: nn.Module, state_dict: dict[str, torch.Tensor], same_classes: bool) -> PretrainedReport:
+    """Copies into the freshly built `model` every tensor of `state_dict` whose key and shape match; the class
+    outputs only when `same_classes` (the same class names in the same order). Returns what was and was not loaded.
+    """
+    own = model.state_dict()
+    class_keys = set(class_output_keys(model))
+    report = PretrainedReport(unused=[k for k in state_dict if k not in own])
+    for key, target in own.items():
+        if key not in state_dict:
+            report.missing.append(key)
+        elif key in class_keys and not same_classes:
+            report.class_outputs.append(key)
+        elif state_dict[key].shape != target.shape:
+            report.shape_differs[key] = (tuple(state_dict[key].shape), tuple(target.shape))
+        else:
+            target.copy_(state_dict[key])
+            report.loaded.append(key)
+    return report
+
+
+def load_pretrained_checkpoint(model: nn.Module, path: str, class_names: list[str]) -> PretrainedReport:
+    """`load_pretrained` from one of our checkpoint files (training runs and tools/convert_official.py output).
+    A checkpoint that shares no tensor with the network is an error (SystemExit), as it is another architecture."""
+    try:
+        state = load_checkpoint(path, map_location="cpu")
+    except (FileNotFoundError, RuntimeError, ValueError) as e:
+        raise SystemExit(f"--pretrained: {e}")
+    report = load_pretrained(model, state["model"], list(state.get("class_names", [])) == list(class_names))
+    if not report.loaded:
+        arch = state.get("args", {}).get("arch", "unknown")
+        raise SystemExit(f"--pretrained {path}: no tensor matches this network by name and shape (the checkpoint's "
+                         f"--arch is {arch}); pass a checkpoint of the same --arch")
+    return report
