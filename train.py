@@ -24,7 +24,7 @@ from datasets import build_dataset
 from nets import build_model
 from utils import dist
 from utils.checkpoint import load_checkpoint, save_checkpoint
-from utils.device import autocast, select_device
+from utils.device import autocast, grad_scaler, select_device
 from utils.inference import build_eval_config, evaluate
 from utils.logger import RunLogger
 from utils.losses import centernet_loss
@@ -49,7 +49,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--test_flip", action="store_true", help="validate with the flipped copy too")
     p.add_argument("--seed", type=int, default=317)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--amp", action="store_true", help="fp16 autocast + GradScaler on CUDA, bf16 autocast on CPU")
+    p.add_argument("--amp", action="store_true", help="mixed precision: on CUDA autocast to --amp_dtype (fp16 with a "
+                   "GradScaler), on CPU bf16 autocast")
+    p.add_argument("--amp_dtype", default="fp16", choices=["fp16", "bf16"], help="autocast dtype on CUDA with --amp")
     p.add_argument("--resume", action="store_true", help="continue the run in CKPT_DIR/LOG_NAME")
     p.add_argument("--dist", action="store_true", help="DistributedDataParallel (launch with torchrun)")
     p.add_argument("--sync_bn", action="store_true", help="SyncBatchNorm across processes (GPU only)")
@@ -70,7 +72,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train_one_epoch(model, loader, optimizer, scaler, device, amp: bool, epoch: int, logger: RunLogger,
+def train_one_epoch(model, loader, optimizer, scaler, device, amp: bool | str, epoch: int, logger: RunLogger,
                     global_step: int) -> tuple[dict[str, float], int]:
     """One pass over `loader`; returns the mean of each loss term (over all processes) and the new step count."""
     model.train()
@@ -131,6 +133,7 @@ def check_run_dir(run_dir: Path, resume: bool) -> None:
 def main(args: argparse.Namespace) -> float:
     dist.init_distributed(args.dist, args.local_rank, args.device)
     device = select_device(args.device, dist.local_rank())
+    torch.backends.cudnn.benchmark = True  # fixed input size (--img_size); evaluate() turns it off while it runs
     run_dir = Path(args.ckpt_dir) / args.log_name
     check_run_dir(run_dir, args.resume)
     lr_steps = parse_lr_steps(args.lr_step)
@@ -145,9 +148,10 @@ def main(args: argparse.Namespace) -> float:
     model = build_model(args.arch, args.num_classes).to(device)
     if args.sync_bn and dist.is_dist():
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=lr_steps, gamma=0.1)
-    scaler = torch.amp.GradScaler("cuda", enabled=args.amp and device.type == "cuda")
+    amp = args.amp and args.amp_dtype
+    scaler = grad_scaler(device, amp)
     start_epoch, best_ap, global_step = 1, -1.0, 0
     if args.resume:
         state = load_checkpoint(run_dir / "checkpoint.pt", map_location=device)
@@ -173,7 +177,7 @@ def main(args: argparse.Namespace) -> float:
         # Seeding per epoch makes a resumed run draw the same augmentations as an uninterrupted one.
         seed_everything(args.seed * 1000 + epoch)
         loader = make_train_loader(train_set, args.batch_size, args.num_workers, args.seed, epoch, device)
-        means, global_step = train_one_epoch(ddp_model, loader, optimizer, scaler, device, args.amp, epoch, logger,
+        means, global_step = train_one_epoch(ddp_model, loader, optimizer, scaler, device, amp, epoch, logger,
                                              global_step)
         scheduler.step()
         logger.info(f"epoch {epoch}: " + " ".join(f"{k} {v:.4f}" for k, v in means.items()))
@@ -181,7 +185,7 @@ def main(args: argparse.Namespace) -> float:
         validate = epoch == args.num_epochs or (args.val_interval > 0 and epoch % args.val_interval == 0)
         if validate:
             stats = evaluate(model, val_set, eval_config, device=device, num_workers=args.num_workers,
-                             amp=args.amp)
+                             amp=amp)
             ap = stats["AP"]
             logger.scalars({"AP": ap, "AP50": stats["AP50"]}, global_step, prefix="val/")
             logger.info(f"epoch {epoch}: val AP {ap:.4f}")
