@@ -255,3 +255,15 @@ def test_unregistered_device_falls_back_with_one_warning(monkeypatch):
         out = [cpool.top_pool(x), cpool.left_pool(x)]
     assert len(caught) == 1 and "no kernel for device type 'cpu'" in str(caught[0].message)
     assert torch.equal(out[0], reference(x, torch.zeros_like(x), TOP)[0].float())
+
+
+def test_forced_fallback(monkeypatch):
+    monkeypatch.setattr(pool, "extension_pool", None)  # calling the extension would raise TypeError
+    monkeypatch.setattr(pool, "_warned", set())
+    x = torch.randn(1, 2, 3, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pool.forced_fallback():
+            out = cpool.right_pool(x)
+    assert torch.equal(out, reference(x, torch.zeros_like(x), RIGHT)[0].float())
+    assert not pool._forced_fallback

@@ -1,4 +1,5 @@
 """Autograd functions and nn.Module wrappers for the four corner poolings (semantics and tie rule: see __init__)."""
+import contextlib
 import functools
 import warnings
 
@@ -17,6 +18,7 @@ _DIM = {TOP: 2, BOTTOM: 2, LEFT: 3, RIGHT: 3}
 _REVERSE = {TOP: True, BOTTOM: False, LEFT: True, RIGHT: False}
 REBUILD_CUDA = "make clean && FORCE_CUDA=1 make setup"
 _warned: set[str] = set()
+_forced_fallback = False
 
 
 def extension_available() -> bool:
@@ -122,7 +124,21 @@ def cummax_pool(x: Tensor, direction: int) -> Tensor:
     return _CummaxPool.apply(x, direction)
 
 
+@contextlib.contextmanager
+def forced_fallback():
+    """Within this context every pooling runs the torch.cummax fallback, without a warning: for benchmarks of the
+    networks the old way (bench/bench_train.py)."""
+    global _forced_fallback
+    previous, _forced_fallback = _forced_fallback, True
+    try:
+        yield
+    finally:
+        _forced_fallback = previous
+
+
 def _pool(x: Tensor, direction: int) -> Tensor:
+    if _forced_fallback:
+        return cummax_pool(x, direction)
     device_type = x.device.type
     backend, reason = choose_backend(device_type, _HAVE_EXT, kernel_registered(device_type))
     if backend == "extension":
