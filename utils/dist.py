@@ -32,14 +32,13 @@ def is_main() -> bool:
 
 
 def launched() -> bool:
-    """Whether a launcher started this process: torchrun sets WORLD_SIZE, also to 1 for --nproc_per_node 1, which
-    then runs as a process group of one (nccl on a GPU), exactly as each process of a larger launch does."""
-    return "WORLD_SIZE" in os.environ
+    """Whether a launcher started several processes (WORLD_SIZE > 1 in the environment)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def init_distributed(enabled: bool = True, local_rank: int | None = None, device: str = "auto") -> bool:
     """Joins the process group described by the launcher's environment; returns whether the run is distributed.
-    Nothing happens when `enabled` is False or no launcher started this process. `device` picks the backend:
+    Nothing happens when `enabled` is False or the launcher started one process. `device` picks the backend:
     nccl for CUDA (`auto` with a GPU visible), gloo for the CPU."""
     if is_dist():
         return True
@@ -47,8 +46,7 @@ def init_distributed(enabled: bool = True, local_rank: int | None = None, device
         return False
     missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
-        raise RuntimeError(f"utils/dist.py: WORLD_SIZE is set but the environment lacks {missing}; launch with "
-                           "torchrun")
+        raise RuntimeError(f"utils/dist.py: WORLD_SIZE > 1 but the environment lacks {missing}; launch with torchrun")
     if local_rank is not None and "LOCAL_RANK" not in os.environ:
         os.environ["LOCAL_RANK"] = str(local_rank)
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
