@@ -30,7 +30,7 @@ from datasets.sampling import EpochSampler, TrainSamples, epoch_order
 from nets import ARCHS, build_model, model_config
 from utils import dist
 from utils.checkpoint import load_checkpoint, save_checkpoint
-from utils.device import autocast, select_device
+from utils.device import autocast, grad_scaler, select_device
 from utils.errors import DataError, UserError, run_cli
 from utils.files import remove_stale_temporaries
 from utils.inference import build_eval_config, evaluate
@@ -65,7 +65,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--test_flip", action="store_true", help="validate with the flipped copy too")
     p.add_argument("--seed", type=int, default=317)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--amp", action="store_true", help="fp16 autocast + GradScaler on CUDA, bf16 autocast on CPU")
+    p.add_argument("--amp", action="store_true", help="mixed precision: on CUDA autocast to --amp_dtype (fp16 with a "
+                   "GradScaler), on CPU bf16 autocast")
+    p.add_argument("--amp_dtype", default="fp16", choices=["fp16", "bf16"], help="autocast dtype on CUDA with --amp")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in CKPT_DIR/LOG_NAME from its last checkpoint (a new run if it has none)")
     p.add_argument("--ckpt_interval", type=float, default=20.0,
@@ -195,7 +197,7 @@ def make_train_loader(dataset, progress: EpochProgress, num_workers: int, device
                       worker_init_fn=ignore_stop_signals)
 
 
-def train_one_epoch(model, loader, optimizer, scaler, device, amp: bool, progress: EpochProgress,
+def train_one_epoch(model, loader, optimizer, scaler, device, amp: bool | str, progress: EpochProgress,
                     logger: RunLogger, pause=lambda: (False, False), save=lambda: None,
                     max_unreadable: float = math.inf, accum_steps: int = 1) -> bool:
     """Trains on `loader`, keeping `progress` current; returns whether a stop was asked.
@@ -288,6 +290,7 @@ def train(args: argparse.Namespace, signals: StopSignals) -> tuple[float, bool]:
     launched_without_flag = dist.launched() and not args.dist
     dist.init_distributed(args.dist or dist.launched(), args.local_rank, args.device)
     device = select_device(args.device, dist.local_rank())
+    torch.backends.cudnn.benchmark = True  # fixed input size (--img_size); evaluate() turns it off while it runs
     run_dir = Path(args.ckpt_dir) / args.log_name
     resuming, plan_message = on_main_for_all(lambda: run_folder_plan(run_dir, args.resume))
     lr_steps = parse_lr_steps(args.lr_step)
@@ -310,9 +313,10 @@ def train(args: argparse.Namespace, signals: StopSignals) -> tuple[float, bool]:
     model = build_model(args.arch, args.num_classes, grad_checkpoint=args.grad_checkpoint).to(device)
     if args.sync_bn and dist.is_dist():
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=lr_steps, gamma=0.1)
-    scaler = torch.amp.GradScaler("cuda", enabled=args.amp and device.type == "cuda")
+    amp = args.amp and args.amp_dtype
+    scaler = grad_scaler(device, amp)
     start_epoch, best_ap, global_step, progress = 1, -1.0, 0, None
     if state is not None:
         model.load_state_dict(state["model"])
@@ -363,7 +367,7 @@ def train(args: argparse.Namespace, signals: StopSignals) -> tuple[float, bool]:
             timer.reset()
 
         stopped = train_one_epoch(
-            ddp_model, loader, optimizer, scaler, device, args.amp, progress, logger,
+            ddp_model, loader, optimizer, scaler, device, amp, progress, logger,
             pause=lambda: dist.any_true(signals.received is not None, dist.is_main() and timer.due()),
             save=save_mid_epoch, max_unreadable=args.max_bad_fraction * len(progress.order),
             accum_steps=args.accum_steps)
@@ -376,8 +380,7 @@ def train(args: argparse.Namespace, signals: StopSignals) -> tuple[float, bool]:
 
         validate = epoch == args.num_epochs or (args.val_interval > 0 and epoch % args.val_interval == 0)
         if validate:
-            stats = evaluate(model, val_set, eval_config, device=device, num_workers=args.num_workers,
-                             amp=args.amp)
+            stats = evaluate(model, val_set, eval_config, device=device, num_workers=args.num_workers, amp=amp)
             ap = stats["AP"]
             logger.scalars({"AP": ap, "AP50": stats["AP50"]}, progress.global_step, prefix="val/")
             logger.info(f"epoch {epoch}: val AP {ap:.4f}")

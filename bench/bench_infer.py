@@ -1,12 +1,18 @@
-"""Inference speed per image: post-processing (decode + center check + soft-NMS) and the model forward.
+"""Inference speed per image: post-processing (decode + center check + soft-NMS), the model forward, and the
+whole test-time pipeline.
 
     .venv/bin/python bench/bench_infer.py [--device cpu|cuda] [--threads N] [--forward_repeats 2]
                                           [--archs tiny_hourglass small_hourglass] [--skip_forward]
+    python3 bench/bench_infer.py --device cuda --archs small_hourglass large_hourglass --forward_repeats 20
 
 Post-processing runs on synthetic outputs shaped like a trained network's (80 classes, 128 x 128 maps, a dozen
 objects in a few classes with near-duplicate corner peaks, a noisy background), K = 70, num_dets 1000,
 soft-NMS with merging per class, for one input (single) and for an image and its flipped copy (flip). Decoding
-runs on --device, soft-NMS on the CPU. The forward is timed at 511 x 511, batch 1, in eval mode.
+runs on --device, soft-NMS on the CPU. The forward is timed at 511 x 511, batch 1, in eval mode, in fp32 and
+(on CUDA) with fp16 autocast; cudnn.benchmark is on for these fixed-size rows. The whole pipeline is
+utils.inference.detect on one random 511 x 511 image (forward, decode, center check, rescale, soft-NMS), single
+and with its flipped copy, in fp32 with cudnn.benchmark off (test.py's setting: image sizes vary). Its networks
+are untrained: how many boxes reach soft-NMS differs from a trained network's ('boxes kept' says how many).
 """
 import argparse
 import statistics
@@ -14,12 +20,15 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: import the repo
+from datasets.transforms import eval_input
 from nets import build_model
 from utils.decode import decode
-from utils.inference import InferenceConfig, nms_per_class
+from utils.device import autocast, cudnn_benchmark
+from utils.inference import InferenceConfig, detect, nms_per_class
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -85,11 +94,14 @@ def median_ms(fn, repeats: int, device: torch.device, warmup: int = 1) -> float:
 
 def main(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench/bench_infer.py: --device cuda, but no GPU is visible")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
     cfg = InferenceConfig()
-    print(f"device {device}, {torch.get_num_threads()} CPU threads")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"device {name}, {torch.get_num_threads()} CPU threads")
     print(f"{'stage':<34}{'ms / image':>12}{'boxes kept':>12}")
     for name, batch in (("post-processing single", 1), ("post-processing flip (2 inputs)", 2)):
         out = {k: v.to(device) for k, v in synthetic_outputs(batch).items()}
@@ -99,10 +111,26 @@ def main(args: argparse.Namespace) -> None:
     if args.skip_forward:
         return
     image = torch.randn(1, 3, 511, 511, device=device)
+    photo = np.random.default_rng(0).integers(0, 256, (511, 511, 3), dtype=np.uint8)
+    inputs = {flip: [eval_input(photo, 1.0, flip)] for flip in (False, True)}
     for arch in args.archs:
         model = build_model(arch, 80).to(device).eval()
-        ms = median_ms(lambda: model(image), args.forward_repeats, device)
-        print(f"{'forward ' + arch + ' 511x511':<34}{ms:>12.1f}{'':>12}")
+        for amp in (False, True) if device.type == "cuda" else (False,):  # CPU bf16 convolutions crawl
+            with cudnn_benchmark(True):
+                ms = median_ms(lambda: forward(model, image, device, amp), args.forward_repeats, device)
+            label = f"forward {arch} 511 {'fp16' if amp else 'fp32'}"
+            print(f"{label:<34}{ms:>12.1f}{'':>12}", flush=True)
+        for flip in (False, True):
+            with cudnn_benchmark(False):
+                kept = len(detect(model, inputs[flip], cfg, device))
+                ms = median_ms(lambda: detect(model, inputs[flip], cfg, device), args.forward_repeats, device)
+            label = f"pipeline {arch} 511 {'flip' if flip else 'single'}"
+            print(f"{label:<34}{ms:>12.1f}{kept:>12}", flush=True)
+
+
+def forward(model, image: torch.Tensor, device: torch.device, amp: bool):
+    with autocast(device, amp):
+        return model(image)
 
 
 if __name__ == "__main__":

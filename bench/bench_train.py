@@ -1,13 +1,24 @@
-"""Training speed: images/s of full training steps (forward, loss, backward, Adam) and peak memory.
+"""Training speed: images/s of full training steps (forward, loss, backward, Adam) and peak memory, per precision
+mode, beside the same network run the old way.
 
-    .venv/bin/python bench/bench_train.py                               # tiny_hourglass on the CPU
-    .venv/bin/python bench/bench_train.py --device cuda --archs small_hourglass large_hourglass --img_size 511 \
-        --batch_size 12 --amp
+    .venv/bin/python bench/bench_train.py                               # tiny_hourglass on the CPU, fp32
+    python3 bench/bench_train.py --device cuda --archs small_hourglass large_hourglass --img_size 511 --batch_size 6
 
-Inputs are random images with random targets of the real shapes (a few objects per image); the data loader is
-not part of the measurement (bench/bench_data.py measures it).
+Modes (default: all four on CUDA, fp32 on the CPU):
+- old: fp32, torch.cummax pooling, cudnn.benchmark off, the for-each Adam (how the seed trained);
+- fp32: our pooling kernels, cudnn.benchmark on, the fused Adam on CUDA (what train.py does without --amp);
+- fp16: as fp32 with fp16 autocast and a GradScaler (train.py --amp);
+- bf16: as fp32 with bf16 autocast, no scaler (train.py --amp --amp_dtype bf16).
+On the CPU both 16-bit modes autocast to bf16 (utils/device.py).
+--channels_last runs the non-old modes with the network and its input in channels_last memory format; it is a
+switch to measure, off by default (train.py does not use it).
+
+Inputs are random images with random targets of the real shapes (four objects per image); the data loader is not
+part of the measurement (bench/bench_data.py measures it). Peak memory: CUDA's max allocated per mode; on the CPU
+the process's peak RSS so far.
 """
 import argparse
+import contextlib
 import resource
 import statistics
 import sys
@@ -19,20 +30,29 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: import the repo
 from datasets.targets import make_targets
+from lib.cpool.pool import forced_fallback
 from nets import build_model
-from utils.device import autocast
+from utils.device import autocast, cudnn_benchmark, grad_scaler
 from utils.losses import centernet_loss
+
+MODES = {  # name: (amp, our pooling kernels, cudnn.benchmark, fused Adam on CUDA)
+    "old": (False, False, False, False),
+    "fp32": (False, True, True, True),
+    "fp16": ("fp16", True, True, True),
+    "bf16": ("bf16", True, True, True),
+}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--archs", nargs="+", default=["tiny_hourglass"])
+    p.add_argument("--modes", nargs="+", choices=list(MODES), help="default: all on CUDA, fp32 on the CPU")
     p.add_argument("--img_size", type=int, default=127)
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--num_classes", type=int, default=80)
     p.add_argument("--steps", type=int, default=8, help="timed steps, after 2 warm-up steps")
-    p.add_argument("--amp", action="store_true")
+    p.add_argument("--channels_last", action="store_true", help="channels_last network and input (not in 'old')")
     return p
 
 
@@ -55,40 +75,56 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # process peak RSS (Linux: KiB)
 
 
-def bench(arch: str, args, device: torch.device) -> tuple[float, float]:
+def bench(arch: str, mode: str, args, device: torch.device) -> tuple[float, float]:
+    """(images/s, peak MB) of `arch` trained in `mode`."""
+    amp, our_pooling, benchmark, fused = MODES[mode]
+    channels_last = args.channels_last and mode != "old"
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     torch.manual_seed(0)
-    model = build_model(arch, args.num_classes).to(device).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    scaler = torch.amp.GradScaler("cuda", enabled=args.amp and device.type == "cuda")
+    model = build_model(arch, args.num_classes).to(device, memory_format=memory_format).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=fused and device.type == "cuda")
+    scaler = grad_scaler(device, amp)
     batch = random_batch(args.batch_size, args.img_size, args.num_classes, device)
+    batch["image"] = batch["image"].contiguous(memory_format=memory_format)
     if device.type == "cuda":
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     times = []
-    for step in range(args.steps + 2):
-        start = time.perf_counter()
-        with autocast(device, args.amp):
-            outputs = model(batch["image"])
-        loss, _ = centernet_loss([{k: v.float() for k, v in o.items()} for o in outputs], batch)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if step >= 2:
-            times.append(time.perf_counter() - start)
+    with cudnn_benchmark(benchmark), contextlib.nullcontext() if our_pooling else forced_fallback():
+        for step in range(args.steps + 2):
+            start = time.perf_counter()
+            with autocast(device, amp):
+                outputs = model(batch["image"])
+            loss, _ = centernet_loss([{k: v.float() for k, v in o.items()} for o in outputs], batch)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if step >= 2:
+                times.append(time.perf_counter() - start)
+    if not torch.isfinite(loss):
+        raise SystemExit(f"bench/bench_train.py: {arch} {mode}: non-finite loss {loss.item()}")
     return args.batch_size / statistics.median(times), peak_memory_mb(device)
 
 
 def main(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
-    print(f"{args.device}, {torch.get_num_threads()} threads, input {args.img_size}, batch {args.batch_size}, "
-          f"{args.num_classes} classes, amp {args.amp}, median of {args.steps} steps")
-    print(f"{'arch':<18}{'params':>12}{'images/s':>10}{'peak MB':>10}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench/bench_train.py: --device cuda, but no GPU is visible")
+    modes = args.modes or (list(MODES) if device.type == "cuda" else ["fp32"])
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    print(f"{name}, input {args.img_size}, batch {args.batch_size}, {args.num_classes} classes, median of "
+          f"{args.steps} steps, channels_last {args.channels_last}")
+    print(f"{'arch':<18}{'mode':<6}{'images/s':>10}{'vs old':>8}{'peak MB':>10}")
     for arch in args.archs:
-        rate, memory = bench(arch, args, device)
-        params = sum(p.numel() for p in build_model(arch, args.num_classes).parameters())
-        print(f"{arch:<18}{params:>12,}{rate:>10.1f}{memory:>10.0f}")
+        old_rate = None
+        for mode in modes:
+            rate, memory = bench(arch, mode, args, device)
+            old_rate = rate if mode == "old" else old_rate
+            ratio = f"{rate / old_rate:.2f}x" if old_rate else ""
+            print(f"{arch:<18}{mode:<6}{rate:>10.1f}{ratio:>8}{memory:>10.0f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Corner pooling (lib/cpool): compiled extension and torch.cummax fallback against a slow loop reference."""
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -200,7 +201,7 @@ def test_modules_and_functions():
 
 def test_fallback_warns_once(monkeypatch):
     monkeypatch.setattr(pool, "_HAVE_EXT", False)
-    monkeypatch.setattr(pool, "_warned", False)
+    monkeypatch.setattr(pool, "_warned", set())
     x = torch.randn(1, 2, 3, 4)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -215,3 +216,54 @@ def test_bad_inputs(impl):
         IMPLS[impl](torch.zeros(2, 3, 4), TOP)
     with pytest.raises(TypeError, match="floating-point"):
         IMPLS[impl](torch.zeros(1, 1, 2, 2, dtype=torch.int64), TOP)
+
+
+def test_kernel_registration_check():
+    # The dispatcher lookup tells registered device types from others, and its CUDA answer agrees with what the
+    # built library holds (the CUDA kernel's dispatch name is compiled in only when cpool_cuda.cu is).
+    from lib.cpool import _ext
+
+    assert pool.kernel_registered("cpu")
+    assert not pool.kernel_registered("meta")
+    built_with_cuda = b"cpool_forward_cuda" in Path(_ext.__file__).read_bytes()
+    assert pool.kernel_registered("cuda") == built_with_cuda
+
+
+@pytest.mark.parametrize("device_type, have_ext, registered, backend, reason", [
+    ("cpu", True, True, "extension", None),
+    ("cuda", True, True, "extension", None),
+    ("cuda", True, False, "cummax", "FORCE_CUDA=1 make setup"),  # a CPU-only build used on a GPU
+    ("cuda", False, False, "cummax", "not built"),
+    ("cpu", False, False, "cummax", "not built"),
+    ("mps", True, False, "cummax", "no kernel for device type 'mps'"),
+])
+def test_backend_choice(device_type, have_ext, registered, backend, reason):
+    chosen, why = pool.choose_backend(device_type, have_ext, registered)
+    assert chosen == backend
+    assert why is None if reason is None else reason in why
+
+
+def test_unregistered_device_falls_back_with_one_warning(monkeypatch):
+    # The path of a CUDA tensor through a CPU-only build, run here on CPU tensors: the registration lookup
+    # answers "no kernel", so the extension is not called and the fallback runs with one warning.
+    monkeypatch.setattr(pool, "kernel_registered", lambda device_type: False)
+    monkeypatch.setattr(pool, "_warned", set())
+    monkeypatch.setattr(pool, "extension_pool", None)  # calling the extension would raise TypeError
+    x = torch.randn(1, 2, 3, 4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = [cpool.top_pool(x), cpool.left_pool(x)]
+    assert len(caught) == 1 and "no kernel for device type 'cpu'" in str(caught[0].message)
+    assert torch.equal(out[0], reference(x, torch.zeros_like(x), TOP)[0].float())
+
+
+def test_forced_fallback(monkeypatch):
+    monkeypatch.setattr(pool, "extension_pool", None)  # calling the extension would raise TypeError
+    monkeypatch.setattr(pool, "_warned", set())
+    x = torch.randn(1, 2, 3, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pool.forced_fallback():
+            out = cpool.right_pool(x)
+    assert torch.equal(out, reference(x, torch.zeros_like(x), RIGHT)[0].float())
+    assert not pool._forced_fallback

@@ -3,6 +3,8 @@ import contextlib
 
 import torch
 
+AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
 
 def select_device(name: str = "auto", local_rank: int | None = None) -> torch.device:
     """`auto` takes the GPU of this process (its local rank) when CUDA is available, else the CPU."""
@@ -17,9 +19,39 @@ def select_device(name: str = "auto", local_rank: int | None = None) -> torch.de
     return torch.device("cuda", index)
 
 
-def autocast(device: torch.device, enabled: bool):
-    """fp16 autocast on CUDA (with a GradScaler), bf16 on CPU; a no-op context when disabled."""
-    if not enabled:
+def amp_dtype(device: torch.device, amp: bool | str) -> torch.dtype | None:
+    """The autocast dtype: None when `amp` is False; on CUDA float16 for True or 'fp16', bfloat16 for 'bf16';
+    on the CPU always bfloat16 (its fast 16-bit type)."""
+    if not amp:
+        return None
+    if amp is not True and amp not in AMP_DTYPES:
+        raise ValueError(f"amp: expected False, True, 'fp16' or 'bf16', got {amp!r}")
+    if device.type != "cuda":
+        return torch.bfloat16
+    return torch.float16 if amp is True else AMP_DTYPES[amp]
+
+
+def autocast(device: torch.device, amp: bool | str):
+    """Autocast to `amp_dtype(device, amp)`; a no-op context when `amp` is False."""
+    dtype = amp_dtype(device, amp)
+    if dtype is None:
         return contextlib.nullcontext()
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     return torch.autocast(device.type, dtype=dtype)
+
+
+def grad_scaler(device: torch.device, amp: bool | str) -> torch.amp.GradScaler:
+    """Loss scaling is needed only for float16 (its narrow exponent underflows small gradients); bfloat16 has
+    float32's exponent range. A disabled scaler passes losses and steps through unchanged."""
+    return torch.amp.GradScaler("cuda", enabled=amp_dtype(device, amp) == torch.float16)
+
+
+@contextlib.contextmanager
+def cudnn_benchmark(enabled: bool):
+    """cuDNN autotuning pays off when every step has the same input size (training at --img_size); where sizes
+    vary (evaluation: each image keeps its own size, times each test scale) it would re-tune for every new size."""
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous

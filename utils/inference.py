@@ -20,7 +20,7 @@ from datasets.coco_eval import evaluate_detections
 from datasets.transforms import boxes_to_original
 from lib.nms import soft_nms, soft_nms_merge
 from utils.decode import decode
-from utils.device import autocast
+from utils.device import autocast, cudnn_benchmark
 from utils.dist import all_gather_object, is_main, rank, world_size
 
 
@@ -119,7 +119,8 @@ def evaluate(model, dataset, cfg: InferenceConfig, device: torch.device, num_wor
              out_json=None, progress: bool = True) -> dict:
     """Detects over `dataset` and scores with pycocotools on the main process (which prints the tables and writes
     `out_json` when given); every process returns the metrics dict of `evaluate_detections`."""
-    detections = detect_dataset(model, dataset, cfg, device, num_workers, amp, progress)
+    with cudnn_benchmark(False):  # every image has its own size
+        detections = detect_dataset(model, dataset, cfg, device, num_workers, amp, progress)
     stats = None
     if is_main():
         stats = evaluate_detections(dataset.coco, detections, dataset.cat_ids, dataset.class_names,

@@ -1,4 +1,6 @@
 """Autograd functions and nn.Module wrappers for the four corner poolings (semantics and tie rule: see __init__)."""
+import contextlib
+import functools
 import warnings
 
 import torch
@@ -14,7 +16,9 @@ except ImportError:
 TOP, BOTTOM, LEFT, RIGHT = 0, 1, 2, 3
 _DIM = {TOP: 2, BOTTOM: 2, LEFT: 3, RIGHT: 3}
 _REVERSE = {TOP: True, BOTTOM: False, LEFT: True, RIGHT: False}
-_warned = False
+REBUILD_CUDA = "make clean && FORCE_CUDA=1 make setup"
+_warned: set[str] = set()
+_forced_fallback = False
 
 
 def extension_available() -> bool:
@@ -22,13 +26,35 @@ def extension_available() -> bool:
     return _HAVE_EXT
 
 
-def _warn_fallback() -> None:
-    global _warned
-    if not _warned:
-        _warned = True
-        warnings.warn(
-            "lib/cpool: compiled extension lib.cpool._ext not built (run `make setup`); "
-            "using the slower torch.cummax fallback", RuntimeWarning, stacklevel=4)
+def kernel_registered(device_type: str) -> bool:
+    """Whether the built extension has a kernel for `device_type` ('cpu', 'cuda', ...). An extension built on a
+    machine without a GPU registers only its CPU kernel; calling it on a CUDA tensor would then fail inside
+    the dispatcher, so the choice is made before the call."""
+    return _HAVE_EXT and _has_kernel(device_type)
+
+
+@functools.cache  # registrations happen at import; the dispatcher lookup costs microseconds a call
+def _has_kernel(device_type: str) -> bool:
+    key = torch._C._dispatch_key_for_device(device_type)  # 'cuda' -> 'CUDA', 'meta' -> 'Meta'
+    return torch._C._dispatch_has_kernel_for_dispatch_key("cpool::pool_forward", key)
+
+
+def choose_backend(device_type: str, have_ext: bool, registered: bool) -> tuple[str, str | None]:
+    """('extension' or 'cummax', the reason for falling back or None) for an input on `device_type`, given
+    whether the extension is built and whether it registered a kernel for that device type."""
+    if not have_ext:
+        return "cummax", "compiled extension lib.cpool._ext not built (run `make setup`)"
+    if registered:
+        return "extension", None
+    if device_type == "cuda":
+        return "cummax", f"lib.cpool._ext was built without its CUDA kernel (rebuild: `{REBUILD_CUDA}`)"
+    return "cummax", f"lib.cpool._ext has no kernel for device type {device_type!r}"
+
+
+def _warn_fallback(reason: str) -> None:
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"lib/cpool: {reason}; using the slower torch.cummax fallback", RuntimeWarning, stacklevel=4)
 
 
 def _check(x: Tensor) -> None:
@@ -98,10 +124,26 @@ def cummax_pool(x: Tensor, direction: int) -> Tensor:
     return _CummaxPool.apply(x, direction)
 
 
+@contextlib.contextmanager
+def forced_fallback():
+    """Within this context every pooling runs the torch.cummax fallback, without a warning: for benchmarks of the
+    networks the old way (bench/bench_train.py)."""
+    global _forced_fallback
+    previous, _forced_fallback = _forced_fallback, True
+    try:
+        yield
+    finally:
+        _forced_fallback = previous
+
+
 def _pool(x: Tensor, direction: int) -> Tensor:
-    if _HAVE_EXT:
+    if _forced_fallback:
+        return cummax_pool(x, direction)
+    device_type = x.device.type
+    backend, reason = choose_backend(device_type, _HAVE_EXT, kernel_registered(device_type))
+    if backend == "extension":
         return extension_pool(x, direction)
-    _warn_fallback()
+    _warn_fallback(reason)
     return cummax_pool(x, direction)
 
 

@@ -1,0 +1,222 @@
+"""The GPU path (`pytest -m cuda`; skipped without a GPU): the CUDA corner-pooling kernel against the CPU kernel
+(itself tested against a slow loop reference in tests/test_cpool.py), decoding on CUDA against the CPU, mixed
+precision training steps, and a torchrun launch on nccl. `make gpu-check` runs them with the CUDA kernel built."""
+import os
+import socket
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from datasets.shapes import ShapesConfig, write_split
+from datasets.targets import make_targets
+from lib.cpool import pool
+from lib.cpool.pool import BOTTOM, LEFT, RIGHT, TOP, extension_pool
+from nets import build_model
+from utils.decode import decode
+from utils.device import autocast, grad_scaler
+from utils.losses import centernet_loss
+
+pytestmark = pytest.mark.cuda
+
+ROOT = Path(__file__).resolve().parents[1]
+DIRECTIONS = {"top": TOP, "bottom": BOTTOM, "left": LEFT, "right": RIGHT}
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+def run(x: torch.Tensor, grad: torch.Tensor, direction: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Extension forward and backward on x's device: (output, grad_input)."""
+    x = x.detach().requires_grad_()
+    out = extension_pool(x, direction)
+    out.backward(grad)
+    return out.detach(), x.grad
+
+
+def cuda_and_cpu(x: torch.Tensor, grad: torch.Tensor, direction: int):
+    """((out, grad_in) on CUDA moved to the CPU, (out, grad_in) of the CPU kernel); same layout on both."""
+    gpu = run(x.cuda(), grad.cuda(), direction)
+    return tuple(t.cpu() for t in gpu), run(x, grad, direction)
+
+
+def inputs(shape, kind: str, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """random: continuous values; ties: values in {0, 1, 2}. Gradients are small integers, so every sum of them
+    is exact in every dtype and both kernels must agree bit for bit whatever their summation order."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) if kind == "random" else torch.randint(0, 3, shape, generator=g).float()
+    return x.to(dtype), torch.randint(-4, 5, shape, generator=g).to(dtype)
+
+
+def test_cuda_kernel_is_registered_and_chosen():
+    # every test below would otherwise compare the CPU kernel with itself through the fallback
+    assert pool.kernel_registered("cuda"), "lib.cpool._ext has no CUDA kernel: rebuild with FORCE_CUDA=1"
+    assert pool.choose_backend("cuda", pool.extension_available(), pool.kernel_registered("cuda"))[0] == "extension"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fallback warning would fail here
+        pool.top_pool(torch.randn(1, 1, 3, 3, device="cuda"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("kind", ["random", "ties"])
+def test_matches_cpu_kernel(dtype, direction, kind):
+    # H = 37 and W = 75: several load batches of the column kernel and tiles of the row kernel, each with a
+    # remainder; 2 * 5 * 37 = 370 rows: several warps of 32 rows and a partial one
+    x, grad = inputs((2, 5, 37, 75), kind, dtype, seed=DTYPES.index(dtype))
+    (out, grad_in), (ref_out, ref_grad) = cuda_and_cpu(x, grad, DIRECTIONS[direction])
+    assert out.dtype == dtype and grad_in.dtype == dtype
+    assert torch.equal(out, ref_out)
+    assert torch.equal(grad_in, ref_grad)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_random_gradients_up_to_summation_order(dtype, direction):
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 3, 40, 70, generator=g).to(dtype)
+    grad = torch.randn(x.shape, generator=g).to(dtype)
+    (out, grad_in), (ref_out, ref_grad) = cuda_and_cpu(x, grad, DIRECTIONS[direction])
+    assert torch.equal(out, ref_out)
+    # each gradient is a sum of at most 70 terms |g| < 6 accumulated in float32 (float64 for float64), rounded once
+    # to dtype: orders can differ by 70 * 6 * eps(acc) plus one rounding of dtype
+    acc_eps = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+    torch.testing.assert_close(grad_in.double(), ref_grad.double(), rtol=torch.finfo(dtype).eps,
+                               atol=70 * 6 * acc_eps)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
+def test_nan_rule(dtype):
+    x, grad = inputs((1, 2, 40, 45), "random", dtype, seed=11)
+    x[0, 0, 3, 4] = x[0, 0, 30, 4] = x[0, 1, 2, 40] = x[0, 1, 2, 7] = float("nan")
+    for direction in DIRECTIONS.values():
+        (out, grad_in), (ref_out, ref_grad) = cuda_and_cpu(x, grad, direction)
+        torch.testing.assert_close(out, ref_out, rtol=0, atol=0, equal_nan=True)
+        assert torch.equal(grad_in, ref_grad)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 3, 1, 1025), (2, 3, 1025, 1), (1, 2, 3, 1025),
+                                   (1, 2, 1025, 3)])
+def test_size_one_and_1025(shape):
+    x, grad = inputs(shape, "ties", torch.float32, seed=12)
+    for direction in DIRECTIONS.values():
+        (out, grad_in), (ref_out, ref_grad) = cuda_and_cpu(x, grad, direction)
+        assert torch.equal(out, ref_out) and torch.equal(grad_in, ref_grad)
+
+
+@pytest.mark.parametrize("layout", ["transposed", "sliced", "channels_last"])
+def test_non_contiguous(layout):
+    base, _ = inputs((2, 8, 34, 40), "ties", torch.float32, seed=13)
+    x = {"transposed": base.transpose(2, 3), "sliced": base[:, ::2, 1:, ::3],
+         "channels_last": base.contiguous(memory_format=torch.channels_last)}[layout]
+    grad = torch.randint(-4, 5, x.shape, generator=torch.Generator().manual_seed(14)).float()
+    grad = grad.contiguous(memory_format=torch.channels_last)
+    for direction in DIRECTIONS.values():
+        gx, gg = x.cuda(), grad.cuda()  # .cuda() keeps the strides: the kernel sees the same layouts
+        assert not gx.is_contiguous() and not gg.is_contiguous()
+        out, grad_in = run(gx, gg, direction)
+        ref_out, ref_grad = run(x, grad, direction)
+        assert torch.equal(out.cpu(), ref_out) and torch.equal(grad_in.cpu(), ref_grad)
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_gradcheck_float64(direction):
+    x = torch.randn(2, 3, 9, 37, dtype=torch.float64, device="cuda", requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: extension_pool(t, DIRECTIONS[direction]), (x,))
+
+
+def test_large_tensor_launch_grid():
+    # (64, 256, 128, 128): 2^21 columns for top/bottom and 2^22 rows for left/right, 2^28 elements (1 GiB in
+    # float32) per tensor: grids beyond gridDim.y/z limits and offsets beyond 2^31 bytes
+    shape = (64, 256, 128, 128)
+    g = torch.Generator(device="cuda").manual_seed(15)
+    x = torch.randint(0, 8, shape, generator=g, device="cuda").float()
+    x_cpu = x.cpu()
+    for direction in DIRECTIONS.values():
+        xg = x.detach().requires_grad_()
+        out = extension_pool(xg, direction)
+        out.backward(torch.ones_like(out))
+        ref_out, ref_grad = run(x_cpu, torch.ones(shape), direction)
+        assert torch.equal(out.detach().cpu(), ref_out) and torch.equal(xg.grad.cpu(), ref_grad)
+        del out, xg, ref_out, ref_grad
+
+
+def synthetic_outputs(batch: int, classes: int, size: int, seed: int) -> dict[str, torch.Tensor]:
+    """Eval-mode output dict (CONTRACT.md) with continuous random values, so that no two scores tie."""
+    g = torch.Generator().manual_seed(seed)
+    out = {f"hm_{k}": torch.randn(batch, classes, size, size, generator=g) * 3 for k in ("tl", "br", "ct")}
+    out.update({f"off_{k}": torch.rand(batch, 2, size, size, generator=g) for k in ("tl", "br", "ct")})
+    out.update({f"emb_{k}": torch.rand(batch, 1, size, size, generator=g) for k in ("tl", "br")})
+    return out
+
+
+def test_decode_on_cuda_equals_cpu():
+    out = synthetic_outputs(batch=2, classes=5, size=48, seed=16)
+    cpu = decode(out, K=40, ae_threshold=0.5, num_dets=500)
+    gpu = decode({k: v.cuda() for k, v in out.items()}, K=40, ae_threshold=0.5, num_dets=500)
+    assert (cpu[..., 4] >= 0).sum() > 10  # enough boxes survive pairing and the center check to compare
+    # sigmoid and box arithmetic may round differently on the GPU: a few float32 ulps
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-5, atol=1e-5)
+
+
+def training_batch(batch_size: int, size: int, num_classes: int) -> dict[str, torch.Tensor]:
+    rng = np.random.default_rng(0)
+    items = []
+    for _ in range(batch_size):
+        xy = rng.uniform(0, size * 0.5, (3, 2))
+        boxes = np.concatenate([xy, xy + rng.uniform(size * 0.1, size * 0.4, (3, 2))], axis=1)
+        items.append(make_targets(boxes, rng.integers(0, num_classes, 3), num_classes, size, size))
+    batch = {k: torch.from_numpy(np.stack([it[k] for it in items])) for k in items[0]}
+    batch["image"] = torch.randn(batch_size, 3, size, size, generator=torch.Generator().manual_seed(0))
+    return {k: v.cuda() for k, v in batch.items()}
+
+
+@pytest.mark.parametrize("amp", ["fp16", "bf16"])
+def test_tiny_hourglass_training_step_autocast(amp):
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = build_model("tiny_hourglass", 4).to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)
+    scaler = grad_scaler(device, amp)
+    assert scaler.is_enabled() == (amp == "fp16")
+    batch = training_batch(2, 127, 4)
+    before = [p.detach().clone() for p in model.parameters()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no corner-pooling fallback
+        for _ in range(2):
+            with autocast(device, amp):
+                outputs = model(batch["image"])
+            assert outputs[0]["hm_tl"].dtype == {"fp16": torch.float16, "bf16": torch.bfloat16}[amp]
+            loss, terms = centernet_loss([{k: v.float() for k, v in o.items()} for o in outputs], batch)
+            assert torch.isfinite(loss) and all(torch.isfinite(v) for v in terms.values())
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+    after = list(model.parameters())
+    assert all(torch.isfinite(p).all() for p in after)
+    assert any(not torch.equal(a, b) for a, b in zip(after, before))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_one_process_uses_nccl(tmp_path):
+    data = tmp_path / "shapes"
+    cfg = ShapesConfig(min_size=64, max_size=96, min_obj=16, max_obj=40, max_objects=3)
+    write_split(data, "train", 4, seed=1, cfg=cfg)
+    write_split(data, "val", 2, seed=1, cfg=cfg)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", str(free_port()),
+           "train.py", "--dist", "--log_name", "ddp", "--ckpt_dir", str(tmp_path), "--data_dir", str(data),
+           "--train_split", "train", "--val_split", "val", "--arch", "tiny_hourglass", "--img_size", "127",
+           "--batch_size", "4", "--num_epochs", "1", "--num_workers", "0", "--device", "cuda", "--amp"]
+    env = {**os.environ, "NCCL_DEBUG": "INFO"}  # NCCL reports each communicator it creates
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "NCCL INFO" in result.stdout + result.stderr
+    assert "1 process(es) on cuda:0" in (tmp_path / "ddp" / "train.log").read_text()
