@@ -180,8 +180,9 @@ def without_batchnorm(model: nn.Module) -> nn.Module:
 def one_step_gradients(rank: int, world: int, port: int, out: str) -> None:
     """One training step of the BN-free tiny network on a global batch of 4: the gradients after backward (all-reduced
     by DDP when world > 1), and the batch each process loaded."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
-                      LOCAL_RANK=str(rank))
+    if world > 1:  # in a spawned process; the single-process run stays out of any process group
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                          LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     dist.init_distributed(True, device="cpu")
     torch.manual_seed(0)

@@ -75,9 +75,11 @@ def init_distributed(enabled: bool = True, local_rank: int | None = None, device
     picks the backend: nccl for CUDA (`auto` with a GPU visible), gloo for the CPU."""
     if is_dist():
         return True
-    if not enabled or not launched():
+    # torchrun with one process sets RANK and WORLD_SIZE=1: with --dist that is a real (nccl / gloo) group of one.
+    torchrun_env = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if not enabled or not (launched() or torchrun_env):
         return False
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if not torchrun_env:
         slurm_to_torchrun_env()
     missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
