@@ -8,7 +8,7 @@ HOURGLASS_DIMS = [256, 256, 384, 384, 384, 512]
 HOURGLASS_BLOCKS = [2, 2, 2, 2, 2, 4]
 
 ARCHS = {
-    # CenterNet-104: two stacks (210,062,960 parameters with 80 classes, as the seed).
+    # CenterNet-104: two stacks (210,062,960 parameters with 80 classes, as in pytorch_simple_CenterNet_47).
     "large_hourglass": dict(num_stacks=2, dims=HOURGLASS_DIMS, blocks=HOURGLASS_BLOCKS, stem_dim=128, cnv_dim=256,
                             pool_dim=128, head_dim=256),
     # CenterNet-52: one stack (104,844,152 parameters with 80 classes).
