@@ -188,8 +188,10 @@ def one_step_gradients(rank: int, world: int, port: int, out: str) -> None:
     torch.manual_seed(0)
     model = without_batchnorm(build_model("tiny_hourglass", 2))
     ddp = nn.parallel.DistributedDataParallel(model) if dist.is_dist() else model
-    # lr 0: the loop runs as in training, and the gradients it leaves belong to the initial weights.
+    # lr 0: the loop runs as in training; the gradients the optimizer sees belong to the initial weights.
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    grads = {}
+    optimizer.register_step_pre_hook(lambda *_: grads.update({k: p.grad.clone() for k, p in model.named_parameters()}))
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     data = OneBoxImages(4)
     progress = train.EpochProgress(1, epoch_order(len(data), 4, seed=0, epoch=1), 4, 0)
@@ -197,7 +199,6 @@ def one_step_gradients(rank: int, world: int, port: int, out: str) -> None:
     batch = next(iter(loader))
     logger = train.RunLogger(Path(out), enabled=False)
     train.train_one_epoch(ddp, loader, optimizer, scaler, torch.device("cpu"), False, progress, logger)
-    grads = {k: p.grad for k, p in model.named_parameters()}
     torch.save({"grads": grads, "images": batch["image"]}, Path(out) / f"world{world}_rank{rank}.pt")
     dist.cleanup()
 
