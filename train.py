@@ -25,7 +25,7 @@ from nets import build_model
 from utils import dist
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.device import autocast, select_device
-from utils.inference import build_eval_config, evaluate
+from utils.inference import InferenceConfig, evaluate
 from utils.logger import RunLogger
 from utils.losses import centernet_loss
 
@@ -166,7 +166,7 @@ def main(args: argparse.Namespace) -> float:
                 f"{dist.world_size()} process(es) on {device}")
     ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if dist.is_dist() else model
-    eval_config = build_eval_config(args)
+    eval_config = InferenceConfig()  # the official single-scale settings
 
     ap = best_ap
     for epoch in range(start_epoch, args.num_epochs + 1):

@@ -124,16 +124,16 @@ def test_nms_per_class_keeps_classes_apart_and_caps():
     hard = InferenceConfig(nms_method=0, merge=False)
     got = nms_per_class(rows, hard)
     np.testing.assert_array_equal(got, np.array([box + [0.9, 0], box + [0.8, 3]], np.float32))
-    merged = nms_per_class(rows, InferenceConfig())
+    merged = nms_per_class(rows, InferenceConfig(merge=True))
     np.testing.assert_allclose(merged[:, 4], [0.9, 0.8, 0.7 * math.exp(-1 / 0.5)], rtol=1e-6)
     assert nms_per_class(np.zeros((0, 8), np.float32), hard).shape == (0, 6)
 
     rng = np.random.default_rng(0)
     many = clustered_boxes(rng, 300, merge=True)
     many = np.concatenate([many, rng.integers(0, 5, (300, 1))], axis=1).astype(np.float32)
-    capped = nms_per_class(many, InferenceConfig(max_per_image=100))
+    capped = nms_per_class(many, InferenceConfig(merge=True, max_per_image=100))
     assert capped.shape == (100, 6) and np.all(np.diff(capped[:, 4]) <= 0)
-    everything = nms_per_class(many, InferenceConfig(max_per_image=10**6))
+    everything = nms_per_class(many, InferenceConfig(merge=True, max_per_image=10**6))
     np.testing.assert_array_equal(capped, everything[:100])
     for label in range(5):
         rows_c = many[many[:, 7] == label, :7]
