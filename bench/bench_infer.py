@@ -35,7 +35,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def synthetic_outputs(batch: int, classes: int = 80, size: int = 128, objects: int = 12, seed: int = 0) -> dict:
-    """Eval-mode output dict (CONTRACT.md) with `objects` objects of 3 classes, each corner and center seen as
+    """Eval-mode output dict (docs/FORMAT.md) with `objects` objects of 3 classes, each corner and center seen as
     a main peak and two weaker near-duplicates."""
     gen = torch.Generator().manual_seed(seed)
 

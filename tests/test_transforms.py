@@ -228,3 +228,20 @@ def test_eval_input_pixels_follow_the_meta(scale):
         center = boxes_to_original(np.array([[cx, cy, cx, cy]]) * ratio, meta, flipped)[0, :2]
         bias = np.array([meta.new_w / meta.orig_w, meta.new_h / meta.orig_h]) / scale
         np.testing.assert_allclose(center, np.array([180, 95]) * bias, atol=0.05)
+
+
+def test_eval_input_drops_the_last_column_of_a_128k_minus_1_image():
+    # As the official crop_image: a 511 x 383 image (already 128k - 1) fills the input but for its last column
+    # and row, which stay zero padding; a 510 x 382 image fills its input exactly (pad 0 on both sides).
+    image = np.full((383, 511, 3), 200, np.uint8)
+    images, meta = eval_input(image, 1.0, flip=True)
+    assert (meta.in_w, meta.in_h, meta.pad_x, meta.pad_y) == (511, 383, 0, 0)
+    pad_value = -COCO_MEAN / COCO_STD
+    np.testing.assert_allclose(images[0, :, :, -1].numpy(), np.repeat(pad_value[:, None], 383, 1), atol=1e-6)
+    np.testing.assert_allclose(images[0, :, -1, :].numpy(), np.repeat(pad_value[:, None], 511, 1), atol=1e-6)
+    inside = (200 / 255 - COCO_MEAN) / COCO_STD
+    np.testing.assert_allclose(images[0, :, :-1, :-1].numpy().reshape(3, -1).min(1), inside, atol=1e-5)
+    np.testing.assert_allclose(images[1, :, :, 0].numpy(), images[0, :, :, -1].numpy())
+    images, meta = eval_input(np.full((382, 510, 3), 200, np.uint8), 1.0, flip=False)
+    assert (meta.in_w, meta.in_h, meta.pad_x, meta.pad_y) == (511, 383, 0, 0)
+    np.testing.assert_allclose(images[0, :, :382, :510].numpy().reshape(3, -1).max(1), inside, atol=1e-5)
