@@ -1,12 +1,13 @@
 """Evaluates a trained CenterNet on the val split of a COCO-format data set: COCO AP table, per-class AP and the
 results json, written beside the checkpoint.
 
-    python test.py --log_name coco_hg_511_ddp --dataset coco --arch large_hourglass
-    python test.py --log_name coco_hg_511_ddp --dataset coco --arch large_hourglass --test_flip
-    python test.py --log_name coco_hg_511_ddp --dataset coco --arch large_hourglass --test_flip \
-        --test_scales 0.5,0.75,1,1.25,1.5
+    python test.py --log_name coco_hg_511_ddp --dataset coco --test_flip
+    python test.py --log_name coco_hg_511_ddp --dataset coco --test_flip --test_scales 0.6,1,1.2,1.5,1.8
     torchrun --nproc_per_node 8 test.py ...   # the images are split over the processes; same AP
 
+The first is the official single-scale test (which always adds the flipped image), the second the official
+multi-scale test (box merging turns on with several scales, --merge auto). Post-processing follows the official
+test code (utils/inference.py); --inplace_nms also reproduces its in-place soft-NMS, stale rows included.
 The checkpoint is CKPT_DIR/LOG_NAME/checkpoint.pt unless --ckpt names one. Architecture, classes and training
 input size come from it; --arch and --img_size, when given, must agree with it.
 """

@@ -10,8 +10,10 @@ The bump radius is CornerNet's `gaussian_radius` (official code, sample/utils.py
 is written there, quirk included: each of its three quadratics is solved as (b + sqrt(b^2 - 4ac)) / 2, not with
 the textbook root (b -+ sqrt(...)) / (2a). The minimum of the three is then always the third one, about 0.27 x the
 side of a square box (the textbook roots give about 0.08 x). The published CornerNet and CenterNet results were
-trained with the official form, so it is kept; the seed reimplementation uses the textbook roots instead.
-Box sizes enter in output cells rounded up (ceil(box_w w / in_w), the same for heights) and the radius is truncated to an integer.
+trained with the official form, so it is kept; the reimplementation pytorch_simple_CenterNet_47 (github
+zzzxxxttt) uses the textbook roots instead.
+Box sizes enter in output cells rounded up (ceil(box_w w / in_w), the same for heights) and the radius is
+truncated to an integer.
 """
 from functools import lru_cache
 
