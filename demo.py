@@ -22,7 +22,7 @@ from datasets.transforms import eval_input
 from nets import build_model
 from utils.checkpoint import load_checkpoint
 from utils.device import select_device
-from utils.inference import build_eval_config, detect
+from utils.inference import detect, official_config
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 
@@ -76,7 +76,7 @@ def main(args: argparse.Namespace) -> list[dict]:
     model = build_model(state["args"]["arch"], len(class_names))
     model.load_state_dict(state["model"])
     model.to(device).eval()
-    cfg = build_eval_config(args)
+    cfg = official_config(len(scales))
 
     out.mkdir(parents=True, exist_ok=True)
     results, skipped = [], []

@@ -1,12 +1,13 @@
 """Evaluates a trained CenterNet on the val split of a COCO-format data set: COCO AP table, per-class AP and the
 results json, written beside the checkpoint.
 
-    python test.py --log_name coco_hg_511_ddp --dataset coco --arch large_hourglass
-    python test.py --log_name coco_hg_511_ddp --dataset coco --arch large_hourglass --test_flip
-    python test.py --log_name coco_hg_511_ddp --dataset coco --arch large_hourglass --test_flip \
-        --test_scales 0.5,0.75,1,1.25,1.5
+    python test.py --log_name coco_hg_511_ddp --dataset coco --test_flip
+    python test.py --log_name coco_hg_511_ddp --dataset coco --test_flip --test_scales 0.6,1,1.2,1.5,1.8
     torchrun --nproc_per_node 8 test.py ...   # the images are split over the processes; same AP
 
+The first is the official single-scale test (which always adds the flipped image), the second the official
+multi-scale test (box merging turns on with several scales, --merge auto). Post-processing follows the official
+test code (utils/inference.py); --inplace_nms also reproduces its in-place soft-NMS, stale rows included.
 The checkpoint is CKPT_DIR/LOG_NAME/checkpoint.pt unless --ckpt names one. Architecture, classes and training
 input size come from it; --arch and --img_size, when given, must agree with it.
 """
@@ -35,13 +36,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--val_split", default="val2017")
     p.add_argument("--arch", help="must match the checkpoint's (default: the checkpoint's)")
     p.add_argument("--img_size", type=int, help="must match the checkpoint's training size (default: the checkpoint's)")
-    p.add_argument("--test_flip", action="store_true", help="also run the horizontally flipped image")
+    p.add_argument("--test_flip", action="store_true",
+                   help="also run the horizontally flipped image (the official test always does)")
     p.add_argument("--test_scales", default="1", help="comma-separated scales, e.g. 0.5,0.75,1,1.25,1.5")
-    p.add_argument("--topk", type=int, default=DEFAULTS.K, help="corners and centers kept per heatmap")
+    p.add_argument("--topk", type=int, default=DEFAULTS.topk, help="corners and centers kept per heatmap")
     p.add_argument("--ae_threshold", type=float, default=DEFAULTS.ae_threshold, help="max embedding distance")
     p.add_argument("--nms_threshold", type=float, default=DEFAULTS.nms_threshold, help="soft-NMS Nt")
-    p.add_argument("--w_exp", type=float, default=DEFAULTS.weight_exp, help="soft-NMS box-merge weight exponent")
-    p.add_argument("--no_merge", action="store_true", help="plain soft-NMS, without merging boxes")
+    p.add_argument("--weight_exp", "--w_exp", type=float, default=DEFAULTS.weight_exp,
+                   help="soft-NMS box-merge weight exponent")
+    p.add_argument("--merge", default="auto", choices=["auto", "on", "off"],
+                   help="soft-NMS with box merging; auto: only with several --test_scales (the official configs)")
+    p.add_argument("--inplace_nms", action="store_true",
+                   help="the official in-place soft-NMS, stale rows included, for exact comparison with the "
+                        "published numbers (README.md)")
     p.add_argument("--num_workers", type=int, default=2, help="data loading workers per process")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--amp", action="store_true", help="fp16 autocast on CUDA, bf16 on CPU")
@@ -91,7 +98,7 @@ def main(args: argparse.Namespace) -> dict:
     state = load_checkpoint(path, map_location="cpu")
     settings_from_checkpoint(args, state, path)
 
-    dataset = build_dataset(args, args.val_split, train=False)
+    dataset = build_dataset(args, args.val_split, train=False, test_scales=args.test_scales)
     if list(dataset.class_names) != list(state["class_names"]):
         raise SystemExit(f"{path} was trained on classes {state['class_names']}, but {args.data_dir} "
                          f"{args.val_split} has {dataset.class_names}")

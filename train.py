@@ -33,7 +33,7 @@ from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.device import autocast, grad_scaler, select_device
 from utils.errors import DataError, UserError, run_cli
 from utils.files import remove_stale_temporaries
-from utils.inference import build_eval_config, evaluate
+from utils.inference import InferenceConfig, evaluate
 from utils.logger import RunLogger
 from utils.losses import centernet_loss
 from utils.pretrained import load_pretrained_checkpoint
@@ -343,7 +343,7 @@ def train(args: argparse.Namespace, signals: StopSignals) -> tuple[float, bool]:
                 f"{dist.world_size()} process(es) on {device}")
     ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if dist.is_dist() else model
-    eval_config = build_eval_config(args)
+    eval_config = InferenceConfig()  # the official single-scale settings
 
     def state_dict(epoch_done: int, position: dict | None) -> dict:
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),

@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: import the repo
 from datasets.transforms import eval_input
 from nets import build_model
-from utils.decode import decode
+from utils.decode import center_check, decode
 from utils.device import autocast, cudnn_benchmark
 from utils.inference import InferenceConfig, detect, nms_per_class
 
@@ -44,7 +44,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def synthetic_outputs(batch: int, classes: int = 80, size: int = 128, objects: int = 12, seed: int = 0) -> dict:
-    """Eval-mode output dict (CONTRACT.md) with `objects` objects of 3 classes, each corner and center seen as
+    """Eval-mode output dict (docs/FORMAT.md) with `objects` objects of 3 classes, each corner and center seen as
     a main peak and two weaker near-duplicates."""
     gen = torch.Generator().manual_seed(seed)
 
@@ -73,9 +73,10 @@ def synthetic_outputs(batch: int, classes: int = 80, size: int = 128, objects: i
 
 
 def postprocess(out: dict, cfg: InferenceConfig, device: torch.device):
-    dets = decode(out, K=cfg.K, ae_threshold=cfg.ae_threshold, num_dets=cfg.num_dets, kernel=cfg.kernel)
-    rows = dets[dets[..., 4] >= 0].cpu().numpy()
-    return nms_per_class(rows, cfg)
+    dets, centers = decode(out, topk=cfg.topk, ae_threshold=cfg.ae_threshold, num_dets=cfg.num_dets,
+                           kernel=cfg.kernel)
+    rows = np.concatenate([center_check(d, c) for d, c in zip(dets.cpu().numpy(), centers.cpu().numpy())])
+    return nms_per_class(rows[rows[:, 4] > -1], cfg)
 
 
 def median_ms(fn, repeats: int, device: torch.device, warmup: int = 1) -> float:

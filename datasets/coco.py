@@ -15,7 +15,7 @@ Layout: `{data_dir}/annotations/instances_{split}.json` and the images in `{data
   not) and has the json's `width` and `height` when those are given. Grayscale, RGBA and 16-bit images are read
   as 8-bit BGR (see datasets/image_io.py).
 
-A training item is the dict of CONTRACT.md (normalised image and triplet targets); an evaluation item is
+A training item is the dict of docs/FORMAT.md (normalised image and triplet targets); an evaluation item is
 dict(image_id=int, inputs=[(images (1 or 2, 3, H_in, W_in), EvalMeta) for each test scale]).
 """
 import contextlib
@@ -31,7 +31,7 @@ from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
 from datasets.image_io import load_image
-from datasets.targets import make_targets
+from datasets.targets import STRIDE, make_targets
 from datasets.transforms import clip_boxes, eval_input, train_transform
 from utils.errors import DataError, MissingFileError
 
@@ -143,7 +143,8 @@ class CocoDetection(Dataset):
     """COCO-format detection data; see the module docstring.
 
     data_dir: folder with annotations/ and the image folders; split: e.g. "train2017" or "val";
-    train: training items (augmentation + targets) or evaluation items; img_size: training canvas, 128k - 1;
+    train: training items (augmentation + targets) or evaluation items; img_size: training canvas, k * 4 - 1
+    (the networks check their own unit, 128k - 1 for the full ones);
     test_scales, test_flip: the evaluation inputs; max_objects: objects with offsets and indices per image.
     """
 
@@ -153,8 +154,9 @@ class CocoDetection(Dataset):
         if not root.is_dir():
             raise MissingFileError(f"{root}: data directory not found (expected annotations/instances_{split}.json "
                                     f"and {split}/ inside it)")
-        if img_size % 128 != 127:
-            raise DataError(f"img_size must be of the form 128k - 1 (127, 255, 383, 511, ...), got {img_size}")
+        if (img_size + 1) % STRIDE:  # the targets' map size; the network checks its own, coarser unit
+            raise DataError(f"img_size must be of the form k * {STRIDE} - 1 (the networks want 128k - 1: 127, 255, "
+                             f"383, 511, ...), got {img_size}")
         if not test_scales or min(test_scales) <= 0:
             raise DataError(f"test_scales must be positive numbers, got {list(test_scales)}")
         self.ann_file = root / "annotations" / f"instances_{split}.json"
@@ -206,7 +208,7 @@ class CocoDetection(Dataset):
         return image, boxes[keep], self.labels[index][keep]
 
     def train_sample(self, index: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
-        """The training dict of CONTRACT.md for image `index`, augmentation drawn from `rng`."""
+        """The training dict of docs/FORMAT.md for image `index`, augmentation drawn from `rng`."""
         image, boxes, labels = self.load(index)
         image, boxes, labels = train_transform(image, boxes, labels, self.img_size, rng)
         targets = make_targets(boxes, labels, self.num_classes, self.img_size, self.img_size, self.max_objects)

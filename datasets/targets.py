@@ -1,16 +1,19 @@
 """Training targets of the keypoint triplet (top-left, bottom-right and center of each box) on the output map.
 
-Coordinates are continuous input pixels; the output stride is exactly 4: a keypoint at input coordinate c lies in
-output cell floor(c / 4) (clamped into the map) with sub-cell offset c / 4 - cell. Each keypoint is an
+Coordinates are continuous input pixels. An input of in_w = 128k - 1 pixels gives an output map of
+w = (in_w + 1) / 4 cells, and, as in the official code (sample/coco.py), a coordinate maps to the map by the ratio
+w / in_w (128 / 511, not 1 / 4): a keypoint at input x lies in cell floor(x w / in_w) (clamped into the map) with
+sub-cell offset x w / in_w - cell; the test-time inverse is datasets/transforms.py `boxes_to_resized`. Each keypoint is an
 unnormalised gaussian bump, 1.0 exactly at its cell, drawn by maximum with what is already there.
 
 The bump radius is CornerNet's `gaussian_radius` (official code, sample/utils.py of CornerNet and CenterNet) as it
 is written there, quirk included: each of its three quadratics is solved as (b + sqrt(b^2 - 4ac)) / 2, not with
 the textbook root (b -+ sqrt(...)) / (2a). The minimum of the three is then always the third one, about 0.27 x the
 side of a square box (the textbook roots give about 0.08 x). The published CornerNet and CenterNet results were
-trained with the official form, so it is kept; the reimplementation pytorch_simple_CenterNet_47 uses the
-textbook roots instead.
-Box sizes enter in output cells rounded up (ceil(w / 4), ceil(h / 4)) and the radius is truncated to an integer.
+trained with the official form, so it is kept; the reimplementation pytorch_simple_CenterNet_47 (github
+zzzxxxttt) uses the textbook roots instead.
+Box sizes enter in output cells rounded up (ceil(box_w w / in_w), the same for heights) and the radius is
+truncated to an integer.
 """
 from functools import lru_cache
 
@@ -63,9 +66,10 @@ def draw_gaussian(heatmap: np.ndarray, x: int, y: int, radius: int, delta: int) 
     np.maximum(region, patch, out=region)
 
 
-def keypoint_cells(points: np.ndarray, map_w: int, map_h: int) -> tuple[np.ndarray, np.ndarray]:
-    """(N, 2) input-pixel x y -> (cells (N, 2) int64 x y clamped into the map, offsets (N, 2) float32 x y)."""
-    scaled = points / STRIDE
+def keypoint_cells(points: np.ndarray, ratio: np.ndarray, map_w: int, map_h: int) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 2) input-pixel x y, ratio (2,) map / input size -> (cells (N, 2) int64 x y clamped into the map,
+    offsets (N, 2) float32 x y)."""
+    scaled = points * ratio
     cells = np.floor(scaled).astype(np.int64)
     cells[:, 0] = np.clip(cells[:, 0], 0, map_w - 1)
     cells[:, 1] = np.clip(cells[:, 1], 0, map_h - 1)
@@ -83,16 +87,17 @@ def make_targets(boxes: np.ndarray, labels: np.ndarray, num_classes: int, input_
     objects past `max_objects` get no offset or index (COCO has at most 93 per image).
     """
     map_h, map_w = (input_h + 1) // STRIDE, (input_w + 1) // STRIDE
+    ratio = np.array([map_w / input_w, map_h / input_h])
     boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
     labels = np.asarray(labels, np.int64).reshape(-1)
     out = {f"hm_{k}": np.zeros((num_classes, map_h, map_w), np.float32) for k in ("tl", "br", "ct")}
     points = {"tl": boxes[:, 0:2], "br": boxes[:, 2:4], "ct": (boxes[:, 0:2] + boxes[:, 2:4]) / 2}
     cells, offsets = {}, {}
     for k, p in points.items():
-        cells[k], offsets[k] = keypoint_cells(p, map_w, map_h)
+        cells[k], offsets[k] = keypoint_cells(p, ratio, map_w, map_h)
 
-    box_w = np.ceil((boxes[:, 2] - boxes[:, 0]) / STRIDE)
-    box_h = np.ceil((boxes[:, 3] - boxes[:, 1]) / STRIDE)
+    box_w = np.ceil((boxes[:, 2] - boxes[:, 0]) * ratio[0])
+    box_h = np.ceil((boxes[:, 3] - boxes[:, 1]) * ratio[1])
     radii = np.maximum(0, gaussian_radius(box_h, box_w).astype(np.int64)).tolist()
     for k, delta in (("tl", CORNER_DELTA), ("br", CORNER_DELTA), ("ct", CENTER_DELTA)):
         hm = out[f"hm_{k}"]

@@ -5,7 +5,7 @@ with x2 = x1 + w. Each geometric step is an axis-aligned affine map of these coo
 matrix, the pixels through slicing, `cv2.resize` (bilinear with pixel centers at i + 0.5, which realises exactly
 that map) and `cv2.flip`. A horizontal flip of an image of width W maps x -> W - x.
 
-Training (SPEC.md): scale s from {0.6, ..., 1.3}; a square of side int(img_size * s) around a random center of the
+Training (CornerNet's recipe): scale s from {0.6, ..., 1.3}; a square of side int(img_size * s) around a random center of the
 original image (at least `border` pixels inside it, the border halved for small images) is cut out, zero-padded
 where it leaves the image, and resized to img_size x img_size (CornerNet's `random_crop`: one slice, one resize);
 horizontal flip with p 0.5; boxes clipped to the canvas, those narrower or lower than `min_box_size` (1 pixel)
@@ -15,7 +15,8 @@ lighting (std 0.1) and normalisation. All of these are affine in the B, G, R val
 3 x 4 colour matrix and applied in one pass.
 
 Test: the image resized by each test scale keeps its aspect ratio, padded with zeros (centered) to the next size
-of the form 128k - 1 (`h | 127`); `boxes_to_original` maps boxes decoded on that input back to the image.
+of the form 128k - 1 (`h | 127`); `boxes_to_original` maps boxes decoded on that input back to the image the way
+the official test code does (output cells scaled by in / out, not by 4; see `boxes_to_resized`).
 """
 from dataclasses import dataclass
 
@@ -168,43 +169,71 @@ def train_transform(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, im
 
 @dataclass(frozen=True)
 class EvalMeta:
-    """How an original image became a test input: input = original * scale + pad (per axis)."""
+    """How an original image became a test input: resized to (new_w, new_h) = int(orig * scale), then placed at
+    (pad_x, pad_y) on a zero input of size (in_w, in_h), the next sizes of the form 128k - 1."""
     orig_w: int
     orig_h: int
-    scale_x: float  # resized width / original width
-    scale_y: float
-    pad_x: int  # left padding of the input, pixels
+    scale: float  # the test scale
+    new_w: int
+    new_h: int
+    pad_x: int
     pad_y: int
-    in_w: int  # input size, of the form 128k - 1
+    in_w: int
     in_h: int
 
 
 def eval_input(image: np.ndarray, scale: float, flip: bool) -> tuple[torch.Tensor, EvalMeta]:
     """(H, W, 3) uint8 BGR -> (images (1 or 2, 3, H_in, W_in) float32 normalised, meta). The image is resized to
     (int(W * scale), int(H * scale)) and padded with zeros, centered, to (that | 127); image 1 (flip) is the
-    horizontally flipped copy of image 0."""
+    horizontally flipped copy of image 0.
+
+    As the official `crop_image` (its window around the center is `in // 2` wide on each side), a resized side
+    that is already of the form 128k - 1 loses its last column (row): it is left zero."""
     h, w = image.shape[:2]
     new_w, new_h = max(1, int(w * scale)), max(1, int(h * scale))
     in_w, in_h = new_w | 127, new_h | 127
-    meta = EvalMeta(orig_w=w, orig_h=h, scale_x=new_w / w, scale_y=new_h / h,
-                    pad_x=in_w // 2 - new_w // 2, pad_y=in_h // 2 - new_h // 2, in_w=in_w, in_h=in_h)
+    meta = EvalMeta(orig_w=w, orig_h=h, scale=scale, new_w=new_w, new_h=new_h, pad_x=in_w // 2 - new_w // 2,
+                    pad_y=in_h // 2 - new_h // 2, in_w=in_w, in_h=in_h)
     if (new_w, new_h) != (w, h):
         image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
-    canvas = cv2.copyMakeBorder(image, meta.pad_y, in_h - new_h - meta.pad_y, meta.pad_x, in_w - new_w - meta.pad_x,
-                                cv2.BORDER_CONSTANT, value=(0, 0, 0))
+    image = image[:new_h - (new_h == in_h), :new_w - (new_w == in_w)]
+    canvas = cv2.copyMakeBorder(image, meta.pad_y, in_h - image.shape[0] - meta.pad_y, meta.pad_x,
+                                in_w - image.shape[1] - meta.pad_x, cv2.BORDER_CONSTANT, value=(0, 0, 0))
     chw = apply_color_matrix(canvas, normalize_matrix())
     images = np.stack([chw, chw[:, :, ::-1]]) if flip else chw[None]
     return torch.from_numpy(images), meta
 
 
-def boxes_to_original(boxes: np.ndarray, meta: EvalMeta, flipped: bool) -> np.ndarray:
+def boxes_to_resized(boxes: np.ndarray, meta: EvalMeta, flipped: bool) -> np.ndarray:
     """(N, 4) x1 y1 x2 y2 in output-map units of the input described by `meta` (of its flipped copy when
-    `flipped`) -> (N, 4) float32 original-image pixels, clipped to the image."""
-    b = np.asarray(boxes, np.float64).reshape(-1, 4) * STRIDE
+    `flipped`) -> (N, 4) float64 pixels of the resized image, not clipped. As the official code (and its
+    training targets): an output map of w_out = (in_w + 1) / 4 columns spans the input's in_w pixels (ratio
+    in_w / w_out, 3.992 at 511), and the flip is undone on the map, x -> w_out - x."""
+    out_w, out_h = (meta.in_w + 1) // STRIDE, (meta.in_h + 1) // STRIDE
+    b = np.asarray(boxes, np.float64).reshape(-1, 4).copy()
     if flipped:
-        b[:, [0, 2]] = meta.in_w - b[:, [2, 0]]
-    b[:, [0, 2]] = (b[:, [0, 2]] - meta.pad_x) / meta.scale_x
-    b[:, [1, 3]] = (b[:, [1, 3]] - meta.pad_y) / meta.scale_y
-    b[:, [0, 2]] = np.clip(b[:, [0, 2]], 0, meta.orig_w)
-    b[:, [1, 3]] = np.clip(b[:, [1, 3]], 0, meta.orig_h)
-    return b.astype(np.float32)
+        b[:, [0, 2]] = out_w - b[:, [2, 0]]
+    b[:, [0, 2]] = b[:, [0, 2]] * (meta.in_w / out_w) - meta.pad_x
+    b[:, [1, 3]] = b[:, [1, 3]] * (meta.in_h / out_h) - meta.pad_y
+    return b
+
+
+def far_outside(resized: np.ndarray, meta: EvalMeta, margin: float = 5.0) -> np.ndarray:
+    """(N, 4) boxes in resized-image pixels -> (N,) bool, True for those the official code rejects: a side more
+    than `margin` pixels beyond the resized image (x1 <= -5, x2 >= new_w + 5, and the same for y)."""
+    return ((resized[:, 0] <= -margin) | (resized[:, 2] >= meta.new_w + margin)
+            | (resized[:, 1] <= -margin) | (resized[:, 3] >= meta.new_h + margin))
+
+
+def resized_to_original(resized: np.ndarray, meta: EvalMeta) -> np.ndarray:
+    """(N, 4) boxes in resized-image pixels -> (N, 4) float32 original pixels: clipped to the resized image, then
+    divided by the test scale (as the official code; int(W * scale) / W differs from the scale by < 1 / W)."""
+    b = resized.copy()
+    b[:, [0, 2]] = np.clip(b[:, [0, 2]], 0, meta.new_w)
+    b[:, [1, 3]] = np.clip(b[:, [1, 3]], 0, meta.new_h)
+    return (b / meta.scale).astype(np.float32)
+
+
+def boxes_to_original(boxes: np.ndarray, meta: EvalMeta, flipped: bool) -> np.ndarray:
+    """(N, 4) boxes in output-map units -> (N, 4) float32 original pixels, clipped to the image."""
+    return resized_to_original(boxes_to_resized(boxes, meta, flipped), meta)

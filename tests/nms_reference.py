@@ -61,3 +61,41 @@ def soft_nms_reference(dets, sigma=0.5, Nt=0.3, threshold=0.001, method=2, merge
         kept.append(box)
     width = 7 if merge else 5
     return np.array(kept, dtype=np.float32).reshape(-1, width)
+
+
+def soft_nms_inplace_reference(dets, sigma=0.5, Nt=0.3, threshold=0.001, method=2, merge=False, weight_exp=6.0):
+    """What the official code's in-place soft-NMS leaves in its (N, 5 or 7) array, from its description: positions
+    0..n-1 are active, position i takes the best active box of i..n-1 (first position on ties) by exchanging
+    columns 0-4 only; a box decayed below the threshold is overwritten by columns 0-4 of position n - 1 (whose
+    old row stays behind, beyond the new n), and the box now at its position is examined next. -> float32 array
+    of all N rows."""
+    b = [[float(v) for v in row] for row in np.asarray(dets, dtype=np.float64)]
+    n = len(b)
+    i = 0
+    while i < n:
+        best = max(range(i, n), key=lambda p: (b[p][4], -p))
+        b[i][:5], b[best][:5] = b[best][:5], b[i][:5]
+        sums = [b[i][0] * b[i][5], b[i][1] * b[i][5], b[i][2] * b[i][6], b[i][3] * b[i][6], b[i][5], b[i][6]] \
+            if merge else None
+        pos = i + 1
+        while pos < n:
+            iou = iou_plus_one(b[i], b[pos])
+            if iou > 0:
+                w = decay(iou, sigma, Nt, method)
+                if merge:
+                    mw = (1.0 - w) ** weight_exp
+                    for k, (col, corner) in enumerate(((0, 5), (1, 5), (2, 6), (3, 6))):
+                        sums[k] += b[pos][col] * b[pos][corner] * mw
+                    sums[4] += b[pos][5] * mw
+                    sums[5] += b[pos][6] * mw
+                b[pos][4] *= w
+                if b[pos][4] < threshold:
+                    n -= 1
+                    b[pos][:5] = b[n][:5]
+                    continue
+            pos += 1
+        if merge:
+            b[i][0], b[i][1] = sums[0] / sums[4], sums[1] / sums[4]
+            b[i][2], b[i][3] = sums[2] / sums[5], sums[3] / sums[5]
+        i += 1
+    return np.array(b, dtype=np.float32).reshape(len(b), -1)

@@ -1,7 +1,7 @@
 """Oracle checks on real photos (tests/data/raccoon): the targets decode back to the ground truth.
 
 Decoding here is the plain reading of the targets, independent of utils/decode.py: each object's keypoint is
-(cell of its index + offset) * 4, its heatmap is exactly 1 at that cell, and the three keypoints of one object
+(cell of its index + offset) * in / out (input over map size, per axis), its heatmap is exactly 1 at that cell, and the three keypoints of one object
 share one slot of the index arrays.
 """
 import math
@@ -18,8 +18,9 @@ from datasets.transforms import RAND_SCALES, boxes_to_original, random_crop_para
 RACCOON = Path(__file__).parent / "data" / "raccoon"
 
 
-def decode_targets(t: dict, map_w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def decode_targets(t: dict, in_w: int, in_h: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Targets -> (boxes (n, 4) input pixels, centers (n, 2) input pixels, labels (n,)) of the masked slots."""
+    map_h, map_w = np.asarray(t["hm_tl"]).shape[1:]
     n = int(np.asarray(t["mask"]).sum())
     assert np.asarray(t["mask"])[:n].all() and not np.asarray(t["mask"])[n:].any()
     pts, labels = {}, None
@@ -35,7 +36,7 @@ def decode_targets(t: dict, map_w: int) -> tuple[np.ndarray, np.ndarray, np.ndar
         # Every peak of the heatmap belongs to some object.
         peaks = {(int(c), int(y), int(x)) for c, y, x in zip(*np.nonzero(hm == 1.0))}
         assert peaks == {(int(c), int(y), int(x)) for c, (x, y) in zip(labels, cells)}
-        pts[k] = (cells + np.asarray(t[f"off_{k}"])[:n]) * 4
+        pts[k] = (cells + np.asarray(t[f"off_{k}"])[:n]) * [in_w / map_w, in_h / map_h]
     return np.concatenate([pts["tl"], pts["br"]], axis=1), pts["ct"], labels
 
 
@@ -51,18 +52,21 @@ def test_eval_transform_targets_decode_to_ground_truth(scale, flipped):
         in_h, in_w = images.shape[2:]
         # Ground truth onto the input, written out independently of the transform code.
         b = gt.astype(np.float64).copy()
-        b[:, [0, 2]] = b[:, [0, 2]] * meta.scale_x + meta.pad_x
-        b[:, [1, 3]] = b[:, [1, 3]] * meta.scale_y + meta.pad_y
+        b[:, [0, 2]] = b[:, [0, 2]] * meta.new_w / meta.orig_w + meta.pad_x
+        b[:, [1, 3]] = b[:, [1, 3]] * meta.new_h / meta.orig_h + meta.pad_y
         if flipped:
             b[:, [0, 2]] = in_w - b[:, [2, 0]]
         t = make_targets(b, labels, ds.num_classes, in_h, in_w)
-        boxes, centers, got_labels = decode_targets(t, (in_w + 1) // 4)
+        boxes, centers, got_labels = decode_targets(t, in_w, in_h)
         assert got_labels.tolist() == labels.tolist()
         np.testing.assert_allclose(boxes, b, atol=1e-3)
         np.testing.assert_allclose(centers, (b[:, :2] + b[:, 2:]) / 2, atol=1e-3)
-        back = boxes_to_original(boxes / 4, meta, flipped)
+        map_w, map_h = (in_w + 1) // 4, (in_h + 1) // 4
+        back = boxes_to_original(boxes * np.array([map_w / in_w, map_h / in_h] * 2), meta, flipped)
         assert np.abs(back - gt).max() <= 4 / scale  # within one output cell of the input
-        np.testing.assert_allclose(back, gt, atol=1e-2)
+        # the official inverse divides by the test scale, not by int(W * scale) / W
+        bias = np.array([meta.new_w / meta.orig_w, meta.new_h / meta.orig_h] * 2) / scale
+        np.testing.assert_allclose(back, gt * bias, atol=1e-2)
         detections[sample["image_id"]] = np.concatenate([back, np.ones((len(back), 1)), labels[:, None]], axis=1)
     stats = evaluate_detections(ds.coco, detections, ds.cat_ids, ds.class_names)
     assert stats["AP"] == pytest.approx(1.0) and stats["AP50"] == pytest.approx(1.0)
@@ -96,7 +100,7 @@ def test_train_transform_targets_decode_to_moved_ground_truth():
             seed += 100 * i
             t = {k: v.numpy() for k, v in ds.train_sample(i, np.random.default_rng(seed)).items()}
             want, p = train_reference(gt, image.shape[0], image.shape[1], seed, 511)
-            boxes, centers, labels = decode_targets(t, 128)
+            boxes, centers, labels = decode_targets(t, 511, 511)
             assert len(boxes) == len(want) and (labels == 0).all()
             assert np.abs(boxes - want).max(initial=0) <= 4  # the goal: within one output cell
             np.testing.assert_allclose(boxes, want, atol=1e-3)  # in fact exact up to float32
@@ -118,7 +122,7 @@ def test_gaussian_radius_of_a_raccoon_box():
     assert (meta.pad_x, meta.pad_y, meta.in_w, meta.in_h) == (62, 30, 383, 255)
     box = np.array([[0, 0, 118, 152]], np.float64) + [meta.pad_x, meta.pad_y] * 2
     t = make_targets(box, [0], 1, 255, 383)
-    w, h = math.ceil(118 / 4), math.ceil(152 / 4)  # 30 x 38 cells
+    w, h = math.ceil(118 * 96 / 383), math.ceil(152 * 64 / 255)  # 30 x 39 cells (map / input ratio)
     o = 0.7
     r = int((-2 * o * (h + w) + math.sqrt((2 * o * (h + w)) ** 2 + 16 * o * (1 - o) * w * h)) / 2)
     hm = t["hm_tl"][0]

@@ -1,15 +1,16 @@
-"""utils/decode.py against a slow per-pixel, per-pair Python reference, and hand-built edge cases."""
+"""utils/decode.py against slow per-pixel, per-pair and per-center Python references, and hand-built edge cases."""
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from utils.decode import decode, heatmap_peaks, window_max
+from utils.decode import center_check, decode, heatmap_peaks, window_max
 
 
-def reference_decode(out: dict, image: int, K: int, ae_threshold: float, num_dets: int) -> np.ndarray:
-    """One image, loops over pixels, pairs and centers: the kept boxes (M, 8), highest score first."""
+def reference_pairs(out: dict, image: int, topk: int, ae_threshold: float, num_dets: int
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """One image, loops over pixels and pairs: (valid pairs (M, 8) best first, centers (K, 4) x y label score)."""
 
     def peaks(kind: str) -> list[dict]:
         heat = 1 / (1 + np.exp(-out[f"hm_{kind}"][image].numpy()))
@@ -25,8 +26,8 @@ def reference_decode(out: dict, image: int, K: int, ae_threshold: float, num_det
                         if kind != "ct":
                             point["emb"] = out[f"emb_{kind}"][image, 0, y, x].item()
                         found.append(point)
-        assert len(found) >= K, "the reference needs at least K peaks per map"
-        return sorted(found, key=lambda p: -p["score"])[:K]
+        assert len(found) >= topk, "the reference needs at least K peaks per map"
+        return sorted(found, key=lambda p: -p["score"])[:topk]
 
     tls, brs, cts = peaks("tl"), peaks("br"), peaks("ct")
     pairs = [
@@ -35,21 +36,25 @@ def reference_decode(out: dict, image: int, K: int, ae_threshold: float, num_det
         and b["x"] >= t["x"] and b["y"] >= t["y"]
     ]
     pairs = sorted(pairs, key=lambda tb: -(tb[0]["score"] + tb[1]["score"]) / 2)[:num_dets]
-    rows = []
-    for t, b in pairs:
-        width, height = b["x"] - t["x"], b["y"] - t["y"]
-        n = 3 if width * height * 16 <= 150**2 else 5
-        cx, cy = (t["x"] + b["x"]) / 2, (t["y"] + b["y"]) / 2
-        half_w, half_h = width / (2 * n), height / (2 * n)
-        inside = [
-            c["score"] for c in cts
-            if c["label"] == t["label"] and cx - half_w < c["x"] < cx + half_w and cy - half_h < c["y"] < cy + half_h
-        ]
-        if inside:
-            score = (t["score"] + b["score"] + max(inside)) / 3
-            rows.append([t["x"], t["y"], b["x"], b["y"], score, t["score"], b["score"], t["label"]])
-    rows = sorted(rows, key=lambda r: -r[4])
-    return np.array(rows, dtype=np.float64).reshape(-1, 8)
+    rows = [[t["x"], t["y"], b["x"], b["y"], (t["score"] + b["score"]) / 2, t["score"], b["score"], t["label"]]
+            for t, b in pairs]
+    centers = [[c["x"], c["y"], c["label"], c["score"]] for c in cts]
+    return np.array(rows, dtype=np.float64).reshape(-1, 8), np.array(centers, dtype=np.float64)
+
+
+def reference_center_check(boxes: np.ndarray, centers: np.ndarray) -> np.ndarray:
+    """Box by box, center by center: the fused score with the first center inside the central region, else -1."""
+    out = boxes.astype(np.float64).copy()
+    for row in out:
+        x1, y1, x2, y2, score = row[:5]
+        n = 3 if (x2 - x1) * (y2 - y1) <= 150**2 else 5
+        cx, cy, half_w, half_h = (x1 + x2) / 2, (y1 + y2) / 2, (x2 - x1) / (2 * n), (y2 - y1) / (2 * n)
+        row[4] = -1
+        for x, y, label, s in centers:
+            if score > -1 and label == row[7] and cx - half_w < x < cx + half_w and cy - half_h < y < cy + half_h:
+                row[4] = (2 * score + s) / 3
+                break
+    return out
 
 
 def random_outputs(gen: torch.Generator, n: int, c: int, size: int) -> dict:
@@ -66,22 +71,46 @@ def random_outputs(gen: torch.Generator, n: int, c: int, size: int) -> dict:
     return out
 
 
-@pytest.mark.parametrize("seed, K, num_dets", [(0, 12, 1000), (1, 20, 1000), (2, 20, 15), (4, 8, 40), (5, 30, 1000)])
-def test_matches_reference(seed, K, num_dets):
+@pytest.mark.parametrize("seed, topk, num_dets", [(0, 12, 1000), (1, 20, 1000), (2, 20, 15), (4, 8, 40)])
+def test_pairs_and_centers_match_reference(seed, topk, num_dets):
     gen = torch.Generator().manual_seed(seed)
     out = random_outputs(gen, n=2, c=3, size=14)
-    dets = decode(out, K=K, ae_threshold=0.5, num_dets=num_dets, kernel=3)
-    assert dets.shape == (2, min(num_dets, K * K), 8) and dets.dtype == torch.float64
-    kept_total = 0
+    boxes, centers = decode(out, topk=topk, ae_threshold=0.5, num_dets=num_dets, kernel=3)
+    assert boxes.shape == (2, min(num_dets, topk * topk), 8) and boxes.dtype == torch.float64
+    assert centers.shape == (2, topk, 4)
+    valid_total = 0
     for image in range(2):
-        want = reference_decode(out, image, K, 0.5, num_dets)
-        rows = dets[image].numpy()
+        want, want_centers = reference_pairs(out, image, topk, 0.5, num_dets)
+        rows = boxes[image].numpy()
         assert np.all(np.diff(rows[:, 4]) <= 0)
-        got = rows[rows[:, 4] >= 0]
-        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(rows[rows[:, 4] >= 0], want, rtol=1e-9, atol=1e-9)
         assert np.all(rows[rows[:, 4] < 0, 4] == -1)
-        kept_total += len(want)
-    assert kept_total > 0 and kept_total < 2 * min(num_dets, K * K), "the data must keep some boxes and reject some"
+        np.testing.assert_allclose(centers[image].numpy(), want_centers, rtol=1e-9, atol=1e-9)
+        valid_total += len(want)
+    assert valid_total > 0, "the data must pair some corners"
+    if num_dets >= topk * topk:
+        assert valid_total < 2 * topk * topk, "the data must reject some pairs"
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_center_check_matches_reference(seed):
+    # Boxes and centers in pixels, small and large boxes, several classes, some boxes already rejected (-1).
+    rng = np.random.default_rng(seed)
+    n, k = 300, 60
+    xy = rng.uniform(0, 400, (n, 2))
+    wh = rng.uniform(1, 300, (n, 2))
+    boxes = np.concatenate([xy, xy + wh, rng.choice([-1, 0.3, 0.5, 0.7], (n, 1)), rng.uniform(0, 1, (n, 2)),
+                            rng.integers(0, 3, (n, 1))], axis=1).astype(np.float32)
+    centers = np.concatenate([rng.uniform(0, 600, (k, 2)), rng.integers(0, 3, (k, 1)), rng.uniform(0, 1, (k, 1))],
+                             axis=1).astype(np.float32)
+    got = center_check(boxes, centers)
+    want = reference_center_check(boxes, centers)
+    assert got.dtype == np.float32 and got.shape == (n, 8)
+    np.testing.assert_array_equal(got[:, [0, 1, 2, 3, 5, 6, 7]], boxes[:, [0, 1, 2, 3, 5, 6, 7]])
+    np.testing.assert_allclose(got[:, 4], want[:, 4], rtol=1e-6)
+    hits = (got[:, 4] > -1).sum()
+    assert 0 < hits < (boxes[:, 4] > -1).sum(), "the data must keep some boxes and reject some"
+    assert center_check(boxes, np.zeros((0, 4), np.float32))[:, 4].tolist() == [-1] * n
 
 
 def one_object(size: int, tl: tuple, br: tuple, ct: tuple, labels=(0, 0, 0), emb=(1.0, 1.0), c: int = 2) -> dict:
@@ -103,17 +132,22 @@ def one_object(size: int, tl: tuple, br: tuple, ct: tuple, labels=(0, 0, 0), emb
     return out
 
 
-def kept(dets: torch.Tensor) -> torch.Tensor:
-    """Boxes of image 0 that passed pairing and the center check."""
-    return dets[0][dets[0, :, 4] >= 0]
+def kept(out: dict, topk: int = 5, num_dets: int = 1000) -> np.ndarray:
+    """Boxes of image 0 that passed pairing and the center check, the output cells taken as 4 x 4 pixels."""
+    boxes, centers = decode(out, topk=topk, num_dets=num_dets)
+    boxes, centers = boxes[0].float().numpy(), centers[0].float().numpy()
+    boxes[:, :4] *= 4
+    centers[:, :2] *= 4
+    rows = center_check(boxes, centers)
+    return rows[rows[:, 4] > -1]
 
 
 def test_single_object_exact():
     out = one_object(32, tl=(2.25, 3.5), br=(20.75, 17.0), ct=(11.5, 10.25), labels=(1, 1, 1))
-    boxes = kept(decode(out, K=5))
+    boxes = kept(out)
     s = 1 / (1 + math.exp(-2.0))
     assert boxes.shape == (1, 8)
-    np.testing.assert_allclose(boxes[0].numpy(), [2.25, 3.5, 20.75, 17.0, s, s, s, 1], rtol=1e-6)
+    np.testing.assert_allclose(boxes[0], [9, 14, 83, 68, s, s, s, 1], rtol=1e-6)
 
 
 def test_no_valid_pair():
@@ -124,33 +158,32 @@ def test_no_valid_pair():
         dict(tl=(2.5, 3.5), br=(20.5, 17.0), ct=(11.5, 10.25), emb=(0.0, 0.6)),  # embeddings too far apart
     ]
     for case in cases:
-        dets = decode(one_object(32, **case), K=5)
-        assert dets.shape == (1, 25, 8)
-        assert len(kept(dets)) == 0, case
-    assert len(kept(decode(one_object(32, (2.5, 3.5), (20.5, 17.0), (11.5, 10.25), emb=(0.0, 0.5)), K=5))) == 1
+        boxes, _ = decode(one_object(32, **case), topk=5)
+        assert boxes.shape == (1, 25, 8) and (boxes[..., 4] == -1).all(), case
+    assert len(kept(one_object(32, (2.5, 3.5), (20.5, 17.0), (11.5, 10.25), emb=(0.0, 0.5)))) == 1
 
 
 def test_center_check_rejects():
-    tl, br = (2.0, 2.0), (20.0, 20.0)  # 18 x 18 cells = 72 x 72 input pixels: n = 3, region (8, 14)
-    assert len(kept(decode(one_object(32, tl, br, (13.9, 8.1)), K=5))) == 1
+    tl, br = (2.0, 2.0), (20.0, 20.0)  # 18 x 18 cells = 72 x 72 pixels: n = 3, region (8, 14) in cells
+    assert len(kept(one_object(32, tl, br, (13.9, 8.1)))) == 1
     for ct in [(14.0, 11.0), (11.0, 8.0), (11.0, 11.0)]:
         labels = (0, 0, 1) if ct == (11.0, 11.0) else (0, 0, 0)  # on the border, or the wrong class
-        assert len(kept(decode(one_object(32, tl, br, ct, labels=labels), K=5))) == 0, ct
+        assert len(kept(one_object(32, tl, br, ct, labels=labels))) == 0, ct
 
 
 def test_region_size_switches_at_150_pixels():
-    # 37.5 cells = 150 input pixels: area 150^2 -> n = 3, region (12.5, 25); a bit larger -> n = 5, (15.0x, 22.5x)
+    # 37.5 cells = 150 pixels: area 150^2 -> n = 3, region (12.5, 25); a bit larger -> n = 5, (15.0x, 22.5x)
     center = (13.0, 18.75)
-    assert len(kept(decode(one_object(48, (0.0, 0.0), (37.5, 37.5), center), K=5))) == 1
-    assert len(kept(decode(one_object(48, (0.0, 0.0), (37.6, 37.5), center), K=5))) == 0
-    assert len(kept(decode(one_object(48, (0.0, 0.0), (37.6, 37.5), (16.0, 18.75)), K=5))) == 1
+    assert len(kept(one_object(48, (0.0, 0.0), (37.5, 37.5), center))) == 1
+    assert len(kept(one_object(48, (0.0, 0.0), (37.6, 37.5), center))) == 0
+    assert len(kept(one_object(48, (0.0, 0.0), (37.6, 37.5), (16.0, 18.75)))) == 1
 
 
 def test_half_precision_outputs_and_small_maps():
     out = {k: v.half() for k, v in one_object(4, (0.5, 0.5), (3.5, 3.5), (2.0, 2.0), c=1).items()}
-    dets = decode(out, K=100, num_dets=1000)  # K above C * h * w = 16 and num_dets above 16^2
-    assert dets.dtype == torch.float32 and dets.shape == (1, 256, 8)
-    assert len(kept(dets)) == 1
+    boxes, centers = decode(out, topk=100, num_dets=1000)  # K above C * h * w = 16 and num_dets above 16^2
+    assert boxes.dtype == torch.float32 and boxes.shape == (1, 256, 8) and centers.shape == (1, 16, 4)
+    assert len(kept(out, topk=100)) == 1
 
 
 @pytest.mark.parametrize("kernel", [1, 3, 5])

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from lib.nms import soft_nms, soft_nms_merge
-from tests.nms_reference import soft_nms_reference
+from tests.nms_reference import soft_nms_inplace_reference, soft_nms_reference
 
 
 def clustered_boxes(rng: np.random.Generator, n: int, merge: bool, tied_scores: bool = False) -> np.ndarray:
@@ -47,6 +47,35 @@ def test_matches_reference_on_random_clusters(method, merge):
         np.testing.assert_array_equal(dets, before)  # the input is not modified
         assert np.all(np.diff(got[:, 4]) <= 0), "kept boxes come out highest score first"
         assert np.all(got[:, 4] >= 0.01)
+
+
+@pytest.mark.parametrize("method", [0, 1, 2])
+@pytest.mark.parametrize("merge", [False, True])
+def test_inplace_matches_reference_on_random_clusters(method, merge):
+    rng = np.random.default_rng(200 + method + 10 * merge)
+    stale_rows = 0
+    for trial in range(30):
+        dets = clustered_boxes(rng, int(rng.integers(1, 80)), merge, tied_scores=trial % 3 == 0)
+        dets[rng.random(len(dets)) < 0.1, 4] = 0.005  # below the threshold from the start: kept unless decayed
+        sigma, Nt = float(rng.uniform(0.2, 1.0)), float(rng.uniform(0.2, 0.7))
+        if merge:
+            weight_exp = float(rng.choice([1, 6, 10]))
+            got = soft_nms_merge(dets, sigma, Nt, 0.01, method, weight_exp, inplace=True)
+            want = soft_nms_inplace_reference(dets, sigma, Nt, 0.01, method, merge=True, weight_exp=weight_exp)
+        else:
+            got = soft_nms(dets, sigma, Nt, 0.01, method, inplace=True)
+            want = soft_nms_inplace_reference(dets, sigma, Nt, 0.01, method)
+        check_same(got, want)
+        stale_rows += len(got) - len(soft_nms(dets[:, :5], sigma, Nt, 0.01, method))
+    assert stale_rows > 0
+
+
+def test_inplace_keeps_a_stale_copy():
+    # Hard NMS: B (the same box as A) drops to 0 and is overwritten by C, the last row, whose old row stays.
+    a, b, c = [0, 0, 10, 10, 0.9], [0, 0, 10, 10, 0.5], [50, 50, 60, 60, 0.3]
+    dets = np.array([a, b, c], np.float32)
+    np.testing.assert_array_equal(soft_nms(dets, Nt=0.5, method=0, inplace=True), np.array([a, c, c], np.float32))
+    np.testing.assert_array_equal(soft_nms(dets, Nt=0.5, method=0), np.array([a, c], np.float32))
 
 
 def test_hand_computed_pair():
@@ -124,16 +153,18 @@ def test_nms_per_class_keeps_classes_apart_and_caps():
     hard = InferenceConfig(nms_method=0, merge=False)
     got = nms_per_class(rows, hard)
     np.testing.assert_array_equal(got, np.array([box + [0.9, 0], box + [0.8, 3]], np.float32))
-    merged = nms_per_class(rows, InferenceConfig())
+    merged = nms_per_class(rows, InferenceConfig(merge=True))
     np.testing.assert_allclose(merged[:, 4], [0.9, 0.8, 0.7 * math.exp(-1 / 0.5)], rtol=1e-6)
     assert nms_per_class(np.zeros((0, 8), np.float32), hard).shape == (0, 6)
 
     rng = np.random.default_rng(0)
     many = clustered_boxes(rng, 300, merge=True)
     many = np.concatenate([many, rng.integers(0, 5, (300, 1))], axis=1).astype(np.float32)
-    capped = nms_per_class(many, InferenceConfig(max_per_image=100))
+    ties = np.array([box + [0.5, 0.5, 0.5, c] for c in range(3)] + [box + [0.9, 0.9, 0.9, 3]], np.float32)
+    assert len(nms_per_class(ties, InferenceConfig(max_per_image=2))) == 4  # all at the 2nd best score stay
+    capped = nms_per_class(many, InferenceConfig(merge=True, max_per_image=100))
     assert capped.shape == (100, 6) and np.all(np.diff(capped[:, 4]) <= 0)
-    everything = nms_per_class(many, InferenceConfig(max_per_image=10**6))
+    everything = nms_per_class(many, InferenceConfig(merge=True, max_per_image=10**6))
     np.testing.assert_array_equal(capped, everything[:100])
     for label in range(5):
         rows_c = many[many[:, 7] == label, :7]

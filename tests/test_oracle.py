@@ -1,5 +1,5 @@
 """Oracle tests of the coordinate chain: perfect network outputs built from the ground truth go through the real
-test-time pipeline (decode -> center check -> boxes_to_original -> flip / scale merge -> soft-NMS ->
+test-time pipeline (decode -> boxes to original pixels -> center check -> soft-NMS ->
 evaluate_detections) and must give AP >= 0.95.
 
 The outputs of each test input (scale, flip) come from the data code's own pieces: the ground-truth boxes are
@@ -28,8 +28,8 @@ EPS = 1e-4
 def boxes_on_input(boxes: np.ndarray, meta, flipped: bool) -> np.ndarray:
     """(N, 4) original pixels -> input pixels of the test input described by `meta` (its flipped copy if asked)."""
     out = boxes.astype(np.float64).copy()
-    out[:, [0, 2]] = out[:, [0, 2]] * meta.scale_x + meta.pad_x
-    out[:, [1, 3]] = out[:, [1, 3]] * meta.scale_y + meta.pad_y
+    out[:, [0, 2]] = out[:, [0, 2]] * meta.new_w / meta.orig_w + meta.pad_x
+    out[:, [1, 3]] = out[:, [1, 3]] * meta.new_h / meta.orig_h + meta.pad_y
     if flipped:
         out[:, [0, 2]] = meta.in_w - out[:, [2, 0]]
     return out
@@ -42,8 +42,8 @@ def check_placement(images: torch.Tensor, meta) -> None:
     padding = torch.from_numpy(-COCO_MEAN / COCO_STD)[:, None, None]
     content = (images[0] - padding).abs().amax(dim=0) > 1e-3  # (H_in, W_in), True where not zero padding
     ys, xs = torch.nonzero(content, as_tuple=True)
-    assert xs.min() >= meta.pad_x - 1 and xs.max() < meta.pad_x + meta.orig_w * meta.scale_x + 1
-    assert ys.min() >= meta.pad_y - 1 and ys.max() < meta.pad_y + meta.orig_h * meta.scale_y + 1
+    assert xs.min() >= meta.pad_x - 1 and xs.max() < meta.pad_x + meta.new_w + 1
+    assert ys.min() >= meta.pad_y - 1 and ys.max() < meta.pad_y + meta.new_h + 1
     assert xs.min() <= meta.pad_x + 1 and ys.min() <= meta.pad_y + 1  # real photos have content at their edges
     if len(images) == 2:
         assert torch.equal(images[1], images[0].flip(-1))

@@ -59,8 +59,9 @@ def test_draw_gaussian_matches_reference_inside_and_at_edges(delta):
         assert hm[y, x] == 1.0
 
 
-def test_keypoint_cells_stride_4_and_clamped():
-    cells, offs = keypoint_cells(np.array([[0.0, 0.0], [5.0, 9.5], [511.0, 510.9], [3.999, 4.0]]), 128, 128)
+def test_keypoint_cells_scaled_and_clamped():
+    cells, offs = keypoint_cells(np.array([[0.0, 0.0], [5.0, 9.5], [511.0, 510.9], [3.999, 4.0]]),
+                                 np.array([0.25, 0.25]), 128, 128)
     assert cells.tolist() == [[0, 0], [1, 2], [127, 127], [0, 1]]
     np.testing.assert_allclose(offs, [[0, 0], [0.25, 0.375], [0.75, 0.725], [0.99975, 0]], atol=1e-6)
 
@@ -72,12 +73,12 @@ def targets_reference(boxes, labels, num_classes, in_h, in_w, max_objects):
     offs = {k: np.zeros((max_objects, 2)) for k in hms}
     inds = {k: np.zeros(max_objects, np.int64) for k in hms}
     for i, ((x1, y1, x2, y2), c) in enumerate(zip(boxes, labels)):
-        r = max(0, int(radius_reference(math.ceil((y2 - y1) / 4), math.ceil((x2 - x1) / 4), 0.7)))
+        r = max(0, int(radius_reference(math.ceil((y2 - y1) * h / in_h), math.ceil((x2 - x1) * w / in_w), 0.7)))
         for k, (px, py), delta in (("tl", (x1, y1), 6), ("br", (x2, y2), 6), ("ct", ((x1 + x2) / 2, (y1 + y2) / 2), 5)):
-            cx, cy = min(int(px // 4), w - 1), min(int(py // 4), h - 1)
+            cx, cy = min(int(px * w / in_w), w - 1), min(int(py * h / in_h), h - 1)
             hms[k][c] = heatmap_reference((h, w), cx, cy, r, delta, hms[k][c])
             if i < max_objects:
-                offs[k][i] = (px / 4 - cx, py / 4 - cy)
+                offs[k][i] = (px * w / in_w - cx, py * h / in_h - cy)
                 inds[k][i] = cy * w + cx
     return hms, offs, inds
 

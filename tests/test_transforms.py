@@ -163,13 +163,15 @@ def test_clip_boxes_partly_and_wholly_outside_and_zero_size():
 
 def forward_reference(boxes, image_w, image_h, scale):
     """Where original boxes land on the test input: resized by int(size * scale) / size, then centered by
-    (input // 2 - resized // 2) in an input of size resized | 127; in output units (/ 4)."""
+    (input // 2 - resized // 2) in an input of size resized | 127; in output units (x map / input size)."""
     new_w, new_h = int(image_w * scale), int(image_h * scale)
     in_w, in_h = new_w | 127, new_h | 127
     b = boxes.astype(np.float64).copy()
     b[:, [0, 2]] = b[:, [0, 2]] * new_w / image_w + (in_w // 2 - new_w // 2)
     b[:, [1, 3]] = b[:, [1, 3]] * new_h / image_h + (in_h // 2 - new_h // 2)
-    return b / 4, in_w, in_h
+    b[:, [0, 2]] *= ((in_w + 1) // 4) / in_w
+    b[:, [1, 3]] *= ((in_h + 1) // 4) / in_h
+    return b, in_w, in_h
 
 
 @pytest.mark.parametrize("scale", [0.5, 0.75, 1.0, 1.25, 1.5])
@@ -194,10 +196,12 @@ def test_eval_input_layout_and_boxes_round_trip(scale):
                       rng.uniform(h / 2, h, 30)], axis=1)
     on_input, in_w, in_h = forward_reference(boxes, w, h, scale)
     assert (meta.in_w, meta.in_h) == (in_w, in_h)
-    np.testing.assert_allclose(boxes_to_original(on_input, meta, flipped=False), boxes, atol=1e-3)
+    # the official inverse divides by the test scale, not by int(W * scale) / W
+    back = boxes * np.array([new_w / w, new_h / h] * 2) / scale
+    np.testing.assert_allclose(boxes_to_original(on_input, meta, flipped=False), back, atol=1e-3)
     flipped = on_input.copy()
-    flipped[:, [0, 2]] = in_w / 4 - on_input[:, [2, 0]]
-    np.testing.assert_allclose(boxes_to_original(flipped, meta, flipped=True), boxes, atol=1e-3)
+    flipped[:, [0, 2]] = (in_w + 1) // 4 - on_input[:, [2, 0]]
+    np.testing.assert_allclose(boxes_to_original(flipped, meta, flipped=True), back, atol=1e-3)
 
 
 def test_boxes_to_original_clips_to_the_image():
@@ -220,5 +224,24 @@ def test_eval_input_pixels_follow_the_meta(scale):
         m[m < 1e-3] = 0
         cy = (np.nonzero(m)[0] + 0.5) @ m[m > 0] / m.sum()
         cx = (np.nonzero(m)[1] + 0.5) @ m[m > 0] / m.sum()
-        center = boxes_to_original(np.array([[cx, cy, cx, cy]]) / 4, meta, flipped)[0, :2]
-        np.testing.assert_allclose(center, [180, 95], atol=0.05)
+        ratio = np.array([(meta.in_w + 1) // 4 / meta.in_w, (meta.in_h + 1) // 4 / meta.in_h] * 2)
+        center = boxes_to_original(np.array([[cx, cy, cx, cy]]) * ratio, meta, flipped)[0, :2]
+        bias = np.array([meta.new_w / meta.orig_w, meta.new_h / meta.orig_h]) / scale
+        np.testing.assert_allclose(center, np.array([180, 95]) * bias, atol=0.05)
+
+
+def test_eval_input_drops_the_last_column_of_a_128k_minus_1_image():
+    # As the official crop_image: a 511 x 383 image (already 128k - 1) fills the input but for its last column
+    # and row, which stay zero padding; a 510 x 382 image fills its input exactly (pad 0 on both sides).
+    image = np.full((383, 511, 3), 200, np.uint8)
+    images, meta = eval_input(image, 1.0, flip=True)
+    assert (meta.in_w, meta.in_h, meta.pad_x, meta.pad_y) == (511, 383, 0, 0)
+    pad_value = -COCO_MEAN / COCO_STD
+    np.testing.assert_allclose(images[0, :, :, -1].numpy(), np.repeat(pad_value[:, None], 383, 1), atol=1e-6)
+    np.testing.assert_allclose(images[0, :, -1, :].numpy(), np.repeat(pad_value[:, None], 511, 1), atol=1e-6)
+    inside = (200 / 255 - COCO_MEAN) / COCO_STD
+    np.testing.assert_allclose(images[0, :, :-1, :-1].numpy().reshape(3, -1).min(1), inside, atol=1e-5)
+    np.testing.assert_allclose(images[1, :, :, 0].numpy(), images[0, :, :, -1].numpy())
+    images, meta = eval_input(np.full((382, 510, 3), 200, np.uint8), 1.0, flip=False)
+    assert (meta.in_w, meta.in_h, meta.pad_x, meta.pad_y) == (511, 383, 0, 0)
+    np.testing.assert_allclose(images[0, :, :382, :510].numpy().reshape(3, -1).max(1), inside, atol=1e-5)

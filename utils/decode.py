@@ -1,26 +1,26 @@
-"""Keypoint-triplet decoding: network outputs of one forward -> scored boxes in output-map units, batched in torch.
+"""Keypoint-triplet decoding (models/py_utils/kp_utils.py `_decode` of the official CenterNet) and the center
+check (test/coco.py `kp_detection`).
 
-Facts from the official CenterNet (models/py_utils/kp_utils.py `_decode`, test/coco.py `kp_detection`):
+`decode`, in torch, on the eval-mode outputs of one forward (format: docs/FORMAT.md):
 - heatmaps: sigmoid, 3x3 max-pool NMS (a peak keeps its score, everything else becomes 0), top K over classes
   and positions, for top-left corners, bottom-right corners and centers alike (here: NMS and top K on the
   logits, then the sigmoid of the K kept, which selects the same peaks);
 - a (tl, br) pair is a box when both have the same class, |e_tl - e_br| <= ae_threshold and br_x >= tl_x,
-  br_y >= tl_y (the official code rejects only br < tl); its corner score is (s_tl + s_br) / 2 and the best
-  `num_dets` pairs are kept;
-- center check: the central region of a box is the middle 1/n of its width and height, n = 3 when its area in
-  input pixels is at most 150^2 and n = 5 otherwise, with strict inequalities. A box is kept only when one of
-  the K centers of its class lies inside; its score becomes (s_tl + s_br + s_ct) / 3. The official code takes
-  the first matching center in its list; ours takes the best-scoring one, which is the same for one image.
-  All K centers take part, with no score threshold (as in the official code).
-Differences: the official code checks centers after rescaling to the original image (150^2 original pixels,
-centers of the flipped image included); here each forward's boxes are checked against its own centers in
-output units, so that one function serves every scale and flip.
+  br_y >= tl_y (the official code rejects only br < tl); its score is (s_tl + s_br) / 2, the other pairs get -1,
+  and the best `num_dets` pairs are returned in score order, with the K centers.
+
+`center_check`, in numpy, runs once per image on the boxes of every forward (all scales, both flips) after they
+were mapped to the original image (utils/inference.py), as the official code does: the central region of a box
+is the middle 1/n of its width and height, n = 3 when its area in original pixels is at most 150^2 and n = 5
+otherwise, with strict inequalities. A box is kept only when a center of its class lies inside; its score becomes
+(2 s + s_ct) / 3 with s_ct the score of the first such center in the given order (the official `argmax`). All K
+centers take part, with no score threshold.
 """
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-STRIDE = 4  # input pixels per output cell
-SMALL_BOX_AREA = 150**2  # input pixels: boxes up to this area use the 1/3 central region, larger ones 1/5
+SMALL_BOX_AREA = 150**2  # original pixels: boxes up to this area use the 1/3 central region, larger ones 1/5
 
 
 def window_max(x: torch.Tensor, kernel: int) -> torch.Tensor:
@@ -47,10 +47,11 @@ def heatmap_peaks(logits: torch.Tensor, kernel: int = 3) -> torch.Tensor:
     return logits.masked_fill(window_max(logits, kernel) != logits, float("-inf"))
 
 
-def topk_keypoints(heat: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(N, C, h, w) -> scores (N, K), labels (N, K) int64, flat spatial indices y * w + x (N, K) int64."""
+def topk_keypoints(heat: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N, C, h, w) -> scores (N, K), labels (N, K) int64, flat spatial indices y * w + x (N, K) int64,
+    K = min(topk, C h w)."""
     n, c, h, w = heat.shape
-    scores, inds = heat.reshape(n, -1).topk(min(K, c * h * w))
+    scores, inds = heat.reshape(n, -1).topk(min(topk, c * h * w))
     return scores, inds // (h * w), inds % (h * w)
 
 
@@ -61,9 +62,9 @@ def gather_maps(maps: torch.Tensor, inds: torch.Tensor) -> torch.Tensor:
     return flat.gather(2, inds.unsqueeze(1).expand(n, d, inds.shape[1])).transpose(1, 2)
 
 
-def keypoints(out: dict, kind: str, K: int, kernel: int) -> dict[str, torch.Tensor]:
+def keypoints(out: dict, kind: str, topk: int, kernel: int) -> dict[str, torch.Tensor]:
     """Top K keypoints of `kind` (tl, br or ct): score, label, x, y (cell + offset, output units), all (N, K)."""
-    logits, labels, inds = topk_keypoints(heatmap_peaks(out[f"hm_{kind}"], kernel), K)
+    logits, labels, inds = topk_keypoints(heatmap_peaks(out[f"hm_{kind}"], kernel), topk)
     scores = torch.sigmoid(logits)
     width = out[f"hm_{kind}"].shape[3]
     offsets = gather_maps(out[f"off_{kind}"], inds)  # (N, K, 2) x, y
@@ -97,36 +98,43 @@ def pair_corners(tl: dict, br: dict, ae_threshold: float, num_dets: int) -> torc
                         cols[0][..., 2], cols[1][..., 2], label], dim=2)
 
 
-def center_check(dets: torch.Tensor, ct: dict) -> torch.Tensor:
-    """(N, D, 8) boxes from `pair_corners` and the top K centers -> (N, D, 8) with the fused score
-    (s_tl + s_br + s_ct) / 3 for boxes with a same-class center in their central region, -1 for the others."""
-    x1, y1, x2, y2, score, _, _, label = dets.unbind(2)
-    area = (x2 - x1) * (y2 - y1) * STRIDE**2
-    parts = torch.where(area <= SMALL_BOX_AREA, 3.0, 5.0).to(dets.dtype)
-    # the middle 1/n spans 1/(2n) of the size on each side of the box center: for n = 3, (2 x1 + x2) / 3 ...
-    a, b = parts + 1, parts - 1
-    left, right = (a * x1 + b * x2) / (2 * parts), (b * x1 + a * x2) / (2 * parts)
-    top, bottom = (a * y1 + b * y2) / (2 * parts), (b * y1 + a * y2) / (2 * parts)
-    cx, cy = ct["x"][:, None, :], ct["y"][:, None, :]  # (N, 1, K)
-    inside = (
-        (cx > left[..., None]) & (cx < right[..., None]) & (cy > top[..., None]) & (cy < bottom[..., None])
-        & (ct["label"][:, None, :] == label.long()[..., None])
-    )  # (N, D, K)
-    best_ct = ct["score"][:, None, :].expand_as(inside).masked_fill(~inside, -1).amax(dim=2)
-    keep = (best_ct >= 0) & (score >= 0)
-    fused = torch.where(keep, (2 * score + best_ct) / 3, torch.full_like(score, -1))
-    return torch.cat([dets[..., :4], fused[..., None], dets[..., 5:]], dim=2)
-
-
 @torch.no_grad()
-def decode(out: dict, K: int = 70, ae_threshold: float = 0.5, num_dets: int = 1000, kernel: int = 3) -> torch.Tensor:
-    """Eval-mode network outputs (CONTRACT.md keys, (N, *, h, w)) -> (N, D, 8) rows
-    x1 y1 x2 y2 score tl_score br_score label in output-map units, D = min(num_dets, K^2), highest score first;
-    boxes that failed pairing or the center check have score -1 (and come last)."""
+def decode(out: dict, topk: int = 70, ae_threshold: float = 0.5, num_dets: int = 1000, kernel: int = 3
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode network outputs ((N, *, h, w), docs/FORMAT.md) -> (boxes, centers) in output-map units:
+    boxes (N, D, 8) x1 y1 x2 y2 score tl_score br_score label, D = min(num_dets, topk^2), highest score first,
+    score -1 for pairs that failed; centers (N, topk, 4) x y label score, highest score first."""
     out = {key: value.to(torch.promote_types(value.dtype, torch.float32)) for key, value in out.items()}
-    tl = keypoints(out, "tl", K, kernel)
-    br = keypoints(out, "br", K, kernel)
-    ct = keypoints(out, "ct", K, kernel)
-    dets = center_check(pair_corners(tl, br, ae_threshold, num_dets), ct)
-    order = dets[..., 4].argsort(dim=1, descending=True, stable=True)
-    return dets.gather(1, order[..., None].expand_as(dets))
+    tl = keypoints(out, "tl", topk, kernel)
+    br = keypoints(out, "br", topk, kernel)
+    ct = keypoints(out, "ct", topk, kernel)
+    centers = torch.stack([ct["x"], ct["y"], ct["label"].to(ct["score"].dtype), ct["score"]], dim=2)
+    return pair_corners(tl, br, ae_threshold, num_dets), centers
+
+
+def center_check(boxes: np.ndarray, centers: np.ndarray) -> np.ndarray:
+    """(M, 8) boxes x1 y1 x2 y2 score tl_score br_score label and (C, 4) centers x y label score, both in original
+    pixels -> (M, 8) float32 with the fused score (2 s + s_ct) / 3 for boxes with a same-class center in their
+    central region and -1 for the others (and for boxes already at -1). Computed in float32 with the official
+    formulas, so that a center on a region's edge falls on the same side."""
+    boxes = np.asarray(boxes, np.float32)
+    centers = np.asarray(centers, np.float32).reshape(-1, 4)
+    x1, y1, x2, y2, score = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3], boxes[:, 4]
+    small = (x2 - x1) * (y2 - y1) <= SMALL_BOX_AREA
+    # the middle 1/n is [(p x1 + q x2) / n, (q x1 + p x2) / n], p = (n + 1) / 2, q = (n - 1) / 2
+    n = np.where(small, np.float32(3), np.float32(5))
+    p = np.where(small, np.float32(2), np.float32(3))
+    q = np.where(small, np.float32(1), np.float32(2))
+    left, right = (p * x1 + q * x2) / n, (q * x1 + p * x2) / n
+    top, bottom = (p * y1 + q * y2) / n, (q * y1 + p * y2) / n
+    cx, cy = centers[:, 0], centers[:, 1]
+    inside = (
+        (cx > left[:, None]) & (cx < right[:, None]) & (cy > top[:, None]) & (cy < bottom[:, None])
+        & (centers[:, 2] == boxes[:, 7, None])
+    )  # (M, C)
+    fused = np.full_like(score, -1)
+    if len(centers):
+        hit = inside.any(axis=1) & (score > -1)
+        first = inside.argmax(axis=1)
+        fused[hit] = (score[hit] * 2 + centers[first[hit], 3]) / 3
+    return np.concatenate([boxes[:, :4], fused[:, None], boxes[:, 5:]], axis=1)

@@ -1,13 +1,18 @@
-"""The test-time pipeline, shared by test.py and validation during training.
+"""The test-time pipeline, shared by test.py, demo.py and validation during training; it follows the official
+CenterNet test code (test/coco.py `kp_detection`) step by step.
 
-For one image: for each test scale (and its flipped copy): forward -> decode (pairing, center check) ->
-boxes back to original pixels; then all boxes together -> soft-NMS per class -> the best `max_per_image`.
-`evaluate` runs it over a data set (split across processes under torchrun) and scores it with pycocotools.
+For one image: each test scale's input and its flipped copy -> forward -> `decode` (pairs of corners, centers) ->
+boxes and centers mapped to original pixels (`datasets.transforms.boxes_to_resized`: boxes more than 5 px
+outside the resized image are rejected, the others clipped); then the boxes of all scales and flips together ->
+`center_check` against the centers of the scale-1 forwards (both flips) -> soft-NMS per class -> the boxes
+scoring at least the `max_per_image`-th best score. `evaluate` runs it over a data set (split across processes
+under torchrun) and scores it with pycocotools.
 
-Defaults are those of the official CenterNet test code (test/coco.py with db/detection.py and the
-config/CenterNet-*.json files): top_k 70, ae_threshold 0.5, nms_kernel 3, num_dets 1000, nms_threshold 0.5,
-nms_algorithm exp_soft_nms (gaussian, sigma 0.5), max_per_image 100; merge_bbox true with weight_exp 10 as in
-the multi-scale configs (and the seed's test.py); the single-scale configs use plain soft-NMS (`merge=False`).
+Defaults are those of the official configs (db/detection.py with config/CenterNet-104.json): top_k 70,
+ae_threshold 0.5, nms_kernel 3, num_dets 1000, nms_threshold 0.5, gaussian soft-NMS (sigma 0.5), max_per_image 100,
+no box merging; `official_config(num_scales)` turns merging on (weight_exp 10) for several scales, as
+CenterNet-104-multi_scale.json. `inplace_nms` reproduces the official soft-NMS call exactly, stale rows included
+(lib/nms/soft_nms.pyx); it is off by default: README.md gives its measured effect.
 """
 from dataclasses import dataclass
 
@@ -17,79 +22,99 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from datasets.coco_eval import evaluate_detections
-from datasets.transforms import boxes_to_original
+from datasets.transforms import EvalMeta, boxes_to_resized, far_outside, resized_to_original
 from lib.nms import soft_nms, soft_nms_merge
-from utils.decode import decode
+from utils.decode import center_check, decode
 from utils.device import autocast, cudnn_benchmark
 from utils.dist import all_gather_object, is_main, rank, world_size
 
 
 @dataclass(frozen=True)
 class InferenceConfig:
-    K: int = 70
+    topk: int = 70
     ae_threshold: float = 0.5
     num_dets: int = 1000
     kernel: int = 3
     nms_threshold: float = 0.5
     sigma: float = 0.5
     nms_method: int = 2  # 0 hard, 1 linear, 2 gaussian
-    merge: bool = True
+    merge: bool = False
     weight_exp: float = 10.0
     score_threshold: float = 0.001  # soft-NMS drops boxes below it
     max_per_image: int = 100
+    inplace_nms: bool = False  # the official in-place soft-NMS, stale rows included
+
+
+def official_config(num_scales: int) -> InferenceConfig:
+    """The official settings for `num_scales` test scales: box merging only with several scales."""
+    return InferenceConfig(merge=num_scales > 1)
 
 
 def build_eval_config(args) -> InferenceConfig:
-    """From the flags of test.py (--topk --ae_threshold --nms_threshold --w_exp --no_merge); a script without
-    some of them (train.py) gets the defaults."""
-    default = InferenceConfig()
-    return InferenceConfig(
-        K=getattr(args, "topk", default.K),
-        ae_threshold=getattr(args, "ae_threshold", default.ae_threshold),
-        nms_threshold=getattr(args, "nms_threshold", default.nms_threshold),
-        weight_exp=getattr(args, "w_exp", default.weight_exp),
-        merge=not getattr(args, "no_merge", not default.merge),
-    )
+    """From test.py's flags --topk --ae_threshold --nms_threshold --weight_exp --merge auto|on|off --inplace_nms
+    (and --test_scales, already a list, for --merge auto)."""
+    merge = {"auto": len(args.test_scales) > 1, "on": True, "off": False}[args.merge]
+    return InferenceConfig(topk=args.topk, ae_threshold=args.ae_threshold, nms_threshold=args.nms_threshold,
+                           weight_exp=args.weight_exp, merge=merge, inplace_nms=args.inplace_nms)
 
 
 def nms_per_class(rows: np.ndarray, cfg: InferenceConfig) -> np.ndarray:
     """(N, 8) x1 y1 x2 y2 score tl_score br_score label -> (M, 6) x1 y1 x2 y2 score label after soft-NMS in each
-    class, the best `max_per_image` by score."""
+    class, best first: those scoring at least the `max_per_image`-th best score (ties may add a few, as in the
+    official code)."""
     kept = []
     for label in np.unique(rows[:, 7]):
         boxes = rows[rows[:, 7] == label, :7]
         if cfg.merge:
             boxes = soft_nms_merge(boxes, cfg.sigma, cfg.nms_threshold, cfg.score_threshold, cfg.nms_method,
-                                   cfg.weight_exp)
+                                   cfg.weight_exp, cfg.inplace_nms)
         else:
-            boxes = soft_nms(boxes[:, :5], cfg.sigma, cfg.nms_threshold, cfg.score_threshold, cfg.nms_method)
+            boxes = soft_nms(boxes[:, :5], cfg.sigma, cfg.nms_threshold, cfg.score_threshold, cfg.nms_method,
+                             cfg.inplace_nms)
         kept.append(np.concatenate([boxes[:, :5], np.full((len(boxes), 1), label, np.float32)], axis=1))
     if not kept:
         return np.zeros((0, 6), np.float32)
     kept = np.concatenate(kept)
-    order = np.argsort(-kept[:, 4], kind="stable")[: cfg.max_per_image]
-    return kept[order]
+    if len(kept) > cfg.max_per_image:
+        kth = np.partition(kept[:, 4], len(kept) - cfg.max_per_image)[len(kept) - cfg.max_per_image]
+        kept = kept[kept[:, 4] >= kth]
+    return kept[np.argsort(-kept[:, 4], kind="stable")]
 
 
-def to_original(dets: torch.Tensor, meta, flipped: bool) -> np.ndarray:
-    """(D, 8) decoded rows of one input (output-map units) -> the valid ones (score >= 0) in original pixels."""
-    rows = dets[dets[:, 4] >= 0].float().cpu().numpy()
-    rows[:, :4] = boxes_to_original(rows[:, :4], meta, flipped)
-    return rows
+def to_original(boxes: torch.Tensor, centers: torch.Tensor, meta: EvalMeta, flipped: bool
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """One input's decoded boxes (D, 8) and centers (K, 4) in output-map units -> the same in original pixels,
+    float32; boxes far outside the image get score -1."""
+    boxes, centers = boxes.float().cpu().numpy(), centers.float().cpu().numpy()
+    resized = boxes_to_resized(boxes[:, :4], meta, flipped)
+    boxes[far_outside(resized, meta), 4] = -1
+    boxes[:, :4] = resized_to_original(resized, meta)
+    points = boxes_to_resized(centers[:, [0, 1, 0, 1]], meta, flipped)
+    centers[:, :2] = resized_to_original(points, meta)[:, :2]
+    return boxes, centers
 
 
 @torch.no_grad()
 def detect(model, inputs: list, cfg: InferenceConfig, device: torch.device, amp: bool = False) -> np.ndarray:
     """One eval sample's `inputs` ([(images (1 or 2, 3, H, W), meta) per test scale], image 1 flipped) ->
     (M, 6) float32 x1 y1 x2 y2 score label in original-image pixels, best first. `model` maps an image batch to
-    the eval-mode output dict of CONTRACT.md."""
-    rows = []
+    the eval-mode output dict of docs/FORMAT.md. The centers come from the scale-1 inputs (or, without scale 1,
+    from the scale nearest to it)."""
+    center_scale = min((meta.scale for _, meta in inputs), key=lambda s: abs(s - 1))
+    boxes, centers = [], []
     for images, meta in inputs:
         with autocast(device, amp):
             out = model(images.to(device, non_blocking=True))
-        dets = decode(out, K=cfg.K, ae_threshold=cfg.ae_threshold, num_dets=cfg.num_dets, kernel=cfg.kernel)
-        rows += [to_original(dets[i], meta, flipped=i == 1) for i in range(len(dets))]
-    return nms_per_class(np.concatenate(rows), cfg)
+        dets, points = decode(out, topk=cfg.topk, ae_threshold=cfg.ae_threshold, num_dets=cfg.num_dets,
+                              kernel=cfg.kernel)
+        for i in range(len(dets)):
+            b, c = to_original(dets[i], points[i], meta, flipped=i == 1)
+            boxes.append(b)
+            if meta.scale == center_scale:
+                centers.append(c)
+    rows = center_check(np.concatenate(boxes), np.concatenate(centers))
+    rows = rows[rows[:, 4] > -1]
+    return nms_per_class(rows[np.argsort(-rows[:, 4], kind="stable")], cfg)
 
 
 def first_item(batch: list):

@@ -13,10 +13,12 @@ Three deliberate differences:
   weights do not grow with the batch size.
 - CornerNet's +1e-4 in the denominators is left out (with it, an image with a single object gets a constant,
   gradient-free push of about 1).
-- The official code averages the total over the stacks; here the stacks are summed (SPEC.md).
+- The official code averages the total over the stacks; here the stacks are summed, as the paper states its loss.
 """
 import torch
 import torch.nn.functional as F
+
+from utils.decode import gather_maps
 
 PULL_WEIGHT, PUSH_WEIGHT, OFFSET_WEIGHT = 0.1, 0.1, 1.0
 PUSH_MARGIN = 1.0
@@ -36,18 +38,11 @@ def focal_loss(logits: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
     return -(pos_sum + neg) / pos.sum().clamp(min=1)
 
 
-def gather(maps: torch.Tensor, ind: torch.Tensor) -> torch.Tensor:
-    """(N, D, h, w) maps, (N, K) flat indices y * w + x -> (N, K, D) values at those cells."""
-    n, d = maps.shape[:2]
-    flat = maps.float().reshape(n, d, -1)
-    return flat.gather(2, ind.unsqueeze(1).expand(n, d, ind.shape[1])).transpose(1, 2)
-
-
 def pull_push_loss(emb_tl: torch.Tensor, emb_br: torch.Tensor, ind_tl: torch.Tensor, ind_br: torch.Tensor,
                    mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Embedding maps (N, 1, h, w), indices (N, K), mask (N, K) -> (pull, push), unweighted, each the mean over
     the N images of the per-image average (see the module docstring)."""
-    e_tl, e_br = gather(emb_tl, ind_tl)[..., 0], gather(emb_br, ind_br)[..., 0]  # (N, K)
+    e_tl, e_br = gather_maps(emb_tl.float(), ind_tl)[..., 0], gather_maps(emb_br.float(), ind_br)[..., 0]  # (N, K)
     mask = mask.bool()
     num = mask.sum(1).float()  # (N,) objects per image
     e_mean = (e_tl + e_br) / 2
@@ -66,14 +61,14 @@ def offset_loss(off: torch.Tensor, ind: torch.Tensor, target: torch.Tensor, mask
     """Offset map (N, 2, h, w), indices (N, K), targets (N, K, 2), mask (N, K) -> smooth-L1 summed over objects
     and both coordinates, divided by the number of objects of the batch."""
     mask = mask.bool()
-    pred = gather(off, ind)
+    pred = gather_maps(off.float(), ind)
     loss = F.smooth_l1_loss(pred, target.float(), reduction="none") * mask.unsqueeze(2)
     return loss.sum() / mask.sum().clamp(min=1)
 
 
 def centernet_loss(outputs: list[dict[str, torch.Tensor]], batch: dict[str, torch.Tensor]
                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Outputs of every stack (nets.hourglass, training mode) and a training batch (CONTRACT.md) -> (total,
+    """Outputs of every stack (nets.hourglass, training mode) and a training batch (docs/FORMAT.md) -> (total,
     weighted terms `focal`, `pull`, `push`, `off`, which sum to total)."""
     if not isinstance(outputs, (list, tuple)) or not outputs:
         raise ValueError(f"utils/losses.py centernet_loss: `outputs` must be a non-empty list with one dict per "

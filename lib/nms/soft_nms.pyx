@@ -12,6 +12,13 @@ box by its IoU with the kept one:
 A box whose score is below `threshold` (from the start, or after a decay) is dropped. IoU follows the official
 convention: widths and heights are x2 - x1 + 1 and y2 - y1 + 1, and boxes overlap when both are positive.
 The kept boxes come out in the order they were taken, which is by decreasing score.
+
+`inplace=True` reproduces what the official test code gets from its in-place call (external/nms.pyx, whose
+returned keep list test/coco.py ignores): every input row comes back. Rows 0..M-1 are the kept boxes as above;
+the rest are stale copies, because a dropped box is overwritten by the last active row (a copy, not a swap), and
+that row's old place keeps its values and the score it had then. Also as there: only columns 0-4 move (the merge
+variant reads the tl / br scores of whatever row sits at a position), boxes below `threshold` from the start are
+not dropped (only a decay drops a box), and ties go to the box at the lowest current position.
 """
 import numpy as np
 
@@ -43,13 +50,14 @@ cdef inline double _decay(double iou, double sigma, double Nt, int method) noexc
     return 1.0
 
 
-cdef inline void _swap_rows(double[:, ::1] b, long long[::1] idx, Py_ssize_t i, Py_ssize_t j) noexcept nogil:
+cdef inline void _swap_rows(double[:, ::1] b, long long[::1] idx, Py_ssize_t i, Py_ssize_t j,
+                            Py_ssize_t columns) noexcept nogil:
     cdef Py_ssize_t c
     cdef double t
     cdef long long k
     if i == j:
         return
-    for c in range(b.shape[1]):
+    for c in range(columns):
         t = b[i, c]
         b[i, c] = b[j, c]
         b[j, c] = t
@@ -59,20 +67,21 @@ cdef inline void _swap_rows(double[:, ::1] b, long long[::1] idx, Py_ssize_t i, 
 
 
 cdef Py_ssize_t _run(double[:, ::1] b, long long[::1] idx, double sigma, double Nt, double threshold,
-                     int method, bint merge, double weight_exp) noexcept nogil:
+                     int method, bint merge, double weight_exp, bint inplace) noexcept nogil:
     """Soft-NMS in place on the rows of `b`; returns M, the kept boxes being rows 0..M-1."""
     cdef Py_ssize_t n = b.shape[0]
-    cdef Py_ssize_t i = 0, pos, best
+    cdef Py_ssize_t columns = 5 if inplace else b.shape[1]
+    cdef Py_ssize_t i = 0, pos, best, c
     cdef double iou, w, mw
     cdef double sx1 = 0, sy1 = 0, sx2 = 0, sy2 = 0, stl = 0, sbr = 0
     while i < n:
         best = i
         for pos in range(i + 1, n):
-            if b[pos, 4] > b[best, 4] or (b[pos, 4] == b[best, 4] and idx[pos] < idx[best]):
+            if b[pos, 4] > b[best, 4] or (not inplace and b[pos, 4] == b[best, 4] and idx[pos] < idx[best]):
                 best = pos
-        if b[best, 4] < threshold:  # every remaining box is below the threshold
+        if b[best, 4] < threshold and not inplace:  # every remaining box is below the threshold
             break
-        _swap_rows(b, idx, i, best)
+        _swap_rows(b, idx, i, best, columns)
         if merge:
             stl = b[i, 5]
             sbr = b[i, 6]
@@ -98,7 +107,11 @@ cdef Py_ssize_t _run(double[:, ::1] b, long long[::1] idx, double sigma, double 
             b[pos, 4] *= w
             if b[pos, 4] < threshold:  # drop: the last active row takes its place and is examined next
                 n -= 1
-                _swap_rows(b, idx, pos, n)
+                if inplace:
+                    for c in range(columns):
+                        b[pos, c] = b[n, c]
+                else:
+                    _swap_rows(b, idx, pos, n, columns)
             else:
                 pos += 1
         if merge:
@@ -128,32 +141,33 @@ def _prepare(dets, int columns, str name, int method, double sigma):
 
 
 def _soft_nms(dets, int columns, str name, double sigma, double Nt, double threshold, int method,
-              bint merge, double weight_exp):
+              bint merge, double weight_exp, bint inplace):
     b = _prepare(dets, columns, name, method, sigma)
     idx = np.arange(b.shape[0], dtype=np.int64)
     cdef double[:, ::1] bv = b
     cdef long long[::1] iv = idx
     cdef Py_ssize_t m
     with nogil:
-        m = _run(bv, iv, sigma, Nt, threshold, method, merge, weight_exp)
-    return b[:m].astype(np.float32)
+        m = _run(bv, iv, sigma, Nt, threshold, method, merge, weight_exp, inplace)
+    return (b if inplace else b[:m]).astype(np.float32)
 
 
-def soft_nms(dets, double sigma=0.5, double Nt=0.3, double threshold=0.001, int method=2):
-    """(N, 5) x1 y1 x2 y2 score -> (M, 5) kept boxes with their decayed scores, highest first.
+def soft_nms(dets, double sigma=0.5, double Nt=0.3, double threshold=0.001, int method=2, bint inplace=False):
+    """(N, 5) x1 y1 x2 y2 score -> (M, 5) kept boxes with their decayed scores, highest first; with `inplace`,
+    (N, 5): the kept boxes followed by the stale rows of the official code (see the module docstring).
 
     `dets` may be any real dtype (float32 expected); it is not modified. The result is float32.
     """
-    return _soft_nms(dets, 5, "soft_nms", sigma, Nt, threshold, method, False, 0.0)
+    return _soft_nms(dets, 5, "soft_nms", sigma, Nt, threshold, method, False, 0.0, inplace)
 
 
 def soft_nms_merge(dets, double sigma=0.5, double Nt=0.3, double threshold=0.001, int method=2,
-                   double weight_exp=6):
+                   double weight_exp=6, bint inplace=False):
     """(N, 7) x1 y1 x2 y2 score tl_score br_score -> (M, 7), soft-NMS whose kept boxes are merged.
 
     Each kept box becomes the weighted mean of itself (weight 1) and every box that overlaps it among those
     still remaining when it is taken, each weighted by (1 - w) ** weight_exp with w its decay factor (so before
     the decay drops it): x1, y1 additionally weighted by the top-left score, x2, y2 by the bottom-right score.
-    Scores and corner scores of a kept box are its own.
+    Scores and corner scores of a kept box are its own. `inplace`: as in `soft_nms`.
     """
-    return _soft_nms(dets, 7, "soft_nms_merge", sigma, Nt, threshold, method, True, weight_exp)
+    return _soft_nms(dets, 7, "soft_nms_merge", sigma, Nt, threshold, method, True, weight_exp, inplace)
