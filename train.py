@@ -31,6 +31,7 @@ from utils.inference import build_eval_config, evaluate
 from utils.logger import RunLogger
 from utils.losses import centernet_loss
 from utils.pretrained import load_pretrained_checkpoint
+from utils.visualize import val_images
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -211,6 +212,8 @@ def main(args: argparse.Namespace) -> float:
             ap = stats["AP"]
             logger.scalars({"AP": ap, "AP50": stats["AP50"]}, global_step, prefix="val/")
             logger.info(f"epoch {epoch}: val AP {ap:.4f}")
+            if dist.is_main():  # a few val images with true (green) and detected boxes, in tensorboard
+                logger.images("val/boxes", val_images(model, val_set, eval_config, device, amp=args.amp), global_step)
         if dist.is_main():
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
