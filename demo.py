@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import cv2
-import numpy as np
 from tqdm import tqdm
 
 from utils.files import write_json
@@ -23,6 +22,7 @@ from nets import build_model
 from utils.checkpoint import load_checkpoint
 from utils.device import select_device
 from utils.inference import detect, official_config
+from utils.visualize import draw
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 
@@ -47,21 +47,6 @@ def list_images(source: Path) -> list[Path]:
     if source.is_dir():
         return sorted(p for p in source.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     raise SystemExit(f"--images {source}: no such file or folder")
-
-
-def draw(image: np.ndarray, dets: np.ndarray, class_names: list[str]) -> np.ndarray:
-    """Boxes (M, 6) x1 y1 x2 y2 score label drawn on a copy of the BGR image."""
-    canvas = image.copy()
-    for x1, y1, x2, y2, score, label in dets:
-        color = tuple(int(c) for c in np.random.default_rng(int(label)).integers(64, 256, 3))
-        p1, p2 = (int(round(x1)), int(round(y1))), (int(round(x2)), int(round(y2)))
-        cv2.rectangle(canvas, p1, p2, color, 2)
-        text = f"{class_names[int(label)]} {score:.2f}"
-        (tw, th), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 0.5, 1)
-        top = max(p1[1] - th - 4, 0)
-        cv2.rectangle(canvas, (p1[0], top), (p1[0] + tw + 2, top + th + 4), color, -1)
-        cv2.putText(canvas, text, (p1[0] + 1, top + th + 1), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1)
-    return canvas
 
 
 def main(args: argparse.Namespace) -> list[dict]:

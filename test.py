@@ -8,6 +8,12 @@ results json, written beside the checkpoint.
 The first is the official single-scale test (which always adds the flipped image), the second the official
 multi-scale test (box merging turns on with several scales, --merge auto). Post-processing follows the official
 test code (utils/inference.py); --inplace_nms also reproduces its in-place soft-NMS, stale rows included.
+
+Beside the results json go the per-class table (`..._per_class.csv`) and precision-recall curves (`..._pr.png`).
+COCO test-dev (annotations/image_info_test-dev2017.json, images in test2017/) has no annotations: the results go to
+detections_test-dev2017_<run>-s100-flip_results.json for the COCO evaluation server, which gives the AP:
+    python test.py --log_name coco_hg_511_ddp --val_split test-dev2017 --test_flip
+
 The checkpoint is CKPT_DIR/LOG_NAME/checkpoint.pt unless --ckpt names one. Architecture, classes and training
 input size come from it; --arch and --img_size, when given, must agree with it.
 """
@@ -15,6 +21,7 @@ import argparse
 from pathlib import Path
 
 from datasets import build_dataset
+from datasets.coco_eval import BACKENDS, server_results_name
 from nets import model_from_checkpoint
 from utils import dist
 from utils.checkpoint import load_checkpoint
@@ -53,6 +60,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--amp", action="store_true", help="fp16 autocast on CUDA, bf16 on CPU")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--eval_backend", default="pycocotools", choices=BACKENDS,
+                   help="COCO scoring: pycocotools, or faster-coco-eval (the same numbers, faster)")
     return p
 
 
@@ -106,12 +115,15 @@ def main(args: argparse.Namespace) -> dict:
 
     scales = "_".join(f"{s:g}" for s in args.test_scales)
     out_json = path.parent / f"results_{args.val_split}_s{scales}{'_flip' if args.test_flip else ''}.json"
+    if not dataset.has_annotations:  # scored by the COCO server, which reads the algorithm name from the file name
+        alg = f"{path.parent.name}-s{'-'.join(f'{round(s * 100)}' for s in args.test_scales)}"
+        out_json = path.parent / server_results_name(args.val_split, alg + ("-flip" if args.test_flip else ""))
     if dist.is_main():
         print(f"evaluating {path} ({args.arch}, {args.num_classes} classes) on {len(dataset)} images of "
               f"{args.data_dir} {args.val_split}, scales {args.test_scales}, flip {args.test_flip}, "
               f"{dist.world_size()} process(es) on {device}", flush=True)
     stats = evaluate(model, dataset, build_eval_config(args), device, num_workers=args.num_workers, amp=args.amp,
-                     out_json=out_json)
+                     out_json=out_json, backend=args.eval_backend)
     if dist.is_main():
         print(f"results written to {out_json}")
     dist.cleanup()

@@ -38,6 +38,7 @@ from utils.logger import RunLogger
 from utils.losses import centernet_loss
 from utils.pretrained import load_pretrained_checkpoint
 from utils.stopping import CheckpointTimer, StopSignals, ignore_stop_signals
+from utils.visualize import val_images
 
 CHECKPOINT, BEST = "checkpoint.pt", "best.pt"
 
@@ -298,6 +299,9 @@ def train(args: argparse.Namespace, signals: StopSignals) -> tuple[float, bool]:
 
     train_set = build_dataset(args, args.train_split, train=True)
     val_set = build_dataset(args, args.val_split, train=False)
+    if not val_set.has_annotations:
+        raise SystemExit(f"--val_split {args.val_split} has no annotations to validate against (a test-dev split?); "
+                         "pick a split with instances_<split>.json")
     if val_set.class_names != train_set.class_names:
         raise SystemExit(f"{args.val_split} and {args.train_split} have different categories")
     step_batch = args.batch_size * args.accum_steps
@@ -384,6 +388,9 @@ def train(args: argparse.Namespace, signals: StopSignals) -> tuple[float, bool]:
             ap = stats["AP"]
             logger.scalars({"AP": ap, "AP50": stats["AP50"]}, progress.global_step, prefix="val/")
             logger.info(f"epoch {epoch}: val AP {ap:.4f}")
+            if dist.is_main():  # a few val images with true (green) and detected boxes, in tensorboard
+                logger.images("val/boxes", val_images(model, val_set, eval_config, device, amp=amp),
+                              progress.global_step)
         improved = validate and ap > best_ap
         best_ap = max(best_ap, ap)
         snapshot = state_dict(epoch, None)

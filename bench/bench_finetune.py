@@ -1,8 +1,10 @@
 """Fine-tuning against training from scratch on a small 2-class data set, the same epochs and flags for both.
 
     .venv/bin/python bench/bench_finetune.py --out /tmp/finetune
+    .venv/bin/python bench/bench_finetune.py --out /tmp/finetune --pre_ckpt ckpt/shapes_demo_DATE/checkpoint.pt
 
-1. Pre-training: tiny_hourglass on the built-in shapes (4 classes, seed 0, `--pre_images` train images).
+1. Pre-training: tiny_hourglass on the built-in shapes (4 classes, seed 0, `--pre_images` train images), or
+   `--pre_ckpt`, a tiny_hourglass checkpoint trained on them (such as `make demo`'s).
 2. Target data: other images (seed 1) with only ellipses and crosses, `--target_images` train + 100 val images.
 3. Two runs on the target data for `--epochs` epochs: `--pretrained` with step 1's checkpoint, and from scratch.
 Prints the val AP of each (no flip). Everything is written under --out, which must not exist yet.
@@ -24,6 +26,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="work folder (created; must not exist)")
     p.add_argument("--pre_images", type=int, default=400)
     p.add_argument("--pre_epochs", type=int, default=12)
+    p.add_argument("--pre_ckpt", help="skip step 1: start from this checkpoint")
     p.add_argument("--target_images", type=int, default=100)
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--num_workers", type=int, default=1)
@@ -54,21 +57,25 @@ def main(args: argparse.Namespace) -> None:
     if out.exists():
         raise SystemExit(f"--out {out} exists; give a new folder")
     cfg = ShapesConfig()
-    write_split(out / "pre", "train", args.pre_images, seed=0, cfg=cfg)
-    write_split(out / "pre", "val", 20, seed=0, cfg=cfg)
+    if not args.pre_ckpt:
+        write_split(out / "pre", "train", args.pre_images, seed=0, cfg=cfg)
+        write_split(out / "pre", "val", 20, seed=0, cfg=cfg)
     write_split(out / "target", "train", args.target_images, seed=1, cfg=cfg)
     write_split(out / "target", "val", 100, seed=1, cfg=cfg)
     keep_classes(out / "target", KEEP)
 
-    pre_step = max(1, args.pre_epochs * 5 // 6)
-    run(out / "pre", out / "ckpt", "pre", args.pre_epochs, pre_step, args.num_workers)
+    pre_ckpt = args.pre_ckpt
+    if not pre_ckpt:
+        run(out / "pre", out / "ckpt", "pre", args.pre_epochs, max(1, args.pre_epochs * 5 // 6), args.num_workers)
+        pre_ckpt = str(out / "ckpt" / "pre" / "checkpoint.pt")
     step = max(1, args.epochs * 5 // 6)
     ap_fine = run(out / "target", out / "ckpt", "finetune", args.epochs, step, args.num_workers,
-                  "--pretrained", str(out / "ckpt" / "pre" / "checkpoint.pt"))
+                  "--pretrained", pre_ckpt)
     ap_scratch = run(out / "target", out / "ckpt", "scratch", args.epochs, step, args.num_workers)
     print(f"\n{args.target_images} train images of {', '.join(KEEP)}, {args.epochs} epochs, val AP (100 images):")
     print("| start | val AP |\n|---|---|")
-    print(f"| --pretrained (shapes, 4 classes, {args.pre_epochs} epochs on {args.pre_images} images) | {ap_fine:.3f} |")
+    source = args.pre_ckpt or f"shapes, 4 classes, {args.pre_epochs} epochs on {args.pre_images} images"
+    print(f"| --pretrained ({source}) | {ap_fine:.3f} |")
     print(f"| from scratch | {ap_scratch:.3f} |")
 
 

@@ -1,6 +1,9 @@
 """A detection data set over any COCO-format json: COCO 2017 itself, the built-in shapes set, or your own data.
 
-Layout: `{data_dir}/annotations/instances_{split}.json` and the images in `{data_dir}/{split}/`.
+Layout: `{data_dir}/annotations/instances_{split}.json` and the images in `{data_dir}/{split}/`. A split to
+evaluate may lack annotations (COCO test-dev: `annotations/image_info_test-dev2017.json`, which has images and
+categories only, with the images in `test2017/`): `has_annotations` is then False and test.py writes results for
+the evaluation server instead of scoring them.
 - Classes come from the json: category ids sorted ascending map to labels 0..C-1 (`cat_ids[label]` is the id,
   `class_names[label]` its name); any number of classes.
 - Training targets leave out crowd boxes (iscrowd 1) and boxes with zero or negative width or height; boxes that
@@ -38,7 +41,8 @@ from utils.errors import DataError, MissingFileError
 
 def read_json(path: Path) -> dict:
     if not path.is_file():
-        raise MissingFileError(f"{path}: annotation file not found (expected annotations/instances_<split>.json)")
+        raise MissingFileError(f"{path}: annotation file not found (expected annotations/instances_<split>.json, or "
+                                 f"image_info_<split>.json for a split without annotations)")
     try:
         with open(path, "rb") as f:
             data = json.load(f)
@@ -81,12 +85,14 @@ def _unique_ids(items: list[dict], key: str, path: Path, problems: list[str]) ->
     return seen
 
 
-def coco_problems(data: dict, path: Path) -> list[str]:
-    """Every problem of a COCO detection dict (see the module docstring), each naming its entry; [] if usable."""
+def coco_problems(data: dict, path: Path, require_annotations: bool = True) -> list[str]:
+    """Every problem of a COCO detection dict (see the module docstring), each naming its entry; [] if usable.
+    Without `require_annotations`, a dict without an 'annotations' list is accepted."""
     problems: list[str] = []
     categories = _entries(data, "categories", path, ("id", "name"), problems)
     images = _entries(data, "images", path, ("id", "file_name"), problems)
-    annotations = _entries(data, "annotations", path, ("image_id", "category_id", "bbox"), problems)
+    annotations = [] if "annotations" not in data and not require_annotations else \
+        _entries(data, "annotations", path, ("image_id", "category_id", "bbox"), problems)
     if isinstance(data.get("categories"), list) and not data["categories"]:
         problems.append(f"{path}: 'categories' is empty; at least one class is needed")
     cat_ids = _unique_ids(categories, "categories", path, problems)
@@ -112,15 +118,16 @@ def coco_problems(data: dict, path: Path) -> list[str]:
     return problems
 
 
-def check_coco_dict(data: dict, path: Path) -> dict:
+def check_coco_dict(data: dict, path: Path, require_annotations: bool = True) -> dict:
     """Validates a COCO detection dict (see the module docstring), raising DataError with its first problem, and
-    fills in the optional annotation fields."""
-    problems = coco_problems(data, path)
+    fills in the optional annotation fields. Without `require_annotations`, a dict without an 'annotations' list is
+    accepted (and left without one)."""
+    problems = coco_problems(data, path, require_annotations)
     if problems:
         more = f" (and {len(problems) - 1} more problems: list them all with `python -m datasets.check`)" \
             if len(problems) > 1 else ""
         raise DataError(problems[0] + more)
-    annotations = data["annotations"]
+    annotations = data.get("annotations", [])
     next_id = 1 + max([a["id"] for a in annotations if isinstance(a.get("id"), int)], default=0)
     for a in annotations:
         if "id" not in a:
@@ -128,6 +135,19 @@ def check_coco_dict(data: dict, path: Path) -> dict:
         a.setdefault("iscrowd", 0)
         a.setdefault("area", float(a["bbox"][2] * a["bbox"][3]))
     return data
+
+
+def split_files(root: Path, split: str) -> tuple[Path, Path]:
+    """(annotation json, image folder) of `split`: instances_{split}.json and {split}/, or for a split without
+    annotations image_info_{split}.json, and COCO's test-dev images in test2017/ (test-dev is a subset of test)."""
+    ann_file = root / "annotations" / f"instances_{split}.json"
+    info_file = root / "annotations" / f"image_info_{split}.json"
+    if not ann_file.is_file() and info_file.is_file():
+        ann_file = info_file
+    img_dir = root / split
+    if not img_dir.is_dir() and split.startswith("test-dev"):
+        img_dir = root / split.replace("test-dev", "test", 1)
+    return ann_file, img_dir
 
 
 def coco_from_dict(data: dict) -> COCO:
@@ -159,12 +179,12 @@ class CocoDetection(Dataset):
                              f"383, 511, ...), got {img_size}")
         if not test_scales or min(test_scales) <= 0:
             raise DataError(f"test_scales must be positive numbers, got {list(test_scales)}")
-        self.ann_file = root / "annotations" / f"instances_{split}.json"
-        self.img_dir = root / split
+        self.ann_file, self.img_dir = split_files(root, split)
         self.train, self.img_size, self.max_objects = train, img_size, max_objects
         self.test_scales, self.test_flip = tuple(float(s) for s in test_scales), test_flip
 
-        data = check_coco_dict(read_json(self.ann_file), self.ann_file)
+        data = check_coco_dict(read_json(self.ann_file), self.ann_file, require_annotations=train)
+        self.has_annotations = "annotations" in data
         if not self.img_dir.is_dir():
             raise MissingFileError(f"{self.img_dir}: image directory of split {split!r} not found")
         self.coco = coco_from_dict(data)
@@ -173,7 +193,7 @@ class CocoDetection(Dataset):
         self.class_names = [str(c["name"]) for c in categories]
         self.images = list(data["images"])
         self.image_ids = [im["id"] for im in self.images]
-        self.boxes, self.labels = self._training_boxes(data["annotations"])
+        self.boxes, self.labels = self._training_boxes(data.get("annotations", []))
 
     @property
     def num_classes(self) -> int:

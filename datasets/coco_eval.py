@@ -2,19 +2,29 @@
 
 `evaluate_detections` prints the standard 12-line table and a per-class AP table and returns the numbers. An empty
 detection set scores AP 0 instead of failing inside pycocotools. Metrics with no ground truth in their area range
-are -1, as pycocotools reports them.
+are -1, as pycocotools reports them. Beside the results json go the per-class table (CSV) and the precision-recall
+curves (PNG). A split without annotations (COCO test-dev: images and categories only) is not scored: its results
+json is written under the name the COCO evaluation server expects (`server_results_name`).
+
+Backends: "pycocotools" (the default), or "faster" (faster-coco-eval, the same algorithm in C++: its 12 numbers
+and precision arrays equal pycocotools' on tests/test_coco_report.py's data to 1e-15).
 """
 import contextlib
 import io
+import re
 from pathlib import Path
 
 import numpy as np
+from faster_coco_eval import COCO as FasterCOCO
+from faster_coco_eval import COCOeval_faster
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from utils.files import write_json
+from datasets.coco_report import pr_figure, per_class_table, table_csv
+from utils.files import atomic_write, write_json
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+BACKENDS = ("pycocotools", "faster")
 
 
 def detections_to_coco(detections: dict[int, np.ndarray], cat_ids: list[int]) -> list[dict]:
@@ -30,6 +40,13 @@ def detections_to_coco(detections: dict[int, np.ndarray], cat_ids: list[int]) ->
         results += [{"image_id": int(image_id), "category_id": int(cat_ids[c]), "bbox": box, "score": s}
                     for box, s, c in zip(xywh, scores, labels.tolist())]
     return results
+
+
+def server_results_name(split: str, alg: str) -> str:
+    """The COCO evaluation server's file name, detections_<split>_<alg>_results.json; `alg` keeps letters, digits
+    and hyphens (underscores separate the fields)."""
+    alg = re.sub(r"[^A-Za-z0-9-]+", "-", alg).strip("-") or "centernet47"
+    return f"detections_{split}_{alg}_results.json"
 
 
 def load_results(coco: COCO, results: list[dict]) -> COCO:
@@ -56,28 +73,53 @@ def per_class_ap(coco_eval: COCOeval) -> np.ndarray:
     return out
 
 
+def run_cocoeval(coco: COCO, results: COCO, cat_ids: list[int], backend: str = "pycocotools"):
+    """A finished box evaluation (its `stats` and `eval` arrays as pycocotools has them); prints the 12-line table."""
+    if backend == "pycocotools":
+        coco_eval = COCOeval(coco, results, "bbox")
+    elif backend == "faster":
+        coco_eval = COCOeval_faster(FasterCOCO(coco.dataset), FasterCOCO(results.dataset), "bbox",
+                                    print_function=print)
+    else:
+        raise ValueError(f"unknown evaluation backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    coco_eval.params.catIds = list(cat_ids)
+    table = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+    with contextlib.redirect_stdout(table):
+        coco_eval.summarize()
+    # faster-coco-eval adds AR at IoU 0.50 and 0.75 after pycocotools' 12 lines.
+    print("\n".join([line for line in table.getvalue().splitlines() if " @[ " in line][:len(METRIC_NAMES)]))
+    return coco_eval
+
+
 def evaluate_detections(coco: COCO, detections: dict[int, np.ndarray], cat_ids: list[int], class_names: list[str],
-                        out_json: str | Path | None = None) -> dict:
+                        out_json: str | Path | None = None, backend: str = "pycocotools") -> dict:
     """Scores `detections` ({image_id: (M, 6) x1 y1 x2 y2 score label}, original pixels, contiguous labels) against
     `coco` over all its images (an image without an entry has no detections).
 
-    Prints the 12-line COCO table and a per-class AP table; writes the COCO results json to `out_json` when given.
-    Returns {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl": float,
-    "per_class": {class name: AP}}.
+    Prints the 12-line COCO table and a per-class AP table; when `out_json` is given, writes there the COCO results
+    json and beside it `<stem>_per_class.csv` and `<stem>_pr.png`. Returns {"AP", "AP50", "AP75", "APs", "APm",
+    "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl": float, "per_class": {class name: AP}}. Without ground truth
+    (no 'annotations' in `coco`), only writes `out_json`, says where AP comes from and returns {}.
     """
     unknown = set(int(i) for i in detections) - set(coco.getImgIds())
     if unknown:
         raise ValueError(f"detections for image ids not in the ground truth: {sorted(unknown)[:10]}")
     results = detections_to_coco(detections, cat_ids)
+    if "annotations" not in coco.dataset:
+        if out_json is None:
+            raise ValueError("this split has no annotations to score against and no results file was asked for")
+        write_json(out_json, results)
+        print(f"no annotations in this split (such as COCO test-dev): {len(results)} detections of "
+              f"{len(coco.getImgIds())} images written to {out_json}; AP comes from the COCO evaluation server "
+              "(zip the json and upload it)")
+        return {}
     if out_json is not None:
         write_json(out_json, results)
 
-    coco_eval = COCOeval(coco, load_results(coco, results), "bbox")
-    coco_eval.params.catIds = list(cat_ids)
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco_eval.evaluate()
-        coco_eval.accumulate()
-    coco_eval.summarize()
+    coco_eval = run_cocoeval(coco, load_results(coco, results), cat_ids, backend)
     stats = {name: float(v) for name, v in zip(METRIC_NAMES, coco_eval.stats)}
 
     aps = per_class_ap(coco_eval)
@@ -86,4 +128,11 @@ def evaluate_detections(coco: COCO, detections: dict[int, np.ndarray], cat_ids: 
     for name, ap in zip(class_names, aps):
         print(f"{name:<{width}}  {ap:.3f}" if ap >= 0 else f"{name:<{width}}  -")
     stats["per_class"] = {name: float(ap) for name, ap in zip(class_names, aps)}
+    if out_json is not None:
+        out_json = Path(out_json)
+        gt_counts = [len(coco.getAnnIds(catIds=[c], iscrowd=False)) for c in cat_ids]
+        csv = table_csv(per_class_table(coco_eval, class_names, cat_ids, gt_counts))
+        atomic_write(out_json.with_name(out_json.stem + "_per_class.csv"), lambda f: f.write(csv))
+        png = pr_figure(coco_eval, class_names, out_json.stem)
+        atomic_write(out_json.with_name(out_json.stem + "_pr.png"), lambda f: f.write(png))
     return stats

@@ -57,8 +57,9 @@ def test_two_batches_of_4_accumulated_equal_one_batch_of_8():
 def stripped_large(grad_checkpoint: bool) -> CenterNet:
     """large_hourglass's layers (2 stacks, 5 levels) at a few channels each, as in tests/test_nets.py."""
     torch.manual_seed(0)
-    return CenterNet(num_classes=3, num_stacks=2, dims=[8, 8, 12, 12, 12, 16], blocks=ARCHS["large_hourglass"]["blocks"],
-                     stem_dim=8, cnv_dim=8, pool_dim=4, head_dim=8, grad_checkpoint=grad_checkpoint)
+    return CenterNet(num_classes=3, num_stacks=2, dims=[8, 8, 12, 12, 12, 16],
+                     blocks=ARCHS["large_hourglass"]["blocks"], stem_dim=8, cnv_dim=8, pool_dim=4, head_dim=8,
+                     grad_checkpoint=grad_checkpoint)
 
 
 def saved_bytes(fn, *inputs) -> tuple[object, int]:

@@ -155,11 +155,12 @@ def synthetic_outputs(batch: int, classes: int, size: int, seed: int) -> dict[st
 
 def test_decode_on_cuda_equals_cpu():
     out = synthetic_outputs(batch=2, classes=5, size=48, seed=16)
-    cpu = decode(out, K=40, ae_threshold=0.5, num_dets=500)
-    gpu = decode({k: v.cuda() for k, v in out.items()}, K=40, ae_threshold=0.5, num_dets=500)
-    assert (cpu[..., 4] >= 0).sum() > 10  # enough boxes survive pairing and the center check to compare
+    cpu_boxes, cpu_centers = decode(out, topk=40, ae_threshold=0.5, num_dets=500)
+    gpu_boxes, gpu_centers = decode({k: v.cuda() for k, v in out.items()}, topk=40, ae_threshold=0.5, num_dets=500)
+    assert (cpu_boxes[..., 4] >= 0).sum() > 10  # enough boxes survive the pairing to compare
     # sigmoid and box arithmetic may round differently on the GPU: a few float32 ulps
-    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gpu_boxes.cpu(), cpu_boxes, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gpu_centers.cpu(), cpu_centers, rtol=1e-5, atol=1e-5)
 
 
 def training_batch(batch_size: int, size: int, num_classes: int) -> dict[str, torch.Tensor]:

@@ -86,7 +86,8 @@ def test_class_list_keep_difficult_and_copy(voc_dir, tmp_path):
     (lambda s: s[:-20], r"000002\.xml: not valid XML"),
     (lambda s: s.replace("<xmax>45</xmax>", ""), r"000002\.xml: object 1 \(cat\) lacks <bndbox/xmax>"),
     (lambda s: s.replace("<xmax>45</xmax>", "<xmax>4x</xmax>"), r"000002\.xml: object 1 \(cat\) <bndbox/xmax> is '4x'"),
-    (lambda s: s.replace("<xmax>45</xmax>", "<xmax>2</xmax>"), r"000002\.xml: object 1 \(cat\) has xmin\.\.xmax 5\.\.2"),
+    (lambda s: s.replace("<xmax>45</xmax>", "<xmax>2</xmax>"),
+     r"000002\.xml: object 1 \(cat\) has xmin\.\.xmax 5\.\.2"),
     (lambda s: s.replace("<width>50</width>", "<width>0</width>"), r"000002\.xml: <size> is 0 x 70"),
 ])
 def test_broken_annotation_names_the_file(voc_dir, tmp_path, edit, message):

@@ -141,7 +141,7 @@ def detect_dataset(model, dataset, cfg: InferenceConfig, device: torch.device, n
 
 
 def evaluate(model, dataset, cfg: InferenceConfig, device: torch.device, num_workers: int = 2, amp: bool = False,
-             out_json=None, progress: bool = True) -> dict:
+             out_json=None, progress: bool = True, backend: str = "pycocotools") -> dict:
     """Detects over `dataset` and scores with pycocotools on the main process (which prints the tables and writes
     `out_json` when given); every process returns the metrics dict of `evaluate_detections`."""
     with cudnn_benchmark(False):  # every image has its own size
@@ -149,5 +149,5 @@ def evaluate(model, dataset, cfg: InferenceConfig, device: torch.device, num_wor
     stats = None
     if is_main():
         stats = evaluate_detections(dataset.coco, detections, dataset.cat_ids, dataset.class_names,
-                                    out_json=out_json)
+                                    out_json=out_json, backend=backend)
     return all_gather_object(stats)[0]

@@ -26,6 +26,12 @@ class RunLogger:
             for name, value in values.items():
                 self.writer.add_scalar(prefix + name, value, step)
 
+    def images(self, tag: str, images: list, step: int) -> None:
+        """(H, W, 3) uint8 RGB images, logged as `tag/0`, `tag/1`, ..."""
+        if self.enabled:
+            for i, image in enumerate(images):
+                self.writer.add_image(f"{tag}/{i}", image, step, dataformats="HWC")
+
     def close(self) -> None:
         if self.enabled:
             self.writer.close()

@@ -1,0 +1,87 @@
+"""tools/analyze.py on hand-made cases whose breakdown is known, and end to end with drawings."""
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from tools.analyze import KINDS, breakdown, get_args_parser, main
+
+CATS = [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}]
+GT_BOXES = [[10, 10, 100, 100], [150, 150, 80, 80]]  # both cats, in image 1
+# AP50 when the second of two boxes is found only after one false positive: precision 1 up to recall 0.5,
+# 2/3 above (101 recall points); and when it is never found: precision 1 up to recall 0.5, 0 above.
+ONE_FP_BETWEEN = (51 + 50 * 2 / 3) / 101
+HALF_FOUND = 51 / 101
+
+
+def ground_truth(boxes=GT_BOXES) -> dict:
+    anns = [{"id": i + 1, "image_id": 1, "category_id": 1, "bbox": b, "area": b[2] * b[3], "iscrowd": 0}
+            for i, b in enumerate(boxes)]
+    return {"images": [{"id": 1, "file_name": "1.jpg", "width": 300, "height": 300}], "annotations": anns,
+            "categories": CATS}
+
+
+def det(box, score, cat=1) -> dict:
+    return {"image_id": 1, "category_id": cat, "bbox": box, "score": score}
+
+
+FIRST, SECOND = det(GT_BOXES[0], 0.9), det(GT_BOXES[1], 0.7)
+CASES = {
+    # the only detection has the wrong class: all of the AP is classification's
+    "classification": ([det(GT_BOXES[0], 0.9, cat=2)], ground_truth(GT_BOXES[:1]), 0.0, 1.0),
+    # IoU 0.3 with its box
+    "localisation": ([det([10, 10, 100, 30], 0.9)], ground_truth(GT_BOXES[:1]), 0.0, 1.0),
+    # a second detection of the first box (IoU 0.81) between the two true ones
+    "duplicate": ([FIRST, det([10, 10, 100, 81], 0.8), SECOND], ground_truth(), ONE_FP_BETWEEN, 1 - ONE_FP_BETWEEN),
+    # a detection far from every box
+    "background": ([FIRST, det([250, 10, 40, 40], 0.8), SECOND], ground_truth(), ONE_FP_BETWEEN, 1 - ONE_FP_BETWEEN),
+    # the second box has no detection
+    "missed": ([FIRST], ground_truth(), HALF_FOUND, 1 - HALF_FOUND),
+}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_kind_of_error_alone(kind):
+    results, gt, want_base, want_gain = CASES[kind]
+    base, table, _, _ = breakdown(gt, results)
+    assert base == pytest.approx(want_base, abs=1e-9)
+    assert table[kind] == (1, pytest.approx(want_gain, abs=1e-9))
+    for other in KINDS:
+        if other != kind:
+            assert table[other] == (0, 0.0)
+
+
+def test_fixed_target_already_matched_is_removed():
+    # A wrong-class detection on a box that a correct detection already matched: fixing it removes it, which
+    # lifts AP50 as removing a duplicate would.
+    results = [FIRST, det(GT_BOXES[0], 0.8, cat=2), SECOND]
+    base, table, _, status = breakdown(ground_truth(), results)
+    assert base == pytest.approx(1.0)  # class dog has no ground truth: the error costs cat nothing
+    assert table["classification"] == (1, pytest.approx(0.0, abs=1e-9))
+    assert set(status.values()) == {"matched"}
+
+
+def test_cli_prints_the_table_and_draws_the_worst_image(tmp_path, capsys):
+    data = tmp_path / "data"
+    (data / "annotations").mkdir(parents=True)
+    (data / "val").mkdir()
+    (data / "annotations" / "instances_val.json").write_text(json.dumps(ground_truth()))
+    cv2.imwrite(str(data / "val" / "1.jpg"), np.full((300, 300, 3), 200, np.uint8))
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps(CASES["background"][0]))
+    args = get_args_parser().parse_args([str(results), "--data_dir", str(data), "--split", "val"])
+    table = main(args)
+    assert table["background"][0] == 1
+    out = capsys.readouterr().out
+    assert f"AP50 {ONE_FP_BETWEEN:.4f}" in out and f"background            1  +{1 - ONE_FP_BETWEEN:.4f}" in out
+    drawn = list((tmp_path / "results_analysis").iterdir())
+    assert [p.name for p in drawn] == ["001_errors_1.jpg"]
+    image = cv2.imread(str(drawn[0]))
+    assert image.shape == (300, 300, 3) and (image != 200).any()
+    with pytest.raises(SystemExit, match="results_analysis exists"):
+        main(args)
+    results.write_text(json.dumps([det(GT_BOXES[0], 0.9, cat=7)]))
+    with pytest.raises(SystemExit, match="entry 0 has image_id 1 / category_id 7"):
+        main(get_args_parser().parse_args([str(results), "--data_dir", str(data), "--split", "val", "--out",
+                                           str(tmp_path / "x")]))

@@ -1,0 +1,80 @@
+"""After evaluation: the per-class CSV against pycocotools run on each class alone, the precision-recall PNG,
+faster-coco-eval against pycocotools, and a split without annotations (COCO test-dev) that is written, not scored."""
+import contextlib
+import csv
+import io
+
+import cv2
+import numpy as np
+import pytest
+from pycocotools.cocoeval import COCOeval
+
+from datasets.coco import coco_from_dict
+from datasets.coco_eval import METRIC_NAMES, detections_to_coco, evaluate_detections, server_results_name
+from tests.test_coco_eval import CAT_IDS, NAMES, ground_truth, noisy_detections
+
+
+def one_class_stats(coco, detections, cat_id) -> np.ndarray:
+    """pycocotools' 12 numbers with only `cat_id` evaluated (the independent reference for a CSV row)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        e = COCOeval(coco, coco.loadRes(detections_to_coco(detections, CAT_IDS)), "bbox")
+        e.params.catIds = [cat_id]
+        e.evaluate()
+        e.accumulate()
+        e.summarize()
+    return e.stats
+
+
+def test_per_class_csv_and_pr_plot(tmp_path):
+    coco = ground_truth(seed=0, num_images=30)
+    dets = noisy_detections(coco, seed=4)
+    out = tmp_path / "results_val_s1.json"
+    evaluate_detections(coco, dets, CAT_IDS, NAMES, out_json=out)
+    with open(tmp_path / "results_val_s1_per_class.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["class"] for r in rows] == NAMES and [int(r["category_id"]) for r in rows] == CAT_IDS
+    columns = {"AP": 0, "AP50": 1, "AP75": 2, "APs": 3, "APm": 4, "APl": 5, "AR100": 8}
+    for row, cat_id in zip(rows, CAT_IDS):
+        want = one_class_stats(coco, dets, cat_id)
+        assert int(row["ground_truth"]) == len(coco.getAnnIds(catIds=[cat_id], iscrowd=False)) > 0
+        for name, i in columns.items():
+            if want[i] < 0:
+                assert row[name] == ""  # no ground truth of that size
+            else:
+                assert float(row[name]) == pytest.approx(want[i], abs=6e-5)  # 4 decimals
+    png = cv2.imread(str(tmp_path / "results_val_s1_pr.png"))
+    assert png is not None and png.shape == (500, 1200, 3)
+    assert len(np.unique(png.reshape(-1, 3), axis=0)) > 10  # curves drawn, not a blank canvas
+
+
+def test_faster_backend_equals_pycocotools(capsys):
+    for seed in range(3):
+        coco = ground_truth(seed=seed, num_images=30)
+        dets = noisy_detections(coco, seed=seed + 10)
+        ref = evaluate_detections(coco, dets, CAT_IDS, NAMES)
+        ref_out = capsys.readouterr().out
+        fast = evaluate_detections(coco, dets, CAT_IDS, NAMES, backend="faster")
+        fast_out = capsys.readouterr().out
+        # The same algorithm in float64: differences are rounding, far below the printed 3 decimals.
+        np.testing.assert_allclose([fast[k] for k in METRIC_NAMES], [ref[k] for k in METRIC_NAMES], rtol=0, atol=1e-9)
+        np.testing.assert_allclose(list(fast["per_class"].values()), list(ref["per_class"].values()), atol=1e-9)
+        assert fast_out == ref_out  # the same 12 lines and per-class table
+    assert evaluate_detections(coco, {}, CAT_IDS, NAMES, backend="faster")["AP"] == 0
+    with pytest.raises(ValueError, match="unknown evaluation backend 'x'"):
+        evaluate_detections(coco, dets, CAT_IDS, NAMES, backend="x")
+
+
+def test_split_without_annotations_is_written_for_the_server(tmp_path, capsys):
+    data = dict(ground_truth().dataset)
+    del data["annotations"]
+    coco = coco_from_dict(data)
+    dets = noisy_detections(ground_truth(), seed=1)
+    out = tmp_path / server_results_name("test-dev2017", "my_run-s100-flip")
+    assert out.name == "detections_test-dev2017_my-run-s100-flip_results.json"
+    assert evaluate_detections(coco, dets, CAT_IDS, NAMES, out_json=out) == {}
+    printed = capsys.readouterr().out
+    assert "AP comes from the COCO evaluation server" in printed and "-1" not in printed
+    assert "Average Precision" not in printed
+    assert out.is_file() and sorted(p.name for p in tmp_path.iterdir()) == [out.name]
+    with pytest.raises(ValueError, match="no annotations to score against"):
+        evaluate_detections(coco, dets, CAT_IDS, NAMES)

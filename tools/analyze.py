@@ -1,0 +1,203 @@
+"""Where the AP goes: an error breakdown of a results json with the AP50 each kind of error costs, and drawings of
+the images with the most errors.
+
+    python tools/analyze.py ckpt/NAME/results_val2017_s1_flip.json --data_dir data/coco --split val2017
+
+Every detection that pycocotools does not match to a ground-truth box at IoU 0.5 (same class, best score first,
+the top 100 per image and class) is one error, by its IoU with the ground truth of its image (TIDE's definitions,
+foreground IoU 0.5, background IoU 0.1):
+  duplicate       IoU >= 0.5 with a box of its class that a better detection already matched
+  classification  IoU >= 0.5 with a box of another class
+  localisation    0.1 <= IoU < 0.5 with a box of its class
+  background      anything else (including IoU 0.1..0.5 with another class only)
+A ground-truth box is missed when nothing matched it and no classification or localisation error points at it.
+"AP50 if fixed" re-runs pycocotools' COCOeval with that one kind fixed: classification and localisation errors get
+the class / the box of their ground truth (or are removed when that box is already matched), duplicates and
+background detections are removed, missed boxes are removed from the ground truth.
+"""
+import argparse
+import contextlib
+import io
+import json
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+from pycocotools import mask as mask_utils
+from pycocotools.cocoeval import COCOeval
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: import the repo
+from datasets.coco import check_coco_dict, coco_from_dict, read_json, split_files
+from datasets.coco_eval import load_results
+from datasets.image_io import load_image
+
+FG_IOU, BG_IOU = 0.5, 0.1
+KINDS = ("classification", "localisation", "duplicate", "background", "missed")
+COLORS = {"match": (255, 160, 0), "ground truth": (0, 200, 0), "missed": (0, 200, 0), "classification": (0, 0, 255),
+          "localisation": (0, 140, 255), "duplicate": (255, 0, 255), "background": (0, 0, 160)}  # BGR
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("results", help="COCO results json (test.py writes it beside the checkpoint)")
+    p.add_argument("--data_dir", default="data/coco")
+    p.add_argument("--split", default="val2017")
+    p.add_argument("--num_images", type=int, default=8, help="worst images to draw")
+    p.add_argument("--score_thresh", type=float, default=0.3, help="detections drawn and counted per image")
+    p.add_argument("--out", help="folder for the drawings (default: beside the results, <stem>_analysis; new)")
+    return p
+
+
+def ap50(gt: dict, results: list[dict]) -> tuple[float, COCOeval]:
+    """AP at IoU 0.5 (all areas, 100 detections), pycocotools' matching; -1 classes left out of the mean."""
+    coco = coco_from_dict(gt)
+    e = COCOeval(coco, load_results(coco, results), "bbox")
+    e.params.iouThrs = np.array([FG_IOU])
+    e.params.areaRng, e.params.areaRngLbl, e.params.maxDets = [[0, 1e10]], ["all"], [100]
+    with contextlib.redirect_stdout(io.StringIO()):
+        e.evaluate()
+        e.accumulate()
+    precision = e.eval["precision"][0, :, :, 0, 0]  # (R, K)
+    valid = precision[:, (precision > -1).all(axis=0)]
+    return (float(valid.mean()) if valid.size else 0.0), e
+
+
+def classify_errors(gt: dict, results: list[dict], e: COCOeval) -> tuple[dict, dict]:
+    """({result index: (kind, target ground-truth id or None)} for unmatched detections,
+    {ground-truth id: "matched" | "missed" | "target"})."""
+    gt_by_image: dict[int, list[dict]] = {}
+    for a in gt["annotations"]:
+        if not a["iscrowd"]:
+            gt_by_image.setdefault(a["image_id"], []).append(a)
+    matched = {g for ev in e.evalImgs if ev for g, m in zip(ev["gtIds"], ev["gtMatches"][0]) if m > 0}
+    errors = {}
+    for ev in (ev for ev in e.evalImgs if ev):
+        for j, dt_id in enumerate(ev["dtIds"]):
+            if ev["dtMatches"][0, j] > 0 or ev["dtIgnore"][0, j]:
+                continue
+            det = e.cocoDt.anns[dt_id]
+            gts = gt_by_image.get(det["image_id"], [])
+            ious = mask_utils.iou([det["bbox"]], [g["bbox"] for g in gts], [0] * len(gts))[0] if gts else np.zeros(0)
+            same = np.array([g["category_id"] == det["category_id"] for g in gts], bool)
+            best_same = int(np.argmax(np.where(same, ious, -1))) if same.any() else None
+            best_other = int(np.argmax(np.where(~same, ious, -1))) if (~same).any() else None
+            iou_same = ious[best_same] if best_same is not None else 0.0
+            iou_other = ious[best_other] if best_other is not None else 0.0
+            if iou_same >= FG_IOU:
+                kind = ("duplicate", gts[best_same]["id"])
+            elif iou_other >= FG_IOU:
+                kind = ("classification", gts[best_other]["id"])
+            elif iou_same >= BG_IOU:
+                kind = ("localisation", gts[best_same]["id"])
+            else:
+                kind = ("background", None)
+            errors[dt_id - 1] = kind  # load_results numbers the results from 1, in order
+    targets = {t for kind, t in errors.values() if kind in ("classification", "localisation")}
+    status = {a["id"]: "matched" if a["id"] in matched else "target" if a["id"] in targets else "missed"
+              for anns in gt_by_image.values() for a in anns}
+    return errors, status
+
+
+def fixed(kind: str, gt: dict, results: list[dict], errors: dict, status: dict) -> tuple[dict, list[dict]]:
+    """The ground truth and results with every error of `kind` fixed (see the module docstring)."""
+    if kind == "missed":
+        return {**gt, "annotations": [a for a in gt["annotations"] if status.get(a["id"]) != "missed"]}, results
+    box_of = {a["id"]: a for a in gt["annotations"]}
+    used = {g for g, s in status.items() if s == "matched"}
+    out = []
+    for i in sorted(range(len(results)), key=lambda i: -results[i]["score"]):
+        r = results[i]
+        if i not in errors or errors[i][0] != kind:
+            out.append(r)
+            continue
+        target = errors[i][1]
+        if kind in ("duplicate", "background") or target in used:
+            continue
+        used.add(target)
+        field = "category_id" if kind == "classification" else "bbox"
+        out.append({**r, field: box_of[target][field]})
+    return gt, out
+
+
+def breakdown(gt: dict, results: list[dict]) -> tuple[float, dict[str, tuple[int, float]], dict, dict]:
+    """(base AP50, {kind: (count, AP50 gained if fixed)}, errors, ground-truth status) as above."""
+    base, e = ap50(gt, results)
+    errors, status = classify_errors(gt, results, e)
+    table = {}
+    for kind in KINDS:
+        count = sum(s == "missed" for s in status.values()) if kind == "missed" else \
+            sum(k == kind for k, _ in errors.values())
+        table[kind] = (count, ap50(*fixed(kind, gt, results, errors, status))[0] - base if count else 0.0)
+    return base, table, errors, status
+
+
+def draw_worst(gt: dict, results: list[dict], errors: dict, status: dict, img_dir: Path, out: Path, count: int,
+               score_thresh: float) -> list[Path]:
+    """Draws the `count` images with the most errors (detections above `score_thresh` and missed boxes)."""
+    names = {c["id"]: c["name"] for c in gt["categories"]}
+    per_image: dict[int, list[tuple[list, str, str]]] = {im["id"]: [] for im in gt["images"]}
+    bad = dict.fromkeys(per_image, 0)
+    for a in gt["annotations"]:
+        if not a["iscrowd"]:
+            kind = "missed" if status.get(a["id"]) == "missed" else "ground truth"
+            per_image[a["image_id"]].append((a["bbox"], kind, f"{kind}: {names[a['category_id']]}"))
+            bad[a["image_id"]] += kind == "missed"
+    for i, r in enumerate(results):
+        if r["score"] >= score_thresh:
+            kind = errors[i][0] if i in errors else "match"
+            per_image[r["image_id"]].append((r["bbox"], kind, f"{names[r['category_id']]} {r['score']:.2f}"))
+            bad[r["image_id"]] += i in errors
+    files = {im["id"]: im["file_name"] for im in gt["images"]}
+    out.mkdir(parents=True)
+    written = []
+    for image_id in sorted(bad, key=lambda k: -bad[k])[:count]:
+        if not bad[image_id]:
+            break
+        canvas = load_image(img_dir / files[image_id])
+        for (x, y, w, h), kind, text in per_image[image_id]:
+            color = COLORS[kind]
+            cv2.rectangle(canvas, (int(x), int(y)), (int(x + w), int(y + h)), color, 2 if kind == "missed" else 1)
+            label = text if kind in ("match", "ground truth") else f"{kind}: {text}"
+            cv2.putText(canvas, label, (int(x) + 2, int(y) + 12), cv2.FONT_HERSHEY_SIMPLEX, 0.4, color, 1)
+        path = out / f"{bad[image_id]:03d}_errors_{Path(files[image_id]).stem}.jpg"
+        cv2.imwrite(str(path), canvas)
+        written.append(path)
+    return written
+
+
+def read_results(path: Path, gt: dict) -> list[dict]:
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"{path}: cannot read the results json ({e})") from None
+    images, cats = {im["id"] for im in gt["images"]}, {c["id"] for c in gt["categories"]}
+    for i, r in enumerate(results if isinstance(results, list) else [None]):
+        if not isinstance(r, dict) or not {"image_id", "category_id", "bbox", "score"} <= set(r):
+            raise SystemExit(f"{path}: entry {i} is not {{image_id, category_id, bbox, score}}")
+        if r["image_id"] not in images or r["category_id"] not in cats:
+            raise SystemExit(f"{path}: entry {i} has image_id {r['image_id']} / category_id {r['category_id']}, "
+                             "not in the split's annotations (another --split?)")
+    return results
+
+
+def main(args: argparse.Namespace) -> dict[str, tuple[int, float]]:
+    ann_file, img_dir = split_files(Path(args.data_dir), args.split)
+    gt = check_coco_dict(read_json(ann_file), ann_file)
+    results_path = Path(args.results)
+    results = read_results(results_path, gt)
+    out = Path(args.out) if args.out else results_path.with_name(results_path.stem + "_analysis")
+    if out.exists():
+        raise SystemExit(f"{out} exists; pass another --out")
+    base, table, errors, status = breakdown(gt, results)
+    print(f"{results_path}: {len(results)} detections, {len(status)} ground-truth boxes; AP50 {base:.4f}")
+    print(f"{'error':<15} {'count':>7}  AP50 if fixed")
+    for kind, (count, gain) in table.items():
+        print(f"{kind:<15} {count:>7}  {gain:+.4f}")
+    drawn = draw_worst(gt, results, errors, status, img_dir, out, args.num_images, args.score_thresh)
+    print(f"{len(drawn)} images with the most errors drawn in {out}")
+    return table
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
