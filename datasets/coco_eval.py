@@ -8,7 +8,7 @@ import contextlib
 import io
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 import numpy as np
@@ -34,10 +34,12 @@ def detections_to_coco(detections: dict[int, np.ndarray], cat_ids: list[int]) ->
 
 
 def write_json_atomic(path: str | Path, obj) -> None:
-    """Writes `obj` as json to `path` through a temporary file in the same folder, so a reader never sees half."""
+    """Writes `obj` as json to `path` through a temporary file in the same folder, so a reader never sees half.
+    The file gets the user's normal mode (0666 less the umask), not the 0600 of a mkstemp file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    tmp = path.with_name(f"{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f)

@@ -59,7 +59,7 @@ def test_evaluates_and_writes_json(ckpt_dir, capsys):
 
 
 def test_errors(ckpt_dir, tmp_path):
-    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+    with pytest.raises(SystemExit, match="checkpoint not found"):
         test_cli.main(cli_args(tmp_path))
     with pytest.raises(SystemExit, match="--arch small_hourglass does not match"):
         test_cli.main(cli_args(ckpt_dir, "--arch", "small_hourglass"))

@@ -39,3 +39,23 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not isinstance(state, dict) or "model" not in state:
         raise ValueError(f"{path} is not a centernet47 checkpoint: expected a dict with a 'model' entry")
     return state
+
+
+def load_inference_checkpoint(path: str | Path) -> dict:
+    """The checked load of test.py, demo.py and tools/export_onnx.py: a checkpoint with `model`, `args` (a dict
+    with `arch` and `img_size`) and `class_names`. A missing, corrupt or incomplete file ends the program with one
+    line naming it."""
+    try:
+        state = load_checkpoint(path, map_location="cpu")
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(str(e)) from None
+    except RuntimeError as e:
+        cause = str(e.__cause__ or e).split(". ")[0]
+        raise SystemExit(f"{path}: cannot read the checkpoint, the file is truncated or corrupt ({cause})") from None
+    saved = state.get("args")
+    if not isinstance(saved, dict) or "class_names" not in state:
+        raise SystemExit(f"{path}: expected 'args' (a dict) and 'class_names' entries in the checkpoint")
+    for name in ("arch", "img_size"):
+        if name not in saved:
+            raise SystemExit(f"{path}: checkpoint args lack '{name}'")
+    return state

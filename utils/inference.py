@@ -52,6 +52,18 @@ def build_eval_config(args) -> InferenceConfig:
     )
 
 
+def parse_scales(text: str) -> list[float]:
+    """--test_scales of test.py and demo.py: "0.5,1,1.5" -> [0.5, 1.0, 1.5]; anything else ends the program with
+    one line saying what was expected."""
+    try:
+        scales = [float(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise SystemExit(f"--test_scales: expected comma-separated numbers such as 0.5,1,1.5, got {text!r}")
+    if not scales or not all(0 < s < float("inf") for s in scales):
+        raise SystemExit(f"--test_scales: expected positive finite scales, got {text!r}")
+    return scales
+
+
 def nms_per_class(rows: np.ndarray, cfg: InferenceConfig) -> np.ndarray:
     """(N, 8) x1 y1 x2 y2 score tl_score br_score label -> (M, 6) x1 y1 x2 y2 score label after soft-NMS in each
     class, the best `max_per_image` by score."""
@@ -83,13 +95,25 @@ def detect(model, inputs: list, cfg: InferenceConfig, device: torch.device, amp:
     """One eval sample's `inputs` ([(images (1 or 2, 3, H, W), meta) per test scale], image 1 flipped) ->
     (M, 6) float32 x1 y1 x2 y2 score label in original-image pixels, best first. `model` maps an image batch to
     the eval-mode output dict of CONTRACT.md."""
-    rows = []
-    for images, meta in inputs:
+    return detect_batch(model, [inputs], cfg, device, amp)[0]
+
+
+@torch.no_grad()
+def detect_batch(model, samples: list[list], cfg: InferenceConfig, device: torch.device,
+                 amp: bool = False) -> list[np.ndarray]:
+    """`detect` for several samples at once (frames of a video, photos of one size): their inputs at each test
+    scale must have the same shape; one forward per scale on the batch of all their images. One (M, 6) array per
+    sample, the same as `detect` gives for it alone."""
+    rows = [[] for _ in samples]
+    for scale_inputs in zip(*samples):  # [(images, meta) of each sample] at one test scale
+        images = torch.cat([im for im, _ in scale_inputs])
         with autocast(device, amp):
             out = model(images.to(device, non_blocking=True))
         dets = decode(out, K=cfg.K, ae_threshold=cfg.ae_threshold, num_dets=cfg.num_dets, kernel=cfg.kernel)
-        rows += [to_original(dets[i], meta, flipped=i == 1) for i in range(len(dets))]
-    return nms_per_class(np.concatenate(rows), cfg)
+        per_sample = len(scale_inputs[0][0])  # 2 with the flipped copy
+        for j, (_, meta) in enumerate(scale_inputs):
+            rows[j] += [to_original(dets[j * per_sample + i], meta, flipped=i == 1) for i in range(per_sample)]
+    return [nms_per_class(np.concatenate(r), cfg) for r in rows]
 
 
 def first_item(batch: list):
