@@ -120,7 +120,8 @@ def as_records(dets: np.ndarray, class_names: list[str]) -> list[dict]:
 
 
 class JsonLog:
-    """The detections json of a run, saved atomically at most every JSON_EVERY_S seconds and by `close`."""
+    """The detections json of a run, saved atomically at most every JSON_EVERY_S seconds (`maybe_save`) and when
+    the `with` block ends."""
 
     def __init__(self, path: Path, content: dict):
         self.path, self.content, self.saved_at = path, {**content, "complete": False}, time.monotonic()

@@ -1,16 +1,18 @@
 """Inference speed per image: post-processing (decode + center check + soft-NMS) and the model forward.
 
     .venv/bin/python bench/bench_infer.py [--device cpu|cuda] [--threads N] [--forward_repeats 2]
-                                          [--archs tiny_hourglass small_hourglass] [--skip_forward]
+                                          [--archs tiny_hourglass small_hourglass] [--skip_forward] [--onnx]
 
 Post-processing runs on synthetic outputs shaped like a trained network's (80 classes, 128 x 128 maps, a dozen
 objects in a few classes with near-duplicate corner peaks, a noisy background), K = 70, num_dets 1000,
 soft-NMS with merging per class, for one input (single) and for an image and its flipped copy (flip). Decoding
-runs on --device, soft-NMS on the CPU. The forward is timed at 511 x 511, batch 1, in eval mode.
+runs on --device, soft-NMS on the CPU. The forward is timed at 511 x 511, batch 1, in eval mode; with --onnx also
+on onnxruntime (CPU provider, the same thread count), exported by tools/export_onnx.py to a temporary folder.
 """
 import argparse
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,6 +32,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--post_repeats", type=int, default=10)
     parser.add_argument("--forward_repeats", type=int, default=2)
     parser.add_argument("--skip_forward", action="store_true")
+    parser.add_argument("--onnx", action="store_true", help="also time the forward on onnxruntime (CPU)")
     return parser
 
 
@@ -83,6 +86,20 @@ def median_ms(fn, repeats: int, device: torch.device, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def onnx_forward_ms(model: torch.nn.Module, image: torch.Tensor, repeats: int) -> float:
+    """Median ms of onnxruntime's forward of `model` (CenterNet on the CPU) at the image's size, batch 1."""
+    from tools.export_onnx import OUTPUTS, export
+    from utils.onnx_backend import OnnxModel
+
+    side = image.shape[-1]
+    metadata = {"arch": "", "class_names": [], "img_size": side, "size_unit": model.size_unit, "dynamic": False,
+                "max_size": side, "outputs": OUTPUTS}
+    with tempfile.TemporaryDirectory() as tmp:
+        export(model, Path(tmp) / "model.onnx", side, metadata)
+        session = OnnxModel(Path(tmp) / "model.onnx", torch.device("cpu"), threads=torch.get_num_threads())
+        return median_ms(lambda: session(image), repeats, torch.device("cpu"))
+
+
 def main(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     if args.threads:
@@ -103,6 +120,9 @@ def main(args: argparse.Namespace) -> None:
         model = build_model(arch, 80).to(device).eval()
         ms = median_ms(lambda: model(image), args.forward_repeats, device)
         print(f"{'forward ' + arch + ' 511x511':<34}{ms:>12.1f}{'':>12}")
+        if args.onnx and device.type == "cpu":
+            ms = onnx_forward_ms(model, image, args.forward_repeats)
+            print(f"{'forward ' + arch + ' onnxruntime':<34}{ms:>12.1f}{'':>12}")
 
 
 if __name__ == "__main__":

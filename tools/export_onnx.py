@@ -22,6 +22,7 @@ import time
 import warnings
 from pathlib import Path
 
+import onnx
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: import the repo
@@ -62,10 +63,9 @@ class _OrderedOutputs(torch.nn.Module):
 
 def export(model: torch.nn.Module, path: Path, img_size: int, metadata: dict, opset: int = 17,
            dynamic: bool = False, max_size: int = 2047) -> None:
-    """Writes eval-mode `model` (CenterNet) to `path` (atomically) with `metadata` stored as json under
-    METADATA_KEY. Traced at img_size x img_size; pooling rounds cover max_size when dynamic, else img_size."""
-    import onnx
-
+    """Writes `model` (CenterNet, switched in place to eval mode and export pooling) to `path`, atomically, with
+    `metadata` stored as json under METADATA_KEY. Traced at img_size x img_size; the pooling rounds cover
+    max_size when dynamic, else img_size."""
     unit = model.size_unit
     for name, size in (("img_size", img_size),) + ((("max_size", max_size),) if dynamic else ()):
         if size < unit - 1 or (size + 1) % unit:
@@ -82,7 +82,8 @@ def export(model: torch.nn.Module, path: Path, img_size: int, metadata: dict, op
         with warnings.catch_warnings():
             # Shape checks and the per-size pooling rounds become constants; that is intended (see module doc).
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-            warnings.filterwarnings("ignore", category=DeprecationWarning, module="torch.onnx")
+            for message in (".*legacy TorchScript-based ONNX export", "The feature will be removed"):
+                warnings.filterwarnings("ignore", message=message, category=DeprecationWarning)
             warnings.filterwarnings("ignore", message=".*Constant folding - Only steps=1.*")
             with torch.no_grad():
                 torch.onnx.export(_OrderedOutputs(model), (torch.zeros(1, 3, img_size, img_size),), tmp,
