@@ -8,6 +8,7 @@ Runs on onnxruntime's CUDA provider for a CUDA device when the installed onnxrun
 otherwise on its CPU provider.
 """
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +30,12 @@ class OnnxModel:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         providers = ["CPUExecutionProvider"]
-        if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
+        if device.type == "cuda":
+            if "CUDAExecutionProvider" in ort.get_available_providers():
+                providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
+            else:
+                warnings.warn(f"onnxruntime {ort.__version__} has no CUDA provider (install onnxruntime-gpu); "
+                              f"{path} runs on the CPU", RuntimeWarning, stacklevel=2)
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types for unreadable files
