@@ -1,44 +1,75 @@
-"""Detects objects in your own images with a trained checkpoint: draws the boxes and writes all detections to json.
+"""Detects objects in your own images or videos with a trained checkpoint (or an exported .onnx file): draws the
+boxes and writes all detections to json.
 
     python demo.py --ckpt ckpt/NAME/checkpoint.pt --images photo.jpg --out demo_out
     python demo.py --ckpt ckpt/NAME/checkpoint.pt --images my_folder/ --out demo_out --test_flip --score_thresh 0.4
+    python demo.py --ckpt ckpt/NAME/checkpoint.pt --video in.mp4 --out out.mp4 --batch_size 8
+    python demo.py --onnx model.onnx --images my_folder/ --out demo_out
 
-jpg / png images of any size; a folder is read in name order, without its sub-folders. Files that cannot be read
-are reported and skipped. Each image is written to --out under its own name with its boxes, class names and
-scores drawn; `detections.json` lists every detection in original pixels. --out must be empty unless --force.
+Images: jpg / png of any size; a folder is read in name order, without its sub-folders, --batch_size images at a
+time (those of one input size share a forward). Files that cannot be read are reported and skipped. Each image is
+written to --out under its own name with its boxes, class names and scores drawn; `detections.json` lists every
+detection in original pixels. --out must be empty unless --force, and never holds an input image.
+
+Video (anything OpenCV reads): --out is the annotated video (.mp4 written with the mp4v codec, .avi with MJPG) and
+the json beside it (out.json) lists the detections of each frame. Neither replaces an existing file without
+--force. The json is rewritten (atomically) every few seconds with "complete": false, so an interrupted run keeps
+what it did; the video appears under its name only when complete.
 """
 import argparse
-import json
+import contextlib
+import os
 import sys
+import time
 from pathlib import Path
 
 import cv2
+import numpy as np
+import torch
 from tqdm import tqdm
 
-from utils.files import write_json
 from datasets.image_io import load_image
 from datasets.transforms import eval_input
-from nets import build_model
-from utils.checkpoint import load_checkpoint
+from nets import model_from_checkpoint
+from utils.checkpoint import load_inference_checkpoint
 from utils.device import select_device
-from utils.inference import detect, official_config
+from utils.errors import UserError, run_cli
+from utils.files import atomic_write, write_json
+from utils.inference import detect_batch, official_config, parse_scales
+from utils.onnx_backend import OnnxModel
 from utils.visualize import draw
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
+VIDEO_CODECS = {".mp4": "mp4v", ".avi": "MJPG"}
+JSON_EVERY_S = 5.0  # how often a long run saves the detections so far
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("centernet47 demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="checkpoint written by train.py (or the official converter)")
-    p.add_argument("--images", required=True, help="an image file or a folder of images")
-    p.add_argument("--out", required=True, help="output folder")
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--ckpt", help="checkpoint written by train.py (or the official converter)")
+    model.add_argument("--onnx", help="file written by tools/export_onnx.py, run on onnxruntime")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", help="an image file or a folder of images")
+    source.add_argument("--video", help="a video file")
+    p.add_argument("--out", required=True, help="output folder (--images) or video file (--video)")
+    p.add_argument("--batch_size", type=int, default=4, help="images or frames per forward")
     p.add_argument("--score_thresh", type=float, default=0.3, help="draw and save detections above this score")
     p.add_argument("--test_flip", action="store_true", help="also run the horizontally flipped image")
     p.add_argument("--test_scales", default="1", help="comma-separated scales, e.g. 0.75,1,1.25")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--force", action="store_true", help="write into a non-empty --out, replacing files there")
+    p.add_argument("--force", action="store_true", help="replace existing outputs (never an input file)")
     return p
+
+
+def load_detector(args: argparse.Namespace, device: torch.device):
+    """(model callable on an image batch, class names) from --ckpt or --onnx."""
+    if args.onnx:
+        model = OnnxModel(args.onnx, device)
+        return model, model.class_names
+    state = load_inference_checkpoint(args.ckpt)
+    return model_from_checkpoint(state, args.ckpt).to(device).eval(), state["class_names"]
 
 
 def list_images(source: Path) -> list[Path]:
@@ -49,40 +80,211 @@ def list_images(source: Path) -> list[Path]:
     raise SystemExit(f"--images {source}: no such file or folder")
 
 
-def main(args: argparse.Namespace) -> list[dict]:
-    scales = [float(s) for s in args.test_scales.split(",") if s.strip()]
+def same_file(a: Path, b: Path) -> bool:
+    return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+
+
+def write_image(path: Path, image: np.ndarray) -> None:
+    """Encodes and writes atomically, so a failure (full disk, no permission) stops the run with the reason and
+    the file name, and never leaves a half-written image."""
+    ok, data = cv2.imencode(path.suffix, image)
+    if not ok:
+        raise SystemExit(f"{path}: OpenCV cannot encode an image with suffix {path.suffix!r}")
+    atomic_write(path, lambda f: f.write(data.tobytes()))
+
+
+def as_records(dets: np.ndarray, class_names: list[str]) -> list[dict]:
+    return [{"box": [round(float(v), 2) for v in d[:4]], "score": round(float(d[4]), 4),
+             "class": class_names[int(d[5])]} for d in dets]
+
+
+class JsonLog:
+    """The detections json of a run, saved atomically at most every JSON_EVERY_S seconds (`maybe_save`) and when
+    the `with` block ends."""
+
+    def __init__(self, path: Path, content: dict):
+        self.path, self.content, self.saved_at = path, {**content, "complete": False}, time.monotonic()
+
+    def maybe_save(self) -> None:
+        if time.monotonic() - self.saved_at >= JSON_EVERY_S:
+            self.save()
+
+    def save(self) -> None:
+        write_json(self.path, self.content)
+        self.saved_at = time.monotonic()
+
+    def __enter__(self) -> "JsonLog":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        """Saves what was done: complete after a normal end, "complete": false after an error (whose message is
+        the one to report, so a second failure while saving is not raised over it)."""
+        if kind is None:
+            self.content["complete"] = True
+            self.save()
+            return
+        with contextlib.suppress(UserError):
+            self.save()
+
+
+def detect_frames(model, frames: list[np.ndarray], scales: list[float], flip: bool, cfg, device) -> list:
+    """Detections (M, 6) of each BGR frame; frames whose inputs have the same shapes share one forward."""
+    inputs = [[eval_input(f, s, flip) for s in scales] for f in frames]
+    groups: dict[tuple, list[int]] = {}
+    for i, sample in enumerate(inputs):
+        groups.setdefault(tuple(images.shape for images, _ in sample), []).append(i)
+    dets = [None] * len(frames)
+    for members in groups.values():
+        for i, d in zip(members, detect_batch(model, [inputs[i] for i in members], cfg, device)):
+            dets[i] = d
+    return dets
+
+
+def prepare_images(args) -> tuple[list[Path], Path]:
+    """The images to read and the output folder, checked before any work: no output may be an input image, and
+    --out must be empty unless --force."""
     images = list_images(Path(args.images))
     out = Path(args.out)
+    for path in images:
+        if same_file(out / path.name, path):
+            raise SystemExit(f"--out {out} would write over the input image {path}; choose another folder")
     if out.exists() and any(out.iterdir()) and not args.force:
         raise SystemExit(f"--out {out} is not empty; choose another folder or pass --force to replace its files")
-    state = load_checkpoint(args.ckpt)
-    class_names = state["class_names"]
-    device = select_device(args.device)
-    model = build_model(state["args"]["arch"], len(class_names))
-    model.load_state_dict(state["model"])
-    model.to(device).eval()
-    cfg = official_config(len(scales))
+    return images, out
 
+
+def run_images(images: list[Path], out: Path, args, detector, class_names) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    results, skipped = [], []
-    for path in tqdm(images, desc="detect", disable=len(images) < 2):
-        try:
-            image = load_image(path)
-        except (OSError, ValueError) as e:
-            print(f"skipped: {e}", file=sys.stderr)
-            skipped.append(str(path))
-            continue
-        inputs = [eval_input(image, s, args.test_flip) for s in scales]
-        dets = detect(model, inputs, cfg, device)
-        dets = dets[dets[:, 4] >= args.score_thresh]
-        cv2.imwrite(str(out / path.name), draw(image, dets, class_names))
-        results += [{"file": path.name, "box": [round(float(v), 2) for v in d[:4]], "score": round(float(d[4]), 4),
-                     "class": class_names[int(d[5])]} for d in dets]
-    write_json(out / "detections.json", {"detections": results, "skipped": skipped})
+    log = JsonLog(out / "detections.json", {"detections": [], "skipped": []})
+    results, skipped = log.content["detections"], log.content["skipped"]
+    bar = tqdm(total=len(images), desc="detect", disable=len(images) < 2, unit="img")
+    with log:
+        for start in range(0, len(images), args.batch_size):
+            chunk = images[start:start + args.batch_size]
+            paths, frames = [], []
+            for path in chunk:
+                try:
+                    frames.append(load_image(path))
+                    paths.append(path)
+                except (OSError, ValueError) as e:
+                    tqdm.write(f"skipped: {e}", file=sys.stderr)
+                    skipped.append(str(path))
+            for path, image, dets in zip(paths, frames, detector(frames)):
+                write_image(out / path.name, draw(image, dets, class_names))
+                results += [{"file": path.name, **r} for r in as_records(dets, class_names)]
+            bar.update(len(chunk))
+            log.maybe_save()
+    bar.close()
     print(f"{len(images) - len(skipped)} images, {len(results)} detections written to {out}"
           + (f"; {len(skipped)} unreadable files skipped" if skipped else ""))
-    return results
+    return log.content
+
+
+def prepare_video(args) -> tuple[cv2.VideoCapture, float, int, Path, Path]:
+    """(capture, frames per second, declared frame count or 0, output video, output json), checked before any
+    work: an unreadable video, an output that is the input, or existing outputs without --force end here."""
+    source, out = Path(args.video), Path(args.out)
+    if out.suffix.lower() not in VIDEO_CODECS:
+        raise SystemExit(f"--out {out}: expected a video file ending in {' or '.join(VIDEO_CODECS)}")
+    out_json = out.with_suffix(".json")
+    if same_file(out, source) or same_file(out_json, source):
+        raise SystemExit(f"--out {out} would write over the input video {source}; choose another name")
+    existing = [str(p) for p in (out, out_json) if p.exists()]
+    if existing and not args.force:
+        raise SystemExit(f"{' and '.join(existing)} exist; choose another --out or pass --force to replace them")
+    if not source.is_file():
+        raise SystemExit(f"--video {source}: no such file")
+    capture = cv2.VideoCapture(str(source))
+    if not capture.isOpened():
+        raise SystemExit(f"--video {source}: cannot open it (not a video format OpenCV reads, or corrupt)")
+    fps = capture.get(cv2.CAP_PROP_FPS)
+    count = max(int(capture.get(cv2.CAP_PROP_FRAME_COUNT)), 0)
+    return capture, fps if fps > 0 else 25.0, count, out, out_json
+
+
+def frame_batches(capture: cv2.VideoCapture, batch_size: int):
+    """Lists of up to batch_size BGR frames, in order, until the video ends."""
+    while True:
+        batch = []
+        while len(batch) < batch_size:
+            ok, frame = capture.read()
+            if not ok:
+                break
+            batch.append(frame)
+        if batch:
+            yield batch
+        if len(batch) < batch_size:
+            return
+
+
+def run_video(capture, fps: float, count: int, out: Path, out_json: Path, args, detector, class_names) -> dict:
+    source = Path(args.video)
+    tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp{out.suffix}")  # the suffix picks the container
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log = JsonLog(out_json, {"video": str(source), "fps": fps, "frames": []})
+    frames_json = log.content["frames"]
+    writer = None
+    bar = tqdm(total=count or None, desc="detect", unit="frame")
+    start = time.perf_counter()
+    try:
+        with log:
+            for batch in frame_batches(capture, args.batch_size):
+                if writer is None:
+                    writer = open_writer(tmp, out, fps, batch[0].shape[1], batch[0].shape[0])
+                for image, dets in zip(batch, detector(batch)):
+                    writer.write(draw(image, dets, class_names))
+                    index = len(frames_json)
+                    frames_json.append({"frame": index, "time": round(index / fps, 3),
+                                        "detections": as_records(dets, class_names)})
+                bar.update(len(batch))
+                log.maybe_save()
+            if writer is None:
+                raise SystemExit(f"--video {source}: no frame can be decoded (empty or corrupt video)")
+            writer.release()
+            if not tmp.is_file() or tmp.stat().st_size == 0:
+                raise SystemExit(f"cannot write the video {out}: OpenCV wrote nothing (is the disk full?)")
+            os.replace(tmp, out)
+            elapsed = time.perf_counter() - start
+            log.content["frames_per_second"] = round(len(frames_json) / elapsed, 2)
+    finally:
+        if writer is not None:
+            writer.release()
+        tmp.unlink(missing_ok=True)
+        bar.close()
+        capture.release()
+    if count and len(frames_json) < count:
+        print(f"warning: {source} declares {count} frames, {len(frames_json)} could be decoded", file=sys.stderr)
+    print(f"{len(frames_json)} frames in {elapsed:.1f} s ({len(frames_json) / elapsed:.2f} frames/s), "
+          f"{sum(len(f['detections']) for f in frames_json)} detections: {out}, {out_json}")
+    return log.content
+
+
+def open_writer(tmp: Path, out: Path, fps: float, width: int, height: int) -> cv2.VideoWriter:
+    codec = VIDEO_CODECS[out.suffix.lower()]
+    writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*codec), fps, (width, height))
+    if not writer.isOpened():
+        raise SystemExit(f"cannot write the video {out} (no {codec} writer in this OpenCV, or the folder is not "
+                         f"writable)")
+    return writer
+
+
+def main(args: argparse.Namespace) -> dict:
+    scales = parse_scales(args.test_scales)
+    if args.batch_size < 1:
+        raise SystemExit(f"--batch_size: expected a positive number, got {args.batch_size}")
+    source = prepare_video(args) if args.video else prepare_images(args)
+    device = select_device(args.device)
+    model, class_names = load_detector(args, device)
+    cfg = official_config(len(scales))
+
+    def detector(frames: list[np.ndarray]) -> list[np.ndarray]:
+        dets = detect_frames(model, frames, scales, args.test_flip, cfg, device)
+        return [d[d[:, 4] >= args.score_thresh] for d in dets]
+
+    if args.video:
+        return run_video(*source, args, detector, class_names)
+    return run_images(*source, args, detector, class_names)
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_cli(main, get_args_parser().parse_args())

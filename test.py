@@ -16,6 +16,11 @@ detections_test-dev2017_<run>-s100-flip_results.json for the COCO evaluation ser
 
 The checkpoint is CKPT_DIR/LOG_NAME/checkpoint.pt unless --ckpt names one. Architecture, classes and training
 input size come from it; --arch and --img_size, when given, must agree with it.
+
+    python test.py --onnx model.onnx --dataset coco --data_dir data/shapes --val_split val
+
+--onnx evaluates a file of tools/export_onnx.py (exported with --dynamic) on onnxruntime instead, with the same
+decoding and soft-NMS; its metadata holds the classes and arch. Results json beside the .onnx file.
 """
 import argparse
 from pathlib import Path
@@ -24,10 +29,11 @@ from datasets import build_dataset
 from datasets.coco_eval import BACKENDS, server_results_name
 from nets import model_from_checkpoint
 from utils import dist
-from utils.checkpoint import load_checkpoint
+from utils.checkpoint import load_inference_checkpoint
 from utils.device import select_device
 from utils.errors import run_cli
-from utils.inference import InferenceConfig, build_eval_config, evaluate
+from utils.inference import InferenceConfig, build_eval_config, evaluate, parse_scales
+from utils.onnx_backend import OnnxModel
 
 DEFAULTS = InferenceConfig()
 
@@ -38,6 +44,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--log_name", help="run folder under --ckpt_dir holding checkpoint.pt")
     p.add_argument("--ckpt_dir", default="ckpt", help="root of the run folders")
     p.add_argument("--ckpt", help="checkpoint file to evaluate (instead of CKPT_DIR/LOG_NAME/checkpoint.pt)")
+    p.add_argument("--onnx", help="evaluate this file of tools/export_onnx.py on onnxruntime instead")
     p.add_argument("--dataset", default="coco", choices=["coco"], help="COCO-format data (COCO or your own)")
     p.add_argument("--data_dir", default="data/coco")
     p.add_argument("--val_split", default="val2017")
@@ -65,16 +72,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_scales(text: str) -> list[float]:
-    try:
-        scales = [float(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise SystemExit(f"--test_scales: expected comma-separated numbers such as 0.5,1,1.5, got {text!r}")
-    if not scales or min(scales) <= 0:
-        raise SystemExit(f"--test_scales: expected positive scales, got {text!r}")
-    return scales
-
-
 def checkpoint_path(args: argparse.Namespace) -> Path:
     if args.ckpt:
         return Path(args.ckpt)
@@ -84,13 +81,10 @@ def checkpoint_path(args: argparse.Namespace) -> Path:
 
 
 def settings_from_checkpoint(args: argparse.Namespace, state: dict, path: Path) -> None:
-    """Takes arch, num_classes and img_size from the checkpoint into `args`; flags that disagree are an error."""
-    saved = state.get("args")
-    if not isinstance(saved, dict) or "class_names" not in state:
-        raise SystemExit(f"{path}: expected 'args' (a dict) and 'class_names' entries in the checkpoint")
+    """Takes arch, num_classes and img_size from the checkpoint (or the .onnx file's metadata) into `args`; flags
+    that disagree are an error."""
+    saved = state["args"]
     for name in ("arch", "img_size"):
-        if name not in saved:
-            raise SystemExit(f"{path}: checkpoint args lack '{name}'")
         given = getattr(args, name)
         if given is not None and given != saved[name]:
             raise SystemExit(f"--{name} {given} does not match the checkpoint {path}, trained with "
@@ -103,20 +97,33 @@ def main(args: argparse.Namespace) -> dict:
     args.test_scales = parse_scales(args.test_scales)
     dist.init_distributed(dist.launched(), args.local_rank, args.device)
     device = select_device(args.device, dist.local_rank())
-    path = checkpoint_path(args)
-    state = load_checkpoint(path, map_location="cpu")
+    if args.onnx:
+        if args.ckpt or args.log_name or args.amp:
+            raise SystemExit("--onnx evaluates the exported file alone: drop --ckpt, --log_name and --amp")
+        model = OnnxModel(args.onnx, device)
+        if not model.dynamic:
+            raise SystemExit(f"--onnx {model.path} takes {model.img_size} x {model.img_size} inputs only; the val "
+                             f"images need other sizes: export it with --dynamic")
+        path, state = model.path, {"args": {"arch": model.arch, "img_size": model.img_size},
+                                   "class_names": model.class_names}
+    else:
+        path = checkpoint_path(args)
+        state = load_inference_checkpoint(path)
+        model = None
     settings_from_checkpoint(args, state, path)
 
     dataset = build_dataset(args, args.val_split, train=False, test_scales=args.test_scales)
     if list(dataset.class_names) != list(state["class_names"]):
         raise SystemExit(f"{path} was trained on classes {state['class_names']}, but {args.data_dir} "
                          f"{args.val_split} has {dataset.class_names}")
-    model = model_from_checkpoint(state, path).to(device).eval()
+    if model is None:
+        model = model_from_checkpoint(state, path).to(device).eval()
 
     scales = "_".join(f"{s:g}" for s in args.test_scales)
-    out_json = path.parent / f"results_{args.val_split}_s{scales}{'_flip' if args.test_flip else ''}.json"
+    backend = "_onnx" if args.onnx else ""
+    out_json = path.parent / f"results_{args.val_split}{backend}_s{scales}{'_flip' if args.test_flip else ''}.json"
     if not dataset.has_annotations:  # scored by the COCO server, which reads the algorithm name from the file name
-        alg = f"{path.parent.name}-s{'-'.join(f'{round(s * 100)}' for s in args.test_scales)}"
+        alg = f"{path.parent.name}{backend.replace('_', '-')}-s" + "-".join(f"{round(s * 100)}" for s in args.test_scales)
         out_json = path.parent / server_results_name(args.val_split, alg + ("-flip" if args.test_flip else ""))
     if dist.is_main():
         print(f"evaluating {path} ({args.arch}, {args.num_classes} classes) on {len(dataset)} images of "

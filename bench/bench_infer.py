@@ -2,7 +2,7 @@
 whole test-time pipeline.
 
     .venv/bin/python bench/bench_infer.py [--device cpu|cuda] [--threads N] [--forward_repeats 2]
-                                          [--archs tiny_hourglass small_hourglass] [--skip_forward]
+                                          [--archs tiny_hourglass small_hourglass] [--skip_forward] [--onnx]
     python3 bench/bench_infer.py --device cuda --archs small_hourglass large_hourglass --forward_repeats 20
 
 Post-processing runs on synthetic outputs shaped like a trained network's (80 classes, 128 x 128 maps, a dozen
@@ -14,10 +14,13 @@ utils.inference.detect on one random 511 x 511 image (forward, decode, center ch
 and with its flipped copy, in fp32 with cudnn.benchmark off (test.py's setting: image sizes vary). The networks
 are untrained and their flat heatmaps would give no boxes, so each forward runs for its time but detect() gets the
 synthetic outputs above, and decoding and soft-NMS see a trained network's kind of peaks.
+With --onnx, on the CPU, the fp32 forward is also timed on onnxruntime (CPU provider, the same thread count),
+exported by tools/export_onnx.py to a temporary folder.
 """
 import argparse
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,6 +43,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--post_repeats", type=int, default=10)
     parser.add_argument("--forward_repeats", type=int, default=2)
     parser.add_argument("--skip_forward", action="store_true")
+    parser.add_argument("--onnx", action="store_true", help="also time the forward on onnxruntime (CPU)")
     return parser
 
 
@@ -94,6 +98,20 @@ def median_ms(fn, repeats: int, device: torch.device, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def onnx_forward_ms(model: torch.nn.Module, image: torch.Tensor, repeats: int) -> float:
+    """Median ms of onnxruntime's forward of `model` (CenterNet on the CPU) at the image's size, batch 1."""
+    from tools.export_onnx import OUTPUTS, export
+    from utils.onnx_backend import OnnxModel
+
+    side = image.shape[-1]
+    metadata = {"arch": "", "class_names": [], "img_size": side, "size_unit": model.size_unit, "dynamic": False,
+                "max_size": side, "outputs": OUTPUTS}
+    with tempfile.TemporaryDirectory() as tmp:
+        export(model, Path(tmp) / "model.onnx", side, metadata)
+        session = OnnxModel(Path(tmp) / "model.onnx", torch.device("cpu"), threads=torch.get_num_threads())
+        return median_ms(lambda: session(image), repeats, torch.device("cpu"))
+
+
 def main(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -123,6 +141,9 @@ def main(args: argparse.Namespace) -> None:
                 ms = median_ms(lambda: forward(model, image, device, amp), args.forward_repeats, device)
             label = f"forward {arch} 511 {'fp16' if amp else 'fp32'}"
             print(f"{label:<34}{ms:>12.1f}{'':>12}", flush=True)
+        if args.onnx and device.type == "cpu":
+            ms = onnx_forward_ms(model, image, args.forward_repeats)
+            print(f"{'forward ' + arch + ' 511 onnxruntime':<34}{ms:>12.1f}{'':>12}", flush=True)
         for flip in (False, True):
             with cudnn_benchmark(False):
                 kept = len(detect(timed, inputs[flip], cfg, device))

@@ -1,33 +1,95 @@
-"""demo.py end to end: an untrained tiny_hourglass on two raccoon photos and one corrupt file."""
+"""demo.py end to end: an untrained tiny_hourglass on raccoon photos, small images and a synthetic video."""
 import json
+import os
 import shutil
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pytest
 import torch
 
 import demo
+from datasets.transforms import eval_input
 from nets import build_model
+from tests.test_faults import FullDisk
+from utils import files
 from utils.checkpoint import save_checkpoint
+from utils.errors import CheckpointError, WriteError
+from utils.inference import InferenceConfig, detect
 
 RACCOON = Path(__file__).parent / "data" / "raccoon" / "val"
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("ckpt") / "checkpoint.pt"
+def tiny(peaked: bool) -> torch.nn.Module:
     torch.manual_seed(0)
     model = build_model("tiny_hourglass", 1)
+    if peaked:  # heatmap logits over +-15 instead of ~-2.19 everywhere: distinct scores, stable orders
+        with torch.no_grad():
+            for name in ("hm_tl", "hm_br", "hm_ct"):
+                getattr(model.branches[0], name)[-1].weight.mul_(1000)
+    return model.eval()
+
+
+def save(model: torch.nn.Module, path: Path) -> Path:
     save_checkpoint(path, {"model": model.state_dict(), "args": {"arch": "tiny_hourglass", "img_size": 127},
                            "class_names": ["raccoon"], "epoch": 1})
     return path
 
 
-def run(ckpt: Path, images: Path, out: Path, *extra: str):
-    args = demo.get_args_parser().parse_args(["--ckpt", str(ckpt), "--images", str(images), "--out", str(out),
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    return save(tiny(peaked=False), tmp_path_factory.mktemp("ckpt") / "checkpoint.pt")
+
+
+class Float64Net(torch.nn.Module):
+    """The network in float64: batching changes its outputs by ~1e-16 instead of float32's ~1e-6, far below the
+    gaps between the scores of distinct boxes, so batched and single runs must give the same boxes. (In float32
+    an untrained net's near-equal scores can swap places, and soft-NMS then keeps other boxes.)"""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model.double().eval()
+
+    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.model(image.double())
+
+
+@pytest.fixture
+def float64_demo(monkeypatch) -> Float64Net:
+    """demo.py's model replaced by the float64 copy of the peaked tiny net (--ckpt is then only checked)."""
+    net = Float64Net(tiny(peaked=True))
+    monkeypatch.setattr(demo, "load_detector", lambda args, device: (net, ["raccoon"]))
+    return net
+
+
+def run(ckpt: Path, images: Path, out: Path, *extra: str, source: str = "--images"):
+    args = demo.get_args_parser().parse_args(["--ckpt", str(ckpt), source, str(images), "--out", str(out),
                                               "--device", "cpu", "--score_thresh", "0", *extra])
     return demo.main(args)
+
+
+def small_photos(folder: Path, sizes=((90, 120), (90, 120), (100, 70))) -> list[Path]:
+    """Raccoon photos resized to (height, width), small so that a forward is quick."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, (src, (h, w)) in enumerate(zip(sorted(RACCOON.glob("*.jpg")), sizes)):
+        paths.append(folder / f"photo{i}.jpg")
+        cv2.imwrite(str(paths[-1]), cv2.resize(cv2.imread(str(src)), (w, h)))
+    return paths
+
+
+def same_detections(a: list[tuple], b: list[tuple], box_tol: float = 0.01, score_tol: float = 1e-4) -> bool:
+    """Lists of (key, box, score) equal up to the json's rounding (boxes to 0.01 pixel, scores to 1e-4): each entry
+    of `a` matches its own entry of `b`, in any order (equal scores may come in either order)."""
+    unused = list(b)
+    for key, box, score in a:
+        match = next((e for e in unused if e[0] == key and abs(e[2] - score) <= score_tol
+                      and np.allclose(e[1], box, atol=box_tol)), None)
+        if match is None:
+            return False
+        unused.remove(match)
+    return not unused
 
 
 def test_folder_with_a_corrupt_file(ckpt, tmp_path, capsys):
@@ -39,12 +101,17 @@ def test_folder_with_a_corrupt_file(ckpt, tmp_path, capsys):
     (folder / "broken.png").write_bytes(b"not an image")
     (folder / "notes.txt").write_text("ignored")
     out = tmp_path / "out"
-    results = run(ckpt, folder, out, "--test_flip")
+    old_umask = os.umask(0o027)
+    try:
+        written = run(ckpt, folder, out, "--test_flip")
+    finally:
+        os.umask(old_umask)
 
     assert "broken.png" in capsys.readouterr().err
-    written = json.loads((out / "detections.json").read_text())
-    assert written["skipped"] == [str(folder / "broken.png")]
-    assert written["detections"] == json.loads(json.dumps(results)) and len(results) > 0
+    results = written["detections"]
+    assert json.loads((out / "detections.json").read_text()) == {**json.loads(json.dumps(written)), "complete": True}
+    assert written["skipped"] == [str(folder / "broken.png")] and len(results) > 0
+    assert (out / "detections.json").stat().st_mode & 0o777 == 0o640  # the umask's mode, not mkstemp's 0600
     for p in photos:
         drawn = cv2.imread(str(out / p.name))
         h, w = cv2.imread(str(p)).shape[:2]
@@ -56,7 +123,7 @@ def test_folder_with_a_corrupt_file(ckpt, tmp_path, capsys):
 
 
 def test_never_overwrites_without_force(ckpt, tmp_path):
-    photo = sorted(RACCOON.glob("*.jpg"))[0]
+    photo = small_photos(tmp_path / "in")[0]
     out = tmp_path / "out"
     run(ckpt, photo, out)
     before = (out / "detections.json").read_bytes()
@@ -67,6 +134,107 @@ def test_never_overwrites_without_force(ckpt, tmp_path):
     assert json.loads((out / "detections.json").read_text())["detections"] == []
 
 
-def test_missing_input_is_a_clear_error(ckpt, tmp_path):
+def test_never_writes_over_an_input_image_even_with_force(ckpt, tmp_path):
+    folder = tmp_path / "photos"
+    photos = small_photos(folder)
+    before = [p.read_bytes() for p in photos]
+    for source in (folder, photos[1]):
+        with pytest.raises(SystemExit, match="would write over the input image"):
+            run(ckpt, source, folder, "--force")
+    (tmp_path / "link").symlink_to(folder)
+    with pytest.raises(SystemExit, match="would write over the input image"):
+        run(ckpt, folder, tmp_path / "link", "--force")  # the same folder by another name
+    assert [p.read_bytes() for p in photos] == before and sorted(folder.iterdir()) == photos
+
+
+def test_batches_give_the_detections_of_single_images(ckpt, float64_demo, tmp_path):
+    """Two photos of one size share a forward, the third (another size) gets its own: same detections as one
+    image at a time."""
+    folder = tmp_path / "photos"
+    small_photos(folder)
+    single = run(ckpt, folder, tmp_path / "one", "--batch_size", "1")["detections"]
+    batched = run(ckpt, folder, tmp_path / "three", "--batch_size", "3")["detections"]
+    assert len(batched) == len(single) > 10 and {d["file"] for d in single} == {f"photo{i}.jpg" for i in range(3)}
+    assert same_detections([(d["file"], d["box"], d["score"]) for d in batched],
+                           [(d["file"], d["box"], d["score"]) for d in single])
+
+
+def test_a_failed_write_stops_with_the_file_and_keeps_the_detections(ckpt, tmp_path, monkeypatch):
+    folder = tmp_path / "photos"
+    small_photos(folder)
+    out = tmp_path / "out"
+    real_fdopen = os.fdopen
+
+    def disk_full_for_photo1(fd: int, mode: str):
+        f = real_fdopen(fd, mode)
+        return FullDisk(f, room=0) if "photo1" in os.readlink(f"/proc/self/fd/{fd}") else f
+
+    monkeypatch.setattr(files.os, "fdopen", disk_full_for_photo1)
+    with pytest.raises(WriteError, match=r"cannot write .*photo1\.jpg: no space left on device"):
+        run(ckpt, folder, out, "--batch_size", "1")
+    saved = json.loads((out / "detections.json").read_text())
+    assert saved["complete"] is False and {d["file"] for d in saved["detections"]} == {"photo0.jpg"}
+    assert sorted(p.name for p in out.iterdir()) == ["detections.json", "photo0.jpg"]  # no half-written files
+
+
+def test_errors_name_the_problem(ckpt, tmp_path):
     with pytest.raises(SystemExit, match="no such file or folder"):
         run(ckpt, tmp_path / "nowhere", tmp_path / "out")
+    photo = small_photos(tmp_path / "in")[0]
+    with pytest.raises(SystemExit, match="--test_scales"):
+        run(ckpt, photo, tmp_path / "out", "--test_scales", "1,x")
+    with pytest.raises(SystemExit, match="--test_scales"):
+        run(ckpt, photo, tmp_path / "out", "--test_scales", "0,1")
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(ckpt.read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match=f"cannot read checkpoint {broken}: the file is truncated or corrupt"):
+        run(broken, photo, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def write_video(path: Path, frames: int = 7, size=(120, 90)) -> None:
+    """A camera panning over a raccoon photo, mp4v in .mp4 (OpenCV's headless build writes it)."""
+    w, h = size
+    photo = cv2.imread(str(sorted(RACCOON.glob("*.jpg"))[1]))
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 10, (w, h))
+    for i in range(frames):
+        writer.write(np.ascontiguousarray(photo[20 + 3 * i:20 + 3 * i + h, 40 + 6 * i:40 + 6 * i + w]))
+    writer.release()
+
+
+def read_frames(path: Path) -> list[np.ndarray]:
+    capture, frames = cv2.VideoCapture(str(path)), []
+    while (frame := capture.read()[1]) is not None:
+        frames.append(frame)
+    return frames
+
+
+def test_video(ckpt, float64_demo, tmp_path):
+    video, out = tmp_path / "in.mp4", tmp_path / "res" / "out.mp4"
+    write_video(video)
+    written = run(ckpt, video, out, "--batch_size", "3", "--score_thresh", "0.05", source="--video")
+
+    frames = read_frames(video)
+    annotated = read_frames(out)
+    assert len(frames) == len(annotated) == 7 and annotated[0].shape == frames[0].shape
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert saved["complete"] is True and saved["fps"] == 10 and saved["frames_per_second"] > 0
+    assert [f["frame"] for f in saved["frames"]] == list(range(7)) and saved["frames"] == written["frames"]
+    for frame, record in zip(frames, saved["frames"]):
+        dets = detect(float64_demo, [eval_input(frame, 1, False)], InferenceConfig(), torch.device("cpu"))
+        dets = dets[dets[:, 4] >= 0.05]
+        assert len(dets) > 0 and same_detections(  # batches of 3 frames there, one frame at a time here
+            [(0, d["box"], d["score"]) for d in record["detections"]], [(0, d[:4], float(d[4])) for d in dets])
+
+    before = out.read_bytes()
+    with pytest.raises(SystemExit, match="exist; choose another --out or pass --force"):
+        run(ckpt, video, out, source="--video")
+    assert out.read_bytes() == before
+    with pytest.raises(SystemExit, match="would write over the input video"):
+        run(ckpt, video, video, "--force", source="--video")
+    corrupt = tmp_path / "corrupt.mp4"
+    corrupt.write_bytes(video.read_bytes()[: len(video.read_bytes()) // 3])
+    with pytest.raises(SystemExit, match="corrupt.mp4: cannot open it"):
+        run(ckpt, corrupt, tmp_path / "c.mp4", source="--video")
+    assert sorted(p.name for p in out.parent.iterdir()) == ["out.json", "out.mp4"]  # no temporary files
+    assert not (tmp_path / "c.mp4").exists() and not (tmp_path / "c.json").exists()

@@ -1,7 +1,7 @@
 """How the command-line scripts end: one line for what the user can fix, the traceback for bugs."""
 import pytest
 
-from utils.errors import CheckpointError, DataError, MissingFileError, UserError, run_cli
+from utils.errors import CheckpointError, DataError, MissingFileError, UserError, WriteError, run_cli
 
 
 def raising(error: BaseException):
@@ -28,4 +28,4 @@ def test_ctrl_c_outside_training_ends_with_one_line_and_bugs_keep_their_tracebac
 def test_user_errors_are_still_the_builtin_kinds():
     """Code that catches ValueError / FileNotFoundError / RuntimeError keeps working."""
     assert issubclass(DataError, ValueError) and issubclass(MissingFileError, FileNotFoundError)
-    assert issubclass(CheckpointError, RuntimeError)
+    assert issubclass(CheckpointError, RuntimeError) and issubclass(WriteError, OSError)

@@ -18,7 +18,7 @@ import train
 from datasets.shapes import ShapesConfig, write_split
 from utils import files
 from utils.checkpoint import load_checkpoint, save_checkpoint
-from utils.errors import CheckpointError, DataError
+from utils.errors import CheckpointError, DataError, WriteError
 
 ROOT = Path(__file__).resolve().parents[1]
 # test.py by path: a plain `import test` could find the standard library's `test` package
@@ -148,7 +148,7 @@ def test_a_full_disk_is_said_plainly_and_the_old_checkpoint_stays(tmp_path, monk
     save_checkpoint(path, {"model": {"w": torch.ones(3)}})
     real_fdopen = os.fdopen
     monkeypatch.setattr(files.os, "fdopen", lambda fd, mode: FullDisk(real_fdopen(fd, mode), room=100))
-    with pytest.raises(CheckpointError) as e:
+    with pytest.raises(WriteError) as e:
         save_checkpoint(path, {"model": {"w": torch.zeros(100000)}})
     assert str(e.value) == f"cannot write {path}: no space left on device (the previous file is intact)"
     assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(3))

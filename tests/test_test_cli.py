@@ -11,6 +11,7 @@ import torch
 
 from nets import build_model
 from utils.checkpoint import save_checkpoint
+from utils.errors import MissingFileError
 
 REPO = Path(__file__).resolve().parents[1]
 # test.py by path: a plain `import test` could find the standard library's `test` package
@@ -59,7 +60,7 @@ def test_evaluates_and_writes_json(ckpt_dir, capsys):
 
 
 def test_errors(ckpt_dir, tmp_path):
-    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+    with pytest.raises(MissingFileError, match="checkpoint not found"):
         test_cli.main(cli_args(tmp_path))
     with pytest.raises(SystemExit, match="--arch small_hourglass does not match"):
         test_cli.main(cli_args(ckpt_dir, "--arch", "small_hourglass"))

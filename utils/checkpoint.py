@@ -18,7 +18,7 @@ from utils.files import atomic_write
 
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
-    """Writes `state` to `path` atomically; a failed write raises CheckpointError and keeps the old file."""
+    """Writes `state` to `path` atomically; a failed write raises WriteError and keeps the old file."""
     atomic_write(path, lambda f: torch.save(state, f))
 
 
@@ -30,9 +30,22 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         state = torch.load(path, map_location=map_location, weights_only=False)
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first_line = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"cannot read checkpoint {path}: the file is truncated or corrupt ({first_line})") \
             from e
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path} is not a centernet47 checkpoint: expected a dict with a 'model' entry")
+    return state
+
+
+def load_inference_checkpoint(path: str | Path) -> dict:
+    """The checked load of test.py, demo.py and tools/export_onnx.py: a checkpoint with `model`, `args` (a dict
+    with `arch` and `img_size`) and `class_names`. A missing, corrupt or incomplete file is a user error naming it."""
+    state = load_checkpoint(path, map_location="cpu")
+    saved = state.get("args")
+    if not isinstance(saved, dict) or "class_names" not in state:
+        raise CheckpointError(f"{path}: expected 'args' (a dict) and 'class_names' entries in the checkpoint")
+    for name in ("arch", "img_size"):
+        if name not in saved:
+            raise CheckpointError(f"{path}: checkpoint args lack '{name}'")
     return state

@@ -20,7 +20,11 @@ class MissingFileError(UserError, FileNotFoundError):
 
 
 class CheckpointError(UserError, RuntimeError):
-    """A checkpoint that cannot be read, or cannot be written (disk full, permission denied)."""
+    """A checkpoint that cannot be read."""
+
+
+class WriteError(UserError, OSError):
+    """A file that cannot be written (disk full, permission denied, file size limit)."""
 
 
 def run_cli(main: Callable, args) -> None:

@@ -2,7 +2,7 @@
 
 The data go to a temporary file `NAME.XXXXXXXX.tmp` in the same folder, are flushed to disk, get the mode of a
 normally created file (`mkstemp` makes them 0600) and are renamed over NAME. A failed write removes the temporary
-file, leaves NAME as it was and raises `CheckpointError` with the operating system's reason in plain words.
+file, leaves NAME as it was and raises `WriteError` with the operating system's reason in plain words.
 A process killed mid-write can leave a temporary file behind: `remove_stale_temporaries` clears them.
 """
 import errno
@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import IO, Callable
 
-from utils.errors import CheckpointError
+from utils.errors import WriteError
 
 
 def _os_error(error: BaseException) -> OSError | None:
@@ -40,7 +40,7 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     except OSError as e:
-        raise CheckpointError(f"cannot write {path}: {e.strerror or e}") from e
+        raise WriteError(f"cannot write {path}: {e.strerror or e}") from e
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -55,7 +55,7 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
             raise
         reason = "no space left on device" if cause.errno == errno.ENOSPC else (cause.strerror or str(cause))
         kept = "the previous file is intact" if path.exists() else "nothing was written"
-        raise CheckpointError(f"cannot write {path}: {reason} ({kept})") from e
+        raise WriteError(f"cannot write {path}: {reason} ({kept})") from e
     _sync_folder(path.parent)
 
 

@@ -58,6 +58,18 @@ def build_eval_config(args) -> InferenceConfig:
                            weight_exp=args.weight_exp, merge=merge, inplace_nms=args.inplace_nms)
 
 
+def parse_scales(text: str) -> list[float]:
+    """--test_scales of test.py and demo.py: "0.5,1,1.5" -> [0.5, 1.0, 1.5]; anything else ends the program with
+    one line saying what was expected."""
+    try:
+        scales = [float(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise SystemExit(f"--test_scales: expected comma-separated numbers such as 0.5,1,1.5, got {text!r}")
+    if not scales or not all(0 < s < float("inf") for s in scales):
+        raise SystemExit(f"--test_scales: expected positive finite scales, got {text!r}")
+    return scales
+
+
 def nms_per_class(rows: np.ndarray, cfg: InferenceConfig) -> np.ndarray:
     """(N, 8) x1 y1 x2 y2 score tl_score br_score label -> (M, 6) x1 y1 x2 y2 score label after soft-NMS in each
     class, best first: those scoring at least the `max_per_image`-th best score (ties may add a few, as in the
@@ -100,21 +112,36 @@ def detect(model, inputs: list, cfg: InferenceConfig, device: torch.device, amp:
     (M, 6) float32 x1 y1 x2 y2 score label in original-image pixels, best first. `model` maps an image batch to
     the eval-mode output dict of docs/FORMAT.md. The centers come from the scale-1 inputs (or, without scale 1,
     from the scale nearest to it)."""
-    center_scale = min((meta.scale for _, meta in inputs), key=lambda s: abs(s - 1))
-    boxes, centers = [], []
-    for images, meta in inputs:
+    return detect_batch(model, [inputs], cfg, device, amp)[0]
+
+
+@torch.no_grad()
+def detect_batch(model, samples: list[list], cfg: InferenceConfig, device: torch.device,
+                 amp: bool = False) -> list[np.ndarray]:
+    """`detect` for several samples at once (frames of a video, photos of one size): their inputs at each test
+    scale must have the same shape; one forward per scale on the batch of all their images. One (M, 6) array per
+    sample, as `detect` gives for it alone (up to the rounding of a batched convolution)."""
+    center_scale = min((meta.scale for _, meta in samples[0]), key=lambda s: abs(s - 1))
+    boxes, centers = [[] for _ in samples], [[] for _ in samples]
+    for scale_inputs in zip(*samples):  # [(images, meta) of each sample] at one test scale
+        images = torch.cat([im for im, _ in scale_inputs])
         with autocast(device, amp):
             out = model(images.to(device, non_blocking=True))
         dets, points = decode(out, topk=cfg.topk, ae_threshold=cfg.ae_threshold, num_dets=cfg.num_dets,
                               kernel=cfg.kernel)
-        for i in range(len(dets)):
-            b, c = to_original(dets[i], points[i], meta, flipped=i == 1)
-            boxes.append(b)
-            if meta.scale == center_scale:
-                centers.append(c)
-    rows = center_check(np.concatenate(boxes), np.concatenate(centers))
-    rows = rows[rows[:, 4] > -1]
-    return nms_per_class(rows[np.argsort(-rows[:, 4], kind="stable")], cfg)
+        per_sample = len(scale_inputs[0][0])  # 2 with the flipped copy
+        for j, (_, meta) in enumerate(scale_inputs):
+            for i in range(per_sample):
+                b, c = to_original(dets[j * per_sample + i], points[j * per_sample + i], meta, flipped=i == 1)
+                boxes[j].append(b)
+                if meta.scale == center_scale:
+                    centers[j].append(c)
+    results = []
+    for b, c in zip(boxes, centers):
+        rows = center_check(np.concatenate(b), np.concatenate(c))
+        rows = rows[rows[:, 4] > -1]
+        results.append(nms_per_class(rows[np.argsort(-rows[:, 4], kind="stable")], cfg))
+    return results
 
 
 def first_item(batch: list):

@@ -1,0 +1,178 @@
+"""ONNX export: the standard-operator corner pooling against lib.cpool, an exported tiny_hourglass on onnxruntime
+against PyTorch, and test.py --onnx against the PyTorch path."""
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from lib.cpool import bottom_pool, left_pool, right_pool, top_pool
+from nets import build_model
+from nets.export_pool import rounds_for, shifted_max_pool, use_export_pooling
+from tools import export_onnx
+from utils.checkpoint import save_checkpoint
+from utils.errors import CheckpointError
+from utils.onnx_backend import OnnxModel
+
+REPO = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("centernet47_test_cli_onnx", REPO / "test.py")
+test_cli = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(test_cli)
+
+RACCOON = Path(__file__).parent / "data" / "raccoon"
+CPOOL = {"top": top_pool, "bottom": bottom_pool, "left": left_pool, "right": right_pool}
+SIZES = [(1, 1), (1, 6), (7, 1), (2, 2), (5, 13), (16, 9), (33, 17)]
+# Operators of the ONNX standard (default domain) that the exported network may use: no custom ops, no plugins.
+STANDARD_OPS = {"Conv", "Relu", "Add", "Max", "Pad", "Slice", "Resize", "ReduceMax", "Constant", "ConstantOfShape",
+                "Concat", "Reshape", "Transpose", "Cast", "Identity", "Shape", "Gather", "Unsqueeze"}
+
+
+def inputs(shape, seed: int) -> list[torch.Tensor]:
+    """A random tensor and a tie-heavy one (values in {0, 1, 2}) of `shape`."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=gen), torch.randint(0, 3, shape, generator=gen).float()]
+
+
+@pytest.mark.parametrize("direction", list(CPOOL))
+def test_shifted_max_equals_cpool(direction):
+    for i, (h, w) in enumerate(SIZES):
+        for x in inputs((2, 3, h, w), i):
+            expected = CPOOL[direction](x)
+            assert torch.equal(shifted_max_pool(x, direction), expected)
+            assert torch.equal(shifted_max_pool(x, direction, rounds=7), expected)  # more rounds than needed
+    # ceil(log2 L) rounds are needed: with one fewer, the first of 33 increasing values misses the last one.
+    line = torch.arange(33.0).view(1, 1, 33, 1)
+    assert rounds_for(33) == 6 and rounds_for(32) == 5 and rounds_for(1) == 0
+    assert shifted_max_pool(line, "top", rounds=5)[0, 0, 0, 0] == 32 - 1
+    assert shifted_max_pool(line, "top", rounds=6)[0, 0, 0, 0] == 32
+
+
+class FourPools(torch.nn.Module):
+    def forward(self, x):
+        return tuple(shifted_max_pool(x, d, rounds=rounds_for(40)) for d in CPOOL)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore:Constant folding")
+def test_exported_pooling_is_exact_in_onnxruntime_at_any_size(tmp_path):
+    path = tmp_path / "pools.onnx"
+    torch.onnx.export(FourPools(), (torch.zeros(1, 3, 8, 8),), path, dynamo=False, opset_version=17,
+                      input_names=["x"], output_names=list(CPOOL),
+                      dynamic_axes={"x": {0: "n", 2: "h", 3: "w"}, **{d: {0: "n", 2: "h", 3: "w"} for d in CPOOL}})
+    assert {n.op_type for n in onnx.load(path).graph.node} <= STANDARD_OPS
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for i, (h, w) in enumerate(SIZES + [(40, 3)]):
+        for x in inputs((2, 3, h, w), 100 + i):
+            for direction, out in zip(CPOOL, session.run(None, {"x": x.numpy()})):
+                assert np.array_equal(out, CPOOL[direction](x).numpy()), (direction, h, w)
+
+
+def peaked_tiny(num_classes: int, seed: int = 0) -> torch.nn.Module:
+    """An untrained tiny_hourglass whose heatmap logits spread over about +-15 instead of clustering at the
+    -2.19 bias: distinct scores, so that top-k, soft-NMS and thresholds take the same decisions in both runtimes
+    (an untrained net's near-equal scores would let 1e-7 differences reorder them)."""
+    torch.manual_seed(seed)
+    model = build_model("tiny_hourglass", num_classes)
+    with torch.no_grad():
+        for name in ("hm_tl", "hm_br", "hm_ct"):
+            getattr(model.branches[0], name)[-1].weight.mul_(1000)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> tuple[Path, Path, torch.nn.Module]:
+    root = tmp_path_factory.mktemp("onnx")
+    model = peaked_tiny(1)
+    ckpt = root / "checkpoint.pt"
+    save_checkpoint(ckpt, {"model": model.state_dict(), "class_names": ["raccoon"],
+                           "args": {"arch": "tiny_hourglass", "num_classes": 1, "img_size": 127}})
+    out = root / "tiny.onnx"
+    export_onnx.main(export_onnx.get_args_parser().parse_args(
+        ["--ckpt", str(ckpt), "--out", str(out), "--dynamic", "--max_size", "511"]))
+    return ckpt, out, model
+
+
+def test_onnxruntime_outputs_equal_pytorch_at_two_sizes(exported):
+    ckpt, path, model = exported
+    proto = onnx.load(path)
+    assert {n.op_type for n in proto.graph.node} <= STANDARD_OPS and all(o.domain in ("", "ai.onnx")
+                                                                         for o in proto.opset_import)
+    onnx_model = OnnxModel(path, torch.device("cpu"))
+    assert (onnx_model.arch, onnx_model.class_names, onnx_model.img_size) == ("tiny_hourglass", ["raccoon"], 127)
+    gen = torch.Generator().manual_seed(3)
+    for shape in [(2, 3, 127, 127), (1, 3, 95, 223)]:
+        image = torch.randn(shape, generator=gen)
+        with torch.no_grad():
+            expected = model(image)
+        got = onnx_model(image)
+        assert list(got) == list(expected)
+        for k, ref in expected.items():
+            assert got[k].shape == ref.shape
+            # float32 sums of up to 9 * 128 products per conv, added in another order by another kernel, over
+            # ~50 layers: round-off of order sqrt(n) * 6e-8 per layer and output scale, ~1e-5 in all. 1e-4 of the
+            # output's scale leaves a wide margin (measured: below 3e-6 of it); pooling itself is exact.
+            tol = 1e-4 * ref.abs().max().item()
+            assert (got[k] - ref).abs().max().item() <= tol, k
+    with pytest.raises(ValueError, match="k \\* 32 - 1"):
+        onnx_model(torch.zeros(1, 3, 100, 127))
+    with pytest.raises(ValueError, match="up to 511"):
+        onnx_model(torch.zeros(1, 3, 543, 127))
+
+
+def test_static_export_and_refusals(exported, tmp_path):
+    ckpt, path, _ = exported
+    out = tmp_path / "static.onnx"
+    args = ["--ckpt", str(ckpt), "--out", str(out), "--img_size", "63"]
+    export_onnx.main(export_onnx.get_args_parser().parse_args(args))
+    static = OnnxModel(out, torch.device("cpu"))
+    assert static.session.get_inputs()[0].shape == ["batch", 3, 63, 63]
+    assert static(torch.zeros(3, 3, 63, 63))["hm_tl"].shape == (3, 1, 16, 16)
+    with pytest.raises(ValueError, match="export it with --dynamic"):
+        static(torch.zeros(1, 3, 127, 127))
+    before = out.read_bytes()
+    with pytest.raises(SystemExit, match="exists"):
+        export_onnx.main(export_onnx.get_args_parser().parse_args(args))
+    assert out.read_bytes() == before
+    with pytest.raises(SystemExit, match="k \\* 32 - 1"):
+        export_onnx.main(export_onnx.get_args_parser().parse_args(args[:-1] + ["64", "--force"]))
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(ckpt.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=f"cannot read checkpoint {broken}: the file is truncated or corrupt"):
+        export_onnx.main(export_onnx.get_args_parser().parse_args(["--ckpt", str(broken), "--out", str(out),
+                                                                         "--force"]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.pt", "static.onnx"]  # no temporary files left
+
+
+def test_export_pooling_keeps_the_pytorch_outputs():
+    """The swapped pooling changes nothing in PyTorch either: outputs identical to the lib.cpool network."""
+    model = peaked_tiny(2, seed=1)
+    image = torch.randn(1, 3, 63, 95)
+    with torch.no_grad():
+        expected = model(image)
+        got = use_export_pooling(model, rounds=rounds_for(24))(image)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_test_py_onnx_gives_the_pytorch_ap(exported, tmp_path):
+    """Same detections (hence the same AP) from both paths on the raccoon val images, at scale 0.5 with flip."""
+    ckpt, path, _ = exported
+    common = ["--dataset", "coco", "--data_dir", str(RACCOON), "--val_split", "val", "--device", "cpu",
+              "--num_workers", "0", "--test_flip", "--test_scales", "0.5"]
+    torch_stats = test_cli.main(test_cli.get_args_parser().parse_args(["--ckpt", str(ckpt), *common]))
+    onnx_stats = test_cli.main(test_cli.get_args_parser().parse_args(["--onnx", str(path), *common]))
+
+    torch_results = json.loads((ckpt.parent / "results_val_s0.5_flip.json").read_text())
+    onnx_results = json.loads((path.parent / "results_val_onnx_s0.5_flip.json").read_text())
+    assert len(onnx_results) == len(torch_results) > 20
+    unmatched = list(torch_results)
+    for a in onnx_results:  # in any order: equal scores may come in either order
+        b = next((b for b in unmatched if b["image_id"] == a["image_id"] and abs(a["score"] - b["score"]) <= 1e-5
+                  and np.allclose(a["bbox"], b["bbox"], atol=1e-2)), None)
+        assert b is not None, a
+        unmatched.remove(b)
+    assert abs(onnx_stats["AP"] - torch_stats["AP"]) <= 1e-6 and abs(onnx_stats["AP50"] - torch_stats["AP50"]) <= 1e-6
+    with pytest.raises(SystemExit, match="drop --ckpt"):
+        test_cli.main(test_cli.get_args_parser().parse_args(["--onnx", str(path), "--ckpt", str(ckpt), *common]))

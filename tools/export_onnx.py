@@ -1,0 +1,124 @@
+"""Exports a centernet47 checkpoint (ours or converted official weights) to ONNX: backbone and heads, the eval-mode
+outputs. Decoding and soft-NMS stay in Python (`test.py --onnx`, `demo.py --onnx`).
+
+    python tools/export_onnx.py --ckpt ckpt/NAME/checkpoint.pt --out model.onnx --dynamic
+    python tools/export_onnx.py --ckpt ckpt/official_104/checkpoint.pt --out hg104_511.onnx   # fixed 511 x 511
+
+The file has one input `image` (N, 3, H, W), normalised BGR as datasets/transforms.eval_input makes it, and the
+eight outputs of the eval dict in this order: hm_tl hm_br hm_ct emb_tl emb_br off_tl off_br off_ct, each
+(N, *, (H + 1) / 4, (W + 1) / 4). The batch size is always free; with --dynamic so are H and W (any k * unit - 1
+up to --max_size), otherwise the input is fixed to --img_size (default: the checkpoint's). Corner pooling is the
+exact log-step shifted maximum of nets/export_pool.py: standard operators only, no plugin. The file carries the
+checkpoint's arch, class names and input size as metadata (key `centernet47`), so test.py and demo.py need only it.
+
+Exporter: torch.onnx.export with dynamo=False (the TorchScript exporter). It needs nothing beyond onnx and gives
+one graph for every input size; torch 2.14 warns that it is deprecated. README ("ONNX export") says why not dynamo.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: import the repo
+from nets import model_from_checkpoint
+from nets.export_pool import rounds_for, use_export_pooling
+from utils.checkpoint import load_inference_checkpoint
+from utils.errors import run_cli
+
+OUTPUTS = ["hm_tl", "hm_br", "hm_ct", "emb_tl", "emb_br", "off_tl", "off_br", "off_ct"]
+METADATA_KEY = "centernet47"
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("centernet47 ONNX export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="checkpoint written by train.py or tools/convert_official.py")
+    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset version")
+    p.add_argument("--dynamic", action="store_true", help="free input height and width (up to --max_size)")
+    p.add_argument("--max_size", type=int, default=2047,
+                   help="with --dynamic: the largest input height or width the file must pool exactly")
+    p.add_argument("--img_size", type=int, help="without --dynamic: the fixed input side (default: the checkpoint's)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    return p
+
+
+class _OrderedOutputs(torch.nn.Module):
+    """The network with its eval dict as a tuple in OUTPUTS order (the exporter's output names follow it)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model.eval()
+        self.eval()
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.model(image)
+        return tuple(out[k] for k in OUTPUTS)
+
+
+def export(model: torch.nn.Module, path: Path, img_size: int, metadata: dict, opset: int = 17,
+           dynamic: bool = False, max_size: int = 2047) -> None:
+    """Writes `model` (CenterNet, switched in place to eval mode and export pooling) to `path`, atomically, with
+    `metadata` stored as json under METADATA_KEY. Traced at img_size x img_size; the pooling rounds cover
+    max_size when dynamic, else img_size."""
+    unit = model.size_unit
+    for name, size in (("img_size", img_size),) + ((("max_size", max_size),) if dynamic else ()):
+        if size < unit - 1 or (size + 1) % unit:
+            raise SystemExit(f"--{name} {size}: this network takes sides of the form k * {unit} - 1 "
+                             f"(e.g. {unit - 1}, {2 * unit - 1}, 511)")
+    longest = max_size if dynamic else img_size
+    use_export_pooling(model.eval(), rounds=rounds_for((longest + 1) // 4))
+    axes = {"image": {0: "batch", 2: "height", 3: "width"} if dynamic else {0: "batch"}}
+    axes.update({k: {0: "batch", 2: "map_height", 3: "map_width"} if dynamic else {0: "batch"} for k in OUTPUTS})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A plain file (not mkstemp's 0600) so that the result gets the user's normal mode.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with warnings.catch_warnings():
+            # Shape checks and the per-size pooling rounds become constants; that is intended (see module doc).
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            for message in (".*legacy TorchScript-based ONNX export", "The feature will be removed"):
+                warnings.filterwarnings("ignore", message=message, category=DeprecationWarning)
+            warnings.filterwarnings("ignore", message=".*Constant folding - Only steps=1.*")
+            with torch.no_grad():
+                torch.onnx.export(_OrderedOutputs(model), (torch.zeros(1, 3, img_size, img_size),), tmp,
+                                  dynamo=False, opset_version=opset, input_names=["image"], output_names=OUTPUTS,
+                                  dynamic_axes=axes)
+        proto = onnx.load(tmp)
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = METADATA_KEY, json.dumps(metadata)
+        onnx.checker.check_model(proto)
+        onnx.save(proto, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def main(args: argparse.Namespace) -> Path:
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise SystemExit(f"--out {out} exists; choose another name or pass --force to replace it")
+    state = load_inference_checkpoint(args.ckpt)
+    arch, class_names = state["args"]["arch"], list(state["class_names"])
+    img_size = args.img_size or state["args"]["img_size"]
+    model = model_from_checkpoint(state, args.ckpt)
+    metadata = {"arch": arch, "class_names": class_names, "img_size": img_size, "size_unit": model.size_unit,
+                "dynamic": args.dynamic, "max_size": args.max_size if args.dynamic else img_size,
+                "outputs": OUTPUTS, "checkpoint": str(args.ckpt)}
+    start = time.perf_counter()
+    export(model, out, img_size, metadata, args.opset, args.dynamic, args.max_size)
+    shape = f"N x 3 x H x W (H, W up to {args.max_size})" if args.dynamic else f"N x 3 x {img_size} x {img_size}"
+    print(f"{args.ckpt} -> {out} ({arch}, {len(class_names)} classes, input {shape}, opset {args.opset}, "
+          f"{out.stat().st_size / 2 ** 20:.1f} MiB, {time.perf_counter() - start:.0f} s)")
+    return out
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser().parse_args())
