@@ -3,8 +3,8 @@
 Coordinates are continuous input pixels. An input of in_w = 128k - 1 pixels gives an output map of
 w = (in_w + 1) / 4 cells, and, as in the official code (sample/coco.py), a coordinate maps to the map by the ratio
 w / in_w (128 / 511, not 1 / 4): a keypoint at input x lies in cell floor(x w / in_w) (clamped into the map) with
-sub-cell offset x w / in_w - cell; the test-time inverse is datasets/transforms.py `boxes_to_resized`. Each keypoint is an
-unnormalised gaussian bump, 1.0 exactly at its cell, drawn by maximum with what is already there.
+sub-cell offset x w / in_w - cell; the test-time inverse is datasets/transforms.py `boxes_to_resized`. Each
+keypoint is an unnormalised gaussian bump, 1.0 exactly at its cell, drawn by maximum with what is already there.
 
 The bump radius is CornerNet's `gaussian_radius` (official code, sample/utils.py of CornerNet and CenterNet) as it
 is written there, quirk included: each of its three quadratics is solved as (b + sqrt(b^2 - 4ac)) / 2, not with

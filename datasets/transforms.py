@@ -5,14 +5,14 @@ with x2 = x1 + w. Each geometric step is an axis-aligned affine map of these coo
 matrix, the pixels through slicing, `cv2.resize` (bilinear with pixel centers at i + 0.5, which realises exactly
 that map) and `cv2.flip`. A horizontal flip of an image of width W maps x -> W - x.
 
-Training (CornerNet's recipe): scale s from {0.6, ..., 1.3}; a square of side int(img_size * s) around a random center of the
-original image (at least `border` pixels inside it, the border halved for small images) is cut out, zero-padded
-where it leaves the image, and resized to img_size x img_size (CornerNet's `random_crop`: one slice, one resize);
-horizontal flip with p 0.5; boxes clipped to the canvas, those narrower or lower than `min_box_size` (1 pixel)
-dropped. Then brightness, contrast and saturation (each
-1 + U(-0.4, 0.4), in random order, blending with the grayscale of the unjittered canvas as CornerNet does), PCA
-lighting (std 0.1) and normalisation. All of these are affine in the B, G, R values, so they are composed into one
-3 x 4 colour matrix and applied in one pass.
+Training (CornerNet's recipe): scale s from {0.6, ..., 1.3}; a square of side int(img_size * s) around a random
+center of the original image (at least `border` pixels inside it, the border halved for small images) is cut
+out, zero-padded where it leaves the image, and resized to img_size x img_size (CornerNet's `random_crop`: one
+slice, one resize); horizontal flip with p 0.5; boxes clipped to the canvas, those narrower or lower than
+`min_box_size` (1 pixel) dropped. Then brightness, contrast and saturation (each 1 + U(-0.4, 0.4), in random
+order, blending with the grayscale of the unjittered canvas as CornerNet does), PCA lighting (std 0.1) and
+normalisation. All of these are affine in the B, G, R values, so they are composed into one 3 x 4 colour matrix
+and applied in one pass.
 
 Test: the image resized by each test scale keeps its aspect ratio, padded with zeros (centered) to the next size
 of the form 128k - 1 (`h | 127`); `boxes_to_original` maps boxes decoded on that input back to the image the way

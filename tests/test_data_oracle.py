@@ -1,8 +1,8 @@
 """Oracle checks on real photos (tests/data/raccoon): the targets decode back to the ground truth.
 
 Decoding here is the plain reading of the targets, independent of utils/decode.py: each object's keypoint is
-(cell of its index + offset) * in / out (input over map size, per axis), its heatmap is exactly 1 at that cell, and the three keypoints of one object
-share one slot of the index arrays.
+(cell of its index + offset) * in / out (input over map size, per axis), its heatmap is exactly 1 at that cell,
+and the three keypoints of one object share one slot of the index arrays.
 """
 import math
 from pathlib import Path
