@@ -123,7 +123,8 @@ def main(args: argparse.Namespace) -> dict:
     backend = "_onnx" if args.onnx else ""
     out_json = path.parent / f"results_{args.val_split}{backend}_s{scales}{'_flip' if args.test_flip else ''}.json"
     if not dataset.has_annotations:  # scored by the COCO server, which reads the algorithm name from the file name
-        alg = f"{path.parent.name}{backend.replace('_', '-')}-s" + "-".join(f"{round(s * 100)}" for s in args.test_scales)
+        alg = f"{path.parent.name}{backend.replace('_', '-')}-s" + "-".join(f"{round(s * 100)}"
+                                                                          for s in args.test_scales)
         out_json = path.parent / server_results_name(args.val_split, alg + ("-flip" if args.test_flip else ""))
     if dist.is_main():
         print(f"evaluating {path} ({args.arch}, {args.num_classes} classes) on {len(dataset)} images of "

@@ -1,13 +1,13 @@
 """Data loading speed of one worker: training and evaluation samples/s, single process, no DataLoader workers,
 one thread for OpenCV and torch (as in a DataLoader worker).
 
-    python bench/bench_data.py --data_dir ../shared/data/raccoon
-    python bench/bench_data.py --data_dir ../shared/data/raccoon --seed_repo /tmp/seed   # side by side
-    python bench/bench_data.py --data_dir ../shared/data/raccoon --profile               # where the time goes
+    python bench/bench_data.py --data_dir tests/data/raccoon
+    python bench/bench_data.py --data_dir tests/data/raccoon --seed_repo /tmp/seed   # side by side
+    python bench/bench_data.py --data_dir tests/data/raccoon --profile               # where the time goes
 
---seed_repo is a checkout of the seed reimplementation (github zzzxxxttt/pytorch_simple_CenterNet_47), kept outside
-this repository. Its loader reads DATA/coco/{train,val}2017 and annotations/instances_{train,val}2017.json: the
-bench links the two splits into that layout in a temporary folder and runs the seed's `COCO` (training) and
+--seed_repo is a checkout of the reimplementation whose command line we keep (github
+zzzxxxttt/pytorch_simple_CenterNet_47, "the seed" below), kept outside this repository. Its loader reads
+DATA/coco/{train,val}2017 and annotations/instances_{train,val}2017.json: the bench links the two splits into that layout in a temporary folder and runs the seed's `COCO` (training) and
 `COCO_eval` (test scale 1, no flip) in a subprocess, since its packages are named like ours. The seed hardcodes
 COCO's 80 classes; its `num_classes` is set to the data's class count so both build the same heatmaps. Each round
 times every image of the split once; the table shows the median round.
@@ -81,7 +81,7 @@ def run_seed(repo: Path, root: Path, img_size: int, num_classes: int) -> dict:
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("data loading bench")
-    p.add_argument("--data_dir", default="../shared/data/raccoon")
+    p.add_argument("--data_dir", default="tests/data/raccoon")
     p.add_argument("--train_split", default="train")
     p.add_argument("--val_split", default="val")
     p.add_argument("--img_size", type=int, default=511)

@@ -5,7 +5,7 @@ mode, beside the same network run the old way.
     python3 bench/bench_train.py --device cuda --archs small_hourglass large_hourglass --img_size 511 --batch_size 6
 
 Modes (default: all four on CUDA, fp32 on the CPU):
-- old: fp32, torch.cummax pooling, cudnn.benchmark off, the for-each Adam (how the seed trained);
+- old: fp32, torch.cummax pooling, cudnn.benchmark off, the for-each Adam (how pytorch_simple_CenterNet_47 trained);
 - fp32: our pooling kernels, cudnn.benchmark on, the fused Adam on CUDA (what train.py does without --amp);
 - fp16: as fp32 with fp16 autocast and a GradScaler (train.py --amp);
 - bf16: as fp32 with bf16 autocast, no scaler (train.py --amp --amp_dtype bf16).

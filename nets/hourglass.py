@@ -72,7 +72,7 @@ def head(in_dim: int, mid_dim: int, out_dim: int, bias: float | None = None) -> 
 
 class KeypointBranches(nn.Module):
     """Per stack: top-left, bottom-right and center pooling, each followed by its heads.
-    (N, cnv_dim, h, w) -> dict of CONTRACT.md: hm_* (N, C, h, w), emb_* (N, 1, h, w), off_* (N, 2, h, w)."""
+    (N, cnv_dim, h, w) -> dict of docs/FORMAT.md: hm_* (N, C, h, w), emb_* (N, 1, h, w), off_* (N, 2, h, w)."""
 
     def __init__(self, cnv_dim: int, head_dim: int, pool_dim: int, num_classes: int):
         super().__init__()

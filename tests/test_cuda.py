@@ -145,7 +145,7 @@ def test_large_tensor_launch_grid():
 
 
 def synthetic_outputs(batch: int, classes: int, size: int, seed: int) -> dict[str, torch.Tensor]:
-    """Eval-mode output dict (CONTRACT.md) with continuous random values, so that no two scores tie."""
+    """Eval-mode output dict (docs/FORMAT.md) with continuous random values, so that no two scores tie."""
     g = torch.Generator().manual_seed(seed)
     out = {f"hm_{k}": torch.randn(batch, classes, size, size, generator=g) * 3 for k in ("tl", "br", "ct")}
     out.update({f"off_{k}": torch.rand(batch, 2, size, size, generator=g) for k in ("tl", "br", "ct")})
