@@ -13,8 +13,8 @@ is also `torch.cummax`'s rule. A NaN becomes the running maximum and stays until
 The compiled extension `lib.cpool._ext` (C++ CPU kernel, CUDA kernel when built for a GPU; `make setup`) is used
 when present and it registered a kernel for the input's device; otherwise (not built, or built without its CUDA
 kernel and given a CUDA tensor) a pure-PyTorch `torch.cummax` fallback runs, with one warning saying how to
-rebuild. Both run in the input dtype (float32, float64, bfloat16, float16), also inside `torch.autocast`; gradients of the 16-bit types are summed
-in float32 by the extension.
+rebuild. Both run in the input dtype (float32, float64, bfloat16, float16), also inside `torch.autocast`;
+gradients of the 16-bit types are summed in float32 by the extension.
 
 Memory: the extension's backward uses the saved input and output (position k is an argmax exactly where
 x[k] == out[k]); the fallback saves an int64 index tensor instead. As with any saved tensor, modifying the pooled
