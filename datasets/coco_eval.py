@@ -15,8 +15,6 @@ import re
 from pathlib import Path
 
 import numpy as np
-from faster_coco_eval import COCO as FasterCOCO
-from faster_coco_eval import COCOeval_faster
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
@@ -78,6 +76,8 @@ def run_cocoeval(coco: COCO, results: COCO, cat_ids: list[int], backend: str = "
     if backend == "pycocotools":
         coco_eval = COCOeval(coco, results, "bbox")
     elif backend == "faster":
+        from faster_coco_eval import COCO as FasterCOCO, COCOeval_faster  # only when asked for
+
         coco_eval = COCOeval_faster(FasterCOCO(coco.dataset), FasterCOCO(results.dataset), "bbox",
                                     print_function=print)
     else:
@@ -133,6 +133,10 @@ def evaluate_detections(coco: COCO, detections: dict[int, np.ndarray], cat_ids: 
         gt_counts = [len(coco.getAnnIds(catIds=[c], iscrowd=False)) for c in cat_ids]
         csv = table_csv(per_class_table(coco_eval, class_names, cat_ids, gt_counts))
         atomic_write(out_json.with_name(out_json.stem + "_per_class.csv"), lambda f: f.write(csv))
-        png = pr_figure(coco_eval, class_names, out_json.stem)
-        atomic_write(out_json.with_name(out_json.stem + "_pr.png"), lambda f: f.write(png))
+        try:
+            png = pr_figure(coco_eval, class_names, out_json.stem)
+        except ModuleNotFoundError as e:  # matplotlib is in requirements.txt, but `make gpu-check PY=...` may lack it
+            print(f"no precision-recall plot: {e}")
+        else:
+            atomic_write(out_json.with_name(out_json.stem + "_pr.png"), lambda f: f.write(png))
     return stats

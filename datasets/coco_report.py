@@ -9,8 +9,6 @@ import csv
 import io
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 CSV_COLUMNS = ("class", "category_id", "ground_truth", "AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")
 MAX_LEGEND = 20  # classes named in the per-class plot's legend; more would hide the curves
@@ -47,6 +45,10 @@ def table_csv(rows: list[dict]) -> bytes:
 def pr_figure(coco_eval, class_names: list[str], title: str) -> bytes:
     """PNG: left, precision against recall over all classes at IoU 0.50, 0.75 and averaged over 0.50:0.95; right,
     each class averaged over the IoU thresholds, its AP in the legend."""
+    # Imported here: evaluation itself does not need matplotlib (a GPU machine's own Python may lack it).
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     precision = coco_eval.eval["precision"][:, :, :, 0, -1]  # (T, R, K)
     recall_points = np.linspace(0, 1, precision.shape[1])
     has_gt = (precision > -1).any(axis=(0, 1))
