@@ -1,5 +1,6 @@
 """tools/gpu_check.py on the CPU: its plan, the refusal without a GPU, step running with logs and time limits,
 the summaries it reads off each step's output, and the Makefile target's PY override."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -79,6 +80,9 @@ def test_missing_modules_and_wheels(tmp_path):
 
 
 def test_makefile_target_takes_the_python_override():
-    result = subprocess.run(["make", "-n", "gpu-check", "PY=python3", "GPU_CHECK_ARGS=--budget 300"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=30)
+    # Under `make test` the parent make's variables would turn this into a sub-make that prints its directory.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    result = subprocess.run(["make", "--no-print-directory", "-n", "gpu-check", "PY=python3",
+                             "GPU_CHECK_ARGS=--budget 300"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=30)
     assert result.returncode == 0 and result.stdout.strip() == "python3 tools/gpu_check.py --budget 300"
