@@ -13,26 +13,19 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from datasets.coco import coco_problems, read_json
-from datasets.image_io import load_image
+from datasets.coco import coco_problems, load_entry_image, read_json
 from utils.errors import UserError
 
 
-def image_problems(img_dir: Path, images: list, progress: bool = True) -> list[str]:
+def image_problems(img_dir: Path, images: list, ann_file: Path, progress: bool = True) -> list[str]:
     """One line per image entry whose file is missing, does not decode, or has another size than declared."""
     problems = []
     entries = [im for im in images if isinstance(im, dict) and "file_name" in im]
     for im in tqdm(entries, desc="images", unit="img", disable=not progress, dynamic_ncols=True):
-        path = img_dir / str(im["file_name"])
         try:
-            h, w = load_image(path).shape[:2]
+            load_entry_image(img_dir, im, ann_file)
         except UserError as e:
             problems.append(f"image id {im.get('id')!r}: {e}")
-            continue
-        declared = (im.get("width", w), im.get("height", h))
-        if declared != (w, h):
-            problems.append(f"image id {im.get('id')!r}: {path}: decoded size {w}x{h} differs from the declared "
-                            f"{declared[0]}x{declared[1]}")
     return problems
 
 
@@ -61,7 +54,7 @@ def check_split(data_dir: str | Path, split: str, progress: bool = True) -> list
     if not img_dir.is_dir():
         return problems + [f"{img_dir}: image directory of split {split!r} not found"]
     images = data.get("images") if isinstance(data.get("images"), list) else []
-    return problems + image_problems(img_dir, images, progress)
+    return problems + image_problems(img_dir, images, ann_file, progress)
 
 
 def main(argv: list[str] | None = None) -> int:

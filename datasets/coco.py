@@ -137,6 +137,18 @@ def check_coco_dict(data: dict, path: Path, require_annotations: bool = True) ->
     return data
 
 
+def load_entry_image(img_dir: Path, info: dict, ann_file: Path) -> np.ndarray:
+    """The image of an `images` entry of `ann_file`, (H, W, 3) uint8 BGR; DataError / MissingFileError naming the
+    file when it is missing, does not decode, or has another size than the entry's width and height."""
+    path = img_dir / str(info["file_name"])
+    image = load_image(path)
+    h, w = image.shape[:2]
+    if (info.get("width", w), info.get("height", h)) != (w, h):
+        raise DataError(f"{path}: decoded size {w}x{h} differs from width x height "
+                        f"{info.get('width', w)}x{info.get('height', h)} in {ann_file}")
+    return image
+
+
 def split_files(root: Path, split: str) -> tuple[Path, Path]:
     """(annotation json, image folder) of `split`: instances_{split}.json and {split}/, or for a split without
     annotations image_info_{split}.json, and COCO's test-dev images in test2017/ (test-dev is a subset of test)."""
@@ -217,13 +229,8 @@ class CocoDetection(Dataset):
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(image (H, W, 3) uint8 BGR, boxes (n, 4) float32 clipped to the image, labels (n,) int64)."""
-        info = self.images[index]
-        path = self.img_dir / info["file_name"]
-        image = load_image(path)
+        image = load_entry_image(self.img_dir, self.images[index], self.ann_file)
         h, w = image.shape[:2]
-        if (info.get("width", w), info.get("height", h)) != (w, h):
-            raise DataError(f"{path}: decoded size {w}x{h} differs from width x height "
-                             f"{info.get('width', w)}x{info.get('height', h)} in {self.ann_file}")
         boxes, keep = clip_boxes(self.boxes[index], w, h)
         return image, boxes[keep], self.labels[index][keep]
 
