@@ -93,10 +93,6 @@ def init_distributed(enabled: bool = True, local_rank: int | None = None, device
     return True
 
 
-def backend() -> str | None:
-    return dist.get_backend() if is_dist() else None
-
-
 def all_gather_object(obj) -> list:
     """Every process's `obj` (any picklable object), in rank order; `[obj]` when not distributed."""
     if not is_dist():
