@@ -39,8 +39,8 @@ def test_every_problem_is_listed_with_its_file_and_entry(tmp_path):
     assert len(problems) == 5, problems
     first, second = data["annotations"][0], data["annotations"][1]
     expected = [
-        f"annotations[0].bbox is [1, 2, 3]", f"(annotation id {first['id']})",
-        f"annotations[1].category_id 99 is not in 'categories'", f"(annotation id {second['id']})",
+        "annotations[0].bbox is [1, 2, 3]", f"(annotation id {first['id']})",
+        "annotations[1].category_id 99 is not in 'categories'", f"(annotation id {second['id']})",
         f"{tmp_path / 'train' / data['images'][0]['file_name']}: image file not found",
         f"{tmp_path / 'train' / data['images'][1]['file_name']}: ",
         f"decoded size {data['images'][2]['width']}x{data['images'][2]['height'] + 3} differs",

@@ -7,22 +7,12 @@ import pytest
 import torch
 
 import train
-from datasets.shapes import ShapesConfig, write_split
 from nets import build_model
 from nets.hourglass import HEATMAP_BIAS
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.pretrained import class_output_keys, load_pretrained, load_pretrained_checkpoint
 
 KEEP = ("ellipse", "cross")
-
-
-@pytest.fixture(scope="module")
-def shapes_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("shapes")
-    cfg = ShapesConfig(min_size=64, max_size=96, min_obj=16, max_obj=40, max_objects=3)
-    write_split(out, "train", 8, seed=1, cfg=cfg)
-    write_split(out, "val", 2, seed=1, cfg=cfg)
-    return out
 
 
 def two_class_subset(src: Path, dst: Path) -> Path:

@@ -27,15 +27,6 @@ from utils.errors import UserError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def shapes_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("shapes")
-    cfg = ShapesConfig(min_size=64, max_size=96, min_obj=16, max_obj=40, max_objects=3)
-    write_split(out, "train", 8, seed=1, cfg=cfg)
-    write_split(out, "val", 2, seed=1, cfg=cfg)
-    return out
-
-
 def args_for(shapes_dir: Path, ckpt_dir: Path, *extra: str):
     return train.get_args_parser().parse_args([
         "--log_name", "run", "--ckpt_dir", str(ckpt_dir), "--data_dir", str(shapes_dir), "--train_split", "train",
