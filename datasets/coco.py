@@ -249,5 +249,6 @@ class CocoDetection(Dataset):
     def __getitem__(self, index: int) -> dict:
         if not self.train:
             return self.eval_sample(index)
-        # Seeded from torch's generator, which DataLoader seeds differently in each worker and train.py per epoch.
+        # For direct use (a notebook, your own loader): drawn from torch's generator, which DataLoader seeds
+        # differently in each worker. train.py instead gives each sample its own seed (datasets/sampling.py).
         return self.train_sample(index, np.random.default_rng(int(torch.randint(0, 2 ** 62, ()))))
