@@ -1,6 +1,6 @@
 # One-command set-up, tests and demo. Every target is idempotent and quick when nothing changed.
 PY := .venv/bin/python
-EXT_SOURCES := setup.py $(wildcard lib/cpool/csrc/*) $(wildcard lib/nms/*.pyx)
+EXT_SOURCES := setup.py lib/cuda_toolkit.py $(wildcard lib/cpool/csrc/*) $(wildcard lib/nms/*.pyx)
 
 .PHONY: setup test demo clean gpu-check
 
@@ -34,8 +34,9 @@ demo: setup data/shapes/annotations/instances_val.json
 data/shapes/annotations/instances_val.json: | .venv/.installed
 	$(PY) -m datasets.shapes --out data/shapes
 
-# On a GPU machine: builds the CUDA kernel, runs the cuda tests, the benchmarks and a short --amp training run with
-# test.py --test_flip, and prints one summary table (tools/gpu_check.py). With a Python that already holds torch:
-# `make gpu-check PY=python3` (options of the script: GPU_CHECK_ARGS="--budget 300 --wheels DIR").
+# On a GPU machine: builds the CUDA kernel, runs the cuda tests (also under compute-sanitizer), the benchmarks and a
+# short --amp training run with test.py --test_flip, and prints one summary table (tools/gpu_check.py). With a
+# Python that already holds torch: `make gpu-check PY=python3` (options of the script: GPU_CHECK_ARGS="--budget 300
+# --wheels DIR"; GPU_CHECK_ARGS=--dry-run prints the plan anywhere).
 gpu-check:
 	$(PY) tools/gpu_check.py $(GPU_CHECK_ARGS)

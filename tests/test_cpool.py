@@ -232,7 +232,7 @@ def test_kernel_registration_check():
 @pytest.mark.parametrize("device_type, have_ext, registered, backend, reason", [
     ("cpu", True, True, "extension", None),
     ("cuda", True, True, "extension", None),
-    ("cuda", True, False, "cummax", "FORCE_CUDA=1 make setup"),  # a CPU-only build used on a GPU
+    ("cuda", True, False, "cummax", "FORCE_CUDA=1 CUDA_HOME=/usr/local/cuda make setup"),  # CPU-only build, GPU
     ("cuda", False, False, "cummax", "not built"),
     ("cpu", False, False, "cummax", "not built"),
     ("mps", True, False, "cummax", "no kernel for device type 'mps'"),

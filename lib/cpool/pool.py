@@ -16,7 +16,8 @@ except ImportError:
 TOP, BOTTOM, LEFT, RIGHT = 0, 1, 2, 3
 _DIM = {TOP: 2, BOTTOM: 2, LEFT: 3, RIGHT: 3}
 _REVERSE = {TOP: True, BOTTOM: False, LEFT: True, RIGHT: False}
-REBUILD_CUDA = "make clean && FORCE_CUDA=1 make setup"
+# CUDA_HOME: the CUDA toolkit whose version matches torch.version.cuda (setup.py finds one from nvcc when unset)
+REBUILD_CUDA = "make clean && FORCE_CUDA=1 CUDA_HOME=/usr/local/cuda make setup"
 _warned: set[str] = set()
 _forced_fallback = False
 
