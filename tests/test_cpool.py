@@ -124,6 +124,26 @@ def test_non_contiguous(impl, layout):
         assert_matches_reference(IMPLS[impl], x, grad, direction)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_channels_last_without_copy(dtype, direction):
+    # C = 5, H = 7, W = 9: the (N, 1, H, W * C) and (N * H, 1, W, C) views the kernel sees are unlike any NCHW
+    # shape, so a wrong view could not pass by symmetry; integer gradients sum exactly in every dtype
+    g = torch.Generator().manual_seed(4)
+    base = tie_heavy((2, 5, 7, 9), g, dtype)
+    grad = torch.randint(-4, 5, base.shape, generator=g).to(dtype)
+    ref_out, ref_grad = run(extension_pool, base, grad, DIRECTIONS[direction])
+    x = base.contiguous(memory_format=torch.channels_last).requires_grad_()
+    out = extension_pool(x, DIRECTIONS[direction])
+    assert out.grad_fn.saved_tensors[0].data_ptr() == x.data_ptr()  # the kernel read x itself, not a copy
+    for layout in (grad, grad.contiguous(memory_format=torch.channels_last)):  # any layout of the gradient
+        x.grad = None
+        out.backward(layout, retain_graph=True)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        assert x.grad.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(out.detach(), ref_out) and torch.equal(x.grad, ref_grad)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("direction", DIRECTIONS)
 def test_gradcheck(impl, direction):

@@ -79,22 +79,54 @@ def cummax_backward(grad: Tensor, idx: Tensor, direction: int) -> Tensor:
     return torch.zeros_like(grad).scatter_add_(_DIM[direction], idx, grad)
 
 
+def _is_channels_last(x: Tensor) -> bool:
+    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _as_nchw_lines(x: Tensor, direction: int, channels_last: bool) -> tuple[Tensor, int]:
+    """(a contiguous (N', C', H', W') tensor, its direction) whose pooling is x's pooling in `direction`, without
+    a copy where x is channels_last: its memory is a contiguous (N, H, W, C) tensor, in which a vertical scan runs
+    along H of the contiguous (N, 1, H, W * C) view, and a horizontal one along the W of (N * H, 1, W, C) (left:
+    from the far end, as top; right: as bottom). Any other layout is copied to NCHW."""
+    if not channels_last:
+        return x.contiguous(), direction
+    n, c, h, w = x.shape
+    nhwc = x.permute(0, 2, 3, 1)
+    if direction in (TOP, BOTTOM):
+        return nhwc.view(n, 1, h, w * c), direction
+    return nhwc.view(n * h, 1, w, c), TOP if direction == LEFT else BOTTOM
+
+
+def _from_nchw_lines(t: Tensor, shape: torch.Size, channels_last: bool) -> Tensor:
+    """The inverse of `_as_nchw_lines`: a result on its view back to (N, C, H, W), channels_last where x was."""
+    if not channels_last:
+        return t
+    n, c, h, w = shape
+    return t.view(n, h, w, c).permute(0, 3, 1, 2)
+
+
 class _ExtensionPool(torch.autograd.Function):
     """torch.ops.cpool kernels. The backward finds the argmax positions from the saved input and output
-    (x == out where the scan took a new maximum), so it needs no index tensor and no second scan."""
+    (x == out where the scan took a new maximum), so it needs no index tensor and no second scan. A channels_last
+    input is pooled in place of its layout, and its output and input gradient are channels_last too."""
 
     @staticmethod
     def forward(ctx, x: Tensor, direction: int) -> Tensor:
-        x = x.contiguous()
-        out = torch.ops.cpool.pool_forward(x, direction)
-        ctx.direction = direction
-        ctx.save_for_backward(x, out)
-        return out
+        channels_last = _is_channels_last(x)
+        lines, line_direction = _as_nchw_lines(x, direction, channels_last)
+        out = torch.ops.cpool.pool_forward(lines, line_direction)
+        ctx.direction, ctx.line_direction, ctx.channels_last = direction, line_direction, channels_last
+        ctx.save_for_backward(lines, out)
+        return _from_nchw_lines(out, x.shape, channels_last)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        x, out = ctx.saved_tensors
-        return torch.ops.cpool.pool_backward(x, out, grad.contiguous(), ctx.direction), None
+        lines, out = ctx.saved_tensors
+        if ctx.channels_last:
+            grad = grad.contiguous(memory_format=torch.channels_last)
+        grad_lines, _ = _as_nchw_lines(grad, ctx.direction, ctx.channels_last)
+        grad_in = torch.ops.cpool.pool_backward(lines, out, grad_lines, ctx.line_direction)
+        return _from_nchw_lines(grad_in, grad.shape, ctx.channels_last), None
 
 
 class _CummaxPool(torch.autograd.Function):
