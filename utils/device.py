@@ -14,9 +14,24 @@ def select_device(name: str = "auto", local_rank: int | None = None) -> torch.de
         raise SystemExit("--device cuda: no CUDA device is visible to this process")
     if name == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
-    index = local_rank or 0
-    torch.cuda.set_device(index)
+    index = bind_local_gpu(local_rank or 0)
     return torch.device("cuda", index)
+
+
+def local_gpu_index(local_rank: int, visible: int) -> int:
+    """The GPU of the process with `local_rank` among the `visible` GPUs it sees. torchrun's processes each see
+    every GPU of the node: GPU local_rank. Under SLURM with one GPU bound per task (--gpus-per-task=1, --gpu-bind)
+    each sees only its own, as GPU 0; with fewer GPUs than local ranks in general, local_rank % visible."""
+    if visible < 1:
+        raise SystemExit("no CUDA device is visible to this process")
+    return local_rank % visible
+
+
+def bind_local_gpu(local_rank: int) -> int:
+    """Makes this process's GPU (local_gpu_index) the current CUDA device, before any CUDA work; returns it."""
+    index = local_gpu_index(local_rank, torch.cuda.device_count())
+    torch.cuda.set_device(index)
+    return index
 
 
 def amp_dtype(device: torch.device, amp: bool | str) -> torch.dtype | None:

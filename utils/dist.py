@@ -10,6 +10,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from utils.device import bind_local_gpu
+
 
 def is_dist() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -88,7 +90,7 @@ def init_distributed(enabled: bool = True, local_rank: int | None = None, device
         os.environ["LOCAL_RANK"] = str(local_rank)
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if use_cuda:
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]) if "LOCAL_RANK" in os.environ else 0)
+        bind_local_gpu(int(os.environ.get("LOCAL_RANK", 0)))  # the `local_rank` argument is in it by now
     dist.init_process_group("nccl" if use_cuda else "gloo", init_method="env://")
     return True
 
