@@ -30,7 +30,7 @@ from datasets.sampling import EpochSampler, TrainSamples, epoch_order
 from nets import ARCHS, build_model, model_config
 from utils import dist
 from utils.checkpoint import load_checkpoint, save_checkpoint
-from utils.device import autocast, grad_scaler, select_device
+from utils.device import autocast, check_scaler_state, grad_scaler, resume_scaler, select_device
 from utils.errors import DataError, UserError, run_cli
 from utils.files import remove_stale_temporaries
 from utils.inference import InferenceConfig, evaluate
@@ -147,6 +147,7 @@ def check_resumable(state: dict, args: argparse.Namespace, class_names: list[str
     if last_epoch > args.num_epochs:
         raise SystemExit(f"--resume: {path} has already trained {state['epoch']} epochs; pass a --num_epochs "
                          f"above {state['epoch']} to train longer")
+    check_scaler_state(state.get("scaler"), path)  # any --amp setting may continue it: see resume_scaler
 
 
 def seed_everything(seed: int) -> None:
@@ -321,18 +322,20 @@ def train(args: argparse.Namespace, signals: StopSignals) -> tuple[float, bool]:
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=lr_steps, gamma=0.1)
     amp = args.amp and args.amp_dtype
     scaler = grad_scaler(device, amp)
-    start_epoch, best_ap, global_step, progress = 1, -1.0, 0, None
+    start_epoch, best_ap, global_step, progress, scaler_note = 1, -1.0, 0, None, None
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        scaler_note = resume_scaler(scaler, state["scaler"], run_dir / CHECKPOINT)
         start_epoch, best_ap, global_step = state["epoch"] + 1, state["best_ap"], state["global_step"]
         progress = EpochProgress.from_position(state["position"]) if state.get("position") else None
         del state
 
     logger = RunLogger(run_dir, enabled=dist.is_main())
     logger.info(plan_message)
+    if scaler_note:
+        logger.info(scaler_note)
     if dist.is_main():
         for stale in remove_stale_temporaries(run_dir, CHECKPOINT) + remove_stale_temporaries(run_dir, BEST):
             logger.info(f"removed {stale}, left by a save that was interrupted")

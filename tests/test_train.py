@@ -94,6 +94,24 @@ def test_resume_refuses_what_cannot_continue_the_run(shapes_dir, tmp_path):
         train.main(args_for(shapes_dir, tmp_path, "--num_epochs", "3", "--resume", "--arch", "small_hourglass"))
 
 
+def test_resume_across_amp_settings(shapes_dir, tmp_path):
+    # A CPU run has no loss scaler; a checkpoint of an fp16 run on CUDA has one. Resuming it without fp16 drops
+    # the scale with a log line (the other way round: tests/test_device.py); a scale no run can use is refused.
+    train.main(args_for(shapes_dir, tmp_path, "--num_epochs", "1", "--val_interval", "0"))
+    path = tmp_path / "run" / "checkpoint.pt"
+    state = load_checkpoint(path)
+    state["scaler"] = torch.amp.GradScaler("cpu", init_scale=1024.0).state_dict()
+    torch.save(state, path)
+    train.main(args_for(shapes_dir, tmp_path, "--num_epochs", "2", "--val_interval", "0", "--resume"))
+    assert "its fp16 loss scale (1024) is not used" in (tmp_path / "run" / "train.log").read_text()
+    state = load_checkpoint(path)
+    assert state["epoch"] == 2 and state["scaler"] == {}
+    state["scaler"]["scale"] = float("inf")
+    torch.save(state, path)
+    with pytest.raises(UserError, match="the fp16 loss scale in the checkpoint is inf"):
+        train.main(args_for(shapes_dir, tmp_path, "--num_epochs", "3", "--resume"))
+
+
 def test_checkpoint_is_saved_before_best_and_with_the_normal_file_mode(shapes_dir, tmp_path, monkeypatch):
     saved = []
     real_save = train.save_checkpoint

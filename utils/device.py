@@ -1,7 +1,10 @@
 """Device and precision choices, taken from arguments so that nothing assumes CUDA."""
 import contextlib
+import math
 
 import torch
+
+from utils.errors import CheckpointError
 
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -58,6 +61,32 @@ def grad_scaler(device: torch.device, amp: bool | str) -> torch.amp.GradScaler:
     """Loss scaling is needed only for float16 (its narrow exponent underflows small gradients); bfloat16 has
     float32's exponent range. A disabled scaler passes losses and steps through unchanged."""
     return torch.amp.GradScaler("cuda", enabled=amp_dtype(device, amp) == torch.float16)
+
+
+def check_scaler_state(saved, path) -> None:
+    """Refuses a checkpoint's `scaler` entry that no GradScaler could continue from: it must be a dict, empty
+    (saved by a run without fp16 loss scaling) or holding a finite, positive loss scale."""
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{path}: expected a 'scaler' entry (a dict) in the checkpoint")
+    scale = saved.get("scale", 1.0)
+    if saved and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise CheckpointError(f"{path}: the fp16 loss scale in the checkpoint is {scale!r}, not a positive number")
+
+
+def resume_scaler(scaler: torch.amp.GradScaler, saved: dict, path) -> str | None:
+    """Continues the checkpoint's fp16 loss scaling (`saved`, its scaler's state_dict) where this run scales fp16
+    losses too. Otherwise `scaler` stays as built and the line returned (for the log) says what changed: a run
+    saved without it (no --amp, --amp_dtype bf16, or the CPU) now in fp16 starts a fresh scaler, which finds
+    its scale in the first steps as at the start of any run; a run leaving fp16 drops the saved scale."""
+    if scaler.is_enabled() and saved:
+        scaler.load_state_dict(saved)
+        return None
+    if scaler.is_enabled():
+        return (f"{path} holds no fp16 loss-scaler state (its run did not autocast to fp16 on CUDA): starting a "
+                f"fresh GradScaler at scale {scaler.get_scale():g}")
+    if saved:
+        return f"{path}: its fp16 loss scale ({saved['scale']:g}) is not used, this run does not autocast to fp16"
+    return None
 
 
 @contextlib.contextmanager
