@@ -1,8 +1,10 @@
-"""tools/gpu_check.py on the CPU: its plan, the refusal without a GPU, step running with logs and time limits,
-the summaries it reads off each step's output, and the Makefile target's PY override."""
+"""tools/gpu_check.py on the CPU: its plan and budget, the refusal without a GPU, step running with logs, time
+limits and the ending of every process a step started, skips and the exit status, the summaries it reads off each
+step's output, and the Makefile target (--dry-run, PY override)."""
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,13 +15,34 @@ from tools import gpu_check
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_dry_run_lists_every_step():
-    result = subprocess.run([sys.executable, "tools/gpu_check.py", "--dry-run"], cwd=ROOT, capture_output=True,
+def clean_make_env() -> dict:
+    # Under `make test` the parent make's variables would turn this into a sub-make that prints its directory.
+    return {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+
+
+def test_dry_run_prints_the_plan_through_make():
+    result = subprocess.run(["make", "--no-print-directory", "gpu-check", f"PY={sys.executable}",
+                             "GPU_CHECK_ARGS=--dry-run"], cwd=ROOT, env=clean_make_env(), capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    for name in ("build CUDA kernel", "pytest -m cuda", "bench_cpool", "train --amp", "bench_train", "bench_infer"):
-        assert name in result.stdout
+    plan = gpu_check.steps(sys.executable, "/tmp/x", None)
+    assert f"budget 480 s; step limits add up to {sum(s.limit_s for s in plan)} s\n" in result.stdout
+    for step in plan:
+        assert f"{step.name} (limit {step.limit_s} s, log {step.log}" in result.stdout
     assert "FORCE_CUDA=1" in result.stdout and "--test_flip" in result.stdout
+    assert "PYTORCH_NO_CUDA_MEMORY_CACHING=1 " in result.stdout and "--tool memcheck" in result.stdout
+
+
+def test_default_budget_covers_every_step_within_eight_minutes():
+    for sanitizer in (None, "/usr/local/cuda/bin/compute-sanitizer"):
+        plan = gpu_check.steps("python3", "/tmp/x", sanitizer)
+        assert sum(s.limit_s for s in plan) <= gpu_check.DEFAULT_BUDGET <= 8 * 60
+        # every step gets its whole limit: the last one starts with at least that much (and MIN_START_S) left
+        assert gpu_check.DEFAULT_BUDGET - sum(s.limit_s for s in plan[:-1]) >= max(plan[-1].limit_s,
+                                                                                    gpu_check.MIN_START_S)
+    assert gpu_check.get_args_parser().parse_args([]).budget == gpu_check.DEFAULT_BUDGET
+    memcheck = {s.name: s for s in gpu_check.steps("python3", "/tmp/x", None)}["memcheck pooling tests"]
+    assert memcheck.unavailable == "no compute-sanitizer"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
@@ -45,8 +68,75 @@ def test_run_step_statuses_logs_and_time_limit(tmp_path):
 
     silent = gpu_check.Step("hang", "hang.log", [[sys.executable, "-c", "import time; time.sleep(30)"]], 10,
                             gpu_check.last_line("x"))
-    status, _ = gpu_check.run_step(silent, env, tmp_path, 1.5)  # killed by the watchdog, not after 30 s
+    status, _ = gpu_check.run_step(silent, env, tmp_path, 1.5)  # killed at its limit, not after 30 s
     assert status == "timeout (2 s)"
+
+    with_env = gpu_check.Step("env", "env.log", [[sys.executable, "-c", "import os; print('v', os.environ['V'])"]],
+                              10, gpu_check.last_line(r"^v .*$"), env={"V": "7"})
+    assert gpu_check.run_step(with_env, env, tmp_path, 10) == ("ok", "v 7")
+
+
+# A command that starts a grandchild holding the output pipe (as setup.py starts nvcc, or pytest torchrun's
+# workers), writes its pid, then sleeps (the timeout case) or exits (the straggler case).
+SPAWNER = """import subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(20)"])
+open(sys.argv[1], "w").write(str(child.pid))
+print("started", flush=True)
+time.sleep(float(sys.argv[2]))
+"""
+
+
+def gone(pid: int) -> bool:
+    """Whether `pid` has ended (a zombie waiting for its new parent to reap it counts as ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.parametrize("sleep_s, status", [(30, "timeout (2 s)"), (0, "ok")], ids=["timeout", "straggler"])
+def test_a_step_ends_its_whole_process_group(tmp_path, sleep_s, status):
+    pid_file = tmp_path / "grandchild.pid"
+    step = gpu_check.Step("spawn", "spawn.log", [[sys.executable, "-c", SPAWNER, str(pid_file), str(sleep_s)]], 10,
+                          gpu_check.last_line("started"))
+    t0 = time.monotonic()
+    assert gpu_check.run_step(step, {"PATH": "/usr/bin:/bin"}, tmp_path, 1.5) == (status, "started")
+    # before: only the direct child was killed, and reading its output waited 20 s for the grandchild
+    assert time.monotonic() - t0 < 10
+    pid = int(pid_file.read_text())
+    deadline = time.monotonic() + 5  # SIGKILL is delivered at once; its reaping may take a moment
+    while not gone(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert gone(pid)
+
+
+def test_build_step_fails_without_the_cuda_kernel(tmp_path):
+    # here the extension is built for the CPU only: the check of the build step must fail, not report ok
+    build = gpu_check.steps(sys.executable, "/tmp/x", None)[0]
+    check_only = gpu_check.Step(build.name, "build.log", build.commands[1:], 60, build.summarize)
+    assert gpu_check.run_step(check_only, dict(os.environ), tmp_path, 60) == ("FAILED (rc 1)",
+                                                                               "CUDA kernel registered: False")
+
+
+def quick(name: str, code: str, **kw) -> "gpu_check.Step":
+    return gpu_check.Step(name, f"{name}.log", [[sys.executable, "-c", code]], 10, gpu_check.last_line(".+"), **kw)
+
+
+def test_plan_skips_and_exit_status(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_check, "MIN_START_S", 1.0)
+    plan = [quick("first", "import time; time.sleep(0.6); print('one')"),
+            quick("memcheck", "print('x')", unavailable="no compute-sanitizer"),
+            quick("late", "print('two')")]
+    rows = gpu_check.run_plan(plan, 1.3, {"PATH": "/usr/bin:/bin"}, tmp_path)  # 0.7 s left for "late": under 1
+    assert [(r[0], r[1], r[3]) for r in rows] == [("first", "ok", "one"), ("memcheck", "skipped (no compute-sanitizer)",
+                                                                            ""), ("late", "skipped (budget)", "")]
+    assert gpu_check.exit_status(rows) == 0  # nothing failed
+    assert gpu_check.summary(rows, "GPU").splitlines()[-1] == ("1 passed, 0 failed, 2 skipped: memcheck (no "
+                                                               "compute-sanitizer), late (budget)")
+    rows = gpu_check.run_plan([quick("bad", "import sys; sys.exit(2)"), plan[1]], 100, {"PATH": "/usr/bin:/bin"},
+                              tmp_path)
+    assert rows[0][1] == "FAILED (rc 2)" and gpu_check.exit_status(rows) == 1
+    assert gpu_check.exit_status([("t", "timeout (9 s)", 9.0, "")]) == 1
 
 
 def test_summaries():
@@ -67,9 +157,10 @@ small_hourglass   fp16        50.0   2.50x      6144
     infer = "forward large_hourglass 511 fp16          12.5            \npipeline large_hourglass 511 flip   40.1    100\n"
     assert gpu_check.summarize_infer(infer) == "large fwd fp16 12.5, large pipe flip 40.1 ms"
     ap = " Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ] = 0.721\n"
-    assert gpu_check.steps("python3", "/tmp/x")[3].summarize(ap).endswith("= 0.721")
-    assert gpu_check.steps("python3", "/tmp/x")[1].summarize("..\n3 passed, 1 skipped in 2.0s\n") == \
-        "3 passed, 1 skipped in 2.0s"
+    plan = {s.name: s for s in gpu_check.steps("python3", "/tmp/x", None)}
+    assert plan["train --amp + test --test_flip"].summarize(ap).endswith("= 0.721")
+    assert plan["pytest -m cuda"].summarize("..\n3 passed, 1 skipped in 2.0s\n") == "3 passed, 1 skipped in 2.0s"
+    assert plan["memcheck pooling tests"].summarize("========= ERROR SUMMARY: 0 errors\n") == "ERROR SUMMARY: 0 errors"
     assert gpu_check.summarize_cpool("Traceback ...") == "see log"
 
 
@@ -80,9 +171,7 @@ def test_missing_modules_and_wheels(tmp_path):
 
 
 def test_makefile_target_takes_the_python_override():
-    # Under `make test` the parent make's variables would turn this into a sub-make that prints its directory.
-    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
     result = subprocess.run(["make", "--no-print-directory", "-n", "gpu-check", "PY=python3",
-                             "GPU_CHECK_ARGS=--budget 300"], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=30)
+                             "GPU_CHECK_ARGS=--budget 300"], cwd=ROOT, env=clean_make_env(), capture_output=True,
+                            text=True, timeout=30)
     assert result.returncode == 0 and result.stdout.strip() == "python3 tools/gpu_check.py --budget 300"

@@ -1,10 +1,14 @@
 """The GPU path proven in one command (`make gpu-check`, or `make gpu-check PY=python3` with a Python that holds
-torch): builds the CUDA corner-pooling kernel, runs the `cuda` tests, the pooling benchmark, a short training run
-with --amp on the built-in shapes data followed by test.py --test_flip, and the training and inference
-benchmarks, then prints one summary table. Sized to finish in about 6 minutes on one H100: each step has a time
-limit, and steps that would start after --budget seconds are skipped (the table says so).
+torch): builds the CUDA corner-pooling kernel, runs the `cuda` tests, the pooling kernel's cuda tests again under
+`compute-sanitizer --tool memcheck`, the pooling benchmark, a short training run with --amp on the built-in shapes
+data followed by test.py --test_flip, and the training and inference benchmarks, then prints one summary table.
 
-    python3 tools/gpu_check.py [--budget 330] [--wheels .whl] [--out DIR] [--dry-run]
+Sized for one H100 / H200: each step has a time limit, and the default --budget (480 s) covers all of them. A step
+that would start with less than 20 s of the budget left is skipped, as is the memcheck step where there is no
+compute-sanitizer (on PATH or in the CUDA toolkit's bin/). Exit status: 0 when no step failed or ran out of time;
+skipped steps are listed in the table and the last line, but are not failures. --dry-run prints the plan.
+
+    python3 tools/gpu_check.py [--budget 480] [--wheels .whl] [--out DIR] [--dry-run]
 
 pycocotools and tensorboardX, when not importable, are installed from the wheels in --wheels (no network needed)
 into build/gpu_check_site, which is put on PYTHONPATH for every step. Get the wheels on a machine with network:
@@ -16,20 +20,34 @@ import argparse
 import importlib.util
 import os
 import re
+import shlex
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script: import lib from the repo
+from lib.cuda_toolkit import find_cuda_home  # noqa: E402
+
 NEEDED = ["pycocotools", "tensorboardX"]
 SITE = ROOT / "build" / "gpu_check_site"
 RUN = "gpu_check_shapes"
 ENV = {"FORCE_CUDA": "1", "PYTHONUNBUFFERED": "1"}  # setup.py builds the CUDA kernel; logs stream live
 DATA = ["--dataset", "coco", "--data_dir", "data/shapes", "--val_split", "val"]
+DEFAULT_BUDGET = 480
+MIN_START_S = 20  # a step is not started with less of the budget left
+# The tests of the pooling kernel itself (every dtype, direction and tile remainder, edge sizes, strided and
+# channels_last layouts), not the training runs, which memcheck would slow far past the step's limit.
+MEMCHECK_TESTS = "(matches_cpu_kernel and random) or size_one or non_contiguous"
+# Without the caching allocator every tensor is its own allocation, so memcheck sees a read past its end.
+MEMCHECK_ENV = {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}
 
 
 @dataclass
@@ -38,10 +56,13 @@ class Step:
     log: str  # log file name under --out
     commands: list[list[str]]
     limit_s: int
-    summarize: object  # output text -> one-line result
+    summarize: Callable[[str], str]  # output text -> one-line result
+    env: dict[str, str] = field(default_factory=dict)  # added to the environment of this step
+    unavailable: str | None = None  # why this machine cannot run the step: it is skipped, not failed
 
     def describe(self) -> str:
-        return "\n".join("    " + " ".join(c) for c in self.commands)
+        env = "".join(f"{k}={v} " for k, v in self.env.items())
+        return "\n".join(f"    {env}{shlex.join(c)}" for c in self.commands)
 
 
 def last_line(pattern: str):
@@ -77,18 +98,41 @@ def summarize_infer(text: str) -> str:
     return ", ".join(f"{arch} {short[kind]} {mode} {ms}" for kind, arch, mode, ms in rows) + " ms" if rows else "see log"
 
 
-def steps(py: str, ckpt_dir: str) -> list[Step]:
-    arch_flags = ["--archs", "small_hourglass", "large_hourglass"]
+def find_sanitizer() -> str | None:
+    """compute-sanitizer on PATH, else in the CUDA toolkit's bin/; None where neither has it."""
+    found = shutil.which("compute-sanitizer")
+    if found:
+        return found
+    try:
+        home = find_cuda_home(dict(os.environ))
+    except RuntimeError:
+        return None
+    tool = home / "bin" / "compute-sanitizer" if home is not None else None
+    return str(tool) if tool is not None and tool.is_file() else None
+
+
+# Limits: the build took 122 CPU-seconds on a CPU machine (g++, nvcc for three targets, Cython; nvcc alone 56);
+# the others are estimates for one H100 / H200 with 16 cores, to be replaced by the first run's times (README,
+# GPU). The benchmarks time large_hourglass only, the published network: cuDNN's autotuning of each new
+# network and precision takes seconds.
+def steps(py: str, ckpt_dir: str, sanitizer: str | None) -> list[Step]:
+    arch_flags = ["--archs", "large_hourglass"]
+    registered = ("import sys; from lib.cpool import pool; found = pool.kernel_registered('cuda'); "
+                  "print('CUDA kernel registered:', found); sys.exit(0 if found else 1)")
+    cuda_tests = [py, "-m", "pytest", "-q", "-m", "cuda", "tests/test_cuda.py"]
     return [
         Step("build CUDA kernel", "build.log",
              [[py, "setup.py", "build_ext", "--inplace", "--force"],  # FORCE_CUDA=1; --force: replace a CPU build
-              [py, "-c", "from lib.cpool import pool; print('CUDA kernel registered:', "
-                         "pool.kernel_registered('cuda'))"]],
-             300, last_line(r"CUDA kernel registered: .*$")),
-        Step("pytest -m cuda", "cuda_tests.log", [[py, "-m", "pytest", "-q", "-m", "cuda", "tests/test_cuda.py"]],
-             180, last_line(r"^=*\s*\d+ (?:passed|failed).*$")),
+              [py, "-c", registered]],
+             150, last_line(r"CUDA kernel registered: .*$")),
+        Step("pytest -m cuda", "cuda_tests.log", [cuda_tests], 90, last_line(r"^=*\s*\d+ (?:passed|failed).*$")),
+        Step("memcheck pooling tests", "memcheck.log",
+             [[sanitizer or "compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "1", *cuda_tests, "-k",
+               MEMCHECK_TESTS]],
+             60, last_line(r"ERROR SUMMARY: .*$"), env=MEMCHECK_ENV,
+             unavailable=None if sanitizer else "no compute-sanitizer"),
         Step("bench_cpool (6,128,128,128) fp32", "bench_cpool.log",
-             [[py, "bench/bench_cpool.py", "--device", "cuda", "--shape", "6", "128", "128", "128"]], 60,
+             [[py, "bench/bench_cpool.py", "--device", "cuda", "--shape", "6", "128", "128", "128"]], 20,
              summarize_cpool),
         Step("train --amp + test --test_flip", "train_test.log",
              shapes_data(py) +
@@ -97,13 +141,13 @@ def steps(py: str, ckpt_dir: str) -> list[Step]:
                "--num_epochs", "36", "--val_interval", "0", "--num_workers", "6", "--device", "cuda", "--amp"],
               [py, "test.py", "--log_name", RUN, "--ckpt_dir", ckpt_dir, *DATA, "--test_flip", "--device", "cuda",
                "--num_workers", "6"]],
-             150, last_line(r"Average Precision\s+\(AP\) @\[ IoU=0.50:0.95 \| area=   all.*$")),
+             75, last_line(r"Average Precision\s+\(AP\) @\[ IoU=0.50:0.95 \| area=   all.*$")),
         Step("bench_train 511 batch 6", "bench_train.log",
              [[py, "bench/bench_train.py", "--device", "cuda", *arch_flags, "--img_size", "511", "--batch_size", "6",
-               "--steps", "5"]], 150, summarize_train_bench),
+               "--steps", "3"]], 45, summarize_train_bench),
         Step("bench_infer 511", "bench_infer.log",
              [[py, "bench/bench_infer.py", "--device", "cuda", *arch_flags, "--forward_repeats", "10",
-               "--post_repeats", "5"]], 90, summarize_infer),
+               "--post_repeats", "5"]], 30, summarize_infer),
     ]
 
 
@@ -128,41 +172,106 @@ def install_wheels(py: str, wheels: Path, missing: list[str]) -> None:
                     "--target", str(SITE), *map(str, files)], check=True)
 
 
+def end_group(pgid: int) -> None:
+    """Kills every process left in the process group `pgid`: nvcc and cc1plus under setup.py, torchrun's workers."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:  # nothing left
+        pass
+
+
+def run_command(command: list[str], env: dict, timeout_s: float, sink: Callable[[str], None]) -> int | None:
+    """Runs `command` in its own process group, each output line to `sink`; its exit status, or None when it ran
+    out of time. Either way nothing it started outlives it, and its output pipe is closed."""
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            bufsize=1, start_new_session=True)
+    reader = threading.Thread(target=lambda: [sink(line) for line in proc.stdout])
+    reader.start()
+    try:
+        status = proc.wait(timeout=max(timeout_s, 0))
+    except subprocess.TimeoutExpired:
+        status = None
+    end_group(proc.pid)  # the command itself on a timeout; whatever it left running in any case
+    proc.wait()
+    reader.join()
+    proc.stdout.close()
+    return status
+
+
 def run_step(step: Step, env: dict, out: Path, limit_s: float) -> tuple[str, str]:
     """Runs the step's commands in order, output to the console and to its log; (status, result)."""
-    text = ""
+    lines = []
     with open(out / step.log, "w") as log:
+        def sink(line: str) -> None:
+            sys.stdout.write(line)
+            log.write(line)
+            lines.append(line)
+
         deadline = time.monotonic() + limit_s
         for command in step.commands:
-            log.write(f"$ {' '.join(command)}\n")
-            proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    text=True, bufsize=1)
-            watchdog = threading.Timer(max(deadline - time.monotonic(), 0), proc.kill)
-            watchdog.start()
-            for line in proc.stdout:
-                sys.stdout.write(line)
-                log.write(line)
-                text += line
-            proc.wait()
-            watchdog.cancel()
-            if time.monotonic() >= deadline:
-                return f"timeout ({limit_s:.0f} s)", step.summarize(text)
-            if proc.returncode != 0:
-                return f"FAILED (rc {proc.returncode})", step.summarize(text)
-    return "ok", step.summarize(text)
+            log.write(f"$ {shlex.join(command)}\n")
+            status = run_command(command, {**env, **step.env}, deadline - time.monotonic(), sink)
+            if status is None:
+                return f"timeout ({limit_s:.0f} s)", step.summarize("".join(lines))
+            if status != 0:
+                return f"FAILED (rc {status})", step.summarize("".join(lines))
+    return "ok", step.summarize("".join(lines))
+
+
+def run_plan(plan: list[Step], budget: float, env: dict, out: Path) -> list[tuple[str, str, float, str]]:
+    """Runs the steps in order within `budget` seconds: (name, status, seconds, result) for each."""
+    start, rows = time.monotonic(), []
+    for step in plan:
+        left = budget - (time.monotonic() - start)
+        if step.unavailable:
+            rows.append((step.name, f"skipped ({step.unavailable})", 0.0, ""))
+            continue
+        if left < MIN_START_S:
+            rows.append((step.name, "skipped (budget)", 0.0, ""))
+            continue
+        t0 = time.monotonic()
+        print(f"\n=== {step.name} ===", flush=True)
+        status, result = run_step(step, env, out, min(step.limit_s, left))
+        rows.append((step.name, status, time.monotonic() - t0, result))
+    return rows
+
+
+def exit_status(rows: list[tuple[str, str, float, str]]) -> int:
+    """0 when no step failed or ran out of time; skipped steps are not failures."""
+    return 0 if all(status == "ok" or status.startswith("skipped") for _, status, _, _ in rows) else 1
+
+
+def summary(rows: list[tuple[str, str, float, str]], gpu: str) -> str:
+    width = max(len(r[0]) for r in rows)
+    lines = [f"gpu-check on {gpu}: {sum(r[2] for r in rows):.0f} s in all",
+             f"{'step':<{width}}  {'status':<16}{'s':>6}  result"]
+    lines += [f"{name:<{width}}  {status:<16}{secs:>6.0f}  {result}" for name, status, secs, result in rows]
+    skipped = [f"{name} ({status[len('skipped ('):-1]})" for name, status, _, _ in rows if status.startswith("skipped")]
+    failed = [name for name, status, _, _ in rows if not (status == "ok" or status.startswith("skipped"))]
+    lines.append(f"{len(rows) - len(skipped) - len(failed)} passed, {len(failed)} failed, {len(skipped)} skipped"
+                 + (f": {', '.join(skipped)}" if skipped else ""))
+    return "\n".join(lines)
+
+
+def print_plan(plan: list[Step], budget: float) -> None:
+    total = sum(s.limit_s for s in plan)
+    print(f"environment: {' '.join(f'{k}={v}' for k, v in ENV.items())}")
+    print(f"budget {budget:.0f} s; step limits add up to {total} s"
+          + ("" if total <= budget else f": steps that would start with under {MIN_START_S} s left are skipped"))
+    for step in plan:
+        note = f", skipped here: {step.unavailable}" if step.unavailable else ""
+        print(f"{step.name} (limit {step.limit_s} s, log {step.log}{note}):\n{step.describe()}")
 
 
 def main(args: argparse.Namespace) -> int:
     py = sys.executable
     with tempfile.TemporaryDirectory(prefix="gpu_check_ckpt_") as ckpt_dir:
-        return check(args, steps(py, ckpt_dir), py)
+        return check(args, steps(py, ckpt_dir, find_sanitizer()), py)
 
 
 def check(args: argparse.Namespace, plan: list[Step], py: str) -> int:
     if args.dry_run:
-        print(f"environment: {' '.join(f'{k}={v}' for k, v in ENV.items())}")
-        for step in plan:
-            print(f"{step.name} (limit {step.limit_s} s, log {step.log}):\n{step.describe()}")
+        print_plan(plan, args.budget)
         return 0
     import torch
 
@@ -176,32 +285,19 @@ def check(args: argparse.Namespace, plan: list[Step], py: str) -> int:
         install_wheels(py, Path(args.wheels), missing)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SITE), env.get("PYTHONPATH")]))
     gpu = f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, CUDA {torch.version.cuda}"
-    start, rows = time.monotonic(), []
-    for step in plan:
-        left = args.budget - (time.monotonic() - start)
-        if left < 20:
-            rows.append((step.name, "skipped (budget)", 0.0, ""))
-            continue
-        t0 = time.monotonic()
-        print(f"\n=== {step.name} ===", flush=True)
-        status, result = run_step(step, env, out, min(step.limit_s, left))
-        rows.append((step.name, status, time.monotonic() - t0, result))
-    width = max(len(r[0]) for r in rows)
-    lines = [f"gpu-check on {gpu}: {time.monotonic() - start:.0f} s in all",
-             f"{'step':<{width}}  {'status':<16}{'s':>6}  result"]
-    lines += [f"{name:<{width}}  {status:<16}{secs:>6.0f}  {result}" for name, status, secs, result in rows]
-    summary = "\n".join(lines)
-    print("\n" + summary)
-    (out / "summary.txt").write_text(summary + "\n")
-    return 0 if all(r[1] == "ok" for r in rows) else 1
+    rows = run_plan(plan, args.budget, env, out)
+    text = summary(rows, gpu)
+    print("\n" + text)
+    (out / "summary.txt").write_text(text + "\n")
+    return exit_status(rows)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--budget", type=float, default=330, help="seconds; later steps are skipped past it")
+    p.add_argument("--budget", type=float, default=DEFAULT_BUDGET, help="seconds; later steps are skipped past it")
     p.add_argument("--wheels", default=".whl", help="folder of the pycocotools and tensorboardX wheels")
     p.add_argument("--out", default=os.environ.get("OUT") or "runs/gpu_check", help="logs and summary.txt")
-    p.add_argument("--dry-run", action="store_true", help="print the steps and their commands, run nothing")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (steps, commands, limits, budget)")
     return p
 
 
