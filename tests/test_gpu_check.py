@@ -76,10 +76,11 @@ def test_run_step_statuses_logs_and_time_limit(tmp_path):
     assert gpu_check.run_step(with_env, env, tmp_path, 10) == ("ok", "v 7")
 
 
-# A command that starts a grandchild holding the output pipe (as setup.py starts nvcc, or pytest torchrun's
-# workers), writes its pid, then sleeps (the timeout case) or exits (the straggler case).
+# A command that starts a grandchild holding the output pipe (as setup.py starts nvcc; torchrun starts its workers
+# in sessions of their own, outside the step's process group), writes its pid, then sleeps (the timeout case) or
+# exits (the straggler case).
 SPAWNER = """import subprocess, sys, time
-child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(20)"])
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(20)"], start_new_session=sys.argv[3] == "1")
 open(sys.argv[1], "w").write(str(child.pid))
 print("started", flush=True)
 time.sleep(float(sys.argv[2]))
@@ -94,11 +95,12 @@ def gone(pid: int) -> bool:
         return True
 
 
+@pytest.mark.parametrize("own_session", [False, True], ids=["in-group", "own-session"])
 @pytest.mark.parametrize("sleep_s, status", [(30, "timeout (2 s)"), (0, "ok")], ids=["timeout", "straggler"])
-def test_a_step_ends_its_whole_process_group(tmp_path, sleep_s, status):
+def test_a_step_ends_every_process_it_started(tmp_path, sleep_s, status, own_session):
     pid_file = tmp_path / "grandchild.pid"
-    step = gpu_check.Step("spawn", "spawn.log", [[sys.executable, "-c", SPAWNER, str(pid_file), str(sleep_s)]], 10,
-                          gpu_check.last_line("started"))
+    step = gpu_check.Step("spawn", "spawn.log", [[sys.executable, "-c", SPAWNER, str(pid_file), str(sleep_s),
+                                                  str(int(own_session))]], 10, gpu_check.last_line("started"))
     t0 = time.monotonic()
     assert gpu_check.run_step(step, {"PATH": "/usr/bin:/bin"}, tmp_path, 1.5) == (status, "started")
     # before: only the direct child was killed, and reading its output waited 20 s for the grandchild

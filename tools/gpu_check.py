@@ -173,19 +173,50 @@ def install_wheels(py: str, wheels: Path, missing: list[str]) -> None:
 
 
 def end_group(pgid: int) -> None:
-    """Kills every process left in the process group `pgid`: nvcc and cc1plus under setup.py, torchrun's workers."""
+    """Kills every process left in the process group `pgid`: nvcc and cc1plus under setup.py, a torchrun agent."""
     try:
         os.killpg(pgid, signal.SIGKILL)
     except ProcessLookupError:  # nothing left
         pass
 
 
+def end_process(pid: int) -> None:
+    """Kills `pid`, with its process group where it leads one."""
+    try:
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, signal.SIGKILL)
+        else:
+            os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:  # ended meanwhile
+        pass
+
+
+def pipe_holders(inode: int) -> list[int]:
+    """The processes other than this one that hold the pipe `inode` open (Linux /proc): what a step left running
+    outside its process group, such as torchrun's workers, which it starts in sessions of their own."""
+    target, holders = f"pipe:[{inode}]", []
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        pid = int(fd_dir.parent.name)
+        try:
+            if pid != os.getpid() and any(os.readlink(fd) == target for fd in fd_dir.iterdir()):
+                holders.append(pid)
+        except OSError:  # ended meanwhile, or not ours to look at
+            continue
+    return holders
+
+
 def run_command(command: list[str], env: dict, timeout_s: float, sink: Callable[[str], None]) -> int | None:
     """Runs `command` in its own process group, each output line to `sink`; its exit status, or None when it ran
-    out of time. Either way nothing it started outlives it, and its output pipe is closed."""
+    out of time. Either way nothing it started and that still holds its output outlives it."""
     proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             bufsize=1, start_new_session=True)
-    reader = threading.Thread(target=lambda: [sink(line) for line in proc.stdout])
+    inode = os.fstat(proc.stdout.fileno()).st_ino
+
+    def copy_lines() -> None:
+        for line in proc.stdout:
+            sink(line)
+
+    reader = threading.Thread(target=copy_lines, daemon=True)
     reader.start()
     try:
         status = proc.wait(timeout=max(timeout_s, 0))
@@ -193,8 +224,13 @@ def run_command(command: list[str], env: dict, timeout_s: float, sink: Callable[
         status = None
     end_group(proc.pid)  # the command itself on a timeout; whatever it left running in any case
     proc.wait()
-    reader.join()
-    proc.stdout.close()
+    deadline = time.monotonic() + 10
+    while reader.is_alive() and time.monotonic() < deadline:  # the output ends when its last writer is gone
+        for pid in pipe_holders(inode):
+            end_process(pid)
+        reader.join(0.1)
+    if not reader.is_alive():
+        proc.stdout.close()
     return status
 
 
