@@ -108,7 +108,7 @@ def _from_nchw_lines(t: Tensor, shape: torch.Size, channels_last: bool) -> Tenso
 class _ExtensionPool(torch.autograd.Function):
     """torch.ops.cpool kernels. The backward finds the argmax positions from the saved input and output
     (x == out where the scan took a new maximum), so it needs no index tensor and no second scan. A channels_last
-    input is pooled in place of its layout, and its output and input gradient are channels_last too."""
+    input is pooled in its own layout, without a copy, and its output and input gradient are channels_last too."""
 
     @staticmethod
     def forward(ctx, x: Tensor, direction: int) -> Tensor:
