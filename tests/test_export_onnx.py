@@ -164,8 +164,8 @@ def test_test_py_onnx_gives_the_pytorch_ap(exported, tmp_path):
     torch_stats = test_cli.main(test_cli.get_args_parser().parse_args(["--ckpt", str(ckpt), *common]))
     onnx_stats = test_cli.main(test_cli.get_args_parser().parse_args(["--onnx", str(path), *common]))
 
-    torch_results = json.loads((ckpt.parent / "results_val_s0.5_flip.json").read_text())
-    onnx_results = json.loads((path.parent / "results_val_onnx_s0.5_flip.json").read_text())
+    torch_results = json.loads((ckpt.parent / f"results_val_{ckpt.stem}_s0.5_flip.json").read_text())
+    onnx_results = json.loads((path.parent / f"results_val_{path.stem}_onnx_s0.5_flip.json").read_text())
     assert len(onnx_results) == len(torch_results) > 20
     unmatched = list(torch_results)
     for a in onnx_results:  # in any order: equal scores may come in either order

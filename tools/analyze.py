@@ -1,7 +1,7 @@
 """Where the AP goes: an error breakdown of a results json with the AP50 each kind of error costs, and drawings of
 the images with the most errors.
 
-    python tools/analyze.py ckpt/NAME/results_val2017_s1_flip.json --data_dir data/coco --split val2017
+    python tools/analyze.py ckpt/NAME/results_val2017_checkpoint_s1_flip.json --data_dir data/coco --split val2017
 
 Every detection that pycocotools does not match to a ground-truth box at IoU 0.5 (same class, best score first,
 the top 100 per image and class) is one error, by its IoU with the ground truth of its image (TIDE's definitions,
@@ -29,7 +29,7 @@ from pycocotools.cocoeval import COCOeval
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: import the repo
 from datasets.coco import check_coco_dict, coco_from_dict, read_json, split_files
-from datasets.coco_eval import load_results
+from datasets.coco_eval import analysis_folder, load_results
 from datasets.image_io import load_image
 
 FG_IOU, BG_IOU = 0.5, 0.1
@@ -186,7 +186,7 @@ def main(args: argparse.Namespace) -> dict[str, tuple[int, float]]:
     gt = check_coco_dict(read_json(ann_file), ann_file)
     results_path = Path(args.results)
     results = read_results(results_path, gt)
-    out = Path(args.out) if args.out else results_path.with_name(results_path.stem + "_analysis")
+    out = Path(args.out) if args.out else analysis_folder(results_path)
     if out.exists():
         raise SystemExit(f"{out} exists; pass another --out")
     base, table, errors, status = breakdown(gt, results)

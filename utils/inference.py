@@ -14,7 +14,7 @@ no box merging; `official_config(num_scales)` turns merging on (weight_exp 10) f
 CenterNet-104-multi_scale.json. `inplace_nms` reproduces the official soft-NMS call exactly, stale rows included
 (lib/nms/soft_nms.pyx); it is off by default: README.md gives its measured effect.
 """
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -56,6 +56,14 @@ def build_eval_config(args) -> InferenceConfig:
     merge = {"auto": len(args.test_scales) > 1, "on": True, "off": False}[args.merge]
     return InferenceConfig(topk=args.topk, ae_threshold=args.ae_threshold, nms_threshold=args.nms_threshold,
                            weight_exp=args.weight_exp, merge=merge, inplace_nms=args.inplace_nms)
+
+
+def changed_settings(cfg: InferenceConfig, num_scales: int, amp: bool) -> dict:
+    """The settings of `cfg` (and autocast) that differ from `official_config(num_scales)` in fp32: {name: value};
+    they change the detections, so test.py names its results after them."""
+    official = asdict(official_config(num_scales))
+    changed = {k: v for k, v in asdict(cfg).items() if v != official[k]}
+    return {**changed, "amp": True} if amp else changed
 
 
 def parse_scales(text: str) -> list[float]:
