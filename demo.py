@@ -34,7 +34,7 @@ from nets import model_from_checkpoint
 from utils.checkpoint import load_inference_checkpoint
 from utils.device import select_device
 from utils.errors import UserError, run_cli
-from utils.files import atomic_write, write_json
+from utils.files import atomic_write, same_file, write_json
 from utils.inference import detect_batch, official_config, parse_scales
 from utils.onnx_backend import OnnxModel
 from utils.visualize import draw
@@ -78,10 +78,6 @@ def list_images(source: Path) -> list[Path]:
     if source.is_dir():
         return sorted(p for p in source.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     raise SystemExit(f"--images {source}: no such file or folder")
-
-
-def same_file(a: Path, b: Path) -> bool:
-    return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
 
 
 def write_image(path: Path, image: np.ndarray) -> None:

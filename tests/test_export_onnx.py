@@ -2,6 +2,7 @@
 against PyTorch, and test.py --onnx against the PyTorch path."""
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from nets import build_model
 from nets.export_pool import rounds_for, shifted_max_pool, use_export_pooling
 from tools import export_onnx
 from utils.checkpoint import save_checkpoint
-from utils.errors import CheckpointError
+from utils.errors import CheckpointError, UserError
 from utils.onnx_backend import OnnxModel
 
 REPO = Path(__file__).resolve().parents[1]
@@ -133,7 +134,7 @@ def test_static_export_and_refusals(exported, tmp_path):
     with pytest.raises(ValueError, match="export it with --dynamic"):
         static(torch.zeros(1, 3, 127, 127))
     before = out.read_bytes()
-    with pytest.raises(SystemExit, match="exists"):
+    with pytest.raises(UserError, match="exists"):
         export_onnx.main(export_onnx.get_args_parser().parse_args(args))
     assert out.read_bytes() == before
     with pytest.raises(SystemExit, match="k \\* 32 - 1"):
@@ -144,6 +145,34 @@ def test_static_export_and_refusals(exported, tmp_path):
         export_onnx.main(export_onnx.get_args_parser().parse_args(["--ckpt", str(broken), "--out", str(out),
                                                                          "--force"]))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.pt", "static.onnx"]  # no temporary files left
+
+
+def test_never_writes_over_a_checkpoint_or_a_folder_and_refuses_size_0(exported, tmp_path):
+    ckpt, _, _ = exported
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(ckpt.read_bytes())
+    (run / "link.pt").symlink_to(run / "checkpoint.pt")
+    os.link(run / "checkpoint.pt", run / "hard.pt")
+    (run / "other.pt").write_bytes(ckpt.read_bytes())
+    before = ckpt.read_bytes()
+
+    def export(out: Path, *extra: str) -> None:
+        export_onnx.main(export_onnx.get_args_parser().parse_args(
+            ["--ckpt", str(run / "checkpoint.pt"), "--out", str(out), "--force", *extra]))
+
+    for out in ("checkpoint.pt", "link.pt", "hard.pt"):
+        with pytest.raises(UserError, match=f"--out {run / out} is the input checkpoint"):
+            export(run / out)
+    with pytest.raises(UserError, match="is a checkpoint; an export never replaces one"):
+        export(run / "other.pt")
+    with pytest.raises(UserError, match="is a folder; give the .onnx file to write"):
+        export(run)
+    for extra in (["--img_size", "0"], ["--dynamic", "--max_size", "0"]):
+        with pytest.raises(SystemExit, match="k \\* 32 - 1"):
+            export(run / "model.onnx", *extra)
+    assert all((run / name).read_bytes() == before for name in ("checkpoint.pt", "link.pt", "hard.pt", "other.pt"))
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "hard.pt", "link.pt", "other.pt"]
 
 
 def test_export_pooling_keeps_the_pytorch_outputs():

@@ -73,6 +73,13 @@ def write_json(path: str | Path, obj) -> None:
     atomic_write(path, lambda f: f.write(json.dumps(obj).encode()))
 
 
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether writing `a` would write over `b`: the same path after resolving symlinks, or one file under two
+    names (hard links)."""
+    a, b = Path(a), Path(b)
+    return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+
+
 def remove_stale_temporaries(folder: str | Path, name: str) -> list[Path]:
     """Deletes the temporary files that an interrupted `atomic_write` of `folder/name` left; returns them."""
     stale = sorted(Path(folder).glob(f"{name}.*.tmp")) if Path(folder).is_dir() else []
