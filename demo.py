@@ -14,7 +14,8 @@ detection in original pixels. --out must be empty unless --force, and never hold
 Video (anything OpenCV reads): --out is the annotated video (.mp4 written with the mp4v codec, .avi with MJPG) and
 the json beside it (out.json) lists the detections of each frame. Neither replaces an existing file without
 --force. The json is rewritten (atomically) every few seconds with "complete": false, so an interrupted run keeps
-what it did; the video appears under its name only when complete.
+what it did (also when stopped by Ctrl-C or SIGTERM); the video appears under its name only when complete, and
+the hidden temporary video of a run that was killed (SIGKILL, a power cut) is removed by the next run.
 """
 import argparse
 import contextlib
@@ -34,9 +35,10 @@ from nets import model_from_checkpoint
 from utils.checkpoint import load_inference_checkpoint
 from utils.device import select_device
 from utils.errors import UserError, run_cli
-from utils.files import atomic_write, same_file, write_json
+from utils.files import atomic_write, pid_temporary, remove_dead_temporaries, same_file, write_json
 from utils.inference import detect_batch, official_config, parse_scales
 from utils.onnx_backend import OnnxModel
+from utils.stopping import exit_on_sigterm
 from utils.visualize import draw
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
@@ -215,8 +217,10 @@ def frame_batches(capture: cv2.VideoCapture, batch_size: int):
 
 def run_video(capture, fps: float, count: int, out: Path, out_json: Path, args, detector, class_names) -> dict:
     source = Path(args.video)
-    tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp{out.suffix}")  # the suffix picks the container
+    tmp = pid_temporary(out)  # the suffix picks the container
     out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in remove_dead_temporaries(out):
+        print(f"removed {stale}, left by a run that was killed")
     log = JsonLog(out_json, {"video": str(source), "fps": fps, "frames": []})
     frames_json = log.content["frames"]
     writer = None
@@ -277,9 +281,10 @@ def main(args: argparse.Namespace) -> dict:
         dets = detect_frames(model, frames, scales, args.test_flip, cfg, device)
         return [d[d[:, 4] >= args.score_thresh] for d in dets]
 
-    if args.video:
-        return run_video(*source, args, detector, class_names)
-    return run_images(*source, args, detector, class_names)
+    with exit_on_sigterm():  # a stopped run keeps its json and leaves no temporary video
+        if args.video:
+            return run_video(*source, args, detector, class_names)
+        return run_images(*source, args, detector, class_names)
 
 
 if __name__ == "__main__":

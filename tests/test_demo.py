@@ -2,6 +2,10 @@
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -19,6 +23,7 @@ from utils.errors import CheckpointError, WriteError
 from utils.inference import InferenceConfig, detect
 
 RACCOON = Path(__file__).parent / "data" / "raccoon" / "val"
+REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny(peaked: bool) -> torch.nn.Module:
@@ -238,3 +243,32 @@ def test_video(ckpt, float64_demo, tmp_path):
         run(ckpt, corrupt, tmp_path / "c.mp4", source="--video")
     assert sorted(p.name for p in out.parent.iterdir()) == ["out.json", "out.mp4"]  # no temporary files
     assert not (tmp_path / "c.mp4").exists() and not (tmp_path / "c.json").exists()
+
+
+def test_sigterm_keeps_the_json_and_leaves_no_temporary_video(ckpt, tmp_path):
+    """A video run stopped by SIGTERM (a scheduler, `kill`) ends with status 143, its json saved with
+    "complete": false and no hidden temporary video; the next run clears those of killed runs only."""
+    video, out = tmp_path / "in.mp4", tmp_path / "res" / "out.mp4"
+    write_video(video, frames=60)
+    cmd = [sys.executable, str(REPO / "demo.py"), "--ckpt", str(ckpt), "--video", str(video), "--out", str(out),
+           "--device", "cpu", "--batch_size", "1"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(out.parent.glob(".out.*.tmp.mp4")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143, stderr[-2000:]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["out.json"]
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert saved["complete"] is False and len(saved["frames"]) < 60
+
+    dead = out.with_name(".out.4194305.tmp.mp4")  # above Linux's largest process id: never running
+    alive = out.with_name(f".out.{os.getppid()}.tmp.mp4")  # pytest's parent process: running
+    for p in (dead, alive):
+        p.write_bytes(b"partial video")
+    short = tmp_path / "short.mp4"
+    write_video(short, frames=2)
+    run(ckpt, short, out, "--force", source="--video")
+    assert sorted(p.name for p in out.parent.iterdir()) == sorted([alive.name, "out.json", "out.mp4"])

@@ -4,8 +4,12 @@ The data go to a temporary file `NAME.XXXXXXXX.tmp` in the same folder, are flus
 normally created file (`mkstemp` makes them 0600) and are renamed over NAME. A failed write removes the temporary
 file, leaves NAME as it was and raises `WriteError` with the operating system's reason in plain words.
 A process killed mid-write can leave a temporary file behind: `remove_stale_temporaries` clears them.
+
+Writers that must name their own temporary file (OpenCV's video writer picks the container from the suffix) use
+`pid_temporary`, `.NAME.PID.tmpSUFFIX`, and clear those of processes that no longer run with `remove_dead_temporaries`.
 """
 import errno
+import glob
 import json
 import os
 import tempfile
@@ -85,4 +89,34 @@ def remove_stale_temporaries(folder: str | Path, name: str) -> list[Path]:
     stale = sorted(Path(folder).glob(f"{name}.*.tmp")) if Path(folder).is_dir() else []
     for p in stale:
         p.unlink()
+    return stale
+
+
+def pid_temporary(path: str | Path) -> Path:
+    """The hidden temporary file of this process for `path`, in its folder and with its suffix."""
+    path = Path(path)
+    return path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_dead_temporaries(path: str | Path) -> list[Path]:
+    """Deletes the `pid_temporary` files of `path` whose process no longer runs on this machine (killed before it
+    could clean up); returns them. Those of running processes (another run writing the same file) stay."""
+    path = Path(path)
+    prefix, end = f".{path.stem}.", f".tmp{path.suffix}"
+    stale = []
+    for p in sorted(path.parent.glob(glob.escape(prefix) + "*" + glob.escape(end))):
+        pid = p.name[len(prefix):len(p.name) - len(end)]
+        if pid.isdigit() and not _running(int(pid)):
+            p.unlink(missing_ok=True)
+            stale.append(p)
     return stale
