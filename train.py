@@ -331,6 +331,9 @@ def train(args: argparse.Namespace, signals: StopSignals) -> tuple[float, bool]:
         progress = EpochProgress.from_position(state["position"]) if state.get("position") else None
         del state
 
+    # Before the run folder exists: a missing or foreign --pretrained file leaves nothing to refuse a rerun.
+    pretrained = load_pretrained_checkpoint(model, args.pretrained, train_set.class_names, args.arch) \
+        if args.pretrained and not resuming else None  # a resumed run already holds the fine-tuned weights
     logger = RunLogger(run_dir, enabled=dist.is_main())
     logger.info(plan_message)
     if dist.is_main():
@@ -339,9 +342,8 @@ def train(args: argparse.Namespace, signals: StopSignals) -> tuple[float, bool]:
     if launched_without_flag:
         logger.info(f"started as {dist.world_size()} processes by a launcher: training with "
                     "DistributedDataParallel (--dist implied)")
-    if args.pretrained and not resuming:  # a resumed run already holds the fine-tuned weights
-        for line in load_pretrained_checkpoint(model, args.pretrained, train_set.class_names).lines():
-            logger.info(line)
+    for line in pretrained.lines() if pretrained else []:
+        logger.info(line)
     logger.info(f"{args.arch} at epoch {start_epoch}{f' step {progress.step}' if progress else ''}: "
                 f"{args.num_classes} classes, {len(train_set)} train / {len(val_set)} val images, "
                 f"{dist.world_size()} process(es) on {device}")
