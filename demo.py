@@ -125,9 +125,10 @@ class JsonLog:
             self.save()
 
 
-def detect_frames(model, frames: list[np.ndarray], scales: list[float], flip: bool, cfg, device) -> list:
-    """Detections (M, 6) of each BGR frame; frames whose inputs have the same shapes share one forward."""
-    inputs = [[eval_input(f, s, flip) for s in scales] for f in frames]
+def detect_frames(model, frames: list[np.ndarray], scales: list[list[float]], flip: bool, cfg, device) -> list:
+    """Detections (M, 6) of each BGR frame, at its own test scales, in its original pixels; frames whose inputs
+    have the same shapes share one forward."""
+    inputs = [[eval_input(f, s, flip) for s in frame_scales] for f, frame_scales in zip(frames, scales)]
     groups: dict[tuple, list[int]] = {}
     for i, sample in enumerate(inputs):
         groups.setdefault(tuple(images.shape for images, _ in sample), []).append(i)
@@ -277,8 +278,17 @@ def main(args: argparse.Namespace) -> dict:
     model, class_names = load_detector(args, device)
     cfg = official_config(len(scales))
 
+    if args.onnx:
+        model.require_dynamic("photos and video frames")
+    shrunk = []  # frames scaled down to fit the export, for a single note
+
     def detector(frames: list[np.ndarray]) -> list[np.ndarray]:
-        dets = detect_frames(model, frames, scales, args.test_flip, cfg, device)
+        fit = [model.fit_scale(*f.shape[:2], scales) if args.onnx else 1.0 for f in frames]
+        if min(fit) < 1 and not shrunk:
+            tqdm.write(f"note: {model.path} takes inputs up to {model.max_size} px: larger images are scaled down "
+                       "to fit (boxes are in original pixels); export with a larger --max_size to avoid it")
+        shrunk.extend(f for f in fit if f < 1)
+        dets = detect_frames(model, frames, [[s * f for s in scales] for f in fit], args.test_flip, cfg, device)
         return [d[d[:, 4] >= args.score_thresh] for d in dets]
 
     with exit_on_sigterm():  # a stopped run keeps its json and leaves no temporary video

@@ -107,9 +107,7 @@ def main(args: argparse.Namespace) -> dict:
         if args.ckpt or args.log_name or args.amp:
             raise SystemExit("--onnx evaluates the exported file alone: drop --ckpt, --log_name and --amp")
         model = OnnxModel(args.onnx, device)
-        if not model.dynamic:
-            raise SystemExit(f"--onnx {model.path} takes {model.img_size} x {model.img_size} inputs only; the val "
-                             f"images need other sizes: export it with --dynamic")
+        model.require_dynamic("the val images")
         path, state = model.path, {"args": {"arch": model.arch, "img_size": model.img_size},
                                    "class_names": model.class_names}
     else:

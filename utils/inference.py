@@ -129,7 +129,8 @@ def detect_batch(model, samples: list[list], cfg: InferenceConfig, device: torch
     """`detect` for several samples at once (frames of a video, photos of one size): their inputs at each test
     scale must have the same shape; one forward per scale on the batch of all their images. One (M, 6) array per
     sample, as `detect` gives for it alone (up to the rounding of a batched convolution)."""
-    center_scale = min((meta.scale for _, meta in samples[0]), key=lambda s: abs(s - 1))
+    # Each sample's own: demo.py shrinks the scales of images too large for an ONNX export.
+    center_scales = [min((meta.scale for _, meta in sample), key=lambda s: abs(s - 1)) for sample in samples]
     boxes, centers = [[] for _ in samples], [[] for _ in samples]
     for scale_inputs in zip(*samples):  # [(images, meta) of each sample] at one test scale
         images = torch.cat([im for im, _ in scale_inputs])
@@ -142,7 +143,7 @@ def detect_batch(model, samples: list[list], cfg: InferenceConfig, device: torch
             for i in range(per_sample):
                 b, c = to_original(dets[j * per_sample + i], points[j * per_sample + i], meta, flipped=i == 1)
                 boxes[j].append(b)
-                if meta.scale == center_scale:
+                if meta.scale == center_scales[j]:
                     centers[j].append(c)
     results = []
     for b, c in zip(boxes, centers):

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from utils.errors import UserError
+
 METADATA_KEY = "centernet47"  # as tools/export_onnx.py writes it
 
 
@@ -59,6 +61,22 @@ class OnnxModel:
         if mode:
             raise RuntimeError(f"{self.path}: an exported network cannot be trained")
         return self
+
+    def require_dynamic(self, inputs: str) -> None:
+        """A clear error (UserError) before any work unless the file takes the test inputs of images of any size
+        (padded to the next 128k - 1 by datasets.transforms.eval_input): `inputs` names what has other sizes."""
+        if not self.dynamic:
+            raise UserError(f"--onnx {self.path} takes {self.img_size} x {self.img_size} inputs only; {inputs} need "
+                            "other sizes: export it with --dynamic")
+        if self.max_size < 127:
+            raise UserError(f"--onnx {self.path} was exported with --max_size {self.max_size}, below the smallest "
+                            "test input (127): export it again with a larger --max_size")
+
+    def fit_scale(self, height: int, width: int, scales: list[float]) -> float:
+        """The factor (at most 1) by which the test `scales` of a height x width image shrink so that its largest
+        input fits the export: eval_input pads a side to the next 128k - 1, which must not exceed max_size."""
+        largest = (self.max_size + 1) // 128 * 128 - 1
+        return min(1.0, largest / (max(height, width) * max(scales)))
 
     def check_size(self, height: int, width: int) -> None:
         """A clear error for input sizes the file does not take (the network's own rule, and the export's)."""
