@@ -148,7 +148,9 @@ def evaluate_detections(coco: COCO, detections: dict[int, np.ndarray], cat_ids: 
     Prints the 12-line COCO table and a per-class AP table; when `out_json` is given, writes there the COCO results
     json and beside it `<stem>_per_class.csv` and `<stem>_pr.png`. Returns {"AP", "AP50", "AP75", "APs", "APm",
     "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl": float, "per_class": {class name: AP}}. Without ground truth
-    (no 'annotations' in `coco`), only writes `out_json`, says where AP comes from and returns {}.
+    (no 'annotations' in `coco`), only writes `out_json`, says where AP comes from and returns {}; with an empty
+    'annotations' list, the same but says there is nothing to evaluate. No detection at all is scored (AP 0) with a
+    warning saying so.
     """
     unknown = set(int(i) for i in detections) - set(coco.getImgIds())
     if unknown:
@@ -162,6 +164,15 @@ def evaluate_detections(coco: COCO, detections: dict[int, np.ndarray], cat_ids: 
               f"{len(coco.getImgIds())} images written to {out_json}; AP comes from the COCO evaluation server "
               "(zip the json and upload it)")
         return {}
+    if not coco.dataset["annotations"]:
+        if out_json is not None:
+            write_json(out_json, results)
+        print(f"nothing to evaluate: this split's 'annotations' list is empty (no ground-truth box); {len(results)} "
+              f"detections of {len(coco.getImgIds())} images" + (f" written to {out_json}" if out_json else ""))
+        return {}
+    if not results:
+        print(f"warning: the model detected nothing in {len(coco.getImgIds())} images (AP 0 below): an untrained or "
+              "diverged checkpoint, or images unlike its training data?")
     if out_json is not None:
         write_json(out_json, results)
         if analysis_folder(Path(out_json)).is_dir():  # it describes the results just replaced
