@@ -13,6 +13,11 @@ import numpy as np
 from utils.errors import DataError, MissingFileError
 
 _FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+# The file name endings of the formats cv2.imread documents (those missing from a given OpenCV build are reported
+# as undecodable when read).
+IMAGE_SUFFIXES = frozenset({".bmp", ".dib", ".jpeg", ".jpg", ".jpe", ".jp2", ".png", ".webp", ".avif", ".pbm",
+                            ".pgm", ".ppm", ".pxm", ".pnm", ".pfm", ".sr", ".ras", ".tiff", ".tif", ".exr", ".hdr",
+                            ".pic"})
 _JPEG_SOI, _JPEG_SOS, _JPEG_EOI = b"\xff\xd8", b"\xff\xda", b"\xff\xd9"
 
 

@@ -19,7 +19,7 @@ from nets import build_model
 from tests.test_faults import FullDisk
 from utils import files
 from utils.checkpoint import save_checkpoint
-from utils.errors import CheckpointError, WriteError
+from utils.errors import CheckpointError, DataError, UserError, WriteError
 from utils.inference import InferenceConfig, detect
 
 RACCOON = Path(__file__).parent / "data" / "raccoon" / "val"
@@ -272,3 +272,35 @@ def test_sigterm_keeps_the_json_and_leaves_no_temporary_video(ckpt, tmp_path):
     write_video(short, frames=2)
     run(ckpt, short, out, "--force", source="--video")
     assert sorted(p.name for p in out.parent.iterdir()) == sorted([alive.name, "out.json", "out.mp4"])
+
+
+def test_mistakes_end_in_one_clear_error_not_a_traceback_or_an_empty_success(ckpt, tmp_path):
+    photo = small_photos(tmp_path / "in")[0]
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    with pytest.raises(UserError, match="--out .*a_file is a file"):
+        run(ckpt, photo, a_file)
+    with pytest.raises(WriteError, match="--out .*a_file/sub: cannot create or read the folder"):
+        run(ckpt, photo, a_file / "sub")
+    write_video(tmp_path / "in.mp4", frames=2)
+    with pytest.raises(WriteError, match="--out's folder .*a_file is a file"):
+        run(ckpt, tmp_path / "in.mp4", a_file / "out.mp4", source="--video")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no image files in this folder"):
+        run(ckpt, tmp_path / "empty", tmp_path / "out")
+    with pytest.raises(DataError, match="none of the 1 files could be read as an image"):
+        run(ckpt, a_file, tmp_path / "out_text")
+    with pytest.raises(UserError, match="--score_thresh: expected a score between 0 and 1, got 5.0"):
+        run(ckpt, photo, tmp_path / "out", "--score_thresh", "5")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_of_any_format_opencv_reads(ckpt, float64_demo, tmp_path):
+    folder = tmp_path / "formats"
+    folder.mkdir()
+    image = cv2.imread(str(small_photos(tmp_path / "in")[0]))
+    for suffix in (".bmp", ".webp", ".tif"):
+        assert cv2.imwrite(str(folder / f"photo{suffix}"), image)
+    written = run(ckpt, folder, tmp_path / "out")
+    assert not written["skipped"] and {d["file"] for d in written["detections"]} == {"photo.bmp", "photo.webp",
+                                                                                    "photo.tif"}

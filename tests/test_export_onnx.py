@@ -212,6 +212,16 @@ def test_demo_scales_images_larger_than_the_export_down_and_refuses_a_fixed_size
     assert not (tmp_path / "o2").exists()
 
 
+def test_malformed_metadata_is_a_clear_error(exported, tmp_path):
+    _, path, _ = exported
+    for name, value in (("not_json", "{"), ("no_arch", '{"class_names": ["raccoon"]}'), ("a_list", "[1]")):
+        proto = onnx.load(path)
+        next(e for e in proto.metadata_props if e.key == "centernet47").value = value
+        onnx.save(proto, tmp_path / f"{name}.onnx")
+        with pytest.raises(UserError, match=f"{name}.onnx: its 'centernet47' metadata is malformed"):
+            OnnxModel(tmp_path / f"{name}.onnx", torch.device("cpu"))
+
+
 def test_export_pooling_keeps_the_pytorch_outputs():
     """The swapped pooling changes nothing in PyTorch either: outputs identical to the lib.cpool network."""
     model = peaked_tiny(2, seed=1)

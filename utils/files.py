@@ -77,6 +77,20 @@ def write_json(path: str | Path, obj) -> None:
     atomic_write(path, lambda f: f.write(json.dumps(obj).encode()))
 
 
+def make_folder(path: str | Path, flag: str) -> Path:
+    """Creates folder `path` (and its parents) if needed; WriteError naming `flag` and the reason otherwise (a file
+    in the way, no permission, a read-only file system)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise WriteError(f"{flag} {path} is a file; give a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        next(path.iterdir(), None)  # a folder that cannot be listed cannot be checked for earlier outputs either
+    except OSError as e:
+        raise WriteError(f"{flag} {path}: cannot create or read the folder ({e.strerror or e})") from e
+    return path
+
+
 def same_file(a: str | Path, b: str | Path) -> bool:
     """Whether writing `a` would write over `b`: the same path after resolving symlinks, or one file under two
     names (hard links)."""

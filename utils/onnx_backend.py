@@ -45,11 +45,15 @@ class OnnxModel:
         meta = self.session.get_modelmeta().custom_metadata_map
         if METADATA_KEY not in meta:
             raise SystemExit(f"--onnx {path}: no '{METADATA_KEY}' metadata; export it with tools/export_onnx.py")
-        info = json.loads(meta[METADATA_KEY])
         self.path = path
-        self.arch, self.class_names, self.img_size = info["arch"], info["class_names"], info["img_size"]
-        self.size_unit, self.dynamic, self.max_size = info["size_unit"], info["dynamic"], info["max_size"]
-        self.outputs = info["outputs"]
+        try:
+            info = json.loads(meta[METADATA_KEY])
+            self.arch, self.class_names, self.img_size = info["arch"], list(info["class_names"]), int(info["img_size"])
+            self.size_unit, self.dynamic = int(info["size_unit"]), bool(info["dynamic"])
+            self.max_size, self.outputs = int(info["max_size"]), list(info["outputs"])
+        except (ValueError, TypeError, KeyError) as e:  # json.JSONDecodeError is a ValueError
+            raise UserError(f"--onnx {path}: its '{METADATA_KEY}' metadata is malformed ({type(e).__name__}: {e}); "
+                            "export it again with tools/export_onnx.py") from None
         self.providers = self.session.get_providers()
 
     training = False  # inference only; eval() and train(False) are accepted as for an nn.Module
