@@ -6,10 +6,11 @@ boxes and writes all detections to json.
     python demo.py --ckpt ckpt/NAME/checkpoint.pt --video in.mp4 --out out.mp4 --batch_size 8
     python demo.py --onnx model.onnx --images my_folder/ --out demo_out
 
-Images: any format OpenCV reads (jpg, png, bmp, webp, tif, ...), of any size; a folder is read in name order, without its sub-folders, --batch_size images at a
-time (those of one input size share a forward). Files that cannot be read are reported and skipped. Each image is
-written to --out under its own name with its boxes, class names and scores drawn; `detections.json` lists every
-detection in original pixels. --out must be empty unless --force, and never holds an input image.
+Images: any format OpenCV reads (jpg, png, bmp, webp, tif, ...), of any size; a folder is read in name order,
+without its sub-folders, --batch_size images at a time (those of one input size share a forward). Files that cannot
+be read are reported and skipped. Each image is written to --out under its own name with its boxes, class names and
+scores drawn; `detections.json` lists every detection in original pixels. --out must be empty unless --force,
+and never holds an input image.
 
 Video (anything OpenCV reads): --out is the annotated video (.mp4 written with the mp4v codec, .avi with MJPG) and
 the json beside it (out.json) lists the detections of each frame. Neither replaces an existing file without

@@ -289,8 +289,8 @@ def on_main_for_all(work):
 
 
 def main(args: argparse.Namespace) -> float:
-    """Trains as the flags say; returns the last validation AP (the best, for a run already complete). Raises SystemExit(128 + signal) after saving when
-    stopped by SIGTERM / SIGINT."""
+    """Trains as the flags say; returns the last validation AP (the best, for a run already complete). Raises
+    SystemExit(128 + signal) after saving when stopped by SIGTERM / SIGINT."""
     check_args(args)
     try:
         with StopSignals() as signals:
@@ -318,9 +318,9 @@ def train(args: argparse.Namespace, signals: StopSignals) -> tuple[float, bool]:
 
     train_set = build_dataset(args, args.train_split, train=True)
     val_set = build_dataset(args, args.val_split, train=False)
-    if not val_set.has_annotations or not val_set.coco.dataset["annotations"]:
-        raise SystemExit(f"--val_split {args.val_split} has no annotations to validate against (a test-dev split, or "
-                         "an empty 'annotations' list?); pick a split with boxes in instances_<split>.json")
+    if not val_set.has_annotations:
+        raise SystemExit(f"--val_split {args.val_split} has no annotations to validate against (a test-dev split?); "
+                         "pick a split with instances_<split>.json")
     if val_set.class_names != train_set.class_names:
         raise SystemExit(f"{args.val_split} and {args.train_split} have different categories")
     step_batch = args.batch_size * args.accum_steps

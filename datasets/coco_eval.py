@@ -149,8 +149,9 @@ def evaluate_detections(coco: COCO, detections: dict[int, np.ndarray], cat_ids: 
     json and beside it `<stem>_per_class.csv` and `<stem>_pr.png`. Returns {"AP", "AP50", "AP75", "APs", "APm",
     "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl": float, "per_class": {class name: AP}}. Without ground truth
     (no 'annotations' in `coco`), only writes `out_json`, says where AP comes from and returns {}; with an empty
-    'annotations' list, the same but says there is nothing to evaluate. No detection at all is scored (AP 0) with a
-    warning saying so.
+    'annotations' list, only writes `out_json`, says there is nothing to evaluate and returns every metric as -1
+    (pycocotools' value for no ground truth; a training run's validation logs it). No detection at all is scored
+    (AP 0) with a warning saying so.
     """
     unknown = set(int(i) for i in detections) - set(coco.getImgIds())
     if unknown:
@@ -169,7 +170,7 @@ def evaluate_detections(coco: COCO, detections: dict[int, np.ndarray], cat_ids: 
             write_json(out_json, results)
         print(f"nothing to evaluate: this split's 'annotations' list is empty (no ground-truth box); {len(results)} "
               f"detections of {len(coco.getImgIds())} images" + (f" written to {out_json}" if out_json else ""))
-        return {}
+        return {**dict.fromkeys(METRIC_NAMES, -1.0), "per_class": dict.fromkeys(class_names, -1.0)}
     if not results:
         print(f"warning: the model detected nothing in {len(coco.getImgIds())} images (AP 0 below): an untrained or "
               "diverged checkpoint, or images unlike its training data?")

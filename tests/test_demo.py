@@ -135,7 +135,7 @@ def test_never_overwrites_without_force(ckpt, tmp_path):
     with pytest.raises(SystemExit, match="not empty"):
         run(ckpt, photo, out)
     assert (out / "detections.json").read_bytes() == before
-    run(ckpt, photo, out, "--force", "--score_thresh", "2")
+    run(ckpt, photo, out, "--force", "--score_thresh", "1")
     assert json.loads((out / "detections.json").read_text())["detections"] == []
 
 

@@ -145,7 +145,8 @@ def test_torchrun_two_processes_match_one(ckpt_dir, tmp_path):
         proc = run_test_py("--ckpt", str(run_dir / "checkpoint.pt"), "--test_flip", nproc=nproc)
         lines = [line for line in proc.stdout.splitlines() if "Average Precision" in line or "Recall" in line]
         assert len(lines) == 12, proc.stdout  # the table is printed once, by rank 0
-        runs[nproc] = lines, read_results(run_dir / "results_val_s1_flip.json")
+        name = f"results_val_checkpoint_s1_flip_{settings_hash({'topk': 20})}.json"
+        runs[nproc] = lines, read_results(run_dir / name)
     assert runs[1][0] == runs[2][0]
 
     def key(r):
