@@ -6,15 +6,17 @@ boxes and writes all detections to json.
     python demo.py --ckpt ckpt/NAME/checkpoint.pt --video in.mp4 --out out.mp4 --batch_size 8
     python demo.py --onnx model.onnx --images my_folder/ --out demo_out
 
-Images: jpg / png of any size; a folder is read in name order, without its sub-folders, --batch_size images at a
-time (those of one input size share a forward). Files that cannot be read are reported and skipped. Each image is
-written to --out under its own name with its boxes, class names and scores drawn; `detections.json` lists every
-detection in original pixels. --out must be empty unless --force, and never holds an input image.
+Images: any format OpenCV reads (jpg, png, bmp, webp, tif, ...), of any size; a folder is read in name order,
+without its sub-folders, --batch_size images at a time (those of one input size share a forward). Files that cannot
+be read are reported and skipped. Each image is written to --out under its own name with its boxes, class names and
+scores drawn; `detections.json` lists every detection in original pixels. --out must be empty unless --force,
+and never holds an input image.
 
 Video (anything OpenCV reads): --out is the annotated video (.mp4 written with the mp4v codec, .avi with MJPG) and
 the json beside it (out.json) lists the detections of each frame. Neither replaces an existing file without
 --force. The json is rewritten (atomically) every few seconds with "complete": false, so an interrupted run keeps
-what it did; the video appears under its name only when complete.
+what it did (also when stopped by Ctrl-C or SIGTERM); the video appears under its name only when complete, and
+the hidden temporary video of a run that was killed (SIGKILL, a power cut) is removed by the next run.
 """
 import argparse
 import contextlib
@@ -28,18 +30,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from datasets.image_io import load_image
+from datasets.image_io import IMAGE_SUFFIXES, load_image
 from datasets.transforms import eval_input
 from nets import model_from_checkpoint
 from utils.checkpoint import load_inference_checkpoint
 from utils.device import select_device
-from utils.errors import UserError, run_cli
-from utils.files import atomic_write, write_json
+from utils.errors import DataError, UserError, run_cli
+from utils.files import atomic_write, make_folder, pid_temporary, remove_dead_temporaries, same_file, write_json
 from utils.inference import detect_batch, official_config, parse_scales
 from utils.onnx_backend import OnnxModel
+from utils.stopping import exit_on_sigterm
 from utils.visualize import draw
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 VIDEO_CODECS = {".mp4": "mp4v", ".avi": "MJPG"}
 JSON_EVERY_S = 5.0  # how often a long run saves the detections so far
 
@@ -75,13 +77,13 @@ def load_detector(args: argparse.Namespace, device: torch.device):
 def list_images(source: Path) -> list[Path]:
     if source.is_file():
         return [source]
-    if source.is_dir():
-        return sorted(p for p in source.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    raise SystemExit(f"--images {source}: no such file or folder")
-
-
-def same_file(a: Path, b: Path) -> bool:
-    return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+    if not source.is_dir():
+        raise SystemExit(f"--images {source}: no such file or folder")
+    images = sorted(p for p in source.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise UserError(f"--images {source}: no image files in this folder (sub-folders are not read; looked for "
+                        f"{' '.join(sorted(IMAGE_SUFFIXES))})")
+    return images
 
 
 def write_image(path: Path, image: np.ndarray) -> None:
@@ -127,9 +129,10 @@ class JsonLog:
             self.save()
 
 
-def detect_frames(model, frames: list[np.ndarray], scales: list[float], flip: bool, cfg, device) -> list:
-    """Detections (M, 6) of each BGR frame; frames whose inputs have the same shapes share one forward."""
-    inputs = [[eval_input(f, s, flip) for s in scales] for f in frames]
+def detect_frames(model, frames: list[np.ndarray], scales: list[list[float]], flip: bool, cfg, device) -> list:
+    """Detections (M, 6) of each BGR frame, at its own test scales, in its original pixels; frames whose inputs
+    have the same shapes share one forward."""
+    inputs = [[eval_input(f, s, flip) for s in frame_scales] for f, frame_scales in zip(frames, scales)]
     groups: dict[tuple, list[int]] = {}
     for i, sample in enumerate(inputs):
         groups.setdefault(tuple(images.shape for images, _ in sample), []).append(i)
@@ -148,13 +151,15 @@ def prepare_images(args) -> tuple[list[Path], Path]:
     for path in images:
         if same_file(out / path.name, path):
             raise SystemExit(f"--out {out} would write over the input image {path}; choose another folder")
-    if out.exists() and any(out.iterdir()) and not args.force:
+    if out.is_dir() and any(out.iterdir()) and not args.force:
         raise SystemExit(f"--out {out} is not empty; choose another folder or pass --force to replace its files")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; --images writes a folder of annotated images and detections.json")
     return images, out
 
 
 def run_images(images: list[Path], out: Path, args, detector, class_names) -> dict:
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out, "--out")
     log = JsonLog(out / "detections.json", {"detections": [], "skipped": []})
     results, skipped = log.content["detections"], log.content["skipped"]
     bar = tqdm(total=len(images), desc="detect", disable=len(images) < 2, unit="img")
@@ -175,6 +180,9 @@ def run_images(images: list[Path], out: Path, args, detector, class_names) -> di
             bar.update(len(chunk))
             log.maybe_save()
     bar.close()
+    if len(skipped) == len(images):
+        raise DataError(f"--images {args.images}: none of the {len(images)} files could be read as an image "
+                        f"(listed in {out / 'detections.json'})")
     print(f"{len(images) - len(skipped)} images, {len(results)} detections written to {out}"
           + (f"; {len(skipped)} unreadable files skipped" if skipped else ""))
     return log.content
@@ -219,8 +227,10 @@ def frame_batches(capture: cv2.VideoCapture, batch_size: int):
 
 def run_video(capture, fps: float, count: int, out: Path, out_json: Path, args, detector, class_names) -> dict:
     source = Path(args.video)
-    tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp{out.suffix}")  # the suffix picks the container
-    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pid_temporary(out)  # the suffix picks the container
+    make_folder(out.parent, "--out's folder")
+    for stale in remove_dead_temporaries(out):
+        print(f"removed {stale}, left by a run that was killed")
     log = JsonLog(out_json, {"video": str(source), "fps": fps, "frames": []})
     frames_json = log.content["frames"]
     writer = None
@@ -272,18 +282,30 @@ def main(args: argparse.Namespace) -> dict:
     scales = parse_scales(args.test_scales)
     if args.batch_size < 1:
         raise SystemExit(f"--batch_size: expected a positive number, got {args.batch_size}")
+    if not 0 <= args.score_thresh <= 1:
+        raise UserError(f"--score_thresh: expected a score between 0 and 1, got {args.score_thresh}")
     source = prepare_video(args) if args.video else prepare_images(args)
     device = select_device(args.device)
     model, class_names = load_detector(args, device)
     cfg = official_config(len(scales))
 
+    if args.onnx:
+        model.require_dynamic("photos and video frames")
+    shrunk = []  # frames scaled down to fit the export, for a single note
+
     def detector(frames: list[np.ndarray]) -> list[np.ndarray]:
-        dets = detect_frames(model, frames, scales, args.test_flip, cfg, device)
+        fit = [model.fit_scale(*f.shape[:2], scales) if args.onnx else 1.0 for f in frames]
+        if min(fit, default=1) < 1 and not shrunk:
+            tqdm.write(f"note: {model.path} takes inputs up to {model.max_size} px: larger images are scaled down "
+                       "to fit (boxes are in original pixels); export with a larger --max_size to avoid it")
+        shrunk.extend(f for f in fit if f < 1)
+        dets = detect_frames(model, frames, [[s * f for s in scales] for f in fit], args.test_flip, cfg, device)
         return [d[d[:, 4] >= args.score_thresh] for d in dets]
 
-    if args.video:
-        return run_video(*source, args, detector, class_names)
-    return run_images(*source, args, detector, class_names)
+    with exit_on_sigterm():  # a stopped run keeps its json and leaves no temporary video
+        if args.video:
+            return run_video(*source, args, detector, class_names)
+        return run_images(*source, args, detector, class_names)
 
 
 if __name__ == "__main__":

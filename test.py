@@ -9,9 +9,13 @@ The first is the official single-scale test (which always adds the flipped image
 multi-scale test (box merging turns on with several scales, --merge auto). Post-processing follows the official
 test code (utils/inference.py); --inplace_nms also reproduces its in-place soft-NMS, stale rows included.
 
-Beside the results json go the per-class table (`..._per_class.csv`) and precision-recall curves (`..._pr.png`).
-COCO test-dev (annotations/image_info_test-dev2017.json, images in test2017/) has no annotations: the results go to
-detections_test-dev2017_<run>-s100-flip_results.json for the COCO evaluation server, which gives the AP:
+The results json is named after what makes it differ: results_<split>_<checkpoint stem>_s<scales>[_flip].json
+(results_val2017_checkpoint_s1_flip.json for the first command), plus `_onnx` for --onnx and a short hash of the
+post-processing flags when they are not the official ones (e.g. another --topk). Beside it go the per-class table
+(`..._per_class.csv`) and precision-recall curves (`..._pr.png`). Earlier results are never replaced without
+--force. COCO test-dev (annotations/image_info_test-dev2017.json, images in test2017/) has no annotations: the
+results go to detections_test-dev2017_<run>-checkpoint-s100-flip_results.json for the COCO evaluation server,
+which gives the AP:
     python test.py --log_name coco_hg_511_ddp --val_split test-dev2017 --test_flip
 
 The checkpoint is CKPT_DIR/LOG_NAME/checkpoint.pt unless --ckpt names one. Architecture, classes and training
@@ -26,13 +30,13 @@ import argparse
 from pathlib import Path
 
 from datasets import build_dataset
-from datasets.coco_eval import BACKENDS, server_results_name
+from datasets.coco_eval import BACKENDS, check_results_free, results_path
 from nets import model_from_checkpoint
 from utils import dist
 from utils.checkpoint import load_inference_checkpoint
 from utils.device import select_device
 from utils.errors import run_cli
-from utils.inference import InferenceConfig, build_eval_config, evaluate, parse_scales
+from utils.inference import InferenceConfig, build_eval_config, changed_settings, evaluate, parse_scales
 from utils.onnx_backend import OnnxModel
 
 DEFAULTS = InferenceConfig()
@@ -67,6 +71,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--amp", action="store_true", help="fp16 autocast on CUDA, bf16 on CPU")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--force", action="store_true", help="replace the results of an earlier evaluation of the same "
+                   "model with the same settings")
     p.add_argument("--eval_backend", default="pycocotools", choices=BACKENDS,
                    help="COCO scoring: pycocotools, or faster-coco-eval (the same numbers, faster)")
     return p
@@ -101,9 +107,7 @@ def main(args: argparse.Namespace) -> dict:
         if args.ckpt or args.log_name or args.amp:
             raise SystemExit("--onnx evaluates the exported file alone: drop --ckpt, --log_name and --amp")
         model = OnnxModel(args.onnx, device)
-        if not model.dynamic:
-            raise SystemExit(f"--onnx {model.path} takes {model.img_size} x {model.img_size} inputs only; the val "
-                             f"images need other sizes: export it with --dynamic")
+        model.require_dynamic("the val images")
         path, state = model.path, {"args": {"arch": model.arch, "img_size": model.img_size},
                                    "class_names": model.class_names}
     else:
@@ -119,18 +123,15 @@ def main(args: argparse.Namespace) -> dict:
     if model is None:
         model = model_from_checkpoint(state, path).to(device).eval()
 
-    scales = "_".join(f"{s:g}" for s in args.test_scales)
-    backend = "_onnx" if args.onnx else ""
-    out_json = path.parent / f"results_{args.val_split}{backend}_s{scales}{'_flip' if args.test_flip else ''}.json"
-    if not dataset.has_annotations:  # scored by the COCO server, which reads the algorithm name from the file name
-        alg = f"{path.parent.name}{backend.replace('_', '-')}-s" + "-".join(f"{round(s * 100)}"
-                                                                          for s in args.test_scales)
-        out_json = path.parent / server_results_name(args.val_split, alg + ("-flip" if args.test_flip else ""))
+    cfg = build_eval_config(args)
+    out_json = results_path(path, args.val_split, args.test_scales, args.test_flip, bool(args.onnx),
+                            changed_settings(cfg, len(args.test_scales), args.amp), not dataset.has_annotations)
+    check_results_free(out_json, args.force)
     if dist.is_main():
         print(f"evaluating {path} ({args.arch}, {args.num_classes} classes) on {len(dataset)} images of "
               f"{args.data_dir} {args.val_split}, scales {args.test_scales}, flip {args.test_flip}, "
               f"{dist.world_size()} process(es) on {device}", flush=True)
-    stats = evaluate(model, dataset, build_eval_config(args), device, num_workers=args.num_workers, amp=args.amp,
+    stats = evaluate(model, dataset, cfg, device, num_workers=args.num_workers, amp=args.amp,
                      out_json=out_json, backend=args.eval_backend)
     if dist.is_main():
         print(f"results written to {out_json}")

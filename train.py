@@ -14,6 +14,7 @@ SIGTERM or Ctrl-C, and resumes from the exact step it reached.
 import argparse
 import contextlib
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -45,6 +46,11 @@ CHECKPOINT, BEST = "checkpoint.pt", "best.pt"
 
 class TrainingDiverged(UserError, FloatingPointError):
     """The loss became NaN or infinite."""
+
+
+class RunComplete(Exception):
+    """--resume of a run that has trained its --num_epochs (a job requeued after its last save): nothing to do,
+    which is a success (exit status 0)."""
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -110,6 +116,9 @@ def check_args(args: argparse.Namespace) -> None:
             raise SystemExit(f"{flag} must be 0 or more, got {value}")
     if not 0 <= args.max_bad_fraction < 1:
         raise SystemExit(f"--max_bad_fraction must be in [0, 1), got {args.max_bad_fraction}")
+    if args.log_name in ("", ".", "..") or "/" in args.log_name or os.sep in args.log_name:
+        raise SystemExit(f"--log_name {args.log_name!r}: expected a folder name, without path separators and not "
+                         "'..' (the run folder is created under --ckpt_dir)")
     parse_lr_steps(args.lr_step)
 
 
@@ -134,8 +143,12 @@ def run_folder_plan(run_dir: Path, resume: bool) -> tuple[bool, str]:
 def check_resumable(state: dict, args: argparse.Namespace, class_names: list[str], path: Path) -> None:
     """Refuses flags that cannot continue the checkpoint at `path`, before any network is built."""
     saved = state["args"]
-    if saved["arch"] != args.arch:
-        raise SystemExit(f"--resume: {path} was trained with --arch {saved['arch']}, not {args.arch}")
+    # The flags that define the run (its network and training input); the batch may be split over another
+    # number of processes.
+    for name in ("arch", "img_size"):
+        if saved[name] != getattr(args, name):
+            raise SystemExit(f"--resume: {path} was trained with --{name} {saved[name]}, not {getattr(args, name)}; "
+                             f"resume with --{name} {saved[name]}, or start a new run with another --log_name")
     if state["class_names"] != class_names:
         raise SystemExit(f"--resume: {path} was trained on classes {state['class_names']}, but "
                          f"{args.train_split} has {class_names}")
@@ -145,8 +158,8 @@ def check_resumable(state: dict, args: argparse.Namespace, class_names: list[str
                          "images per optimizer step; resume with the same --batch_size and --accum_steps")
     last_epoch = position["epoch"] if position else state["epoch"] + 1
     if last_epoch > args.num_epochs:
-        raise SystemExit(f"--resume: {path} has already trained {state['epoch']} epochs; pass a --num_epochs "
-                         f"above {state['epoch']} to train longer")
+        raise RunComplete(f"{path} is complete: it has trained {state['epoch']} epochs (--num_epochs "
+                          f"{args.num_epochs}); pass a larger --num_epochs to train longer", state["best_ap"])
     check_scaler_state(state.get("scaler"), path)  # any --amp setting may continue it: see resume_scaler
 
 
@@ -277,11 +290,17 @@ def on_main_for_all(work):
 
 
 def main(args: argparse.Namespace) -> float:
-    """Trains as the flags say; returns the last validation AP. Raises SystemExit(128 + signal) after saving when
-    stopped by SIGTERM / SIGINT."""
+    """Trains as the flags say; returns the last validation AP (the best, for a run already complete). Raises
+    SystemExit(128 + signal) after saving when stopped by SIGTERM / SIGINT."""
     check_args(args)
-    with StopSignals() as signals:
-        ap, stopped = train(args, signals)
+    try:
+        with StopSignals() as signals:
+            ap, stopped = train(args, signals)
+    except RunComplete as done:
+        if dist.is_main():
+            print(done.args[0])
+        dist.cleanup()
+        return done.args[1]
     if stopped:
         raise SystemExit(signals.exit_status or 1)
     return ap
@@ -332,6 +351,9 @@ def train(args: argparse.Namespace, signals: StopSignals) -> tuple[float, bool]:
         progress = EpochProgress.from_position(state["position"]) if state.get("position") else None
         del state
 
+    # Before the run folder exists: a missing or foreign --pretrained file leaves nothing to refuse a rerun.
+    pretrained = load_pretrained_checkpoint(model, args.pretrained, train_set.class_names, args.arch) \
+        if args.pretrained and not resuming else None  # a resumed run already holds the fine-tuned weights
     logger = RunLogger(run_dir, enabled=dist.is_main())
     logger.info(plan_message)
     if scaler_note:
@@ -342,9 +364,8 @@ def train(args: argparse.Namespace, signals: StopSignals) -> tuple[float, bool]:
     if launched_without_flag:
         logger.info(f"started as {dist.world_size()} processes by a launcher: training with "
                     "DistributedDataParallel (--dist implied)")
-    if args.pretrained and not resuming:  # a resumed run already holds the fine-tuned weights
-        for line in load_pretrained_checkpoint(model, args.pretrained, train_set.class_names).lines():
-            logger.info(line)
+    for line in pretrained.lines() if pretrained else []:
+        logger.info(line)
     logger.info(f"{args.arch} at epoch {start_epoch}{f' step {progress.step}' if progress else ''}: "
                 f"{args.num_classes} classes, {len(train_set)} train / {len(val_set)} val images, "
                 f"{dist.world_size()} process(es) on {device}")

@@ -4,17 +4,59 @@
 
 The annotation file must parse; every image, category and annotation entry is checked as the data set loader
 checks it (datasets/coco.py), and every image file must exist, decode and have the width and height the json gives.
+Boxes that the loader accepts but that cannot be right are reported too (training would drop or clip them, while
+evaluation would keep them as ground truth): a width or height of 0 or less, and a box that leaves its image by more
+than OUTSIDE_TOLERANCE of the image's side (at least 1 px: converters round), which includes a box entirely outside
+it. An empty 'annotations' list is reported: there is nothing to train on or to evaluate against.
 Problems are listed with the file and the entry (annotation ids included), all of them rather than the first;
-the exit status is 1 when there is any, 0 when the split is clean.
+the exit status is 1 when there is any, 0 when the split is clean. Runs from any folder as
+`python PATH/TO/REPO/datasets/check.py ...` too.
 """
 import argparse
+import math
 import sys
 from pathlib import Path
 
 from tqdm import tqdm
 
+if __package__ in (None, ""):  # run as a script from anywhere: import the repo, not this folder's modules
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
 from datasets.coco import coco_problems, load_entry_image, read_json
 from utils.errors import UserError
+
+OUTSIDE_TOLERANCE = 0.01  # of the image side a box may leave it by (at least 1 px)
+
+
+def box_problems(data: dict, ann_file: Path) -> list[str]:
+    """One line per annotation whose box (4 finite numbers) has a width or height <= 0 or leaves its image by
+    more than the tolerance (see the module docstring); entries with other problems are coco_problems' job."""
+    images = {im["id"]: im for im in data.get("images", []) if isinstance(im, dict) and "id" in im}
+    annotations = data.get("annotations")
+    if isinstance(annotations, list) and not annotations:
+        return [f"{ann_file}: 'annotations' is empty: no box to train on or to evaluate against"]
+    problems = []
+    for i, a in enumerate(annotations if isinstance(annotations, list) else []):
+        box = a.get("bbox") if isinstance(a, dict) else None
+        if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)
+                and all(math.isfinite(v) for v in box)):
+            continue
+        x, y, w, h = box
+        where = f"{ann_file}: annotations[{i}].bbox {box!r}"
+        if w <= 0 or h <= 0:
+            problems.append(f"{where} has a width or height of 0 or less")
+            continue
+        im = images.get(a.get("image_id"), {})
+        width, height = im.get("width"), im.get("height")
+        if not all(isinstance(v, (int, float)) and v > 0 for v in (width, height)):
+            continue
+        beyond = max(-x, x + w - width) / width, max(-y, y + h - height) / height
+        limits = max(OUTSIDE_TOLERANCE, 1 / width), max(OUTSIDE_TOLERANCE, 1 / height)
+        if beyond[0] > limits[0] or beyond[1] > limits[1]:
+            inside = x < width and y < height and x + w > 0 and y + h > 0
+            problems.append(f"{where} {'leaves' if inside else 'lies entirely outside'} its {width}x{height} image "
+                            f"(file {im.get('file_name')!r})")
+    return problems
 
 
 def image_problems(img_dir: Path, images: list, ann_file: Path, progress: bool = True) -> list[str]:
@@ -49,7 +91,7 @@ def check_split(data_dir: str | Path, split: str, progress: bool = True) -> list
     root = Path(data_dir)
     ann_file = root / "annotations" / f"instances_{split}.json"
     data = read_json(ann_file)
-    problems = annotation_ids(coco_problems(data, ann_file), data)
+    problems = annotation_ids(coco_problems(data, ann_file) + box_problems(data, ann_file), data)
     img_dir = root / split
     if not img_dir.is_dir():
         return problems + [f"{img_dir}: image directory of split {split!r} not found"]

@@ -6,12 +6,19 @@ are -1, as pycocotools reports them. Beside the results json go the per-class ta
 curves (PNG). A split without annotations (COCO test-dev: images and categories only) is not scored: its results
 json is written under the name the COCO evaluation server expects (`server_results_name`).
 
+test.py names its results after everything that makes them differ (`results_path`): the split, the model file,
+the test scales and flip, and a short hash of any non-default post-processing settings; it never replaces earlier
+results without --force (`check_results_free`), and replacing them removes their stale `<stem>_analysis/` folder.
+
 Backends: "pycocotools" (the default), or "faster" (faster-coco-eval, the same algorithm in C++: its 12 numbers
 and precision arrays equal pycocotools' on tests/test_coco_report.py's data to 1e-15).
 """
 import contextlib
+import hashlib
 import io
+import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +26,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from datasets.coco_report import pr_figure, per_class_table, table_csv
+from utils.errors import UserError
 from utils.files import atomic_write, write_json
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -45,6 +53,44 @@ def server_results_name(split: str, alg: str) -> str:
     and hyphens (underscores separate the fields)."""
     alg = re.sub(r"[^A-Za-z0-9-]+", "-", alg).strip("-") or "centernet47"
     return f"detections_{split}_{alg}_results.json"
+
+
+def settings_hash(settings: dict) -> str:
+    """8 hex digits that identify `settings` (json-able values); the same for the same values in any order."""
+    return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def results_path(model: Path, split: str, scales: list[float], flip: bool, onnx: bool, settings: dict,
+                 server: bool) -> Path:
+    """Where test.py writes the results of the checkpoint or .onnx file `model` on `split`: beside `model`, as
+    results_<split>_<model stem>[_onnx]_s<scales>[_flip][_<settings hash>].json, the hash only when `settings` (the
+    post-processing settings that differ from the official ones, {name: value}) is not empty. A split without
+    annotations (`server`) gets the COCO server's name with the run folder, stem, scales, flip and hash in it."""
+    tag = [model.stem] + (["onnx"] if onnx else [])
+    extra = (["flip"] if flip else []) + ([settings_hash(settings)] if settings else [])
+    if server:  # the server reads the algorithm name from the file name: letters, digits and hyphens
+        alg = [model.parent.name, *tag, "s" + "-".join(f"{round(s * 100)}" for s in scales), *extra]
+        return model.parent / server_results_name(split, "-".join(alg))
+    name = "_".join([f"results_{split}", *tag, "s" + "_".join(f"{s:g}" for s in scales), *extra])
+    return model.parent / f"{name}.json"
+
+
+def companion_files(out_json: Path) -> list[Path]:
+    """The files `evaluate_detections` writes for `out_json`: the json, its per-class CSV and its PR plot."""
+    return [out_json] + [out_json.with_name(out_json.stem + end) for end in ("_per_class.csv", "_pr.png")]
+
+
+def analysis_folder(out_json: Path) -> Path:
+    """tools/analyze.py's default output folder for the results json `out_json`."""
+    return out_json.with_name(out_json.stem + "_analysis")
+
+
+def check_results_free(out_json: Path, force: bool) -> None:
+    """Refuses (UserError) to replace earlier results at `out_json` (json, CSV, plot or analysis) without `force`."""
+    held = [p.name for p in companion_files(out_json) + [analysis_folder(out_json)] if p.exists()]
+    if held and not force:
+        raise UserError(f"{out_json.parent} already holds {', '.join(held)} (results of this model with these "
+                        "settings); pass --force to replace them, or evaluate a copy of the model under another name")
 
 
 def load_results(coco: COCO, results: list[dict]) -> COCO:
@@ -102,7 +148,10 @@ def evaluate_detections(coco: COCO, detections: dict[int, np.ndarray], cat_ids: 
     Prints the 12-line COCO table and a per-class AP table; when `out_json` is given, writes there the COCO results
     json and beside it `<stem>_per_class.csv` and `<stem>_pr.png`. Returns {"AP", "AP50", "AP75", "APs", "APm",
     "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl": float, "per_class": {class name: AP}}. Without ground truth
-    (no 'annotations' in `coco`), only writes `out_json`, says where AP comes from and returns {}.
+    (no 'annotations' in `coco`), only writes `out_json`, says where AP comes from and returns {}; with an empty
+    'annotations' list, only writes `out_json`, says there is nothing to evaluate and returns every metric as -1
+    (pycocotools' value for no ground truth; a training run's validation logs it). No detection at all is scored
+    (AP 0) with a warning saying so.
     """
     unknown = set(int(i) for i in detections) - set(coco.getImgIds())
     if unknown:
@@ -116,8 +165,20 @@ def evaluate_detections(coco: COCO, detections: dict[int, np.ndarray], cat_ids: 
               f"{len(coco.getImgIds())} images written to {out_json}; AP comes from the COCO evaluation server "
               "(zip the json and upload it)")
         return {}
+    if not coco.dataset["annotations"]:
+        if out_json is not None:
+            write_json(out_json, results)
+        print(f"nothing to evaluate: this split's 'annotations' list is empty (no ground-truth box); {len(results)} "
+              f"detections of {len(coco.getImgIds())} images" + (f" written to {out_json}" if out_json else ""))
+        return {**dict.fromkeys(METRIC_NAMES, -1.0), "per_class": dict.fromkeys(class_names, -1.0)}
+    if not results:
+        print(f"warning: the model detected nothing in {len(coco.getImgIds())} images (AP 0 below): an untrained or "
+              "diverged checkpoint, or images unlike its training data?")
     if out_json is not None:
         write_json(out_json, results)
+        if analysis_folder(Path(out_json)).is_dir():  # it describes the results just replaced
+            shutil.rmtree(analysis_folder(Path(out_json)))
+            print(f"removed {analysis_folder(Path(out_json))}: it analysed the results that were replaced")
 
     coco_eval = run_cocoeval(coco, load_results(coco, results), cat_ids, backend)
     stats = {name: float(v) for name, v in zip(METRIC_NAMES, coco_eval.stats)}
@@ -132,11 +193,11 @@ def evaluate_detections(coco: COCO, detections: dict[int, np.ndarray], cat_ids: 
         out_json = Path(out_json)
         gt_counts = [len(coco.getAnnIds(catIds=[c], iscrowd=False)) for c in cat_ids]
         csv = table_csv(per_class_table(coco_eval, class_names, cat_ids, gt_counts))
-        atomic_write(out_json.with_name(out_json.stem + "_per_class.csv"), lambda f: f.write(csv))
+        atomic_write(companion_files(out_json)[1], lambda f: f.write(csv))
         try:
             png = pr_figure(coco_eval, class_names, out_json.stem)
         except ModuleNotFoundError as e:  # matplotlib is in requirements.txt, but `make gpu-check PY=...` may lack it
             print(f"no precision-recall plot: {e}")
         else:
-            atomic_write(out_json.with_name(out_json.stem + "_pr.png"), lambda f: f.write(png))
+            atomic_write(companion_files(out_json)[2], lambda f: f.write(png))
     return stats

@@ -1,9 +1,11 @@
 """Image decoding to 8-bit BGR with errors that name the file.
 
 Grayscale, gray + alpha, RGBA and 16-bit images are converted to 3-channel 8-bit BGR (alpha dropped, 16-bit values
-keep their high byte). EXIF orientation is ignored: pixels stay in stored order, the frame that the image's
-width / height in an annotation file describe. A JPEG cut short (which libjpeg would otherwise decode with gray
-rows at the bottom) is an error.
+keep their high byte). The EXIF orientation of a JPEG is applied, as image viewers (and most annotation tools) show the
+image: a phone's portrait photo is upright, its boxes are drawn where one sees the objects, and the width / height
+an annotation file gives are those of the upright image (a 90-degree mismatch fails the loader's size check).
+Every image is read here: training, evaluation, demo.py, datasets.check and tools/analyze.py agree. A JPEG cut
+short (which libjpeg would otherwise decode with gray rows at the bottom) is an error.
 """
 from pathlib import Path
 
@@ -12,7 +14,12 @@ import numpy as np
 
 from utils.errors import DataError, MissingFileError
 
-_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+_FLAGS = cv2.IMREAD_COLOR  # which applies the EXIF orientation (IMREAD_UNCHANGED would not)
+# The file name endings of the formats cv2.imread documents (those missing from a given OpenCV build are reported
+# as undecodable when read).
+IMAGE_SUFFIXES = frozenset({".bmp", ".dib", ".jpeg", ".jpg", ".jpe", ".jp2", ".png", ".webp", ".avif", ".pbm",
+                            ".pgm", ".ppm", ".pxm", ".pnm", ".pfm", ".sr", ".ras", ".tiff", ".tif", ".exr", ".hdr",
+                            ".pic"})
 _JPEG_SOI, _JPEG_SOS, _JPEG_EOI = b"\xff\xd8", b"\xff\xda", b"\xff\xd9"
 
 

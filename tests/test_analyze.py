@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from tools.analyze import KINDS, breakdown, get_args_parser, main
+from utils.errors import DataError
 
 CATS = [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}]
 GT_BOXES = [[10, 10, 100, 100], [150, 150, 80, 80]]  # both cats, in image 1
@@ -85,3 +86,21 @@ def test_cli_prints_the_table_and_draws_the_worst_image(tmp_path, capsys):
     with pytest.raises(SystemExit, match="entry 0 has image_id 1 / category_id 7"):
         main(get_args_parser().parse_args([str(results), "--data_dir", str(data), "--split", "val", "--out",
                                            str(tmp_path / "x")]))
+
+
+def test_cli_explains_a_split_without_annotations_and_an_empty_drawing(tmp_path, capsys):
+    data = tmp_path / "data"
+    (data / "annotations").mkdir(parents=True)
+    (data / "val").mkdir()
+    cv2.imwrite(str(data / "val" / "1.jpg"), np.full((300, 300, 3), 200, np.uint8))
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps([det(GT_BOXES[0], 0.9), det(GT_BOXES[1], 0.8)]))  # both true boxes, found
+    args = get_args_parser().parse_args([str(results), "--data_dir", str(data), "--split", "val"])
+    for gt in ({k: v for k, v in ground_truth().items() if k != "annotations"}, {**ground_truth(), "annotations": []}):
+        (data / "annotations" / "instances_val.json").write_text(json.dumps(gt))
+        with pytest.raises(DataError, match="has no ground-truth boxes .'annotations' missing or empty."):
+            main(args)
+    (data / "annotations" / "instances_val.json").write_text(json.dumps(ground_truth()))
+    main(args)
+    assert capsys.readouterr().out.splitlines()[-1] == \
+        "no image drawn: no missed box and no wrong detection scoring at least --score_thresh 0.3"

@@ -59,3 +59,36 @@ def test_exit_status_and_output_of_the_command(tmp_path, capsys):
     assert result.returncode == 1 and result.stdout.strip().splitlines()[-1].endswith(": 5 problem(s)")
     assert main(["--data_dir", str(tmp_path), "--split", "nope"]) == 1
     assert "annotation file not found" in capsys.readouterr().err
+
+
+def test_boxes_of_no_size_or_outside_their_image_are_reported_with_their_ids(tmp_path):
+    write_split(tmp_path, "train", 2, seed=5, cfg=ShapesConfig(min_size=64, max_size=96, min_obj=16, max_obj=40))
+    ann_file = tmp_path / "annotations" / "instances_train.json"
+    data = json.loads(ann_file.read_text())
+    im = {i["id"]: i for i in data["images"]}[data["annotations"][0]["image_id"]]
+    w, h = im["width"], im["height"]
+    boxes = {"zero width": [5, 5, 0, 10], "negative height": [5, 5, 10, -3], "outside": [w + 10, 5, 8, 8],
+             "leaves by 5 px": [w - 10, 5, 15, 8], "leaves by 1 px (rounding)": [w - 10, 5, 11, 8],
+             "inside": [0, 0, w, h]}
+    anns = [{**data["annotations"][0], "id": 100 + k, "bbox": box} for k, box in enumerate(boxes.values())]
+    data["annotations"] = anns
+    ann_file.write_text(json.dumps(data))
+    problems = check_split(tmp_path, "train", progress=False)
+    assert len(problems) == 4, problems
+    assert "bbox [5, 5, 0, 10] has a width or height of 0 or less (annotation id 100)" in problems[0]
+    assert "bbox [5, 5, 10, -3] has a width or height of 0 or less (annotation id 101)" in problems[1]
+    assert f"bbox {[w + 10, 5, 8, 8]} lies entirely outside its {w}x{h} image" in problems[2]
+    assert problems[2].endswith("(annotation id 102)")
+    assert f"bbox {[w - 10, 5, 15, 8]} leaves its {w}x{h} image" in problems[3]
+    assert problems[3].endswith("(annotation id 103)")
+
+    data["annotations"] = []
+    ann_file.write_text(json.dumps(data))
+    assert check_split(tmp_path, "train", progress=False) == [
+        f"{ann_file}: 'annotations' is empty: no box to train on or to evaluate against"]
+
+
+def test_runs_from_any_folder_as_a_script(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "datasets" / "check.py"), "--data_dir", str(RACCOON),
+                             "--split", "val"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip().endswith("val: no problems found"), result.stderr

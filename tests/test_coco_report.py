@@ -71,10 +71,34 @@ def test_split_without_annotations_is_written_for_the_server(tmp_path, capsys):
     dets = noisy_detections(ground_truth(), seed=1)
     out = tmp_path / server_results_name("test-dev2017", "my_run-s100-flip")
     assert out.name == "detections_test-dev2017_my-run-s100-flip_results.json"
-    assert evaluate_detections(coco, dets, CAT_IDS, NAMES, out_json=out) == {}
-    printed = capsys.readouterr().out
-    assert "AP comes from the COCO evaluation server" in printed and "-1" not in printed
-    assert "Average Precision" not in printed
+    stats = evaluate_detections(coco, dets, CAT_IDS, NAMES, out_json=out)
+    assert stats == {**dict.fromkeys(METRIC_NAMES, -1.0), "per_class": dict.fromkeys(NAMES, -1.0)}
+    # The whole output, exactly: one line and no table (the temporary path may hold any characters, "-1" too).
+    assert capsys.readouterr().out == (
+        f"no annotations in this split (such as COCO test-dev): {len(detections_to_coco(dets, CAT_IDS))} detections "
+        f"of {len(coco.getImgIds())} images written to {out}; AP comes from the COCO evaluation server (zip the json "
+        "and upload it)\n")
     assert out.is_file() and sorted(p.name for p in tmp_path.iterdir()) == [out.name]
     with pytest.raises(ValueError, match="no annotations to score against"):
         evaluate_detections(coco, dets, CAT_IDS, NAMES)
+
+
+def test_empty_annotations_say_there_is_nothing_to_evaluate(tmp_path, capsys):
+    coco = coco_from_dict({**ground_truth().dataset, "annotations": []})
+    dets = noisy_detections(ground_truth(), seed=1)
+    out = tmp_path / "results_val_checkpoint_s1.json"
+    stats = evaluate_detections(coco, dets, CAT_IDS, NAMES, out_json=out)
+    assert stats == {**dict.fromkeys(METRIC_NAMES, -1.0), "per_class": dict.fromkeys(NAMES, -1.0)}
+    assert capsys.readouterr().out == (
+        f"nothing to evaluate: this split's 'annotations' list is empty (no ground-truth box); "
+        f"{len(detections_to_coco(dets, CAT_IDS))} detections of {len(coco.getImgIds())} images written to {out}\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]  # no table, no PR plot of AP 0
+
+
+def test_no_detection_at_all_is_scored_with_a_warning(capsys):
+    coco = ground_truth(seed=0, num_images=5)
+    stats = evaluate_detections(coco, {}, CAT_IDS, NAMES)
+    printed = capsys.readouterr().out
+    assert stats["AP"] == 0 and printed.startswith("warning: the model detected nothing in 5 images (AP 0 below)")
+    evaluate_detections(coco, noisy_detections(coco, seed=2), CAT_IDS, NAMES)
+    assert "detected nothing" not in capsys.readouterr().out

@@ -1,6 +1,7 @@
 """datasets/coco.py: loading, classes, training items, and every kind of bad input (error or documented handling)."""
 import argparse
 import json
+import struct
 from pathlib import Path
 
 import cv2
@@ -11,6 +12,7 @@ from torch.utils.data import DataLoader, Subset, default_collate
 
 from datasets import build_dataset
 from datasets.coco import CocoDetection
+from datasets.image_io import load_image
 
 RACCOON = Path(__file__).parent / "data" / "raccoon"
 
@@ -278,3 +280,27 @@ def test_image_width_must_be_a_positive_whole_number(tmp_path, value, ok):
     else:
         with pytest.raises(ValueError, match=r"images\[0\] \(file '1.png'\) has width .* positive whole number"):
             CocoDetection(tmp_path, "train", train=True)
+
+
+def with_exif_orientation(jpeg: bytes, orientation: int) -> bytes:
+    """`jpeg` with an APP1 Exif segment holding only the Orientation tag (0x0112), big-endian TIFF layout."""
+    tiff = b"MM\x00\x2a" + struct.pack(">I", 8) + struct.pack(">H", 1) + \
+        struct.pack(">HHIHH", 0x0112, 3, 1, orientation, 0) + struct.pack(">I", 0)
+    app1 = b"\xff\xe1" + struct.pack(">H", 2 + 6 + len(tiff)) + b"Exif\x00\x00" + tiff
+    return jpeg[:2] + app1 + jpeg[2:]
+
+
+@pytest.mark.parametrize("orientation, rotate", [(1, None), (3, cv2.ROTATE_180), (6, cv2.ROTATE_90_CLOCKWISE),
+                                                 (8, cv2.ROTATE_90_COUNTERCLOCKWISE)])
+def test_exif_orientation_is_applied_as_viewers_show_the_photo(tmp_path, orientation, rotate):
+    stored = np.zeros((40, 60, 3), np.uint8)
+    stored[:, :15] = 255  # a white band on the stored image's left
+    jpeg = cv2.imencode(".jpg", stored)[1].tobytes()
+    plain = load_image(write_bytes(tmp_path / "plain.jpg", jpeg))
+    got = load_image(write_bytes(tmp_path / "exif.jpg", with_exif_orientation(jpeg, orientation)))
+    np.testing.assert_array_equal(got, plain if rotate is None else cv2.rotate(plain, rotate))  # exact permutation
+
+
+def write_bytes(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path

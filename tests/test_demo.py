@@ -2,6 +2,10 @@
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -15,10 +19,11 @@ from nets import build_model
 from tests.test_faults import FullDisk
 from utils import files
 from utils.checkpoint import save_checkpoint
-from utils.errors import CheckpointError, WriteError
+from utils.errors import CheckpointError, DataError, UserError, WriteError
 from utils.inference import InferenceConfig, detect
 
 RACCOON = Path(__file__).parent / "data" / "raccoon" / "val"
+REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny(peaked: bool) -> torch.nn.Module:
@@ -130,7 +135,7 @@ def test_never_overwrites_without_force(ckpt, tmp_path):
     with pytest.raises(SystemExit, match="not empty"):
         run(ckpt, photo, out)
     assert (out / "detections.json").read_bytes() == before
-    run(ckpt, photo, out, "--force", "--score_thresh", "2")
+    run(ckpt, photo, out, "--force", "--score_thresh", "1")
     assert json.loads((out / "detections.json").read_text())["detections"] == []
 
 
@@ -238,3 +243,64 @@ def test_video(ckpt, float64_demo, tmp_path):
         run(ckpt, corrupt, tmp_path / "c.mp4", source="--video")
     assert sorted(p.name for p in out.parent.iterdir()) == ["out.json", "out.mp4"]  # no temporary files
     assert not (tmp_path / "c.mp4").exists() and not (tmp_path / "c.json").exists()
+
+
+def test_sigterm_keeps_the_json_and_leaves_no_temporary_video(ckpt, tmp_path):
+    """A video run stopped by SIGTERM (a scheduler, `kill`) ends with status 143, its json saved with
+    "complete": false and no hidden temporary video; the next run clears those of killed runs only."""
+    video, out = tmp_path / "in.mp4", tmp_path / "res" / "out.mp4"
+    write_video(video, frames=60)
+    cmd = [sys.executable, str(REPO / "demo.py"), "--ckpt", str(ckpt), "--video", str(video), "--out", str(out),
+           "--device", "cpu", "--batch_size", "1"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(out.parent.glob(".out.*.tmp.mp4")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143, stderr[-2000:]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["out.json"]
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert saved["complete"] is False and len(saved["frames"]) < 60
+
+    dead = out.with_name(".out.4194305.tmp.mp4")  # above Linux's largest process id: never running
+    alive = out.with_name(f".out.{os.getppid()}.tmp.mp4")  # pytest's parent process: running
+    for p in (dead, alive):
+        p.write_bytes(b"partial video")
+    short = tmp_path / "short.mp4"
+    write_video(short, frames=2)
+    run(ckpt, short, out, "--force", source="--video")
+    assert sorted(p.name for p in out.parent.iterdir()) == sorted([alive.name, "out.json", "out.mp4"])
+
+
+def test_mistakes_end_in_one_clear_error_not_a_traceback_or_an_empty_success(ckpt, tmp_path):
+    photo = small_photos(tmp_path / "in")[0]
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    with pytest.raises(UserError, match="--out .*a_file is a file"):
+        run(ckpt, photo, a_file)
+    with pytest.raises(WriteError, match="--out .*a_file/sub: cannot create or read the folder"):
+        run(ckpt, photo, a_file / "sub")
+    write_video(tmp_path / "in.mp4", frames=2)
+    with pytest.raises(WriteError, match="--out's folder .*a_file is a file"):
+        run(ckpt, tmp_path / "in.mp4", a_file / "out.mp4", source="--video")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no image files in this folder"):
+        run(ckpt, tmp_path / "empty", tmp_path / "out")
+    with pytest.raises(DataError, match="none of the 1 files could be read as an image"):
+        run(ckpt, a_file, tmp_path / "out_text")
+    with pytest.raises(UserError, match="--score_thresh: expected a score between 0 and 1, got 5.0"):
+        run(ckpt, photo, tmp_path / "out", "--score_thresh", "5")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_of_any_format_opencv_reads(ckpt, float64_demo, tmp_path):
+    folder = tmp_path / "formats"
+    folder.mkdir()
+    image = cv2.imread(str(small_photos(tmp_path / "in")[0]))
+    for suffix in (".bmp", ".webp", ".tif"):
+        assert cv2.imwrite(str(folder / f"photo{suffix}"), image)
+    written = run(ckpt, folder, tmp_path / "out")
+    assert not written["skipped"] and {d["file"] for d in written["detections"]} == {"photo.bmp", "photo.webp",
+                                                                                    "photo.tif"}

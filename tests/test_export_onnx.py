@@ -2,21 +2,28 @@
 against PyTorch, and test.py --onnx against the PyTorch path."""
 import importlib.util
 import json
+import os
+import shutil
 from pathlib import Path
 
+import cv2
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 import torch
 
+import demo
+from datasets.transforms import eval_input
 from lib.cpool import bottom_pool, left_pool, right_pool, top_pool
 from nets import build_model
 from nets.export_pool import rounds_for, shifted_max_pool, use_export_pooling
 from tools import export_onnx
 from utils.checkpoint import save_checkpoint
-from utils.errors import CheckpointError
+from utils.errors import CheckpointError, UserError
+from utils.inference import InferenceConfig, detect
 from utils.onnx_backend import OnnxModel
+from tests.test_demo import same_detections
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("centernet47_test_cli_onnx", REPO / "test.py")
@@ -133,7 +140,7 @@ def test_static_export_and_refusals(exported, tmp_path):
     with pytest.raises(ValueError, match="export it with --dynamic"):
         static(torch.zeros(1, 3, 127, 127))
     before = out.read_bytes()
-    with pytest.raises(SystemExit, match="exists"):
+    with pytest.raises(UserError, match="exists"):
         export_onnx.main(export_onnx.get_args_parser().parse_args(args))
     assert out.read_bytes() == before
     with pytest.raises(SystemExit, match="k \\* 32 - 1"):
@@ -144,6 +151,75 @@ def test_static_export_and_refusals(exported, tmp_path):
         export_onnx.main(export_onnx.get_args_parser().parse_args(["--ckpt", str(broken), "--out", str(out),
                                                                          "--force"]))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.pt", "static.onnx"]  # no temporary files left
+
+
+def test_never_writes_over_a_checkpoint_or_a_folder_and_refuses_size_0(exported, tmp_path):
+    ckpt, _, _ = exported
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(ckpt.read_bytes())
+    (run / "link.pt").symlink_to(run / "checkpoint.pt")
+    os.link(run / "checkpoint.pt", run / "hard.pt")
+    (run / "other.pt").write_bytes(ckpt.read_bytes())
+    before = ckpt.read_bytes()
+
+    def export(out: Path, *extra: str) -> None:
+        export_onnx.main(export_onnx.get_args_parser().parse_args(
+            ["--ckpt", str(run / "checkpoint.pt"), "--out", str(out), "--force", *extra]))
+
+    for out in ("checkpoint.pt", "link.pt", "hard.pt"):
+        with pytest.raises(UserError, match=f"--out {run / out} is the input checkpoint"):
+            export(run / out)
+    with pytest.raises(UserError, match="is a checkpoint; an export never replaces one"):
+        export(run / "other.pt")
+    with pytest.raises(UserError, match="is a folder; give the .onnx file to write"):
+        export(run)
+    for extra in (["--img_size", "0"], ["--dynamic", "--max_size", "0"]):
+        with pytest.raises(SystemExit, match="k \\* 32 - 1"):
+            export(run / "model.onnx", *extra)
+    assert all((run / name).read_bytes() == before for name in ("checkpoint.pt", "link.pt", "hard.pt", "other.pt"))
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "hard.pt", "link.pt", "other.pt"]
+
+
+def test_demo_scales_images_larger_than_the_export_down_and_refuses_a_fixed_size_file(exported, tmp_path, capsys):
+    """raccoon-13 (660 x 495) does not fit the export's 511: it runs at scale 511 / 660, with the boxes the
+    PyTorch network gives at that scale in original pixels; raccoon-148 (500 x 375) runs as it is."""
+    ckpt, path, model = exported
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("raccoon-13.jpg", "raccoon-148.jpg"):
+        shutil.copy(RACCOON / "val" / name, folder)
+    args = ["--onnx", str(path), "--images", str(folder), "--out", str(tmp_path / "out"), "--device", "cpu",
+            "--score_thresh", "0"]
+    written = demo.main(demo.get_args_parser().parse_args(args))
+    assert "larger images are scaled down to fit" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "out" / "detections.json").read_text())
+    assert saved["complete"] is True and not saved["skipped"] and saved == written
+    for name, scale in (("raccoon-13.jpg", 511 / 660), ("raccoon-148.jpg", 1.0)):
+        image = cv2.imread(str(folder / name))
+        dets = detect(model, [eval_input(image, scale, False)], InferenceConfig(), torch.device("cpu"))
+        got = [(0, d["box"], d["score"]) for d in saved["detections"] if d["file"] == name]
+        # json rounding (0.01 px, 1e-4) plus onnxruntime's float32 round-off (scores ~1e-6)
+        assert len(dets) > 0 and same_detections(got, [(0, d[:4], float(d[4])) for d in dets], box_tol=0.02,
+                                                 score_tol=2e-4)
+        assert all(0 <= d[0] <= d[2] <= image.shape[1] and 0 <= d[1] <= d[3] <= image.shape[0] for _, d, _ in got)
+
+    static = tmp_path / "static.onnx"
+    export_onnx.main(export_onnx.get_args_parser().parse_args(["--ckpt", str(ckpt), "--out", str(static),
+                                                              "--img_size", "63"]))
+    with pytest.raises(UserError, match="takes 63 x 63 inputs only; photos and video frames need other sizes"):
+        demo.main(demo.get_args_parser().parse_args(args[:1] + [str(static)] + args[2:5] + [str(tmp_path / "o2")]))
+    assert not (tmp_path / "o2").exists()
+
+
+def test_malformed_metadata_is_a_clear_error(exported, tmp_path):
+    _, path, _ = exported
+    for name, value in (("not_json", "{"), ("no_arch", '{"class_names": ["raccoon"]}'), ("a_list", "[1]")):
+        proto = onnx.load(path)
+        next(e for e in proto.metadata_props if e.key == "centernet47").value = value
+        onnx.save(proto, tmp_path / f"{name}.onnx")
+        with pytest.raises(UserError, match=f"{name}.onnx: its 'centernet47' metadata is malformed"):
+            OnnxModel(tmp_path / f"{name}.onnx", torch.device("cpu"))
 
 
 def test_export_pooling_keeps_the_pytorch_outputs():
@@ -164,8 +240,8 @@ def test_test_py_onnx_gives_the_pytorch_ap(exported, tmp_path):
     torch_stats = test_cli.main(test_cli.get_args_parser().parse_args(["--ckpt", str(ckpt), *common]))
     onnx_stats = test_cli.main(test_cli.get_args_parser().parse_args(["--onnx", str(path), *common]))
 
-    torch_results = json.loads((ckpt.parent / "results_val_s0.5_flip.json").read_text())
-    onnx_results = json.loads((path.parent / "results_val_onnx_s0.5_flip.json").read_text())
+    torch_results = json.loads((ckpt.parent / f"results_val_{ckpt.stem}_s0.5_flip.json").read_text())
+    onnx_results = json.loads((path.parent / f"results_val_{path.stem}_onnx_s0.5_flip.json").read_text())
     assert len(onnx_results) == len(torch_results) > 20
     unmatched = list(torch_results)
     for a in onnx_results:  # in any order: equal scores may come in either order

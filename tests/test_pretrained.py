@@ -48,7 +48,7 @@ def test_weights_load_and_class_outputs_are_fresh(shapes_ckpt):
     fresh = build_model("tiny_hourglass", 2).state_dict()
     torch.manual_seed(0)
     model = build_model("tiny_hourglass", 2)
-    report = load_pretrained_checkpoint(model, str(shapes_ckpt), list(KEEP))
+    report = load_pretrained_checkpoint(model, str(shapes_ckpt), list(KEEP), "tiny_hourglass")
     state = model.state_dict()
 
     class_keys = class_output_keys(model)
@@ -90,10 +90,38 @@ def test_another_architecture_is_refused(shapes_ckpt, tmp_path):
     state = load_checkpoint(shapes_ckpt)
     state["model"] = {f"backbone.{k}": v for k, v in state["model"].items()}  # another code's names
     save_checkpoint(tmp_path / "odd.pt", state)
-    with pytest.raises(SystemExit, match="no tensor matches this network"):
-        load_pretrained_checkpoint(build_model("tiny_hourglass", 2), str(tmp_path / "odd.pt"), list(KEEP))
+    with pytest.raises(SystemExit, match="only 0 of the 69 weight tensors of this tiny_hourglass network match"):
+        load_pretrained_checkpoint(build_model("tiny_hourglass", 2), str(tmp_path / "odd.pt"), list(KEEP),
+                                   "tiny_hourglass")
     with pytest.raises(SystemExit, match="--pretrained: checkpoint not found"):
-        load_pretrained_checkpoint(build_model("tiny_hourglass", 2), str(tmp_path / "none.pt"), list(KEEP))
+        load_pretrained_checkpoint(build_model("tiny_hourglass", 2), str(tmp_path / "none.pt"), list(KEEP),
+                                   "tiny_hourglass")
+
+
+def test_a_checkpoint_of_another_arch_sharing_only_counters_and_biases_is_refused(shapes_ckpt, tmp_path):
+    """small_hourglass and tiny_hourglass share 50 tensors by name and shape (batch-norm counters, head biases)
+    and no kernel: that is not a fine-tuning start."""
+    tiny = build_model("tiny_hourglass", 2)
+    small = build_model("small_hourglass", 2).state_dict()
+    shared = {k: v for k, v in small.items() if k in tiny.state_dict() and v.shape == tiny.state_dict()[k].shape}
+    assert len(shared) >= 40 and all(v.dim() <= 1 for v in shared.values())
+    state = load_checkpoint(shapes_ckpt)
+    state["model"], state["args"]["arch"] = shared, "small_hourglass"  # the tensors that matter, not 400 MB
+    save_checkpoint(tmp_path / "small.pt", state)
+    with pytest.raises(SystemExit, match=r"only 0 of the \d+ weight tensors of this tiny_hourglass network match "
+                                         r"the checkpoint by name and shape \(the checkpoint's --arch is "
+                                         r"small_hourglass\)"):
+        load_pretrained_checkpoint(tiny, str(tmp_path / "small.pt"), list(KEEP), "tiny_hourglass")
+
+
+@pytest.mark.parametrize("problem", ["missing", "truncated"])
+def test_a_bad_pretrained_file_creates_no_run_folder(shapes_dir, shapes_ckpt, tmp_path, problem):
+    path = tmp_path / "pretrained.pt"
+    if problem == "truncated":
+        path.write_bytes(shapes_ckpt.read_bytes()[:5000])
+    with pytest.raises(SystemExit, match=f"--pretrained: .*{path}"):
+        train.main(run_args(shapes_dir, tmp_path / "ckpt", "run", "--pretrained", str(path)))
+    assert not (tmp_path / "ckpt").exists()
 
 
 def test_train_py_fine_tunes_on_a_two_class_subset(shapes_dir, shapes_ckpt, tmp_path):

@@ -11,7 +11,9 @@ import torch
 
 from nets import build_model
 from utils.checkpoint import save_checkpoint
-from utils.errors import MissingFileError
+from datasets.coco_eval import results_path, settings_hash
+from utils.errors import MissingFileError, UserError
+from utils.inference import InferenceConfig, changed_settings, official_config
 
 REPO = Path(__file__).resolve().parents[1]
 # test.py by path: a plain `import test` could find the standard library's `test` package
@@ -52,7 +54,7 @@ def test_evaluates_and_writes_json(ckpt_dir, capsys):
     printed = capsys.readouterr().out
     assert "Average Precision  (AP) @[ IoU=0.50:0.95" in printed and "raccoon" in printed
     assert set(stats) >= {"AP", "AP50", "per_class"} and 0 <= stats["AP"] <= 1
-    out = ckpt_dir / "tiny" / "results_val_s0.5_1_flip.json"
+    out = ckpt_dir / "tiny" / f"results_val_checkpoint_s0.5_1_flip_{settings_hash({'topk': 20})}.json"
     results = read_results(out)
     per_image = {i: sum(r["image_id"] == i for r in results) for i in VAL_IDS}
     assert 0 < max(per_image.values()) <= 100
@@ -75,6 +77,54 @@ def test_errors(ckpt_dir, tmp_path):
         test_cli.main(cli_args(tmp_path, "--log_name", "other"))
 
 
+def test_results_names_carry_the_split_model_scales_flip_and_changed_settings():
+    model = Path("run") / "epoch_10.pt"
+    assert changed_settings(official_config(1), 1, amp=False) == {}
+    assert changed_settings(official_config(3), 3, amp=False) == {}  # merging is official with several scales
+    assert changed_settings(InferenceConfig(topk=20, merge=True), 1, amp=True) == {"topk": 20, "merge": True,
+                                                                                  "amp": True}
+    assert results_path(model, "val2017", [1.0], True, False, {}, False) == \
+        Path("run") / "results_val2017_epoch_10_s1_flip.json"
+    assert results_path(model, "val", [0.5, 1.0], False, True, {"topk": 20}, False).name == \
+        f"results_val_epoch_10_onnx_s0.5_1_{settings_hash({'topk': 20})}.json"
+    assert settings_hash({"topk": 20, "amp": True}) == settings_hash({"amp": True, "topk": 20}) != \
+        settings_hash({"topk": 21, "amp": True})
+    assert results_path(model, "test-dev2017", [0.5, 1.0], True, False, {}, True).name == \
+        "detections_test-dev2017_run-epoch-10-s50-100-flip_results.json"
+
+
+def test_results_of_other_models_and_settings_never_replace_each_other(ckpt_dir, tmp_path, capsys):
+    """Two checkpoints of one folder and two --topk values give three results files; evaluating one of them again
+    is refused without --force (nothing is touched), and with --force its stale analysis folder goes."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for name in ("checkpoint.pt", "epoch_1.pt"):
+        (run_dir / name).write_bytes((ckpt_dir / "tiny" / "checkpoint.pt").read_bytes())
+
+    def evaluate(name: str, topk: str, *extra: str) -> None:
+        args = cli_args(ckpt_dir, "--ckpt", str(run_dir / name), "--test_scales", "0.5", *extra)
+        args.topk = int(topk)
+        test_cli.main(args)
+
+    evaluate("checkpoint.pt", "20")
+    evaluate("epoch_1.pt", "20")
+    evaluate("checkpoint.pt", "10")
+    jsons = sorted(p.name for p in run_dir.glob("results_*.json"))
+    assert len(jsons) == 3 and len({p.name for p in run_dir.glob("results_*_per_class.csv")}) == 3
+    first = run_dir / f"results_val_checkpoint_s0.5_{settings_hash({'topk': 20})}.json"
+    assert first.name in jsons
+    before = first.read_bytes()
+    (run_dir / f"{first.stem}_analysis").mkdir()
+    with pytest.raises(UserError, match="pass --force"):
+        evaluate("checkpoint.pt", "20")
+    assert first.read_bytes() == before and (run_dir / f"{first.stem}_analysis").is_dir()
+    capsys.readouterr()
+    evaluate("checkpoint.pt", "20", "--force")
+    assert f"removed {run_dir / (first.stem + '_analysis')}" in capsys.readouterr().out
+    assert not (run_dir / f"{first.stem}_analysis").exists() and first.is_file()
+    assert sorted(p.name for p in run_dir.glob("results_*.json")) == jsons
+
+
 def run_test_py(*args: str, nproc: int) -> subprocess.CompletedProcess:
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc > 1 else []
     cmd = [sys.executable, *launcher, str(REPO / "test.py"), "--data_dir", str(RACCOON), "--val_split", "val",
@@ -95,7 +145,8 @@ def test_torchrun_two_processes_match_one(ckpt_dir, tmp_path):
         proc = run_test_py("--ckpt", str(run_dir / "checkpoint.pt"), "--test_flip", nproc=nproc)
         lines = [line for line in proc.stdout.splitlines() if "Average Precision" in line or "Recall" in line]
         assert len(lines) == 12, proc.stdout  # the table is printed once, by rank 0
-        runs[nproc] = lines, read_results(run_dir / "results_val_s1_flip.json")
+        name = f"results_val_checkpoint_s1_flip_{settings_hash({'topk': 20})}.json"
+        runs[nproc] = lines, read_results(run_dir / name)
     assert runs[1][0] == runs[2][0]
 
     def key(r):

@@ -2,6 +2,7 @@
 import json
 import shutil
 
+from datasets.coco_eval import settings_hash
 from tests.test_test_cli import RACCOON, cli_args, ckpt_dir, test_cli  # noqa: F401 (ckpt_dir is a fixture)
 
 
@@ -20,7 +21,8 @@ def test_test_dev_writes_server_results(ckpt_dir, tmp_path, capsys):  # noqa: F8
     printed = capsys.readouterr().out
     assert "AP comes from the COCO evaluation server" in printed
     assert "Average Precision" not in printed and "-1.000" not in printed
-    out = ckpt_dir / "tiny" / "detections_test-dev2017_tiny-s50-100-flip_results.json"
+    out = ckpt_dir / "tiny" / f"detections_test-dev2017_tiny-checkpoint-s50-100-flip-{settings_hash({'topk': 20})}" \
+                              "_results.json"
     results = json.loads(out.read_text())
     ids = {im["id"] for im in info["images"]}
     assert results and all(set(r) == {"image_id", "category_id", "bbox", "score"} for r in results)

@@ -80,18 +80,27 @@ def test_flags_that_cannot_work_are_refused_before_anything_is_created(shapes_di
     for flags, message in [(("--batch_size", "0"), "--batch_size must be positive"),
                            (("--num_epochs", "0"), "--num_epochs must be positive"),
                            (("--img_size", "128"), "128k - 1"),
-                           (("--max_bad_fraction", "1"), "--max_bad_fraction")]:
+                           (("--max_bad_fraction", "1"), "--max_bad_fraction"),
+                           (("--log_name", "../../x"), "expected a folder name, without path separators"),
+                           (("--log_name", ".."), "expected a folder name")]:
         with pytest.raises(SystemExit, match=message):
             train.main(args_for(shapes_dir, tmp_path, *flags))
         assert not (tmp_path / "run").exists()
 
 
-def test_resume_refuses_what_cannot_continue_the_run(shapes_dir, tmp_path):
-    train.main(args_for(shapes_dir, tmp_path, "--num_epochs", "2", "--val_interval", "0"))
-    with pytest.raises(SystemExit, match="already trained 2 epochs; pass a --num_epochs above 2"):
-        train.main(args_for(shapes_dir, tmp_path, "--num_epochs", "2", "--resume"))
+def test_resume_refuses_what_cannot_continue_the_run(shapes_dir, tmp_path, capsys):
+    ap = train.main(args_for(shapes_dir, tmp_path, "--num_epochs", "2", "--val_interval", "0"))
+    before = (tmp_path / "run" / "checkpoint.pt").read_bytes()
+    capsys.readouterr()
+    # A job requeued after its last save: a success that says so in one line, the checkpoint untouched.
+    assert train.main(args_for(shapes_dir, tmp_path, "--num_epochs", "2", "--resume")) == ap
+    assert capsys.readouterr().out == (f"{tmp_path / 'run' / 'checkpoint.pt'} is complete: it has trained 2 epochs "
+                                       "(--num_epochs 2); pass a larger --num_epochs to train longer\n")
     with pytest.raises(SystemExit, match="trained with --arch tiny_hourglass, not small_hourglass"):
         train.main(args_for(shapes_dir, tmp_path, "--num_epochs", "3", "--resume", "--arch", "small_hourglass"))
+    with pytest.raises(SystemExit, match="trained with --img_size 127, not 255; resume with --img_size 127"):
+        train.main(args_for(shapes_dir, tmp_path, "--num_epochs", "3", "--resume", "--img_size", "255"))
+    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before
 
 
 def test_resume_across_amp_settings(shapes_dir, tmp_path):

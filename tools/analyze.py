@@ -1,7 +1,7 @@
 """Where the AP goes: an error breakdown of a results json with the AP50 each kind of error costs, and drawings of
 the images with the most errors.
 
-    python tools/analyze.py ckpt/NAME/results_val2017_s1_flip.json --data_dir data/coco --split val2017
+    python tools/analyze.py ckpt/NAME/results_val2017_checkpoint_s1_flip.json --data_dir data/coco --split val2017
 
 Every detection that pycocotools does not match to a ground-truth box at IoU 0.5 (same class, best score first,
 the top 100 per image and class) is one error, by its IoU with the ground truth of its image (TIDE's definitions,
@@ -29,8 +29,9 @@ from pycocotools.cocoeval import COCOeval
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: import the repo
 from datasets.coco import check_coco_dict, coco_from_dict, read_json, split_files
-from datasets.coco_eval import load_results
+from datasets.coco_eval import analysis_folder, load_results
 from datasets.image_io import load_image
+from utils.errors import DataError, run_cli
 
 FG_IOU, BG_IOU = 0.5, 0.1
 KINDS = ("classification", "localisation", "duplicate", "background", "missed")
@@ -183,10 +184,14 @@ def read_results(path: Path, gt: dict) -> list[dict]:
 
 def main(args: argparse.Namespace) -> dict[str, tuple[int, float]]:
     ann_file, img_dir = split_files(Path(args.data_dir), args.split)
-    gt = check_coco_dict(read_json(ann_file), ann_file)
+    data = read_json(ann_file)
+    if not data.get("annotations"):  # missing (a test-dev split) or empty
+        raise DataError(f"{ann_file} has no ground-truth boxes ('annotations' missing or empty): the errors of a "
+                        f"results json can only be analysed on a split with annotations")
+    gt = check_coco_dict(data, ann_file)
     results_path = Path(args.results)
     results = read_results(results_path, gt)
-    out = Path(args.out) if args.out else results_path.with_name(results_path.stem + "_analysis")
+    out = Path(args.out) if args.out else analysis_folder(results_path)
     if out.exists():
         raise SystemExit(f"{out} exists; pass another --out")
     base, table, errors, status = breakdown(gt, results)
@@ -195,9 +200,13 @@ def main(args: argparse.Namespace) -> dict[str, tuple[int, float]]:
     for kind, (count, gain) in table.items():
         print(f"{kind:<15} {count:>7}  {gain:+.4f}")
     drawn = draw_worst(gt, results, errors, status, img_dir, out, args.num_images, args.score_thresh)
-    print(f"{len(drawn)} images with the most errors drawn in {out}")
+    if drawn:
+        print(f"{len(drawn)} images with the most errors drawn in {out}")
+    else:
+        print(f"no image drawn: no missed box and no wrong detection scoring at least --score_thresh "
+              f"{args.score_thresh}" + (" (the results hold no detection)" if not results else ""))
     return table
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_cli(main, get_args_parser().parse_args())

@@ -28,8 +28,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: import the repo
 from nets import model_from_checkpoint
 from nets.export_pool import rounds_for, use_export_pooling
-from utils.checkpoint import load_inference_checkpoint
-from utils.errors import run_cli
+from utils.checkpoint import is_torch_checkpoint, load_inference_checkpoint
+from utils.errors import UserError, run_cli
+from utils.files import same_file
 
 OUTPUTS = ["hm_tl", "hm_br", "hm_ct", "emb_tl", "emb_br", "off_tl", "off_br", "off_ct"]
 METADATA_KEY = "centernet47"
@@ -101,13 +102,27 @@ def export(model: torch.nn.Module, path: Path, img_size: int, metadata: dict, op
         raise
 
 
+def check_out(out: Path, ckpt: Path, force: bool) -> Path:
+    """`out` if the export may write it: never the input or any other checkpoint (even with `force`, through
+    symlinks and hard links too), never a folder, an existing file only with `force`."""
+    if same_file(out, ckpt):
+        raise UserError(f"--out {out} is the input checkpoint {ckpt}; choose another name, such as "
+                        f"{out.with_suffix('.onnx')}")
+    if is_torch_checkpoint(out):
+        raise UserError(f"--out {out} is a checkpoint; an export never replaces one (not even with --force): choose "
+                        "another name")
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; give the .onnx file to write, such as {out / 'model.onnx'}")
+    if out.exists() and not force:
+        raise UserError(f"--out {out} exists; choose another name or pass --force to replace it")
+    return out
+
+
 def main(args: argparse.Namespace) -> Path:
-    out = Path(args.out)
-    if out.exists() and not args.force:
-        raise SystemExit(f"--out {out} exists; choose another name or pass --force to replace it")
+    out = check_out(Path(args.out), Path(args.ckpt), args.force)
     state = load_inference_checkpoint(args.ckpt)
     arch, class_names = state["args"]["arch"], list(state["class_names"])
-    img_size = args.img_size or state["args"]["img_size"]
+    img_size = state["args"]["img_size"] if args.img_size is None else args.img_size
     model = model_from_checkpoint(state, args.ckpt)
     metadata = {"arch": arch, "class_names": class_names, "img_size": img_size, "size_unit": model.size_unit,
                 "dynamic": args.dynamic, "max_size": args.max_size if args.dynamic else img_size,

@@ -22,6 +22,22 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
     atomic_write(path, lambda f: torch.save(state, f))
 
 
+def is_torch_checkpoint(path: str | Path) -> bool:
+    """Whether `path` is a file that torch.save wrote: a zip archive with a data.pkl, or (the legacy format) a
+    pickle stream. Tools that write other files refuse to replace it, even with --force."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                return any(name.endswith("/data.pkl") or name == "data.pkl" for name in archive.namelist())
+        except zipfile.BadZipFile:
+            return False
+    with open(path, "rb") as f:
+        return f.read(1) == b"\x80"  # pickle protocol 2 and later
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """Reads a checkpoint written by `save_checkpoint`; a missing, truncated or foreign file is a clear error."""
     path = Path(path)

@@ -4,8 +4,12 @@ The data go to a temporary file `NAME.XXXXXXXX.tmp` in the same folder, are flus
 normally created file (`mkstemp` makes them 0600) and are renamed over NAME. A failed write removes the temporary
 file, leaves NAME as it was and raises `WriteError` with the operating system's reason in plain words.
 A process killed mid-write can leave a temporary file behind: `remove_stale_temporaries` clears them.
+
+Writers that must name their own temporary file (OpenCV's video writer picks the container from the suffix) use
+`pid_temporary`, `.NAME.PID.tmpSUFFIX`, and clear those of processes that no longer run with `remove_dead_temporaries`.
 """
 import errno
+import glob
 import json
 import os
 import tempfile
@@ -73,9 +77,60 @@ def write_json(path: str | Path, obj) -> None:
     atomic_write(path, lambda f: f.write(json.dumps(obj).encode()))
 
 
+def make_folder(path: str | Path, flag: str) -> Path:
+    """Creates folder `path` (and its parents) if needed; WriteError naming `flag` and the reason otherwise (a file
+    in the way, no permission, a read-only file system)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise WriteError(f"{flag} {path} is a file; give a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        next(path.iterdir(), None)  # a folder that cannot be listed cannot be checked for earlier outputs either
+    except OSError as e:
+        raise WriteError(f"{flag} {path}: cannot create or read the folder ({e.strerror or e})") from e
+    return path
+
+
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether writing `a` would write over `b`: the same path after resolving symlinks, or one file under two
+    names (hard links)."""
+    a, b = Path(a), Path(b)
+    return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+
+
 def remove_stale_temporaries(folder: str | Path, name: str) -> list[Path]:
     """Deletes the temporary files that an interrupted `atomic_write` of `folder/name` left; returns them."""
     stale = sorted(Path(folder).glob(f"{name}.*.tmp")) if Path(folder).is_dir() else []
     for p in stale:
         p.unlink()
+    return stale
+
+
+def pid_temporary(path: str | Path) -> Path:
+    """The hidden temporary file of this process for `path`, in its folder and with its suffix."""
+    path = Path(path)
+    return path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_dead_temporaries(path: str | Path) -> list[Path]:
+    """Deletes the `pid_temporary` files of `path` whose process no longer runs on this machine (killed before it
+    could clean up); returns them. Those of running processes (another run writing the same file) stay."""
+    path = Path(path)
+    prefix, end = f".{path.stem}.", f".tmp{path.suffix}"
+    stale = []
+    for p in sorted(path.parent.glob(glob.escape(prefix) + "*" + glob.escape(end))):
+        pid = p.name[len(prefix):len(p.name) - len(end)]
+        if pid.isdigit() and not _running(int(pid)):
+            p.unlink(missing_ok=True)
+            stale.append(p)
     return stale

@@ -14,7 +14,7 @@ no box merging; `official_config(num_scales)` turns merging on (weight_exp 10) f
 CenterNet-104-multi_scale.json. `inplace_nms` reproduces the official soft-NMS call exactly, stale rows included
 (lib/nms/soft_nms.pyx); it is off by default: README.md gives its measured effect.
 """
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -56,6 +56,14 @@ def build_eval_config(args) -> InferenceConfig:
     merge = {"auto": len(args.test_scales) > 1, "on": True, "off": False}[args.merge]
     return InferenceConfig(topk=args.topk, ae_threshold=args.ae_threshold, nms_threshold=args.nms_threshold,
                            weight_exp=args.weight_exp, merge=merge, inplace_nms=args.inplace_nms)
+
+
+def changed_settings(cfg: InferenceConfig, num_scales: int, amp: bool) -> dict:
+    """The settings of `cfg` (and autocast) that differ from `official_config(num_scales)` in fp32: {name: value};
+    they change the detections, so test.py names its results after them."""
+    official = asdict(official_config(num_scales))
+    changed = {k: v for k, v in asdict(cfg).items() if v != official[k]}
+    return {**changed, "amp": True} if amp else changed
 
 
 def parse_scales(text: str) -> list[float]:
@@ -121,7 +129,8 @@ def detect_batch(model, samples: list[list], cfg: InferenceConfig, device: torch
     """`detect` for several samples at once (frames of a video, photos of one size): their inputs at each test
     scale must have the same shape; one forward per scale on the batch of all their images. One (M, 6) array per
     sample, as `detect` gives for it alone (up to the rounding of a batched convolution)."""
-    center_scale = min((meta.scale for _, meta in samples[0]), key=lambda s: abs(s - 1))
+    # Each sample's own: demo.py shrinks the scales of images too large for an ONNX export.
+    center_scales = [min((meta.scale for _, meta in sample), key=lambda s: abs(s - 1)) for sample in samples]
     boxes, centers = [[] for _ in samples], [[] for _ in samples]
     for scale_inputs in zip(*samples):  # [(images, meta) of each sample] at one test scale
         images = torch.cat([im for im, _ in scale_inputs])
@@ -134,7 +143,7 @@ def detect_batch(model, samples: list[list], cfg: InferenceConfig, device: torch
             for i in range(per_sample):
                 b, c = to_original(dets[j * per_sample + i], points[j * per_sample + i], meta, flipped=i == 1)
                 boxes[j].append(b)
-                if meta.scale == center_scale:
+                if meta.scale == center_scales[j]:
                     centers[j].append(c)
     results = []
     for b, c in zip(boxes, centers):

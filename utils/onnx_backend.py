@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from utils.errors import UserError
+
 METADATA_KEY = "centernet47"  # as tools/export_onnx.py writes it
 
 
@@ -43,11 +45,15 @@ class OnnxModel:
         meta = self.session.get_modelmeta().custom_metadata_map
         if METADATA_KEY not in meta:
             raise SystemExit(f"--onnx {path}: no '{METADATA_KEY}' metadata; export it with tools/export_onnx.py")
-        info = json.loads(meta[METADATA_KEY])
         self.path = path
-        self.arch, self.class_names, self.img_size = info["arch"], info["class_names"], info["img_size"]
-        self.size_unit, self.dynamic, self.max_size = info["size_unit"], info["dynamic"], info["max_size"]
-        self.outputs = info["outputs"]
+        try:
+            info = json.loads(meta[METADATA_KEY])
+            self.arch, self.class_names, self.img_size = info["arch"], list(info["class_names"]), int(info["img_size"])
+            self.size_unit, self.dynamic = int(info["size_unit"]), bool(info["dynamic"])
+            self.max_size, self.outputs = int(info["max_size"]), list(info["outputs"])
+        except (ValueError, TypeError, KeyError) as e:  # json.JSONDecodeError is a ValueError
+            raise UserError(f"--onnx {path}: its '{METADATA_KEY}' metadata is malformed ({type(e).__name__}: {e}); "
+                            "export it again with tools/export_onnx.py") from None
         self.providers = self.session.get_providers()
 
     training = False  # inference only; eval() and train(False) are accepted as for an nn.Module
@@ -59,6 +65,22 @@ class OnnxModel:
         if mode:
             raise RuntimeError(f"{self.path}: an exported network cannot be trained")
         return self
+
+    def require_dynamic(self, inputs: str) -> None:
+        """A clear error (UserError) before any work unless the file takes the test inputs of images of any size
+        (padded to the next 128k - 1 by datasets.transforms.eval_input): `inputs` names what has other sizes."""
+        if not self.dynamic:
+            raise UserError(f"--onnx {self.path} takes {self.img_size} x {self.img_size} inputs only; {inputs} need "
+                            "other sizes: export it with --dynamic")
+        if self.max_size < 127:
+            raise UserError(f"--onnx {self.path} was exported with --max_size {self.max_size}, below the smallest "
+                            "test input (127): export it again with a larger --max_size")
+
+    def fit_scale(self, height: int, width: int, scales: list[float]) -> float:
+        """The factor (at most 1) by which the test `scales` of a height x width image shrink so that its largest
+        input fits the export: eval_input pads a side to the next 128k - 1, which must not exceed max_size."""
+        largest = (self.max_size + 1) // 128 * 128 - 1
+        return min(1.0, largest / (max(height, width) * max(scales)))
 
     def check_size(self, height: int, width: int) -> None:
         """A clear error for input sizes the file does not take (the network's own rule, and the export's)."""
