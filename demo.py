@@ -30,14 +30,14 @@ from tqdm import tqdm
 
 from datasets.image_io import load_image
 from datasets.transforms import eval_input
+from engine.inference import detect_batch, official_config, parse_scales
+from engine.onnx_backend import OnnxModel
+from engine.visualize import draw
 from nets import model_from_checkpoint
 from utils.checkpoint import load_inference_checkpoint
 from utils.device import select_device
 from utils.errors import UserError, run_cli
 from utils.files import atomic_write, write_json
-from utils.inference import detect_batch, official_config, parse_scales
-from utils.onnx_backend import OnnxModel
-from utils.visualize import draw
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 VIDEO_CODECS = {".mp4": "mp4v", ".avi": "MJPG"}

@@ -7,7 +7,7 @@ results json, written beside the checkpoint.
 
 The first is the official single-scale test (which always adds the flipped image), the second the official
 multi-scale test (box merging turns on with several scales, --merge auto). Post-processing follows the official
-test code (utils/inference.py); --inplace_nms also reproduces its in-place soft-NMS, stale rows included.
+test code (engine/inference.py); --inplace_nms also reproduces its in-place soft-NMS, stale rows included.
 
 Beside the results json go the per-class table (`..._per_class.csv`) and precision-recall curves (`..._pr.png`).
 COCO test-dev (annotations/image_info_test-dev2017.json, images in test2017/) has no annotations: the results go to
@@ -27,13 +27,13 @@ from pathlib import Path
 
 from datasets import build_dataset
 from datasets.coco_eval import BACKENDS, server_results_name
+from engine.inference import InferenceConfig, build_eval_config, evaluate, parse_scales
+from engine.onnx_backend import OnnxModel
 from nets import model_from_checkpoint
 from utils import dist
 from utils.checkpoint import load_inference_checkpoint
 from utils.device import select_device
 from utils.errors import run_cli
-from utils.inference import InferenceConfig, build_eval_config, evaluate, parse_scales
-from utils.onnx_backend import OnnxModel
 
 DEFAULTS = InferenceConfig()
 

@@ -27,18 +27,18 @@ from tqdm import tqdm
 
 from datasets import build_dataset
 from datasets.sampling import EpochSampler, TrainSamples, epoch_order
+from engine.inference import InferenceConfig, evaluate
+from engine.pretrained import load_pretrained_checkpoint
+from engine.visualize import val_images
 from nets import ARCHS, build_model, model_config
 from utils import dist
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.device import autocast, grad_scaler, select_device
 from utils.errors import DataError, UserError, run_cli
 from utils.files import remove_stale_temporaries
-from utils.inference import InferenceConfig, evaluate
 from utils.logger import RunLogger
 from utils.losses import centernet_loss
-from utils.pretrained import load_pretrained_checkpoint
 from utils.stopping import CheckpointTimer, StopSignals, ignore_stop_signals
-from utils.visualize import val_images
 
 CHECKPOINT, BEST = "checkpoint.pt", "best.pt"
 

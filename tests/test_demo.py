@@ -11,12 +11,12 @@ import torch
 
 import demo
 from datasets.transforms import eval_input
+from engine.inference import InferenceConfig, detect
 from nets import build_model
 from tests.test_faults import FullDisk
 from utils import files
 from utils.checkpoint import save_checkpoint
 from utils.errors import CheckpointError, WriteError
-from utils.inference import InferenceConfig, detect
 
 RACCOON = Path(__file__).parent / "data" / "raccoon" / "val"
 

@@ -10,13 +10,13 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from engine.onnx_backend import OnnxModel
 from lib.cpool import bottom_pool, left_pool, right_pool, top_pool
 from nets import build_model
 from nets.export_pool import rounds_for, shifted_max_pool, use_export_pooling
 from tools import export_onnx
 from utils.checkpoint import save_checkpoint
 from utils.errors import CheckpointError
-from utils.onnx_backend import OnnxModel
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("centernet47_test_cli_onnx", REPO / "test.py")
