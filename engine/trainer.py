@@ -1,15 +1,7 @@
-"""Trains CenterNet (keypoint triplets) on COCO-format data: CPU, one GPU, or many GPUs with DistributedDataParallel.
-
-Built-in data on CPU (what `make demo` runs, with a dated --log_name):
-    python train.py --log_name shapes_tiny --dataset coco --data_dir data/shapes --train_split train \
-        --val_split val --arch tiny_hourglass --img_size 127 --batch_size 16 --lr 2e-3 --lr_step 30 \
-        --num_epochs 36 --val_interval 12 --num_workers 2 --device cpu
-COCO on 8 GPUs (the recipe of pytorch_simple_CenterNet_47; `python -m torch.distributed.launch --nproc_per_node 8`
-and `srun` work too):
-    torchrun --nproc_per_node 8 train.py --dist --log_name coco_hg_511_ddp --dataset coco --arch large_hourglass \
-        --lr 5e-4 --lr_step 90,120 --batch_size 48 --num_epochs 200 --num_workers 2
-Resume a stopped run: the same command with --resume. A run saves every --ckpt_interval minutes and when it is sent
-SIGTERM or Ctrl-C, and resumes from the exact step it reached.
+"""The training loop of train.py: one epoch (`train_one_epoch`, with gradient accumulation, mid-epoch saves and
+the unreadable-image budget), its position inside an epoch (`EpochProgress`, what a mid-epoch checkpoint holds),
+and the whole run (`train`): data, network, optimizer, resume, validation and checkpoints in the run folder
+(engine/run_folder.py). Fine-tuning from another run's weights: engine/pretrained.py.
 """
 import argparse
 import contextlib
@@ -29,63 +21,20 @@ from datasets import build_dataset
 from datasets.sampling import EpochSampler, TrainSamples, epoch_order
 from engine.inference import InferenceConfig, evaluate
 from engine.pretrained import load_pretrained_checkpoint
+from engine.run_folder import BEST, CHECKPOINT, check_resumable, on_main_for_all, run_folder_plan
 from engine.visualize import val_images
-from nets import ARCHS, build_model, model_config
+from nets import build_model, model_config
 from utils import dist
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.device import autocast, grad_scaler, select_device
-from utils.errors import DataError, UserError, run_cli
+from utils.errors import DataError, UserError
 from utils.files import remove_stale_temporaries
 from utils.logger import RunLogger
 from utils.losses import centernet_loss
 from utils.stopping import CheckpointTimer, StopSignals, ignore_stop_signals
 
-CHECKPOINT, BEST = "checkpoint.pt", "best.pt"
-
-
 class TrainingDiverged(UserError, FloatingPointError):
     """The loss became NaN or infinite."""
-
-
-def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("centernet47 training", add_help=True)
-    p.add_argument("--log_name", required=True, help="run folder name under --ckpt_dir")
-    p.add_argument("--ckpt_dir", default="ckpt", help="root of the run folders")
-    p.add_argument("--dataset", default="coco", choices=["coco"], help="COCO-format data (COCO or your own)")
-    p.add_argument("--data_dir", default="data/coco")
-    p.add_argument("--train_split", default="train2017")
-    p.add_argument("--val_split", default="val2017")
-    p.add_argument("--arch", default="large_hourglass", choices=list(ARCHS))
-    p.add_argument("--img_size", type=int, default=511, help="training crop size, of the form 128k-1")
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--lr_step", default="90,120", help="epochs after which the lr is multiplied by 0.1")
-    p.add_argument("--batch_size", type=int, default=48, help="global batch, split over the processes")
-    p.add_argument("--num_epochs", type=int, default=200)
-    p.add_argument("--num_workers", type=int, default=2, help="data loading workers per process")
-    p.add_argument("--val_interval", type=int, default=5, help="validate every N epochs (0: only after the last)")
-    p.add_argument("--test_flip", action="store_true", help="validate with the flipped copy too")
-    p.add_argument("--seed", type=int, default=317)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--amp", action="store_true", help="mixed precision: on CUDA autocast to --amp_dtype (fp16 with a "
-                   "GradScaler), on CPU bf16 autocast")
-    p.add_argument("--amp_dtype", default="fp16", choices=["fp16", "bf16"], help="autocast dtype on CUDA with --amp")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in CKPT_DIR/LOG_NAME from its last checkpoint (a new run if it has none)")
-    p.add_argument("--ckpt_interval", type=float, default=20.0,
-                   help="minutes between mid-epoch checkpoints (0: only at the end of each epoch)")
-    p.add_argument("--max_bad_fraction", type=float, default=0.01,
-                   help="stop when more than this fraction of an epoch's training images cannot be read "
-                        "(fewer are skipped with a warning)")
-    p.add_argument("--dist", action="store_true",
-                   help="DistributedDataParallel (implied when torchrun or srun starts several processes)")
-    p.add_argument("--sync_bn", action="store_true", help="SyncBatchNorm across processes (GPU only)")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    # Fine-tuning and memory (see README "Fine-tuning" and "Fewer GPUs").
-    p.add_argument("--pretrained", help="checkpoint to start from (weights only; other classes are fine)")
-    p.add_argument("--accum_steps", type=int, default=1,
-                   help="micro-batches of --batch_size per optimizer step (effective batch: their product)")
-    p.add_argument("--grad_checkpoint", action="store_true", help="recompute the hourglasses in backward")
-    return p
 
 
 def parse_lr_steps(text: str) -> list[int]:
@@ -93,60 +42,6 @@ def parse_lr_steps(text: str) -> list[int]:
         return [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
         raise SystemExit(f"--lr_step: expected comma-separated epochs such as 90,120, got {text!r}")
-
-
-def check_args(args: argparse.Namespace) -> None:
-    """Flag values that cannot work, refused before anything is created."""
-    positive = {"--batch_size": args.batch_size, "--num_epochs": args.num_epochs, "--lr": args.lr,
-                "--accum_steps": args.accum_steps}
-    for flag, value in positive.items():
-        if not value > 0:
-            raise SystemExit(f"{flag} must be positive, got {value}")
-    if args.img_size % 128 != 127:
-        raise SystemExit(f"--img_size must be of the form 128k - 1 (127, 255, 383, 511, ...), got {args.img_size}")
-    for flag, value in {"--num_workers": args.num_workers, "--val_interval": args.val_interval,
-                        "--ckpt_interval": args.ckpt_interval}.items():
-        if value < 0:
-            raise SystemExit(f"{flag} must be 0 or more, got {value}")
-    if not 0 <= args.max_bad_fraction < 1:
-        raise SystemExit(f"--max_bad_fraction must be in [0, 1), got {args.max_bad_fraction}")
-    parse_lr_steps(args.lr_step)
-
-
-def run_folder_plan(run_dir: Path, resume: bool) -> tuple[bool, str]:
-    """(resume from run_dir/checkpoint.pt?, a message for the log). Refuses (UserError) what would mix two runs in
-    one folder or lose one. Temporary files of an interrupted save are not part of a run."""
-    held = sorted(p.name for p in run_dir.iterdir() if not p.name.endswith(".tmp")) if run_dir.is_dir() else []
-    if resume and CHECKPOINT in held:
-        return True, f"resuming {run_dir / CHECKPOINT}"
-    if resume and BEST in held:
-        raise UserError(f"--resume: {run_dir} holds {BEST} but no {CHECKPOINT} (deleted, or its save failed), so "
-                        f"the run cannot continue; keep {BEST} and start a new run with another --log_name")
-    if resume:
-        # An elastic restart (torchrun --max-restarts) may come before the first save: start, and say so.
-        return False, f"--resume: nothing to resume in {run_dir} yet; starting a new run"
-    if held:
-        raise UserError(f"{run_dir} already holds a run ({', '.join(held)}); pass --resume to continue it, or choose "
-                        "another --log_name")
-    return False, f"starting a new run in {run_dir}"
-
-
-def check_resumable(state: dict, args: argparse.Namespace, class_names: list[str], path: Path) -> None:
-    """Refuses flags that cannot continue the checkpoint at `path`, before any network is built."""
-    saved = state["args"]
-    if saved["arch"] != args.arch:
-        raise SystemExit(f"--resume: {path} was trained with --arch {saved['arch']}, not {args.arch}")
-    if state["class_names"] != class_names:
-        raise SystemExit(f"--resume: {path} was trained on classes {state['class_names']}, but "
-                         f"{args.train_split} has {class_names}")
-    position = state.get("position")
-    if position and position["global_batch"] != args.batch_size * args.accum_steps:
-        raise SystemExit(f"--resume: {path} stopped inside epoch {position['epoch']} with {position['global_batch']} "
-                         "images per optimizer step; resume with the same --batch_size and --accum_steps")
-    last_epoch = position["epoch"] if position else state["epoch"] + 1
-    if last_epoch > args.num_epochs:
-        raise SystemExit(f"--resume: {path} has already trained {state['epoch']} epochs; pass a --num_epochs "
-                         f"above {state['epoch']} to train longer")
 
 
 def seed_everything(seed: int) -> None:
@@ -258,32 +153,6 @@ def train_one_epoch(model, loader, optimizer, scaler, device, amp: bool | str, p
     logger.scalars({"lr": optimizer.param_groups[0]["lr"], "images_per_s": images_seen / (time.perf_counter() - start)},
                    progress.global_step, prefix="train/")
     return False
-
-
-def on_main_for_all(work):
-    """Runs `work()` on rank 0 only (a decision about the run folder, a save) and gives every process its result,
-    or raises rank 0's user error (disk full, a folder that holds another run) on every process."""
-    result, error = None, None
-    if dist.is_main():
-        try:
-            result = work()
-        except UserError as e:
-            error = e
-    result, error = dist.broadcast_object((result, error))
-    if error is not None:
-        raise error
-    return result
-
-
-def main(args: argparse.Namespace) -> float:
-    """Trains as the flags say; returns the last validation AP. Raises SystemExit(128 + signal) after saving when
-    stopped by SIGTERM / SIGINT."""
-    check_args(args)
-    with StopSignals() as signals:
-        ap, stopped = train(args, signals)
-    if stopped:
-        raise SystemExit(signals.exit_status or 1)
-    return ap
 
 
 def train(args: argparse.Namespace, signals: StopSignals) -> tuple[float, bool]:
@@ -409,6 +278,3 @@ def train(args: argparse.Namespace, signals: StopSignals) -> tuple[float, bool]:
     dist.cleanup()
     return ap, stopped
 
-
-if __name__ == "__main__":
-    run_cli(main, get_args_parser().parse_args())

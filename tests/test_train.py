@@ -19,6 +19,7 @@ from datasets.coco import CocoDetection
 from datasets.sampling import EpochSampler, TrainSamples, epoch_order
 from datasets.shapes import ShapesConfig, write_split
 from datasets.targets import make_targets
+from engine import trainer
 from nets import build_model
 from utils import dist
 from utils.checkpoint import load_checkpoint
@@ -96,8 +97,8 @@ def test_resume_refuses_what_cannot_continue_the_run(shapes_dir, tmp_path):
 
 def test_checkpoint_is_saved_before_best_and_with_the_normal_file_mode(shapes_dir, tmp_path, monkeypatch):
     saved = []
-    real_save = train.save_checkpoint
-    monkeypatch.setattr(train, "save_checkpoint", lambda path, state: (saved.append(path.name), real_save(path, state)))
+    real_save = trainer.save_checkpoint
+    monkeypatch.setattr(trainer, "save_checkpoint", lambda path, state: (saved.append(path.name), real_save(path, state)))
     train.main(args_for(shapes_dir, tmp_path, "--num_epochs", "1"))
     assert saved == ["checkpoint.pt", "best.pt"]
     umask = os.umask(0)
@@ -109,13 +110,13 @@ def test_checkpoint_is_saved_before_best_and_with_the_normal_file_mode(shapes_di
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(shapes_dir, tmp_path, monkeypatch):
     train.main(args_for(shapes_dir, tmp_path, "--num_epochs", "1"))
     before = (tmp_path / "run" / "checkpoint.pt").read_bytes()
-    real_loss = train.centernet_loss
+    real_loss = trainer.centernet_loss
 
     def exploding_loss(outputs, batch):
         total, terms = real_loss(outputs, batch)
         return total * float("nan"), terms
 
-    monkeypatch.setattr(train, "centernet_loss", exploding_loss)
+    monkeypatch.setattr(trainer, "centernet_loss", exploding_loss)
     with pytest.raises(FloatingPointError, match="non-finite loss at epoch 2"):
         train.main(args_for(shapes_dir, tmp_path, "--num_epochs", "2", "--resume"))
     assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before

@@ -1,0 +1,94 @@
+"""Trains CenterNet (keypoint triplets) on COCO-format data: CPU, one GPU, or many GPUs with DistributedDataParallel.
+
+Built-in data on CPU (what `make demo` runs, with a dated --log_name):
+    python train.py --log_name shapes_tiny --dataset coco --data_dir data/shapes --train_split train \
+        --val_split val --arch tiny_hourglass --img_size 127 --batch_size 16 --lr 2e-3 --lr_step 30 \
+        --num_epochs 36 --val_interval 12 --num_workers 2 --device cpu
+COCO on 8 GPUs (the recipe of pytorch_simple_CenterNet_47; `python -m torch.distributed.launch --nproc_per_node 8`
+and `srun` work too):
+    torchrun --nproc_per_node 8 train.py --dist --log_name coco_hg_511_ddp --dataset coco --arch large_hourglass \
+        --lr 5e-4 --lr_step 90,120 --batch_size 48 --num_epochs 200 --num_workers 2
+Resume a stopped run: the same command with --resume. A run saves every --ckpt_interval minutes and when it is sent
+SIGTERM or Ctrl-C, and resumes from the exact step it reached. The loop itself: engine/trainer.py; the rules of a
+run folder (new run, resume, what may continue): engine/run_folder.py.
+"""
+import argparse
+
+from engine.trainer import parse_lr_steps, train
+from nets import ARCHS
+from utils.errors import run_cli
+from utils.stopping import StopSignals
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("centernet47 training", add_help=True)
+    p.add_argument("--log_name", required=True, help="run folder name under --ckpt_dir")
+    p.add_argument("--ckpt_dir", default="ckpt", help="root of the run folders")
+    p.add_argument("--dataset", default="coco", choices=["coco"], help="COCO-format data (COCO or your own)")
+    p.add_argument("--data_dir", default="data/coco")
+    p.add_argument("--train_split", default="train2017")
+    p.add_argument("--val_split", default="val2017")
+    p.add_argument("--arch", default="large_hourglass", choices=list(ARCHS))
+    p.add_argument("--img_size", type=int, default=511, help="training crop size, of the form 128k-1")
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lr_step", default="90,120", help="epochs after which the lr is multiplied by 0.1")
+    p.add_argument("--batch_size", type=int, default=48, help="global batch, split over the processes")
+    p.add_argument("--num_epochs", type=int, default=200)
+    p.add_argument("--num_workers", type=int, default=2, help="data loading workers per process")
+    p.add_argument("--val_interval", type=int, default=5, help="validate every N epochs (0: only after the last)")
+    p.add_argument("--test_flip", action="store_true", help="validate with the flipped copy too")
+    p.add_argument("--seed", type=int, default=317)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--amp", action="store_true", help="mixed precision: on CUDA autocast to --amp_dtype (fp16 with a "
+                   "GradScaler), on CPU bf16 autocast")
+    p.add_argument("--amp_dtype", default="fp16", choices=["fp16", "bf16"], help="autocast dtype on CUDA with --amp")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in CKPT_DIR/LOG_NAME from its last checkpoint (a new run if it has none)")
+    p.add_argument("--ckpt_interval", type=float, default=20.0,
+                   help="minutes between mid-epoch checkpoints (0: only at the end of each epoch)")
+    p.add_argument("--max_bad_fraction", type=float, default=0.01,
+                   help="stop when more than this fraction of an epoch's training images cannot be read "
+                        "(fewer are skipped with a warning)")
+    p.add_argument("--dist", action="store_true",
+                   help="DistributedDataParallel (implied when torchrun or srun starts several processes)")
+    p.add_argument("--sync_bn", action="store_true", help="SyncBatchNorm across processes (GPU only)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    # Fine-tuning and memory (see README "Fine-tuning" and "Fewer GPUs").
+    p.add_argument("--pretrained", help="checkpoint to start from (weights only; other classes are fine)")
+    p.add_argument("--accum_steps", type=int, default=1,
+                   help="micro-batches of --batch_size per optimizer step (effective batch: their product)")
+    p.add_argument("--grad_checkpoint", action="store_true", help="recompute the hourglasses in backward")
+    return p
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Flag values that cannot work, refused before anything is created."""
+    positive = {"--batch_size": args.batch_size, "--num_epochs": args.num_epochs, "--lr": args.lr,
+                "--accum_steps": args.accum_steps}
+    for flag, value in positive.items():
+        if not value > 0:
+            raise SystemExit(f"{flag} must be positive, got {value}")
+    if args.img_size % 128 != 127:
+        raise SystemExit(f"--img_size must be of the form 128k - 1 (127, 255, 383, 511, ...), got {args.img_size}")
+    for flag, value in {"--num_workers": args.num_workers, "--val_interval": args.val_interval,
+                        "--ckpt_interval": args.ckpt_interval}.items():
+        if value < 0:
+            raise SystemExit(f"{flag} must be 0 or more, got {value}")
+    if not 0 <= args.max_bad_fraction < 1:
+        raise SystemExit(f"--max_bad_fraction must be in [0, 1), got {args.max_bad_fraction}")
+    parse_lr_steps(args.lr_step)
+
+
+def main(args: argparse.Namespace) -> float:
+    """Trains as the flags say; returns the last validation AP. Raises SystemExit(128 + signal) after saving when
+    stopped by SIGTERM / SIGINT."""
+    check_args(args)
+    with StopSignals() as signals:
+        ap, stopped = train(args, signals)
+    if stopped:
+        raise SystemExit(signals.exit_status or 1)
+    return ap
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser().parse_args())
