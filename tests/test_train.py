@@ -24,6 +24,7 @@ from nets import build_model
 from utils import dist
 from utils.checkpoint import load_checkpoint
 from utils.errors import UserError
+from utils.logger import RunLogger
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -186,11 +187,11 @@ def one_step_gradients(rank: int, world: int, port: int, out: str) -> None:
     optimizer.register_step_pre_hook(lambda *_: grads.update({k: p.grad.clone() for k, p in model.named_parameters()}))
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     data = OneBoxImages(4)
-    progress = train.EpochProgress(1, epoch_order(len(data), 4, seed=0, epoch=1), 4, 0)
-    loader = train.make_train_loader(data, progress, 0, torch.device("cpu"))
+    progress = trainer.EpochProgress(1, epoch_order(len(data), 4, seed=0, epoch=1), 4, 0)
+    loader = trainer.make_train_loader(data, progress, 0, torch.device("cpu"))
     batch = next(iter(loader))
-    logger = train.RunLogger(Path(out), enabled=False)
-    train.train_one_epoch(ddp, loader, optimizer, scaler, torch.device("cpu"), False, progress, logger)
+    logger = RunLogger(Path(out), enabled=False)
+    trainer.train_one_epoch(ddp, loader, optimizer, scaler, torch.device("cpu"), False, progress, logger)
     torch.save({"grads": grads, "images": batch["image"]}, Path(out) / f"world{world}_rank{rank}.pt")
     dist.cleanup()
 
@@ -227,7 +228,7 @@ def test_each_process_draws_its_own_augmentation(tmp_path):
     data = same_image_split(tmp_path, copies=8)
     batches = {}
     for rank in range(2):
-        progress = train.EpochProgress(1, epoch_order(len(data), 4, seed=317, epoch=1), 4, 0)
+        progress = trainer.EpochProgress(1, epoch_order(len(data), 4, seed=317, epoch=1), 4, 0)
         sampler = EpochSampler(progress.order, 4, rank, 2)
         samples = TrainSamples(data, seed=317, epoch=1)
         batches[rank] = [samples[i] for i in sampler]
