@@ -15,6 +15,8 @@ Video (anything OpenCV reads): --out is the annotated video (.mp4 written with t
 the json beside it (out.json) lists the detections of each frame. Neither replaces an existing file without
 --force. The json is rewritten (atomically) every few seconds with "complete": false, so an interrupted run keeps
 what it did; the video appears under its name only when complete.
+
+The detection itself is engine.Detector, which your own code can call too (README "Python API").
 """
 import argparse
 import contextlib
@@ -25,17 +27,12 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from datasets.image_io import load_image
-from datasets.transforms import eval_input
-from engine.inference import detect_batch, official_config, parse_scales
-from engine.onnx_backend import OnnxModel
+from engine.detector import Detections, Detector
+from engine.inference import parse_scales
 from engine.visualize import draw
-from nets import model_from_checkpoint
-from utils.checkpoint import load_inference_checkpoint
-from utils.device import select_device
 from utils.errors import UserError, run_cli
 from utils.files import atomic_write, write_json
 
@@ -63,15 +60,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_detector(args: argparse.Namespace, device: torch.device):
-    """(model callable on an image batch, class names) from --ckpt or --onnx."""
-    if args.onnx:
-        model = OnnxModel(args.onnx, device)
-        return model, model.class_names
-    state = load_inference_checkpoint(args.ckpt)
-    return model_from_checkpoint(state, args.ckpt).to(device).eval(), state["class_names"]
-
-
 def list_images(source: Path) -> list[Path]:
     if source.is_file():
         return [source]
@@ -93,9 +81,9 @@ def write_image(path: Path, image: np.ndarray) -> None:
     atomic_write(path, lambda f: f.write(data.tobytes()))
 
 
-def as_records(dets: np.ndarray, class_names: list[str]) -> list[dict]:
-    return [{"box": [round(float(v), 2) for v in d[:4]], "score": round(float(d[4]), 4),
-             "class": class_names[int(d[5])]} for d in dets]
+def as_records(found: Detections) -> list[dict]:
+    return [{"box": [round(float(v), 2) for v in box], "score": round(float(score), 4), "class": name}
+            for box, score, name in zip(found.boxes, found.scores, found.names)]
 
 
 class JsonLog:
@@ -127,19 +115,6 @@ class JsonLog:
             self.save()
 
 
-def detect_frames(model, frames: list[np.ndarray], scales: list[float], flip: bool, cfg, device) -> list:
-    """Detections (M, 6) of each BGR frame; frames whose inputs have the same shapes share one forward."""
-    inputs = [[eval_input(f, s, flip) for s in scales] for f in frames]
-    groups: dict[tuple, list[int]] = {}
-    for i, sample in enumerate(inputs):
-        groups.setdefault(tuple(images.shape for images, _ in sample), []).append(i)
-    dets = [None] * len(frames)
-    for members in groups.values():
-        for i, d in zip(members, detect_batch(model, [inputs[i] for i in members], cfg, device)):
-            dets[i] = d
-    return dets
-
-
 def prepare_images(args) -> tuple[list[Path], Path]:
     """The images to read and the output folder, checked before any work: no output may be an input image, and
     --out must be empty unless --force."""
@@ -153,7 +128,7 @@ def prepare_images(args) -> tuple[list[Path], Path]:
     return images, out
 
 
-def run_images(images: list[Path], out: Path, args, detector, class_names) -> dict:
+def run_images(images: list[Path], out: Path, args, detector: Detector) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     log = JsonLog(out / "detections.json", {"detections": [], "skipped": []})
     results, skipped = log.content["detections"], log.content["skipped"]
@@ -169,9 +144,9 @@ def run_images(images: list[Path], out: Path, args, detector, class_names) -> di
                 except (OSError, ValueError) as e:
                     tqdm.write(f"skipped: {e}", file=sys.stderr)
                     skipped.append(str(path))
-            for path, image, dets in zip(paths, frames, detector(frames)):
-                write_image(out / path.name, draw(image, dets, class_names))
-                results += [{"file": path.name, **r} for r in as_records(dets, class_names)]
+            for path, image, found in zip(paths, frames, detector(frames)):
+                write_image(out / path.name, draw(image, found.rows(), detector.class_names))
+                results += [{"file": path.name, **r} for r in as_records(found)]
             bar.update(len(chunk))
             log.maybe_save()
     bar.close()
@@ -217,7 +192,7 @@ def frame_batches(capture: cv2.VideoCapture, batch_size: int):
             return
 
 
-def run_video(capture, fps: float, count: int, out: Path, out_json: Path, args, detector, class_names) -> dict:
+def run_video(capture, fps: float, count: int, out: Path, out_json: Path, args, detector: Detector) -> dict:
     source = Path(args.video)
     tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp{out.suffix}")  # the suffix picks the container
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -231,11 +206,11 @@ def run_video(capture, fps: float, count: int, out: Path, out_json: Path, args, 
             for batch in frame_batches(capture, args.batch_size):
                 if writer is None:
                     writer = open_writer(tmp, out, fps, batch[0].shape[1], batch[0].shape[0])
-                for image, dets in zip(batch, detector(batch)):
-                    writer.write(draw(image, dets, class_names))
+                for image, found in zip(batch, detector(batch)):
+                    writer.write(draw(image, found.rows(), detector.class_names))
                     index = len(frames_json)
                     frames_json.append({"frame": index, "time": round(index / fps, 3),
-                                        "detections": as_records(dets, class_names)})
+                                        "detections": as_records(found)})
                 bar.update(len(batch))
                 log.maybe_save()
             if writer is None:
@@ -273,17 +248,12 @@ def main(args: argparse.Namespace) -> dict:
     if args.batch_size < 1:
         raise SystemExit(f"--batch_size: expected a positive number, got {args.batch_size}")
     source = prepare_video(args) if args.video else prepare_images(args)
-    device = select_device(args.device)
-    model, class_names = load_detector(args, device)
-    cfg = official_config(len(scales))
-
-    def detector(frames: list[np.ndarray]) -> list[np.ndarray]:
-        dets = detect_frames(model, frames, scales, args.test_flip, cfg, device)
-        return [d[d[:, 4] >= args.score_thresh] for d in dets]
-
+    detector = Detector.from_checkpoint(args.onnx or args.ckpt, device=args.device, test_flip=args.test_flip,
+                                        test_scales=scales, score_thresh=args.score_thresh,
+                                        batch_size=args.batch_size, onnx=bool(args.onnx))
     if args.video:
-        return run_video(*source, args, detector, class_names)
-    return run_images(*source, args, detector, class_names)
+        return run_video(*source, args, detector)
+    return run_images(*source, args, detector)
 
 
 if __name__ == "__main__":
