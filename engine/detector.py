@@ -89,7 +89,7 @@ class Detector:
         model, class_names = load_network(path, torch_device, onnx)
         return cls(model, class_names, torch_device, test_flip, test_scales, score_thresh, batch_size, config)
 
-    def __call__(self, images):
+    def __call__(self, images: np.ndarray | str | Path | list) -> "Detections | list[Detections]":
         """Detections of one image (array or path), or a list of them for a list."""
         if isinstance(images, (list, tuple)):
             arrays = [self.read(image) for image in images]
@@ -98,7 +98,7 @@ class Detector:
         return Detections.from_rows(self.detect_rows([self.read(images)])[0], self.class_names)
 
     @staticmethod
-    def read(image) -> np.ndarray:
+    def read(image: np.ndarray | str | Path) -> np.ndarray:
         """An image argument as a (H, W, 3) uint8 BGR array: a file is read (datasets.image_io.load_image)."""
         if isinstance(image, (str, Path)):
             return load_image(image)
