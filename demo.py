@@ -17,6 +17,8 @@ the json beside it (out.json) lists the detections of each frame. Neither replac
 --force. The json is rewritten (atomically) every few seconds with "complete": false, so an interrupted run keeps
 what it did (also when stopped by Ctrl-C or SIGTERM); the video appears under its name only when complete, and
 the hidden temporary video of a run that was killed (SIGKILL, a power cut) is removed by the next run.
+
+The detection itself is engine.Detector, which your own code can call too (README "Python API").
 """
 import argparse
 import contextlib
@@ -27,20 +29,15 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from datasets.image_io import IMAGE_SUFFIXES, load_image
-from datasets.transforms import eval_input
-from nets import model_from_checkpoint
-from utils.checkpoint import load_inference_checkpoint
-from utils.device import select_device
+from engine.detector import Detections, Detector
+from engine.inference import parse_scales
+from engine.visualize import draw
 from utils.errors import DataError, UserError, run_cli
 from utils.files import atomic_write, make_folder, pid_temporary, remove_dead_temporaries, same_file, write_json
-from utils.inference import detect_batch, official_config, parse_scales
-from utils.onnx_backend import OnnxModel
 from utils.stopping import exit_on_sigterm
-from utils.visualize import draw
 
 VIDEO_CODECS = {".mp4": "mp4v", ".avi": "MJPG"}
 JSON_EVERY_S = 5.0  # how often a long run saves the detections so far
@@ -65,15 +62,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_detector(args: argparse.Namespace, device: torch.device):
-    """(model callable on an image batch, class names) from --ckpt or --onnx."""
-    if args.onnx:
-        model = OnnxModel(args.onnx, device)
-        return model, model.class_names
-    state = load_inference_checkpoint(args.ckpt)
-    return model_from_checkpoint(state, args.ckpt).to(device).eval(), state["class_names"]
-
-
 def list_images(source: Path) -> list[Path]:
     if source.is_file():
         return [source]
@@ -95,9 +83,19 @@ def write_image(path: Path, image: np.ndarray) -> None:
     atomic_write(path, lambda f: f.write(data.tobytes()))
 
 
-def as_records(dets: np.ndarray, class_names: list[str]) -> list[dict]:
-    return [{"box": [round(float(v), 2) for v in d[:4]], "score": round(float(d[4]), 4),
-             "class": class_names[int(d[5])]} for d in dets]
+def detect(detector: Detector, frames: list[np.ndarray]) -> list[Detections]:
+    """The detector on a batch of frames, with one note the first time an image is too large for an ONNX export."""
+    before = detector.scaled_down
+    found = detector(frames)
+    if detector.scaled_down and not before:
+        tqdm.write(f"note: {detector.model.path} takes inputs up to {detector.model.max_size} px: larger images are "
+                   "scaled down to fit (boxes are in original pixels); export with a larger --max_size to avoid it")
+    return found
+
+
+def as_records(found: Detections) -> list[dict]:
+    return [{"box": [round(float(v), 2) for v in box], "score": round(float(score), 4), "class": name}
+            for box, score, name in zip(found.boxes, found.scores, found.names)]
 
 
 class JsonLog:
@@ -129,20 +127,6 @@ class JsonLog:
             self.save()
 
 
-def detect_frames(model, frames: list[np.ndarray], scales: list[list[float]], flip: bool, cfg, device) -> list:
-    """Detections (M, 6) of each BGR frame, at its own test scales, in its original pixels; frames whose inputs
-    have the same shapes share one forward."""
-    inputs = [[eval_input(f, s, flip) for s in frame_scales] for f, frame_scales in zip(frames, scales)]
-    groups: dict[tuple, list[int]] = {}
-    for i, sample in enumerate(inputs):
-        groups.setdefault(tuple(images.shape for images, _ in sample), []).append(i)
-    dets = [None] * len(frames)
-    for members in groups.values():
-        for i, d in zip(members, detect_batch(model, [inputs[i] for i in members], cfg, device)):
-            dets[i] = d
-    return dets
-
-
 def prepare_images(args) -> tuple[list[Path], Path]:
     """The images to read and the output folder, checked before any work: no output may be an input image, and
     --out must be empty unless --force."""
@@ -158,7 +142,7 @@ def prepare_images(args) -> tuple[list[Path], Path]:
     return images, out
 
 
-def run_images(images: list[Path], out: Path, args, detector, class_names) -> dict:
+def run_images(images: list[Path], out: Path, args, detector: Detector) -> dict:
     make_folder(out, "--out")
     log = JsonLog(out / "detections.json", {"detections": [], "skipped": []})
     results, skipped = log.content["detections"], log.content["skipped"]
@@ -174,9 +158,9 @@ def run_images(images: list[Path], out: Path, args, detector, class_names) -> di
                 except (OSError, ValueError) as e:
                     tqdm.write(f"skipped: {e}", file=sys.stderr)
                     skipped.append(str(path))
-            for path, image, dets in zip(paths, frames, detector(frames)):
-                write_image(out / path.name, draw(image, dets, class_names))
-                results += [{"file": path.name, **r} for r in as_records(dets, class_names)]
+            for path, image, found in zip(paths, frames, detect(detector, frames)):
+                write_image(out / path.name, draw(image, found.rows(), detector.class_names))
+                results += [{"file": path.name, **r} for r in as_records(found)]
             bar.update(len(chunk))
             log.maybe_save()
     bar.close()
@@ -225,7 +209,7 @@ def frame_batches(capture: cv2.VideoCapture, batch_size: int):
             return
 
 
-def run_video(capture, fps: float, count: int, out: Path, out_json: Path, args, detector, class_names) -> dict:
+def run_video(capture, fps: float, count: int, out: Path, out_json: Path, args, detector: Detector) -> dict:
     source = Path(args.video)
     tmp = pid_temporary(out)  # the suffix picks the container
     make_folder(out.parent, "--out's folder")
@@ -241,11 +225,11 @@ def run_video(capture, fps: float, count: int, out: Path, out_json: Path, args, 
             for batch in frame_batches(capture, args.batch_size):
                 if writer is None:
                     writer = open_writer(tmp, out, fps, batch[0].shape[1], batch[0].shape[0])
-                for image, dets in zip(batch, detector(batch)):
-                    writer.write(draw(image, dets, class_names))
+                for image, found in zip(batch, detect(detector, batch)):
+                    writer.write(draw(image, found.rows(), detector.class_names))
                     index = len(frames_json)
                     frames_json.append({"frame": index, "time": round(index / fps, 3),
-                                        "detections": as_records(dets, class_names)})
+                                        "detections": as_records(found)})
                 bar.update(len(batch))
                 log.maybe_save()
             if writer is None:
@@ -285,27 +269,13 @@ def main(args: argparse.Namespace) -> dict:
     if not 0 <= args.score_thresh <= 1:
         raise UserError(f"--score_thresh: expected a score between 0 and 1, got {args.score_thresh}")
     source = prepare_video(args) if args.video else prepare_images(args)
-    device = select_device(args.device)
-    model, class_names = load_detector(args, device)
-    cfg = official_config(len(scales))
-
-    if args.onnx:
-        model.require_dynamic("photos and video frames")
-    shrunk = []  # frames scaled down to fit the export, for a single note
-
-    def detector(frames: list[np.ndarray]) -> list[np.ndarray]:
-        fit = [model.fit_scale(*f.shape[:2], scales) if args.onnx else 1.0 for f in frames]
-        if min(fit, default=1) < 1 and not shrunk:
-            tqdm.write(f"note: {model.path} takes inputs up to {model.max_size} px: larger images are scaled down "
-                       "to fit (boxes are in original pixels); export with a larger --max_size to avoid it")
-        shrunk.extend(f for f in fit if f < 1)
-        dets = detect_frames(model, frames, [[s * f for s in scales] for f in fit], args.test_flip, cfg, device)
-        return [d[d[:, 4] >= args.score_thresh] for d in dets]
-
+    detector = Detector.from_checkpoint(args.onnx or args.ckpt, device=args.device, test_flip=args.test_flip,
+                                        test_scales=scales, score_thresh=args.score_thresh,
+                                        batch_size=args.batch_size, onnx=bool(args.onnx))
     with exit_on_sigterm():  # a stopped run keeps its json and leaves no temporary video
         if args.video:
-            return run_video(*source, args, detector, class_names)
-        return run_images(*source, args, detector, class_names)
+            return run_video(*source, args, detector)
+        return run_images(*source, args, detector)
 
 
 if __name__ == "__main__":

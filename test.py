@@ -7,7 +7,7 @@ results json, written beside the checkpoint.
 
 The first is the official single-scale test (which always adds the flipped image), the second the official
 multi-scale test (box merging turns on with several scales, --merge auto). Post-processing follows the official
-test code (utils/inference.py); --inplace_nms also reproduces its in-place soft-NMS, stale rows included.
+test code (engine/inference.py); --inplace_nms also reproduces its in-place soft-NMS, stale rows included.
 
 The results json is named after what makes it differ: results_<split>_<checkpoint stem>_s<scales>[_flip].json
 (results_val2017_checkpoint_s1_flip.json for the first command), plus `_onnx` for --onnx and a short hash of the
@@ -31,13 +31,13 @@ from pathlib import Path
 
 from datasets import build_dataset
 from datasets.coco_eval import BACKENDS, check_results_free, results_path
+from engine.inference import InferenceConfig, build_eval_config, changed_settings, evaluate, parse_scales
+from engine.onnx_backend import OnnxModel
 from nets import model_from_checkpoint
 from utils import dist
 from utils.checkpoint import load_inference_checkpoint
 from utils.device import select_device
 from utils.errors import run_cli
-from utils.inference import InferenceConfig, build_eval_config, changed_settings, evaluate, parse_scales
-from utils.onnx_backend import OnnxModel
 
 DEFAULTS = InferenceConfig()
 

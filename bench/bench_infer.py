@@ -10,7 +10,7 @@ objects in a few classes with near-duplicate corner peaks, a noisy background), 
 soft-NMS with merging per class, for one input (single) and for an image and its flipped copy (flip). Decoding
 runs on --device, soft-NMS on the CPU. The forward is timed at 511 x 511, batch 1, in eval mode, in fp32 and
 (on CUDA) with fp16 autocast; cudnn.benchmark is on for these fixed-size rows. The whole pipeline is
-utils.inference.detect on one random 511 x 511 image (forward, decode, center check, rescale, soft-NMS), single
+engine.inference.detect on one random 511 x 511 image (forward, decode, center check, rescale, soft-NMS), single
 and with its flipped copy, in fp32 with cudnn.benchmark off (test.py's setting: image sizes vary). The networks
 are untrained and their flat heatmaps would give no boxes, so each forward runs for its time but detect() gets the
 synthetic outputs above, and decoding and soft-NMS see a trained network's kind of peaks.
@@ -29,10 +29,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: import the repo
 from datasets.transforms import eval_input
+from engine.inference import InferenceConfig, detect, nms_per_class
 from nets import build_model
 from utils.decode import center_check, decode
 from utils.device import autocast, cudnn_benchmark
-from utils.inference import InferenceConfig, detect, nms_per_class
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -100,8 +100,8 @@ def median_ms(fn, repeats: int, device: torch.device, warmup: int = 1) -> float:
 
 def onnx_forward_ms(model: torch.nn.Module, image: torch.Tensor, repeats: int) -> float:
     """Median ms of onnxruntime's forward of `model` (CenterNet on the CPU) at the image's size, batch 1."""
+    from engine.onnx_backend import OnnxModel
     from tools.export_onnx import OUTPUTS, export
-    from utils.onnx_backend import OnnxModel
 
     side = image.shape[-1]
     metadata = {"arch": "", "class_names": [], "img_size": side, "size_unit": model.size_unit, "dynamic": False,

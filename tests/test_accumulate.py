@@ -4,11 +4,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import train
 from datasets.sampling import epoch_order
+from engine import trainer
 from nets import ARCHS, build_model
 from nets.hourglass import CenterNet
 from tests.test_train import OneBoxImages, without_batchnorm
+from utils.logger import RunLogger
 
 CPU = torch.device("cpu")
 
@@ -23,10 +24,10 @@ def gradients_at_each_step(batch_size: int, accum_steps: int, images: int = 12) 
     optimizer.register_step_pre_hook(lambda *_: seen.append([p.grad.clone() for p in model.parameters()]))
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     step_batch = batch_size * accum_steps
-    progress = train.EpochProgress(1, epoch_order(images, step_batch, seed=0, epoch=1), step_batch, 0)
-    loader = train.make_train_loader(OneBoxImages(images), progress, 0, CPU, accum_steps)
-    logger = train.RunLogger(Path("unused"), enabled=False)
-    train.train_one_epoch(model, loader, optimizer, scaler, CPU, False, progress, logger, accum_steps=accum_steps)
+    progress = trainer.EpochProgress(1, epoch_order(images, step_batch, seed=0, epoch=1), step_batch, 0)
+    loader = trainer.make_train_loader(OneBoxImages(images), progress, 0, CPU, accum_steps)
+    logger = RunLogger(Path("unused"), enabled=False)
+    trainer.train_one_epoch(model, loader, optimizer, scaler, CPU, False, progress, logger, accum_steps=accum_steps)
     return seen, progress.step
 
 

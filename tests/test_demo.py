@@ -14,13 +14,14 @@ import pytest
 import torch
 
 import demo
+import engine.detector
 from datasets.transforms import eval_input
+from engine.inference import InferenceConfig, detect
 from nets import build_model
 from tests.test_faults import FullDisk
 from utils import files
 from utils.checkpoint import save_checkpoint
 from utils.errors import CheckpointError, DataError, UserError, WriteError
-from utils.inference import InferenceConfig, detect
 
 RACCOON = Path(__file__).parent / "data" / "raccoon" / "val"
 REPO = Path(__file__).resolve().parents[1]
@@ -64,7 +65,7 @@ class Float64Net(torch.nn.Module):
 def float64_demo(monkeypatch) -> Float64Net:
     """demo.py's model replaced by the float64 copy of the peaked tiny net (--ckpt is then only checked)."""
     net = Float64Net(tiny(peaked=True))
-    monkeypatch.setattr(demo, "load_detector", lambda args, device: (net, ["raccoon"]))
+    monkeypatch.setattr(engine.detector, "load_network", lambda path, device, onnx=None: (net, ["raccoon"]))
     return net
 
 

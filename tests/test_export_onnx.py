@@ -15,14 +15,14 @@ import torch
 
 import demo
 from datasets.transforms import eval_input
+from engine.inference import InferenceConfig, detect
+from engine.onnx_backend import OnnxModel
 from lib.cpool import bottom_pool, left_pool, right_pool, top_pool
 from nets import build_model
 from nets.export_pool import rounds_for, shifted_max_pool, use_export_pooling
 from tools import export_onnx
 from utils.checkpoint import save_checkpoint
 from utils.errors import CheckpointError, UserError
-from utils.inference import InferenceConfig, detect
-from utils.onnx_backend import OnnxModel
 from tests.test_demo import same_detections
 
 REPO = Path(__file__).resolve().parents[1]

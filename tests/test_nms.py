@@ -146,7 +146,7 @@ def test_input_conversion_and_errors():
 
 
 def test_nms_per_class_keeps_classes_apart_and_caps():
-    from utils.inference import InferenceConfig, nms_per_class
+    from engine.inference import InferenceConfig, nms_per_class
 
     box = [0, 0, 10, 10]
     rows = np.array([box + [0.9, 0.9, 0.9, 0], box + [0.8, 0.8, 0.8, 3], box + [0.7, 0.7, 0.7, 0]], np.float32)

@@ -3,7 +3,7 @@
 tests/data/official_parity.json holds, for a few images and test settings, the final detections (x1 y1 x2 y2
 score label, after soft-NMS and the max-per-image cut) that the official `kp_detection` (test/coco.py, with
 `_decode` of models/py_utils/kp_utils.py and external/nms.pyx) produced when its network was replaced by
-`synthetic_outputs` below; tests/data/README.md says how. Here the same outputs go through `utils.inference.detect`.
+`synthetic_outputs` below; tests/data/README.md says how. Here the same outputs go through `engine.inference.detect`.
 
 Tolerances: the official code computes in float32 (a few roundings of numbers below 2000 px, relative 6e-8 each),
 ours in float64 then float32, so boxes agree to 1e-3 px and scores to 1e-5; counts and classes exactly.
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from datasets.transforms import eval_input
-from utils.inference import InferenceConfig, detect
+from engine.inference import InferenceConfig, detect
 
 FIXTURE = Path(__file__).parent / "data" / "official_parity.json"
 NUM_CLASSES = 3
@@ -106,7 +106,7 @@ def test_default_nms_keeps_the_official_rows_without_stale_copies(case):
 
 
 def test_defaults_are_the_official_configs():
-    from utils.inference import build_eval_config, official_config
+    from engine.inference import build_eval_config, official_config
 
     # test.py by path: a plain `import test` could find the standard library's `test` package
     spec = importlib.util.spec_from_file_location("centernet47_test_flags", Path(__file__).parents[1] / "test.py")

@@ -19,7 +19,7 @@ from datasets.coco_eval import evaluate_detections
 from datasets.shapes import ShapesConfig, write_split
 from datasets.targets import make_targets
 from datasets.transforms import COCO_MEAN, COCO_STD
-from utils.inference import InferenceConfig, detect
+from engine.inference import InferenceConfig, detect
 
 RACCOON = Path(__file__).parent / "data" / "raccoon"
 EPS = 1e-4

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import train
+from engine.pretrained import class_output_keys, load_pretrained, load_pretrained_checkpoint
 from nets import build_model
 from nets.hourglass import HEATMAP_BIAS
 from utils.checkpoint import load_checkpoint, save_checkpoint
-from utils.pretrained import class_output_keys, load_pretrained, load_pretrained_checkpoint
 
 KEEP = ("ellipse", "cross")
 

@@ -13,7 +13,7 @@ from nets import build_model
 from utils.checkpoint import save_checkpoint
 from datasets.coco_eval import results_path, settings_hash
 from utils.errors import MissingFileError, UserError
-from utils.inference import InferenceConfig, changed_settings, official_config
+from engine.inference import InferenceConfig, changed_settings, official_config
 
 REPO = Path(__file__).resolve().parents[1]
 # test.py by path: a plain `import test` could find the standard library's `test` package

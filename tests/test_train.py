@@ -19,10 +19,12 @@ from datasets.coco import CocoDetection
 from datasets.sampling import EpochSampler, TrainSamples, epoch_order
 from datasets.shapes import ShapesConfig, write_split
 from datasets.targets import make_targets
+from engine import trainer
 from nets import build_model
 from utils import dist
 from utils.checkpoint import load_checkpoint
 from utils.errors import UserError
+from utils.logger import RunLogger
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -123,8 +125,8 @@ def test_resume_across_amp_settings(shapes_dir, tmp_path):
 
 def test_checkpoint_is_saved_before_best_and_with_the_normal_file_mode(shapes_dir, tmp_path, monkeypatch):
     saved = []
-    real_save = train.save_checkpoint
-    monkeypatch.setattr(train, "save_checkpoint", lambda path, state: (saved.append(path.name), real_save(path, state)))
+    real_save = trainer.save_checkpoint
+    monkeypatch.setattr(trainer, "save_checkpoint", lambda path, state: (saved.append(path.name), real_save(path, state)))
     train.main(args_for(shapes_dir, tmp_path, "--num_epochs", "1"))
     assert saved == ["checkpoint.pt", "best.pt"]
     umask = os.umask(0)
@@ -136,13 +138,13 @@ def test_checkpoint_is_saved_before_best_and_with_the_normal_file_mode(shapes_di
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(shapes_dir, tmp_path, monkeypatch):
     train.main(args_for(shapes_dir, tmp_path, "--num_epochs", "1"))
     before = (tmp_path / "run" / "checkpoint.pt").read_bytes()
-    real_loss = train.centernet_loss
+    real_loss = trainer.centernet_loss
 
     def exploding_loss(outputs, batch):
         total, terms = real_loss(outputs, batch)
         return total * float("nan"), terms
 
-    monkeypatch.setattr(train, "centernet_loss", exploding_loss)
+    monkeypatch.setattr(trainer, "centernet_loss", exploding_loss)
     with pytest.raises(FloatingPointError, match="non-finite loss at epoch 2"):
         train.main(args_for(shapes_dir, tmp_path, "--num_epochs", "2", "--resume"))
     assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before
@@ -212,11 +214,11 @@ def one_step_gradients(rank: int, world: int, port: int, out: str) -> None:
     optimizer.register_step_pre_hook(lambda *_: grads.update({k: p.grad.clone() for k, p in model.named_parameters()}))
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     data = OneBoxImages(4)
-    progress = train.EpochProgress(1, epoch_order(len(data), 4, seed=0, epoch=1), 4, 0)
-    loader = train.make_train_loader(data, progress, 0, torch.device("cpu"))
+    progress = trainer.EpochProgress(1, epoch_order(len(data), 4, seed=0, epoch=1), 4, 0)
+    loader = trainer.make_train_loader(data, progress, 0, torch.device("cpu"))
     batch = next(iter(loader))
-    logger = train.RunLogger(Path(out), enabled=False)
-    train.train_one_epoch(ddp, loader, optimizer, scaler, torch.device("cpu"), False, progress, logger)
+    logger = RunLogger(Path(out), enabled=False)
+    trainer.train_one_epoch(ddp, loader, optimizer, scaler, torch.device("cpu"), False, progress, logger)
     torch.save({"grads": grads, "images": batch["image"]}, Path(out) / f"world{world}_rank{rank}.pt")
     dist.cleanup()
 
@@ -253,7 +255,7 @@ def test_each_process_draws_its_own_augmentation(tmp_path):
     data = same_image_split(tmp_path, copies=8)
     batches = {}
     for rank in range(2):
-        progress = train.EpochProgress(1, epoch_order(len(data), 4, seed=317, epoch=1), 4, 0)
+        progress = trainer.EpochProgress(1, epoch_order(len(data), 4, seed=317, epoch=1), 4, 0)
         sampler = EpochSampler(progress.order, 4, rank, 2)
         samples = TrainSamples(data, seed=317, epoch=1)
         batches[rank] = [samples[i] for i in sampler]

@@ -7,11 +7,11 @@ import torch
 from tensorboardX.proto import event_pb2
 
 from datasets.coco import CocoDetection
+from engine.inference import InferenceConfig
+from engine.visualize import val_images
 from nets import build_model
 from tests.test_test_cli import RACCOON
-from utils.inference import InferenceConfig
 from utils.logger import RunLogger
-from utils.visualize import val_images
 
 
 def test_val_images_show_the_true_boxes():

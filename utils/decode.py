@@ -10,7 +10,7 @@ check (test/coco.py `kp_detection`).
   and the best `num_dets` pairs are returned in score order, with the K centers.
 
 `center_check`, in numpy, runs once per image on the boxes of every forward (all scales, both flips) after they
-were mapped to the original image (utils/inference.py), as the official code does: the central region of a box
+were mapped to the original image (engine/inference.py), as the official code does: the central region of a box
 is the middle 1/n of its width and height, n = 3 when its area in original pixels is at most 150^2 and n = 5
 otherwise, with strict inequalities. A box is kept only when a center of its class lies inside; its score becomes
 (2 s + s_ct) / 3 with s_ct the score of the first such center in the given order (the official `argmax`). All K

@@ -1,5 +1,5 @@
 """An exported network (tools/export_onnx.py) run by onnxruntime, called like our model in eval mode, so that the
-decoding and soft-NMS of utils/inference.py run unchanged on its outputs.
+decoding and soft-NMS of engine/inference.py run unchanged on its outputs.
 
     model = OnnxModel("model.onnx", torch.device("cpu"))
     out = model(images)   # (N, 3, H, W) float32 -> the eval dict: hm_* (N, C, h, w), emb_*, off_*, on CPU

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from utils.inference import InferenceConfig, detect
+from engine.inference import InferenceConfig, detect
 
 TRUE_COLOR = (0, 255, 0)  # BGR
 

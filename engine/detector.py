@@ -1,0 +1,136 @@
+"""The detector as one object, for your own code (a service, a notebook, a labelling tool) and for demo.py:
+
+    from engine import Detector
+    detector = Detector.from_checkpoint("ckpt/NAME/checkpoint.pt", test_flip=True)
+    found = detector("photo.jpg")          # or a BGR numpy image, or a list of either
+    found.boxes, found.scores, found.labels, found.names
+
+A `.pt` checkpoint (train.py, tools/convert_official.py) runs on PyTorch, an `.onnx` file (tools/export_onnx.py)
+on onnxruntime; both go through the test-time pipeline of engine/inference.py, as test.py does.
+"""
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from datasets.image_io import load_image
+from datasets.transforms import eval_input
+from engine.inference import InferenceConfig, detect_batch, official_config
+from engine.onnx_backend import OnnxModel
+from nets import model_from_checkpoint
+from utils.checkpoint import load_inference_checkpoint
+from utils.device import select_device
+
+
+@dataclass
+class Detections:
+    """The detections of one image, best first, in its original pixels."""
+    boxes: np.ndarray  # (N, 4) float32 x1 y1 x2 y2
+    scores: np.ndarray  # (N,) float32
+    labels: np.ndarray  # (N,) int64 class ids: indices into the detector's class_names
+    names: list[str]  # (N,) the class name of each box
+
+    @classmethod
+    def from_rows(cls, rows: np.ndarray, class_names: list[str]) -> "Detections":
+        """From the (N, 6) x1 y1 x2 y2 score label rows of engine.inference.detect."""
+        labels = rows[:, 5].astype(np.int64)
+        return cls(rows[:, :4].astype(np.float32), rows[:, 4].astype(np.float32), labels,
+                   [class_names[i] for i in labels])
+
+    def rows(self) -> np.ndarray:
+        """(N, 6) float32 x1 y1 x2 y2 score label, as engine.inference.detect and engine.visualize.draw use."""
+        return np.concatenate([self.boxes, self.scores[:, None], self.labels[:, None].astype(np.float32)], axis=1)
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+
+def load_network(path: str | Path, device: torch.device, onnx: bool | None = None) -> tuple[object, list[str]]:
+    """(network callable on an image batch in eval mode, class names) from a checkpoint, or from a file of
+    tools/export_onnx.py when `onnx` is True (None: when the file name ends in .onnx)."""
+    path = Path(path)
+    if onnx or (onnx is None and path.suffix.lower() == ".onnx"):
+        model = OnnxModel(path, device)
+        return model, model.class_names
+    state = load_inference_checkpoint(path)
+    return model_from_checkpoint(state, path).to(device).eval(), state["class_names"]
+
+
+class Detector:
+    """Calls on a BGR image ((H, W, 3) uint8 numpy array, as cv2.imread gives) or an image file give its
+    `Detections`; on a list of them, one `Detections` per image. Images whose network inputs have the same shape
+    share one forward, `batch_size` images at a time."""
+
+    def __init__(self, model, class_names: list[str], device: torch.device, test_flip: bool = False,
+                 test_scales: tuple[float, ...] = (1.0,), score_thresh: float = 0.0, batch_size: int = 4,
+                 config: InferenceConfig | None = None):
+        """`model` maps (N, 3, H, W) images to the eval-mode output dict of docs/FORMAT.md; `config` defaults to
+        the official settings for the number of `test_scales`; detections scoring below `score_thresh` are
+        dropped."""
+        scales = [float(s) for s in test_scales]
+        if not scales or not all(0 < s < math.inf for s in scales):
+            raise ValueError(f"test_scales: expected positive finite scales, got {test_scales!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size: expected a positive number, got {batch_size}")
+        self.model, self.class_names, self.device = model, list(class_names), device
+        self.test_flip, self.test_scales = test_flip, scales
+        self.score_thresh, self.batch_size = score_thresh, batch_size
+        self.config = config or official_config(len(scales))
+        if isinstance(model, OnnxModel):
+            model.require_dynamic("photos and video frames")
+        self.scaled_down = 0  # images shrunk to fit an ONNX export's --max_size, for the caller to report
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str = "auto", test_flip: bool = False,
+                        test_scales: tuple[float, ...] = (1.0,), score_thresh: float = 0.0, batch_size: int = 4,
+                        onnx: bool | None = None, config: InferenceConfig | None = None) -> "Detector":
+        """A detector for the checkpoint at `path` (or the .onnx file: see `load_network`) on `device` (auto, cpu
+        or cuda)."""
+        torch_device = select_device(device)
+        model, class_names = load_network(path, torch_device, onnx)
+        return cls(model, class_names, torch_device, test_flip, test_scales, score_thresh, batch_size, config)
+
+    def __call__(self, images: np.ndarray | str | Path | list) -> "Detections | list[Detections]":
+        """Detections of one image (array or path), or a list of them for a list."""
+        if isinstance(images, (list, tuple)):
+            arrays = [self.read(image) for image in images]
+            return [Detections.from_rows(rows, self.class_names) for start in range(0, len(arrays), self.batch_size)
+                    for rows in self.detect_rows(arrays[start:start + self.batch_size])]
+        return Detections.from_rows(self.detect_rows([self.read(images)])[0], self.class_names)
+
+    @staticmethod
+    def read(image: np.ndarray | str | Path) -> np.ndarray:
+        """An image argument as a (H, W, 3) uint8 BGR array: a file is read (datasets.image_io.load_image)."""
+        if isinstance(image, (str, Path)):
+            return load_image(image)
+        if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            kind = f"array of shape {image.shape} and dtype {image.dtype}" if isinstance(image, np.ndarray) \
+                else type(image).__name__
+            raise ValueError(f"expected a (H, W, 3) uint8 BGR image or an image path, got {kind}")
+        return image
+
+    def fit_scale(self, image: np.ndarray) -> float:
+        """1, or the factor by which the test scales of `image` shrink so that its inputs fit an ONNX export's
+        --max_size (its boxes still come back in original pixels)."""
+        if not isinstance(self.model, OnnxModel):
+            return 1.0
+        fit = self.model.fit_scale(*image.shape[:2], self.test_scales)
+        self.scaled_down += fit < 1
+        return fit
+
+    def detect_rows(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """(M, 6) x1 y1 x2 y2 score label rows of each BGR image, scoring at least `score_thresh`; images whose
+        inputs have the same shapes share one forward."""
+        inputs = [[eval_input(image, s * fit, self.test_flip) for s in self.test_scales]
+                  for image, fit in zip(images, map(self.fit_scale, images))]
+        groups: dict[tuple, list[int]] = {}
+        for i, sample in enumerate(inputs):
+            groups.setdefault(tuple(batch.shape for batch, _ in sample), []).append(i)
+        rows = [None] * len(images)
+        for members in groups.values():
+            for i, dets in zip(members, detect_batch(self.model, [inputs[i] for i in members], self.config,
+                                                     self.device)):
+                rows[i] = dets[dets[:, 4] >= self.score_thresh]
+        return rows

@@ -1,0 +1,71 @@
+"""A run folder (CKPT_DIR/LOG_NAME) and its checkpoints: whether a run starts or resumes there, whether a checkpoint
+can continue under the given flags, and rank-0 decisions shared with every process."""
+import argparse
+from pathlib import Path
+
+from utils import dist
+from utils.device import check_scaler_state
+from utils.errors import UserError
+
+CHECKPOINT, BEST = "checkpoint.pt", "best.pt"
+
+
+class RunComplete(Exception):
+    """--resume of a run that has trained its --num_epochs (a job requeued after its last save): nothing to do,
+    which is a success (exit status 0)."""
+
+
+def run_folder_plan(run_dir: Path, resume: bool) -> tuple[bool, str]:
+    """(resume from run_dir/checkpoint.pt?, a message for the log). Refuses (UserError) what would mix two runs in
+    one folder or lose one. Temporary files of an interrupted save are not part of a run."""
+    held = sorted(p.name for p in run_dir.iterdir() if not p.name.endswith(".tmp")) if run_dir.is_dir() else []
+    if resume and CHECKPOINT in held:
+        return True, f"resuming {run_dir / CHECKPOINT}"
+    if resume and BEST in held:
+        raise UserError(f"--resume: {run_dir} holds {BEST} but no {CHECKPOINT} (deleted, or its save failed), so "
+                        f"the run cannot continue; keep {BEST} and start a new run with another --log_name")
+    if resume:
+        # An elastic restart (torchrun --max-restarts) may come before the first save: start, and say so.
+        return False, f"--resume: nothing to resume in {run_dir} yet; starting a new run"
+    if held:
+        raise UserError(f"{run_dir} already holds a run ({', '.join(held)}); pass --resume to continue it, or choose "
+                        "another --log_name")
+    return False, f"starting a new run in {run_dir}"
+
+
+def check_resumable(state: dict, args: argparse.Namespace, class_names: list[str], path: Path) -> None:
+    """Refuses flags that cannot continue the checkpoint at `path`, before any network is built."""
+    saved = state["args"]
+    # The flags that define the run (its network and training input); the batch may be split over another
+    # number of processes.
+    for name in ("arch", "img_size"):
+        if saved[name] != getattr(args, name):
+            raise SystemExit(f"--resume: {path} was trained with --{name} {saved[name]}, not {getattr(args, name)}; "
+                             f"resume with --{name} {saved[name]}, or start a new run with another --log_name")
+    if state["class_names"] != class_names:
+        raise SystemExit(f"--resume: {path} was trained on classes {state['class_names']}, but "
+                         f"{args.train_split} has {class_names}")
+    position = state.get("position")
+    if position and position["global_batch"] != args.batch_size * args.accum_steps:
+        raise SystemExit(f"--resume: {path} stopped inside epoch {position['epoch']} with {position['global_batch']} "
+                         "images per optimizer step; resume with the same --batch_size and --accum_steps")
+    last_epoch = position["epoch"] if position else state["epoch"] + 1
+    if last_epoch > args.num_epochs:
+        raise RunComplete(f"{path} is complete: it has trained {state['epoch']} epochs (--num_epochs "
+                          f"{args.num_epochs}); pass a larger --num_epochs to train longer", state["best_ap"])
+    check_scaler_state(state.get("scaler"), path)  # any --amp setting may continue it: see resume_scaler
+
+
+def on_main_for_all(work):
+    """Runs `work()` on rank 0 only (a decision about the run folder, a save) and gives every process its result,
+    or raises rank 0's user error (disk full, a folder that holds another run) on every process."""
+    result, error = None, None
+    if dist.is_main():
+        try:
+            result = work()
+        except UserError as e:
+            error = e
+    result, error = dist.broadcast_object((result, error))
+    if error is not None:
+        raise error
+    return result

@@ -1,0 +1,284 @@
+"""The training loop of train.py: one epoch (`train_one_epoch`, with gradient accumulation, mid-epoch saves and
+the unreadable-image budget), its position inside an epoch (`EpochProgress`, what a mid-epoch checkpoint holds),
+and the whole run (`train`): data, network, optimizer, resume, validation and checkpoints in the run folder
+(engine/run_folder.py). Fine-tuning from another run's weights: engine/pretrained.py.
+"""
+import argparse
+import contextlib
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from datasets import build_dataset
+from datasets.sampling import EpochSampler, TrainSamples, epoch_order
+from engine.inference import InferenceConfig, evaluate
+from engine.pretrained import load_pretrained_checkpoint
+from engine.run_folder import BEST, CHECKPOINT, check_resumable, on_main_for_all, run_folder_plan
+from engine.visualize import val_images
+from nets import build_model, model_config
+from utils import dist
+from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.device import autocast, grad_scaler, resume_scaler, select_device
+from utils.errors import DataError, UserError
+from utils.files import remove_stale_temporaries
+from utils.logger import RunLogger
+from utils.losses import centernet_loss
+from utils.stopping import CheckpointTimer, StopSignals, ignore_stop_signals
+
+class TrainingDiverged(UserError, FloatingPointError):
+    """The loss became NaN or infinite."""
+
+
+def parse_lr_steps(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise SystemExit(f"--lr_step: expected comma-separated epochs such as 90,120, got {text!r}")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class EpochProgress:
+    """Where training stands inside `epoch`: its sample order, the images of one optimizer step (`global_batch`:
+    --batch_size x --accum_steps), optimizer steps done in it and in the whole run, the sums of the loss terms
+    (over micro-batches), and the unreadable images skipped."""
+    epoch: int
+    order: np.ndarray
+    global_batch: int
+    global_step: int
+    step: int = 0
+    sums: dict[str, float] = field(default_factory=dict)
+    unreadable: int = 0
+
+    @property
+    def steps(self) -> int:
+        return len(self.order) // self.global_batch
+
+    def position(self) -> dict:
+        """The `position` entry of a mid-epoch checkpoint."""
+        return {"epoch": self.epoch, "step": self.step, "order": torch.from_numpy(self.order),
+                "global_batch": self.global_batch, "global_step": self.global_step, "sums": dict(self.sums),
+                "unreadable": self.unreadable}
+
+    @classmethod
+    def from_position(cls, p: dict) -> "EpochProgress":
+        return cls(p["epoch"], p["order"].numpy(), p["global_batch"], p["global_step"], p["step"], dict(p["sums"]),
+                   p["unreadable"])
+
+
+def make_train_loader(dataset, progress: EpochProgress, num_workers: int, device: torch.device,
+                      accum_steps: int = 1) -> DataLoader:
+    """The rest of `progress.epoch` for this process, from the step reached on (datasets/sampling.py), in
+    micro-batches of `global_batch / (accum_steps * world_size)` images."""
+    micro_batch = progress.global_batch // accum_steps
+    if micro_batch % dist.world_size():
+        raise SystemExit(f"--batch_size {micro_batch} must be divisible by the number of processes "
+                         f"({dist.world_size()})")
+    sampler = EpochSampler(progress.order, progress.global_batch, dist.rank(), dist.world_size(), progress.step)
+    return DataLoader(dataset, batch_size=micro_batch // dist.world_size(), sampler=sampler,
+                      num_workers=num_workers, drop_last=True, pin_memory=device.type == "cuda",
+                      worker_init_fn=ignore_stop_signals)
+
+
+def train_one_epoch(model, loader, optimizer, scaler, device, amp: bool | str, progress: EpochProgress,
+                    logger: RunLogger, pause=lambda: (False, False), save=lambda: None,
+                    max_unreadable: float = math.inf, accum_steps: int = 1) -> bool:
+    """Trains on `loader`, keeping `progress` current; returns whether a stop was asked.
+
+    With `accum_steps` N the gradients of N micro-batches (each loss scaled by 1 / N) make one optimizer step, as
+    one batch N times larger would. After each optimizer step `pause()` says, for all processes alike, whether to
+    stop and whether to save: `save()` is then called (a mid-epoch checkpoint of `progress`), and the epoch ends
+    early on a stop."""
+    model.train()
+    images_seen, start = 0, time.perf_counter()
+    bar = tqdm(loader, desc=f"epoch {progress.epoch}", disable=not dist.is_main(), dynamic_ncols=True,
+               initial=progress.step * accum_steps, total=progress.steps * accum_steps)
+    optimizer.zero_grad(set_to_none=True)
+    for micro, batch in enumerate(bar, start=1):
+        step_now = micro % accum_steps == 0
+        unreadable = batch.pop("unreadable", torch.zeros(1)).sum()
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        # DDP all-reduces the gradients only in the backward of the micro-batch that ends a step.
+        with contextlib.nullcontext() if step_now or not hasattr(model, "no_sync") else model.no_sync():
+            with autocast(device, amp):
+                outputs = model(batch["image"])
+            outputs = [{k: v.float() for k, v in stack.items()} for stack in outputs]
+            loss, terms = centernet_loss(outputs, batch)
+            terms = dist.reduce_mean({"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()},
+                                      "unreadable": unreadable.to(device).float()})
+            progress.unreadable += round(terms.pop("unreadable") * dist.world_size())
+            if not all(math.isfinite(v) for v in terms.values()):
+                raise TrainingDiverged(
+                    f"non-finite loss at epoch {progress.epoch}, step {progress.step + 1}: {terms}. Stopping; the "
+                    "last saved checkpoint is intact. Try a lower --lr, or run without --amp.")
+            if progress.unreadable > max_unreadable:
+                raise DataError(
+                    f"{progress.unreadable} training images of epoch {progress.epoch} could not be read (more than "
+                    f"--max_bad_fraction of the epoch); the last checkpoint is intact. List every problem with "
+                    f"`python -m datasets.check --data_dir DIR --split NAME`")
+            scaler.scale(loss / accum_steps).backward()
+        for k, v in terms.items():
+            progress.sums[k] = progress.sums.get(k, 0.0) + v
+        images_seen += batch["image"].shape[0] * dist.world_size()
+        if not step_now:
+            continue
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+        progress.global_step += 1
+        progress.step += 1
+        rate = images_seen / (time.perf_counter() - start)
+        bar.set_postfix(loss=f"{terms['loss']:.3f}", img_s=f"{rate:.1f}")
+        logger.scalars(terms, progress.global_step, prefix="train/")
+        stop, save_now = pause()
+        if stop or save_now:
+            save()
+        if stop:
+            return True
+    bar.close()
+    logger.scalars({"lr": optimizer.param_groups[0]["lr"], "images_per_s": images_seen / (time.perf_counter() - start)},
+                   progress.global_step, prefix="train/")
+    return False
+
+
+def train(args: argparse.Namespace, signals: StopSignals) -> tuple[float, bool]:
+    """The run of `main`: (last validation AP, whether a signal stopped it)."""
+    launched_without_flag = dist.launched() and not args.dist
+    dist.init_distributed(args.dist or dist.launched(), args.local_rank, args.device)
+    device = select_device(args.device, dist.local_rank())
+    torch.backends.cudnn.benchmark = True  # fixed input size (--img_size); evaluate() turns it off while it runs
+    run_dir = Path(args.ckpt_dir) / args.log_name
+    resuming, plan_message = on_main_for_all(lambda: run_folder_plan(run_dir, args.resume))
+    lr_steps = parse_lr_steps(args.lr_step)
+    seed_everything(args.seed)
+
+    train_set = build_dataset(args, args.train_split, train=True)
+    val_set = build_dataset(args, args.val_split, train=False)
+    if not val_set.has_annotations:
+        raise SystemExit(f"--val_split {args.val_split} has no annotations to validate against (a test-dev split?); "
+                         "pick a split with instances_<split>.json")
+    if val_set.class_names != train_set.class_names:
+        raise SystemExit(f"{args.val_split} and {args.train_split} have different categories")
+    step_batch = args.batch_size * args.accum_steps
+    if len(train_set) < step_batch:
+        raise SystemExit(f"--batch_size {args.batch_size} x --accum_steps {args.accum_steps} is larger than the "
+                         f"training set ({len(train_set)} images): no optimizer step would be made")
+    args.num_classes = len(train_set.class_names)
+
+    state = load_checkpoint(run_dir / CHECKPOINT) if resuming else None
+    if state is not None:
+        check_resumable(state, args, train_set.class_names, run_dir / CHECKPOINT)
+    config = model_config(args.arch, args.num_classes)
+    model = build_model(args.arch, args.num_classes, grad_checkpoint=args.grad_checkpoint).to(device)
+    if args.sync_bn and dist.is_dist():
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=lr_steps, gamma=0.1)
+    amp = args.amp and args.amp_dtype
+    scaler = grad_scaler(device, amp)
+    start_epoch, best_ap, global_step, progress, scaler_note = 1, -1.0, 0, None, None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler_note = resume_scaler(scaler, state["scaler"], run_dir / CHECKPOINT)
+        start_epoch, best_ap, global_step = state["epoch"] + 1, state["best_ap"], state["global_step"]
+        progress = EpochProgress.from_position(state["position"]) if state.get("position") else None
+        del state
+
+    # Before the run folder exists: a missing or foreign --pretrained file leaves nothing to refuse a rerun.
+    pretrained = load_pretrained_checkpoint(model, args.pretrained, train_set.class_names, args.arch) \
+        if args.pretrained and not resuming else None  # a resumed run already holds the fine-tuned weights
+    logger = RunLogger(run_dir, enabled=dist.is_main())
+    logger.info(plan_message)
+    if scaler_note:
+        logger.info(scaler_note)
+    if dist.is_main():
+        for stale in remove_stale_temporaries(run_dir, CHECKPOINT) + remove_stale_temporaries(run_dir, BEST):
+            logger.info(f"removed {stale}, left by a save that was interrupted")
+    if launched_without_flag:
+        logger.info(f"started as {dist.world_size()} processes by a launcher: training with "
+                    "DistributedDataParallel (--dist implied)")
+    for line in pretrained.lines() if pretrained else []:
+        logger.info(line)
+    logger.info(f"{args.arch} at epoch {start_epoch}{f' step {progress.step}' if progress else ''}: "
+                f"{args.num_classes} classes, {len(train_set)} train / {len(val_set)} val images, "
+                f"{dist.world_size()} process(es) on {device}")
+    ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if dist.is_dist() else model
+    eval_config = InferenceConfig()  # the official single-scale settings
+
+    def state_dict(epoch_done: int, position: dict | None) -> dict:
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch_done,
+                "position": position, "global_step": progress.global_step if progress else 0, "best_ap": best_ap,
+                "args": vars(args), "model_config": config, "class_names": train_set.class_names}
+
+    timer = CheckpointTimer(args.ckpt_interval)
+    ap, stopped = best_ap, False
+    for epoch in range(start_epoch, args.num_epochs + 1):
+        if progress is None or progress.epoch != epoch:
+            progress = EpochProgress(epoch, epoch_order(len(train_set), step_batch, args.seed, epoch), step_batch,
+                                     progress.global_step if progress else global_step)
+        loader = make_train_loader(TrainSamples(train_set, args.seed, epoch), progress, args.num_workers, device,
+                                   args.accum_steps)
+
+        def save_mid_epoch():
+            snapshot = state_dict(epoch - 1, progress.position())
+            on_main_for_all(lambda: save_checkpoint(run_dir / CHECKPOINT, snapshot))
+            timer.reset()
+
+        stopped = train_one_epoch(
+            ddp_model, loader, optimizer, scaler, device, amp, progress, logger,
+            pause=lambda: dist.any_true(signals.received is not None, dist.is_main() and timer.due()),
+            save=save_mid_epoch, max_unreadable=args.max_bad_fraction * len(progress.order),
+            accum_steps=args.accum_steps)
+        if stopped:
+            break
+        scheduler.step()
+        means = {k: v / max(progress.steps * args.accum_steps, 1) for k, v in progress.sums.items()}
+        logger.info(f"epoch {epoch}: " + " ".join(f"{k} {v:.4f}" for k, v in means.items()) +
+                    (f" ({progress.unreadable} unreadable images skipped)" if progress.unreadable else ""))
+
+        validate = epoch == args.num_epochs or (args.val_interval > 0 and epoch % args.val_interval == 0)
+        if validate:
+            stats = evaluate(model, val_set, eval_config, device=device, num_workers=args.num_workers, amp=amp)
+            ap = stats["AP"]
+            logger.scalars({"AP": ap, "AP50": stats["AP50"]}, progress.global_step, prefix="val/")
+            logger.info(f"epoch {epoch}: val AP {ap:.4f}")
+            if dist.is_main():  # a few val images with true (green) and detected boxes, in tensorboard
+                logger.images("val/boxes", val_images(model, val_set, eval_config, device, amp=amp),
+                              progress.global_step)
+        improved = validate and ap > best_ap
+        best_ap = max(best_ap, ap)
+        snapshot = state_dict(epoch, None)
+        # checkpoint.pt first: a failure between the two saves leaves a folder that --resume continues.
+        on_main_for_all(lambda: save_checkpoint(run_dir / CHECKPOINT, snapshot))
+        if improved:
+            on_main_for_all(lambda: save_checkpoint(run_dir / BEST, snapshot))
+        timer.reset()
+        stopped = dist.any_true(signals.received is not None)[0]
+        if stopped:
+            break
+    if stopped:
+        where = f"epoch {progress.epoch}, step {progress.step} of {progress.steps}"
+        logger.info(f"stopped by {signals.received or 'a signal to another process'} at {where}; saved "
+                    f"{run_dir / CHECKPOINT}. Resume with the same command plus --resume")
+    logger.close()
+    dist.cleanup()
+    return ap, stopped
+

@@ -1,0 +1,123 @@
+"""engine.Detector, the Python API: for an image path, a numpy image and a list of them it gives the detections of
+test.py's pipeline (the evaluation sample of datasets.coco through engine.inference.detect), and an exported .onnx
+file gives those of its checkpoint."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from datasets.coco import CocoDetection
+from datasets.image_io import load_image
+from engine import Detections, Detector
+from engine.inference import detect, official_config
+from tests.test_demo import same_detections
+from tests.test_export_onnx import peaked_tiny
+from tools import export_onnx
+from utils.checkpoint import save_checkpoint
+from utils.errors import MissingFileError
+
+RACCOON = Path(__file__).parent / "data" / "raccoon"
+CLASSES = ["raccoon"]
+SIZES = {"raccoon-102.jpg": (194, 259), "raccoon-148.jpg": (375, 500), "raccoon-166.jpg": (154, 328),
+         "raccoon-198.jpg": (194, 259)}
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
+    """A checkpoint of an untrained tiny_hourglass with distinct scores, and the network."""
+    model = peaked_tiny(len(CLASSES), seed=1)
+    ckpt = tmp_path_factory.mktemp("detector") / "checkpoint.pt"
+    save_checkpoint(ckpt, {"model": model.state_dict(), "class_names": CLASSES,
+                           "args": {"arch": "tiny_hourglass", "img_size": 127}})
+    return ckpt, model
+
+
+def rows_of(found: list[Detections]) -> list[tuple]:
+    """(image index, box, score) of every detection, for same_detections."""
+    return [(i, box, float(score)) for i, f in enumerate(found) for box, score in zip(f.boxes, f.scores)]
+
+
+def test_path_array_and_list_give_the_test_py_detections(tiny):
+    ckpt, model = tiny
+    scales = (0.5, 1.0)
+    dataset = CocoDetection(RACCOON, "val", train=False, img_size=127, test_scales=scales, test_flip=True)
+    index = {im["file_name"]: i for i, im in enumerate(dataset.images)}
+    # test.py's detections of two images of different sizes: each is one forward per scale in both pipelines, so
+    # the same float32 operations on the same inputs give the same bits.
+    names = ["raccoon-102.jpg", "raccoon-148.jpg"]
+    expected = [detect(model, dataset[index[name]]["inputs"], official_config(len(scales)), CPU) for name in names]
+    assert all(len(e) > 10 for e in expected)
+
+    detector = Detector.from_checkpoint(ckpt, device="cpu", test_flip=True, test_scales=scales)
+    assert detector.class_names == CLASSES and detector.config.merge  # several scales: the official merging
+    paths = [RACCOON / "val" / name for name in names]
+    by_path, by_str = detector(paths[0]), detector(str(paths[0]))
+    by_array = detector(load_image(paths[0]))
+    listed = detector([paths[0], load_image(paths[1])])
+    assert isinstance(listed, list) and len(listed) == 2
+    for found, k in [(by_path, 0), (by_str, 0), (by_array, 0), (listed[0], 0), (listed[1], 1)]:
+        want, (h, w) = expected[k], SIZES[names[k]]
+        np.testing.assert_array_equal(found.rows(), want)
+        assert found.boxes.shape == (len(want), 4) and found.scores.shape == found.labels.shape == (len(want),)
+        assert found.boxes.dtype == found.scores.dtype == np.float32 and found.labels.dtype == np.int64
+        assert found.names == ["raccoon"] * len(want) and len(found) == len(want)
+        assert (found.boxes >= 0).all() and (found.boxes[:, [0, 2]] <= w).all() and (found.boxes[:, [1, 3]] <= h).all()
+
+
+def test_labels_name_their_classes():
+    rows = np.array([[1, 2, 30, 40, 0.75, 2], [5, 6, 7, 8, 0.5, 0]], np.float32)  # x1 y1 x2 y2 score label
+    found = Detections.from_rows(rows, ["cat", "dog", "fox"])
+    assert found.names == ["fox", "cat"] and found.labels.tolist() == [2, 0] and found.scores.tolist() == [0.75, 0.5]
+    assert found.boxes.tolist() == [[1, 2, 30, 40], [5, 6, 7, 8]]
+    np.testing.assert_array_equal(found.rows(), rows)
+
+
+def test_a_batch_gives_the_detections_of_single_images_and_the_threshold_applies(tiny):
+    """The first and last photos have one size and share a forward: float32 convolutions of a batch of two round
+    differently from those of one image (~1e-6 of the scores), far below the gaps between the peaked net's scores,
+    so the same boxes come out up to that rounding."""
+    ckpt, _ = tiny
+    images = [load_image(RACCOON / "val" / name) for name in ("raccoon-102.jpg", "raccoon-166.jpg", "raccoon-198.jpg")]
+    settings = {"device": "cpu", "test_flip": True, "test_scales": (0.5, 1)}
+    single = Detector.from_checkpoint(ckpt, batch_size=1, **settings)
+    batched = Detector.from_checkpoint(ckpt, batch_size=3, **settings)
+    one_by_one = [single(image) for image in images]
+    assert len(one_by_one[0]) > 10 and len(one_by_one[2]) > 10
+    assert same_detections(rows_of(batched(images)), rows_of(one_by_one), box_tol=1e-3, score_tol=1e-5)
+
+    threshold = float(np.median(one_by_one[0].scores))
+    kept = Detector.from_checkpoint(ckpt, score_thresh=threshold, **settings)(images[0])
+    np.testing.assert_array_equal(kept.rows(), one_by_one[0].rows()[one_by_one[0].scores >= threshold])
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore:Constant folding")
+def test_an_exported_onnx_file_gives_the_checkpoint_detections(tiny, tmp_path):
+    ckpt, _ = tiny
+    onnx_path = tmp_path / "tiny.onnx"
+    export_onnx.main(export_onnx.get_args_parser().parse_args(
+        ["--ckpt", str(ckpt), "--out", str(onnx_path), "--dynamic", "--max_size", "511"]))
+    photos = [RACCOON / "val" / name for name in ("raccoon-102.jpg", "raccoon-148.jpg")]
+    from_pt = Detector.from_checkpoint(ckpt, device="cpu", test_flip=True)(photos)
+    onnx_detector = Detector.from_checkpoint(onnx_path, device="cpu", test_flip=True)
+    from_onnx = onnx_detector(photos)
+    assert onnx_detector.class_names == CLASSES and sum(len(f) for f in from_pt) > 20
+    # onnxruntime sums the convolutions in another order: outputs within ~1e-5 of their scale
+    # (tests/test_export_onnx.py), so boxes within 1e-2 pixel and scores within 1e-5.
+    assert same_detections(rows_of(from_onnx), rows_of(from_pt), box_tol=1e-2, score_tol=1e-5)
+
+
+def test_bad_input_names_the_problem(tiny, tmp_path):
+    ckpt, _ = tiny
+    detector = Detector.from_checkpoint(ckpt, device="cpu")
+    with pytest.raises(ValueError, match=r"expected a \(H, W, 3\) uint8 BGR image .* shape \(20, 30\)"):
+        detector(np.zeros((20, 30), np.uint8))
+    with pytest.raises(ValueError, match="dtype float32"):
+        detector(np.zeros((20, 30, 3), np.float32))
+    with pytest.raises(MissingFileError, match="nowhere.jpg"):
+        detector([RACCOON / "val" / "raccoon-102.jpg", tmp_path / "nowhere.jpg"])
+    with pytest.raises(ValueError, match="test_scales"):
+        Detector.from_checkpoint(ckpt, device="cpu", test_scales=(0, 1))
+    with pytest.raises(ValueError, match="batch_size"):
+        Detector.from_checkpoint(ckpt, device="cpu", batch_size=0)
