@@ -35,7 +35,7 @@ from utils.errors import DataError, UserError, run_cli
 from utils.files import remove_stale_temporaries
 from utils.inference import InferenceConfig, evaluate
 from utils.logger import RunLogger
-from utils.losses import centernet_loss
+from utils.losses import LossConfig, build_loss_config, centernet_loss, resumed_objective
 from utils.pretrained import load_pretrained_checkpoint
 from utils.stopping import CheckpointTimer, StopSignals, ignore_stop_signals
 from utils.visualize import val_images
@@ -85,6 +85,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--accum_steps", type=int, default=1,
                    help="micro-batches of --batch_size per optimizer step (effective batch: their product)")
     p.add_argument("--grad_checkpoint", action="store_true", help="recompute the hourglasses in backward")
+    # The objective (README "Notes on the method"); the defaults are the official code's. A resumed run keeps its own.
+    p.add_argument("--ae_images_per_gpu", type=float, default=6.0,
+                   help="weight of the per-image pull and push: the official code sums them over the images of one "
+                        "GPU, 6 in its published 8 x 6 batch; keep 6 for that objective whatever your GPU count")
+    p.add_argument("--stack_loss", default="mean", choices=["mean", "sum"], help="average or add the stacks' losses")
+    p.add_argument("--count_eps", type=float, default=1e-4,
+                   help="added to the object counts that divide the offset, pull and push losses")
+    p.add_argument("--min_box_size", type=float, default=0.0,
+                   help="drop training boxes with a side under this many canvas pixels after the augmentation")
     return p
 
 
@@ -105,7 +114,8 @@ def check_args(args: argparse.Namespace) -> None:
     if args.img_size % 128 != 127:
         raise SystemExit(f"--img_size must be of the form 128k - 1 (127, 255, 383, 511, ...), got {args.img_size}")
     for flag, value in {"--num_workers": args.num_workers, "--val_interval": args.val_interval,
-                        "--ckpt_interval": args.ckpt_interval}.items():
+                        "--ckpt_interval": args.ckpt_interval, "--ae_images_per_gpu": args.ae_images_per_gpu,
+                        "--count_eps": args.count_eps, "--min_box_size": args.min_box_size}.items():
         if value < 0:
             raise SystemExit(f"{flag} must be 0 or more, got {value}")
     if not 0 <= args.max_bad_fraction < 1:
@@ -200,7 +210,8 @@ def make_train_loader(dataset, progress: EpochProgress, num_workers: int, device
 
 def train_one_epoch(model, loader, optimizer, scaler, device, amp: bool | str, progress: EpochProgress,
                     logger: RunLogger, pause=lambda: (False, False), save=lambda: None,
-                    max_unreadable: float = math.inf, accum_steps: int = 1) -> bool:
+                    max_unreadable: float = math.inf, accum_steps: int = 1,
+                    loss_config: LossConfig = LossConfig()) -> bool:
     """Trains on `loader`, keeping `progress` current; returns whether a stop was asked.
 
     With `accum_steps` N the gradients of N micro-batches (each loss scaled by 1 / N) make one optimizer step, as
@@ -221,7 +232,7 @@ def train_one_epoch(model, loader, optimizer, scaler, device, amp: bool | str, p
             with autocast(device, amp):
                 outputs = model(batch["image"])
             outputs = [{k: v.float() for k, v in stack.items()} for stack in outputs]
-            loss, terms = centernet_loss(outputs, batch)
+            loss, terms = centernet_loss(outputs, batch, loss_config)
             terms = dist.reduce_mean({"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()},
                                       "unreadable": unreadable.to(device).float()})
             progress.unreadable += round(terms.pop("unreadable") * dist.world_size())
@@ -296,8 +307,13 @@ def train(args: argparse.Namespace, signals: StopSignals) -> tuple[float, bool]:
     resuming, plan_message = on_main_for_all(lambda: run_folder_plan(run_dir, args.resume))
     lr_steps = parse_lr_steps(args.lr_step)
     seed_everything(args.seed)
+    state = load_checkpoint(run_dir / CHECKPOINT) if resuming else None
+    objective_notes = []
+    if state is not None:
+        objective, objective_notes = resumed_objective(state["args"], vars(args))
+        vars(args).update(objective)
 
-    train_set = build_dataset(args, args.train_split, train=True)
+    train_set = build_dataset(args, args.train_split, train=True, min_box_size=args.min_box_size)
     val_set = build_dataset(args, args.val_split, train=False)
     if not val_set.has_annotations:
         raise SystemExit(f"--val_split {args.val_split} has no annotations to validate against (a test-dev split?); "
@@ -310,7 +326,6 @@ def train(args: argparse.Namespace, signals: StopSignals) -> tuple[float, bool]:
                          f"training set ({len(train_set)} images): no optimizer step would be made")
     args.num_classes = len(train_set.class_names)
 
-    state = load_checkpoint(run_dir / CHECKPOINT) if resuming else None
     if state is not None:
         check_resumable(state, args, train_set.class_names, run_dir / CHECKPOINT)
     config = model_config(args.arch, args.num_classes)
@@ -333,6 +348,8 @@ def train(args: argparse.Namespace, signals: StopSignals) -> tuple[float, bool]:
 
     logger = RunLogger(run_dir, enabled=dist.is_main())
     logger.info(plan_message)
+    for line in objective_notes:
+        logger.info(line)
     if dist.is_main():
         for stale in remove_stale_temporaries(run_dir, CHECKPOINT) + remove_stale_temporaries(run_dir, BEST):
             logger.info(f"removed {stale}, left by a save that was interrupted")
@@ -373,7 +390,7 @@ def train(args: argparse.Namespace, signals: StopSignals) -> tuple[float, bool]:
             ddp_model, loader, optimizer, scaler, device, amp, progress, logger,
             pause=lambda: dist.any_true(signals.received is not None, dist.is_main() and timer.due()),
             save=save_mid_epoch, max_unreadable=args.max_bad_fraction * len(progress.order),
-            accum_steps=args.accum_steps)
+            accum_steps=args.accum_steps, loss_config=build_loss_config(args))
         if stopped:
             break
         scheduler.step()
