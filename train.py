@@ -61,6 +61,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--accum_steps", type=int, default=1,
                    help="micro-batches of --batch_size per optimizer step (effective batch: their product)")
     p.add_argument("--grad_checkpoint", action="store_true", help="recompute the hourglasses in backward")
+    # The objective (README "Notes on the method"); the defaults are the official code's. A resumed run keeps its own.
+    p.add_argument("--ae_images_per_gpu", type=float, default=6.0,
+                   help="weight of the per-image pull and push: the official code sums them over the images of one "
+                        "GPU, 6 in its published 8 x 6 batch; keep 6 for that objective whatever your GPU count")
+    p.add_argument("--stack_loss", default="mean", choices=["mean", "sum"], help="average or add the stacks' losses")
+    p.add_argument("--count_eps", type=float, default=1e-4,
+                   help="added to the object counts that divide the offset, pull and push losses")
+    p.add_argument("--min_box_size", type=float, default=0.0,
+                   help="drop training boxes with a side under this many canvas pixels after the augmentation")
     return p
 
 
@@ -74,7 +83,8 @@ def check_args(args: argparse.Namespace) -> None:
     if args.img_size % 128 != 127:
         raise SystemExit(f"--img_size must be of the form 128k - 1 (127, 255, 383, 511, ...), got {args.img_size}")
     for flag, value in {"--num_workers": args.num_workers, "--val_interval": args.val_interval,
-                        "--ckpt_interval": args.ckpt_interval}.items():
+                        "--ckpt_interval": args.ckpt_interval, "--ae_images_per_gpu": args.ae_images_per_gpu,
+                        "--count_eps": args.count_eps, "--min_box_size": args.min_box_size}.items():
         if value < 0:
             raise SystemExit(f"{flag} must be 0 or more, got {value}")
     if not 0 <= args.max_bad_fraction < 1:

@@ -177,11 +177,14 @@ class CocoDetection(Dataset):
     data_dir: folder with annotations/ and the image folders; split: e.g. "train2017" or "val";
     train: training items (augmentation + targets) or evaluation items; img_size: training canvas, k * 4 - 1
     (the networks check their own unit, 128k - 1 for the full ones);
-    test_scales, test_flip: the evaluation inputs; max_objects: objects with offsets and indices per image.
+    test_scales, test_flip: the evaluation inputs; max_objects: objects with offsets and indices per image;
+    min_box_size: training boxes with a side under this many canvas pixels after the augmentation are dropped
+    (0: only empty ones, as the official code).
     """
 
     def __init__(self, data_dir: str | Path, split: str, train: bool, img_size: int = 511,
-                 test_scales: Sequence[float] = (1.0,), test_flip: bool = False, max_objects: int = 128):
+                 test_scales: Sequence[float] = (1.0,), test_flip: bool = False, max_objects: int = 128,
+                 min_box_size: float = 0.0):
         root = Path(data_dir)
         if not root.is_dir():
             raise MissingFileError(f"{root}: data directory not found (expected annotations/instances_{split}.json "
@@ -192,7 +195,7 @@ class CocoDetection(Dataset):
         if not test_scales or min(test_scales) <= 0:
             raise DataError(f"test_scales must be positive numbers, got {list(test_scales)}")
         self.ann_file, self.img_dir = split_files(root, split)
-        self.train, self.img_size, self.max_objects = train, img_size, max_objects
+        self.train, self.img_size, self.max_objects, self.min_box_size = train, img_size, max_objects, min_box_size
         self.test_scales, self.test_flip = tuple(float(s) for s in test_scales), test_flip
 
         data = check_coco_dict(read_json(self.ann_file), self.ann_file, require_annotations=train)
@@ -237,7 +240,7 @@ class CocoDetection(Dataset):
     def train_sample(self, index: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         """The training dict of docs/FORMAT.md for image `index`, augmentation drawn from `rng`."""
         image, boxes, labels = self.load(index)
-        image, boxes, labels = train_transform(image, boxes, labels, self.img_size, rng)
+        image, boxes, labels = train_transform(image, boxes, labels, self.img_size, rng, self.min_box_size)
         targets = make_targets(boxes, labels, self.num_classes, self.img_size, self.img_size, self.max_objects)
         return {"image": torch.from_numpy(image), **{k: torch.from_numpy(v) for k, v in targets.items()}}
 

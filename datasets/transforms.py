@@ -8,8 +8,11 @@ that map) and `cv2.flip`. A horizontal flip of an image of width W maps x -> W -
 Training (CornerNet's recipe): scale s from {0.6, ..., 1.3}; a square of side int(img_size * s) around a random
 center of the original image (at least `border` pixels inside it, the border halved for small images) is cut
 out, zero-padded where it leaves the image, and resized to img_size x img_size (CornerNet's `random_crop`: one
-slice, one resize); horizontal flip with p 0.5; boxes clipped to the canvas, those narrower or lower than
-`min_box_size` (1 pixel) dropped. Then brightness, contrast and saturation (each 1 + U(-0.4, 0.4), in random
+slice, one resize); horizontal flip with p 0.5; boxes clipped to the canvas [0, img_size], those with a side of
+zero or less (or under `min_box_size`, 0 by default) dropped: as in the official code, a box smaller than one
+pixel stays, and becomes a radius-0 peak of the targets. (The official code clips to [0, img_size - 1] and flips
+x -> img_size - 1 - x, one pixel off the mirror x -> img_size - x of these coordinates, which its own test code
+uses; README "Notes on the method".) Then brightness, contrast and saturation (each 1 + U(-0.4, 0.4), in random
 order, blending with the grayscale of the unjittered canvas as CornerNet does), PCA lighting (std 0.1) and
 normalisation. All of these are affine in the B, G, R values, so they are composed into one 3 x 4 colour matrix
 and applied in one pass.
@@ -154,7 +157,7 @@ def apply_color_matrix(image: np.ndarray, m: np.ndarray) -> np.ndarray:
 
 
 def train_transform(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, img_size: int,
-                    rng: np.random.Generator, min_box_size: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                    rng: np.random.Generator, min_box_size: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """CornerNet augmentation of one image.
 
     image (H, W, 3) uint8 BGR, boxes (N, 4) x1 y1 x2 y2 inside the image, labels (N,) ->

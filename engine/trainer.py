@@ -30,7 +30,7 @@ from utils.device import autocast, grad_scaler, resume_scaler, select_device
 from utils.errors import DataError, UserError
 from utils.files import remove_stale_temporaries
 from utils.logger import RunLogger
-from utils.losses import centernet_loss
+from utils.losses import LossConfig, build_loss_config, centernet_loss, resumed_objective
 from utils.stopping import CheckpointTimer, StopSignals, ignore_stop_signals
 
 class TrainingDiverged(UserError, FloatingPointError):
@@ -95,7 +95,8 @@ def make_train_loader(dataset, progress: EpochProgress, num_workers: int, device
 
 def train_one_epoch(model, loader, optimizer, scaler, device, amp: bool | str, progress: EpochProgress,
                     logger: RunLogger, pause=lambda: (False, False), save=lambda: None,
-                    max_unreadable: float = math.inf, accum_steps: int = 1) -> bool:
+                    max_unreadable: float = math.inf, accum_steps: int = 1,
+                    loss_config: LossConfig = LossConfig()) -> bool:
     """Trains on `loader`, keeping `progress` current; returns whether a stop was asked.
 
     With `accum_steps` N the gradients of N micro-batches (each loss scaled by 1 / N) make one optimizer step, as
@@ -116,7 +117,7 @@ def train_one_epoch(model, loader, optimizer, scaler, device, amp: bool | str, p
             with autocast(device, amp):
                 outputs = model(batch["image"])
             outputs = [{k: v.float() for k, v in stack.items()} for stack in outputs]
-            loss, terms = centernet_loss(outputs, batch)
+            loss, terms = centernet_loss(outputs, batch, loss_config)
             terms = dist.reduce_mean({"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()},
                                       "unreadable": unreadable.to(device).float()})
             progress.unreadable += round(terms.pop("unreadable") * dist.world_size())
@@ -165,8 +166,13 @@ def train(args: argparse.Namespace, signals: StopSignals) -> tuple[float, bool]:
     resuming, plan_message = on_main_for_all(lambda: run_folder_plan(run_dir, args.resume))
     lr_steps = parse_lr_steps(args.lr_step)
     seed_everything(args.seed)
+    state = load_checkpoint(run_dir / CHECKPOINT) if resuming else None
+    objective_notes = []
+    if state is not None:
+        objective, objective_notes = resumed_objective(state["args"], vars(args))
+        vars(args).update(objective)
 
-    train_set = build_dataset(args, args.train_split, train=True)
+    train_set = build_dataset(args, args.train_split, train=True, min_box_size=args.min_box_size)
     val_set = build_dataset(args, args.val_split, train=False)
     if not val_set.has_annotations:
         raise SystemExit(f"--val_split {args.val_split} has no annotations to validate against (a test-dev split?); "
@@ -179,7 +185,6 @@ def train(args: argparse.Namespace, signals: StopSignals) -> tuple[float, bool]:
                          f"training set ({len(train_set)} images): no optimizer step would be made")
     args.num_classes = len(train_set.class_names)
 
-    state = load_checkpoint(run_dir / CHECKPOINT) if resuming else None
     if state is not None:
         check_resumable(state, args, train_set.class_names, run_dir / CHECKPOINT)
     config = model_config(args.arch, args.num_classes)
@@ -205,6 +210,8 @@ def train(args: argparse.Namespace, signals: StopSignals) -> tuple[float, bool]:
         if args.pretrained and not resuming else None  # a resumed run already holds the fine-tuned weights
     logger = RunLogger(run_dir, enabled=dist.is_main())
     logger.info(plan_message)
+    for line in objective_notes:
+        logger.info(line)
     if scaler_note:
         logger.info(scaler_note)
     if dist.is_main():
@@ -246,7 +253,7 @@ def train(args: argparse.Namespace, signals: StopSignals) -> tuple[float, bool]:
             ddp_model, loader, optimizer, scaler, device, amp, progress, logger,
             pause=lambda: dist.any_true(signals.received is not None, dist.is_main() and timer.due()),
             save=save_mid_epoch, max_unreadable=args.max_bad_fraction * len(progress.order),
-            accum_steps=args.accum_steps)
+            accum_steps=args.accum_steps, loss_config=build_loss_config(args))
         if stopped:
             break
         scheduler.step()

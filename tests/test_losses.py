@@ -1,10 +1,17 @@
-"""Each loss term against a slow per-pixel / per-object reference written with Python loops."""
+"""Each loss term against a slow per-pixel / per-object reference written with Python loops (the formulas of the
+official code, with its eps = 1e-4 in the object counts); tests/test_official_training_parity.py compares with
+numbers of the official code itself."""
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from utils.losses import PULL_WEIGHT, PUSH_WEIGHT, centernet_loss, focal_loss, offset_loss, pull_push_loss
+from utils.losses import (OBJECTIVE_FLAGS_BEFORE, PULL_WEIGHT, PUSH_WEIGHT, LossConfig, build_loss_config,
+                          centernet_loss, focal_loss, offset_loss, pull_push_loss, resumed_objective)
+
+EPS = 1e-4
+LEGACY_LOSS = build_loss_config(SimpleNamespace(**OBJECTIVE_FLAGS_BEFORE))  # the loss of runs before the flags
 
 
 def ref_focal(logits, gt):
@@ -20,8 +27,9 @@ def ref_focal(logits, gt):
 
 
 def ref_pull_push(emb_tl, emb_br, ind_tl, ind_br, mask):
-    """CornerNet's per-image pull (over objects) and push (over ordered pairs of distinct objects), averaged
-    over the images of the batch."""
+    """CornerNet's per-image pull (over objects, divided by n + eps) and push (over all ordered pairs of objects,
+    the pairs (j, j) included, each hinge minus 1 / (n + eps), divided by n (n - 1) + eps), averaged over the
+    images of the batch."""
     pull, push = 0.0, 0.0
     width = emb_tl.shape[-1]
     for b in range(mask.shape[0]):
@@ -35,10 +43,10 @@ def ref_pull_push(emb_tl, emb_br, ind_tl, ind_br, mask):
             m = (t + r) / 2
             pulls.append((t - m) ** 2 + (r - m) ** 2)
             means.append(m)
-        gaps = [max(0.0, 1 - abs(means[a] - means[c])) for a in range(len(means)) for c in range(len(means))
-                if a != c]
-        pull += sum(pulls) / len(pulls) if pulls else 0.0
-        push += sum(gaps) / len(gaps) if gaps else 0.0
+        n = len(means)
+        gaps = [max(0.0, 1 - abs(means[a] - means[c])) - 1 / (n + EPS) for a in range(n) for c in range(n)]
+        pull += sum(pulls) / (n + EPS)
+        push += sum(gaps) / (n * (n - 1) + EPS)
     return pull / mask.shape[0], push / mask.shape[0]
 
 
@@ -54,7 +62,7 @@ def ref_offset(off, ind, target, mask):
                 diff = abs(float(off[b, d, i // width, i % width]) - float(target[b, k, d]))
                 total += 0.5 * diff ** 2 if diff < 1 else diff - 0.5
             objects += 1
-    return total / max(objects, 1)
+    return total / (objects + EPS)
 
 
 def random_case(counts, num_classes=3, h=6, w=7, max_objects=8, seed=0):
@@ -96,7 +104,9 @@ def test_each_term_matches_the_slow_reference(counts):
     pull, push = pull_push_loss(out["emb_tl"], out["emb_br"], batch["ind_tl"], batch["ind_br"], batch["mask"])
     ref_pull, ref_push = ref_pull_push(out["emb_tl"], out["emb_br"], batch["ind_tl"], batch["ind_br"], batch["mask"])
     assert pull.item() == pytest.approx(ref_pull, abs=1e-6)
-    assert push.item() == pytest.approx(ref_push, abs=1e-6)
+    # An image with one object has push (1 - 1 / (1 + eps)) / eps: float32 (ours, and the official code's) keeps
+    # ~4 digits of that difference, 2^-24 / eps = 6e-4 of error per such image.
+    assert push.item() == pytest.approx(ref_push, abs=1e-6 + 6e-4 * counts.count(1) / len(counts))
 
 
 def test_no_object_and_single_object():
@@ -106,8 +116,15 @@ def test_no_object_and_single_object():
     assert terms["focal"].item() > 0
 
     out, batch = random_case([1])
+    out = {k: v.requires_grad_(True) for k, v in out.items()}
     _, terms = centernet_loss([out], batch)
-    assert terms["push"].item() == 0 and terms["pull"].item() > 0
+    # As the official code: one object leaves a push of 1 / (1 + eps) ~ 1, a constant without gradient.
+    assert terms["push"].item() == pytest.approx(6 * PUSH_WEIGHT / (1 + EPS), abs=6 * PUSH_WEIGHT * 6e-4)
+    assert terms["pull"].item() > 0
+    emb_grads = torch.autograd.grad(terms["push"], [out["emb_tl"], out["emb_br"]], allow_unused=True)
+    assert all(g is None or g.abs().max() == 0 for g in emb_grads)
+    _, legacy = centernet_loss([out], batch, LEGACY_LOSS)
+    assert legacy["push"].item() == 0
 
 
 def test_push_is_zero_beyond_the_margin_and_pull_zero_for_equal_embeddings():
@@ -115,26 +132,33 @@ def test_push_is_zero_beyond_the_margin_and_pull_zero_for_equal_embeddings():
     emb_br = emb_tl.clone()
     ind_tl = torch.tensor([[0, 2]])
     ind_br = torch.tensor([[1, 3]])
-    pull, push = pull_push_loss(emb_tl, emb_br, ind_tl, ind_br, torch.tensor([[True, True]]))
+    pull, push = pull_push_loss(emb_tl, emb_br, ind_tl, ind_br, torch.tensor([[True, True]]), count_eps=0.0)
     assert pull.item() == 0 and push.item() == 0
     emb_br = torch.tensor([0.0, 1.0, 3.0, 3.5]).view(1, 1, 1, 4)
-    pull, push = pull_push_loss(emb_tl, emb_br, ind_tl, ind_br, torch.tensor([[True, True]]))
+    pull, push = pull_push_loss(emb_tl, emb_br, ind_tl, ind_br, torch.tensor([[True, True]]), count_eps=0.0)
     # means 0.5 and 3.25: gap 2.75 > margin; pull = (0.25 + 0.25 + 0.0625 + 0.0625) / 2
     assert pull.item() == pytest.approx(0.3125) and push.item() == 0
 
 
-def test_total_sums_weighted_terms_over_stacks():
+@pytest.mark.parametrize("config", [LossConfig(), LEGACY_LOSS, LossConfig(ae_images_per_gpu=2.5, count_eps=0.0)],
+                         ids=["official", "legacy", "custom"])
+def test_total_averages_or_sums_the_weighted_terms_over_stacks(config):
     out1, batch = random_case([2, 3], seed=1)
     out2, _ = random_case([2, 3], seed=2)
-    total, terms = centernet_loss([out1, out2], batch)
-    _, t1 = centernet_loss([out1], batch)
-    _, t2 = centernet_loss([out2], batch)
+    total, terms = centernet_loss([out1, out2], batch, config)
+    _, t1 = centernet_loss([out1], batch, config)
+    _, t2 = centernet_loss([out2], batch, config)
+    stacks = 2 if config.stack_mean else 1
     for k in terms:
-        assert terms[k].item() == pytest.approx(t1[k].item() + t2[k].item(), rel=1e-6)
+        assert terms[k].item() == pytest.approx((t1[k].item() + t2[k].item()) / stacks, rel=1e-6)
     assert total.item() == pytest.approx(sum(v.item() for v in terms.values()), rel=1e-6)
-    pull, push = pull_push_loss(out1["emb_tl"], out1["emb_br"], batch["ind_tl"], batch["ind_br"], batch["mask"])
-    assert t1["pull"].item() == pytest.approx(PULL_WEIGHT * pull.item())
-    assert t1["push"].item() == pytest.approx(PUSH_WEIGHT * push.item())
+    pull, push = pull_push_loss(out1["emb_tl"], out1["emb_br"], batch["ind_tl"], batch["ind_br"], batch["mask"],
+                                config.count_eps)
+    assert t1["pull"].item() == pytest.approx(config.ae_images_per_gpu * PULL_WEIGHT * pull.item())
+    assert t1["push"].item() == pytest.approx(config.ae_images_per_gpu * PUSH_WEIGHT * push.item())
+    off = offset_loss(out1["off_tl"], batch["ind_tl"], batch["off_tl"], batch["mask"], config.count_eps)
+    assert off.item() == pytest.approx(ref_offset(out1["off_tl"], batch["ind_tl"], batch["off_tl"], batch["mask"])
+                                       * (5 + EPS) / (5 + config.count_eps), rel=1e-5)
 
 
 def test_gradients_are_finite_without_objects():
@@ -154,7 +178,7 @@ def test_pull_push_are_normalised_per_image_then_averaged_over_the_batch():
     emb_br = torch.tensor([[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]).view(2, 1, 1, 4)
     ind = torch.tensor([[0, 1, 0], [0, 1, 2]])
     mask = torch.tensor([[True, True, False], [True, True, True]])
-    pull, push = pull_push_loss(emb_tl, emb_br, ind, ind, mask)
+    pull, push = pull_push_loss(emb_tl, emb_br, ind, ind, mask, count_eps=0.0)
     # pull: image 0 (0 + 0.5) / 2 objects, image 1 zero; push: image 0 two pairs at gap 0.5, image 1 six at 1.
     assert pull.item() == pytest.approx((0.25 + 0.0) / 2)
     assert push.item() == pytest.approx(((0.5 + 0.5) / 2 + 6 / 6) / 2)
@@ -173,3 +197,15 @@ def test_eval_mode_outputs_are_refused():
     out, batch = random_case([1])
     with pytest.raises(ValueError, match="one dict per stack"):
         centernet_loss(out, batch)
+
+
+def test_a_resumed_run_keeps_the_objective_it_was_trained_under():
+    current = {"ae_images_per_gpu": 6.0, "stack_loss": "mean", "count_eps": 1e-4, "min_box_size": 0.0}
+    values, lines = resumed_objective({"arch": "x"}, current)  # a checkpoint from before the flags
+    assert values == OBJECTIVE_FLAGS_BEFORE == {"ae_images_per_gpu": 1.0, "stack_loss": "sum", "count_eps": 0.0,
+                                                "min_box_size": 1.0}
+    assert len(lines) == 4 and all("predates the flag" in line for line in lines)
+    values, lines = resumed_objective({**current, "ae_images_per_gpu": 3.0}, current)
+    assert values == {**current, "ae_images_per_gpu": 3.0}
+    assert lines == ["resuming with --ae_images_per_gpu 3.0 (it was trained with), not 6.0"]
+    assert resumed_objective(current, current) == (current, [])

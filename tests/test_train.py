@@ -22,9 +22,10 @@ from datasets.targets import make_targets
 from engine import trainer
 from nets import build_model
 from utils import dist
-from utils.checkpoint import load_checkpoint
+from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.errors import UserError
 from utils.logger import RunLogger
+from utils.losses import OBJECTIVE_FLAGS_BEFORE, LossConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -121,6 +122,27 @@ def test_resume_across_amp_settings(shapes_dir, tmp_path):
     torch.save(state, path)
     with pytest.raises(UserError, match="the fp16 loss scale in the checkpoint is inf"):
         train.main(args_for(shapes_dir, tmp_path, "--num_epochs", "3", "--resume"))
+
+
+def test_a_checkpoint_from_before_the_objective_flags_resumes_with_its_own_objective(shapes_dir, tmp_path,
+                                                                                      monkeypatch):
+    train.main(args_for(shapes_dir, tmp_path, "--num_epochs", "1", "--val_interval", "0"))
+    path = tmp_path / "run" / "checkpoint.pt"
+    state = load_checkpoint(path)
+    assert {k: state["args"][k] for k in OBJECTIVE_FLAGS_BEFORE} == {
+        "ae_images_per_gpu": 6.0, "stack_loss": "mean", "count_eps": 1e-4, "min_box_size": 0.0}
+    for k in OBJECTIVE_FLAGS_BEFORE:  # as a checkpoint written before these flags existed
+        del state["args"][k]
+    save_checkpoint(path, state)
+    configs, real_loss = [], trainer.centernet_loss
+    monkeypatch.setattr(trainer, "centernet_loss", lambda out, batch, config: configs.append(config) or
+                        real_loss(out, batch, config))
+    train.main(args_for(shapes_dir, tmp_path, "--num_epochs", "2", "--val_interval", "0", "--resume"))
+    assert configs and set(configs) == {LossConfig(ae_images_per_gpu=1.0, stack_mean=False, count_eps=0.0)}
+    resumed = load_checkpoint(path)
+    assert {k: resumed["args"][k] for k in OBJECTIVE_FLAGS_BEFORE} == OBJECTIVE_FLAGS_BEFORE
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "resuming with --ae_images_per_gpu 1.0 (it predates the flag" in log and "--min_box_size 1.0" in log
 
 
 def test_checkpoint_is_saved_before_best_and_with_the_normal_file_mode(shapes_dir, tmp_path, monkeypatch):

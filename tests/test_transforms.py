@@ -139,17 +139,23 @@ def test_color_matrix_equals_sequential_jitter_lighting_normalisation():
 
 
 def test_train_transform_output_and_box_filtering():
-    rng = np.random.default_rng(4)
-    image = smooth_image(rng, 300, 400)
+    image = smooth_image(np.random.default_rng(4), 300, 400)
     boxes = np.array([[0, 0, 400, 300], [10, 10, 10.5, 200], [100, 100, 101, 101]], np.float32)
     labels = np.array([0, 1, 2])
+    rng, legacy_rng = np.random.default_rng(5), np.random.default_rng(5)
+    kept_tiny = 0
     for _ in range(20):
         chw, b, lab = train_transform(image, boxes, labels, 511, rng)
         assert chw.shape == (3, 511, 511) and chw.dtype == np.float32
         assert b.dtype == np.float32 and len(b) == len(lab)
         assert (b >= 0).all() and (b <= 511).all()
-        assert ((b[:, 2] - b[:, 0]) >= 1).all() and ((b[:, 3] - b[:, 1]) >= 1).all()
-        assert 1 not in lab.tolist()  # 0.5 pixel wide, at most 0.83 on the canvas: always dropped
+        assert ((b[:, 2] - b[:, 0]) > 0).all() and ((b[:, 3] - b[:, 1]) > 0).all()
+        # As the official code, a box under one canvas pixel stays (box 1: 0.5 px wide, at most 0.83 on the
+        # canvas); the old rule (--min_box_size 1) drops it.
+        kept_tiny += 1 in lab.tolist()
+        _, old_b, old_lab = train_transform(image, boxes, labels, 511, legacy_rng, min_box_size=1.0)
+        assert 1 not in old_lab.tolist() and ((old_b[:, 2:] - old_b[:, :2]) >= 1).all()
+    assert kept_tiny > 0
 
 
 def test_clip_boxes_partly_and_wholly_outside_and_zero_size():
