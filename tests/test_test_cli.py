@@ -1,5 +1,7 @@
 """test.py end to end: an untrained tiny_hourglass checkpoint evaluated on the raccoon val images (5) on CPU."""
+import contextlib
 import importlib.util
+import io
 import json
 import os
 import subprocess
@@ -8,7 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
+from datasets.coco_eval import METRIC_NAMES
 from nets import build_model
 from utils.checkpoint import save_checkpoint
 from datasets.coco_eval import results_path, settings_hash
@@ -53,9 +58,17 @@ def test_evaluates_and_writes_json(ckpt_dir, capsys):
     stats = test_cli.main(cli_args(ckpt_dir, "--arch", "tiny_hourglass", "--test_flip", "--test_scales", "0.5,1"))
     printed = capsys.readouterr().out
     assert "Average Precision  (AP) @[ IoU=0.50:0.95" in printed and "raccoon" in printed
-    assert set(stats) >= {"AP", "AP50", "per_class"} and 0 <= stats["AP"] <= 1
     out = ckpt_dir / "tiny" / f"results_val_checkpoint_s0.5_1_flip_{settings_hash({'topk': 20})}.json"
     results = read_results(out)
+    # the metrics are those of the results file, scored by pycocotools directly
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(RACCOON / "annotations" / "instances_val.json"))
+        reference = COCOeval(gt, gt.loadRes(str(out)), "bbox")
+        reference.evaluate()
+        reference.accumulate()
+        reference.summarize()
+    assert [stats[k] for k in METRIC_NAMES] == pytest.approx(list(reference.stats), abs=1e-12)
+    assert stats["per_class"] == {"raccoon": pytest.approx(stats["AP"], abs=1e-12)}
     per_image = {i: sum(r["image_id"] == i for r in results) for i in VAL_IDS}
     assert 0 < max(per_image.values()) <= 100
     assert not list(out.parent.glob("*.tmp"))
