@@ -168,8 +168,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(shapes_dir, tmp_pat
     before = (tmp_path / "run" / "checkpoint.pt").read_bytes()
     real_loss = trainer.centernet_loss
 
-    def exploding_loss(outputs, batch):
-        total, terms = real_loss(outputs, batch)
+    def exploding_loss(outputs, batch, config):
+        total, terms = real_loss(outputs, batch, config)
         return total * float("nan"), terms
 
     monkeypatch.setattr(trainer, "centernet_loss", exploding_loss)
