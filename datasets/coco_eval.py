@@ -175,10 +175,12 @@ def evaluate_detections(coco: COCO, detections: dict[int, np.ndarray], cat_ids: 
         print(f"warning: the model detected nothing in {len(coco.getImgIds())} images (AP 0 below): an untrained or "
               "diverged checkpoint, or images unlike its training data?")
     if out_json is not None:
+        out_json = Path(out_json)
         write_json(out_json, results)
-        if analysis_folder(Path(out_json)).is_dir():  # it describes the results just replaced
-            shutil.rmtree(analysis_folder(Path(out_json)))
-            print(f"removed {analysis_folder(Path(out_json))}: it analysed the results that were replaced")
+        stale = analysis_folder(out_json)
+        if stale.is_dir():  # it describes the results just replaced
+            shutil.rmtree(stale)
+            print(f"removed {stale}: it analysed the results that were replaced")
 
     coco_eval = run_cocoeval(coco, load_results(coco, results), cat_ids, backend)
     stats = {name: float(v) for name, v in zip(METRIC_NAMES, coco_eval.stats)}
@@ -190,7 +192,6 @@ def evaluate_detections(coco: COCO, detections: dict[int, np.ndarray], cat_ids: 
         print(f"{name:<{width}}  {ap:.3f}" if ap >= 0 else f"{name:<{width}}  -")
     stats["per_class"] = {name: float(ap) for name, ap in zip(class_names, aps)}
     if out_json is not None:
-        out_json = Path(out_json)
         gt_counts = [len(coco.getAnnIds(catIds=[c], iscrowd=False)) for c in cat_ids]
         csv = table_csv(per_class_table(coco_eval, class_names, cat_ids, gt_counts))
         atomic_write(companion_files(out_json)[1], lambda f: f.write(csv))
