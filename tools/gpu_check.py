@@ -272,9 +272,14 @@ def run_plan(plan: list[Step], budget: float, env: dict, out: Path) -> list[tupl
     return rows
 
 
+def failed(status: str) -> bool:
+    """Whether a step's status is a failure: it failed or ran out of time; skipped steps are not failures."""
+    return not (status == "ok" or status.startswith("skipped"))
+
+
 def exit_status(rows: list[tuple[str, str, float, str]]) -> int:
-    """0 when no step failed or ran out of time; skipped steps are not failures."""
-    return 0 if all(status == "ok" or status.startswith("skipped") for _, status, _, _ in rows) else 1
+    """0 when no step failed or ran out of time."""
+    return 1 if any(failed(status) for _, status, _, _ in rows) else 0
 
 
 def summary(rows: list[tuple[str, str, float, str]], gpu: str) -> str:
@@ -283,8 +288,8 @@ def summary(rows: list[tuple[str, str, float, str]], gpu: str) -> str:
              f"{'step':<{width}}  {'status':<16}{'s':>6}  result"]
     lines += [f"{name:<{width}}  {status:<16}{secs:>6.0f}  {result}" for name, status, secs, result in rows]
     skipped = [f"{name} ({status[len('skipped ('):-1]})" for name, status, _, _ in rows if status.startswith("skipped")]
-    failed = [name for name, status, _, _ in rows if not (status == "ok" or status.startswith("skipped"))]
-    lines.append(f"{len(rows) - len(skipped) - len(failed)} passed, {len(failed)} failed, {len(skipped)} skipped"
+    failures = [name for name, status, _, _ in rows if failed(status)]
+    lines.append(f"{len(rows) - len(skipped) - len(failures)} passed, {len(failures)} failed, {len(skipped)} skipped"
                  + (f": {', '.join(skipped)}" if skipped else ""))
     return "\n".join(lines)
 
