@@ -9,7 +9,7 @@ Post-processing runs on synthetic outputs shaped like a trained network's (80 cl
 objects in a few classes with near-duplicate corner peaks, a noisy background), K = 70, num_dets 1000,
 soft-NMS with merging per class, for one input (single) and for an image and its flipped copy (flip). Decoding
 runs on --device, soft-NMS on the CPU. The forward is timed at 511 x 511, batch 1, in eval mode, in fp32 and
-(on CUDA) with fp16 autocast; cudnn.benchmark is on for these fixed-size rows. The whole pipeline is
+(on CUDA) with fp16 and bf16 autocast; cudnn.benchmark is on for these fixed-size rows. The whole pipeline is
 engine.inference.detect on one random 511 x 511 image (forward, decode, center check, rescale, soft-NMS), single
 and with its flipped copy, in fp32 with cudnn.benchmark off (test.py's setting: image sizes vary). The networks
 are untrained and their flat heatmaps would give no boxes, so each forward runs for its time but detect() gets the
@@ -136,10 +136,10 @@ def main(args: argparse.Namespace) -> None:
     for arch in args.archs:
         model = build_model(arch, 80).to(device).eval()
         timed = TimedForward(model, {k: v.to(device) for k, v in synthetic_outputs(2).items()})
-        for amp in (False, True) if device.type == "cuda" else (False,):  # CPU bf16 convolutions crawl
+        for amp in (False, "fp16", "bf16") if device.type == "cuda" else (False,):  # CPU bf16 convolutions crawl
             with cudnn_benchmark(True):
                 ms = median_ms(lambda: forward(model, image, device, amp), args.forward_repeats, device)
-            label = f"forward {arch} 511 {'fp16' if amp else 'fp32'}"
+            label = f"forward {arch} 511 {amp or 'fp32'}"
             print(f"{label:<34}{ms:>12.1f}{'':>12}", flush=True)
         if args.onnx and device.type == "cpu":
             ms = onnx_forward_ms(model, image, args.forward_repeats)

@@ -10,8 +10,8 @@ Modes (default: all four on CUDA, fp32 on the CPU):
 - fp16: as fp32 with fp16 autocast and a GradScaler (train.py --amp);
 - bf16: as fp32 with bf16 autocast, no scaler (train.py --amp --amp_dtype bf16).
 On the CPU both 16-bit modes autocast to bf16 (utils/device.py).
---channels_last runs the non-old modes with the network and its input in channels_last memory format; it is a
-switch to measure, off by default (train.py does not use it).
+--layouts contiguous channels_last times each non-old mode in both memory formats of the network and its input
+(train.py uses the contiguous one).
 
 Inputs are random images with random targets of the real shapes (four objects per image); the data loader is not
 part of the measurement (bench/bench_data.py measures it). Peak memory: CUDA's max allocated per mode; on the CPU
@@ -52,7 +52,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--num_classes", type=int, default=80)
     p.add_argument("--steps", type=int, default=8, help="timed steps, after 2 warm-up steps")
-    p.add_argument("--channels_last", action="store_true", help="channels_last network and input (not in 'old')")
+    p.add_argument("--layouts", nargs="+", choices=["contiguous", "channels_last"], default=["contiguous"],
+                   help="memory formats of the network and input ('old' runs contiguous only)")
     return p
 
 
@@ -75,11 +76,10 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # process peak RSS (Linux: KiB)
 
 
-def bench(arch: str, mode: str, args, device: torch.device) -> tuple[float, float]:
-    """(images/s, peak MB) of `arch` trained in `mode`."""
+def bench(arch: str, mode: str, layout: str, args, device: torch.device) -> tuple[float, float]:
+    """(images/s, peak MB) of `arch` trained in `mode` with the network and input in memory format `layout`."""
     amp, our_pooling, benchmark, fused = MODES[mode]
-    channels_last = args.channels_last and mode != "old"
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     torch.manual_seed(0)
     model = build_model(arch, args.num_classes).to(device, memory_format=memory_format).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=fused and device.type == "cuda")
@@ -116,15 +116,16 @@ def main(args: argparse.Namespace) -> None:
     modes = args.modes or (list(MODES) if device.type == "cuda" else ["fp32"])
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"{name}, input {args.img_size}, batch {args.batch_size}, {args.num_classes} classes, median of "
-          f"{args.steps} steps, channels_last {args.channels_last}")
-    print(f"{'arch':<18}{'mode':<6}{'images/s':>10}{'vs old':>8}{'peak MB':>10}")
+          f"{args.steps} steps; torch {torch.__version__}, CUDA {torch.version.cuda}")
+    print(f"{'arch':<18}{'mode':<6}{'layout':<15}{'images/s':>10}{'vs old':>8}{'peak MB':>10}")
     for arch in args.archs:
         old_rate = None
         for mode in modes:
-            rate, memory = bench(arch, mode, args, device)
-            old_rate = rate if mode == "old" else old_rate
-            ratio = f"{rate / old_rate:.2f}x" if old_rate else ""
-            print(f"{arch:<18}{mode:<6}{rate:>10.1f}{ratio:>8}{memory:>10.0f}", flush=True)
+            for layout in ["contiguous"] if mode == "old" else args.layouts:
+                rate, memory = bench(arch, mode, layout, args, device)
+                old_rate = rate if mode == "old" else old_rate
+                ratio = f"{rate / old_rate:.2f}x" if old_rate else ""
+                print(f"{arch:<18}{mode:<6}{layout:<15}{rate:>10.1f}{ratio:>8}{memory:>10.0f}", flush=True)
 
 
 if __name__ == "__main__":

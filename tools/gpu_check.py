@@ -1,14 +1,15 @@
 """The GPU path proven in one command (`make gpu-check`, or `make gpu-check PY=python3` with a Python that holds
-torch): builds the CUDA corner-pooling kernel, runs the `cuda` tests, the pooling kernel's cuda tests again under
-`compute-sanitizer --tool memcheck`, the pooling benchmark, a short training run with --amp on the built-in shapes
-data followed by test.py --test_flip, and the training and inference benchmarks, then prints one summary table.
+torch): builds the CUDA corner-pooling kernel, runs the `cuda` tests, the pooling benchmark, a short training run
+with --amp on the built-in shapes data followed by test.py --test_flip, the training, forward and test-time pipeline
+benchmarks of large_hourglass and small_hourglass, and last the pooling kernel's cuda tests again under
+`compute-sanitizer --tool memcheck`, then prints one summary table.
 
-Sized for one H100 / H200: each step has a time limit, and the default --budget (480 s) covers all of them. A step
+Sized for one H100 / H200: each step has a time limit, and the default --budget (580 s) covers all of them. A step
 that would start with less than 20 s of the budget left is skipped, as is the memcheck step where there is no
 compute-sanitizer (on PATH or in the CUDA toolkit's bin/). Exit status: 0 when no step failed or ran out of time;
 skipped steps are listed in the table and the last line, but are not failures. --dry-run prints the plan.
 
-    python3 tools/gpu_check.py [--budget 480] [--wheels .whl] [--out DIR] [--dry-run]
+    python3 tools/gpu_check.py [--budget 580] [--wheels .whl] [--out DIR] [--dry-run]
 
 pycocotools and tensorboardX, when not importable, are installed from the wheels in --wheels (no network needed)
 into build/gpu_check_site, which is put on PYTHONPATH for every step. Get the wheels on a machine with network:
@@ -41,7 +42,7 @@ SITE = ROOT / "build" / "gpu_check_site"
 RUN = "gpu_check_shapes"
 ENV = {"FORCE_CUDA": "1", "PYTHONUNBUFFERED": "1"}  # setup.py builds the CUDA kernel; logs stream live
 DATA = ["--dataset", "coco", "--data_dir", "data/shapes", "--val_split", "val"]
-DEFAULT_BUDGET = 480
+DEFAULT_BUDGET = 580  # the step limits' sum, inside one 10-minute command
 MIN_START_S = 20  # a step is not started with less of the budget left
 # The tests of the pooling kernel itself (every dtype, direction and tile remainder, edge sizes, strided and
 # channels_last layouts), not the training runs, which memcheck would slow far past the step's limit.
@@ -83,19 +84,24 @@ def summarize_cpool(text: str) -> str:
 
 
 def summarize_train_bench(text: str) -> str:
-    rows = re.findall(r"^(\w+_hourglass)\s+(old|fp32|fp16|bf16)\s+([\d.]+)\s+(?:([\d.]+)x\s+)?(\d+)$", text,
-                      flags=re.MULTILINE)
+    """Images/s and peak GB of each arch, mode and layout of bench_train ('cl': channels_last)."""
+    rows = re.findall(r"^(\w+)_hourglass\s+(old|fp32|fp16|bf16)\s+(contiguous|channels_last)\s+([\d.]+)\s+"
+                      r"(?:[\d.]+x\s+)?(\d+)$", text, flags=re.MULTILINE)
     parts = {}
-    for arch, mode, rate, ratio, peak in rows:
-        parts.setdefault(arch, []).append(f"{mode} {rate}" + (f" ({ratio}x)" if ratio and mode != "old" else "")
-                                          + f" {int(peak) / 1024:.1f}G")
-    return "; ".join(f"{arch.split('_')[0]} img/s: " + ", ".join(p) for arch, p in parts.items()) or "see log"
+    for arch, mode, layout, rate, peak in rows:
+        name = mode + (" cl" if layout == "channels_last" else "")
+        parts.setdefault(arch, []).append(f"{name} {rate} {int(peak) / 1024:.1f}G")
+    return "; ".join(f"{arch} img/s: " + ", ".join(p) for arch, p in parts.items()) or "see log"
 
 
 def summarize_infer(text: str) -> str:
-    rows = re.findall(r"^(forward|pipeline) (\w+)_hourglass 511 (\w+)\s+([\d.]+)", text, flags=re.MULTILINE)
-    short = {"forward": "fwd", "pipeline": "pipe"}
-    return ", ".join(f"{arch} {short[kind]} {mode} {ms}" for kind, arch, mode, ms in rows) + " ms" if rows else "see log"
+    rows = re.findall(r"^forward (\w+)_hourglass 511 (\w+)\s+([\d.]+)", text, flags=re.MULTILINE)
+    return "forward " + ", ".join(f"{arch} {mode} {ms}" for arch, mode, ms in rows) + " ms" if rows else "see log"
+
+
+def summarize_pipeline(text: str) -> str:
+    rows = re.findall(r"^(\w+)_hourglass (single|flip|5 scales \+ flip)\s+([\d.]+)", text, flags=re.MULTILINE)
+    return ", ".join(f"{arch} {setting} {ms}" for arch, setting, ms in rows) + " ms" if rows else "see log"
 
 
 def find_sanitizer() -> str | None:
@@ -113,10 +119,11 @@ def find_sanitizer() -> str | None:
 
 # Limits: the build took 122 CPU-seconds on a CPU machine (g++, nvcc for three targets, Cython; nvcc alone 56);
 # the others are estimates for one H100 / H200 with 16 cores, to be replaced by the first run's times (README,
-# GPU). The benchmarks time large_hourglass only, the published network: cuDNN's autotuning of each new
-# network and precision takes seconds.
+# GPU). The benchmarks time the published networks, large_hourglass and small_hourglass: cuDNN's autotuning of
+# each new network, precision and layout takes seconds. The steps run in the order of their value to the README
+# table, the memory checker last.
 def steps(py: str, ckpt_dir: str, sanitizer: str | None) -> list[Step]:
-    arch_flags = ["--archs", "large_hourglass"]
+    arch_flags = ["--archs", "large_hourglass", "small_hourglass"]
     registered = ("import sys; from lib.cpool import pool; found = pool.kernel_registered('cuda'); "
                   "print('CUDA kernel registered:', found); sys.exit(0 if found else 1)")
     cuda_tests = [py, "-m", "pytest", "-q", "-m", "cuda", "tests/test_cuda.py"]
@@ -124,13 +131,8 @@ def steps(py: str, ckpt_dir: str, sanitizer: str | None) -> list[Step]:
         Step("build CUDA kernel", "build.log",
              [[py, "setup.py", "build_ext", "--inplace", "--force"],  # FORCE_CUDA=1; --force: replace a CPU build
               [py, "-c", registered]],
-             150, last_line(r"CUDA kernel registered: .*$")),
-        Step("pytest -m cuda", "cuda_tests.log", [cuda_tests], 90, last_line(r"^=*\s*\d+ (?:passed|failed).*$")),
-        Step("memcheck pooling tests", "memcheck.log",
-             [[sanitizer or "compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "1", *cuda_tests, "-k",
-               MEMCHECK_TESTS]],
-             60, last_line(r"ERROR SUMMARY: .*$"), env=MEMCHECK_ENV,
-             unavailable=None if sanitizer else "no compute-sanitizer"),
+             110, last_line(r"CUDA kernel registered: .*$")),
+        Step("pytest -m cuda", "cuda_tests.log", [cuda_tests], 75, last_line(r"^=*\s*\d+ (?:passed|failed).*$")),
         Step("bench_cpool (6,128,128,128) fp32", "bench_cpool.log",
              [[py, "bench/bench_cpool.py", "--device", "cuda", "--shape", "6", "128", "128", "128"]], 20,
              summarize_cpool),
@@ -141,13 +143,22 @@ def steps(py: str, ckpt_dir: str, sanitizer: str | None) -> list[Step]:
                "--num_epochs", "36", "--val_interval", "0", "--num_workers", "6", "--device", "cuda", "--amp"],
               [py, "test.py", "--log_name", RUN, "--ckpt_dir", ckpt_dir, *DATA, "--test_flip", "--device", "cuda",
                "--num_workers", "6"]],
-             75, last_line(r"Average Precision\s+\(AP\) @\[ IoU=0.50:0.95 \| area=   all.*$")),
+             100, last_line(r"Average Precision\s+\(AP\) @\[ IoU=0.50:0.95 \| area=   all.*$")),
         Step("bench_train 511 batch 6", "bench_train.log",
              [[py, "bench/bench_train.py", "--device", "cuda", *arch_flags, "--img_size", "511", "--batch_size", "6",
-               "--steps", "3"]], 45, summarize_train_bench),
+               "--steps", "4", "--modes", "fp32", "fp16", "bf16", "--layouts", "contiguous", "channels_last"]],
+             130, summarize_train_bench),
         Step("bench_infer 511", "bench_infer.log",
              [[py, "bench/bench_infer.py", "--device", "cuda", *arch_flags, "--forward_repeats", "10",
-               "--post_repeats", "5"]], 30, summarize_infer),
+               "--post_repeats", "5"]], 45, summarize_infer),
+        Step("bench_pipeline 511", "bench_pipeline.log",
+             [[py, "bench/bench_pipeline.py", "--device", "cuda", *arch_flags, "--repeats", "5"]], 45,
+             summarize_pipeline),
+        Step("memcheck pooling tests", "memcheck.log",
+             [[sanitizer or "compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "1", *cuda_tests, "-k",
+               MEMCHECK_TESTS]],
+             45, last_line(r"ERROR SUMMARY: .*$"), env=MEMCHECK_ENV,
+             unavailable=None if sanitizer else "no compute-sanitizer"),
     ]
 
 
