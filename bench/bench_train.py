@@ -104,6 +104,8 @@ def bench(arch: str, mode: str, layout: str, args, device: torch.device) -> tupl
                 torch.cuda.synchronize(device)
             if step >= 2:
                 times.append(time.perf_counter() - start)
+            elif step == 1 and device.type == "cuda":  # the peak of training, not of cuDNN's autotuning
+                torch.cuda.reset_peak_memory_stats(device)
     if not torch.isfinite(loss):
         raise SystemExit(f"bench/bench_train.py: {arch} {mode}: non-finite loss {loss.item()}")
     return args.batch_size / statistics.median(times), peak_memory_mb(device)
