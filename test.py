@@ -35,7 +35,7 @@ from engine.inference import InferenceConfig, build_eval_config, changed_setting
 from engine.onnx_backend import OnnxModel
 from nets import model_from_checkpoint
 from utils import dist
-from utils.checkpoint import load_inference_checkpoint
+from utils.checkpoint import load_inference_checkpoint, saved_args
 from utils.device import select_device
 from utils.errors import run_cli
 
@@ -89,7 +89,7 @@ def checkpoint_path(args: argparse.Namespace) -> Path:
 def settings_from_checkpoint(args: argparse.Namespace, state: dict, path: Path) -> None:
     """Takes arch, num_classes and img_size from the checkpoint (or the .onnx file's metadata) into `args`; flags
     that disagree are an error."""
-    saved = state["args"]
+    saved = saved_args(state)
     for name in ("arch", "img_size"):
         given = getattr(args, name)
         if given is not None and given != saved[name]:

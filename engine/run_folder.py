@@ -4,6 +4,7 @@ import argparse
 from pathlib import Path
 
 from utils import dist
+from utils.checkpoint import saved_args
 from utils.device import check_scaler_state
 from utils.errors import UserError
 
@@ -35,7 +36,7 @@ def run_folder_plan(run_dir: Path, resume: bool) -> tuple[bool, str]:
 
 def check_resumable(state: dict, args: argparse.Namespace, class_names: list[str], path: Path) -> None:
     """Refuses flags that cannot continue the checkpoint at `path`, before any network is built."""
-    saved = state["args"]
+    saved = saved_args(state)
     # The flags that define the run (its network and training input); the batch may be split over another
     # number of processes.
     for name in ("arch", "img_size"):

@@ -25,7 +25,7 @@ from engine.run_folder import BEST, CHECKPOINT, check_resumable, on_main_for_all
 from engine.visualize import val_images
 from nets import build_model, model_config
 from utils import dist
-from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.checkpoint import load_checkpoint, save_checkpoint, saved_args
 from utils.device import autocast, grad_scaler, resume_scaler, select_device
 from utils.errors import DataError, UserError
 from utils.files import remove_stale_temporaries
@@ -169,7 +169,7 @@ def train(args: argparse.Namespace, signals: StopSignals) -> tuple[float, bool]:
     state = load_checkpoint(run_dir / CHECKPOINT) if resuming else None
     objective_notes = []
     if state is not None:
-        objective, objective_notes = resumed_objective(state["args"], vars(args))
+        objective, objective_notes = resumed_objective(saved_args(state), vars(args))
         vars(args).update(objective)
 
     train_set = build_dataset(args, args.train_split, train=True, min_box_size=args.min_box_size)
@@ -233,7 +233,7 @@ def train(args: argparse.Namespace, signals: StopSignals) -> tuple[float, bool]:
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch_done,
                 "position": position, "global_step": progress.global_step if progress else 0, "best_ap": best_ap,
-                "args": vars(args), "model_config": config, "class_names": train_set.class_names}
+                "args": dict(vars(args)), "model_config": config, "class_names": train_set.class_names}
 
     timer = CheckpointTimer(args.ckpt_interval)
     ap, stopped = best_ap, False

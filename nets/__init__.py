@@ -1,5 +1,6 @@
 """`build_model(arch, num_classes, grad_checkpoint)`: the CenterNet variants by name; `model_from_checkpoint(state)`:
 the network a checkpoint holds, built from the constructor arguments stored in it."""
+from utils.checkpoint import saved_args
 from utils.errors import CheckpointError
 
 from .hourglass import CenterNet
@@ -42,7 +43,7 @@ def model_from_checkpoint(state: dict, path) -> CenterNet:
     `model_config` (older ones, and converted official weights) are built from `args.arch` and `class_names`."""
     config = state.get("model_config")
     if config is None:
-        arch = state.get("args", {}).get("arch")
+        arch = saved_args(state).get("arch")
         if arch not in ARCHS or "class_names" not in state:
             raise CheckpointError(f"{path}: the checkpoint has no 'model_config' and no known args.arch "
                                   f"({arch!r}) with 'class_names'")

@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: import the repo
 from nets import build_model
-from utils.checkpoint import save_checkpoint
+from utils.checkpoint import read_plain, save_checkpoint
 
 COCO_CLASSES = [
     "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
@@ -105,7 +105,7 @@ def main(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.exists():
         raise SystemExit(f"--out {out} exists; choose another path")
-    official = torch.load(args.src, map_location="cpu", weights_only=True)
+    official = read_plain(args.src, what="official checkpoint")
     state = convert_state_dict(official, args.arch)
     model = build_model(args.arch, len(COCO_CLASSES))
     model.load_state_dict(state, strict=True)

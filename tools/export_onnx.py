@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: import the repo
 from nets import model_from_checkpoint
 from nets.export_pool import rounds_for, use_export_pooling
-from utils.checkpoint import is_torch_checkpoint, load_inference_checkpoint
+from utils.checkpoint import is_torch_checkpoint, load_inference_checkpoint, saved_args
 from utils.errors import UserError, run_cli
 from utils.files import same_file
 
@@ -121,8 +121,8 @@ def check_out(out: Path, ckpt: Path, force: bool) -> Path:
 def main(args: argparse.Namespace) -> Path:
     out = check_out(Path(args.out), Path(args.ckpt), args.force)
     state = load_inference_checkpoint(args.ckpt)
-    arch, class_names = state["args"]["arch"], list(state["class_names"])
-    img_size = state["args"]["img_size"] if args.img_size is None else args.img_size
+    arch, class_names = saved_args(state)["arch"], list(state["class_names"])
+    img_size = saved_args(state)["img_size"] if args.img_size is None else args.img_size
     model = model_from_checkpoint(state, args.ckpt)
     metadata = {"arch": arch, "class_names": class_names, "img_size": img_size, "size_unit": model.size_unit,
                 "dynamic": args.dynamic, "max_size": args.max_size if args.dynamic else img_size,

@@ -23,6 +23,11 @@ class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be read."""
 
 
+class UnsafeCheckpointError(CheckpointError):
+    """A file that holds Python objects beyond plain data, which weights-only loading refuses because reading them
+    could run code (utils/checkpoint.py)."""
+
+
 class WriteError(UserError, OSError):
     """A file that cannot be written (disk full, permission denied, file size limit)."""
 
