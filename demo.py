@@ -9,7 +9,8 @@ boxes and writes all detections to json.
 Images: any format OpenCV reads (jpg, png, bmp, webp, tif, ...), of any size; a folder is read in name order,
 without its sub-folders, --batch_size images at a time (those of one input size share a forward). Files that cannot
 be read are reported and skipped. Each image is written to --out under its own name with its boxes, class names and
-scores drawn; `detections.json` lists every detection in original pixels. --out must be empty unless --force,
+scores drawn; `detections.json` lists every image read (`images`: its path as given, and its detections in
+original pixels, also when there are none) and the files skipped (`skipped`). --out must be empty unless --force,
 and never holds an input image.
 
 Video (anything OpenCV reads): --out is the annotated video (.mp4 written with the mp4v codec, .avi with MJPG) and
@@ -94,8 +95,10 @@ def detect(detector: Detector, frames: list[np.ndarray]) -> list[Detections]:
 
 
 def as_records(found: Detections) -> list[dict]:
-    return [{"box": [round(float(v), 2) for v in box], "score": round(float(score), 4), "class": name}
-            for box, score, name in zip(found.boxes, found.scores, found.names)]
+    ids = found.category_ids.tolist() if found.category_ids is not None else [None] * len(found)
+    return [{"box": [round(float(v), 2) for v in box], "score": round(float(score), 4), "class": name,
+             "category_id": category_id}
+            for box, score, name, category_id in zip(found.boxes, found.scores, found.names, ids)]
 
 
 class JsonLog:
@@ -144,8 +147,8 @@ def prepare_images(args) -> tuple[list[Path], Path]:
 
 def run_images(images: list[Path], out: Path, args, detector: Detector) -> dict:
     make_folder(out, "--out")
-    log = JsonLog(out / "detections.json", {"detections": [], "skipped": []})
-    results, skipped = log.content["detections"], log.content["skipped"]
+    log = JsonLog(out / "detections.json", {"images": [], "skipped": []})
+    results, skipped = log.content["images"], log.content["skipped"]
     bar = tqdm(total=len(images), desc="detect", disable=len(images) < 2, unit="img")
     with log:
         for start in range(0, len(images), args.batch_size):
@@ -160,14 +163,14 @@ def run_images(images: list[Path], out: Path, args, detector: Detector) -> dict:
                     skipped.append(str(path))
             for path, image, found in zip(paths, frames, detect(detector, frames)):
                 write_image(out / path.name, draw(image, found.rows(), detector.class_names))
-                results += [{"file": path.name, **r} for r in as_records(found)]
+                results.append({"file": str(path), "detections": as_records(found)})
             bar.update(len(chunk))
             log.maybe_save()
     bar.close()
     if len(skipped) == len(images):
         raise DataError(f"--images {args.images}: none of the {len(images)} files could be read as an image "
                         f"(listed in {out / 'detections.json'})")
-    print(f"{len(images) - len(skipped)} images, {len(results)} detections written to {out}"
+    print(f"{len(results)} images, {sum(len(r['detections']) for r in results)} detections written to {out}"
           + (f"; {len(skipped)} unreadable files skipped" if skipped else ""))
     return log.content
 

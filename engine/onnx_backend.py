@@ -21,7 +21,7 @@ METADATA_KEY = "centernet47"  # as tools/export_onnx.py writes it
 
 class OnnxModel:
     """Callable (N, 3, H, W) -> dict of CPU float32 tensors. Attributes from the file's metadata: arch,
-    class_names, img_size, size_unit, dynamic, max_size."""
+    class_names, category_ids, img_size, size_unit, dynamic, max_size."""
 
     def __init__(self, path: str | Path, device: torch.device, threads: int = 0):
         import onnxruntime as ort
@@ -51,6 +51,7 @@ class OnnxModel:
             self.arch, self.class_names, self.img_size = info["arch"], list(info["class_names"]), int(info["img_size"])
             self.size_unit, self.dynamic = int(info["size_unit"]), bool(info["dynamic"])
             self.max_size, self.outputs = int(info["max_size"]), list(info["outputs"])
+            self.category_ids = info.get("category_ids")  # None in files exported before they were stored
         except (ValueError, TypeError, KeyError) as e:  # json.JSONDecodeError is a ValueError
             raise UserError(f"--onnx {path}: its '{METADATA_KEY}' metadata is malformed ({type(e).__name__}: {e}); "
                             "export it again with tools/export_onnx.py") from None

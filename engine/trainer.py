@@ -233,7 +233,8 @@ def train(args: argparse.Namespace, signals: StopSignals) -> tuple[float, bool]:
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch_done,
                 "position": position, "global_step": progress.global_step if progress else 0, "best_ap": best_ap,
-                "args": dict(vars(args)), "model_config": config, "class_names": train_set.class_names}
+                "args": dict(vars(args)), "model_config": config, "class_names": train_set.class_names,
+                "category_ids": train_set.cat_ids}
 
     timer = CheckpointTimer(args.ckpt_interval)
     ap, stopped = best_ap, False

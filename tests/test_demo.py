@@ -65,7 +65,7 @@ class Float64Net(torch.nn.Module):
 def float64_demo(monkeypatch) -> Float64Net:
     """demo.py's model replaced by the float64 copy of the peaked tiny net (--ckpt is then only checked)."""
     net = Float64Net(tiny(peaked=True))
-    monkeypatch.setattr(engine.detector, "load_network", lambda path, device, onnx=None: (net, ["raccoon"]))
+    monkeypatch.setattr(engine.detector, "load_network", lambda path, device, onnx=None: (net, ["raccoon"], [1]))
     return net
 
 
@@ -73,6 +73,11 @@ def run(ckpt: Path, images: Path, out: Path, *extra: str, source: str = "--image
     args = demo.get_args_parser().parse_args(["--ckpt", str(ckpt), source, str(images), "--out", str(out),
                                               "--device", "cpu", "--score_thresh", "0", *extra])
     return demo.main(args)
+
+
+def detections_of(written: dict) -> list[dict]:
+    """Every detection of an --images run, each with the name of its file."""
+    return [{"file": Path(image["file"]).name, **d} for image in written["images"] for d in image["detections"]]
 
 
 def small_photos(folder: Path, sizes=((90, 120), (90, 120), (100, 70))) -> list[Path]:
@@ -114,9 +119,10 @@ def test_folder_with_a_corrupt_file(ckpt, tmp_path, capsys):
         os.umask(old_umask)
 
     assert "broken.png" in capsys.readouterr().err
-    results = written["detections"]
+    results = detections_of(written)
     assert json.loads((out / "detections.json").read_text()) == {**json.loads(json.dumps(written)), "complete": True}
     assert written["skipped"] == [str(folder / "broken.png")] and len(results) > 0
+    assert [image["file"] for image in written["images"]] == [str(folder / p.name) for p in photos]
     assert (out / "detections.json").stat().st_mode & 0o777 == 0o640  # the umask's mode, not mkstemp's 0600
     for p in photos:
         drawn = cv2.imread(str(out / p.name))
@@ -137,7 +143,8 @@ def test_never_overwrites_without_force(ckpt, tmp_path):
         run(ckpt, photo, out)
     assert (out / "detections.json").read_bytes() == before
     run(ckpt, photo, out, "--force", "--score_thresh", "1")
-    assert json.loads((out / "detections.json").read_text())["detections"] == []
+    # an image without detections is listed too, by the same kind of path as a skipped file
+    assert json.loads((out / "detections.json").read_text())["images"] == [{"file": str(photo), "detections": []}]
 
 
 def test_never_writes_over_an_input_image_even_with_force(ckpt, tmp_path):
@@ -158,8 +165,8 @@ def test_batches_give_the_detections_of_single_images(ckpt, float64_demo, tmp_pa
     image at a time."""
     folder = tmp_path / "photos"
     small_photos(folder)
-    single = run(ckpt, folder, tmp_path / "one", "--batch_size", "1")["detections"]
-    batched = run(ckpt, folder, tmp_path / "three", "--batch_size", "3")["detections"]
+    single = detections_of(run(ckpt, folder, tmp_path / "one", "--batch_size", "1"))
+    batched = detections_of(run(ckpt, folder, tmp_path / "three", "--batch_size", "3"))
     assert len(batched) == len(single) > 10 and {d["file"] for d in single} == {f"photo{i}.jpg" for i in range(3)}
     assert same_detections([(d["file"], d["box"], d["score"]) for d in batched],
                            [(d["file"], d["box"], d["score"]) for d in single])
@@ -179,7 +186,7 @@ def test_a_failed_write_stops_with_the_file_and_keeps_the_detections(ckpt, tmp_p
     with pytest.raises(WriteError, match=r"cannot write .*photo1\.jpg: no space left on device"):
         run(ckpt, folder, out, "--batch_size", "1")
     saved = json.loads((out / "detections.json").read_text())
-    assert saved["complete"] is False and {d["file"] for d in saved["detections"]} == {"photo0.jpg"}
+    assert saved["complete"] is False and [image["file"] for image in saved["images"]] == [str(folder / "photo0.jpg")]
     assert sorted(p.name for p in out.iterdir()) == ["detections.json", "photo0.jpg"]  # no half-written files
 
 
@@ -303,5 +310,5 @@ def test_a_folder_of_any_format_opencv_reads(ckpt, float64_demo, tmp_path):
     for suffix in (".bmp", ".webp", ".tif"):
         assert cv2.imwrite(str(folder / f"photo{suffix}"), image)
     written = run(ckpt, folder, tmp_path / "out")
-    assert not written["skipped"] and {d["file"] for d in written["detections"]} == {"photo.bmp", "photo.webp",
-                                                                                    "photo.tif"}
+    assert not written["skipped"] and {Path(image["file"]).name for image in written["images"]} == {
+        "photo.bmp", "photo.webp", "photo.tif"}

@@ -130,6 +130,7 @@ def test_train_py_fine_tunes_on_a_two_class_subset(shapes_dir, shapes_ckpt, tmp_
     train.main(run_args(subset, tmp_path, "two", "--pretrained", str(shapes_ckpt)))
     state = load_checkpoint(tmp_path / "two" / "checkpoint.pt")
     assert state["class_names"] == list(KEEP) and state["epoch"] == 1 and state["global_step"] == 2
+    assert state["category_ids"] == [2, 4]  # the data set's ids, not the labels 0 and 1
     assert state["model"]["branches.0.hm_ct.2.weight"].shape[0] == 2
     log = (tmp_path / "two" / "train.log").read_text()
     assert "pretrained: loaded" in log and log.count("fresh (new classes)") == 6

@@ -31,6 +31,11 @@ COCO_CLASSES = [
     "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
 ]
 
+# COCO's category id of each class above (ids run 1..90 with gaps).
+COCO_IDS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28, 31, 32, 33,
+            34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61,
+            62, 63, 64, 65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 84, 85, 86, 87, 88, 89, 90]
+
 # (pattern, replacement) applied in order to the official name without its `module.` prefix.
 RULES = [
     (r"^pre\.0\.conv\.", "stem.0.0."), (r"^pre\.0\.bn\.", "stem.0.1."), (r"^pre\.1\.", "stem.1."),
@@ -110,6 +115,7 @@ def main(args: argparse.Namespace) -> None:
     model = build_model(args.arch, len(COCO_CLASSES))
     model.load_state_dict(state, strict=True)
     save_checkpoint(out, {"model": model.state_dict(), "epoch": 0, "best_ap": -1.0, "class_names": COCO_CLASSES,
+                          "category_ids": COCO_IDS,
                           "args": {"arch": args.arch, "num_classes": len(COCO_CLASSES), "img_size": 511,
                                    "converted_from": str(args.src)}})
     print(f"{args.src} -> {out} ({args.arch}, {len(state)} tensors)")

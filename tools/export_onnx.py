@@ -124,7 +124,8 @@ def main(args: argparse.Namespace) -> Path:
     arch, class_names = saved_args(state)["arch"], list(state["class_names"])
     img_size = saved_args(state)["img_size"] if args.img_size is None else args.img_size
     model = model_from_checkpoint(state, args.ckpt)
-    metadata = {"arch": arch, "class_names": class_names, "img_size": img_size, "size_unit": model.size_unit,
+    metadata = {"arch": arch, "class_names": class_names, "category_ids": state.get("category_ids"),
+                "img_size": img_size, "size_unit": model.size_unit,
                 "dynamic": args.dynamic, "max_size": args.max_size if args.dynamic else img_size,
                 "outputs": OUTPUTS, "checkpoint": str(args.ckpt)}
     start = time.perf_counter()

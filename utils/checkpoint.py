@@ -162,4 +162,9 @@ def load_inference_checkpoint(path: str | Path) -> dict:
     for name in ("arch", "img_size"):
         if name not in saved_args(state):
             raise CheckpointError(f"{path}: checkpoint args lack '{name}'")
+    ids = state.get("category_ids")
+    if ids is not None and (not isinstance(ids, list) or len(ids) != len(state["class_names"])
+                            or not all(type(i) is int for i in ids)):
+        raise CheckpointError(f"{path}: expected 'category_ids' to list one whole number per class "
+                              f"({len(state['class_names'])}), got {ids!r}")
     return state
