@@ -23,6 +23,7 @@ The detection itself is engine.Detector, which your own code can call too (READM
 """
 import argparse
 import contextlib
+import itertools
 import os
 import sys
 import time
@@ -36,9 +37,9 @@ from datasets.image_io import IMAGE_SUFFIXES, load_image
 from engine.detector import Detections, Detector
 from engine.inference import parse_scales
 from engine.visualize import draw
+from utils.checks import check_number, check_positive_int
 from utils.errors import DataError, UserError, run_cli
 from utils.files import atomic_write, make_folder, pid_temporary, remove_dead_temporaries, same_file, write_json
-from utils.stopping import exit_on_sigterm
 
 VIDEO_CODECS = {".mp4": "mp4v", ".avi": "MJPG"}
 JSON_EVERY_S = 5.0  # how often a long run saves the detections so far
@@ -224,8 +225,12 @@ def run_video(capture, fps: float, count: int, out: Path, out_json: Path, args, 
     bar = tqdm(total=count or None, desc="detect", unit="frame")
     start = time.perf_counter()
     try:
+        batches = frame_batches(capture, args.batch_size)
+        first = next(batches, None)
+        if first is None:  # before the json is started: a video without a frame leaves nothing behind
+            raise DataError(f"--video {source}: no frame can be decoded (empty or corrupt video)")
         with log:
-            for batch in frame_batches(capture, args.batch_size):
+            for batch in itertools.chain([first], batches):
                 if writer is None:
                     writer = open_writer(tmp, out, fps, batch[0].shape[1], batch[0].shape[0])
                 for image, found in zip(batch, detect(detector, batch)):
@@ -235,8 +240,6 @@ def run_video(capture, fps: float, count: int, out: Path, out_json: Path, args, 
                                         "detections": as_records(found)})
                 bar.update(len(batch))
                 log.maybe_save()
-            if writer is None:
-                raise SystemExit(f"--video {source}: no frame can be decoded (empty or corrupt video)")
             writer.release()
             if not tmp.is_file() or tmp.stat().st_size == 0:
                 raise SystemExit(f"cannot write the video {out}: OpenCV wrote nothing (is the disk full?)")
@@ -267,18 +270,18 @@ def open_writer(tmp: Path, out: Path, fps: float, width: int, height: int) -> cv
 
 def main(args: argparse.Namespace) -> dict:
     scales = parse_scales(args.test_scales)
-    if args.batch_size < 1:
-        raise SystemExit(f"--batch_size: expected a positive number, got {args.batch_size}")
-    if not 0 <= args.score_thresh <= 1:
-        raise UserError(f"--score_thresh: expected a score between 0 and 1, got {args.score_thresh}")
+    check_positive_int("--batch_size", args.batch_size)
+    check_number("--score_thresh", args.score_thresh, 0, 1)
+    if args.ckpt and Path(args.ckpt).suffix.lower() == ".onnx":
+        raise UserError(f"--ckpt {args.ckpt} is an ONNX file; pass it as --onnx {args.ckpt}")
     source = prepare_video(args) if args.video else prepare_images(args)
     detector = Detector.from_checkpoint(args.onnx or args.ckpt, device=args.device, test_flip=args.test_flip,
                                         test_scales=scales, score_thresh=args.score_thresh,
                                         batch_size=args.batch_size, onnx=bool(args.onnx))
-    with exit_on_sigterm():  # a stopped run keeps its json and leaves no temporary video
-        if args.video:
-            return run_video(*source, args, detector)
-        return run_images(*source, args, detector)
+    # Stopped by Ctrl-C or SIGTERM (run_cli), a run keeps its json and leaves no temporary video.
+    if args.video:
+        return run_video(*source, args, detector)
+    return run_images(*source, args, detector)
 
 
 if __name__ == "__main__":

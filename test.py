@@ -101,6 +101,7 @@ def settings_from_checkpoint(args: argparse.Namespace, state: dict, path: Path) 
 
 def main(args: argparse.Namespace) -> dict:
     args.test_scales = parse_scales(args.test_scales)
+    cfg = build_eval_config(args)  # refuses settings that cannot work before anything is read or written
     dist.init_distributed(dist.launched(), args.local_rank, args.device)
     device = select_device(args.device, dist.local_rank())
     if args.onnx:
@@ -123,7 +124,6 @@ def main(args: argparse.Namespace) -> dict:
     if model is None:
         model = model_from_checkpoint(state, path).to(device).eval()
 
-    cfg = build_eval_config(args)
     out_json = results_path(path, args.val_split, args.test_scales, args.test_flip, bool(args.onnx),
                             changed_settings(cfg, len(args.test_scales), args.amp), not dataset.has_annotations)
     check_results_free(out_json, args.force)

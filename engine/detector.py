@@ -9,20 +9,22 @@
 A `.pt` checkpoint (train.py, tools/convert_official.py) runs on PyTorch, an `.onnx` file (tools/export_onnx.py)
 on onnxruntime; both go through the test-time pipeline of engine/inference.py, as test.py does.
 """
-import math
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from datasets.image_io import load_image
+from datasets.image_io import as_bgr8, load_image
 from datasets.transforms import eval_input
 from engine.inference import InferenceConfig, detect_batch, official_config
 from engine.onnx_backend import OnnxModel
 from nets import model_from_checkpoint
 from utils.checkpoint import load_inference_checkpoint
+from utils.checks import check_number, check_positive_int
 from utils.device import select_device
+from utils.errors import ArgumentError
 
 
 @dataclass
@@ -71,6 +73,14 @@ class Detections:
                 "category_ids": None if self.category_ids is None else self.category_ids.tolist()}
 
 
+def check_scales(test_scales: float | tuple[float, ...]) -> list[float]:
+    """One scale or a sequence of them as a list of positive finite floats, else an ArgumentError."""
+    scales = [test_scales] if isinstance(test_scales, numbers.Real) else test_scales
+    if isinstance(scales, (str, bytes)) or not hasattr(scales, "__len__") or not len(scales):
+        raise ArgumentError(f"test_scales: expected a number or a sequence of numbers, got {test_scales!r}")
+    return [check_number("test_scales", s, 0, above=True) for s in scales]
+
+
 def load_network(path: str | Path, device: torch.device, onnx: bool | None = None
                  ) -> tuple[object, list[str], list[int] | None]:
     """(network callable on an image batch in eval mode, class names, their category ids or None) from a
@@ -94,13 +104,14 @@ class Detector:
         """`model` maps (N, 3, H, W) images to the eval-mode output dict of docs/FORMAT.md; `config` defaults to
         the official settings for the number of `test_scales`; detections scoring below `score_thresh` are
         dropped; `category_ids` are the data set's ids of the classes (None: unknown)."""
-        scales = [float(s) for s in test_scales]
-        if not scales or not all(0 < s < math.inf for s in scales):
-            raise ValueError(f"test_scales: expected positive finite scales, got {test_scales!r}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size: expected a positive number, got {batch_size}")
+        scales = check_scales(test_scales)
+        check_number("score_thresh", score_thresh, 0, 1)
+        check_positive_int("batch_size", batch_size)
+        if not isinstance(test_flip, bool):
+            raise ArgumentError(f"test_flip: expected True or False, got {test_flip!r}")
         if category_ids is not None and len(category_ids) != len(class_names):
-            raise ValueError(f"category_ids: expected one per class ({len(class_names)}), got {len(category_ids)}")
+            raise ArgumentError(f"category_ids: expected one per class ({len(class_names)}), got "
+                                f"{len(category_ids)}")
         self.model, self.class_names, self.device = model, list(class_names), device
         self.category_ids = None if category_ids is None else [int(c) for c in category_ids]
         self.test_flip, self.test_scales = test_flip, scales
@@ -111,11 +122,15 @@ class Detector:
         self.scaled_down = 0  # images shrunk to fit an ONNX export's --max_size, for the caller to report
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "auto", test_flip: bool = False,
-                        test_scales: tuple[float, ...] = (1.0,), score_thresh: float = 0.0, batch_size: int = 4,
-                        onnx: bool | None = None, config: InferenceConfig | None = None) -> "Detector":
-        """A detector for the checkpoint at `path` (or the .onnx file: see `load_network`) on `device` (auto, cpu
-        or cuda)."""
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto", test_flip: bool = False,
+                        test_scales: float | tuple[float, ...] = (1.0,), score_thresh: float = 0.0,
+                        batch_size: int = 4, onnx: bool | None = None,
+                        config: InferenceConfig | None = None) -> "Detector":
+        """A detector for the checkpoint at `path` (or the .onnx file: see `load_network`) on `device` (auto, cpu,
+        cuda, cuda:N or a torch.device). Bad arguments are refused before the file is read."""
+        check_scales(test_scales)
+        check_number("score_thresh", score_thresh, 0, 1)
+        check_positive_int("batch_size", batch_size)
         torch_device = select_device(device)
         model, class_names, category_ids = load_network(path, torch_device, onnx)
         return cls(model, class_names, torch_device, test_flip, test_scales, score_thresh, batch_size, config,
@@ -132,14 +147,11 @@ class Detector:
 
     @staticmethod
     def read(image: np.ndarray | str | Path) -> np.ndarray:
-        """An image argument as a (H, W, 3) uint8 BGR array: a file is read (datasets.image_io.load_image)."""
+        """An image argument as a (H, W, 3) uint8 BGR array: a file is read (datasets.image_io.load_image), an
+        array converted as the reader converts a file (gray, BGRA, 16-bit: datasets.image_io.as_bgr8)."""
         if isinstance(image, (str, Path)):
             return load_image(image)
-        if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            kind = f"array of shape {image.shape} and dtype {image.dtype}" if isinstance(image, np.ndarray) \
-                else type(image).__name__
-            raise ValueError(f"expected a (H, W, 3) uint8 BGR image or an image path, got {kind}")
-        return image
+        return as_bgr8(image)
 
     def fit_scale(self, image: np.ndarray) -> float:
         """1, or the factor by which the test scales of `image` shrink so that its inputs fit an ONNX export's

@@ -193,10 +193,17 @@ def test_a_failed_write_stops_with_the_file_and_keeps_the_detections(ckpt, tmp_p
 def test_errors_name_the_problem(ckpt, tmp_path):
     with pytest.raises(SystemExit, match="no such file or folder"):
         run(ckpt, tmp_path / "nowhere", tmp_path / "out")
+    onnx_file = tmp_path / "model.onnx"
+    onnx_file.write_bytes(b"")
+    with pytest.raises(UserError, match=f"--ckpt {onnx_file} is an ONNX file; pass it as --onnx {onnx_file}"):
+        run(onnx_file, tmp_path / "nowhere", tmp_path / "out")
+    for flag, value in [("--score_thresh", "nan"), ("--score_thresh", "1.5"), ("--batch_size", "0")]:
+        with pytest.raises(UserError, match=f"{flag}: expected"):
+            run(ckpt, tmp_path / "nowhere", tmp_path / "out", flag, value)
     photo = small_photos(tmp_path / "in")[0]
-    with pytest.raises(SystemExit, match="--test_scales"):
+    with pytest.raises(UserError, match="--test_scales"):
         run(ckpt, photo, tmp_path / "out", "--test_scales", "1,x")
-    with pytest.raises(SystemExit, match="--test_scales"):
+    with pytest.raises(UserError, match="--test_scales"):
         run(ckpt, photo, tmp_path / "out", "--test_scales", "0,1")
     broken = tmp_path / "broken.pt"
     broken.write_bytes(ckpt.read_bytes()[:5000])
@@ -251,6 +258,13 @@ def test_video(ckpt, float64_demo, tmp_path):
         run(ckpt, corrupt, tmp_path / "c.mp4", source="--video")
     assert sorted(p.name for p in out.parent.iterdir()) == ["out.json", "out.mp4"]  # no temporary files
     assert not (tmp_path / "c.mp4").exists() and not (tmp_path / "c.json").exists()
+    # A video OpenCV opens but whose frames do not decode (here: none at all) leaves no json behind either.
+    empty = tmp_path / "empty.avi"
+    cv2.VideoWriter(str(empty), cv2.VideoWriter_fourcc(*"MJPG"), 5, (64, 48)).release()
+    assert cv2.VideoCapture(str(empty)).isOpened()
+    with pytest.raises(DataError, match="empty.avi: no frame can be decoded"):
+        run(ckpt, empty, tmp_path / "e" / "e.mp4", source="--video")
+    assert not (tmp_path / "e").exists() or not any((tmp_path / "e").iterdir())
 
 
 def test_sigterm_keeps_the_json_and_leaves_no_temporary_video(ckpt, tmp_path):

@@ -81,7 +81,7 @@ def test_errors(ckpt_dir, tmp_path):
         test_cli.main(cli_args(ckpt_dir, "--arch", "small_hourglass"))
     with pytest.raises(SystemExit, match="--img_size 511 does not match"):
         test_cli.main(cli_args(ckpt_dir, "--img_size", "511"))
-    with pytest.raises(SystemExit, match="--test_scales"):
+    with pytest.raises(UserError, match="--test_scales"):
         test_cli.main(cli_args(ckpt_dir, "--test_scales", "1,x"))
     other = load_checkpoint(ckpt_dir / "tiny" / "checkpoint.pt")
     other["class_names"] = ["dog"]

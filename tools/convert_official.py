@@ -19,6 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: import the repo
 from nets import build_model
 from utils.checkpoint import read_plain, save_checkpoint
+from utils.errors import CheckpointError, UserError, run_cli
 
 COCO_CLASSES = [
     "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
@@ -106,12 +107,29 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+def read_official(src: Path) -> dict[str, torch.Tensor]:
+    """The state dict of an official .pkl (read weights-only); one of our own checkpoints, or anything else that
+    is not a state dict, is a UserError saying what it is."""
+    official = read_plain(src, what="official checkpoint")
+    if isinstance(official, dict) and isinstance(official.get("model"), dict):
+        raise UserError(f"--src {src} is already a centernet47 checkpoint (it has a 'model' entry), not an official "
+                        "CenterNet .pkl: use it as it is (test.py --ckpt, demo.py --ckpt), no conversion needed")
+    if not isinstance(official, dict) or not official or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in official.items()):
+        raise CheckpointError(f"--src {src} is not an official CenterNet checkpoint: expected a state dict (names "
+                              f"to tensors), got {type(official).__name__}")
+    return official
+
+
 def main(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.exists():
-        raise SystemExit(f"--out {out} exists; choose another path")
-    official = read_plain(args.src, what="official checkpoint")
-    state = convert_state_dict(official, args.arch)
+        raise UserError(f"--out {out} exists; choose another path")
+    official = read_official(Path(args.src))
+    try:
+        state = convert_state_dict(official, args.arch)
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"--src {args.src}: {e.args[0]}") from None
     model = build_model(args.arch, len(COCO_CLASSES))
     model.load_state_dict(state, strict=True)
     save_checkpoint(out, {"model": model.state_dict(), "epoch": 0, "best_ap": -1.0, "class_names": COCO_CLASSES,
@@ -122,4 +140,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_cli(main, get_args_parser().parse_args())
