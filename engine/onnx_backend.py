@@ -58,7 +58,7 @@ class OnnxModel:
             self.category_ids = info.get("category_ids")  # None in files exported before they were stored
         except (ValueError, TypeError, KeyError) as e:  # json.JSONDecodeError is a ValueError
             raise CheckpointError(f"{path}: its '{METADATA_KEY}' metadata is malformed ({type(e).__name__}: {e}); "
-                            "export it again with tools/export_onnx.py") from None
+                                  "export it again with tools/export_onnx.py") from None
         self.providers = self.session.get_providers()
 
     training = False  # inference only; eval() and train(False) are accepted as for an nn.Module

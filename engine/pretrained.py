@@ -89,7 +89,7 @@ def load_pretrained_checkpoint(model: nn.Module, path: str, class_names: list[st
     if matched < MIN_WEIGHT_SHARE * len(weights):
         saved = saved_args(state).get("arch", "unknown")
         raise CheckpointError(f"--pretrained {path}: only {matched} of the {len(weights)} weight tensors of this "
-                         f"{arch} network match the checkpoint by name and shape (the checkpoint's --arch is "
-                         f"{saved}); pass a checkpoint of --arch {arch}"
-                         + (f", or train with --arch {saved}" if saved not in (arch, "unknown") else ""))
+                              f"{arch} network match the checkpoint by name and shape (the checkpoint's --arch is "
+                              f"{saved}); pass a checkpoint of --arch {arch}"
+                              + (f", or train with --arch {saved}" if saved not in (arch, "unknown") else ""))
     return report

@@ -46,14 +46,15 @@ def check_resumable(state: dict, args: argparse.Namespace, class_names: list[str
     for name in ("arch", "img_size"):
         if saved[name] != getattr(args, name):
             raise ArgumentError(f"--resume: {path} was trained with --{name} {saved[name]}, not {getattr(args, name)}; "
-                             f"resume with --{name} {saved[name]}, or start a new run with another --log_name")
+                                f"resume with --{name} {saved[name]}, or start a new run with another --log_name")
     if state["class_names"] != class_names:
         raise DataError(f"--resume: {path} was trained on classes {state['class_names']}, but "
-                         f"{args.train_split} has {class_names}")
+                        f"{args.train_split} has {class_names}")
     position = state.get("position")
     if position and position["global_batch"] != args.batch_size * args.accum_steps:
-        raise ArgumentError(f"--resume: {path} stopped inside epoch {position['epoch']} with {position['global_batch']} "
-                         "images per optimizer step; resume with the same --batch_size and --accum_steps")
+        raise ArgumentError(f"--resume: {path} stopped inside epoch {position['epoch']} with "
+                            f"{position['global_batch']} images per optimizer step; resume with the same "
+                            "--batch_size and --accum_steps")
     last_epoch = position["epoch"] if position else state["epoch"] + 1
     if last_epoch > args.num_epochs:
         raise RunComplete(f"{path} is complete: it has trained {state['epoch']} epochs (--num_epochs "

@@ -88,7 +88,7 @@ def make_train_loader(dataset, progress: EpochProgress, num_workers: int, device
     micro_batch = progress.global_batch // accum_steps
     if micro_batch % dist.world_size():
         raise ArgumentError(f"--batch_size {micro_batch} must be divisible by the number of processes "
-                         f"({dist.world_size()})")
+                            f"({dist.world_size()})")
     sampler = EpochSampler(progress.order, progress.global_batch, dist.rank(), dist.world_size(), progress.step)
     return DataLoader(dataset, batch_size=micro_batch // dist.world_size(), sampler=sampler,
                       num_workers=num_workers, drop_last=True, pin_memory=device.type == "cuda",
@@ -185,13 +185,13 @@ def train(args: argparse.Namespace, signals: StopSignals) -> tuple[float, bool]:
     val_set = build_dataset(args, args.val_split, train=False)
     if not val_set.has_annotations:
         raise DataError(f"--val_split {args.val_split} has no annotations to validate against (a test-dev split?); "
-                         "pick a split with instances_<split>.json")
+                        "pick a split with instances_<split>.json")
     if val_set.class_names != train_set.class_names:
         raise DataError(f"{args.val_split} and {args.train_split} have different categories")
     step_batch = args.batch_size * args.accum_steps
     if len(train_set) < step_batch:
         raise ArgumentError(f"--batch_size {args.batch_size} x --accum_steps {args.accum_steps} is larger than the "
-                         f"training set ({len(train_set)} images): no optimizer step would be made")
+                            f"training set ({len(train_set)} images): no optimizer step would be made")
     args.num_classes = len(train_set.class_names)
 
     if state is not None:

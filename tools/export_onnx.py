@@ -75,7 +75,7 @@ def export(model: torch.nn.Module, path: Path, img_size: int, metadata: dict, op
     for name, size in (("img_size", img_size),) + ((("max_size", max_size),) if dynamic else ()):
         if size < unit - 1 or (size + 1) % unit:
             raise ArgumentError(f"--{name} {size}: this network takes sides of the form k * {unit} - 1 "
-                             f"(e.g. {unit - 1}, {2 * unit - 1}, 511)")
+                                f"(e.g. {unit - 1}, {2 * unit - 1}, 511)")
     longest = max_size if dynamic else img_size
     use_export_pooling(model.eval(), rounds=rounds_for((longest + 1) // 4))
     axes = {"image": {0: "batch", 2: "height", 3: "width"} if dynamic else {0: "batch"}}
