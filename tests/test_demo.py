@@ -312,7 +312,7 @@ def test_mistakes_end_in_one_clear_error_not_a_traceback_or_an_empty_success(ckp
         run(ckpt, tmp_path / "empty", tmp_path / "out")
     with pytest.raises(DataError, match="none of the 1 files could be read as an image"):
         run(ckpt, a_file, tmp_path / "out_text")
-    with pytest.raises(UserError, match="--score_thresh: expected a score between 0 and 1, got 5.0"):
+    with pytest.raises(UserError, match=r"--score_thresh: expected a number in \[0, 1\], got 5.0"):
         run(ckpt, photo, tmp_path / "out", "--score_thresh", "5")
     assert not (tmp_path / "out").exists()
 

@@ -116,8 +116,8 @@ def test_an_exported_onnx_file_gives_the_checkpoint_detections(tiny, tmp_path):
 def test_bad_input_names_the_problem(tiny, tmp_path):
     ckpt, _ = tiny
     detector = Detector.from_checkpoint(ckpt, device="cpu")
-    with pytest.raises(ValueError, match=r"expected a \(H, W, 3\) uint8 BGR image .* shape \(20, 30\)"):
-        detector(np.zeros((20, 30), np.uint8))
+    with pytest.raises(ValueError, match=r"expected a \(H, W, 3\) BGR, .* shape \(20, 30, 2\)"):
+        detector(np.zeros((20, 30, 2), np.uint8))
     with pytest.raises(ValueError, match="dtype float32"):
         detector(np.zeros((20, 30, 3), np.float32))
     with pytest.raises(MissingFileError, match="nowhere.jpg"):
