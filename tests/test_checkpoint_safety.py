@@ -100,7 +100,8 @@ def test_checkpoints_hold_plain_data_only(tmp_path):
     checkpoint the project writes loads weights-only."""
     path = tmp_path / "checkpoint.pt"
     for value, where in [(np.float64(0.5), r"state\['best_ap'\]: numpy.float64"),
-                         ({"lr": [1e-3, argparse.Namespace()]}, r"state\['best_ap'\]\['lr'\]\[1\]: argparse.Namespace")]:
+                         ({"lr": [1e-3, argparse.Namespace()]},
+                          r"state\['best_ap'\]\['lr'\]\[1\]: argparse.Namespace")]:
         with pytest.raises(TypeError, match=where):
             save_checkpoint(path, {"model": {"w": torch.ones(2)}, "best_ap": value})
         assert not path.exists()

@@ -90,7 +90,8 @@ def test_runs_by_path_from_anywhere(tmp_path):
     assert result.returncode == 0 and result.stdout.startswith("usage:") and "--max_occlusion" in result.stdout
     result = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "x"), "--noise", "nan"],
                             cwd=tmp_path, capture_output=True, text=True)
-    assert result.returncode == 1 and result.stderr == "error: --noise: expected a finite number of at least 0, got nan\n"
+    assert result.returncode == 1
+    assert result.stderr == "error: --noise: expected a finite number of at least 0, got nan\n"
 
 
 def test_info_records_the_config(tmp_path):
