@@ -9,7 +9,8 @@ boxes and writes all detections to json.
 Images: any format OpenCV reads (jpg, png, bmp, webp, tif, ...), of any size; a folder is read in name order,
 without its sub-folders, --batch_size images at a time (those of one input size share a forward). Files that cannot
 be read are reported and skipped. Each image is written to --out under its own name with its boxes, class names and
-scores drawn; `detections.json` lists every detection in original pixels. --out must be empty unless --force,
+scores drawn; `detections.json` lists every image read (`images`: its path as given, and its detections in
+original pixels, also when there are none) and the files skipped (`skipped`). --out must be empty unless --force,
 and never holds an input image.
 
 Video (anything OpenCV reads): --out is the annotated video (.mp4 written with the mp4v codec, .avi with MJPG) and
@@ -22,6 +23,7 @@ The detection itself is engine.Detector, which your own code can call too (READM
 """
 import argparse
 import contextlib
+import itertools
 import os
 import sys
 import time
@@ -35,9 +37,9 @@ from datasets.image_io import IMAGE_SUFFIXES, load_image
 from engine.detector import Detections, Detector
 from engine.inference import parse_scales
 from engine.visualize import draw
+from utils.checks import check_number, check_positive_int
 from utils.errors import DataError, UserError, run_cli
 from utils.files import atomic_write, make_folder, pid_temporary, remove_dead_temporaries, same_file, write_json
-from utils.stopping import exit_on_sigterm
 
 VIDEO_CODECS = {".mp4": "mp4v", ".avi": "MJPG"}
 JSON_EVERY_S = 5.0  # how often a long run saves the detections so far
@@ -94,8 +96,10 @@ def detect(detector: Detector, frames: list[np.ndarray]) -> list[Detections]:
 
 
 def as_records(found: Detections) -> list[dict]:
-    return [{"box": [round(float(v), 2) for v in box], "score": round(float(score), 4), "class": name}
-            for box, score, name in zip(found.boxes, found.scores, found.names)]
+    ids = found.category_ids.tolist() if found.category_ids is not None else [None] * len(found)
+    return [{"box": [round(float(v), 2) for v in box], "score": round(float(score), 4), "class": name,
+             "category_id": category_id}
+            for box, score, name, category_id in zip(found.boxes, found.scores, found.names, ids)]
 
 
 class JsonLog:
@@ -144,8 +148,8 @@ def prepare_images(args) -> tuple[list[Path], Path]:
 
 def run_images(images: list[Path], out: Path, args, detector: Detector) -> dict:
     make_folder(out, "--out")
-    log = JsonLog(out / "detections.json", {"detections": [], "skipped": []})
-    results, skipped = log.content["detections"], log.content["skipped"]
+    log = JsonLog(out / "detections.json", {"images": [], "skipped": []})
+    results, skipped = log.content["images"], log.content["skipped"]
     bar = tqdm(total=len(images), desc="detect", disable=len(images) < 2, unit="img")
     with log:
         for start in range(0, len(images), args.batch_size):
@@ -160,14 +164,14 @@ def run_images(images: list[Path], out: Path, args, detector: Detector) -> dict:
                     skipped.append(str(path))
             for path, image, found in zip(paths, frames, detect(detector, frames)):
                 write_image(out / path.name, draw(image, found.rows(), detector.class_names))
-                results += [{"file": path.name, **r} for r in as_records(found)]
+                results.append({"file": str(path), "detections": as_records(found)})
             bar.update(len(chunk))
             log.maybe_save()
     bar.close()
     if len(skipped) == len(images):
         raise DataError(f"--images {args.images}: none of the {len(images)} files could be read as an image "
                         f"(listed in {out / 'detections.json'})")
-    print(f"{len(images) - len(skipped)} images, {len(results)} detections written to {out}"
+    print(f"{len(results)} images, {sum(len(r['detections']) for r in results)} detections written to {out}"
           + (f"; {len(skipped)} unreadable files skipped" if skipped else ""))
     return log.content
 
@@ -221,8 +225,12 @@ def run_video(capture, fps: float, count: int, out: Path, out_json: Path, args, 
     bar = tqdm(total=count or None, desc="detect", unit="frame")
     start = time.perf_counter()
     try:
+        batches = frame_batches(capture, args.batch_size)
+        first = next(batches, None)
+        if first is None:  # before the json is started: a video without a frame leaves nothing behind
+            raise DataError(f"--video {source}: no frame can be decoded (empty or corrupt video)")
         with log:
-            for batch in frame_batches(capture, args.batch_size):
+            for batch in itertools.chain([first], batches):
                 if writer is None:
                     writer = open_writer(tmp, out, fps, batch[0].shape[1], batch[0].shape[0])
                 for image, found in zip(batch, detect(detector, batch)):
@@ -232,8 +240,6 @@ def run_video(capture, fps: float, count: int, out: Path, out_json: Path, args, 
                                         "detections": as_records(found)})
                 bar.update(len(batch))
                 log.maybe_save()
-            if writer is None:
-                raise SystemExit(f"--video {source}: no frame can be decoded (empty or corrupt video)")
             writer.release()
             if not tmp.is_file() or tmp.stat().st_size == 0:
                 raise SystemExit(f"cannot write the video {out}: OpenCV wrote nothing (is the disk full?)")
@@ -264,18 +270,18 @@ def open_writer(tmp: Path, out: Path, fps: float, width: int, height: int) -> cv
 
 def main(args: argparse.Namespace) -> dict:
     scales = parse_scales(args.test_scales)
-    if args.batch_size < 1:
-        raise SystemExit(f"--batch_size: expected a positive number, got {args.batch_size}")
-    if not 0 <= args.score_thresh <= 1:
-        raise UserError(f"--score_thresh: expected a score between 0 and 1, got {args.score_thresh}")
+    check_positive_int("--batch_size", args.batch_size)
+    check_number("--score_thresh", args.score_thresh, 0, 1)
+    if args.ckpt and Path(args.ckpt).suffix.lower() == ".onnx":
+        raise UserError(f"--ckpt {args.ckpt} is an ONNX file; pass it as --onnx {args.ckpt}")
     source = prepare_video(args) if args.video else prepare_images(args)
     detector = Detector.from_checkpoint(args.onnx or args.ckpt, device=args.device, test_flip=args.test_flip,
                                         test_scales=scales, score_thresh=args.score_thresh,
                                         batch_size=args.batch_size, onnx=bool(args.onnx))
-    with exit_on_sigterm():  # a stopped run keeps its json and leaves no temporary video
-        if args.video:
-            return run_video(*source, args, detector)
-        return run_images(*source, args, detector)
+    # Stopped by Ctrl-C or SIGTERM (run_cli), a run keeps its json and leaves no temporary video.
+    if args.video:
+        return run_video(*source, args, detector)
+    return run_images(*source, args, detector)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from engine.inference import InferenceConfig, build_eval_config, changed_setting
 from engine.onnx_backend import OnnxModel
 from nets import model_from_checkpoint
 from utils import dist
-from utils.checkpoint import load_inference_checkpoint
+from utils.checkpoint import load_inference_checkpoint, saved_args
 from utils.device import select_device
 from utils.errors import run_cli
 
@@ -89,7 +89,7 @@ def checkpoint_path(args: argparse.Namespace) -> Path:
 def settings_from_checkpoint(args: argparse.Namespace, state: dict, path: Path) -> None:
     """Takes arch, num_classes and img_size from the checkpoint (or the .onnx file's metadata) into `args`; flags
     that disagree are an error."""
-    saved = state["args"]
+    saved = saved_args(state)
     for name in ("arch", "img_size"):
         given = getattr(args, name)
         if given is not None and given != saved[name]:
@@ -101,6 +101,7 @@ def settings_from_checkpoint(args: argparse.Namespace, state: dict, path: Path) 
 
 def main(args: argparse.Namespace) -> dict:
     args.test_scales = parse_scales(args.test_scales)
+    cfg = build_eval_config(args)  # refuses settings that cannot work before anything is read or written
     dist.init_distributed(dist.launched(), args.local_rank, args.device)
     device = select_device(args.device, dist.local_rank())
     if args.onnx:
@@ -123,7 +124,6 @@ def main(args: argparse.Namespace) -> dict:
     if model is None:
         model = model_from_checkpoint(state, path).to(device).eval()
 
-    cfg = build_eval_config(args)
     out_json = results_path(path, args.val_split, args.test_scales, args.test_flip, bool(args.onnx),
                             changed_settings(cfg, len(args.test_scales), args.amp), not dataset.has_annotations)
     check_results_free(out_json, args.force)

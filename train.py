@@ -19,7 +19,8 @@ from engine.run_folder import RunComplete
 from engine.trainer import parse_lr_steps, train
 from nets import ARCHS
 from utils import dist
-from utils.errors import run_cli
+from utils.checks import check_number, check_positive_int
+from utils.errors import ArgumentError, run_cli
 from utils.stopping import StopSignals
 
 
@@ -74,24 +75,23 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Flag values that cannot work, refused before anything is created."""
-    positive = {"--batch_size": args.batch_size, "--num_epochs": args.num_epochs, "--lr": args.lr,
-                "--accum_steps": args.accum_steps}
-    for flag, value in positive.items():
-        if not value > 0:
-            raise SystemExit(f"{flag} must be positive, got {value}")
+    """Flag values that cannot work (NaN and infinity included), refused before anything is created."""
+    for flag in ("batch_size", "num_epochs", "accum_steps"):
+        check_positive_int(f"--{flag}", getattr(args, flag))
     if args.img_size % 128 != 127:
-        raise SystemExit(f"--img_size must be of the form 128k - 1 (127, 255, 383, 511, ...), got {args.img_size}")
-    for flag, value in {"--num_workers": args.num_workers, "--val_interval": args.val_interval,
-                        "--ckpt_interval": args.ckpt_interval, "--ae_images_per_gpu": args.ae_images_per_gpu,
-                        "--count_eps": args.count_eps, "--min_box_size": args.min_box_size}.items():
-        if value < 0:
-            raise SystemExit(f"{flag} must be 0 or more, got {value}")
-    if not 0 <= args.max_bad_fraction < 1:
-        raise SystemExit(f"--max_bad_fraction must be in [0, 1), got {args.max_bad_fraction}")
+        raise ArgumentError(f"--img_size must be of the form 128k - 1 (127, 255, 383, 511, ...), got {args.img_size}")
+    for flag in ("num_workers", "val_interval"):
+        if getattr(args, flag) < 0:
+            raise ArgumentError(f"--{flag} must be 0 or more, got {getattr(args, flag)}")
+    check_number("--lr", args.lr, 0, above=True)
+    for flag in ("ckpt_interval", "ae_images_per_gpu", "count_eps"):
+        check_number(f"--{flag}", getattr(args, flag), 0)
+    # A box must fit the training crop to be kept: a larger minimum would drop every box.
+    check_number("--min_box_size", args.min_box_size, 0, args.img_size, below=True)
+    check_number("--max_bad_fraction", args.max_bad_fraction, 0, 1, below=True)
     if args.log_name in ("", ".", "..") or "/" in args.log_name or os.sep in args.log_name:
-        raise SystemExit(f"--log_name {args.log_name!r}: expected a folder name, without path separators and not "
-                         "'..' (the run folder is created under --ckpt_dir)")
+        raise ArgumentError(f"--log_name {args.log_name!r}: expected a folder name, without path separators and "
+                            "not '..' (the run folder is created under --ckpt_dir)")
     parse_lr_steps(args.lr_step)
 
 

@@ -20,6 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: import the repo
 from datasets.targets import make_targets
 from nets import ARCHS, build_model
+from utils.checks import check_number
+from utils.errors import run_cli
 from utils.losses import centernet_loss
 
 
@@ -91,6 +93,7 @@ def forward_ms(arch: str, args, device: torch.device) -> float:
 
 
 def main(args: argparse.Namespace) -> None:
+    check_number("--forward_budget", args.forward_budget, 0, above=True)
     device = torch.device(args.device)
     print(f"{args.device}, {torch.get_num_threads()} threads, {args.num_classes} classes; training: input "
           f"{args.img_size}, batch {args.batch_size}, {args.train_steps} steps; forward: input {args.forward_size}, "
@@ -106,4 +109,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_cli(main, get_args_parser().parse_args())

@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # run as a script from anywhere: import the repo,
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from datasets.coco import coco_problems, load_entry_image, read_json
-from utils.errors import UserError
+from utils.errors import UserError, run_cli
 
 OUTSIDE_TOLERANCE = 0.01  # of the image side a box may leave it by (at least 1 px)
 
@@ -118,4 +118,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main, None))

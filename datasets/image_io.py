@@ -1,18 +1,18 @@
 """Image decoding to 8-bit BGR with errors that name the file.
 
 Grayscale, gray + alpha, RGBA and 16-bit images are converted to 3-channel 8-bit BGR (alpha dropped, 16-bit values
-keep their high byte). The EXIF orientation of a JPEG is applied, as image viewers (and most annotation tools) show the
-image: a phone's portrait photo is upright, its boxes are drawn where one sees the objects, and the width / height
-an annotation file gives are those of the upright image (a 90-degree mismatch fails the loader's size check).
-Every image is read here: training, evaluation, demo.py, datasets.check and tools/analyze.py agree. A JPEG cut
-short (which libjpeg would otherwise decode with gray rows at the bottom) is an error.
-"""
+keep their high byte); so are such arrays given to engine.Detector (`as_bgr8`), as a PNG file of them is read. The
+EXIF orientation of a JPEG is applied, as image viewers (and most annotation tools) show the image: a phone's
+portrait photo is upright, its boxes are drawn where one sees the objects, and the width / height an annotation file
+gives are those of the upright image (a 90-degree mismatch fails the loader's size check). Every image is read here:
+training, evaluation, demo.py, datasets.check and tools/analyze.py agree. A JPEG cut short (which libjpeg would
+otherwise decode with gray rows at the bottom) is an error."""
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from utils.errors import DataError, MissingFileError
+from utils.errors import ArgumentError, DataError, MissingFileError
 
 _FLAGS = cv2.IMREAD_COLOR  # which applies the EXIF orientation (IMREAD_UNCHANGED would not)
 # The file name endings of the formats cv2.imread documents (those missing from a given OpenCV build are reported
@@ -32,6 +32,8 @@ def is_truncated_jpeg(data: bytes) -> bool:
 def load_image(path: str | Path) -> np.ndarray:
     """(H, W, 3) uint8 BGR image at `path`; FileNotFoundError or ValueError naming the file otherwise."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path} is a folder, not an image file")
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -44,3 +46,23 @@ def load_image(path: str | Path) -> np.ndarray:
     if image is None:
         raise DataError(f"{path}: cannot decode the image (not an image format OpenCV reads, or corrupt)")
     return image
+
+
+def as_bgr8(image: np.ndarray) -> np.ndarray:
+    """An image array converted as `load_image` converts a PNG file of it: (H, W) or (H, W, 1) gray to BGR,
+    (H, W, 4) BGRA without its alpha, 16-bit values to their high byte; (H, W, 3) uint8 BGR comes back as it is. Anything else,
+    and an image without pixels, is an ArgumentError naming its shape and dtype."""
+    if not isinstance(image, np.ndarray):
+        raise ArgumentError(f"expected an image array or an image path, got {type(image).__name__}")
+    shape = image.shape + (1,) if image.ndim == 2 else image.shape
+    if len(shape) != 3 or shape[2] not in (1, 3, 4) or image.dtype not in (np.uint8, np.uint16):
+        raise ArgumentError(f"expected a (H, W, 3) BGR, (H, W, 4) BGRA or (H, W) gray image of dtype uint8 or "
+                            f"uint16, or an image path; got an array of shape {image.shape} and dtype {image.dtype}")
+    if image.size == 0:
+        raise ArgumentError(f"the image array has no pixels (shape {image.shape})")
+    if image.dtype == np.uint16:
+        image = (image >> 8).astype(np.uint8)
+    image = image.reshape(shape)
+    if shape[2] == 1:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    return np.ascontiguousarray(image[:, :, :3])

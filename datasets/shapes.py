@@ -11,12 +11,19 @@ the shape's visible pixels. Backgrounds are smooth random colour fields with lin
 enough for a CPU model at input 127. Harder: more `--clutter`, `--noise`, `--max_occlusion`, smaller `--min_obj`.
 """
 import argparse
+import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+if __package__ in (None, ""):  # run as a script from anywhere: import the repo, not this folder's modules
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from utils.checks import check_number
+from utils.errors import ArgumentError, run_cli
 from utils.files import write_json
 
 CLASSES = ("rectangle", "ellipse", "triangle", "cross")
@@ -147,7 +154,12 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> None:
     cfg = ShapesConfig(**{k: getattr(args, k) for k in ShapesConfig.__dataclass_fields__})
     if not (0 < cfg.min_obj <= cfg.max_obj <= cfg.min_size <= cfg.max_size):
-        raise SystemExit("expected 0 < --min_obj <= --max_obj <= --min_size <= --max_size")
+        raise ArgumentError("expected 0 < --min_obj <= --max_obj <= --min_size <= --max_size")
+    for flag, value, high in (("--empty", cfg.empty, 1), ("--max_occlusion", cfg.max_occlusion, 1),
+                              ("--noise", cfg.noise, math.inf)):
+        check_number(flag, value, 0, high)
+    if args.num_train < 0 or args.num_val < 0:
+        raise ArgumentError(f"--num_train and --num_val: expected 0 or more, got {args.num_train}, {args.num_val}")
     out = Path(args.out)
     for split, n in (("train", args.num_train), ("val", args.num_val)):
         data = write_split(out, split, n, args.seed, cfg)
@@ -155,4 +167,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_cli(main, get_args_parser().parse_args())

@@ -3,25 +3,28 @@
     from engine import Detector
     detector = Detector.from_checkpoint("ckpt/NAME/checkpoint.pt", test_flip=True)
     found = detector("photo.jpg")          # or a BGR numpy image, or a list of either
-    found.boxes, found.scores, found.labels, found.names
+    found.boxes, found.scores, found.labels, found.names, found.category_ids
+    found.to_coco(image_id=42)             # COCO result dicts; found.to_dict() for json
 
 A `.pt` checkpoint (train.py, tools/convert_official.py) runs on PyTorch, an `.onnx` file (tools/export_onnx.py)
 on onnxruntime; both go through the test-time pipeline of engine/inference.py, as test.py does.
 """
-import math
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from datasets.image_io import load_image
+from datasets.image_io import as_bgr8, load_image
 from datasets.transforms import eval_input
 from engine.inference import InferenceConfig, detect_batch, official_config
 from engine.onnx_backend import OnnxModel
 from nets import model_from_checkpoint
 from utils.checkpoint import load_inference_checkpoint
+from utils.checks import check_number, check_positive_int
 from utils.device import select_device
+from utils.errors import ArgumentError
 
 
 @dataclass
@@ -29,15 +32,21 @@ class Detections:
     """The detections of one image, best first, in its original pixels."""
     boxes: np.ndarray  # (N, 4) float32 x1 y1 x2 y2
     scores: np.ndarray  # (N,) float32
-    labels: np.ndarray  # (N,) int64 class ids: indices into the detector's class_names
+    labels: np.ndarray  # (N,) int64 class indices into the detector's class_names (0..C-1)
     names: list[str]  # (N,) the class name of each box
+    # (N,) int64 the data set's category id of each box (COCO's have gaps: not labels + 1); None for a checkpoint
+    # written before checkpoints stored them
+    category_ids: np.ndarray | None = None
 
     @classmethod
-    def from_rows(cls, rows: np.ndarray, class_names: list[str]) -> "Detections":
-        """From the (N, 6) x1 y1 x2 y2 score label rows of engine.inference.detect."""
+    def from_rows(cls, rows: np.ndarray, class_names: list[str],
+                  category_ids: list[int] | None = None) -> "Detections":
+        """From the (N, 6) x1 y1 x2 y2 score label rows of engine.inference.detect; `category_ids[label]` is the
+        data set's id of class `label`."""
         labels = rows[:, 5].astype(np.int64)
+        ids = None if category_ids is None else np.asarray(category_ids, np.int64).reshape(-1)[labels]
         return cls(rows[:, :4].astype(np.float32), rows[:, 4].astype(np.float32), labels,
-                   [class_names[i] for i in labels])
+                   [class_names[i] for i in labels], ids)
 
     def rows(self) -> np.ndarray:
         """(N, 6) float32 x1 y1 x2 y2 score label, as engine.inference.detect and engine.visualize.draw use."""
@@ -46,16 +55,42 @@ class Detections:
     def __len__(self) -> int:
         return len(self.scores)
 
+    def to_coco(self, image_id: int) -> list[dict]:
+        """COCO result entries (the results json of test.py and the COCO evaluation server): image_id,
+        category_id, bbox x y w h (pixels, 2 decimals) and score, one per detection."""
+        if self.category_ids is None:
+            raise ValueError("these detections have no category ids: their checkpoint was written before "
+                             "checkpoints stored them; add them once with tools/upgrade_checkpoint.py --category_ids")
+        xywh = np.concatenate([self.boxes[:, :2], self.boxes[:, 2:] - self.boxes[:, :2]], axis=1)
+        return [{"image_id": image_id, "category_id": int(c), "bbox": [round(float(v), 2) for v in box],
+                 "score": float(s)} for box, s, c in zip(xywh, self.scores, self.category_ids)]
 
-def load_network(path: str | Path, device: torch.device, onnx: bool | None = None) -> tuple[object, list[str]]:
-    """(network callable on an image batch in eval mode, class names) from a checkpoint, or from a file of
-    tools/export_onnx.py when `onnx` is True (None: when the file name ends in .onnx)."""
+    def to_dict(self) -> dict:
+        """The detections as json-serialisable lists: boxes (x1 y1 x2 y2), scores, labels, names, category_ids
+        (None when unknown)."""
+        return {"boxes": self.boxes.tolist(), "scores": self.scores.tolist(), "labels": self.labels.tolist(),
+                "names": list(self.names),
+                "category_ids": None if self.category_ids is None else self.category_ids.tolist()}
+
+
+def check_scales(test_scales: float | tuple[float, ...]) -> list[float]:
+    """One scale or a sequence of them as a list of positive finite floats, else an ArgumentError."""
+    scales = [test_scales] if isinstance(test_scales, numbers.Real) else test_scales
+    if isinstance(scales, (str, bytes)) or not hasattr(scales, "__len__") or not len(scales):
+        raise ArgumentError(f"test_scales: expected a number or a sequence of numbers, got {test_scales!r}")
+    return [check_number("test_scales", s, 0, above=True) for s in scales]
+
+
+def load_network(path: str | Path, device: torch.device, onnx: bool | None = None
+                 ) -> tuple[object, list[str], list[int] | None]:
+    """(network callable on an image batch in eval mode, class names, their category ids or None) from a
+    checkpoint, or from a file of tools/export_onnx.py when `onnx` is True (None: when the name ends in .onnx)."""
     path = Path(path)
     if onnx or (onnx is None and path.suffix.lower() == ".onnx"):
         model = OnnxModel(path, device)
-        return model, model.class_names
+        return model, model.class_names, model.category_ids
     state = load_inference_checkpoint(path)
-    return model_from_checkpoint(state, path).to(device).eval(), state["class_names"]
+    return model_from_checkpoint(state, path).to(device).eval(), state["class_names"], state.get("category_ids")
 
 
 class Detector:
@@ -65,16 +100,20 @@ class Detector:
 
     def __init__(self, model, class_names: list[str], device: torch.device, test_flip: bool = False,
                  test_scales: tuple[float, ...] = (1.0,), score_thresh: float = 0.0, batch_size: int = 4,
-                 config: InferenceConfig | None = None):
+                 config: InferenceConfig | None = None, category_ids: list[int] | None = None):
         """`model` maps (N, 3, H, W) images to the eval-mode output dict of docs/FORMAT.md; `config` defaults to
         the official settings for the number of `test_scales`; detections scoring below `score_thresh` are
-        dropped."""
-        scales = [float(s) for s in test_scales]
-        if not scales or not all(0 < s < math.inf for s in scales):
-            raise ValueError(f"test_scales: expected positive finite scales, got {test_scales!r}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size: expected a positive number, got {batch_size}")
+        dropped; `category_ids` are the data set's ids of the classes (None: unknown)."""
+        scales = check_scales(test_scales)
+        check_number("score_thresh", score_thresh, 0, 1)
+        check_positive_int("batch_size", batch_size)
+        if not isinstance(test_flip, bool):
+            raise ArgumentError(f"test_flip: expected True or False, got {test_flip!r}")
+        if category_ids is not None and len(category_ids) != len(class_names):
+            raise ArgumentError(f"category_ids: expected one per class ({len(class_names)}), got "
+                                f"{len(category_ids)}")
         self.model, self.class_names, self.device = model, list(class_names), device
+        self.category_ids = None if category_ids is None else [int(c) for c in category_ids]
         self.test_flip, self.test_scales = test_flip, scales
         self.score_thresh, self.batch_size = score_thresh, batch_size
         self.config = config or official_config(len(scales))
@@ -83,33 +122,36 @@ class Detector:
         self.scaled_down = 0  # images shrunk to fit an ONNX export's --max_size, for the caller to report
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "auto", test_flip: bool = False,
-                        test_scales: tuple[float, ...] = (1.0,), score_thresh: float = 0.0, batch_size: int = 4,
-                        onnx: bool | None = None, config: InferenceConfig | None = None) -> "Detector":
-        """A detector for the checkpoint at `path` (or the .onnx file: see `load_network`) on `device` (auto, cpu
-        or cuda)."""
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto", test_flip: bool = False,
+                        test_scales: float | tuple[float, ...] = (1.0,), score_thresh: float = 0.0,
+                        batch_size: int = 4, onnx: bool | None = None,
+                        config: InferenceConfig | None = None) -> "Detector":
+        """A detector for the checkpoint at `path` (or the .onnx file: see `load_network`) on `device` (auto, cpu,
+        cuda, cuda:N or a torch.device). Bad arguments are refused before the file is read."""
+        check_scales(test_scales)
+        check_number("score_thresh", score_thresh, 0, 1)
+        check_positive_int("batch_size", batch_size)
         torch_device = select_device(device)
-        model, class_names = load_network(path, torch_device, onnx)
-        return cls(model, class_names, torch_device, test_flip, test_scales, score_thresh, batch_size, config)
+        model, class_names, category_ids = load_network(path, torch_device, onnx)
+        return cls(model, class_names, torch_device, test_flip, test_scales, score_thresh, batch_size, config,
+                   category_ids)
 
     def __call__(self, images: np.ndarray | str | Path | list) -> "Detections | list[Detections]":
         """Detections of one image (array or path), or a list of them for a list."""
         if isinstance(images, (list, tuple)):
             arrays = [self.read(image) for image in images]
-            return [Detections.from_rows(rows, self.class_names) for start in range(0, len(arrays), self.batch_size)
+            return [Detections.from_rows(rows, self.class_names, self.category_ids)
+                    for start in range(0, len(arrays), self.batch_size)
                     for rows in self.detect_rows(arrays[start:start + self.batch_size])]
-        return Detections.from_rows(self.detect_rows([self.read(images)])[0], self.class_names)
+        return Detections.from_rows(self.detect_rows([self.read(images)])[0], self.class_names, self.category_ids)
 
     @staticmethod
     def read(image: np.ndarray | str | Path) -> np.ndarray:
-        """An image argument as a (H, W, 3) uint8 BGR array: a file is read (datasets.image_io.load_image)."""
+        """An image argument as a (H, W, 3) uint8 BGR array: a file is read (datasets.image_io.load_image), an
+        array converted as the reader converts a file (gray, BGRA, 16-bit: datasets.image_io.as_bgr8)."""
         if isinstance(image, (str, Path)):
             return load_image(image)
-        if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            kind = f"array of shape {image.shape} and dtype {image.dtype}" if isinstance(image, np.ndarray) \
-                else type(image).__name__
-            raise ValueError(f"expected a (H, W, 3) uint8 BGR image or an image path, got {kind}")
-        return image
+        return as_bgr8(image)
 
     def fit_scale(self, image: np.ndarray) -> float:
         """1, or the factor by which the test scales of `image` shrink so that its inputs fit an ONNX export's

@@ -26,6 +26,8 @@ from datasets.transforms import EvalMeta, boxes_to_resized, far_outside, resized
 from lib.nms import soft_nms, soft_nms_merge
 from utils.decode import center_check, decode
 from utils.device import autocast, cudnn_benchmark
+from utils.checks import check_number, check_positive_int
+from utils.errors import ArgumentError
 from utils.dist import all_gather_object, is_main, rank, world_size
 
 
@@ -43,6 +45,23 @@ class InferenceConfig:
     score_threshold: float = 0.001  # soft-NMS drops boxes below it
     max_per_image: int = 100
     inplace_nms: bool = False  # the official in-place soft-NMS, stale rows included
+
+    def __post_init__(self):
+        """Refuses settings that cannot work (ArgumentError naming the field), NaN and infinity included."""
+        for name in ("topk", "num_dets", "kernel", "max_per_image"):
+            check_positive_int(name, getattr(self, name))
+        if self.kernel % 2 == 0:
+            raise ArgumentError(f"kernel: expected an odd window size, got {self.kernel}")
+        check_number("ae_threshold", self.ae_threshold, 0)
+        check_number("nms_threshold", self.nms_threshold, 0, 1, above=True)
+        check_number("sigma", self.sigma, 0, above=True)
+        check_number("weight_exp", self.weight_exp, 0)
+        check_number("score_threshold", self.score_threshold, 0, 1)
+        if self.nms_method not in (0, 1, 2):
+            raise ArgumentError(f"nms_method: expected 0 (hard), 1 (linear) or 2 (gaussian), got {self.nms_method!r}")
+        for name in ("merge", "inplace_nms"):
+            if not isinstance(getattr(self, name), bool):
+                raise ArgumentError(f"{name}: expected True or False, got {getattr(self, name)!r}")
 
 
 def official_config(num_scales: int) -> InferenceConfig:
@@ -67,14 +86,15 @@ def changed_settings(cfg: InferenceConfig, num_scales: int, amp: bool) -> dict:
 
 
 def parse_scales(text: str) -> list[float]:
-    """--test_scales of test.py and demo.py: "0.5,1,1.5" -> [0.5, 1.0, 1.5]; anything else ends the program with
-    one line saying what was expected."""
+    """--test_scales of test.py and demo.py: "0.5,1,1.5" -> [0.5, 1.0, 1.5]; anything else is an ArgumentError
+    saying what was expected."""
     try:
         scales = [float(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise SystemExit(f"--test_scales: expected comma-separated numbers such as 0.5,1,1.5, got {text!r}")
+        raise ArgumentError(f"--test_scales: expected comma-separated numbers such as 0.5,1,1.5, got {text!r}") \
+            from None
     if not scales or not all(0 < s < float("inf") for s in scales):
-        raise SystemExit(f"--test_scales: expected positive finite scales, got {text!r}")
+        raise ArgumentError(f"--test_scales: expected positive finite scales, got {text!r}")
     return scales
 
 

@@ -14,21 +14,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils.errors import UserError
+from utils.errors import ArgumentError, CheckpointError, MissingFileError, UserError
 
 METADATA_KEY = "centernet47"  # as tools/export_onnx.py writes it
 
 
 class OnnxModel:
     """Callable (N, 3, H, W) -> dict of CPU float32 tensors. Attributes from the file's metadata: arch,
-    class_names, img_size, size_unit, dynamic, max_size."""
+    class_names, category_ids, img_size, size_unit, dynamic, max_size."""
 
     def __init__(self, path: str | Path, device: torch.device, threads: int = 0):
         import onnxruntime as ort
 
         path = Path(path)
+        if path.is_dir():
+            raise ArgumentError(f"{path} is a folder; expected an .onnx file of tools/export_onnx.py")
         if not path.is_file():
-            raise SystemExit(f"--onnx {path}: no such file")
+            raise MissingFileError(f"ONNX file not found: {path}")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         providers = ["CPUExecutionProvider"]
@@ -41,19 +43,22 @@ class OnnxModel:
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types for unreadable files
-            raise SystemExit(f"--onnx {path}: onnxruntime cannot load it ({str(e).splitlines()[0]})") from None
+            raise CheckpointError(f"{path}: onnxruntime cannot load it as an ONNX model ({str(e).splitlines()[0]})") \
+                from None
         meta = self.session.get_modelmeta().custom_metadata_map
         if METADATA_KEY not in meta:
-            raise SystemExit(f"--onnx {path}: no '{METADATA_KEY}' metadata; export it with tools/export_onnx.py")
+            raise CheckpointError(f"{path} is an ONNX model without the '{METADATA_KEY}' metadata (classes, input "
+                                  "sizes) that tools/export_onnx.py writes; export the checkpoint with it")
         self.path = path
         try:
             info = json.loads(meta[METADATA_KEY])
             self.arch, self.class_names, self.img_size = info["arch"], list(info["class_names"]), int(info["img_size"])
             self.size_unit, self.dynamic = int(info["size_unit"]), bool(info["dynamic"])
             self.max_size, self.outputs = int(info["max_size"]), list(info["outputs"])
+            self.category_ids = info.get("category_ids")  # None in files exported before they were stored
         except (ValueError, TypeError, KeyError) as e:  # json.JSONDecodeError is a ValueError
-            raise UserError(f"--onnx {path}: its '{METADATA_KEY}' metadata is malformed ({type(e).__name__}: {e}); "
-                            "export it again with tools/export_onnx.py") from None
+            raise CheckpointError(f"{path}: its '{METADATA_KEY}' metadata is malformed ({type(e).__name__}: {e}); "
+                                  "export it again with tools/export_onnx.py") from None
         self.providers = self.session.get_providers()
 
     training = False  # inference only; eval() and train(False) are accepted as for an nn.Module

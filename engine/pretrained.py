@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from nets.hourglass import HEATMAP_HEADS
-from utils.checkpoint import load_checkpoint
+from utils.checkpoint import load_checkpoint, saved_args
+from utils.errors import CheckpointError, MissingFileError
 
 MIN_WEIGHT_SHARE = 0.5  # of the network's kernels a fine-tuning checkpoint must fill (ours: all of them)
 
@@ -74,21 +75,21 @@ def load_pretrained_checkpoint(model: nn.Module, path: str, class_names: list[st
                                ) -> PretrainedReport:
     """`load_pretrained` from one of our checkpoint files (training runs and tools/convert_official.py output) into
     `model`, a fresh network of `arch`. A checkpoint that fills less than MIN_WEIGHT_SHARE of the network's weight
-    tensors (convolution kernels, outside the class outputs) is another architecture: an error (SystemExit) naming
+    tensors (convolution kernels, outside the class outputs) is another architecture: a CheckpointError naming
     both, and `model` is then partly overwritten (build a fresh one)."""
     try:
         state = load_checkpoint(path, map_location="cpu")
-    except (FileNotFoundError, RuntimeError, ValueError) as e:
-        raise SystemExit(f"--pretrained: {e}")
+    except (MissingFileError, CheckpointError) as e:
+        raise type(e)(f"--pretrained: {e}") from None
     report = load_pretrained(model, state["model"], list(state.get("class_names", [])) == list(class_names))
     # Batch-norm counters and biases match between any two of our networks; only the kernels say it is the same one.
     class_keys = set(class_output_keys(model))
     weights = [k for k, v in model.state_dict().items() if v.dim() >= 2 and k not in class_keys]
     matched = len(set(weights) & set(report.loaded))
     if matched < MIN_WEIGHT_SHARE * len(weights):
-        saved = state.get("args", {}).get("arch", "unknown")
-        raise SystemExit(f"--pretrained {path}: only {matched} of the {len(weights)} weight tensors of this "
-                         f"{arch} network match the checkpoint by name and shape (the checkpoint's --arch is "
-                         f"{saved}); pass a checkpoint of --arch {arch}"
-                         + (f", or train with --arch {saved}" if saved not in (arch, "unknown") else ""))
+        saved = saved_args(state).get("arch", "unknown")
+        raise CheckpointError(f"--pretrained {path}: only {matched} of the {len(weights)} weight tensors of this "
+                              f"{arch} network match the checkpoint by name and shape (the checkpoint's --arch is "
+                              f"{saved}); pass a checkpoint of --arch {arch}"
+                              + (f", or train with --arch {saved}" if saved not in (arch, "unknown") else ""))
     return report

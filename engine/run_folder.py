@@ -4,8 +4,9 @@ import argparse
 from pathlib import Path
 
 from utils import dist
+from utils.checkpoint import saved_args
 from utils.device import check_scaler_state
-from utils.errors import UserError
+from utils.errors import ArgumentError, DataError, UserError
 
 CHECKPOINT, BEST = "checkpoint.pt", "best.pt"
 
@@ -27,6 +28,10 @@ def run_folder_plan(run_dir: Path, resume: bool) -> tuple[bool, str]:
     if resume:
         # An elastic restart (torchrun --max-restarts) may come before the first save: start, and say so.
         return False, f"--resume: nothing to resume in {run_dir} yet; starting a new run"
+    if held and BEST not in held and CHECKPOINT not in held:
+        # A run that failed before its first save (its error is the last line of train.log): nothing to lose.
+        return False, (f"starting a new run in {run_dir}; the run before it there saved no checkpoint (it left "
+                       f"{', '.join(held)}, kept)")
     if held:
         raise UserError(f"{run_dir} already holds a run ({', '.join(held)}); pass --resume to continue it, or choose "
                         "another --log_name")
@@ -35,20 +40,21 @@ def run_folder_plan(run_dir: Path, resume: bool) -> tuple[bool, str]:
 
 def check_resumable(state: dict, args: argparse.Namespace, class_names: list[str], path: Path) -> None:
     """Refuses flags that cannot continue the checkpoint at `path`, before any network is built."""
-    saved = state["args"]
+    saved = saved_args(state)
     # The flags that define the run (its network and training input); the batch may be split over another
     # number of processes.
     for name in ("arch", "img_size"):
         if saved[name] != getattr(args, name):
-            raise SystemExit(f"--resume: {path} was trained with --{name} {saved[name]}, not {getattr(args, name)}; "
-                             f"resume with --{name} {saved[name]}, or start a new run with another --log_name")
+            raise ArgumentError(f"--resume: {path} was trained with --{name} {saved[name]}, not {getattr(args, name)}; "
+                                f"resume with --{name} {saved[name]}, or start a new run with another --log_name")
     if state["class_names"] != class_names:
-        raise SystemExit(f"--resume: {path} was trained on classes {state['class_names']}, but "
-                         f"{args.train_split} has {class_names}")
+        raise DataError(f"--resume: {path} was trained on classes {state['class_names']}, but "
+                        f"{args.train_split} has {class_names}")
     position = state.get("position")
     if position and position["global_batch"] != args.batch_size * args.accum_steps:
-        raise SystemExit(f"--resume: {path} stopped inside epoch {position['epoch']} with {position['global_batch']} "
-                         "images per optimizer step; resume with the same --batch_size and --accum_steps")
+        raise ArgumentError(f"--resume: {path} stopped inside epoch {position['epoch']} with "
+                            f"{position['global_batch']} images per optimizer step; resume with the same "
+                            "--batch_size and --accum_steps")
     last_epoch = position["epoch"] if position else state["epoch"] + 1
     if last_epoch > args.num_epochs:
         raise RunComplete(f"{path} is complete: it has trained {state['epoch']} epochs (--num_epochs "

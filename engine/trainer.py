@@ -25,9 +25,9 @@ from engine.run_folder import BEST, CHECKPOINT, check_resumable, on_main_for_all
 from engine.visualize import val_images
 from nets import build_model, model_config
 from utils import dist
-from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.checkpoint import load_checkpoint, save_checkpoint, saved_args
 from utils.device import autocast, grad_scaler, resume_scaler, select_device
-from utils.errors import DataError, UserError
+from utils.errors import ArgumentError, DataError, UserError
 from utils.files import remove_stale_temporaries
 from utils.logger import RunLogger
 from utils.losses import LossConfig, build_loss_config, centernet_loss, resumed_objective
@@ -41,7 +41,7 @@ def parse_lr_steps(text: str) -> list[int]:
     try:
         return [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise SystemExit(f"--lr_step: expected comma-separated epochs such as 90,120, got {text!r}")
+        raise ArgumentError(f"--lr_step: expected comma-separated epochs such as 90,120, got {text!r}") from None
 
 
 def seed_everything(seed: int) -> None:
@@ -54,7 +54,8 @@ def seed_everything(seed: int) -> None:
 class EpochProgress:
     """Where training stands inside `epoch`: its sample order, the images of one optimizer step (`global_batch`:
     --batch_size x --accum_steps), optimizer steps done in it and in the whole run, the sums of the loss terms
-    (over micro-batches), and the unreadable images skipped."""
+    (over micro-batches), the unreadable images skipped and the boxes trained on (None: unknown, for a position
+    saved before they were counted)."""
     epoch: int
     order: np.ndarray
     global_batch: int
@@ -62,6 +63,7 @@ class EpochProgress:
     step: int = 0
     sums: dict[str, float] = field(default_factory=dict)
     unreadable: int = 0
+    boxes: int | None = 0
 
     @property
     def steps(self) -> int:
@@ -71,12 +73,12 @@ class EpochProgress:
         """The `position` entry of a mid-epoch checkpoint."""
         return {"epoch": self.epoch, "step": self.step, "order": torch.from_numpy(self.order),
                 "global_batch": self.global_batch, "global_step": self.global_step, "sums": dict(self.sums),
-                "unreadable": self.unreadable}
+                "unreadable": self.unreadable, "boxes": self.boxes}
 
     @classmethod
     def from_position(cls, p: dict) -> "EpochProgress":
         return cls(p["epoch"], p["order"].numpy(), p["global_batch"], p["global_step"], p["step"], dict(p["sums"]),
-                   p["unreadable"])
+                   p["unreadable"], p.get("boxes"))
 
 
 def make_train_loader(dataset, progress: EpochProgress, num_workers: int, device: torch.device,
@@ -85,8 +87,8 @@ def make_train_loader(dataset, progress: EpochProgress, num_workers: int, device
     micro-batches of `global_batch / (accum_steps * world_size)` images."""
     micro_batch = progress.global_batch // accum_steps
     if micro_batch % dist.world_size():
-        raise SystemExit(f"--batch_size {micro_batch} must be divisible by the number of processes "
-                         f"({dist.world_size()})")
+        raise ArgumentError(f"--batch_size {micro_batch} must be divisible by the number of processes "
+                            f"({dist.world_size()})")
     sampler = EpochSampler(progress.order, progress.global_batch, dist.rank(), dist.world_size(), progress.step)
     return DataLoader(dataset, batch_size=micro_batch // dist.world_size(), sampler=sampler,
                       num_workers=num_workers, drop_last=True, pin_memory=device.type == "cuda",
@@ -119,8 +121,11 @@ def train_one_epoch(model, loader, optimizer, scaler, device, amp: bool | str, p
             outputs = [{k: v.float() for k, v in stack.items()} for stack in outputs]
             loss, terms = centernet_loss(outputs, batch, loss_config)
             terms = dist.reduce_mean({"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()},
-                                      "unreadable": unreadable.to(device).float()})
+                                      "unreadable": unreadable.to(device).float(),
+                                      "boxes": batch["mask"].sum().float()})
             progress.unreadable += round(terms.pop("unreadable") * dist.world_size())
+            boxes = round(terms.pop("boxes") * dist.world_size())
+            progress.boxes = None if progress.boxes is None else progress.boxes + boxes
             if not all(math.isfinite(v) for v in terms.values()):
                 raise TrainingDiverged(
                     f"non-finite loss at epoch {progress.epoch}, step {progress.step + 1}: {terms}. Stopping; the "
@@ -151,6 +156,10 @@ def train_one_epoch(model, loader, optimizer, scaler, device, amp: bool | str, p
         if stop:
             return True
     bar.close()
+    if progress.boxes == 0:
+        raise DataError(f"epoch {progress.epoch} trained on no box at all: every box of its {len(progress.order)} "
+                        "images was dropped (smaller than --min_box_size canvas pixels after the augmentation, or "
+                        "outside the crop); lower --min_box_size. The last checkpoint is intact.")
     logger.scalars({"lr": optimizer.param_groups[0]["lr"], "images_per_s": images_seen / (time.perf_counter() - start)},
                    progress.global_step, prefix="train/")
     return False
@@ -169,20 +178,20 @@ def train(args: argparse.Namespace, signals: StopSignals) -> tuple[float, bool]:
     state = load_checkpoint(run_dir / CHECKPOINT) if resuming else None
     objective_notes = []
     if state is not None:
-        objective, objective_notes = resumed_objective(state["args"], vars(args))
+        objective, objective_notes = resumed_objective(saved_args(state), vars(args))
         vars(args).update(objective)
 
     train_set = build_dataset(args, args.train_split, train=True, min_box_size=args.min_box_size)
     val_set = build_dataset(args, args.val_split, train=False)
     if not val_set.has_annotations:
-        raise SystemExit(f"--val_split {args.val_split} has no annotations to validate against (a test-dev split?); "
-                         "pick a split with instances_<split>.json")
+        raise DataError(f"--val_split {args.val_split} has no annotations to validate against (a test-dev split?); "
+                        "pick a split with instances_<split>.json")
     if val_set.class_names != train_set.class_names:
-        raise SystemExit(f"{args.val_split} and {args.train_split} have different categories")
+        raise DataError(f"{args.val_split} and {args.train_split} have different categories")
     step_batch = args.batch_size * args.accum_steps
     if len(train_set) < step_batch:
-        raise SystemExit(f"--batch_size {args.batch_size} x --accum_steps {args.accum_steps} is larger than the "
-                         f"training set ({len(train_set)} images): no optimizer step would be made")
+        raise ArgumentError(f"--batch_size {args.batch_size} x --accum_steps {args.accum_steps} is larger than the "
+                            f"training set ({len(train_set)} images): no optimizer step would be made")
     args.num_classes = len(train_set.class_names)
 
     if state is not None:
@@ -209,82 +218,87 @@ def train(args: argparse.Namespace, signals: StopSignals) -> tuple[float, bool]:
     pretrained = load_pretrained_checkpoint(model, args.pretrained, train_set.class_names, args.arch) \
         if args.pretrained and not resuming else None  # a resumed run already holds the fine-tuned weights
     logger = RunLogger(run_dir, enabled=dist.is_main())
-    logger.info(plan_message)
-    for line in objective_notes:
-        logger.info(line)
-    if scaler_note:
-        logger.info(scaler_note)
-    if dist.is_main():
-        for stale in remove_stale_temporaries(run_dir, CHECKPOINT) + remove_stale_temporaries(run_dir, BEST):
-            logger.info(f"removed {stale}, left by a save that was interrupted")
-    if launched_without_flag:
-        logger.info(f"started as {dist.world_size()} processes by a launcher: training with "
-                    "DistributedDataParallel (--dist implied)")
-    for line in pretrained.lines() if pretrained else []:
-        logger.info(line)
-    logger.info(f"{args.arch} at epoch {start_epoch}{f' step {progress.step}' if progress else ''}: "
-                f"{args.num_classes} classes, {len(train_set)} train / {len(val_set)} val images, "
-                f"{dist.world_size()} process(es) on {device}")
-    ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if dist.is_dist() else model
-    eval_config = InferenceConfig()  # the official single-scale settings
+    try:
+        logger.info(plan_message)
+        for line in objective_notes:
+            logger.info(line)
+        if scaler_note:
+            logger.info(scaler_note)
+        if dist.is_main():
+            for stale in remove_stale_temporaries(run_dir, CHECKPOINT) + remove_stale_temporaries(run_dir, BEST):
+                logger.info(f"removed {stale}, left by a save that was interrupted")
+        if launched_without_flag:
+            logger.info(f"started as {dist.world_size()} processes by a launcher: training with "
+                        "DistributedDataParallel (--dist implied)")
+        for line in pretrained.lines() if pretrained else []:
+            logger.info(line)
+        logger.info(f"{args.arch} at epoch {start_epoch}{f' step {progress.step}' if progress else ''}: "
+                    f"{args.num_classes} classes, {len(train_set)} train / {len(val_set)} val images, "
+                    f"{dist.world_size()} process(es) on {device}")
+        ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+            if dist.is_dist() else model
+        eval_config = InferenceConfig()  # the official single-scale settings
 
-    def state_dict(epoch_done: int, position: dict | None) -> dict:
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch_done,
-                "position": position, "global_step": progress.global_step if progress else 0, "best_ap": best_ap,
-                "args": vars(args), "model_config": config, "class_names": train_set.class_names}
+        def state_dict(epoch_done: int, position: dict | None) -> dict:
+            return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch_done,
+                    "position": position, "global_step": progress.global_step if progress else 0, "best_ap": best_ap,
+                    "args": dict(vars(args)), "model_config": config, "class_names": train_set.class_names,
+                    "category_ids": train_set.cat_ids}
 
-    timer = CheckpointTimer(args.ckpt_interval)
-    ap, stopped = best_ap, False
-    for epoch in range(start_epoch, args.num_epochs + 1):
-        if progress is None or progress.epoch != epoch:
-            progress = EpochProgress(epoch, epoch_order(len(train_set), step_batch, args.seed, epoch), step_batch,
-                                     progress.global_step if progress else global_step)
-        loader = make_train_loader(TrainSamples(train_set, args.seed, epoch), progress, args.num_workers, device,
-                                   args.accum_steps)
+        timer = CheckpointTimer(args.ckpt_interval)
+        ap, stopped = best_ap, False
+        for epoch in range(start_epoch, args.num_epochs + 1):
+            if progress is None or progress.epoch != epoch:
+                progress = EpochProgress(epoch, epoch_order(len(train_set), step_batch, args.seed, epoch), step_batch,
+                                         progress.global_step if progress else global_step)
+            loader = make_train_loader(TrainSamples(train_set, args.seed, epoch), progress, args.num_workers, device,
+                                       args.accum_steps)
 
-        def save_mid_epoch():
-            snapshot = state_dict(epoch - 1, progress.position())
+            def save_mid_epoch():
+                snapshot = state_dict(epoch - 1, progress.position())
+                on_main_for_all(lambda: save_checkpoint(run_dir / CHECKPOINT, snapshot))
+                timer.reset()
+
+            stopped = train_one_epoch(
+                ddp_model, loader, optimizer, scaler, device, amp, progress, logger,
+                pause=lambda: dist.any_true(signals.received is not None, dist.is_main() and timer.due()),
+                save=save_mid_epoch, max_unreadable=args.max_bad_fraction * len(progress.order),
+                accum_steps=args.accum_steps, loss_config=build_loss_config(args))
+            if stopped:
+                break
+            scheduler.step()
+            means = {k: v / max(progress.steps * args.accum_steps, 1) for k, v in progress.sums.items()}
+            logger.info(f"epoch {epoch}: " + " ".join(f"{k} {v:.4f}" for k, v in means.items()) +
+                        (f" ({progress.unreadable} unreadable images skipped)" if progress.unreadable else ""))
+
+            validate = epoch == args.num_epochs or (args.val_interval > 0 and epoch % args.val_interval == 0)
+            if validate:
+                stats = evaluate(model, val_set, eval_config, device=device, num_workers=args.num_workers, amp=amp)
+                ap = stats["AP"]
+                logger.scalars({"AP": ap, "AP50": stats["AP50"]}, progress.global_step, prefix="val/")
+                logger.info(f"epoch {epoch}: val AP {ap:.4f}")
+                if dist.is_main():  # a few val images with true (green) and detected boxes, in tensorboard
+                    logger.images("val/boxes", val_images(model, val_set, eval_config, device, amp=amp),
+                                  progress.global_step)
+            improved = validate and ap > best_ap
+            best_ap = max(best_ap, ap)
+            snapshot = state_dict(epoch, None)
+            # checkpoint.pt first: a failure between the two saves leaves a folder that --resume continues.
             on_main_for_all(lambda: save_checkpoint(run_dir / CHECKPOINT, snapshot))
+            if improved:
+                on_main_for_all(lambda: save_checkpoint(run_dir / BEST, snapshot))
             timer.reset()
-
-        stopped = train_one_epoch(
-            ddp_model, loader, optimizer, scaler, device, amp, progress, logger,
-            pause=lambda: dist.any_true(signals.received is not None, dist.is_main() and timer.due()),
-            save=save_mid_epoch, max_unreadable=args.max_bad_fraction * len(progress.order),
-            accum_steps=args.accum_steps, loss_config=build_loss_config(args))
+            stopped = dist.any_true(signals.received is not None)[0]
+            if stopped:
+                break
         if stopped:
-            break
-        scheduler.step()
-        means = {k: v / max(progress.steps * args.accum_steps, 1) for k, v in progress.sums.items()}
-        logger.info(f"epoch {epoch}: " + " ".join(f"{k} {v:.4f}" for k, v in means.items()) +
-                    (f" ({progress.unreadable} unreadable images skipped)" if progress.unreadable else ""))
-
-        validate = epoch == args.num_epochs or (args.val_interval > 0 and epoch % args.val_interval == 0)
-        if validate:
-            stats = evaluate(model, val_set, eval_config, device=device, num_workers=args.num_workers, amp=amp)
-            ap = stats["AP"]
-            logger.scalars({"AP": ap, "AP50": stats["AP50"]}, progress.global_step, prefix="val/")
-            logger.info(f"epoch {epoch}: val AP {ap:.4f}")
-            if dist.is_main():  # a few val images with true (green) and detected boxes, in tensorboard
-                logger.images("val/boxes", val_images(model, val_set, eval_config, device, amp=amp),
-                              progress.global_step)
-        improved = validate and ap > best_ap
-        best_ap = max(best_ap, ap)
-        snapshot = state_dict(epoch, None)
-        # checkpoint.pt first: a failure between the two saves leaves a folder that --resume continues.
-        on_main_for_all(lambda: save_checkpoint(run_dir / CHECKPOINT, snapshot))
-        if improved:
-            on_main_for_all(lambda: save_checkpoint(run_dir / BEST, snapshot))
-        timer.reset()
-        stopped = dist.any_true(signals.received is not None)[0]
-        if stopped:
-            break
-    if stopped:
-        where = f"epoch {progress.epoch}, step {progress.step} of {progress.steps}"
-        logger.info(f"stopped by {signals.received or 'a signal to another process'} at {where}; saved "
-                    f"{run_dir / CHECKPOINT}. Resume with the same command plus --resume")
+            where = f"epoch {progress.epoch}, step {progress.step} of {progress.steps}"
+            logger.info(f"stopped by {signals.received or 'a signal to another process'} at {where}; saved "
+                        f"{run_dir / CHECKPOINT}. Resume with the same command plus --resume")
+    except Exception as error:  # the line that ends the run goes into its train.log too
+        logger.failed(error)
+        raise
     logger.close()
     dist.cleanup()
     return ap, stopped

@@ -1,5 +1,8 @@
 """`build_model(arch, num_classes, grad_checkpoint)`: the CenterNet variants by name; `model_from_checkpoint(state)`:
 the network a checkpoint holds, built from the constructor arguments stored in it."""
+import torch
+
+from utils.checkpoint import saved_args
 from utils.errors import CheckpointError
 
 from .hourglass import CenterNet
@@ -39,18 +42,37 @@ def build_model(arch: str, num_classes: int, grad_checkpoint: bool = False) -> C
 
 def model_from_checkpoint(state: dict, path) -> CenterNet:
     """The network of a checkpoint (see utils/checkpoint.py) with its weights loaded. Checkpoints without
-    `model_config` (older ones, and converted official weights) are built from `args.arch` and `class_names`."""
+    `model_config` (older ones, and converted official weights) are built from `args.arch` and `class_names`.
+    A checkpoint whose `class_names` are not the network's classes, or whose weights do not fit the network it
+    names, is a CheckpointError naming both numbers, or the first key that does not fit."""
     config = state.get("model_config")
     if config is None:
-        arch = state.get("args", {}).get("arch")
+        arch = saved_args(state).get("arch")
         if arch not in ARCHS or "class_names" not in state:
             raise CheckpointError(f"{path}: the checkpoint has no 'model_config' and no known args.arch "
                                   f"({arch!r}) with 'class_names'")
         config = model_config(arch, len(state["class_names"]))
+    if "class_names" in state and len(state["class_names"]) != config["num_classes"]:
+        raise CheckpointError(f"{path}: 'class_names' lists {len(state['class_names'])} classes, but the network "
+                              f"has {config['num_classes']} class outputs")
     model = CenterNet(**config)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: the weights do not fit the network they name: "
-                              f"{str(e).splitlines()[0]}") from None
+    problem = first_misfit(model.state_dict(), state["model"])
+    if problem:
+        raise CheckpointError(f"{path}: the weights do not fit the network they name: {problem}")
+    model.load_state_dict(state["model"])
     return model
+
+
+def first_misfit(expected: dict, weights) -> str | None:
+    """The first key of a state dict `weights` that is missing, extra or of another shape than in `expected`."""
+    if not isinstance(weights, dict):
+        return f"'model' is a {type(weights).__name__}, not a state dict"
+    for key, tensor in expected.items():
+        if key not in weights:
+            return f"{key} (shape {tuple(tensor.shape)}) is missing from the checkpoint"
+        if not isinstance(weights[key], torch.Tensor):
+            return f"{key} is a {type(weights[key]).__name__} in the checkpoint, not a tensor"
+        if weights[key].shape != tensor.shape:
+            return f"{key} has shape {tuple(weights[key].shape)} in the checkpoint, {tuple(tensor.shape)} in the network"
+    extra = next((key for key in weights if key not in expected), None)
+    return f"{extra} is in the checkpoint but not in the network" if extra else None

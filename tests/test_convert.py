@@ -2,6 +2,8 @@
 
 The fixtures list the official state-dict keys and shapes (`name shape`), read from the official model
 definitions (github Duankaiwen/CenterNet, models/CenterNet-52.py and CenterNet-104.py) built with PyTorch 2."""
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,8 +11,11 @@ import torch
 
 from nets import build_model
 from tools.convert_official import convert_state_dict, get_args_parser, main, our_name
+from utils.checkpoint import save_checkpoint
+from utils.errors import UserError
 
 DATA = Path(__file__).parent / "data"
+REPO = Path(__file__).resolve().parents[1]
 
 
 def fake_official(name: str) -> dict[str, torch.Tensor]:
@@ -59,6 +64,25 @@ def test_cli_never_replaces_an_existing_file(tmp_path):
     out = tmp_path / "checkpoint.pt"
     out.write_bytes(b"mine")
     args = get_args_parser().parse_args(["--src", "x.pkl", "--arch", "small_hourglass", "--out", str(out)])
-    with pytest.raises(SystemExit, match="exists"):
+    with pytest.raises(UserError, match="exists"):
         main(args)
     assert out.read_bytes() == b"mine"
+
+
+def test_bad_sources_are_one_line_errors(tmp_path):
+    """Run as a command: a missing file, a file that is not a checkpoint, and one of our own checkpoints each end
+    with one line saying so (not a traceback, nor a key error blaming --arch)."""
+    ours = tmp_path / "ours.pt"
+    save_checkpoint(ours, {"model": {"w": torch.ones(1)}, "class_names": ["a"], "args": {"arch": "tiny_hourglass"}})
+    (tmp_path / "notes.pkl").write_text("not a checkpoint")
+    torch.save({"weights": [1, 2]}, tmp_path / "list.pkl")
+    for src, message in [(tmp_path / "nowhere.pkl", f"official checkpoint not found: {tmp_path / 'nowhere.pkl'}"),
+                         (tmp_path / "notes.pkl", "the file is truncated or corrupt"),
+                         (tmp_path / "list.pkl", "is not an official CenterNet checkpoint: expected a state dict"),
+                         (ours, f"--src {ours} is already a centernet47 checkpoint")]:
+        result = subprocess.run([sys.executable, str(REPO / "tools" / "convert_official.py"), "--src", str(src),
+                                 "--arch", "small_hourglass", "--out", str(tmp_path / "out.pt")],
+                                capture_output=True, text=True)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+    assert not (tmp_path / "out.pt").exists()

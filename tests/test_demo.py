@@ -65,7 +65,7 @@ class Float64Net(torch.nn.Module):
 def float64_demo(monkeypatch) -> Float64Net:
     """demo.py's model replaced by the float64 copy of the peaked tiny net (--ckpt is then only checked)."""
     net = Float64Net(tiny(peaked=True))
-    monkeypatch.setattr(engine.detector, "load_network", lambda path, device, onnx=None: (net, ["raccoon"]))
+    monkeypatch.setattr(engine.detector, "load_network", lambda path, device, onnx=None: (net, ["raccoon"], [1]))
     return net
 
 
@@ -73,6 +73,11 @@ def run(ckpt: Path, images: Path, out: Path, *extra: str, source: str = "--image
     args = demo.get_args_parser().parse_args(["--ckpt", str(ckpt), source, str(images), "--out", str(out),
                                               "--device", "cpu", "--score_thresh", "0", *extra])
     return demo.main(args)
+
+
+def detections_of(written: dict) -> list[dict]:
+    """Every detection of an --images run, each with the name of its file."""
+    return [{"file": Path(image["file"]).name, **d} for image in written["images"] for d in image["detections"]]
 
 
 def small_photos(folder: Path, sizes=((90, 120), (90, 120), (100, 70))) -> list[Path]:
@@ -114,9 +119,10 @@ def test_folder_with_a_corrupt_file(ckpt, tmp_path, capsys):
         os.umask(old_umask)
 
     assert "broken.png" in capsys.readouterr().err
-    results = written["detections"]
+    results = detections_of(written)
     assert json.loads((out / "detections.json").read_text()) == {**json.loads(json.dumps(written)), "complete": True}
     assert written["skipped"] == [str(folder / "broken.png")] and len(results) > 0
+    assert [image["file"] for image in written["images"]] == [str(folder / p.name) for p in photos]
     assert (out / "detections.json").stat().st_mode & 0o777 == 0o640  # the umask's mode, not mkstemp's 0600
     for p in photos:
         drawn = cv2.imread(str(out / p.name))
@@ -137,7 +143,8 @@ def test_never_overwrites_without_force(ckpt, tmp_path):
         run(ckpt, photo, out)
     assert (out / "detections.json").read_bytes() == before
     run(ckpt, photo, out, "--force", "--score_thresh", "1")
-    assert json.loads((out / "detections.json").read_text())["detections"] == []
+    # an image without detections is listed too, by the same kind of path as a skipped file
+    assert json.loads((out / "detections.json").read_text())["images"] == [{"file": str(photo), "detections": []}]
 
 
 def test_never_writes_over_an_input_image_even_with_force(ckpt, tmp_path):
@@ -158,8 +165,8 @@ def test_batches_give_the_detections_of_single_images(ckpt, float64_demo, tmp_pa
     image at a time."""
     folder = tmp_path / "photos"
     small_photos(folder)
-    single = run(ckpt, folder, tmp_path / "one", "--batch_size", "1")["detections"]
-    batched = run(ckpt, folder, tmp_path / "three", "--batch_size", "3")["detections"]
+    single = detections_of(run(ckpt, folder, tmp_path / "one", "--batch_size", "1"))
+    batched = detections_of(run(ckpt, folder, tmp_path / "three", "--batch_size", "3"))
     assert len(batched) == len(single) > 10 and {d["file"] for d in single} == {f"photo{i}.jpg" for i in range(3)}
     assert same_detections([(d["file"], d["box"], d["score"]) for d in batched],
                            [(d["file"], d["box"], d["score"]) for d in single])
@@ -179,17 +186,24 @@ def test_a_failed_write_stops_with_the_file_and_keeps_the_detections(ckpt, tmp_p
     with pytest.raises(WriteError, match=r"cannot write .*photo1\.jpg: no space left on device"):
         run(ckpt, folder, out, "--batch_size", "1")
     saved = json.loads((out / "detections.json").read_text())
-    assert saved["complete"] is False and {d["file"] for d in saved["detections"]} == {"photo0.jpg"}
+    assert saved["complete"] is False and [image["file"] for image in saved["images"]] == [str(folder / "photo0.jpg")]
     assert sorted(p.name for p in out.iterdir()) == ["detections.json", "photo0.jpg"]  # no half-written files
 
 
 def test_errors_name_the_problem(ckpt, tmp_path):
     with pytest.raises(SystemExit, match="no such file or folder"):
         run(ckpt, tmp_path / "nowhere", tmp_path / "out")
+    onnx_file = tmp_path / "model.onnx"
+    onnx_file.write_bytes(b"")
+    with pytest.raises(UserError, match=f"--ckpt {onnx_file} is an ONNX file; pass it as --onnx {onnx_file}"):
+        run(onnx_file, tmp_path / "nowhere", tmp_path / "out")
+    for flag, value in [("--score_thresh", "nan"), ("--score_thresh", "1.5"), ("--batch_size", "0")]:
+        with pytest.raises(UserError, match=f"{flag}: expected"):
+            run(ckpt, tmp_path / "nowhere", tmp_path / "out", flag, value)
     photo = small_photos(tmp_path / "in")[0]
-    with pytest.raises(SystemExit, match="--test_scales"):
+    with pytest.raises(UserError, match="--test_scales"):
         run(ckpt, photo, tmp_path / "out", "--test_scales", "1,x")
-    with pytest.raises(SystemExit, match="--test_scales"):
+    with pytest.raises(UserError, match="--test_scales"):
         run(ckpt, photo, tmp_path / "out", "--test_scales", "0,1")
     broken = tmp_path / "broken.pt"
     broken.write_bytes(ckpt.read_bytes()[:5000])
@@ -244,6 +258,13 @@ def test_video(ckpt, float64_demo, tmp_path):
         run(ckpt, corrupt, tmp_path / "c.mp4", source="--video")
     assert sorted(p.name for p in out.parent.iterdir()) == ["out.json", "out.mp4"]  # no temporary files
     assert not (tmp_path / "c.mp4").exists() and not (tmp_path / "c.json").exists()
+    # A video OpenCV opens but whose frames do not decode (here: none at all) leaves no json behind either.
+    empty = tmp_path / "empty.avi"
+    cv2.VideoWriter(str(empty), cv2.VideoWriter_fourcc(*"MJPG"), 5, (64, 48)).release()
+    assert cv2.VideoCapture(str(empty)).isOpened()
+    with pytest.raises(DataError, match="empty.avi: no frame can be decoded"):
+        run(ckpt, empty, tmp_path / "e" / "e.mp4", source="--video")
+    assert not (tmp_path / "e").exists() or not any((tmp_path / "e").iterdir())
 
 
 def test_sigterm_keeps_the_json_and_leaves_no_temporary_video(ckpt, tmp_path):
@@ -291,7 +312,7 @@ def test_mistakes_end_in_one_clear_error_not_a_traceback_or_an_empty_success(ckp
         run(ckpt, tmp_path / "empty", tmp_path / "out")
     with pytest.raises(DataError, match="none of the 1 files could be read as an image"):
         run(ckpt, a_file, tmp_path / "out_text")
-    with pytest.raises(UserError, match="--score_thresh: expected a score between 0 and 1, got 5.0"):
+    with pytest.raises(UserError, match=r"--score_thresh: expected a number in \[0, 1\], got 5.0"):
         run(ckpt, photo, tmp_path / "out", "--score_thresh", "5")
     assert not (tmp_path / "out").exists()
 
@@ -303,5 +324,5 @@ def test_a_folder_of_any_format_opencv_reads(ckpt, float64_demo, tmp_path):
     for suffix in (".bmp", ".webp", ".tif"):
         assert cv2.imwrite(str(folder / f"photo{suffix}"), image)
     written = run(ckpt, folder, tmp_path / "out")
-    assert not written["skipped"] and {d["file"] for d in written["detections"]} == {"photo.bmp", "photo.webp",
-                                                                                    "photo.tif"}
+    assert not written["skipped"] and {Path(image["file"]).name for image in written["images"]} == {
+        "photo.bmp", "photo.webp", "photo.tif"}

@@ -1,6 +1,7 @@
 """engine.Detector, the Python API: for an image path, a numpy image and a list of them it gives the detections of
 test.py's pipeline (the evaluation sample of datasets.coco through engine.inference.detect), and an exported .onnx
 file gives those of its checkpoint."""
+import json
 from pathlib import Path
 
 import numpy as np
@@ -11,14 +12,16 @@ from datasets.coco import CocoDetection
 from datasets.image_io import load_image
 from engine import Detections, Detector
 from engine.inference import detect, official_config
+from nets import build_model, model_config
 from tests.test_demo import same_detections
 from tests.test_export_onnx import peaked_tiny
 from tools import export_onnx
 from utils.checkpoint import save_checkpoint
-from utils.errors import MissingFileError
+from utils.errors import CheckpointError, MissingFileError
 
 RACCOON = Path(__file__).parent / "data" / "raccoon"
 CLASSES = ["raccoon"]
+CATEGORY_IDS = [7]  # the data set's id of the class, not its index
 SIZES = {"raccoon-102.jpg": (194, 259), "raccoon-148.jpg": (375, 500), "raccoon-166.jpg": (154, 328),
          "raccoon-198.jpg": (194, 259)}
 CPU = torch.device("cpu")
@@ -29,7 +32,7 @@ def tiny(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
     """A checkpoint of an untrained tiny_hourglass with distinct scores, and the network."""
     model = peaked_tiny(len(CLASSES), seed=1)
     ckpt = tmp_path_factory.mktemp("detector") / "checkpoint.pt"
-    save_checkpoint(ckpt, {"model": model.state_dict(), "class_names": CLASSES,
+    save_checkpoint(ckpt, {"model": model.state_dict(), "class_names": CLASSES, "category_ids": CATEGORY_IDS,
                            "args": {"arch": "tiny_hourglass", "img_size": 127}})
     return ckpt, model
 
@@ -63,6 +66,7 @@ def test_path_array_and_list_give_the_test_py_detections(tiny):
         assert found.boxes.shape == (len(want), 4) and found.scores.shape == found.labels.shape == (len(want),)
         assert found.boxes.dtype == found.scores.dtype == np.float32 and found.labels.dtype == np.int64
         assert found.names == ["raccoon"] * len(want) and len(found) == len(want)
+        assert found.category_ids.tolist() == [7] * len(want)
         assert (found.boxes >= 0).all() and (found.boxes[:, [0, 2]] <= w).all() and (found.boxes[:, [1, 3]] <= h).all()
 
 
@@ -103,6 +107,7 @@ def test_an_exported_onnx_file_gives_the_checkpoint_detections(tiny, tmp_path):
     onnx_detector = Detector.from_checkpoint(onnx_path, device="cpu", test_flip=True)
     from_onnx = onnx_detector(photos)
     assert onnx_detector.class_names == CLASSES and sum(len(f) for f in from_pt) > 20
+    assert onnx_detector.category_ids == CATEGORY_IDS and from_onnx[0].category_ids.tolist() == [7] * len(from_onnx[0])
     # onnxruntime sums the convolutions in another order: outputs within ~1e-5 of their scale
     # (tests/test_export_onnx.py), so boxes within 1e-2 pixel and scores within 1e-5.
     assert same_detections(rows_of(from_onnx), rows_of(from_pt), box_tol=1e-2, score_tol=1e-5)
@@ -111,8 +116,8 @@ def test_an_exported_onnx_file_gives_the_checkpoint_detections(tiny, tmp_path):
 def test_bad_input_names_the_problem(tiny, tmp_path):
     ckpt, _ = tiny
     detector = Detector.from_checkpoint(ckpt, device="cpu")
-    with pytest.raises(ValueError, match=r"expected a \(H, W, 3\) uint8 BGR image .* shape \(20, 30\)"):
-        detector(np.zeros((20, 30), np.uint8))
+    with pytest.raises(ValueError, match=r"expected a \(H, W, 3\) BGR, .* shape \(20, 30, 2\)"):
+        detector(np.zeros((20, 30, 2), np.uint8))
     with pytest.raises(ValueError, match="dtype float32"):
         detector(np.zeros((20, 30, 3), np.float32))
     with pytest.raises(MissingFileError, match="nowhere.jpg"):
@@ -121,3 +126,44 @@ def test_bad_input_names_the_problem(tiny, tmp_path):
         Detector.from_checkpoint(ckpt, device="cpu", test_scales=(0, 1))
     with pytest.raises(ValueError, match="batch_size"):
         Detector.from_checkpoint(ckpt, device="cpu", batch_size=0)
+
+
+def test_coco_results_and_json_use_the_category_ids_of_the_data_set():
+    """COCO's category ids have gaps: class 2 of ["person", "bicycle", "car"] may be id 3 or, here, 7."""
+    rows = np.array([[10.5, 20.25, 30.125, 60, 0.875, 2], [0, 1, 2, 3, 0.5, 0]], np.float32)
+    found = Detections.from_rows(rows, ["person", "bicycle", "car"], [1, 2, 7])
+    assert found.category_ids.tolist() == [7, 1]
+    assert found.to_coco(image_id=42) == [
+        {"image_id": 42, "category_id": 7, "bbox": [10.5, 20.25, 19.62, 39.75], "score": 0.875},  # 19.625: float32
+        {"image_id": 42, "category_id": 1, "bbox": [0.0, 1.0, 2.0, 2.0], "score": 0.5}]
+    as_dict = found.to_dict()
+    assert json.loads(json.dumps(as_dict)) == as_dict == {
+        "boxes": [[10.5, 20.25, 30.125, 60.0], [0.0, 1.0, 2.0, 3.0]], "scores": [0.875, 0.5], "labels": [2, 0],
+        "names": ["car", "person"], "category_ids": [7, 1]}
+    without = Detections.from_rows(rows, ["person", "bicycle", "car"])
+    assert without.to_dict()["category_ids"] is None
+    with pytest.raises(ValueError, match="no category ids.*tools/upgrade_checkpoint.py --category_ids"):
+        without.to_coco(1)
+    empty = Detections.from_rows(np.zeros((0, 6), np.float32), ["a"], [3])
+    assert empty.to_coco(1) == [] and empty.to_dict()["boxes"] == []
+
+
+def test_a_checkpoint_that_does_not_fit_its_network_is_refused_with_numbers(tmp_path):
+    model = build_model("tiny_hourglass", 1)
+    args = {"arch": "tiny_hourglass", "img_size": 127}
+    path = tmp_path / "checkpoint.pt"
+    cases = [
+        ({"model_config": model_config("tiny_hourglass", 1), "class_names": ["a", "b"]},
+         "'class_names' lists 2 classes, but the network has 1 class outputs"),
+        ({"class_names": ["a", "b"]},  # built from args.arch and the 2 names
+         r"branches.0.hm_tl.2.weight has shape \(1, 64, 1, 1\) in the checkpoint, \(2, 64, 1, 1\) in the network"),
+        ({"class_names": ["a"], "model": {k: v for k, v in model.state_dict().items() if k != "stem.0.0.weight"}},
+         r"stem.0.0.weight \(shape \(32, 3, 7, 7\)\) is missing from the checkpoint"),
+        ({"class_names": ["a"], "model": {**model.state_dict(), "extra.bias": torch.zeros(2)}},
+         "extra.bias is in the checkpoint but not in the network"),
+        ({"class_names": ["a"], "category_ids": [1, 2]}, "expected 'category_ids' to list one whole number per class"),
+    ]
+    for entries, message in cases:
+        save_checkpoint(path, {"model": model.state_dict(), "args": args, **entries})
+        with pytest.raises(CheckpointError, match=message):
+            Detector.from_checkpoint(path, device="cpu")

@@ -6,7 +6,7 @@ import torch
 from utils import dist
 from utils.device import (amp_dtype, autocast, check_scaler_state, cudnn_benchmark, grad_scaler, local_gpu_index,
                           resume_scaler, select_device)
-from utils.errors import CheckpointError
+from utils.errors import CheckpointError, DeviceError
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
@@ -59,7 +59,7 @@ def test_local_gpu_index(local_rank, visible, index):
 
 
 def test_no_gpu_visible():
-    with pytest.raises(SystemExit, match="no CUDA device is visible"):
+    with pytest.raises(DeviceError, match="no CUDA device is visible"):
         local_gpu_index(0, 0)
 
 

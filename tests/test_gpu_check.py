@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tools import gpu_check
+from utils.errors import ArgumentError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,6 +52,19 @@ def test_refuses_without_gpu(tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and "gpu-check: no GPU visible" in result.stderr
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_dry_run_says_when_no_gpu_is_visible_and_a_budget_must_be_positive(monkeypatch, capsys):
+    args = gpu_check.get_args_parser().parse_args(["--dry-run"])
+    for visible in (True, False):
+        monkeypatch.setattr(gpu_check, "gpu_visible", lambda: visible)
+        assert gpu_check.main(args) == 0
+        out = capsys.readouterr().out
+        assert ("note: no GPU visible (torch.cuda.is_available() is false)" in out) is not visible
+        assert "budget 480 s" in out
+    for budget in ("0", "-5", "nan", "inf"):
+        with pytest.raises(ArgumentError, match=f"--budget: expected a finite number above 0, got {budget}"):
+            gpu_check.main(gpu_check.get_args_parser().parse_args(["--dry-run", "--budget", budget]))
 
 
 def test_run_step_statuses_logs_and_time_limit(tmp_path):

@@ -11,6 +11,7 @@ from engine.pretrained import class_output_keys, load_pretrained, load_pretraine
 from nets import build_model
 from nets.hourglass import HEATMAP_BIAS
 from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.errors import CheckpointError, MissingFileError, UserError
 
 KEEP = ("ellipse", "cross")
 
@@ -90,10 +91,10 @@ def test_another_architecture_is_refused(shapes_ckpt, tmp_path):
     state = load_checkpoint(shapes_ckpt)
     state["model"] = {f"backbone.{k}": v for k, v in state["model"].items()}  # another code's names
     save_checkpoint(tmp_path / "odd.pt", state)
-    with pytest.raises(SystemExit, match="only 0 of the 69 weight tensors of this tiny_hourglass network match"):
+    with pytest.raises(CheckpointError, match="only 0 of the 69 weight tensors of this tiny_hourglass network match"):
         load_pretrained_checkpoint(build_model("tiny_hourglass", 2), str(tmp_path / "odd.pt"), list(KEEP),
                                    "tiny_hourglass")
-    with pytest.raises(SystemExit, match="--pretrained: checkpoint not found"):
+    with pytest.raises(MissingFileError, match="--pretrained: checkpoint not found"):
         load_pretrained_checkpoint(build_model("tiny_hourglass", 2), str(tmp_path / "none.pt"), list(KEEP),
                                    "tiny_hourglass")
 
@@ -108,7 +109,7 @@ def test_a_checkpoint_of_another_arch_sharing_only_counters_and_biases_is_refuse
     state = load_checkpoint(shapes_ckpt)
     state["model"], state["args"]["arch"] = shared, "small_hourglass"  # the tensors that matter, not 400 MB
     save_checkpoint(tmp_path / "small.pt", state)
-    with pytest.raises(SystemExit, match=r"only 0 of the \d+ weight tensors of this tiny_hourglass network match "
+    with pytest.raises(CheckpointError, match=r"only 0 of the \d+ weight tensors of this tiny_hourglass network match "
                                          r"the checkpoint by name and shape \(the checkpoint's --arch is "
                                          r"small_hourglass\)"):
         load_pretrained_checkpoint(tiny, str(tmp_path / "small.pt"), list(KEEP), "tiny_hourglass")
@@ -119,7 +120,7 @@ def test_a_bad_pretrained_file_creates_no_run_folder(shapes_dir, shapes_ckpt, tm
     path = tmp_path / "pretrained.pt"
     if problem == "truncated":
         path.write_bytes(shapes_ckpt.read_bytes()[:5000])
-    with pytest.raises(SystemExit, match=f"--pretrained: .*{path}"):
+    with pytest.raises(UserError, match=f"--pretrained: .*{path}"):
         train.main(run_args(shapes_dir, tmp_path / "ckpt", "run", "--pretrained", str(path)))
     assert not (tmp_path / "ckpt").exists()
 
@@ -129,6 +130,7 @@ def test_train_py_fine_tunes_on_a_two_class_subset(shapes_dir, shapes_ckpt, tmp_
     train.main(run_args(subset, tmp_path, "two", "--pretrained", str(shapes_ckpt)))
     state = load_checkpoint(tmp_path / "two" / "checkpoint.pt")
     assert state["class_names"] == list(KEEP) and state["epoch"] == 1 and state["global_step"] == 2
+    assert state["category_ids"] == [2, 4]  # the data set's ids, not the labels 0 and 1
     assert state["model"]["branches.0.hm_ct.2.weight"].shape[0] == 2
     log = (tmp_path / "two" / "train.log").read_text()
     assert "pretrained: loaded" in log and log.count("fresh (new classes)") == 6

@@ -1,6 +1,9 @@
 """datasets/shapes.py: deterministic, COCO layout read by the ordinary loader, boxes tight on the drawn shapes."""
 import filecmp
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,6 +12,7 @@ import torch
 from datasets.coco import CocoDetection
 from datasets.coco_eval import evaluate_detections
 from datasets.shapes import CLASSES, ShapesConfig, get_args_parser, main, make_image
+from utils.errors import ArgumentError
 
 
 def generate(out, *extra):
@@ -71,8 +75,23 @@ def test_boxes_are_tight_on_visible_pixels_and_sets_are_varied():
 
 
 def test_bad_config_is_refused(tmp_path):
-    with pytest.raises(SystemExit):
+    with pytest.raises(ArgumentError, match="--min_obj"):
         generate(tmp_path, "--min_obj", "300")
+    for flag, value in [("--noise", "nan"), ("--noise", "inf"), ("--empty", "1.5"), ("--max_occlusion", "nan")]:
+        with pytest.raises(ArgumentError, match=f"{flag}: expected"):
+            generate(tmp_path / "x", flag, value)
+    assert not (tmp_path / "x").exists()
+
+
+def test_runs_by_path_from_anywhere(tmp_path):
+    """`python datasets/shapes.py` as datasets/check.py runs: the repository is imported, not datasets/ itself."""
+    script = Path(__file__).resolve().parents[1] / "datasets" / "shapes.py"
+    result = subprocess.run([sys.executable, str(script), "--help"], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.startswith("usage:") and "--max_occlusion" in result.stdout
+    result = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "x"), "--noise", "nan"],
+                            cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr == "error: --noise: expected a finite number of at least 0, got nan\n"
 
 
 def test_info_records_the_config(tmp_path):

@@ -24,7 +24,7 @@ from engine.inference import InferenceConfig, evaluate
 from nets import build_model
 from utils import dist
 from utils.checkpoint import load_checkpoint, save_checkpoint
-from utils.errors import UserError
+from utils.errors import ArgumentError, DataError, UserError
 from utils.logger import RunLogger
 from utils.losses import OBJECTIVE_FLAGS_BEFORE, LossConfig
 
@@ -86,15 +86,42 @@ def test_resume_with_nothing_to_resume_starts_a_new_run(shapes_dir, tmp_path):
 
 
 def test_flags_that_cannot_work_are_refused_before_anything_is_created(shapes_dir, tmp_path):
-    for flags, message in [(("--batch_size", "0"), "--batch_size must be positive"),
-                           (("--num_epochs", "0"), "--num_epochs must be positive"),
+    for flags, message in [(("--batch_size", "0"), "--batch_size: expected a whole number of at least 1, got 0"),
+                           (("--num_epochs", "0"), "--num_epochs: expected a whole number of at least 1"),
                            (("--img_size", "128"), "128k - 1"),
-                           (("--max_bad_fraction", "1"), "--max_bad_fraction"),
+                           (("--max_bad_fraction", "1"), r"--max_bad_fraction: expected a number in \[0, 1\)"),
                            (("--log_name", "../../x"), "expected a folder name, without path separators"),
-                           (("--log_name", ".."), "expected a folder name")]:
-        with pytest.raises(SystemExit, match=message):
+                           (("--log_name", ".."), "expected a folder name"),
+                           # NaN and infinity pass a `< 0` check: each was accepted, and failed (or trained on
+                           # nothing) later
+                           (("--ae_images_per_gpu", "nan"), "--ae_images_per_gpu: expected a finite number of at "
+                                                            "least 0, got nan"),
+                           (("--lr", "inf"), "--lr: expected a finite number above 0, got inf"),
+                           (("--count_eps", "nan"), "--count_eps: expected a finite number of at least 0, got nan"),
+                           (("--count_eps", "inf"), "--count_eps: .* got inf"),
+                           (("--ckpt_interval", "nan"), "--ckpt_interval"),
+                           (("--max_bad_fraction", "nan"), "--max_bad_fraction"),
+                           (("--min_box_size", "1000"), r"--min_box_size: expected a number in \[0, 127\), got 1000"),
+                           (("--min_box_size", "inf"), "--min_box_size"),
+                           (("--min_box_size", "-1"), "--min_box_size")]:
+        with pytest.raises(ArgumentError, match=message):
             train.main(args_for(shapes_dir, tmp_path, *flags))
         assert not (tmp_path / "run").exists()
+
+
+def test_a_failed_run_logs_its_error_and_its_folder_takes_a_new_run(shapes_dir, tmp_path):
+    """Boxes of at most ~70 canvas pixels (16-40 px shapes, scaled to the 127 crop) under --min_box_size 100 are
+    all dropped: the epoch stops with an error naming the flag instead of training on empty targets, the error is
+    the last line of train.log, and the folder, which holds no checkpoint, takes a new run without --resume."""
+    with pytest.raises(DataError, match="epoch 1 trained on no box at all.*lower --min_box_size") as e:
+        train.main(args_for(shapes_dir, tmp_path, "--num_epochs", "1", "--min_box_size", "100"))
+    run = tmp_path / "run"
+    assert (run / "train.log").read_text().splitlines()[-1] == f"error: {e.value}"
+    assert not (run / "checkpoint.pt").exists()
+    train.main(args_for(shapes_dir, tmp_path, "--num_epochs", "1"))
+    log = (run / "train.log").read_text()
+    assert "the run before it there saved no checkpoint (it left " in log and "epoch 1: val AP" in log
+    assert load_checkpoint(run / "checkpoint.pt")["epoch"] == 1
 
 
 def test_resume_refuses_what_cannot_continue_the_run(shapes_dir, tmp_path, capsys):
@@ -105,9 +132,9 @@ def test_resume_refuses_what_cannot_continue_the_run(shapes_dir, tmp_path, capsy
     assert train.main(args_for(shapes_dir, tmp_path, "--num_epochs", "2", "--resume")) == ap
     assert capsys.readouterr().out == (f"{tmp_path / 'run' / 'checkpoint.pt'} is complete: it has trained 2 epochs "
                                        "(--num_epochs 2); pass a larger --num_epochs to train longer\n")
-    with pytest.raises(SystemExit, match="trained with --arch tiny_hourglass, not small_hourglass"):
+    with pytest.raises(ArgumentError, match="trained with --arch tiny_hourglass, not small_hourglass"):
         train.main(args_for(shapes_dir, tmp_path, "--num_epochs", "3", "--resume", "--arch", "small_hourglass"))
-    with pytest.raises(SystemExit, match="trained with --img_size 127, not 255; resume with --img_size 127"):
+    with pytest.raises(ArgumentError, match="trained with --img_size 127, not 255; resume with --img_size 127"):
         train.main(args_for(shapes_dir, tmp_path, "--num_epochs", "3", "--resume", "--img_size", "255"))
     assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before
 
@@ -192,9 +219,9 @@ def test_bf16_autocast_on_cpu(shapes_dir, tmp_path):
 
 
 def test_bad_arguments_are_clear_errors(shapes_dir, tmp_path):
-    with pytest.raises(SystemExit, match="--lr_step"):
+    with pytest.raises(ArgumentError, match="--lr_step"):
         train.main(args_for(shapes_dir, tmp_path, "--lr_step", "ten"))
-    with pytest.raises(SystemExit, match="larger than the training set"):
+    with pytest.raises(ArgumentError, match="larger than the training set"):
         train.main(args_for(shapes_dir, tmp_path / "x", "--batch_size", "64", "--num_epochs", "1"))
 
 

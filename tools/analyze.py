@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from datasets.coco import check_coco_dict, coco_from_dict, read_json, split_files
 from datasets.coco_eval import analysis_folder, load_results
 from datasets.image_io import load_image
+from utils.checks import check_number
 from utils.errors import DataError, run_cli
 
 FG_IOU, BG_IOU = 0.5, 0.1
@@ -183,6 +184,7 @@ def read_results(path: Path, gt: dict) -> list[dict]:
 
 
 def main(args: argparse.Namespace) -> dict[str, tuple[int, float]]:
+    check_number("--score_thresh", args.score_thresh, 0, 1)
     ann_file, img_dir = split_files(Path(args.data_dir), args.split)
     data = read_json(ann_file)
     if not data.get("annotations"):  # missing (a test-dev split) or empty

@@ -18,7 +18,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: import the repo
 from nets import build_model
-from utils.checkpoint import save_checkpoint
+from utils.checkpoint import read_plain, save_checkpoint
+from utils.errors import CheckpointError, UserError, run_cli
 
 COCO_CLASSES = [
     "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
@@ -30,6 +31,11 @@ COCO_CLASSES = [
     "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone", "microwave", "oven",
     "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
 ]
+
+# COCO's category id of each class above (ids run 1..90 with gaps).
+COCO_IDS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28, 31, 32, 33,
+            34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61,
+            62, 63, 64, 65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 84, 85, 86, 87, 88, 89, 90]
 
 # (pattern, replacement) applied in order to the official name without its `module.` prefix.
 RULES = [
@@ -101,19 +107,37 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+def read_official(src: Path) -> dict[str, torch.Tensor]:
+    """The state dict of an official .pkl (read weights-only); one of our own checkpoints, or anything else that
+    is not a state dict, is a UserError saying what it is."""
+    official = read_plain(src, what="official checkpoint")
+    if isinstance(official, dict) and isinstance(official.get("model"), dict):
+        raise UserError(f"--src {src} is already a centernet47 checkpoint (it has a 'model' entry), not an official "
+                        "CenterNet .pkl: use it as it is (test.py --ckpt, demo.py --ckpt), no conversion needed")
+    if not isinstance(official, dict) or not official or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in official.items()):
+        raise CheckpointError(f"--src {src} is not an official CenterNet checkpoint: expected a state dict (names "
+                              f"to tensors), got {type(official).__name__}")
+    return official
+
+
 def main(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.exists():
-        raise SystemExit(f"--out {out} exists; choose another path")
-    official = torch.load(args.src, map_location="cpu", weights_only=True)
-    state = convert_state_dict(official, args.arch)
+        raise UserError(f"--out {out} exists; choose another path")
+    official = read_official(Path(args.src))
+    try:
+        state = convert_state_dict(official, args.arch)
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"--src {args.src}: {e.args[0]}") from None
     model = build_model(args.arch, len(COCO_CLASSES))
     model.load_state_dict(state, strict=True)
     save_checkpoint(out, {"model": model.state_dict(), "epoch": 0, "best_ap": -1.0, "class_names": COCO_CLASSES,
+                          "category_ids": COCO_IDS,
                           "args": {"arch": args.arch, "num_classes": len(COCO_CLASSES), "img_size": 511,
                                    "converted_from": str(args.src)}})
     print(f"{args.src} -> {out} ({args.arch}, {len(state)} tensors)")
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_cli(main, get_args_parser().parse_args())

@@ -28,10 +28,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: import the repo
 from nets import model_from_checkpoint
 from nets.export_pool import rounds_for, use_export_pooling
-from utils.checkpoint import is_torch_checkpoint, load_inference_checkpoint
-from utils.errors import UserError, run_cli
+from utils.checkpoint import is_torch_checkpoint, load_inference_checkpoint, saved_args
+from utils.errors import ArgumentError, UserError, run_cli
 from utils.files import same_file
 
+# The lowest opset that exports: 8 has no nearest-neighbour upsampling to a computed size (the hourglasses' up
+# path); at 9 onnxruntime gives PyTorch's outputs (tests/test_export_onnx.py).
+MIN_OPSET = 9
 OUTPUTS = ["hm_tl", "hm_br", "hm_ct", "emb_tl", "emb_br", "off_tl", "off_br", "off_ct"]
 METADATA_KEY = "centernet47"
 
@@ -71,8 +74,8 @@ def export(model: torch.nn.Module, path: Path, img_size: int, metadata: dict, op
     unit = model.size_unit
     for name, size in (("img_size", img_size),) + ((("max_size", max_size),) if dynamic else ()):
         if size < unit - 1 or (size + 1) % unit:
-            raise SystemExit(f"--{name} {size}: this network takes sides of the form k * {unit} - 1 "
-                             f"(e.g. {unit - 1}, {2 * unit - 1}, 511)")
+            raise ArgumentError(f"--{name} {size}: this network takes sides of the form k * {unit} - 1 "
+                                f"(e.g. {unit - 1}, {2 * unit - 1}, 511)")
     longest = max_size if dynamic else img_size
     use_export_pooling(model.eval(), rounds=rounds_for((longest + 1) // 4))
     axes = {"image": {0: "batch", 2: "height", 3: "width"} if dynamic else {0: "batch"}}
@@ -119,12 +122,16 @@ def check_out(out: Path, ckpt: Path, force: bool) -> Path:
 
 
 def main(args: argparse.Namespace) -> Path:
+    if args.opset < MIN_OPSET:
+        raise ArgumentError(f"--opset {args.opset}: the export needs opset {MIN_OPSET} or later (nearest-neighbour "
+                            f"upsampling to a computed size); pass --opset {MIN_OPSET} or more (default 17)")
     out = check_out(Path(args.out), Path(args.ckpt), args.force)
     state = load_inference_checkpoint(args.ckpt)
-    arch, class_names = state["args"]["arch"], list(state["class_names"])
-    img_size = state["args"]["img_size"] if args.img_size is None else args.img_size
+    arch, class_names = saved_args(state)["arch"], list(state["class_names"])
+    img_size = saved_args(state)["img_size"] if args.img_size is None else args.img_size
     model = model_from_checkpoint(state, args.ckpt)
-    metadata = {"arch": arch, "class_names": class_names, "img_size": img_size, "size_unit": model.size_unit,
+    metadata = {"arch": arch, "class_names": class_names, "category_ids": state.get("category_ids"),
+                "img_size": img_size, "size_unit": model.size_unit,
                 "dynamic": args.dynamic, "max_size": args.max_size if args.dynamic else img_size,
                 "outputs": OUTPUTS, "checkpoint": str(args.ckpt)}
     start = time.perf_counter()

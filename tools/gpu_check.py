@@ -36,6 +36,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script: import lib from the repo
 from lib.cuda_toolkit import find_cuda_home  # noqa: E402
+from utils.checks import check_number  # noqa: E402
+from utils.errors import UserError, run_cli  # noqa: E402
 
 NEEDED = ["pycocotools", "tensorboardX"]
 SITE = ROOT / "build" / "gpu_check_site"
@@ -44,6 +46,7 @@ ENV = {"FORCE_CUDA": "1", "PYTHONUNBUFFERED": "1"}  # setup.py builds the CUDA k
 DATA = ["--dataset", "coco", "--data_dir", "data/shapes", "--val_split", "val"]
 DEFAULT_BUDGET = 580  # the step limits' sum, inside one 10-minute command
 MIN_START_S = 20  # a step is not started with less of the budget left
+NO_GPU = "no GPU visible (torch.cuda.is_available() is false)"
 # The tests of the pooling kernel itself (every dtype, direction and tile remainder, edge sizes, strided and
 # channels_last layouts), not the training runs, which memcheck would slow far past the step's limit.
 MEMCHECK_TESTS = "(matches_cpu_kernel and random) or size_one or non_contiguous"
@@ -305,6 +308,12 @@ def summary(rows: list[tuple[str, str, float, str]], gpu: str) -> str:
     return "\n".join(lines)
 
 
+def gpu_visible() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def print_plan(plan: list[Step], budget: float) -> None:
     total = sum(s.limit_s for s in plan)
     print(f"environment: {' '.join(f'{k}={v}' for k, v in ENV.items())}")
@@ -316,6 +325,7 @@ def print_plan(plan: list[Step], budget: float) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    check_number("--budget", args.budget, 0, above=True)
     py = sys.executable
     with tempfile.TemporaryDirectory(prefix="gpu_check_ckpt_") as ckpt_dir:
         return check(args, steps(py, ckpt_dir, find_sanitizer()), py)
@@ -324,11 +334,13 @@ def main(args: argparse.Namespace) -> int:
 def check(args: argparse.Namespace, plan: list[Step], py: str) -> int:
     if args.dry_run:
         print_plan(plan, args.budget)
+        if not gpu_visible():
+            print(f"note: {NO_GPU}: a real run here would stop at once")
         return 0
+    if not gpu_visible():
+        raise UserError(f"gpu-check: {NO_GPU}; run it on a GPU machine")
     import torch
 
-    if not torch.cuda.is_available():
-        raise SystemExit("gpu-check: no GPU visible (torch.cuda.is_available() is false); run it on a GPU machine")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **ENV}
@@ -354,4 +366,4 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    sys.exit(main(get_args_parser().parse_args()))
+    sys.exit(run_cli(main, get_args_parser().parse_args()))

@@ -3,22 +3,57 @@
 A training checkpoint holds `model`, `optimizer`, `scheduler`, `scaler`, `epoch` (the last finished epoch),
 `position` (None at an epoch's end; mid-epoch: the epoch, the optimizer steps done in it and its sample order,
 see utils/sampler.py), `global_step`, `best_ap`, `loss_sums` (the running sums of the epoch's loss terms),
-`args` (the flags, a dict), `model_config` (the network's constructor arguments, so that the checkpoint still
-builds after the architecture table in nets/ changes) and `class_names`. `test.py` and `demo.py` need only
-`model`, `args` (or `model_config`) and `class_names`.
+`args` (the flags, a dict: read it with `saved_args`), `model_config` (the network's constructor arguments, so
+that the checkpoint still builds after the architecture table in nets/ changes), `class_names` and
+`category_ids` (the data set's id of each class). `test.py` and `demo.py` need only `model`, `args` (or
+`model_config`) and `class_names`.
+
+Safety: every file the project reads with torch (our checkpoints, --pretrained, --resume, the official .pkl)
+goes through `read_plain`, torch.load(weights_only=True), which rebuilds tensors, numbers, strings and containers
+of them and nothing else, so that no file, whoever made it, can run code when it is opened. `save_checkpoint`
+writes only those types. A file holding other Python objects (an argparse.Namespace, numpy scalars) is refused
+with `UnsafeCheckpointError`; tools/upgrade_checkpoint.py converts one that you trust, once.
 """
+import io
 import pickle
+import pickletools
+import warnings
 import zipfile
+from collections import Counter, OrderedDict
 from pathlib import Path
 
 import torch
 
-from utils.errors import CheckpointError, MissingFileError
+from utils.errors import CheckpointError, MissingFileError, UnsafeCheckpointError
 from utils.files import atomic_write
+
+PLAIN_LEAVES = (str, bytes, bool, int, float, type(None))  # exact types: numpy's float64 subclasses float
+PLAIN_CONTAINERS = (dict, OrderedDict, Counter, list, tuple, set)  # those weights-only loading rebuilds
+# Names a weights-only pickle may hold: torch's tensor rebuilders and storages, and the containers above.
+PLAIN_GLOBALS = ("torch.", "collections.OrderedDict", "collections.Counter", "builtins.set", "_codecs.encode")
+UPGRADE = "python tools/upgrade_checkpoint.py --src {path} --out NEW.pt"
+
+
+def first_non_plain(value, where: str = "state") -> str | None:
+    """`where[key]...: type` of the first object inside `value` that is not a tensor, a plain number, string or
+    None, or a list, tuple, set or dict of those; None when there is none."""
+    if isinstance(value, torch.Tensor) or type(value) in PLAIN_LEAVES:
+        return None
+    if type(value) not in PLAIN_CONTAINERS:
+        return f"{where}: {type(value).__module__}.{type(value).__qualname__}"
+    if isinstance(value, dict):
+        items = [(k, f"{where}, key {k!r}") for k in value] + [(v, f"{where}[{k!r}]") for k, v in value.items()]
+    else:
+        items = [(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    return next(filter(None, (first_non_plain(v, w) for v, w in items)), None)
 
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
-    """Writes `state` to `path` atomically; a failed write raises WriteError and keeps the old file."""
+    """Writes `state` to `path` atomically; a failed write raises WriteError and keeps the old file. A value that
+    weights-only loading could not read back is a bug: TypeError naming it, before anything is written."""
+    where = first_non_plain(state)
+    if where is not None:
+        raise TypeError(f"{path}: a checkpoint holds tensors, numbers, strings, lists and dicts only, got {where}")
     atomic_write(path, lambda f: torch.save(state, f))
 
 
@@ -38,30 +73,98 @@ def is_torch_checkpoint(path: str | Path) -> bool:
         return f.read(1) == b"\x80"  # pickle protocol 2 and later
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Reads a checkpoint written by `save_checkpoint`; a missing, truncated or foreign file is a clear error."""
+def pickled_globals(path: Path) -> set[str] | None:
+    """The classes and functions (`module.name`) that the pickle of a torch file names, read by pickletools, which
+    parses opcodes and runs none; None when not even one pickle parses (a corrupt file)."""
+    if not is_torch_checkpoint(path):
+        return None
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            pickles = [name for name in archive.namelist() if name.endswith("data.pkl")]
+            stream = io.BytesIO(archive.read(pickles[0]) if pickles else b"")
+    else:
+        stream = io.BytesIO(path.read_bytes())
+    size, found, parsed = len(stream.getbuffer()), set(), False
+    try:
+        while stream.tell() < size:  # the legacy format: several pickles in a row, then raw storage bytes
+            pushed, memo = [], {}  # protocol 4 pushes module and name (or memo copies of them) before STACK_GLOBAL
+            for op, arg, _ in pickletools.genops(stream):
+                if op.name == "GLOBAL":
+                    found.add(arg.replace(" ", "."))
+                elif op.name == "STACK_GLOBAL":
+                    found.add(".".join(map(str, pushed[-2:])))
+                if op.name == "MEMOIZE":
+                    memo[len(memo)] = pushed[-1] if pushed else None
+                elif op.name.endswith("PUT"):
+                    memo[arg] = pushed[-1] if pushed else None
+                elif op.name.endswith("GET"):
+                    pushed.append(memo.get(arg))
+                elif op.name != "FRAME":
+                    pushed.append(arg if op.name.endswith(("UNICODE", "STRING")) else None)
+            parsed = True
+    except (ValueError, EOFError):
+        pass
+    return found if parsed else None
+
+
+def read_plain(path: str | Path, map_location: str | torch.device = "cpu", what: str = "checkpoint"):
+    """The content of a file of torch.save, read weights-only: tensors, numbers, strings and containers of them.
+    A missing, truncated or corrupt file is a CheckpointError naming it; one that holds other objects an
+    UnsafeCheckpointError naming them, and how to convert it if it is trusted."""
     path = Path(path)
     if not path.is_file():
-        raise MissingFileError(f"checkpoint not found: {path}")
+        raise MissingFileError(f"{what} not found: {path}")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+        with warnings.catch_warnings():  # torch's note on pickle protocols above 2, which it reads or refuses below
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        names = pickled_globals(path)
+        if names is None:
+            raise CheckpointError(f"cannot read {what} {path}: the file is truncated or corrupt (not a pickle)") \
+                from None
+        refused = sorted(name for name in names if not name.startswith(PLAIN_GLOBALS))
+        detail = ", ".join(refused) or next((line.strip() for line in str(e).splitlines() if "Unsupported" in line),
+                                            "pickle features beyond plain data")
+        raise UnsafeCheckpointError(
+            f"{path} holds Python objects other than tensors, numbers, strings, lists and dicts ({detail}); reading "
+            f"them could run code, so it is refused. If you trust where the file comes from (e.g. a checkpoint of an "
+            f"older centernet47), convert it once: {UPGRADE.format(path=path)}") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
         first_line = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot read checkpoint {path}: the file is truncated or corrupt ({first_line})") \
+        raise CheckpointError(f"cannot read {what} {path}: the file is truncated or corrupt ({first_line})") \
             from e
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Reads a checkpoint written by `save_checkpoint`; a missing, truncated, unsafe or foreign file is a clear
+    error."""
+    state = read_plain(path, map_location)
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path} is not a centernet47 checkpoint: expected a dict with a 'model' entry")
+    if not isinstance(state.get("args", {}), dict):
+        raise CheckpointError(f"{path}: expected 'args' (a dict) in the checkpoint, got "
+                              f"{type(state['args']).__name__}")
     return state
+
+
+def saved_args(state: dict) -> dict:
+    """The run's arguments stored in a checkpoint (`args`, a dict of flag values); {} when it has none."""
+    return state.get("args", {})
 
 
 def load_inference_checkpoint(path: str | Path) -> dict:
     """The checked load of test.py, demo.py and tools/export_onnx.py: a checkpoint with `model`, `args` (a dict
     with `arch` and `img_size`) and `class_names`. A missing, corrupt or incomplete file is a user error naming it."""
     state = load_checkpoint(path, map_location="cpu")
-    saved = state.get("args")
-    if not isinstance(saved, dict) or "class_names" not in state:
+    if "args" not in state or "class_names" not in state:
         raise CheckpointError(f"{path}: expected 'args' (a dict) and 'class_names' entries in the checkpoint")
     for name in ("arch", "img_size"):
-        if name not in saved:
+        if name not in saved_args(state):
             raise CheckpointError(f"{path}: checkpoint args lack '{name}'")
+    ids = state.get("category_ids")
+    if ids is not None and (not isinstance(ids, list) or len(ids) != len(state["class_names"])
+                            or not all(type(i) is int for i in ids)):
+        raise CheckpointError(f"{path}: expected 'category_ids' to list one whole number per class "
+                              f"({len(state['class_names'])}), got {ids!r}")
     return state

@@ -1,24 +1,31 @@
 """Device and precision choices, taken from arguments so that nothing assumes CUDA."""
 import contextlib
 import math
+import re
 
 import torch
 
-from utils.errors import CheckpointError
+from utils.errors import ArgumentError, CheckpointError, DeviceError
 
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def select_device(name: str = "auto", local_rank: int | None = None) -> torch.device:
-    """`auto` takes the GPU of this process (its local rank) when CUDA is available, else the CPU."""
-    if name not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"--device: expected auto, cpu or cuda, got {name!r}")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is visible to this process")
-    if name == "cpu" or not torch.cuda.is_available():
+def select_device(name: str | torch.device = "auto", local_rank: int | None = None) -> torch.device:
+    """`auto` takes the GPU of this process (its local rank) when CUDA is available, else the CPU; `cuda` that
+    GPU, `cuda:N` (or torch.device("cuda", N)) GPU N, each a DeviceError where it is not visible; `cpu` the CPU."""
+    text = str(name) if isinstance(name, torch.device) else name
+    if not isinstance(text, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+        raise ArgumentError(f"device: expected auto, cpu, cuda, cuda:N or a torch.device, got {name!r}")
+    if text.startswith("cuda") and not torch.cuda.is_available():
+        raise DeviceError(f"device {text}: no CUDA device is visible to this process")
+    if text == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
-    index = bind_local_gpu(local_rank or 0)
-    return torch.device("cuda", index)
+    if ":" in text:  # our CUDA kernels guard their tensors' device: no need to make it the current one
+        index, count = int(text.split(":")[1]), torch.cuda.device_count()
+        if index >= count:
+            raise DeviceError(f"device {text}: this process sees {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+        return torch.device("cuda", index)
+    return torch.device("cuda", bind_local_gpu(local_rank or 0))
 
 
 def local_gpu_index(local_rank: int, visible: int) -> int:
@@ -26,7 +33,7 @@ def local_gpu_index(local_rank: int, visible: int) -> int:
     every GPU of the node: GPU local_rank. Under SLURM with one GPU bound per task (--gpus-per-task=1, --gpu-bind)
     each sees only its own, as GPU 0; with fewer GPUs than local ranks in general, local_rank % visible."""
     if visible < 1:
-        raise SystemExit("no CUDA device is visible to this process")
+        raise DeviceError("no CUDA device is visible to this process")
     return local_rank % visible
 
 

@@ -1,14 +1,24 @@
-"""Errors caused by the user's input or machine (bad flags, missing or corrupt files, a full disk), as opposed to bugs.
+"""Errors caused by the user's input or machine (bad flags or arguments, missing or corrupt files, a full disk, a
+device that is not there), as opposed to bugs.
 
-The command-line scripts end these with one line that names the problem and a non-zero exit status
-(`run_cli`); anything else keeps its traceback, because it is a bug to report.
+Below the command lines (engine/, datasets/, nets/, utils/, lib/) such problems raise these exceptions, never
+SystemExit, so that a program calling the library can catch them (`except ValueError`, `except UserError`). The
+command-line scripts end them with one line that names the problem and a non-zero exit status (`run_cli`);
+anything else keeps its traceback, because it is a bug to report.
 """
+import signal
 import sys
 from typing import Callable
+
+INTERRUPTED, TERMINATED = 128 + signal.SIGINT, 128 + signal.SIGTERM  # the shell's status for each: 130, 143
 
 
 class UserError(Exception):
     """A problem the user can fix; its message names the file, flag or entry and what was expected."""
+
+
+class ArgumentError(UserError, ValueError):
+    """An argument (a command-line flag or a parameter of the Python API) outside what it can be."""
 
 
 class DataError(UserError, ValueError):
@@ -20,18 +30,37 @@ class MissingFileError(UserError, FileNotFoundError):
 
 
 class CheckpointError(UserError, RuntimeError):
-    """A checkpoint that cannot be read."""
+    """A checkpoint (or an exported .onnx file) that cannot be read or used."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A file that holds Python objects beyond plain data, which weights-only loading refuses because reading them
+    could run code (utils/checkpoint.py)."""
+
+
+class DeviceError(UserError, RuntimeError):
+    """A device that this machine or process does not have (CUDA where no GPU is visible)."""
 
 
 class WriteError(UserError, OSError):
     """A file that cannot be written (disk full, permission denied, file size limit)."""
 
 
-def run_cli(main: Callable, args) -> None:
-    """Runs `main(args)`; user errors and Ctrl-C end with one line on stderr instead of a traceback."""
+def _terminated(signum, frame):
+    raise SystemExit(TERMINATED)
+
+
+def run_cli(main: Callable, args):
+    """Returns `main(args)`; user errors end with one line on stderr instead of a traceback (status 1), Ctrl-C
+    with status 130 and SIGTERM with 143. Both signals end the program as an exception in the main thread, so
+    that `finally` blocks and context managers clean up (temporary files, a json saved so far) first."""
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
-        main(args)
+        return main(args)
     except UserError as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
-        sys.exit("interrupted (Ctrl-C)")
+        print("interrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(INTERRUPTED)
+    finally:
+        signal.signal(signal.SIGTERM, previous)

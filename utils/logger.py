@@ -3,6 +3,8 @@ from pathlib import Path
 
 from tensorboardX import SummaryWriter
 
+from utils.errors import UserError
+
 
 class RunLogger:
     """Writes to `run_dir/train.log` and tensorboard files in `run_dir`; does nothing when `enabled` is False
@@ -20,6 +22,13 @@ class RunLogger:
         if self.enabled:
             print(message, flush=True)
             self.text.write(message + "\n")
+
+    def failed(self, error: BaseException) -> None:
+        """Writes the error that ends the run to train.log only (the console shows it already): the one line of a
+        user error (utils.errors.UserError), else the exception of a bug, whose traceback goes to stderr."""
+        if self.enabled:
+            known = isinstance(error, UserError)
+            self.text.write(f"error: {error}\n" if known else f"error: {type(error).__name__}: {error}\n")
 
     def scalars(self, values: dict[str, float], step: int, prefix: str = "") -> None:
         if self.enabled:

@@ -5,9 +5,8 @@
 (`ignore_stop_signals`): a terminal's Ctrl-C and srun's SIGTERM reach every process of the job, and a worker that
 died would end the step instead of letting it finish.
 
-Other commands (demo.py on a video) only need SIGTERM to end them as Ctrl-C does, cleaning up: `exit_on_sigterm`.
+Other commands only need SIGTERM to end them as Ctrl-C does, cleaning up: utils.errors.run_cli does that.
 """
-import contextlib
 import signal
 import time
 
@@ -41,20 +40,6 @@ class StopSignals:
     def exit_status(self) -> int:
         """The shell's convention for a process ended by a signal: 128 + its number."""
         return 128 + signal.Signals[self.received].value if self.received else 0
-
-
-@contextlib.contextmanager
-def exit_on_sigterm():
-    """While active, SIGTERM raises SystemExit(143) (the shell's status for it) in the main thread, so that
-    `finally` blocks and context managers clean up (temporary files, a last save) as after Ctrl-C."""
-    def handle(signum, frame):
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, handle)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def ignore_stop_signals(worker_id: int = 0) -> None:

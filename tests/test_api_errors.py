@@ -1,0 +1,183 @@
+"""The library as a program embeds it: nothing below the command lines ends the program (SystemExit); errors are
+exceptions of utils.errors that `except Exception` (and the builtin kind) catches, with messages for a Python user;
+arguments are checked when a Detector is made; image arrays in any layout a file may have are read as files are."""
+import ast
+import math
+import re
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+from datasets.image_io import load_image
+from engine import Detector
+from engine.inference import InferenceConfig
+from nets import build_model
+from utils.checkpoint import save_checkpoint
+from utils.device import select_device
+from utils.errors import ArgumentError, CheckpointError, DataError, DeviceError, MissingFileError, UserError
+
+REPO = Path(__file__).resolve().parents[1]
+LIBRARY = ["engine", "datasets", "nets", "utils", "lib"]
+# The command lines' own way out, kept in utils so that every script shares it.
+CLI_EXITS = {("utils/errors.py", "run_cli"), ("utils/errors.py", "_terminated")}
+EXITS = {"exit", "quit", "sys.exit", "os._exit", "SystemExit"}
+
+
+def exits_in(source: str, relative: str) -> list[str]:
+    """`file:line code` of each SystemExit raised, or exit function called, in the `source` of file `relative`,
+    outside an `if __name__ == "__main__":` block and the functions of CLI_EXITS."""
+    tree, found = ast.parse(source), {}  # by line: `raise SystemExit(...)` is a raise and a call
+
+    def visit(node, function: str | None):
+        if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test):
+            return
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            function = node.name
+        target = node.exc if isinstance(node, ast.Raise) else node.func if isinstance(node, ast.Call) else None
+        if isinstance(target, ast.Call):
+            target = target.func
+        if target is not None and ast.unparse(target) in EXITS and (relative, function) not in CLI_EXITS:
+            found.setdefault(node.lineno, f"{relative}:{node.lineno} {ast.unparse(node)}")
+        for child in ast.iter_child_nodes(node):
+            visit(child, function)
+
+    visit(tree, None)
+    return [found[line] for line in sorted(found)]
+
+
+def test_no_module_below_the_scripts_ends_the_program():
+    files = [p for package in LIBRARY for p in sorted((REPO / package).rglob("*.py"))]
+    assert len(files) > 30
+    assert [hit for path in files for hit in exits_in(path.read_text(), path.relative_to(REPO).as_posix())] == []
+
+
+def test_the_scan_finds_each_way_out():
+    sample = ("import sys\ndef f():\n    raise SystemExit('x')\ndef g():\n    sys.exit(1)\ndef h():\n    exit()\n"
+              "def run_cli():\n    raise SystemExit\nif __name__ == '__main__':\n    sys.exit(f())\n")
+    assert [hit.split(" ")[0] for hit in exits_in(sample, "utils/sample.py")] == [
+        "utils/sample.py:3", "utils/sample.py:5", "utils/sample.py:7", "utils/sample.py:9"]
+    assert [hit.split(" ")[0] for hit in exits_in(sample, "utils/errors.py")] == [
+        "utils/errors.py:3", "utils/errors.py:5", "utils/errors.py:7"]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("api") / "checkpoint.pt"
+    save_checkpoint(path, {"model": build_model("tiny_hourglass", 1).state_dict(), "class_names": ["thing"],
+                           "category_ids": [1], "args": {"arch": "tiny_hourglass", "img_size": 127}})
+    return path
+
+
+def onnx_without_metadata(path: Path) -> Path:
+    """A valid ONNX model (one Identity node) that tools/export_onnx.py did not write."""
+    graph = helper.make_graph([helper.make_node("Identity", ["image"], ["out"])], "g",
+                              [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, 127, 127])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 3, 127, 127])])
+    onnx.save(helper.make_model(graph), path)
+    return path
+
+
+def no_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+@pytest.mark.parametrize("case, kind, message", [
+    ("cuda without a GPU", DeviceError, "device cuda: no CUDA device is visible"),
+    ("missing .onnx", MissingFileError, "ONNX file not found: .*nowhere.onnx"),
+    ("random bytes named .onnx", CheckpointError, "random.onnx: onnxruntime cannot load it as an ONNX model"),
+    ("ONNX without our metadata", CheckpointError, "plain.onnx is an ONNX model without the 'centernet47' metadata"),
+    ("a folder named .onnx", ArgumentError, "folder.onnx is a folder"),
+])
+def test_detector_errors_are_exceptions_a_program_catches(ckpt, tmp_path, monkeypatch, case, kind, message):
+    (tmp_path / "random.onnx").write_bytes(np.random.default_rng(0).bytes(3000))
+    (tmp_path / "folder.onnx").mkdir()
+    path = {"cuda without a GPU": ckpt, "missing .onnx": tmp_path / "nowhere.onnx",
+            "random bytes named .onnx": tmp_path / "random.onnx",
+            "ONNX without our metadata": onnx_without_metadata(tmp_path / "plain.onnx"),
+            "a folder named .onnx": tmp_path / "folder.onnx"}[case]
+    no_gpu(monkeypatch)
+    with pytest.raises(Exception) as caught:  # what a service catches; a SystemExit would pass through it
+        Detector.from_checkpoint(path, device="cuda" if case == "cuda without a GPU" else "cpu")
+    assert isinstance(caught.value, kind) and isinstance(caught.value, UserError)
+    assert re.search(message, str(caught.value)), str(caught.value)
+    assert "--" not in str(caught.value), "a message for a Python user names no command-line flag"
+
+
+def test_devices_by_name_index_and_torch_device(monkeypatch):
+    assert select_device(torch.device("cpu")) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert select_device("cuda:1") == select_device(torch.device("cuda", 1)) == torch.device("cuda", 1)
+    with pytest.raises(DeviceError, match="device cuda:2: this process sees 2 CUDA device"):
+        select_device("cuda:2")
+    for bad in ("gpu", "cuda:x", "cuda:-1", 0, None):
+        with pytest.raises(ArgumentError, match="device: expected auto, cpu, cuda, cuda:N or a torch.device"):
+            select_device(bad)
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("score_thresh", math.nan, r"score_thresh: expected a number in \[0, 1\], got nan"),
+    ("score_thresh", 1.5, "score_thresh"), ("score_thresh", -0.1, "score_thresh"), ("score_thresh", "0.3", "got '0.3'"),
+    ("batch_size", 0, "batch_size: expected a whole number of at least 1"), ("batch_size", 2.5, "batch_size"),
+    ("batch_size", True, "batch_size"),
+    ("test_scales", "1", "test_scales: expected a number or a sequence"), ("test_scales", [], "test_scales"),
+    ("test_scales", (0, 1), "test_scales: expected a finite number above 0, got 0"),
+    ("test_scales", (1, math.inf), "test_scales"), ("test_scales", [math.nan], "test_scales"),
+    ("test_flip", "yes", "test_flip: expected True or False"),
+    ("device", "gpu", "device: expected auto, cpu, cuda"),
+])
+def test_api_arguments_are_checked_when_the_detector_is_made(ckpt, name, value, message):
+    with pytest.raises(ArgumentError, match=message):
+        Detector.from_checkpoint(ckpt, **{"device": "cpu", name: value})
+
+
+def test_api_arguments_in_their_range_are_taken(ckpt):
+    detector = Detector.from_checkpoint(ckpt, device=torch.device("cpu"), test_scales=0.75, score_thresh=np.float32(1),
+                                        batch_size=np.int64(2))
+    assert detector.test_scales == [0.75] and detector.score_thresh == 1 and detector.batch_size == 2
+
+
+@pytest.mark.parametrize("field, value", [("nms_threshold", math.nan), ("nms_threshold", 0), ("ae_threshold", -1),
+                                          ("ae_threshold", math.inf), ("weight_exp", math.nan), ("sigma", 0),
+                                          ("score_threshold", 2), ("topk", 0), ("kernel", 4), ("nms_method", 3),
+                                          ("merge", "yes"), ("max_per_image", 1.5)])
+def test_inference_settings_that_cannot_work_are_refused(field, value):
+    with pytest.raises(ArgumentError, match=f"{field}: expected"):
+        InferenceConfig(**{field: value})
+
+
+def png_of(array: np.ndarray, path: Path) -> np.ndarray:
+    assert cv2.imwrite(str(path), array)
+    return load_image(path)
+
+
+@pytest.mark.parametrize("layout", ["gray", "gray (H, W, 1)", "BGRA", "16-bit BGR", "16-bit gray", "16-bit BGRA"])
+def test_image_arrays_are_read_as_files_of_them_are(ckpt, tmp_path, layout):
+    """Each layout gives the pixels, and so the detections, of the same image written as a PNG and read back."""
+    rng = np.random.default_rng(1)
+    dtype, high = (np.uint16, 65536) if layout.startswith("16-bit") else (np.uint8, 256)
+    shape = {"gray": (40, 50), "gray (H, W, 1)": (40, 50, 1), "BGRA": (40, 50, 4), "16-bit BGR": (40, 50, 3),
+             "16-bit gray": (40, 50), "16-bit BGRA": (40, 50, 4)}[layout]
+    array = rng.integers(0, high, shape, dtype=dtype)
+    from_file = png_of(array, tmp_path / "image.png")
+    detector = Detector.from_checkpoint(ckpt, device="cpu")
+    np.testing.assert_array_equal(detector.read(array), from_file)
+    np.testing.assert_array_equal(detector(array).rows(), detector(tmp_path / "image.png").rows())
+
+
+def test_images_that_cannot_be_read_are_clear_errors(ckpt, tmp_path):
+    detector = Detector.from_checkpoint(ckpt, device="cpu")
+    with pytest.raises(ArgumentError, match=r"no pixels \(shape \(0, 50, 3\)\)"):
+        detector(np.zeros((0, 50, 3), np.uint8))
+    with pytest.raises(ArgumentError, match=r"shape \(20, 30, 2\) and dtype uint8"):
+        detector(np.zeros((20, 30, 2), np.uint8))
+    with pytest.raises(ArgumentError, match="dtype float32"):
+        detector(np.zeros((20, 30, 3), np.float32))
+    with pytest.raises(DataError, match=f"{tmp_path} is a folder, not an image file"):
+        detector(tmp_path)

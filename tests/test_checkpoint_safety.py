@@ -1,0 +1,181 @@
+"""No file the project reads can run code: a checkpoint whose pickle calls os.system is refused on every path that
+opens one, before the call can happen; checkpoints hold plain data only; an old checkpoint with Python objects
+(argparse.Namespace, numpy scalars and arrays) converts once, explicitly, to the same values."""
+import argparse
+import fractions
+import importlib.util
+import os
+import pickle
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import demo
+import train
+from engine import Detector
+from nets import build_model, model_from_checkpoint
+from tools import convert_official, export_onnx, upgrade_checkpoint
+from utils.checkpoint import load_checkpoint, read_plain, save_checkpoint
+from utils.errors import CheckpointError, UnsafeCheckpointError, UserError
+
+REPO = Path(__file__).resolve().parents[1]
+RACCOON = Path(__file__).parent / "data" / "raccoon"
+_spec = importlib.util.spec_from_file_location("centernet47_test_cli", REPO / "test.py")
+test_cli = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(test_cli)
+
+
+class Payload:
+    """Unpickled in full, this runs a shell command that creates `marker`."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def write_malicious(path: Path, marker: Path, kind: str) -> Path:
+    """A checkpoint with every entry a reader wants, and the payload beside them, in torch's zip format, its
+    legacy format, or as a plain pickle (protocol 4, as a .pkl of other code would be)."""
+    state = {"model": {}, "args": {"arch": "tiny_hourglass", "img_size": 127}, "class_names": ["a"],
+             "note": Payload(marker)}
+    if kind == "pickle":
+        path.write_bytes(pickle.dumps(state, protocol=4))
+    else:
+        torch.save(state, path, _use_new_zipfile_serialization=kind == "zip")
+    return path
+
+
+def train_args(shapes_dir: Path, ckpt_dir: Path, *extra: str) -> argparse.Namespace:
+    return train.get_args_parser().parse_args([
+        "--log_name", "run", "--ckpt_dir", str(ckpt_dir), "--data_dir", str(shapes_dir), "--train_split", "train",
+        "--val_split", "val", "--arch", "tiny_hourglass", "--img_size", "127", "--batch_size", "2",
+        "--num_workers", "0", "--device", "cpu", "--num_epochs", "1", *extra])
+
+
+def resume_from(path: Path, shapes_dir: Path, tmp: Path):
+    (tmp / "ckpt" / "run").mkdir(parents=True)
+    path.replace(tmp / "ckpt" / "run" / "checkpoint.pt")
+    train.main(train_args(shapes_dir, tmp / "ckpt", "--resume"))
+
+
+READERS = {
+    "load_checkpoint": lambda path, data, tmp: load_checkpoint(path),
+    "Detector": lambda path, data, tmp: Detector.from_checkpoint(path, device="cpu"),
+    "test.py": lambda path, data, tmp: test_cli.main(test_cli.get_args_parser().parse_args(
+        ["--ckpt", str(path), "--data_dir", str(data), "--val_split", "val", "--device", "cpu"])),
+    "demo.py": lambda path, data, tmp: demo.main(demo.get_args_parser().parse_args(
+        ["--ckpt", str(path), "--images", str(RACCOON / "val"), "--out", str(tmp / "out"), "--device", "cpu"])),
+    "export_onnx.py": lambda path, data, tmp: export_onnx.main(export_onnx.get_args_parser().parse_args(
+        ["--ckpt", str(path), "--out", str(tmp / "model.onnx")])),
+    "convert_official.py": lambda path, data, tmp: convert_official.main(convert_official.get_args_parser().parse_args(
+        ["--src", str(path), "--arch", "small_hourglass", "--out", str(tmp / "converted.pt")])),
+    "train.py --pretrained": lambda path, data, tmp: train.main(
+        train_args(data, tmp / "ckpt", "--pretrained", str(path))),
+    "train.py --resume": lambda path, data, tmp: resume_from(path, data, tmp),
+}
+
+
+@pytest.mark.parametrize("kind", ["zip", "legacy", "pickle"])
+@pytest.mark.parametrize("reader", list(READERS))
+def test_a_checkpoint_that_would_run_code_is_refused_on_every_path_and_runs_nothing(shapes_dir, tmp_path, reader,
+                                                                                     kind):
+    marker = tmp_path / "ran"
+    path = write_malicious(tmp_path / "evil.pt", marker, kind)
+    with pytest.raises(Exception) as refused:
+        READERS[reader](path, shapes_dir, tmp_path)
+    assert not marker.exists()
+    assert isinstance(refused.value, UnsafeCheckpointError) and re.search(
+        r"\(posix\.system\); reading them could run code, so it is refused.*python tools/upgrade_checkpoint.py "
+        "--src ", str(refused.value))
+    assert not (tmp_path / "ckpt" / "run" / "train.log").exists()  # refused before the run started
+
+
+def test_checkpoints_hold_plain_data_only(tmp_path):
+    """A numpy number or a Namespace is refused before anything is written, naming where it is, so that every
+    checkpoint the project writes loads weights-only."""
+    path = tmp_path / "checkpoint.pt"
+    for value, where in [(np.float64(0.5), r"state\['best_ap'\]: numpy.float64"),
+                         ({"lr": [1e-3, argparse.Namespace()]},
+                          r"state\['best_ap'\]\['lr'\]\[1\]: argparse.Namespace")]:
+        with pytest.raises(TypeError, match=where):
+            save_checkpoint(path, {"model": {"w": torch.ones(2)}, "best_ap": value})
+        assert not path.exists()
+    save_checkpoint(path, {"model": {"w": torch.ones(2)}, "best_ap": 0.5, "steps": (1, 2), "args": {"lr": None}})
+    assert read_plain(path)["steps"] == (1, 2)
+
+
+def test_a_corrupt_file_is_not_called_unsafe(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(b"\x80\x02not a pickle at all")
+    with pytest.raises(CheckpointError, match="truncated or corrupt") as e:
+        load_checkpoint(path)
+    assert not isinstance(e.value, UnsafeCheckpointError)
+
+
+def old_checkpoint(path: Path) -> dict:
+    """What an older code wrote: the flags as a Namespace, numpy numbers, a numpy sample order, a Path."""
+    torch.manual_seed(0)
+    model = build_model("tiny_hourglass", 2)
+    flags = argparse.Namespace(arch="tiny_hourglass", img_size=127, lr=1e-3, ckpt_dir=Path("ckpt"))
+    state = {"model": model.state_dict(), "args": flags, "class_names": ["cat", "dog"], "epoch": np.int64(3),
+             "best_ap": np.float64(0.25), "position": {"order": np.arange(6), "sums": {"loss": np.float32(1.5)}}}
+    torch.save(state, path)
+    return state
+
+
+def upgrade(*argv: str) -> list[str]:
+    return upgrade_checkpoint.main(upgrade_checkpoint.get_args_parser().parse_args(list(argv)))
+
+
+def test_an_old_checkpoint_is_refused_then_converts_once_to_the_same_values(tmp_path):
+    src, out = tmp_path / "old.pt", tmp_path / "new.pt"
+    old = old_checkpoint(src)
+    original = src.read_bytes()
+    with pytest.raises(UnsafeCheckpointError, match=r"\(argparse.Namespace, .*numpy.*\).*convert it once: python "
+                                                    f"tools/upgrade_checkpoint.py --src {src} --out NEW.pt"):
+        load_checkpoint(src)
+    changes = upgrade("--src", str(src), "--out", str(out), "--category_ids", "3,7")
+    assert "checkpoint['args']: argparse.Namespace -> dict" in changes and src.read_bytes() == original
+
+    new = load_checkpoint(out)
+    assert new["args"] == {"arch": "tiny_hourglass", "img_size": 127, "lr": 1e-3, "ckpt_dir": "ckpt"}
+    assert type(new["epoch"]) is int and new["epoch"] == 3 and type(new["best_ap"]) is float and new["best_ap"] == 0.25
+    assert torch.equal(new["position"]["order"], torch.arange(6)) and new["position"]["sums"] == {"loss": 1.5}
+    assert new["class_names"] == ["cat", "dog"] and new["category_ids"] == [3, 7]
+    assert new["model"].keys() == old["model"].keys()
+    assert all(torch.equal(new["model"][k], v) for k, v in old["model"].items())
+    model_from_checkpoint(new, out)
+    assert Detector.from_checkpoint(out, device="cpu").class_names == ["cat", "dog"]
+
+    # A plain file needs no full unpickling and is left as it is.
+    assert upgrade("--src", str(out), "--out", str(tmp_path / "again.pt")) == []
+
+
+def test_the_converter_never_writes_over_a_file_unasked(tmp_path):
+    src, out = tmp_path / "old.pt", tmp_path / "new.pt"
+    old_checkpoint(src)
+    original = src.read_bytes()
+    with pytest.raises(UserError, match=f"--out {src} is the input; choose another path or pass --force"):
+        upgrade("--src", str(src), "--out", str(src))
+    out.write_bytes(b"mine")
+    with pytest.raises(UserError, match=f"--out {out} exists"):
+        upgrade("--src", str(src), "--out", str(out))
+    with pytest.raises(UserError, match="expected 2 different ids, one per class"):
+        upgrade("--src", str(src), "--out", str(tmp_path / "x.pt"), "--category_ids", "1")
+    assert src.read_bytes() == original and out.read_bytes() == b"mine" and not (tmp_path / "x.pt").exists()
+    upgrade("--src", str(src), "--out", str(src), "--force")
+    assert load_checkpoint(src)["args"]["arch"] == "tiny_hourglass"
+
+
+def test_an_object_without_a_plain_form_is_named(tmp_path):
+    src = tmp_path / "odd.pt"
+    torch.save({"model": {}, "extra": {"third": fractions.Fraction(1, 3)}}, src)
+    with pytest.raises(CheckpointError, match=r"checkpoint\['extra'\]\['third'\] is a fractions.Fraction, which "
+                                              "has no plain equivalent"):
+        upgrade("--src", str(src), "--out", str(tmp_path / "new.pt"))
+    assert not (tmp_path / "new.pt").exists()

@@ -1,0 +1,116 @@
+"""Converts, once, a checkpoint that the project's readers refuse because it holds Python objects beyond plain data
+(an older centernet47's run flags as an argparse.Namespace, numbers as numpy scalars, arrays, paths) into one
+that they read: the same weights and values, as tensors, numbers, strings, lists and dicts.
+
+    python tools/upgrade_checkpoint.py --src old/checkpoint.pt --out ckpt/NAME/checkpoint.pt
+
+The risk: reading --src in full runs whatever code its pickle names, as torch.load(weights_only=False) does. Run
+this only on a file you trust (one you wrote, or from a source you would run a program from); it is the one place
+in the project that reads a file that way, and only after weights-only reading refused it. Every other reader
+(utils/checkpoint.py) refuses such a file, so opening a checkpoint from anyone else runs no code.
+
+The result is written atomically. An existing --out is replaced only with --force, and never the input unless
+--out names it and --force is given. --category_ids adds the data set's category id of each class to a checkpoint
+written before checkpoints stored them (needed for COCO results: `Detections.to_coco`).
+"""
+import argparse
+import sys
+from pathlib import Path, PurePath
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: import the repo
+from utils.checkpoint import PLAIN_CONTAINERS, PLAIN_LEAVES, load_checkpoint, save_checkpoint
+from utils.errors import CheckpointError, UnsafeCheckpointError, UserError, run_cli
+from utils.files import same_file
+
+SHOWN = 10  # changes listed
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("convert a trusted old checkpoint to plain data", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--src", required=True, help="the checkpoint to convert (read in full: only a file you trust)")
+    p.add_argument("--out", required=True, help="the checkpoint to write")
+    p.add_argument("--category_ids", help="comma-separated category id of each class, in the order of its "
+                                          "class_names, for a checkpoint that has none")
+    p.add_argument("--force", action="store_true", help="replace an existing --out (the input too, if --out is it)")
+    return p
+
+
+def to_plain(value, where: str, changes: list[str]):
+    """`value` with every Namespace, numpy value and path replaced by its plain equivalent, noting each kind of
+    change in `changes`; anything else that is not plain is an error naming `where` it is."""
+    kind = f"{type(value).__module__}.{type(value).__qualname__}"
+    if isinstance(value, torch.Tensor) or type(value) in PLAIN_LEAVES:
+        return value
+    if isinstance(value, argparse.Namespace):
+        changes.append(f"{where}: {kind} -> dict")
+        return to_plain(vars(value), where, changes)
+    if isinstance(value, np.generic):
+        changes.append(f"{where}: {kind} -> {type(value.item()).__name__}")
+        return value.item()
+    if isinstance(value, np.ndarray) and value.dtype != object:
+        changes.append(f"{where}: {kind} -> tensor")
+        return torch.from_numpy(np.ascontiguousarray(value))
+    if isinstance(value, PurePath):
+        changes.append(f"{where}: {kind} -> str")
+        return str(value)
+    if isinstance(value, dict):
+        items = [(to_plain(k, f"{where}, key {k!r}", changes), to_plain(v, f"{where}[{k!r}]", changes))
+                 for k, v in value.items()]
+        converted = dict(items)
+        return type(value)(converted) if type(value) in PLAIN_CONTAINERS else converted
+    if isinstance(value, (list, tuple, set)):
+        converted = [to_plain(v, f"{where}[{i}]", changes) for i, v in enumerate(value)]
+        return next(t for t in (list, tuple, set) if isinstance(value, t))(converted)
+    raise CheckpointError(f"{where} is a {kind}, which has no plain equivalent; the checkpoint cannot be converted")
+
+
+def read_trusted(path: Path) -> dict:
+    """The checkpoint at `path`: weights-only when it can be (no risk), else unpickled in full (see the module)."""
+    try:
+        return load_checkpoint(path)
+    except UnsafeCheckpointError:
+        print(f"{path} holds objects beyond plain data: reading it in full, as a file you trust")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(state, dict) or "model" not in state:
+        raise CheckpointError(f"{path} is not a centernet47 checkpoint: expected a dict with a 'model' entry")
+    return state
+
+
+def parse_category_ids(text: str, class_names: list[str]) -> list[int]:
+    try:
+        ids = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise UserError(f"--category_ids: expected comma-separated whole numbers, got {text!r}") from None
+    if len(ids) != len(class_names) or len(set(ids)) != len(ids):
+        raise UserError(f"--category_ids: expected {len(class_names)} different ids, one per class "
+                        f"({', '.join(class_names)}), got {text!r}")
+    return ids
+
+
+def main(args: argparse.Namespace) -> list[str]:
+    """Writes the converted checkpoint; returns the changes made (also printed)."""
+    src, out = Path(args.src), Path(args.out)
+    if not src.is_file():
+        raise UserError(f"--src {src}: no such file")
+    if out.exists() and not args.force:
+        what = "is the input" if same_file(out, src) else "exists"
+        raise UserError(f"--out {out} {what}; choose another path or pass --force to replace it")
+    changes: list[str] = []
+    state = to_plain(read_trusted(src), "checkpoint", changes)
+    if args.category_ids:
+        state["category_ids"] = parse_category_ids(args.category_ids, list(state.get("class_names", [])))
+        changes.append(f"checkpoint['category_ids']: added {state['category_ids']}")
+    save_checkpoint(out, state)
+    shown = changes[:SHOWN] + ([f"... and {len(changes) - SHOWN} more"] if len(changes) > SHOWN else [])
+    for line in shown or ["nothing to change: the checkpoint was plain data already"]:
+        print(f"  {line}")
+    print(f"{src} -> {out}")
+    return changes
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser().parse_args())

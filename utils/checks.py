@@ -1,0 +1,35 @@
+"""Checks of numbers where they enter (a command-line flag or a parameter of the Python API): NaN and infinity
+pass comparisons such as `value < 0`, so each range check here also asks for a finite number."""
+import math
+import numbers
+
+from utils.errors import ArgumentError
+
+
+def check_number(name: str, value, low: float = -math.inf, high: float = math.inf, *, above: bool = False,
+                 below: bool = False) -> float:
+    """`value` as a float when it is a finite number in [low, high] (`above`: greater than low; `below`: less than
+    high), else an ArgumentError naming `name`, the range and the value."""
+    number = value if isinstance(value, numbers.Real) and not isinstance(value, bool) else None
+    inside = number is not None and math.isfinite(number) and (low < number if above else low <= number) \
+        and (number < high if below else number <= high)
+    if not inside:
+        raise ArgumentError(f"{name}: expected {describe_range(low, high, above, below)}, got {value!r}")
+    return float(number)
+
+
+def describe_range(low: float, high: float, above: bool = False, below: bool = False) -> str:
+    if high == math.inf and low == -math.inf:
+        return "a finite number"
+    if high == math.inf:
+        return f"a finite number {'above' if above else 'of at least'} {low:g}"
+    if low == -math.inf:
+        return f"a finite number {'below' if below else 'of at most'} {high:g}"
+    return f"a number in {'(' if above else '['}{low:g}, {high:g}{')' if below else ']'}"
+
+
+def check_positive_int(name: str, value) -> int:
+    """`value` when it is a whole number of at least 1 (not a bool), else an ArgumentError naming `name`."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+        raise ArgumentError(f"{name}: expected a whole number of at least 1, got {value!r}")
+    return int(value)
