@@ -61,7 +61,7 @@ def test_dry_run_says_when_no_gpu_is_visible_and_a_budget_must_be_positive(monke
         assert gpu_check.main(args) == 0
         out = capsys.readouterr().out
         assert ("note: no GPU visible (torch.cuda.is_available() is false)" in out) is not visible
-        assert "budget 480 s" in out
+        assert f"budget {gpu_check.DEFAULT_BUDGET} s" in out
     for budget in ("0", "-5", "nan", "inf"):
         with pytest.raises(ArgumentError, match=f"--budget: expected a finite number above 0, got {budget}"):
             gpu_check.main(gpu_check.get_args_parser().parse_args(["--dry-run", "--budget", budget]))
