@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 
 from datasets.shapes import ShapesConfig, write_split
+from tests.fixed_box import save_fixed_box_checkpoint, write_square_split
 
 
 @pytest.fixture(scope="session")
@@ -14,3 +15,19 @@ def shapes_dir(tmp_path_factory) -> Path:
     write_split(out, "train", 8, seed=1, cfg=cfg)
     write_split(out, "val", 2, seed=1, cfg=cfg)
     return out
+
+
+@pytest.fixture(scope="session")
+def squares_dir(tmp_path_factory) -> Path:
+    """8 train and 3 val images with one square each, where `fixed_box_checkpoint` finds it (tests/fixed_box.py);
+    read-only for the tests that use it."""
+    out = tmp_path_factory.mktemp("squares")
+    write_square_split(out, "train", 8)
+    write_square_split(out, "val", 3)
+    return out
+
+
+@pytest.fixture(scope="session")
+def fixed_box_checkpoint(tmp_path_factory) -> Path:
+    """The tiny_hourglass checkpoint of tests/fixed_box.py: one box per image, at the square of `squares_dir`."""
+    return save_fixed_box_checkpoint(tmp_path_factory.mktemp("fixed_box") / "checkpoint.pt")

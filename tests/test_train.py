@@ -1,7 +1,10 @@
 """train.py end to end on a few built-in images: checkpoints, resume, refusal to overwrite, non-finite loss,
-and DistributedDataParallel (2 gloo processes on CPU) against one process with the same global batch."""
+and DistributedDataParallel (2 gloo processes on CPU): against one process with the same global batch, and a
+torchrun run's validation, unreadable-image budget and sample order over 2 epochs."""
 import json
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -259,7 +262,8 @@ def without_batchnorm(model: nn.Module) -> nn.Module:
 
 def one_step_gradients(rank: int, world: int, port: int, out: str) -> None:
     """One training step of the BN-free tiny network on a global batch of 4: the gradients after backward (all-reduced
-    by DDP when world > 1), and the batch each process loaded."""
+    by DDP when world > 1), the loss terms the step logged (averaged over the processes), and the batch each
+    process loaded."""
     if world > 1:  # in a spawned process; the single-process run stays out of any process group
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                           LOCAL_RANK=str(rank))
@@ -279,7 +283,8 @@ def one_step_gradients(rank: int, world: int, port: int, out: str) -> None:
     batch = next(iter(loader))
     logger = RunLogger(Path(out), enabled=False)
     trainer.train_one_epoch(ddp, loader, optimizer, scaler, torch.device("cpu"), False, progress, logger)
-    torch.save({"grads": grads, "images": batch["image"]}, Path(out) / f"world{world}_rank{rank}.pt")
+    torch.save({"grads": grads, "images": batch["image"], "terms": progress.sums},
+               Path(out) / f"world{world}_rank{rank}.pt")
     dist.cleanup()
 
 
@@ -293,7 +298,10 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     """What DDP guarantees: the averaged gradients of N processes with B / N images each equal the gradients of one
     process with B. Float sums in another order differ by a few ulps of the largest terms, so each tensor is
     compared within 1e-4 of its largest gradient (float32 eps is 1.2e-7); a missing or doubled all-reduce
-    would be off by ~50%."""
+    would be off by ~50%. The loss terms every process logs are the mean over the processes of its own terms, each
+    normalised by its images' objects (one per image): those of the whole batch, within 1e-4 relative (each object
+    count has 1e-4 added, --count_eps: 2.5e-5 relative between counts of 2 and 4); without the division by the
+    number of processes they would be twice as large."""
     mp.spawn(one_step_gradients, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     one_step_gradients(0, 1, free_port(), str(tmp_path))
     one = torch.load(tmp_path / "world1_rank0.pt")
@@ -307,6 +315,9 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
             torch.testing.assert_close(r["grads"][k], g, rtol=0, atol=1e-4 * float(g.abs().max()), msg=k)
         nonzero += int(bool(g.abs().max() > 0))
     assert nonzero > 0.9 * len(one["grads"])
+    assert set(one["terms"]) >= {"loss", "focal", "pull", "push", "off"} and one["terms"]["loss"] > 0
+    for r in ranks:
+        assert r["terms"] == pytest.approx(one["terms"], rel=1e-4)
 
 
 def test_each_process_draws_its_own_augmentation(tmp_path):
@@ -346,16 +357,77 @@ def launch_cmd(tmp_path: Path, shapes_dir: Path, *extra: str) -> list[str]:
             "--batch_size", "4", "--num_epochs", "1", "--num_workers", "0", "--device", "cpu", *extra]
 
 
-def test_torchrun_without_dist_trains_one_ddp_run(shapes_dir, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(free_port()), *launch_cmd(tmp_path, shapes_dir)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+SEED = train.get_args_parser().get_default("seed")
+
+
+@pytest.fixture(scope="module")
+def torchrun_run(squares_dir, fixed_box_checkpoint, tmp_path_factory) -> Path:
+    """The run folder of one 2-process torchrun run of train.py (without --dist) that several tests read: 2 epochs
+    of the 8 square images at a global batch of 4 (2 per process), fine-tuning the fixed-box network
+    (tests/fixed_box.py) at an lr that leaves its box in place, then validating on the 3 val images. One training
+    image, the first that process 1 reads, cannot be read: the budget (--max_bad_fraction 1/8 of 8) is one per
+    epoch. Each process writes down its samples of each epoch to samples/ (tests/recorded_train.py)."""
+    root = tmp_path_factory.mktemp("torchrun")
+    data = root / "data"
+    shutil.copytree(squares_dir, data)
+    first_of_rank1 = EpochSampler(epoch_order(8, 4, SEED, epoch=1), 4, rank=1, world_size=2).indices[0]
+    bad = data / "train" / CocoDetection(data, "train", train=True, img_size=127).images[first_of_rank1]["file_name"]
+    bad.write_bytes(b"not an image")
+    (root / "samples").mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "tests.recorded_train", "--log_name", "ddp", "--ckpt_dir", str(root), "--data_dir", str(data),
+           "--train_split", "train", "--val_split", "val", "--arch", "tiny_hourglass", "--img_size", "127",
+           "--batch_size", "4", "--num_epochs", "2", "--val_interval", "0", "--num_workers", "0", "--device", "cpu",
+           "--pretrained", str(fixed_box_checkpoint), "--lr", "1e-7", "--max_bad_fraction", "0.125"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SAMPLES_DIR": str(root / "samples")}
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    state = load_checkpoint(tmp_path / "ddp" / "checkpoint.pt")
-    assert state["epoch"] == 1 and not state["args"]["dist"]
-    log = (tmp_path / "ddp" / "train.log").read_text()
+    return root / "ddp"
+
+
+def test_torchrun_without_dist_trains_one_ddp_run(torchrun_run):
+    state = load_checkpoint(torchrun_run / "checkpoint.pt")
+    assert state["epoch"] == 2 and not state["args"]["dist"]
+    log = (torchrun_run / "train.log").read_text()
     assert "--dist implied" in log and "2 process(es)" in log and log.count("starting a new run") == 1
+
+
+def test_validation_of_two_processes_scores_every_image_once(torchrun_run, squares_dir):
+    """The val AP of the 2-process run is that of its checkpoint evaluated by one process: 1.0, each square found
+    (Adam moves each weight by about the lr, 1e-7, at each of the 4 steps). A process evaluating another's share
+    instead of its own would leave an image out and another twice, and the AP at about 2/3."""
+    model = build_model("tiny_hourglass", 1)
+    model.load_state_dict(load_checkpoint(torchrun_run / "checkpoint.pt")["model"])
+    val = CocoDetection(squares_dir, "val", train=False)
+    ap = evaluate(model, val, InferenceConfig(), torch.device("cpu"), num_workers=0, progress=False)["AP"]
+    assert ap == 1.0
+    logged = re.findall(r"^epoch 2: val AP (.*)$", (torchrun_run / "train.log").read_text(), re.MULTILINE)
+    assert logged == [f"{ap:.4f}"]
+
+
+def test_an_unreadable_image_counts_once_over_the_processes(torchrun_run):
+    """Each epoch reads the unreadable image once, in one process: each epoch logs it once, and the budget of one
+    was not exceeded (counted once per process, or twice, the run would have stopped or logged none)."""
+    epoch_lines = re.findall(r"^epoch \d: loss .*$", (torchrun_run / "train.log").read_text(), re.MULTILINE)
+    assert len(epoch_lines) == 2 and all(line.endswith(" (1 unreadable images skipped)") for line in epoch_lines), \
+        epoch_lines
+
+
+def test_the_processes_share_each_epoch_and_every_epoch_has_its_order(torchrun_run):
+    """Per epoch, the two processes' samples are disjoint and cover the 8 images; they are those of epoch_order
+    for the run's seed and that epoch (which a resumed run computes again), so they change from epoch to epoch."""
+    samples = {}
+    for rank in (0, 1):
+        for line in (torchrun_run.parent / "samples" / f"rank{rank}.jsonl").read_text().splitlines():
+            entry = json.loads(line)
+            samples[entry["epoch"], rank] = entry["samples"]
+    assert sorted(samples) == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    for epoch in (1, 2):
+        shares = [samples[epoch, 0], samples[epoch, 1]]
+        assert sorted(shares[0] + shares[1]) == list(range(8)), f"epoch {epoch}: {shares}"
+        order = epoch_order(8, 4, SEED, epoch)
+        assert shares == [EpochSampler(order, 4, rank, 2).indices for rank in (0, 1)], f"epoch {epoch}"
+    assert samples[1, 0] + samples[1, 1] != samples[2, 0] + samples[2, 1]
 
 
 def test_srun_variables_start_a_two_process_run(shapes_dir, tmp_path):

@@ -1,0 +1,51 @@
+"""The order of the training samples (datasets/sampling.py) over epochs, processes and resumes, with the processes
+given as explicit ranks; tests/test_train.py checks that a real 2-process run of train.py uses exactly these."""
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from datasets.sampling import EpochSampler, epoch_order
+from engine.trainer import EpochProgress
+
+NUM_ITEMS, GLOBAL_BATCH = 103, 12  # 8 steps; 7 images left out of each epoch
+
+
+def test_every_epoch_has_its_own_order_and_the_same_one_after_a_resume():
+    orders = [epoch_order(NUM_ITEMS, GLOBAL_BATCH, seed=317, epoch=e) for e in (1, 2, 3)]
+    for order in orders:
+        assert len(order) == 96 and len(set(order.tolist())) == 96 and set(order.tolist()) <= set(range(NUM_ITEMS))
+    # two equal orders of 96 out of 103 images by chance: probability below 1e-150
+    assert len({tuple(order) for order in orders}) == 3
+    assert not np.array_equal(epoch_order(NUM_ITEMS, GLOBAL_BATCH, seed=318, epoch=2), orders[1])
+    # A resumed run draws other random numbers before it (no epochs trained, other augmentations): the same order.
+    random.seed(1)
+    np.random.seed(1)
+    torch.manual_seed(1)
+    assert np.array_equal(epoch_order(NUM_ITEMS, GLOBAL_BATCH, seed=317, epoch=2), orders[1])
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_the_processes_shares_are_disjoint_and_cover_each_step(world_size):
+    order = epoch_order(NUM_ITEMS, GLOBAL_BATCH, seed=0, epoch=1)
+    shares = [EpochSampler(order, GLOBAL_BATCH, rank, world_size).indices for rank in range(world_size)]
+    per_process = GLOBAL_BATCH // world_size
+    for step in range(len(order) // GLOBAL_BATCH):
+        images = [i for share in shares for i in share[step * per_process:(step + 1) * per_process]]
+        assert sorted(images) == sorted(order[step * GLOBAL_BATCH:(step + 1) * GLOBAL_BATCH].tolist())
+    assert sum(len(share) for share in shares) == len(order)
+
+
+@pytest.mark.parametrize("before, after", [(2, 2), (1, 4), (4, 2)])
+def test_a_resume_mid_epoch_continues_with_the_images_left(before, after):
+    """Saved after 3 steps with `before` processes, resumed with `after`: the position in the checkpoint gives the
+    same order, and the new processes' shares cover exactly the images of steps 4 to 8."""
+    progress = EpochProgress(1, epoch_order(NUM_ITEMS, GLOBAL_BATCH, seed=0, epoch=1), GLOBAL_BATCH, 3, step=3)
+    seen = [i for rank in range(before) for i in EpochSampler(progress.order, GLOBAL_BATCH, rank, before).indices
+            [:3 * GLOBAL_BATCH // before]]
+    resumed = EpochProgress.from_position(progress.position())
+    assert np.array_equal(resumed.order, progress.order) and resumed.step == 3
+    left = [i for rank in range(after) for i in EpochSampler(resumed.order, GLOBAL_BATCH, rank, after, resumed.step)
+            .indices]
+    assert sorted(seen + left) == sorted(progress.order.tolist()) and not set(seen) & set(left)
