@@ -69,7 +69,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "published numbers (README.md)")
     p.add_argument("--num_workers", type=int, default=2, help="data loading workers per process")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--amp", action="store_true", help="fp16 autocast on CUDA, bf16 on CPU")
+    p.add_argument("--amp", action="store_true", help="16-bit: fp16 autocast on CUDA; on the CPU the bf16 network (README: CPU inference)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--force", action="store_true", help="replace the results of an earlier evaluation of the same "
                    "model with the same settings")

@@ -1,21 +1,30 @@
 """Inference speed per image: post-processing (decode + center check + soft-NMS), the model forward, and the
 whole test-time pipeline.
 
-    .venv/bin/python bench/bench_infer.py [--device cpu|cuda] [--threads N] [--forward_repeats 2]
-                                          [--archs tiny_hourglass small_hourglass] [--skip_forward] [--onnx]
+    .venv/bin/python bench/bench_infer.py [--device cpu|cuda] [--threads N] [--forward_repeats 3] [--clock cpu]
+                                          [--archs tiny_hourglass small_hourglass] [--skip_forward] [--no-onnx]
     python3 bench/bench_infer.py --device cuda --archs small_hourglass large_hourglass --forward_repeats 20
 
 Post-processing runs on synthetic outputs shaped like a trained network's (80 classes, 128 x 128 maps, a dozen
 objects in a few classes with near-duplicate corner peaks, a noisy background), K = 70, num_dets 1000,
 soft-NMS with merging per class, for one input (single) and for an image and its flipped copy (flip). Decoding
-runs on --device, soft-NMS on the CPU. The forward is timed at 511 x 511, batch 1, in eval mode, in fp32 and
-(on CUDA) with fp16 and bf16 autocast; cudnn.benchmark is on for these fixed-size rows. The whole pipeline is
-engine.inference.detect on one random 511 x 511 image (forward, decode, center check, rescale, soft-NMS), single
-and with its flipped copy, in fp32 with cudnn.benchmark off (test.py's setting: image sizes vary). The networks
-are untrained and their flat heatmaps would give no boxes, so each forward runs for its time but detect() gets the
-synthetic outputs above, and decoding and soft-NMS see a trained network's kind of peaks.
-With --onnx, on the CPU, the fp32 forward is also timed on onnxruntime (CPU provider, the same thread count),
-exported by tools/export_onnx.py to a temporary folder.
+runs on --device, soft-NMS on the CPU.
+
+The forward is timed at 511 x 511, batch 1, in eval mode. On the CPU, side by side in one run (the variants take
+turns, --forward_repeats rounds, median): the network as trained (fp32, unprepared), the network prepared for
+inference (nets/inference.py: what Detector, test.py and demo.py run), onnxruntime on the same weights (CPU
+provider, the same thread count, exported by tools/export_onnx.py to a temporary folder; --no-onnx skips it),
+and the 16-bit path (`--amp`: the prepared network in bf16). Each row gives GFLOP/s (convolution FLOPs counted by
+torch's FlopCounterMode) and its share of the machine's peak, measured in the same run as a 2048 x 2048 matrix
+product in fp32 and in bf16 on the same threads. --clock cpu times with this process's CPU time instead of the
+wall clock: on a machine that other jobs load, a 1-thread run then counts only the time it ran.
+On CUDA the rows are fp32 and fp16 / bf16 autocast, with cudnn.benchmark on for these fixed-size rows.
+
+The whole pipeline is engine.inference.detect on one random 511 x 511 image (forward, decode, center check,
+rescale, soft-NMS), single and with its flipped copy, with the network test.py runs (prepared on the CPU) and
+cudnn.benchmark off (test.py's setting: image sizes vary). The networks are untrained and their flat heatmaps
+would give no boxes, so each forward runs for its time but detect() gets the synthetic outputs above, and
+decoding and soft-NMS see a trained network's kind of peaks.
 """
 import argparse
 import statistics
@@ -26,11 +35,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: import the repo
 from datasets.transforms import eval_input
-from engine.inference import InferenceConfig, detect, nms_per_class
+from engine.inference import InferenceConfig, detect, network_for, nms_per_class
 from nets import build_model
+from nets.inference import prepare_for_inference
 from utils.decode import center_check, decode
 from utils.device import autocast, cudnn_benchmark
 
@@ -41,9 +52,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--archs", nargs="+", default=["tiny_hourglass", "small_hourglass"])
     parser.add_argument("--post_repeats", type=int, default=10)
-    parser.add_argument("--forward_repeats", type=int, default=2)
+    parser.add_argument("--forward_repeats", type=int, default=3)
     parser.add_argument("--skip_forward", action="store_true")
-    parser.add_argument("--onnx", action="store_true", help="also time the forward on onnxruntime (CPU)")
+    parser.add_argument("--onnx", action=argparse.BooleanOptionalAction, default=True,
+                        help="time the forward on onnxruntime too (CPU)")
+    parser.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                        help="wall clock, or this process's CPU time (CPU only)")
     return parser
 
 
@@ -84,32 +98,70 @@ def postprocess(out: dict, cfg: InferenceConfig, device: torch.device):
 
 
 def median_ms(fn, repeats: int, device: torch.device, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
+    return side_by_side({"": fn}, repeats, device, warmup)[""]
+
+
+def side_by_side(fns: dict, repeats: int, device: torch.device, warmup: int = 1, clock=time.perf_counter) -> dict:
+    """{name: median ms} of the callables `fns`, which take turns, one call each per round."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = clock()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[name].append((clock() - start) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
-def onnx_forward_ms(model: torch.nn.Module, image: torch.Tensor, repeats: int) -> float:
-    """Median ms of onnxruntime's forward of `model` (CenterNet on the CPU) at the image's size, batch 1."""
+def onnx_session(model: torch.nn.Module, side: int, folder: str):
+    """onnxruntime's session (CPU provider, torch's thread count) for `model` exported at `side` x `side`."""
     from engine.onnx_backend import OnnxModel
     from tools.export_onnx import OUTPUTS, export
 
-    side = image.shape[-1]
     metadata = {"arch": "", "class_names": [], "img_size": side, "size_unit": model.size_unit, "dynamic": False,
                 "max_size": side, "outputs": OUTPUTS}
+    export(model, Path(folder) / "model.onnx", side, metadata)
+    return OnnxModel(Path(folder) / "model.onnx", torch.device("cpu"), threads=torch.get_num_threads())
+
+
+def conv_gflop(model: torch.nn.Module, image: torch.Tensor) -> float:
+    with FlopCounterMode(display=False) as counter:
+        model(image)
+    return counter.get_total_flops() / 1e9
+
+
+def matmul_peaks(clock, size: int = 2048, repeats: int = 5) -> dict:
+    """GFLOP/s of a size x size matrix product in fp32 and bf16: the machine's reachable peak on these threads."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a16, b16 = a.bfloat16(), b.bfloat16()
+    ms = side_by_side({"fp32": lambda: a @ b, "bf16": lambda: a16 @ b16}, repeats, torch.device("cpu"), clock=clock)
+    return {k: 2 * size ** 3 / (v / 1e3) / 1e9 for k, v in ms.items()}
+
+
+def cpu_forward_rows(arch: str, image: torch.Tensor, args, peaks: dict, clock) -> None:
+    """One row per variant of `arch`'s CPU forward: ms, speed-up over the unprepared network, GFLOP/s, % of peak."""
+    model = build_model(arch, 80).eval()
+    gflop = conv_gflop(model, image)
+    prepared, bf16 = prepare_for_inference(model), prepare_for_inference(model, torch.bfloat16)
+    fns = {"fp32 unprepared": lambda: model(image), "fp32 prepared": lambda: prepared(image),
+           "bf16 prepared (--amp)": lambda: bf16(image)}
     with tempfile.TemporaryDirectory() as tmp:
-        export(model, Path(tmp) / "model.onnx", side, metadata)
-        session = OnnxModel(Path(tmp) / "model.onnx", torch.device("cpu"), threads=torch.get_num_threads())
-        return median_ms(lambda: session(image), repeats, torch.device("cpu"))
+        if args.onnx:
+            session = onnx_session(model, image.shape[-1], tmp)
+            fns["onnxruntime fp32"] = lambda: session(image)
+        ms = side_by_side(fns, args.forward_repeats, torch.device("cpu"), clock=clock)
+    for name, t in ms.items():
+        rate = gflop / (t / 1e3)
+        peak = peaks["bf16" if "bf16" in name else "fp32"]
+        label = f"forward {arch} 511 {name}"
+        print(f"{label:<46}{t:>10.1f}{ms['fp32 unprepared'] / t:>9.2f}x{rate:>9.1f}{100 * rate / peak:>8.0f}%",
+              flush=True)
 
 
 def main(args: argparse.Namespace) -> None:
@@ -133,17 +185,23 @@ def main(args: argparse.Namespace) -> None:
     image = torch.randn(1, 3, 511, 511, device=device)
     photo = np.random.default_rng(0).integers(0, 256, (511, 511, 3), dtype=np.uint8)
     inputs = {flip: [eval_input(photo, 1.0, flip)] for flip in (False, True)}
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    if device.type == "cpu":
+        peaks = matmul_peaks(clock)
+        print(f"matrix product 2048: fp32 {peaks['fp32']:.1f} GFLOP/s, bf16 {peaks['bf16']:.1f} GFLOP/s "
+              f"({args.clock} clock)")
+        print(f"{'forward':<46}{'ms':>10}{'speed-up':>10}{'GFLOP/s':>9}{'of peak':>8}")
+        for arch in args.archs:
+            cpu_forward_rows(arch, image, args, peaks, clock)
     for arch in args.archs:
         model = build_model(arch, 80).to(device).eval()
-        timed = TimedForward(model, {k: v.to(device) for k, v in synthetic_outputs(2).items()})
-        for amp in (False, "fp16", "bf16") if device.type == "cuda" else (False,):  # CPU bf16 convolutions crawl
-            with cudnn_benchmark(True):
-                ms = median_ms(lambda: forward(model, image, device, amp), args.forward_repeats, device)
-            label = f"forward {arch} 511 {amp or 'fp32'}"
-            print(f"{label:<34}{ms:>12.1f}{'':>12}", flush=True)
-        if args.onnx and device.type == "cpu":
-            ms = onnx_forward_ms(model, image, args.forward_repeats)
-            print(f"{'forward ' + arch + ' 511 onnxruntime':<34}{ms:>12.1f}{'':>12}", flush=True)
+        if device.type == "cuda":
+            for amp in (False, "fp16", "bf16"):
+                with cudnn_benchmark(True):
+                    ms = median_ms(lambda: forward(model, image, device, amp), args.forward_repeats, device)
+                label = f"forward {arch} 511 {amp or 'fp32'}"
+                print(f"{label:<34}{ms:>12.1f}{'':>12}", flush=True)
+        timed = TimedForward(network_for(model, device), {k: v.to(device) for k, v in synthetic_outputs(2).items()})
         for flip in (False, True):
             with cudnn_benchmark(False):
                 kept = len(detect(timed, inputs[flip], cfg, device))

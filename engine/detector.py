@@ -18,7 +18,7 @@ import torch
 
 from datasets.image_io import as_bgr8, load_image
 from datasets.transforms import eval_input
-from engine.inference import InferenceConfig, detect_batch, official_config
+from engine.inference import InferenceConfig, detect_batch, network_for, official_config
 from engine.onnx_backend import OnnxModel
 from nets import model_from_checkpoint
 from utils.checkpoint import load_inference_checkpoint
@@ -100,19 +100,25 @@ class Detector:
 
     def __init__(self, model, class_names: list[str], device: torch.device, test_flip: bool = False,
                  test_scales: tuple[float, ...] = (1.0,), score_thresh: float = 0.0, batch_size: int = 4,
-                 config: InferenceConfig | None = None, category_ids: list[int] | None = None):
+                 config: InferenceConfig | None = None, category_ids: list[int] | None = None, amp: bool = False):
         """`model` maps (N, 3, H, W) images to the eval-mode output dict of docs/FORMAT.md; `config` defaults to
         the official settings for the number of `test_scales`; detections scoring below `score_thresh` are
-        dropped; `category_ids` are the data set's ids of the classes (None: unknown)."""
+        dropped; `category_ids` are the data set's ids of the classes (None: unknown). `amp`: the 16-bit path (the
+        bf16 network on the CPU, fp16 autocast on CUDA); a network is run prepared for inference on the CPU."""
         scales = check_scales(test_scales)
         check_number("score_thresh", score_thresh, 0, 1)
         check_positive_int("batch_size", batch_size)
         if not isinstance(test_flip, bool):
             raise ArgumentError(f"test_flip: expected True or False, got {test_flip!r}")
+        if not isinstance(amp, bool):
+            raise ArgumentError(f"amp: expected True or False, got {amp!r}")
+        if amp and isinstance(model, OnnxModel):
+            raise ArgumentError("amp: an ONNX model runs in the precision it was exported in; drop amp")
         if category_ids is not None and len(category_ids) != len(class_names):
             raise ArgumentError(f"category_ids: expected one per class ({len(class_names)}), got "
                                 f"{len(category_ids)}")
-        self.model, self.class_names, self.device = model, list(class_names), device
+        self.model, self.class_names, self.device, self.amp = model, list(class_names), device, amp
+        self.network = network_for(model, device, amp)
         self.category_ids = None if category_ids is None else [int(c) for c in category_ids]
         self.test_flip, self.test_scales = test_flip, scales
         self.score_thresh, self.batch_size = score_thresh, batch_size
@@ -125,7 +131,7 @@ class Detector:
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto", test_flip: bool = False,
                         test_scales: float | tuple[float, ...] = (1.0,), score_thresh: float = 0.0,
                         batch_size: int = 4, onnx: bool | None = None,
-                        config: InferenceConfig | None = None) -> "Detector":
+                        config: InferenceConfig | None = None, amp: bool = False) -> "Detector":
         """A detector for the checkpoint at `path` (or the .onnx file: see `load_network`) on `device` (auto, cpu,
         cuda, cuda:N or a torch.device). Bad arguments are refused before the file is read."""
         check_scales(test_scales)
@@ -134,7 +140,7 @@ class Detector:
         torch_device = select_device(device)
         model, class_names, category_ids = load_network(path, torch_device, onnx)
         return cls(model, class_names, torch_device, test_flip, test_scales, score_thresh, batch_size, config,
-                   category_ids)
+                   category_ids, amp)
 
     def __call__(self, images: np.ndarray | str | Path | list) -> "Detections | list[Detections]":
         """Detections of one image (array or path), or a list of them for a list."""
@@ -172,7 +178,7 @@ class Detector:
             groups.setdefault(tuple(batch.shape for batch, _ in sample), []).append(i)
         rows = [None] * len(images)
         for members in groups.values():
-            for i, dets in zip(members, detect_batch(self.model, [inputs[i] for i in members], self.config,
-                                                     self.device)):
+            for i, dets in zip(members, detect_batch(self.network, [inputs[i] for i in members], self.config,
+                                                     self.device, self.amp)):
                 rows[i] = dets[dets[:, 4] >= self.score_thresh]
         return rows

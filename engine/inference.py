@@ -24,6 +24,8 @@ from tqdm import tqdm
 from datasets.coco_eval import evaluate_detections
 from datasets.transforms import EvalMeta, boxes_to_resized, far_outside, resized_to_original
 from lib.nms import soft_nms, soft_nms_merge
+from nets.hourglass import CenterNet
+from nets.inference import PreparedNetwork, prepare_for_inference
 from utils.decode import center_check, decode
 from utils.device import autocast, cudnn_benchmark
 from utils.checks import check_number, check_positive_int
@@ -134,6 +136,15 @@ def to_original(boxes: torch.Tensor, centers: torch.Tensor, meta: EvalMeta, flip
     return boxes, centers
 
 
+def network_for(model, device: torch.device, amp: bool = False):
+    """What the detect functions should run for `model`: on the CPU, a CenterNet prepared for inference
+    (nets/inference.py: batch norm folded, ReLU and sums fused, channels_last; bf16 weights and activations with
+    `amp`); elsewhere, and for other models (ONNX), `model` itself, which `detect` autocasts when `amp`."""
+    if device.type != "cpu" or not isinstance(model, CenterNet):
+        return model
+    return prepare_for_inference(model, torch.bfloat16 if amp else torch.float32)
+
+
 @torch.no_grad()
 def detect(model, inputs: list, cfg: InferenceConfig, device: torch.device, amp: bool = False) -> np.ndarray:
     """One eval sample's `inputs` ([(images (1 or 2, 3, H, W), meta) per test scale], image 1 flipped) ->
@@ -154,7 +165,7 @@ def detect_batch(model, samples: list[list], cfg: InferenceConfig, device: torch
     boxes, centers = [[] for _ in samples], [[] for _ in samples]
     for scale_inputs in zip(*samples):  # [(images, meta) of each sample] at one test scale
         images = torch.cat([im for im, _ in scale_inputs])
-        with autocast(device, amp):
+        with autocast(device, amp and not isinstance(model, PreparedNetwork)):  # a prepared one has its dtype
             out = model(images.to(device, non_blocking=True))
         dets, points = decode(out, topk=cfg.topk, ae_threshold=cfg.ae_threshold, num_dets=cfg.num_dets,
                               kernel=cfg.kernel)
@@ -186,9 +197,10 @@ def detect_dataset(model, dataset, cfg: InferenceConfig, device: torch.device, n
                         num_workers=num_workers, collate_fn=first_item, pin_memory=device.type == "cuda")
     was_training = model.training
     model.eval()
+    network = network_for(model, device, amp)
     detections = {}
     for sample in tqdm(loader, desc="eval", disable=not (progress and is_main()), dynamic_ncols=True):
-        detections[int(sample["image_id"])] = detect(model, sample["inputs"], cfg, device, amp)
+        detections[int(sample["image_id"])] = detect(network, sample["inputs"], cfg, device, amp)
     model.train(was_training)
     merged = {}
     for part in all_gather_object(detections):

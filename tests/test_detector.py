@@ -11,7 +11,7 @@ import torch
 from datasets.coco import CocoDetection
 from datasets.image_io import load_image
 from engine import Detections, Detector
-from engine.inference import detect, official_config
+from engine.inference import detect, network_for, official_config
 from nets import build_model, model_config
 from tests.test_demo import same_detections
 from tests.test_export_onnx import peaked_tiny
@@ -47,10 +47,11 @@ def test_path_array_and_list_give_the_test_py_detections(tiny):
     scales = (0.5, 1.0)
     dataset = CocoDetection(RACCOON, "val", train=False, img_size=127, test_scales=scales, test_flip=True)
     index = {im["file_name"]: i for i, im in enumerate(dataset.images)}
-    # test.py's detections of two images of different sizes: each is one forward per scale in both pipelines, so
-    # the same float32 operations on the same inputs give the same bits.
+    # test.py's detections (on the CPU it runs the prepared network) of two images of different sizes: each is one
+    # forward per scale in both pipelines, so the same float32 operations on the same inputs give the same bits.
     names = ["raccoon-102.jpg", "raccoon-148.jpg"]
-    expected = [detect(model, dataset[index[name]]["inputs"], official_config(len(scales)), CPU) for name in names]
+    network = network_for(model, CPU)
+    expected = [detect(network, dataset[index[name]]["inputs"], official_config(len(scales)), CPU) for name in names]
     assert all(len(e) > 10 for e in expected)
 
     detector = Detector.from_checkpoint(ckpt, device="cpu", test_flip=True, test_scales=scales)

@@ -1,0 +1,170 @@
+"""`prepare_for_inference(model)`: an eval-only copy of a CenterNet network that runs faster on the CPU and gives
+the same outputs up to float rounding. Training never sees it: checkpoints hold the unprepared network.
+
+What it changes (each measured by bench/bench_infer.py, README "CPU inference"):
+- batch norm folded into the convolution before it: w' = w * g / sqrt(v + eps), b' = beta + (b - m) * g / sqrt(v + eps);
+- ReLU, and the residual sum before it, done inside the convolution by oneDNN (`mkldnn::_convolution_pointwise`):
+  one pass over memory instead of three;
+- activations in channels_last, oneDNN's native layout, so no convolution reorders its input;
+- optionally bf16 weights and activations (the CPU's AVX-512 BF16 / AMX instructions), outputs back in float32.
+
+The rewrite goes by module type (ConvBnRelu, Residual, PoolMerge, conv-BN and conv-ReLU pairs in an nn.Sequential),
+so any branch built from these blocks is prepared; a block it does not know keeps its own forward, which stays
+correct (a batch norm left unfolded only costs time). Without oneDNN (non-x86 builds) the folded convolutions run
+as plain `F.conv2d` followed by ReLU.
+"""
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .corner_pool import PoolMerge
+from .layers import Residual
+
+ONEDNN = torch.backends.mkldnn.is_available()
+
+
+def folded(conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight and bias of `conv` followed by `bn` in eval mode, computed in float64 so that folding adds no
+    rounding beyond the final cast to float32."""
+    weight = conv.weight.detach().double()
+    bias = conv.bias.detach().double() if conv.bias is not None else torch.zeros(conv.out_channels, dtype=weight.dtype)
+    if bn is not None:
+        scale = bn.weight.detach().double() / torch.sqrt(bn.running_var.double() + bn.eps)
+        weight = weight * scale[:, None, None, None]
+        bias = bn.bias.detach().double() + (bias - bn.running_mean.double()) * scale
+    return weight.float(), bias.float()
+
+
+class FusedConv(nn.Module):
+    """conv (+ folded BN) (+ `add`) (+ ReLU) as one call: forward(x, add=None) = [relu](conv(x) [+ add])."""
+
+    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None, relu: bool = False):
+        super().__init__()
+        if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError("FusedConv: only zero-padded, ungrouped convolutions with numeric padding")
+        weight, bias = folded(conv, bn)
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = nn.Parameter(bias, requires_grad=False)
+        self.stride, self.padding, self.dilation = list(conv.stride), list(conv.padding), list(conv.dilation)
+        self.relu = relu
+        self.packed = None  # the weight in oneDNN's blocked layout, made at the first call
+
+    def onednn_weight(self, x: torch.Tensor) -> torch.Tensor:
+        """The weight reordered once for oneDNN (it then fits any input size; the shape only guides the choice of
+        layout): unpacked, every call reorders it, which costs most on the deep 8 x 8 levels (2.4x there)."""
+        if self.packed is None or self.packed.dtype != x.dtype:
+            self.packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
+                self.weight.to(x.dtype).to_mkldnn(), self.padding, self.stride, self.dilation, 1, list(x.shape))
+        return self.packed
+
+    def forward(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+        if ONEDNN and x.device.type == "cpu":
+            weight = self.onednn_weight(x)
+            if add is None:
+                return torch.ops.mkldnn._convolution_pointwise(x, weight, self.bias, self.padding, self.stride,
+                                                               self.dilation, 1, "relu" if self.relu else "none",
+                                                               [], "")
+            # oneDNN wants both operands in one layout; the sum is then a post-op of the convolution.
+            add = add.contiguous(memory_format=suggested_format(x))
+            return torch.ops.mkldnn._convolution_pointwise.binary(
+                x, add, weight, self.bias, self.padding, self.stride, self.dilation, 1, "add", 1.0,
+                "relu" if self.relu else None, [], "")
+        y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
+        if add is not None:
+            y = y + add
+        return F.relu(y) if self.relu else y
+
+
+def suggested_format(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
+        else torch.contiguous_format
+
+
+class PreparedResidual(nn.Module):
+    """Residual: relu(bn2(conv2(relu(bn1(conv1(x))))) + skip(x)) as two fused convolutions (and the skip's)."""
+
+    def __init__(self, block: Residual):
+        super().__init__()
+        self.conv1 = FusedConv(block.conv1, block.bn1, relu=True)
+        self.conv2 = FusedConv(block.conv2, block.bn2, relu=True)
+        self.skip = nn.Identity() if isinstance(block.skip, nn.Identity) else FusedConv(block.skip[0], block.skip[1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(self.conv1(x), add=self.skip(x))
+
+
+class PreparedPoolMerge(nn.Module):
+    """PoolMerge: out(relu(bn(conv3x3(pooled)) + bn(conv1x1(x)))) with the sum and ReLU fused."""
+
+    def __init__(self, merge: PoolMerge):
+        super().__init__()
+        self.pool_conv = FusedConv(merge.pool_conv, merge.pool_bn, relu=True)
+        self.skip_conv = FusedConv(merge.skip_conv, merge.skip_bn)
+        self.out = FusedConv(merge.out[0], merge.out[1], relu=True)
+
+    def forward(self, x: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        return self.out(self.pool_conv(pooled, add=self.skip_conv(x)))
+
+
+def fused_sequence(seq: nn.Sequential) -> nn.Sequential:
+    """The layers of `seq` with each Conv2d [BatchNorm2d] [ReLU] run as one FusedConv."""
+    layers, items, i = [], list(seq), 0
+    while i < len(items):
+        layer = items[i]
+        if isinstance(layer, nn.Conv2d) and layer.groups == 1 and not isinstance(layer.padding, str):
+            bn = items[i + 1] if i + 1 < len(items) and isinstance(items[i + 1], nn.BatchNorm2d) else None
+            j = i + 1 + (bn is not None)
+            relu = j < len(items) and isinstance(items[j], nn.ReLU)
+            layers.append(FusedConv(layer, bn, relu))
+            i = j + relu
+        else:
+            layers.append(prepared(layer))
+            i += 1
+    return nn.Sequential(*layers)
+
+
+def prepared(module: nn.Module) -> nn.Module:
+    """`module` with its known blocks replaced by their prepared forms (in place for the others' children)."""
+    if isinstance(module, Residual):
+        return PreparedResidual(module)
+    if isinstance(module, PoolMerge):
+        return PreparedPoolMerge(module)
+    if isinstance(module, nn.Sequential):  # ConvBnRelu and the heads included
+        return fused_sequence(module)
+    if isinstance(module, nn.Conv2d) and module.groups == 1 and not isinstance(module.padding, str):
+        return FusedConv(module)
+    for name, child in module.named_children():
+        setattr(module, name, prepared(child))
+    return module
+
+
+class PreparedNetwork(nn.Module):
+    """The eval-mode network on channels_last (and `dtype`) inputs; returns the output dict in float32."""
+
+    def __init__(self, network: nn.Module, dtype: torch.dtype, channels_last: bool):
+        super().__init__()
+        self.network, self.dtype, self.channels_last = network, dtype, channels_last
+
+    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = image.to(self.dtype)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return {k: v.float().contiguous() for k, v in self.network(x).items()}
+
+
+@torch.no_grad()
+def prepare_for_inference(model: nn.Module, dtype: torch.dtype = torch.float32,
+                          channels_last: bool = True) -> PreparedNetwork:
+    """An eval-mode copy of `model` prepared for CPU inference (see the module docstring); `model` is untouched.
+    `dtype` bfloat16 gives the 16-bit path (`--amp` on the CPU)."""
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"prepare_for_inference: dtype must be float32 or bfloat16, got {dtype}")
+    network = prepared(copy.deepcopy(model).eval()).to(dtype)
+    if channels_last:
+        network = network.to(memory_format=torch.channels_last)
+    return PreparedNetwork(network.eval(), dtype, channels_last)
+
+
+__all__ = ["prepare_for_inference", "PreparedNetwork", "FusedConv"]

@@ -1,0 +1,90 @@
+"""nets/inference.py: the network prepared for CPU inference computes what the trained network computes.
+
+Reference: the unprepared network in float64. Folding is done in float64 and rounded once to float32, and each
+convolution then rounds as the unprepared one does, so both float32 paths sit within a few float32 roundings per
+layer of the float64 result: relative to each output's scale, 1e-4 covers ~50 layers of accumulations of up to
+600 products at eps 6e-8 with a wide margin, while a wrongly folded batch norm (a swapped mean or a missing eps)
+moves outputs by 1e-2 or more. bf16 keeps 8 bits of mantissa (eps 3.9e-3): its bound is 2^-3 of the scale.
+"""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from nets import build_model
+from nets.inference import FusedConv, prepare_for_inference
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def trained_looking(seed: int = 0) -> nn.Module:
+    """tiny_hourglass with batch-norm statistics and affine parameters far from their initial values."""
+    torch.manual_seed(seed)
+    model = build_model("tiny_hourglass", 5).eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.3, 0.3)
+            m.running_var.uniform_(0.3, 3.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    return model
+
+
+def relative_error(out: dict, ref: dict) -> float:
+    return max(((out[k].double() - ref[k]).abs().max() / ref[k].abs().max()).item() for k in ref)
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_prepared_equals_trained_network_to_float32_rounding(channels_last):
+    model = trained_looking()
+    image = torch.randn(2, 3, 127, 127)
+    with torch.no_grad():
+        ref = copy.deepcopy(model).double()(image.double())
+        prepared = prepare_for_inference(model, channels_last=channels_last)
+        out = prepared(image)
+    assert set(out) == set(ref)
+    assert all(out[k].dtype == torch.float32 and out[k].shape == ref[k].shape for k in ref)
+    assert relative_error(out, ref) < 1e-4
+    # every batch norm was folded: none is left in the prepared network
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in prepared.modules())
+    assert sum(isinstance(m, FusedConv) for m in prepared.modules()) == \
+        sum(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+def test_a_wrong_fold_would_be_caught():
+    """The tolerance above is tight enough: forgetting eps in one batch norm's fold breaks it."""
+    model = trained_looking()
+    image = torch.randn(1, 3, 127, 127)
+    with torch.no_grad():
+        ref = copy.deepcopy(model).double()(image.double())
+        broken = copy.deepcopy(model)
+        broken.stem[0][1].running_var.add_(0.5)  # what a fold with a wrong variance would compute
+        assert relative_error(prepare_for_inference(broken)(image), ref) > 1e-3
+
+
+def test_preparing_leaves_the_trained_network_untouched():
+    model = trained_looking().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    prepare_for_inference(model)
+    assert model.training
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    loss = sum(o.float().sum() for out in model(torch.randn(2, 3, 127, 127)) for o in out.values())
+    loss.backward()  # still a trainable network with its batch norms
+    assert model.stem[0][0].weight.grad is not None
+
+
+def test_bf16_path_stays_close_and_returns_float32():
+    model = trained_looking()
+    image = torch.randn(1, 3, 127, 127)
+    with torch.no_grad():
+        ref = copy.deepcopy(model).double()(image.double())
+        out = prepare_for_inference(model, torch.bfloat16)(image)
+    assert all(v.dtype == torch.float32 for v in out.values())
+    assert relative_error(out, ref) < 2 ** -3
+
+
+def test_other_dtypes_are_refused():
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        prepare_for_inference(trained_looking(), torch.float16)
