@@ -1,5 +1,5 @@
-"""Evaluates a trained CenterNet on the val split of a COCO-format data set: COCO AP table, per-class AP and the
-results json, written beside the checkpoint.
+"""Evaluates a trained CenterNet on the val split of a COCO-format data set: COCO AP table, the paper's false
+discovery rates (FD, Table 3), per-class AP and the results json, written beside the checkpoint.
 
     python test.py --log_name coco_hg_511_ddp --dataset coco --test_flip
     python test.py --log_name coco_hg_511_ddp --dataset coco --test_flip --test_scales 0.6,1,1.2,1.5,1.8
@@ -12,7 +12,8 @@ test code (engine/inference.py); --inplace_nms also reproduces its in-place soft
 The results json is named after what makes it differ: results_<split>_<checkpoint stem>_s<scales>[_flip].json
 (results_val2017_checkpoint_s1_flip.json for the first command), plus `_onnx` for --onnx and a short hash of the
 post-processing flags when they are not the official ones (e.g. another --topk). Beside it go the per-class table
-(`..._per_class.csv`) and precision-recall curves (`..._pr.png`). Earlier results are never replaced without
+(`..._per_class.csv`), precision-recall curves (`..._pr.png`) and every printed number in `..._metrics.json` (AP ...
+ARl as COCOeval's fractions, FD ... FD_L in percent, null where undefined). Earlier results are never replaced without
 --force. COCO test-dev (annotations/image_info_test-dev2017.json, images in test2017/) has no annotations: the
 results go to detections_test-dev2017_<run>-checkpoint-s100-flip_results.json for the COCO evaluation server,
 which gives the AP:
