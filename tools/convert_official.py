@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: import the repo
-from nets import build_model
+from nets import METHODS, build_model
 from utils.checkpoint import read_plain, save_checkpoint
 from utils.errors import CheckpointError, UserError, run_cli
 
@@ -135,7 +135,7 @@ def main(args: argparse.Namespace) -> None:
     save_checkpoint(out, {"model": model.state_dict(), "epoch": 0, "best_ap": -1.0, "class_names": COCO_CLASSES,
                           "category_ids": COCO_IDS,
                           "args": {"arch": args.arch, "num_classes": len(COCO_CLASSES), "img_size": 511,
-                                   "converted_from": str(args.src)}})
+                                   "method": "centernet", **METHODS["centernet"], "converted_from": str(args.src)}})
     print(f"{args.src} -> {out} ({args.arch}, {len(state)} tensors)")
 
 
