@@ -6,8 +6,8 @@ boxes and centers mapped to original pixels (`datasets.transforms.boxes_to_resiz
 outside the resized image are rejected, the others clipped); then the boxes of all scales and flips together ->
 `center_check` against the centers of the scale-1 forwards (both flips) -> soft-NMS per class -> the boxes
 scoring at least the `max_per_image`-th best score. A network without a center branch (`--method cornernet`),
-or `center_check` off, keeps the boxes with their corner score, as CornerNet's test code does. `evaluate` runs it over a data set (split across processes
-under torchrun) and scores it with pycocotools.
+or `center_check` off, keeps the boxes with their corner score, as CornerNet's test code does. `evaluate` runs
+it over a data set (split across processes under torchrun) and scores it with pycocotools.
 
 Defaults are those of the official configs (db/detection.py with config/CenterNet-104.json): top_k 70,
 ae_threshold 0.5, nms_kernel 3, num_dets 1000, nms_threshold 0.5, gaussian soft-NMS (sigma 0.5), max_per_image 100,

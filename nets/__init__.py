@@ -82,8 +82,9 @@ def build_model(arch: str, num_classes: int, grad_checkpoint: bool = False, corn
 
 def model_from_checkpoint(state: dict, path) -> CenterNet:
     """The network of a checkpoint (see utils/checkpoint.py) with its weights loaded. Checkpoints without
-    `model_config` (older ones, and converted official weights) are built from `args.arch`, the variant of `args`
-    (`saved_variant`) and `class_names`; a `model_config` without the variant keys is centernet's.
+    `model_config` (older ones, and official weights converted before it was stored) are built from `args.arch`,
+    the variant of `args` (`saved_variant`) and `class_names`; a `model_config` without the variant keys is
+    centernet's.
     A checkpoint whose `class_names` are not the network's classes, or whose weights do not fit the network it
     names, is a CheckpointError naming both numbers, or the first key that does not fit."""
     config = state.get("model_config")

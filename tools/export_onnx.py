@@ -6,10 +6,11 @@ outputs. Decoding and soft-NMS stay in Python (`test.py --onnx`, `demo.py --onnx
 
 The file has one input `image` (N, 3, H, W), normalised BGR as datasets/transforms.eval_input makes it, and the
 outputs of the eval dict in this order: hm_tl hm_br hm_ct emb_tl emb_br off_tl off_br off_ct, each
-(N, *, (H + 1) / 4, (W + 1) / 4); a network without a center branch (--method cornernet) has no hm_ct and off_ct. The batch size is always free; with --dynamic so are H and W (any k * unit - 1
-up to --max_size), otherwise the input is fixed to --img_size (default: the checkpoint's). Corner pooling is the
-exact log-step shifted maximum of nets/export_pool.py: standard operators only, no plugin. The file carries the
-checkpoint's arch, variant, class names and input size as metadata (key `centernet47`), so test.py and demo.py need only it.
+(N, *, (H + 1) / 4, (W + 1) / 4); a network without a center branch (--method cornernet) has no hm_ct and off_ct.
+The batch size is always free; with --dynamic so are H and W (any k * unit - 1 up to --max_size), otherwise the
+input is fixed to --img_size (default: the checkpoint's). Corner pooling is the exact log-step shifted maximum of
+nets/export_pool.py: standard operators only, no plugin. The file carries the checkpoint's arch, variant, class
+names and input size as metadata (key `centernet47`), so test.py and demo.py need only it.
 
 Exporter: torch.onnx.export with dynamo=False (the TorchScript exporter). It needs nothing beyond onnx and gives
 one graph for every input size; torch 2.14 warns that it is deprecated. README ("ONNX export") says why not dynamo.
