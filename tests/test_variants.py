@@ -31,6 +31,7 @@ test_cli = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(test_cli)
 CORNER_KEYS = {"hm_tl", "hm_br", "emb_tl", "emb_br", "off_tl", "off_br"}
 CPU = torch.device("cpu")
+RACCOON = REPO / "tests" / "data" / "raccoon"
 
 
 def test_presets_and_overrides():
@@ -62,17 +63,24 @@ def test_each_variant_has_its_outputs_and_only_its_modules(corner_pool, center_b
 
 
 def test_centernet_is_the_network_of_before():
-    """The default network is unchanged: the same parameters in the same order (an old checkpoint's optimizer
-    state follows that order) as the explicit centernet variant, and as a network built from a model_config
-    without the variant keys."""
+    """The default network is the one every earlier checkpoint holds: the branch modules in the order they were
+    registered before the variants (an old checkpoint's optimizer state follows the parameter order), and the same
+    network from a model_config without the variant keys."""
     default = build_model("tiny_hourglass", 2)
-    explicit = build_model("tiny_hourglass", 2, corner_pool="cascade", center_branch="pool")
-    config = model_config("tiny_hourglass", 2)
-    old_config = {k: v for k, v in config.items() if k not in ("corner_pool", "center_branch")}
-    old = CenterNet(**old_config)
+    modules = []
+    for name, _ in default.branches[0].named_parameters():
+        prefix = ".".join(name.split(".")[:2 if name.startswith("pool_") else 1])
+        if prefix not in modules:
+            modules.append(prefix)
+    assert modules == ["pool_tl.conv_v", "pool_tl.look_h", "pool_tl.cascade_v", "pool_tl.conv_h", "pool_tl.look_v",
+                       "pool_tl.cascade_h", "pool_tl.merge", "pool_br.conv_v", "pool_br.look_h", "pool_br.cascade_v",
+                       "pool_br.conv_h", "pool_br.look_v", "pool_br.cascade_h", "pool_br.merge", "pool_ct.conv_col",
+                       "pool_ct.conv_row", "pool_ct.merge", "hm_tl", "hm_br", "hm_ct", "emb_tl", "emb_br", "off_tl",
+                       "off_br", "off_ct"]
+    old_config = {k: v for k, v in model_config("tiny_hourglass", 2).items() if k not in ("corner_pool",
+                                                                                          "center_branch")}
     shapes = [(n, tuple(p.shape)) for n, p in default.named_parameters()]
-    assert shapes == [(n, tuple(p.shape)) for n, p in explicit.named_parameters()]
-    assert shapes == [(n, tuple(p.shape)) for n, p in old.named_parameters()]
+    assert shapes == [(n, tuple(p.shape)) for n, p in CenterNet(**old_config).named_parameters()]
 
 
 def test_plain_corner_pool_is_cornernets_and_center_conv_has_no_maxima():
@@ -224,7 +232,7 @@ def test_each_variant_trains_resumes_evaluates_exports_and_detects(name, shapes_
     save_checkpoint(peaked, state)
     export_onnx.main(export_onnx.get_args_parser().parse_args(
         ["--ckpt", str(peaked), "--out", str(onnx), "--dynamic", "--max_size", "767"]))
-    images = sorted((REPO / "tests" / "data" / "raccoon" / "val").glob("*.jpg"))[:2]
+    images = sorted((RACCOON / "val").glob("*.jpg"))[:2]
     found = {}
     for source in (peaked, onnx):
         detector = Detector.from_checkpoint(source, device="cpu", test_flip=True, test_scales=(0.5, 1.0))
@@ -234,6 +242,27 @@ def test_each_variant_trains_resumes_evaluates_exports_and_detects(name, shapes_
         found[source.suffix] = [(i, box, float(s)) for i, d in enumerate(detector(images))
                                 for box, s in zip(d.boxes, d.scores)]
     assert len(found[".pt"]) > 10 and same_detections(found[".onnx"], found[".pt"])
+    stats = test_cli.main(test_cli.get_args_parser().parse_args([
+        "--onnx", str(onnx), "--data_dir", str(RACCOON), "--val_split", "val", "--device", "cpu", "--num_workers",
+        "0", "--test_flip"]))
+    assert 0 <= stats["AP"] <= 1
+
+
+def test_a_checkpoint_from_before_the_variants_resumes_as_centernet(shapes_dir, tmp_path):
+    train.main(train_args(shapes_dir, tmp_path, "--num_epochs", "1"))
+    path = tmp_path / "run" / "checkpoint.pt"
+    state = load_checkpoint(path)
+    for entry in (state["args"], state["model_config"]):
+        for key in ("method", "corner_pool", "center_branch"):
+            entry.pop(key, None)
+    save_checkpoint(path, state)
+    with pytest.raises(ArgumentError, match=r"is a centernet network \(--corner_pool cascade --center_branch pool\)"
+                                            ", not cornernet"):
+        train.main(train_args(shapes_dir, tmp_path, "--num_epochs", "2", "--resume", "--method", "cornernet"))
+    train.main(train_args(shapes_dir, tmp_path, "--num_epochs", "2", "--resume"))
+    resumed = load_checkpoint(path)
+    assert resumed["epoch"] == 2 and resumed["args"]["method"] == "centernet"
+    assert (resumed["model_config"]["corner_pool"], resumed["model_config"]["center_branch"]) == ("cascade", "pool")
 
 
 def test_center_check_off_evaluates_a_centernet_checkpoint_without_it(shapes_dir, tmp_path, capsys):
