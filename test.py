@@ -19,8 +19,10 @@ results go to detections_test-dev2017_<run>-checkpoint-s100-flip_results.json fo
 which gives the AP:
     python test.py --log_name coco_hg_511_ddp --val_split test-dev2017 --test_flip
 
-The checkpoint is CKPT_DIR/LOG_NAME/checkpoint.pt unless --ckpt names one. Architecture, classes and training
-input size come from it; --arch and --img_size, when given, must agree with it.
+The checkpoint is CKPT_DIR/LOG_NAME/checkpoint.pt unless --ckpt names one. Architecture, variant (--method),
+classes and training input size come from it; --arch and --img_size, when given, must agree with it.
+--center_check off evaluates a network with a center branch without the center check (the paper's "CRE at test
+time" comparison); a network without one (--method cornernet) has none to turn off.
 
     python test.py --onnx model.onnx --dataset coco --data_dir data/shapes --val_split val
 
@@ -34,11 +36,11 @@ from datasets import build_dataset
 from datasets.coco_eval import BACKENDS, check_results_free, results_path
 from engine.inference import InferenceConfig, build_eval_config, changed_settings, evaluate, parse_scales
 from engine.onnx_backend import OnnxModel
-from nets import model_from_checkpoint
+from nets import model_from_checkpoint, variant_name
 from utils import dist
 from utils.checkpoint import load_inference_checkpoint, saved_args
 from utils.device import select_device
-from utils.errors import run_cli
+from utils.errors import ArgumentError, run_cli
 
 DEFAULTS = InferenceConfig()
 
@@ -68,6 +70,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--inplace_nms", action="store_true",
                    help="the official in-place soft-NMS, stale rows included, for exact comparison with the "
                         "published numbers (README.md)")
+    p.add_argument("--center_check", choices=["on", "off"],
+                   help="keep only boxes with a center keypoint in their central region (default: on for a network "
+                        "with a center branch); off evaluates a CenterNet network as CornerNet's test does")
     p.add_argument("--num_workers", type=int, default=2, help="data loading workers per process")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--amp", action="store_true", help="fp16 autocast on CUDA, bf16 on CPU")
@@ -124,12 +129,19 @@ def main(args: argparse.Namespace) -> dict:
                          f"{args.val_split} has {dataset.class_names}")
     if model is None:
         model = model_from_checkpoint(state, path).to(device).eval()
+    has_center = "hm_ct" in model.output_keys
+    if args.center_check and not has_center:
+        raise ArgumentError(f"--center_check {args.center_check}: {path} is a network without a center branch "
+                            f"({variant_name(model.corner_pool, model.center_branch)}), which has no center check; "
+                            "drop the flag")
 
     out_json = results_path(path, args.val_split, args.test_scales, args.test_flip, bool(args.onnx),
                             changed_settings(cfg, len(args.test_scales), args.amp), not dataset.has_annotations)
     check_results_free(out_json, args.force)
     if dist.is_main():
-        print(f"evaluating {path} ({args.arch}, {args.num_classes} classes) on {len(dataset)} images of "
+        check = "" if not has_center else f", center check {'off' if args.center_check == 'off' else 'on'}"
+        print(f"evaluating {path} ({args.arch}, {variant_name(model.corner_pool, model.center_branch)}{check}, "
+              f"{args.num_classes} classes) on {len(dataset)} images of "
               f"{args.data_dir} {args.val_split}, scales {args.test_scales}, flip {args.test_flip}, "
               f"{dist.world_size()} process(es) on {device}", flush=True)
     stats = evaluate(model, dataset, cfg, device, num_workers=args.num_workers, amp=args.amp,

@@ -101,11 +101,11 @@ def median_ms(fn, repeats: int, device: torch.device, warmup: int = 1) -> float:
 def onnx_forward_ms(model: torch.nn.Module, image: torch.Tensor, repeats: int) -> float:
     """Median ms of onnxruntime's forward of `model` (CenterNet on the CPU) at the image's size, batch 1."""
     from engine.onnx_backend import OnnxModel
-    from tools.export_onnx import OUTPUTS, export
+    from tools.export_onnx import export
 
     side = image.shape[-1]
     metadata = {"arch": "", "class_names": [], "img_size": side, "size_unit": model.size_unit, "dynamic": False,
-                "max_size": side, "outputs": OUTPUTS}
+                "max_size": side}
     with tempfile.TemporaryDirectory() as tmp:
         export(model, Path(tmp) / "model.onnx", side, metadata)
         session = OnnxModel(Path(tmp) / "model.onnx", torch.device("cpu"), threads=torch.get_num_threads())
