@@ -235,7 +235,8 @@ def train(args: argparse.Namespace, signals: StopSignals) -> tuple[float, bool]:
                         "DistributedDataParallel (--dist implied)")
         for line in pretrained.lines() if pretrained else []:
             logger.info(line)
-        logger.info(f"{args.arch} ({variant_name(args.corner_pool, args.center_branch)}) at epoch {start_epoch}{f' step {progress.step}' if progress else ''}: "
+        variant = variant_name(args.corner_pool, args.center_branch)
+        logger.info(f"{args.arch} ({variant}) at epoch {start_epoch}{f' step {progress.step}' if progress else ''}: "
                     f"{args.num_classes} classes, {len(train_set)} train / {len(val_set)} val images, "
                     f"{dist.world_size()} process(es) on {device}")
         ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
