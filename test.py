@@ -1,5 +1,5 @@
-"""Evaluates a trained CenterNet on the val split of a COCO-format data set: COCO AP table, per-class AP and the
-results json, written beside the checkpoint.
+"""Evaluates a trained CenterNet on the val split of a COCO-format data set: COCO AP table, the paper's false
+discovery rates (FD, Table 3), per-class AP and the results json, written beside the checkpoint.
 
     python test.py --log_name coco_hg_511_ddp --dataset coco --test_flip
     python test.py --log_name coco_hg_511_ddp --dataset coco --test_flip --test_scales 0.6,1,1.2,1.5,1.8
@@ -12,14 +12,17 @@ test code (engine/inference.py); --inplace_nms also reproduces its in-place soft
 The results json is named after what makes it differ: results_<split>_<checkpoint stem>_s<scales>[_flip].json
 (results_val2017_checkpoint_s1_flip.json for the first command), plus `_onnx` for --onnx and a short hash of the
 post-processing flags when they are not the official ones (e.g. another --topk). Beside it go the per-class table
-(`..._per_class.csv`) and precision-recall curves (`..._pr.png`). Earlier results are never replaced without
+(`..._per_class.csv`), precision-recall curves (`..._pr.png`) and every printed number in `..._metrics.json` (AP ...
+ARl as COCOeval's fractions, FD ... FD_L in percent, null where undefined). Earlier results are never replaced without
 --force. COCO test-dev (annotations/image_info_test-dev2017.json, images in test2017/) has no annotations: the
 results go to detections_test-dev2017_<run>-checkpoint-s100-flip_results.json for the COCO evaluation server,
 which gives the AP:
     python test.py --log_name coco_hg_511_ddp --val_split test-dev2017 --test_flip
 
-The checkpoint is CKPT_DIR/LOG_NAME/checkpoint.pt unless --ckpt names one. Architecture, classes and training
-input size come from it; --arch and --img_size, when given, must agree with it.
+The checkpoint is CKPT_DIR/LOG_NAME/checkpoint.pt unless --ckpt names one. Architecture, variant (--method),
+classes and training input size come from it; --arch and --img_size, when given, must agree with it.
+--center_check off evaluates a network with a center branch without the center check (the paper's "CRE at test
+time" comparison); a network without one (--method cornernet) has none to turn off.
 
     python test.py --onnx model.onnx --dataset coco --data_dir data/shapes --val_split val
 
@@ -33,11 +36,11 @@ from datasets import build_dataset
 from datasets.coco_eval import BACKENDS, check_results_free, results_path
 from engine.inference import InferenceConfig, build_eval_config, changed_settings, evaluate, parse_scales
 from engine.onnx_backend import OnnxModel
-from nets import model_from_checkpoint
+from nets import model_from_checkpoint, variant_name
 from utils import dist
 from utils.checkpoint import load_inference_checkpoint, saved_args
 from utils.device import select_device
-from utils.errors import run_cli
+from utils.errors import ArgumentError, run_cli
 
 DEFAULTS = InferenceConfig()
 
@@ -67,6 +70,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--inplace_nms", action="store_true",
                    help="the official in-place soft-NMS, stale rows included, for exact comparison with the "
                         "published numbers (README.md)")
+    p.add_argument("--center_check", choices=["on", "off"],
+                   help="keep only boxes with a center keypoint in their central region (default: on for a network "
+                        "with a center branch); off evaluates a CenterNet network as CornerNet's test does")
     p.add_argument("--num_workers", type=int, default=2, help="data loading workers per process")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--amp", action="store_true", help="16-bit: fp16 autocast on CUDA; on the CPU the bf16 network (README: CPU inference)")
@@ -123,12 +129,19 @@ def main(args: argparse.Namespace) -> dict:
                          f"{args.val_split} has {dataset.class_names}")
     if model is None:
         model = model_from_checkpoint(state, path).to(device).eval()
+    has_center = "hm_ct" in model.output_keys
+    if args.center_check and not has_center:
+        raise ArgumentError(f"--center_check {args.center_check}: {path} is a network without a center branch "
+                            f"({variant_name(model.corner_pool, model.center_branch)}), which has no center check; "
+                            "drop the flag")
 
     out_json = results_path(path, args.val_split, args.test_scales, args.test_flip, bool(args.onnx),
                             changed_settings(cfg, len(args.test_scales), args.amp), not dataset.has_annotations)
     check_results_free(out_json, args.force)
     if dist.is_main():
-        print(f"evaluating {path} ({args.arch}, {args.num_classes} classes) on {len(dataset)} images of "
+        check = "" if not has_center else f", center check {'off' if args.center_check == 'off' else 'on'}"
+        print(f"evaluating {path} ({args.arch}, {variant_name(model.corner_pool, model.center_branch)}{check}, "
+              f"{args.num_classes} classes) on {len(dataset)} images of "
               f"{args.data_dir} {args.val_split}, scales {args.test_scales}, flip {args.test_flip}, "
               f"{dist.world_size()} process(es) on {device}", flush=True)
     stats = evaluate(model, dataset, cfg, device, num_workers=args.num_workers, amp=args.amp,

@@ -17,7 +17,8 @@ import os
 
 from engine.run_folder import RunComplete
 from engine.trainer import parse_lr_steps, train
-from nets import ARCHS
+from nets import ARCHS, METHODS
+from nets.hourglass import CENTER_BRANCHES, CORNER_POOLS
 from utils import dist
 from utils.checks import check_number, check_positive_int
 from utils.errors import ArgumentError, run_cli
@@ -33,6 +34,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--train_split", default="train2017")
     p.add_argument("--val_split", default="val2017")
     p.add_argument("--arch", default="large_hourglass", choices=list(ARCHS))
+    # The variant (README "Variants"): a preset, and its two parts, which override the preset when given.
+    p.add_argument("--method", default="centernet", choices=list(METHODS),
+                   help="centernet: --corner_pool cascade --center_branch pool; cornernet: plain, none")
+    p.add_argument("--corner_pool", choices=list(CORNER_POOLS),
+                   help="cascade corner pooling (CenterNet's) or plain (CornerNet's); default: the --method's")
+    p.add_argument("--center_branch", choices=list(CENTER_BRANCHES),
+                   help="center heatmap and offsets after center pooling (pool), after convolutions only (conv), "
+                        "or none (no center loss, no center check); default: the --method's")
     p.add_argument("--img_size", type=int, default=511, help="training crop size, of the form 128k-1")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--lr_step", default="90,120", help="epochs after which the lr is multiplied by 0.1")

@@ -122,10 +122,10 @@ def side_by_side(fns: dict, repeats: int, device: torch.device, warmup: int = 1,
 def onnx_session(model: torch.nn.Module, side: int, folder: str):
     """onnxruntime's session (CPU provider, torch's thread count) for `model` exported at `side` x `side`."""
     from engine.onnx_backend import OnnxModel
-    from tools.export_onnx import OUTPUTS, export
+    from tools.export_onnx import export
 
     metadata = {"arch": "", "class_names": [], "img_size": side, "size_unit": model.size_unit, "dynamic": False,
-                "max_size": side, "outputs": OUTPUTS}
+                "max_size": side}
     export(model, Path(folder) / "model.onnx", side, metadata)
     return OnnxModel(Path(folder) / "model.onnx", torch.device("cpu"), threads=torch.get_num_threads())
 

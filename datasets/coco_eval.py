@@ -2,9 +2,12 @@
 
 `evaluate_detections` prints the standard 12-line table and a per-class AP table and returns the numbers. An empty
 detection set scores AP 0 instead of failing inside pycocotools. Metrics with no ground truth in their area range
-are -1, as pycocotools reports them. Beside the results json go the per-class table (CSV) and the precision-recall
-curves (PNG). A split without annotations (COCO test-dev: images and categories only) is not scored: its results
-json is written under the name the COCO evaluation server expects (`server_results_name`).
+are -1, as pycocotools reports them. Beside the results json go the per-class table (CSV), the precision-recall
+curves (PNG) and the metrics json (`metrics_path`): the 12 COCO numbers as COCOeval gives them (fractions, -1 where
+no ground truth), then the paper's false discovery rates (datasets/false_discovery.py: percent, null where
+undefined), named as in ALL_METRIC_NAMES. A split without annotations (COCO test-dev: images and categories only)
+is not scored: its results json is written under the name the COCO evaluation server expects
+(`server_results_name`).
 
 test.py names its results after everything that makes them differ (`results_path`): the split, the model file,
 the test scales and flip, and a short hash of any non-default post-processing settings; it never replaces earlier
@@ -26,10 +29,12 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from datasets.coco_report import pr_figure, per_class_table, table_csv
+from datasets.false_discovery import FD_NAMES, false_discovery_rates, format_rates
 from utils.errors import UserError
 from utils.files import atomic_write, write_json
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+ALL_METRIC_NAMES = METRIC_NAMES + FD_NAMES  # the metrics json's keys, in this order
 BACKENDS = ("pycocotools", "faster")
 
 
@@ -75,9 +80,27 @@ def results_path(model: Path, split: str, scales: list[float], flip: bool, onnx:
     return model.parent / f"{name}.json"
 
 
+def metrics_path(out_json: Path) -> Path:
+    """The metrics json of the results json `out_json`: x.json -> x_metrics.json."""
+    return out_json.with_name(out_json.stem + "_metrics.json")
+
+
+def results_of_metrics(path: Path) -> Path | None:
+    """The results json that the metrics json `path` describes: x_metrics.json -> x.json; None for another name."""
+    return path.with_name(path.name[:-len("_metrics.json")] + ".json") if path.name.endswith("_metrics.json") else None
+
+
 def companion_files(out_json: Path) -> list[Path]:
-    """The files `evaluate_detections` writes for `out_json`: the json, its per-class CSV and its PR plot."""
-    return [out_json] + [out_json.with_name(out_json.stem + end) for end in ("_per_class.csv", "_pr.png")]
+    """The files `evaluate_detections` writes for `out_json`: the json, its per-class CSV, its PR plot and its
+    metrics json."""
+    return [out_json] + [out_json.with_name(out_json.stem + end) for end in ("_per_class.csv", "_pr.png")] + \
+        [metrics_path(out_json)]
+
+
+def write_metrics(out_json: Path, stats: dict) -> None:
+    """Writes the ALL_METRIC_NAMES entries of `stats` to `metrics_path(out_json)`; NaN (undefined) as null."""
+    write_json(metrics_path(out_json), {name: None if np.isnan(stats[name]) else stats[name]
+                                        for name in ALL_METRIC_NAMES})
 
 
 def analysis_folder(out_json: Path) -> Path:
@@ -117,8 +140,8 @@ def per_class_ap(coco_eval: COCOeval) -> np.ndarray:
     return out
 
 
-def run_cocoeval(coco: COCO, results: COCO, cat_ids: list[int], backend: str = "pycocotools"):
-    """A finished box evaluation (its `stats` and `eval` arrays as pycocotools has them); prints the 12-line table."""
+def new_cocoeval(coco: COCO, results: COCO, cat_ids: list[int], backend: str = "pycocotools"):
+    """A box COCOeval of `backend` on `results` against `coco`, restricted to `cat_ids`, not yet evaluated."""
     if backend == "pycocotools":
         coco_eval = COCOeval(coco, results, "bbox")
     elif backend == "faster":
@@ -129,6 +152,12 @@ def run_cocoeval(coco: COCO, results: COCO, cat_ids: list[int], backend: str = "
     else:
         raise ValueError(f"unknown evaluation backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     coco_eval.params.catIds = list(cat_ids)
+    return coco_eval
+
+
+def run_cocoeval(coco: COCO, results: COCO, cat_ids: list[int], backend: str = "pycocotools"):
+    """A finished box evaluation (its `stats` and `eval` arrays as pycocotools has them); prints the 12-line table."""
+    coco_eval = new_cocoeval(coco, results, cat_ids, backend)
     table = io.StringIO()
     with contextlib.redirect_stdout(io.StringIO()):
         coco_eval.evaluate()
@@ -145,13 +174,15 @@ def evaluate_detections(coco: COCO, detections: dict[int, np.ndarray], cat_ids: 
     """Scores `detections` ({image_id: (M, 6) x1 y1 x2 y2 score label}, original pixels, contiguous labels) against
     `coco` over all its images (an image without an entry has no detections).
 
-    Prints the 12-line COCO table and a per-class AP table; when `out_json` is given, writes there the COCO results
-    json and beside it `<stem>_per_class.csv` and `<stem>_pr.png`. Returns {"AP", "AP50", "AP75", "APs", "APm",
-    "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl": float, "per_class": {class name: AP}}. Without ground truth
-    (no 'annotations' in `coco`), only writes `out_json`, says where AP comes from and returns {}; with an empty
-    'annotations' list, only writes `out_json`, says there is nothing to evaluate and returns every metric as -1
-    (pycocotools' value for no ground truth; a training run's validation logs it). No detection at all is scored
-    (AP 0) with a warning saying so.
+    Prints the 12-line COCO table and a per-class AP table; when `out_json` is given, also the paper's false
+    discovery rates between the two (a second COCOeval, datasets/false_discovery.py), and writes there the COCO
+    results json and beside it `<stem>_per_class.csv`, `<stem>_pr.png` and `<stem>_metrics.json`. Returns {"AP",
+    "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl": float, "per_class": {class
+    name: AP}}, plus FD_NAMES (percent, NaN where undefined) when `out_json` is given. Without ground truth (no
+    'annotations' in `coco`), only writes `out_json`, says where AP comes from and returns {}; with an empty
+    'annotations' list, only writes `out_json` (and its metrics json), says there is nothing to evaluate and
+    returns every metric as -1 (pycocotools' value for no ground truth; a training run's validation logs it), FD
+    as NaN. No detection at all is scored (AP 0, FD 100) with a warning saying so.
     """
     unknown = set(int(i) for i in detections) - set(coco.getImgIds())
     if unknown:
@@ -166,11 +197,14 @@ def evaluate_detections(coco: COCO, detections: dict[int, np.ndarray], cat_ids: 
               "(zip the json and upload it)")
         return {}
     if not coco.dataset["annotations"]:
+        stats = {**dict.fromkeys(METRIC_NAMES, -1.0), "per_class": dict.fromkeys(class_names, -1.0)}
         if out_json is not None:
             write_json(out_json, results)
+            stats.update(dict.fromkeys(FD_NAMES, float("nan")))
+            write_metrics(Path(out_json), stats)
         print(f"nothing to evaluate: this split's 'annotations' list is empty (no ground-truth box); {len(results)} "
               f"detections of {len(coco.getImgIds())} images" + (f" written to {out_json}" if out_json else ""))
-        return {**dict.fromkeys(METRIC_NAMES, -1.0), "per_class": dict.fromkeys(class_names, -1.0)}
+        return stats
     if not results:
         print(f"warning: the model detected nothing in {len(coco.getImgIds())} images (AP 0 below): an untrained or "
               "diverged checkpoint, or images unlike its training data?")
@@ -182,8 +216,12 @@ def evaluate_detections(coco: COCO, detections: dict[int, np.ndarray], cat_ids: 
             shutil.rmtree(stale)
             print(f"removed {stale}: it analysed the results that were replaced")
 
-    coco_eval = run_cocoeval(coco, load_results(coco, results), cat_ids, backend)
+    results_coco = load_results(coco, results)
+    coco_eval = run_cocoeval(coco, results_coco, cat_ids, backend)
     stats = {name: float(v) for name, v in zip(METRIC_NAMES, coco_eval.stats)}
+    if out_json is not None:
+        stats.update(false_discovery_rates(new_cocoeval(coco, results_coco, cat_ids, backend)))
+        print(format_rates(stats))
 
     aps = per_class_ap(coco_eval)
     width = max([len(n) for n in class_names] + [5])
@@ -201,4 +239,5 @@ def evaluate_detections(coco: COCO, detections: dict[int, np.ndarray], cat_ids: 
             print(f"no precision-recall plot: {e}")
         else:
             atomic_write(companion_files(out_json)[2], lambda f: f.write(png))
+        write_metrics(out_json, stats)
     return stats

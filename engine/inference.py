@@ -5,8 +5,9 @@ For one image: each test scale's input and its flipped copy -> forward -> `decod
 boxes and centers mapped to original pixels (`datasets.transforms.boxes_to_resized`: boxes more than 5 px
 outside the resized image are rejected, the others clipped); then the boxes of all scales and flips together ->
 `center_check` against the centers of the scale-1 forwards (both flips) -> soft-NMS per class -> the boxes
-scoring at least the `max_per_image`-th best score. `evaluate` runs it over a data set (split across processes
-under torchrun) and scores it with pycocotools.
+scoring at least the `max_per_image`-th best score. A network without a center branch (`--method cornernet`),
+or `center_check` off, keeps the boxes with their corner score, as CornerNet's test code does. `evaluate` runs
+it over a data set (split across processes under torchrun) and scores it with pycocotools.
 
 Defaults are those of the official configs (db/detection.py with config/CenterNet-104.json): top_k 70,
 ae_threshold 0.5, nms_kernel 3, num_dets 1000, nms_threshold 0.5, gaussian soft-NMS (sigma 0.5), max_per_image 100,
@@ -47,6 +48,7 @@ class InferenceConfig:
     score_threshold: float = 0.001  # soft-NMS drops boxes below it
     max_per_image: int = 100
     inplace_nms: bool = False  # the official in-place soft-NMS, stale rows included
+    center_check: bool = True  # only where the network has a center branch
 
     def __post_init__(self):
         """Refuses settings that cannot work (ArgumentError naming the field), NaN and infinity included."""
@@ -61,7 +63,7 @@ class InferenceConfig:
         check_number("score_threshold", self.score_threshold, 0, 1)
         if self.nms_method not in (0, 1, 2):
             raise ArgumentError(f"nms_method: expected 0 (hard), 1 (linear) or 2 (gaussian), got {self.nms_method!r}")
-        for name in ("merge", "inplace_nms"):
+        for name in ("merge", "inplace_nms", "center_check"):
             if not isinstance(getattr(self, name), bool):
                 raise ArgumentError(f"{name}: expected True or False, got {getattr(self, name)!r}")
 
@@ -73,10 +75,11 @@ def official_config(num_scales: int) -> InferenceConfig:
 
 def build_eval_config(args) -> InferenceConfig:
     """From test.py's flags --topk --ae_threshold --nms_threshold --weight_exp --merge auto|on|off --inplace_nms
-    (and --test_scales, already a list, for --merge auto)."""
+    --center_check on|off (None: on) (and --test_scales, already a list, for --merge auto)."""
     merge = {"auto": len(args.test_scales) > 1, "on": True, "off": False}[args.merge]
     return InferenceConfig(topk=args.topk, ae_threshold=args.ae_threshold, nms_threshold=args.nms_threshold,
-                           weight_exp=args.weight_exp, merge=merge, inplace_nms=args.inplace_nms)
+                           weight_exp=args.weight_exp, merge=merge, inplace_nms=args.inplace_nms,
+                           center_check=getattr(args, "center_check", None) != "off")
 
 
 def changed_settings(cfg: InferenceConfig, num_scales: int, amp: bool) -> dict:
@@ -123,14 +126,17 @@ def nms_per_class(rows: np.ndarray, cfg: InferenceConfig) -> np.ndarray:
     return kept[np.argsort(-kept[:, 4], kind="stable")]
 
 
-def to_original(boxes: torch.Tensor, centers: torch.Tensor, meta: EvalMeta, flipped: bool
-                ) -> tuple[np.ndarray, np.ndarray]:
+def to_original(boxes: torch.Tensor, centers: torch.Tensor | None, meta: EvalMeta, flipped: bool
+                ) -> tuple[np.ndarray, np.ndarray | None]:
     """One input's decoded boxes (D, 8) and centers (K, 4) in output-map units -> the same in original pixels,
-    float32; boxes far outside the image get score -1."""
-    boxes, centers = boxes.float().cpu().numpy(), centers.float().cpu().numpy()
+    float32; boxes far outside the image get score -1. No centers (None) stay None."""
+    boxes = boxes.float().cpu().numpy()
     resized = boxes_to_resized(boxes[:, :4], meta, flipped)
     boxes[far_outside(resized, meta), 4] = -1
     boxes[:, :4] = resized_to_original(resized, meta)
+    if centers is None:
+        return boxes, None
+    centers = centers.float().cpu().numpy()
     points = boxes_to_resized(centers[:, [0, 1, 0, 1]], meta, flipped)
     centers[:, :2] = resized_to_original(points, meta)[:, :2]
     return boxes, centers
@@ -172,13 +178,16 @@ def detect_batch(model, samples: list[list], cfg: InferenceConfig, device: torch
         per_sample = len(scale_inputs[0][0])  # 2 with the flipped copy
         for j, (_, meta) in enumerate(scale_inputs):
             for i in range(per_sample):
-                b, c = to_original(dets[j * per_sample + i], points[j * per_sample + i], meta, flipped=i == 1)
+                c = None if points is None else points[j * per_sample + i]
+                b, c = to_original(dets[j * per_sample + i], c, meta, flipped=i == 1)
                 boxes[j].append(b)
-                if meta.scale == center_scales[j]:
+                if c is not None and meta.scale == center_scales[j]:
                     centers[j].append(c)
     results = []
     for b, c in zip(boxes, centers):
-        rows = center_check(np.concatenate(b), np.concatenate(c))
+        rows = np.concatenate(b)
+        if cfg.center_check and c:  # no centers: a network without a center branch
+            rows = center_check(rows, np.concatenate(c))
         rows = rows[rows[:, 4] > -1]
         results.append(nms_per_class(rows[np.argsort(-rows[:, 4], kind="stable")], cfg))
     return results

@@ -21,7 +21,8 @@ METADATA_KEY = "centernet47"  # as tools/export_onnx.py writes it
 
 class OnnxModel:
     """Callable (N, 3, H, W) -> dict of CPU float32 tensors. Attributes from the file's metadata: arch,
-    class_names, category_ids, img_size, size_unit, dynamic, max_size."""
+    class_names, category_ids, img_size, size_unit, dynamic, max_size, output_keys, corner_pool, center_branch
+    (files exported before the variants existed are centernet's)."""
 
     def __init__(self, path: str | Path, device: torch.device, threads: int = 0):
         import onnxruntime as ort
@@ -56,6 +57,9 @@ class OnnxModel:
             self.size_unit, self.dynamic = int(info["size_unit"]), bool(info["dynamic"])
             self.max_size, self.outputs = int(info["max_size"]), list(info["outputs"])
             self.category_ids = info.get("category_ids")  # None in files exported before they were stored
+            self.output_keys = tuple(self.outputs)
+            self.corner_pool = info.get("corner_pool", "cascade")
+            self.center_branch = info.get("center_branch", "pool")
         except (ValueError, TypeError, KeyError) as e:  # json.JSONDecodeError is a ValueError
             raise CheckpointError(f"{path}: its '{METADATA_KEY}' metadata is malformed ({type(e).__name__}: {e}); "
                                   "export it again with tools/export_onnx.py") from None

@@ -3,6 +3,7 @@ can continue under the given flags, and rank-0 decisions shared with every proce
 import argparse
 from pathlib import Path
 
+from nets import resolve_variant, saved_variant, variant_name
 from utils import dist
 from utils.checkpoint import saved_args
 from utils.device import check_scaler_state
@@ -47,6 +48,11 @@ def check_resumable(state: dict, args: argparse.Namespace, class_names: list[str
         if saved[name] != getattr(args, name):
             raise ArgumentError(f"--resume: {path} was trained with --{name} {saved[name]}, not {getattr(args, name)}; "
                                 f"resume with --{name} {saved[name]}, or start a new run with another --log_name")
+    saved_net, net = saved_variant(saved), resolve_variant(args.method, args.corner_pool, args.center_branch)
+    if saved_net != net:
+        flags = " ".join(f"--{k} {v}" for k, v in saved_net.items())
+        raise ArgumentError(f"--resume: {path} is a {variant_name(**saved_net)} network ({flags}), not "
+                            f"{variant_name(**net)}; resume with {flags}, or start a new run with another --log_name")
     if state["class_names"] != class_names:
         raise DataError(f"--resume: {path} was trained on classes {state['class_names']}, but "
                         f"{args.train_split} has {class_names}")

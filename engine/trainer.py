@@ -23,7 +23,7 @@ from engine.inference import InferenceConfig, evaluate
 from engine.pretrained import load_pretrained_checkpoint
 from engine.run_folder import BEST, CHECKPOINT, check_resumable, on_main_for_all, run_folder_plan
 from engine.visualize import val_images
-from nets import build_model, model_config
+from nets import build_model, model_config, resolve_variant, variant_name
 from utils import dist
 from utils.checkpoint import load_checkpoint, save_checkpoint, saved_args
 from utils.device import autocast, grad_scaler, resume_scaler, select_device
@@ -167,6 +167,8 @@ def train_one_epoch(model, loader, optimizer, scaler, device, amp: bool | str, p
 
 def train(args: argparse.Namespace, signals: StopSignals) -> tuple[float, bool]:
     """The run of `main`: (last validation AP, whether a signal stopped it)."""
+    # The variant's two parts, resolved from the preset once: the checkpoint's args hold what the network is.
+    vars(args).update(resolve_variant(args.method, args.corner_pool, args.center_branch))
     launched_without_flag = dist.launched() and not args.dist
     dist.init_distributed(args.dist or dist.launched(), args.local_rank, args.device)
     device = select_device(args.device, dist.local_rank())
@@ -196,8 +198,9 @@ def train(args: argparse.Namespace, signals: StopSignals) -> tuple[float, bool]:
 
     if state is not None:
         check_resumable(state, args, train_set.class_names, run_dir / CHECKPOINT)
-    config = model_config(args.arch, args.num_classes)
-    model = build_model(args.arch, args.num_classes, grad_checkpoint=args.grad_checkpoint).to(device)
+    config = model_config(args.arch, args.num_classes, args.corner_pool, args.center_branch)
+    model = build_model(args.arch, args.num_classes, args.grad_checkpoint, args.corner_pool,
+                        args.center_branch).to(device)
     if args.sync_bn and dist.is_dist():
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=device.type == "cuda")
@@ -232,7 +235,8 @@ def train(args: argparse.Namespace, signals: StopSignals) -> tuple[float, bool]:
                         "DistributedDataParallel (--dist implied)")
         for line in pretrained.lines() if pretrained else []:
             logger.info(line)
-        logger.info(f"{args.arch} at epoch {start_epoch}{f' step {progress.step}' if progress else ''}: "
+        variant = variant_name(args.corner_pool, args.center_branch)
+        logger.info(f"{args.arch} ({variant}) at epoch {start_epoch}{f' step {progress.step}' if progress else ''}: "
                     f"{args.num_classes} classes, {len(train_set)} train / {len(val_set)} val images, "
                     f"{dist.world_size()} process(es) on {device}")
         ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \

@@ -1,11 +1,19 @@
-"""`build_model(arch, num_classes, grad_checkpoint)`: the CenterNet variants by name; `model_from_checkpoint(state)`:
-the network a checkpoint holds, built from the constructor arguments stored in it."""
+"""`build_model(arch, num_classes, grad_checkpoint, corner_pool, center_branch)`: the CenterNet networks by name and
+variant; `model_from_checkpoint(state)`: the network a checkpoint holds, built from the constructor arguments stored
+in it.
+
+Variants (the paper's ablation): `--method centernet` is cascade corner pooling with a center-pooling branch (the
+default, and the only network of checkpoints written before the variants existed), `--method cornernet` is plain
+corner pooling without a center branch; `--corner_pool` and `--center_branch`, when given, override the preset."""
 import torch
 
 from utils.checkpoint import saved_args
 from utils.errors import CheckpointError
 
-from .hourglass import CenterNet
+from .hourglass import CENTER_BRANCHES, CORNER_POOLS, CenterNet
+
+METHODS = {"centernet": dict(corner_pool="cascade", center_branch="pool"),
+           "cornernet": dict(corner_pool="plain", center_branch="none")}
 
 HOURGLASS_DIMS = [256, 256, 384, 384, 384, 512]
 HOURGLASS_BLOCKS = [2, 2, 2, 2, 2, 4]
@@ -26,23 +34,57 @@ ARCHS = {
 }
 
 
-def model_config(arch: str, num_classes: int) -> dict:
-    """The constructor arguments of CenterNet for `arch` (stored in checkpoints as `model_config`)."""
+def resolve_variant(method: str | None = None, corner_pool: str | None = None, center_branch: str | None = None
+                    ) -> dict[str, str]:
+    """{corner_pool, center_branch} of the preset `method` (None: centernet), overridden by those given."""
+    method = method or "centernet"
+    if method not in METHODS:
+        raise ValueError(f"unknown --method {method!r}; expected one of {', '.join(METHODS)}")
+    variant = dict(METHODS[method])
+    for name, value, allowed in (("corner_pool", corner_pool, CORNER_POOLS), ("center_branch", center_branch,
+                                                                              CENTER_BRANCHES)):
+        if value is not None:
+            if value not in allowed:
+                raise ValueError(f"unknown --{name} {value!r}; expected one of {', '.join(allowed)}")
+            variant[name] = value
+    return variant
+
+
+def saved_variant(args: dict) -> dict[str, str]:
+    """The variant of a run from its saved flags (utils.checkpoint.saved_args); runs from before the variants
+    were flags are centernet."""
+    return resolve_variant(args.get("method"), args.get("corner_pool"), args.get("center_branch"))
+
+
+def variant_name(corner_pool: str, center_branch: str) -> str:
+    """The preset's name when the variant is one, else `corner_pool+center_branch`, for logs and messages."""
+    variant = dict(corner_pool=corner_pool, center_branch=center_branch)
+    return next((m for m, v in METHODS.items() if v == variant), f"{corner_pool} corner pooling, center branch "
+                f"{center_branch}")
+
+
+def model_config(arch: str, num_classes: int, corner_pool: str = "cascade", center_branch: str = "pool") -> dict:
+    """The constructor arguments of CenterNet for `arch` and the variant (stored in checkpoints as
+    `model_config`)."""
     if arch not in ARCHS:
         raise ValueError(f"unknown --arch {arch!r}; expected one of {', '.join(ARCHS)}")
     if num_classes < 1:
         raise ValueError(f"num_classes must be at least 1, got {num_classes}")
-    return dict(num_classes=num_classes, **ARCHS[arch])
+    resolve_variant(None, corner_pool, center_branch)  # refuses unknown names
+    return dict(num_classes=num_classes, **ARCHS[arch], corner_pool=corner_pool, center_branch=center_branch)
 
 
-def build_model(arch: str, num_classes: int, grad_checkpoint: bool = False) -> CenterNet:
+def build_model(arch: str, num_classes: int, grad_checkpoint: bool = False, corner_pool: str = "cascade",
+                center_branch: str = "pool") -> CenterNet:
     """`grad_checkpoint`: recompute the hourglasses' activations in the backward pass (less memory, more time)."""
-    return CenterNet(**model_config(arch, num_classes), grad_checkpoint=grad_checkpoint)
+    return CenterNet(**model_config(arch, num_classes, corner_pool, center_branch), grad_checkpoint=grad_checkpoint)
 
 
 def model_from_checkpoint(state: dict, path) -> CenterNet:
     """The network of a checkpoint (see utils/checkpoint.py) with its weights loaded. Checkpoints without
-    `model_config` (older ones, and converted official weights) are built from `args.arch` and `class_names`.
+    `model_config` (older ones, and official weights converted before it was stored) are built from `args.arch`,
+    the variant of `args` (`saved_variant`) and `class_names`; a `model_config` without the variant keys is
+    centernet's.
     A checkpoint whose `class_names` are not the network's classes, or whose weights do not fit the network it
     names, is a CheckpointError naming both numbers, or the first key that does not fit."""
     config = state.get("model_config")
@@ -51,11 +93,17 @@ def model_from_checkpoint(state: dict, path) -> CenterNet:
         if arch not in ARCHS or "class_names" not in state:
             raise CheckpointError(f"{path}: the checkpoint has no 'model_config' and no known args.arch "
                                   f"({arch!r}) with 'class_names'")
-        config = model_config(arch, len(state["class_names"]))
+        try:
+            config = model_config(arch, len(state["class_names"]), **saved_variant(saved_args(state)))
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {e}") from None
     if "class_names" in state and len(state["class_names"]) != config["num_classes"]:
         raise CheckpointError(f"{path}: 'class_names' lists {len(state['class_names'])} classes, but the network "
                               f"has {config['num_classes']} class outputs")
-    model = CenterNet(**config)
+    try:
+        model = CenterNet(**config)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: its model_config does not build a network: {e}") from None
     problem = first_misfit(model.state_dict(), state["model"])
     if problem:
         raise CheckpointError(f"{path}: the weights do not fit the network they name: {problem}")

@@ -1,4 +1,5 @@
-"""The pooling branches of CenterNet: cascade corner pooling (top-left, bottom-right) and center pooling.
+"""The pooling branches of CenterNet: cascade corner pooling (top-left, bottom-right) and center pooling, and the
+modules of the ablation variants (`--corner_pool plain`, `--center_branch conv`).
 
 Cascade top-left pooling, on the 256-channel map x (official module `pool` of CenterNet-104):
     p1 = Top(conv3x3(a + Left(b)))    with a, b = conv-BN-ReLU(x), 128 channels each
@@ -7,6 +8,12 @@ Cascade top-left pooling, on the 256-channel map x (official module `pool` of Ce
 Bottom-right is the same with Bottom and Right. Center pooling (official `pool_cross`) replaces p1 by
 Bottom(Top(a)), the maximum of each column, and p2 by Right(Left(b)), the maximum of each row: one reduction per
 direction instead of two scans. Its gradient is shared equally between tied maxima (torch.amax).
+
+CornerNet's corner pooling (`CornerPool`, github princeton-vl/CornerNet models/CornerNet.py `pool`) has no
+cross-direction look: p1 = Top(a), p2 = Left(c), with the same merge. `CenterConv` is the center branch of the
+paper's "CRE without CTP" ablation, which says only that the center keypoints come from conventional
+convolutions: the CenterPool module with its two maxima left out (pooled = a + b), so that the two variants
+differ in the pooling alone.
 """
 import torch
 from torch import nn
@@ -33,6 +40,21 @@ class PoolMerge(nn.Module):
     def forward(self, x: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
         y = self.relu(self.pool_bn(self.pool_conv(pooled)) + self.skip_bn(self.skip_conv(x)))
         return self.out(y)
+
+
+class CornerPool(nn.Module):
+    """(N, dim, H, W) -> (N, dim, H, W): CornerNet's corner pooling, one scan per branch. `vertical`, `horizontal`
+    as for CascadeCornerPool."""
+
+    def __init__(self, dim: int, pool_dim: int, vertical: str, horizontal: str):
+        super().__init__()
+        self.vertical, self.horizontal = POOLS[vertical], POOLS[horizontal]
+        self.conv_v = ConvBnRelu(3, dim, pool_dim)
+        self.conv_h = ConvBnRelu(3, dim, pool_dim)
+        self.merge = PoolMerge(dim, pool_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.merge(x, self.vertical(self.conv_v(x)) + self.horizontal(self.conv_h(x)))
 
 
 class CascadeCornerPool(nn.Module):
@@ -69,3 +91,16 @@ class CenterPool(nn.Module):
         a, b = self.conv_col(x), self.conv_row(x)
         pooled = a.amax(dim=2, keepdim=True) + b.amax(dim=3, keepdim=True)  # broadcasts to (N, C, H, W)
         return self.merge(x, pooled)
+
+
+class CenterConv(nn.Module):
+    """(N, dim, H, W) -> (N, dim, H, W): CenterPool without the maxima, the sum of the two projections."""
+
+    def __init__(self, dim: int, pool_dim: int):
+        super().__init__()
+        self.conv_col = ConvBnRelu(3, dim, pool_dim)
+        self.conv_row = ConvBnRelu(3, dim, pool_dim)
+        self.merge = PoolMerge(dim, pool_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.merge(x, self.conv_col(x) + self.conv_row(x))

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .corner_pool import POOLS, CascadeCornerPool
+from .corner_pool import POOLS, CascadeCornerPool, CornerPool
 
 # direction -> (dim scanned, True when the maximum is taken over positions after the output's: top and left)
 DIRECTIONS = {"top": (2, True), "bottom": (2, False), "left": (3, True), "right": (3, False)}
@@ -50,12 +50,12 @@ def shifted_max_pool(x: torch.Tensor, direction: str, rounds: int | None = None)
 
 
 def use_export_pooling(model: nn.Module, rounds: int | None = None) -> nn.Module:
-    """Switches every cascade corner pooling of `model` (in place) to `shifted_max_pool` with `rounds` rounds
-    (None: from the size met at run time); returns `model`. For export and inference only: lib.cpool's
+    """Switches every corner pooling of `model` (cascade or plain, in place) to `shifted_max_pool` with `rounds`
+    rounds (None: from the size met at run time); returns `model`. For export and inference only: lib.cpool's
     gradients are not kept."""
     names = {fn: name for name, fn in POOLS.items()}
     for module in model.modules():
-        if isinstance(module, CascadeCornerPool):
+        if isinstance(module, (CascadeCornerPool, CornerPool)):
             for attr in ("vertical", "horizontal"):
                 pool = getattr(module, attr)
                 if pool not in names:

@@ -1,5 +1,7 @@
 """The CenterNet hourglass network: stem, stacked hourglass modules, and per stack the three pooling branches
-with their heads (heatmaps, embeddings, offsets).
+with their heads (heatmaps, embeddings, offsets). The variants of the paper's ablation: `corner_pool` cascade
+(CenterNet) or plain (CornerNet's), `center_branch` pool (center pooling), conv (convolutions only) or none (no
+center heatmap and offsets: CornerNet's network).
 
 Shapes: image (N, 3, H, W) with H, W of the form 128k - 1 -> maps (N, *, (H + 1) / 4, (W + 1) / 4).
 """
@@ -7,11 +9,19 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .corner_pool import CascadeCornerPool, CenterPool
+from .corner_pool import CascadeCornerPool, CenterConv, CenterPool, CornerPool
 from .layers import ConvBnRelu, Residual
 
 HEATMAP_BIAS = -2.19  # sigmoid(-2.19) ~ 0.1: the focal loss starts small on the mostly-negative heatmaps
 HEATMAP_HEADS = ("hm_tl", "hm_br", "hm_ct")  # the heads with one output channel per class
+OUTPUT_KEYS = ("hm_tl", "hm_br", "hm_ct", "emb_tl", "emb_br", "off_tl", "off_br", "off_ct")  # docs/FORMAT.md order
+CORNER_POOLS = {"cascade": CascadeCornerPool, "plain": CornerPool}
+CENTER_BRANCHES = {"pool": CenterPool, "conv": CenterConv, "none": None}
+
+
+def output_keys(center_branch: str) -> tuple[str, ...]:
+    """The eval dict's keys of a network with `center_branch`, in OUTPUT_KEYS order: no hm_ct, off_ct for none."""
+    return tuple(k for k in OUTPUT_KEYS if center_branch != "none" or not k.endswith("_ct"))
 
 
 def residuals(in_dim: int, out_dim: int, count: int, stride: int = 1) -> nn.Sequential:
@@ -70,53 +80,74 @@ def head(in_dim: int, mid_dim: int, out_dim: int, bias: float | None = None) -> 
     return layers
 
 
-class KeypointBranches(nn.Module):
-    """Per stack: top-left, bottom-right and center pooling, each followed by its heads.
-    (N, cnv_dim, h, w) -> dict of docs/FORMAT.md: hm_* (N, C, h, w), emb_* (N, 1, h, w), off_* (N, 2, h, w)."""
+def check_variant(corner_pool: str, center_branch: str) -> None:
+    if corner_pool not in CORNER_POOLS:
+        raise ValueError(f"unknown corner_pool {corner_pool!r}; expected one of {', '.join(CORNER_POOLS)}")
+    if center_branch not in CENTER_BRANCHES:
+        raise ValueError(f"unknown center_branch {center_branch!r}; expected one of {', '.join(CENTER_BRANCHES)}")
 
-    def __init__(self, cnv_dim: int, head_dim: int, pool_dim: int, num_classes: int):
+
+class KeypointBranches(nn.Module):
+    """Per stack: top-left, bottom-right and (unless center_branch is none) center pooling, each followed by its
+    heads. (N, cnv_dim, h, w) -> dict of docs/FORMAT.md: hm_* (N, C, h, w), emb_* (N, 1, h, w), off_* (N, 2, h, w),
+    without hm_ct and off_ct when there is no center branch. The modules are registered in the same order for every
+    variant (a checkpoint's optimizer state follows the parameter order)."""
+
+    def __init__(self, cnv_dim: int, head_dim: int, pool_dim: int, num_classes: int, corner_pool: str = "cascade",
+                 center_branch: str = "pool"):
         super().__init__()
-        self.pool_tl = CascadeCornerPool(cnv_dim, pool_dim, "top", "left")
-        self.pool_br = CascadeCornerPool(cnv_dim, pool_dim, "bottom", "right")
-        self.pool_ct = CenterPool(cnv_dim, pool_dim)
+        check_variant(corner_pool, center_branch)
+        self.has_center = center_branch != "none"
+        self.pool_tl = CORNER_POOLS[corner_pool](cnv_dim, pool_dim, "top", "left")
+        self.pool_br = CORNER_POOLS[corner_pool](cnv_dim, pool_dim, "bottom", "right")
+        if self.has_center:
+            self.pool_ct = CENTER_BRANCHES[center_branch](cnv_dim, pool_dim)
         self.hm_tl = head(cnv_dim, head_dim, num_classes, HEATMAP_BIAS)
         self.hm_br = head(cnv_dim, head_dim, num_classes, HEATMAP_BIAS)
-        self.hm_ct = head(cnv_dim, head_dim, num_classes, HEATMAP_BIAS)
+        if self.has_center:
+            self.hm_ct = head(cnv_dim, head_dim, num_classes, HEATMAP_BIAS)
         self.emb_tl = head(cnv_dim, head_dim, 1)
         self.emb_br = head(cnv_dim, head_dim, 1)
         self.off_tl = head(cnv_dim, head_dim, 2)
         self.off_br = head(cnv_dim, head_dim, 2)
-        self.off_ct = head(cnv_dim, head_dim, 2)
+        if self.has_center:
+            self.off_ct = head(cnv_dim, head_dim, 2)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        tl, br, ct = self.pool_tl(x), self.pool_br(x), self.pool_ct(x)
-        return {
-            "hm_tl": self.hm_tl(tl), "hm_br": self.hm_br(br), "hm_ct": self.hm_ct(ct),
-            "emb_tl": self.emb_tl(tl), "emb_br": self.emb_br(br),
-            "off_tl": self.off_tl(tl), "off_br": self.off_br(br), "off_ct": self.off_ct(ct),
-        }
+        tl, br = self.pool_tl(x), self.pool_br(x)
+        out = {"hm_tl": self.hm_tl(tl), "hm_br": self.hm_br(br), "emb_tl": self.emb_tl(tl), "emb_br": self.emb_br(br),
+               "off_tl": self.off_tl(tl), "off_br": self.off_br(br)}
+        if self.has_center:
+            ct = self.pool_ct(x)
+            out.update(hm_ct=self.hm_ct(ct), off_ct=self.off_ct(ct))
+        return {k: out[k] for k in OUTPUT_KEYS if k in out}  # in the order of docs/FORMAT.md
 
 
 class CenterNet(nn.Module):
     """Stem (7x7 conv stride 2, residual stride 2), `num_stacks` hourglasses with intermediate supervision.
 
     Training mode returns a list with one output dict per stack; eval mode returns the last stack's dict.
+    `corner_pool`, `center_branch`: the variant (KeypointBranches), CenterNet's by default.
     `grad_checkpoint`: in training, keep only each hourglass's input for backward and recompute the rest there
     (less memory, one more hourglass forward per step; see bench/bench_memory.py)."""
 
     def __init__(self, num_classes: int, num_stacks: int, dims: list[int], blocks: list[int], stem_dim: int,
-                 cnv_dim: int, pool_dim: int, head_dim: int, grad_checkpoint: bool = False):
+                 cnv_dim: int, pool_dim: int, head_dim: int, corner_pool: str = "cascade",
+                 center_branch: str = "pool", grad_checkpoint: bool = False):
         super().__init__()
+        check_variant(corner_pool, center_branch)
         width = dims[0]
         self.num_stacks = num_stacks
+        self.corner_pool, self.center_branch = corner_pool, center_branch
+        self.output_keys = output_keys(center_branch)
         self.grad_checkpoint = grad_checkpoint
         # Each of the len(dims) - 1 hourglass levels halves the stride-4 map: (H + 1) / 4 must divide evenly.
         self.size_unit = 4 * 2 ** (len(dims) - 1)
         self.stem = nn.Sequential(ConvBnRelu(7, 3, stem_dim, stride=2), Residual(stem_dim, width, stride=2))
         self.hourglasses = nn.ModuleList(Hourglass(dims, blocks) for _ in range(num_stacks))
         self.cnvs = nn.ModuleList(ConvBnRelu(3, width, cnv_dim) for _ in range(num_stacks))
-        self.branches = nn.ModuleList(KeypointBranches(cnv_dim, head_dim, pool_dim, num_classes)
-                                      for _ in range(num_stacks))
+        self.branches = nn.ModuleList(KeypointBranches(cnv_dim, head_dim, pool_dim, num_classes, corner_pool,
+                                                       center_branch) for _ in range(num_stacks))
         # Between stacks: ReLU(BN(conv1x1(features)) + BN(conv1x1(cnv))), then a residual.
         self.inter_feats = nn.ModuleList(nn.Sequential(nn.Conv2d(width, width, 1, bias=False), nn.BatchNorm2d(width))
                                          for _ in range(num_stacks - 1))

@@ -1,10 +1,12 @@
-"""tools/analyze.py on hand-made cases whose breakdown is known, and end to end with drawings."""
+"""tools/analyze.py on hand-made cases whose breakdown is known, and end to end with drawings, from a results json
+or test.py's metrics json."""
 import json
 
 import cv2
 import numpy as np
 import pytest
 
+from datasets.coco_eval import FD_NAMES, METRIC_NAMES
 from tools.analyze import KINDS, breakdown, get_args_parser, main
 from utils.errors import DataError
 
@@ -104,3 +106,37 @@ def test_cli_explains_a_split_without_annotations_and_an_empty_drawing(tmp_path,
     main(args)
     assert capsys.readouterr().out.splitlines()[-1] == \
         "no image drawn: no missed box and no wrong detection scoring at least --score_thresh 0.3"
+
+
+def test_cli_reads_the_metrics_json_of_test_py_as_well(tmp_path, capsys):
+    data = tmp_path / "data"
+    (data / "annotations").mkdir(parents=True)
+    (data / "val").mkdir()
+    (data / "annotations" / "instances_val.json").write_text(json.dumps(ground_truth()))
+    cv2.imwrite(str(data / "val" / "1.jpg"), np.full((300, 300, 3), 200, np.uint8))
+    results = tmp_path / "results_val.json"
+    results.write_text(json.dumps(CASES["background"][0]))
+    metrics = tmp_path / "results_val_metrics.json"
+    values = {**{name: 0.25 for name in METRIC_NAMES}, "APs": -1, **{name: 12.5 for name in FD_NAMES}, "FD_S": None}
+    metrics.write_text(json.dumps(values))
+
+    def run(path, *extra):
+        return main(get_args_parser().parse_args([str(path), "--data_dir", str(data), "--split", "val", *extra]))
+
+    assert run(metrics)["background"][0] == 1  # the results json beside it, analysed
+    out = capsys.readouterr().out
+    assert "AP 0.250 AP50 0.250" in out and "APs -1.000" in out and "FD 12.5" in out and "FD_S n/a" in out
+    assert f"AP50 {ONE_FP_BETWEEN:.4f}" in out and (tmp_path / "results_val_analysis").is_dir()  # results' folder
+    assert run(results, "--out", str(tmp_path / "b"))["background"][0] == 1 and "FD" not in capsys.readouterr().out
+    other = tmp_path / "other.json"
+    for content in ({"AP": 0.5}, "text"):
+        other.write_text(json.dumps(content))
+        with pytest.raises(SystemExit, match="neither a COCO results json .a list of detections. nor test.py's "
+                                             "metrics json"):
+            run(other)
+    other.write_text(json.dumps(values))
+    with pytest.raises(SystemExit, match="not named <results>_metrics.json"):
+        run(other)
+    results.unlink()
+    with pytest.raises(SystemExit, match="its results json .*results_val.json is missing"):
+        run(metrics, "--out", str(tmp_path / "c"))

@@ -102,8 +102,9 @@ def test_results_json_written_atomically_with_original_ids(tmp_path):
     path.write_text("old")
     evaluate_detections(coco, dets, CAT_IDS, NAMES, out_json=path)
     results = json.loads(path.read_text())
-    # No temporary file left behind; the per-class table and the curves beside the results.
-    assert sorted(p.name for p in path.parent.iterdir()) == ["results.json", "results_per_class.csv", "results_pr.png"]
+    # No temporary file left behind; the per-class table, the curves and the metrics beside the results.
+    assert sorted(p.name for p in path.parent.iterdir()) == ["results.json", "results_metrics.json",
+                                                             "results_per_class.csv", "results_pr.png"]
     assert len(results) == sum(len(v) for v in dets.values())
     first_id = next(iter(dets))
     r, row = results[0], dets[first_id][0]

@@ -3,6 +3,8 @@ faster-coco-eval against pycocotools, and a split without annotations (COCO test
 import contextlib
 import csv
 import io
+import json
+import math
 
 import cv2
 import numpy as np
@@ -10,7 +12,9 @@ import pytest
 from pycocotools.cocoeval import COCOeval
 
 from datasets.coco import coco_from_dict
-from datasets.coco_eval import METRIC_NAMES, detections_to_coco, evaluate_detections, server_results_name
+from datasets.coco_eval import (METRIC_NAMES, detections_to_coco, evaluate_detections, metrics_path,
+                                server_results_name)
+from datasets.false_discovery import FD_NAMES
 from tests.test_coco_eval import CAT_IDS, NAMES, ground_truth, noisy_detections
 
 
@@ -87,11 +91,15 @@ def test_empty_annotations_say_there_is_nothing_to_evaluate(tmp_path, capsys):
     dets = noisy_detections(ground_truth(), seed=1)
     out = tmp_path / "results_val_checkpoint_s1.json"
     stats = evaluate_detections(coco, dets, CAT_IDS, NAMES, out_json=out)
+    fd = {name: stats.pop(name) for name in FD_NAMES}
     assert stats == {**dict.fromkeys(METRIC_NAMES, -1.0), "per_class": dict.fromkeys(NAMES, -1.0)}
+    assert all(math.isnan(v) for v in fd.values())
     assert capsys.readouterr().out == (
         f"nothing to evaluate: this split's 'annotations' list is empty (no ground-truth box); "
         f"{len(detections_to_coco(dets, CAT_IDS))} detections of {len(coco.getImgIds())} images written to {out}\n")
-    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]  # no table, no PR plot of AP 0
+    # no table, no PR plot of AP 0; the metrics say there are none (a stale file of earlier results would not)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name, metrics_path(out).name]
+    assert json.loads(metrics_path(out).read_text()) == {**dict.fromkeys(METRIC_NAMES, -1), **dict.fromkeys(FD_NAMES)}
 
 
 def test_no_detection_at_all_is_scored_with_a_warning(capsys):

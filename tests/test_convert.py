@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from nets import build_model
-from tools.convert_official import convert_state_dict, get_args_parser, main, our_name
+from tools.convert_official import convert_state_dict, detect_method, get_args_parser, main, our_name
 from utils.checkpoint import save_checkpoint
 from utils.errors import UserError
 
@@ -38,6 +38,16 @@ def test_mapping_covers_every_weight_one_to_one(name, arch):
         assert v.shape == expected[k].shape, k
     with torch.device("meta"):
         build_model(arch, 80).load_state_dict(converted, strict=True, assign=True)
+
+
+@pytest.mark.parametrize("name", ["CenterNet-52", "CenterNet-104"])
+def test_centernet_weights_are_told_from_cornernet_ones(name):
+    """--method auto: CenterNet's state dicts have a center branch (CornerNet's, which has none:
+    tests/test_official_cornernet_parity.py); without its center heads one would be taken for CornerNet's."""
+    official = fake_official(name)
+    assert detect_method(official) == "centernet"
+    assert detect_method({k: v for k, v in official.items() if ".ct_" not in f".{k.removeprefix('module.')}"}) \
+        == "cornernet"
 
 
 def test_wrong_arch_or_shape_is_a_clear_error():

@@ -69,7 +69,7 @@ def test_sigterm_then_kill_9_then_resume_ends_bit_identical_to_an_uninterrupted_
 
     run = tmp_path / "b" / "run"
     proc = start(train_cmd(shapes_dir, tmp_path / "b"))
-    wait_for(lambda: (run / "train.log").is_file() and "tiny_hourglass at epoch 1" in (run / "train.log").read_text(),
+    wait_for(lambda: (run / "train.log").is_file() and "tiny_hourglass (centernet) at epoch 1" in (run / "train.log").read_text(),
              proc)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)

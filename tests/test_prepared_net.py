@@ -18,10 +18,10 @@ from nets.inference import FusedConv, prepare_for_inference
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-def trained_looking(seed: int = 0) -> nn.Module:
+def trained_looking(seed: int = 0, corner_pool: str = "cascade", center_branch: str = "pool") -> nn.Module:
     """tiny_hourglass with batch-norm statistics and affine parameters far from their initial values."""
     torch.manual_seed(seed)
-    model = build_model("tiny_hourglass", 5).eval()
+    model = build_model("tiny_hourglass", 5, corner_pool=corner_pool, center_branch=center_branch).eval()
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-0.3, 0.3)
@@ -50,6 +50,19 @@ def test_prepared_equals_trained_network_to_float32_rounding(channels_last):
     assert not any(isinstance(m, nn.BatchNorm2d) for m in prepared.modules())
     assert sum(isinstance(m, FusedConv) for m in prepared.modules()) == \
         sum(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+@pytest.mark.parametrize("corner_pool, center_branch", [("plain", "none"), ("plain", "conv"), ("cascade", "conv")])
+def test_every_variant_is_prepared(corner_pool, center_branch):
+    """The ablation variants (README "Variants") are built from the same blocks: all folded, same outputs."""
+    model = trained_looking(1, corner_pool, center_branch)
+    image = torch.randn(1, 3, 127, 127)
+    with torch.no_grad():
+        ref = copy.deepcopy(model).double()(image.double())
+        prepared = prepare_for_inference(model)
+        out = prepared(image)
+    assert set(out) == set(ref) and relative_error(out, ref) < 1e-4
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in prepared.modules())
 
 
 def test_a_wrong_fold_would_be_caught():

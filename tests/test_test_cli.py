@@ -13,7 +13,8 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from datasets.coco_eval import METRIC_NAMES
+from datasets.coco_eval import ALL_METRIC_NAMES, METRIC_NAMES, metrics_path
+from datasets.false_discovery import FD_NAMES
 from nets import build_model
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from datasets.coco_eval import results_path, settings_hash
@@ -69,6 +70,13 @@ def test_evaluates_and_writes_json(ckpt_dir, capsys):
         reference.summarize()
     assert [stats[k] for k in METRIC_NAMES] == pytest.approx(list(reference.stats), abs=1e-12)
     assert stats["per_class"] == {"raccoon": pytest.approx(stats["AP"], abs=1e-12)}
+    # the 19 printed numbers in the metrics json: COCO's as pycocotools gives them, FD (percent) after them
+    metrics = json.loads(metrics_path(out).read_text())
+    assert list(metrics) == list(ALL_METRIC_NAMES)
+    assert [metrics[k] for k in METRIC_NAMES] == pytest.approx(list(reference.stats), abs=1e-12)
+    assert all(metrics[k] is None or 0 <= metrics[k] <= 100 for k in FD_NAMES)
+    fd_lines = [line for line in printed.splitlines() if "False Discovery" in line]
+    assert [line.split("(")[1].split(")")[0] for line in fd_lines] == list(FD_NAMES)
     per_image = {i: sum(r["image_id"] == i for r in results) for i in VAL_IDS}
     assert 0 < max(per_image.values()) <= 100
     assert not list(out.parent.glob("*.tmp"))
@@ -123,14 +131,16 @@ def test_results_of_other_models_and_settings_never_replace_each_other(ckpt_dir,
     evaluate("epoch_1.pt", "20")
     evaluate("checkpoint.pt", "10")
     jsons = sorted(p.name for p in run_dir.glob("results_*.json"))
-    assert len(jsons) == 3 and len({p.name for p in run_dir.glob("results_*_per_class.csv")}) == 3
+    assert len(jsons) == 6 and len({p.name for p in run_dir.glob("results_*_per_class.csv")}) == 3
+    assert len([name for name in jsons if name.endswith("_metrics.json")]) == 3
     first = run_dir / f"results_val_checkpoint_s0.5_{settings_hash({'topk': 20})}.json"
     assert first.name in jsons
-    before = first.read_bytes()
+    before, before_metrics = first.read_bytes(), metrics_path(first).read_bytes()
     (run_dir / f"{first.stem}_analysis").mkdir()
     with pytest.raises(UserError, match="pass --force"):
         evaluate("checkpoint.pt", "20")
-    assert first.read_bytes() == before and (run_dir / f"{first.stem}_analysis").is_dir()
+    assert first.read_bytes() == before and metrics_path(first).read_bytes() == before_metrics
+    assert (run_dir / f"{first.stem}_analysis").is_dir()
     capsys.readouterr()
     evaluate("checkpoint.pt", "20", "--force")
     assert f"removed {run_dir / (first.stem + '_analysis')}" in capsys.readouterr().out

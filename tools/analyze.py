@@ -3,6 +3,9 @@ the images with the most errors.
 
     python tools/analyze.py ckpt/NAME/results_val2017_checkpoint_s1_flip.json --data_dir data/coco --split val2017
 
+It reads a results json or test.py's metrics json beside one (results_..._metrics.json, told apart by content): for
+the latter it prints its 19 numbers first, then analyses the results json it was written for.
+
 Every detection that pycocotools does not match to a ground-truth box at IoU 0.5 (same class, best score first,
 the top 100 per image and class) is one error, by its IoU with the ground truth of its image (TIDE's definitions,
 foreground IoU 0.5, background IoU 0.1):
@@ -29,7 +32,8 @@ from pycocotools.cocoeval import COCOeval
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: import the repo
 from datasets.coco import check_coco_dict, coco_from_dict, read_json, split_files
-from datasets.coco_eval import analysis_folder, load_results
+from datasets.coco_eval import (ALL_METRIC_NAMES, FD_NAMES, METRIC_NAMES, analysis_folder, load_results,
+                                 results_of_metrics)
 from datasets.image_io import load_image
 from utils.checks import check_number
 from utils.errors import DataError, run_cli
@@ -42,7 +46,8 @@ COLORS = {"match": (255, 160, 0), "ground truth": (0, 200, 0), "missed": (0, 200
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("results", help="COCO results json (test.py writes it beside the checkpoint)")
+    p.add_argument("results", help="COCO results json (test.py writes it beside the checkpoint), or its "
+                   "<results>_metrics.json")
     p.add_argument("--data_dir", default="data/coco")
     p.add_argument("--split", default="val2017")
     p.add_argument("--num_images", type=int, default=8, help="worst images to draw")
@@ -168,11 +173,39 @@ def draw_worst(gt: dict, results: list[dict], errors: dict, status: dict, img_di
     return written
 
 
-def read_results(path: Path, gt: dict) -> list[dict]:
+def read_json_file(path: Path):
     try:
-        results = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise SystemExit(f"{path}: cannot read the results json ({e})") from None
+        raise SystemExit(f"{path}: cannot read the json ({e})") from None
+
+
+def read_input(path: Path) -> tuple[Path, object, dict | None]:
+    """(results json path, its content, the metrics or None) for `path`: a results json (a list), or test.py's
+    metrics json (a dict of ALL_METRIC_NAMES), which leads to the results json it was written for."""
+    content = read_json_file(path)
+    if isinstance(content, list):
+        return path, content, None
+    if not (isinstance(content, dict) and set(ALL_METRIC_NAMES) <= set(content)):
+        raise SystemExit(f"{path} is neither a COCO results json (a list of detections) nor test.py's metrics json "
+                         f"(an object of {', '.join(ALL_METRIC_NAMES)})")
+    results_path = results_of_metrics(path)
+    if results_path is None:
+        raise SystemExit(f"{path} holds test.py's metrics but is not named <results>_metrics.json: give the "
+                         "results json it was written for instead")
+    if not results_path.is_file():
+        raise SystemExit(f"{path} holds test.py's metrics, but its results json {results_path} is missing")
+    return results_path, read_json_file(results_path), content
+
+
+def format_metrics(metrics: dict) -> str:
+    """The metrics json's numbers on two lines: COCO's fractions (-1: no ground truth), FD in percent."""
+    coco = " ".join(f"{name} {metrics[name]:.3f}" for name in METRIC_NAMES)
+    fd = " ".join(f"{name} " + ("n/a" if metrics[name] is None else f"{metrics[name]:.1f}") for name in FD_NAMES)
+    return f"{coco}\n{fd} (percent)"
+
+
+def check_results(results, path: Path, gt: dict) -> list[dict]:
     images, cats = {im["id"] for im in gt["images"]}, {c["id"] for c in gt["categories"]}
     for i, r in enumerate(results if isinstance(results, list) else [None]):
         if not isinstance(r, dict) or not {"image_id", "category_id", "bbox", "score"} <= set(r):
@@ -191,8 +224,10 @@ def main(args: argparse.Namespace) -> dict[str, tuple[int, float]]:
         raise DataError(f"{ann_file} has no ground-truth boxes ('annotations' missing or empty): the errors of a "
                         f"results json can only be analysed on a split with annotations")
     gt = check_coco_dict(data, ann_file)
-    results_path = Path(args.results)
-    results = read_results(results_path, gt)
+    results_path, results, metrics = read_input(Path(args.results))
+    if metrics is not None:
+        print(f"{args.results}:\n{format_metrics(metrics)}")
+    results = check_results(results, results_path, gt)
     out = Path(args.out) if args.out else analysis_folder(results_path)
     if out.exists():
         raise SystemExit(f"{out} exists; pass another --out")

@@ -1,13 +1,20 @@
 """Converts an official CenterNet checkpoint (github Duankaiwen/CenterNet, CenterNet-52 / CenterNet-104 `.pkl`
-state dicts) into a centernet47 checkpoint that test.py and demo.py read.
+state dicts), or an official CornerNet one (github princeton-vl/CornerNet, `CornerNet_500000.pkl`, Hourglass-104),
+into a centernet47 checkpoint that test.py and demo.py read.
 
     python tools/convert_official.py --src CenterNet-104_480000.pkl --arch large_hourglass \
         --out ckpt/official_104/checkpoint.pt
+    python tools/convert_official.py --src CornerNet_500000.pkl --arch large_hourglass \
+        --out ckpt/cornernet_104/checkpoint.pt
     python test.py --ckpt ckpt/official_104/checkpoint.pt --data_dir data/coco --test_flip
 
-The two networks have the same layers in the same order; only the names differ. Each official name is rewritten
-part by part (`kps.0.low2.low1.1.conv1` -> `hourglasses.0.inner.down.1.conv1`), and the result must cover our
-model exactly, with the same shapes. BN counters that PyTorch 0.4 did not save are set to zero.
+--method auto (the default) tells the two apart by their keys: CornerNet's state dict has no center branch
+(`ct_heats`, `ct_regrs`, `ct_cnvs`); a CornerNet checkpoint becomes `--method cornernet`, a CenterNet one
+`--method centernet`. Each has the same layers in the same order as our network of that method; only the names
+differ (CornerNet's corner pooling modules are named as CenterNet's, without the cascade's `look` layers). Each
+official name is rewritten part by part (`kps.0.low2.low1.1.conv1` -> `hourglasses.0.inner.down.1.conv1`), and the
+result must cover our model exactly, with the same shapes. BN counters that PyTorch 0.4 did not save are set to
+zero.
 """
 import argparse
 import re
@@ -17,7 +24,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: import the repo
-from nets import build_model
+from nets import METHODS, model_config
+from nets.hourglass import CenterNet
 from utils.checkpoint import read_plain, save_checkpoint
 from utils.errors import CheckpointError, UserError, run_cli
 
@@ -73,15 +81,25 @@ def our_name(official: str) -> str:
     return name
 
 
-def convert_state_dict(official: dict[str, torch.Tensor], arch: str, num_classes: int = 80) -> dict[str, torch.Tensor]:
-    """Official state dict -> ours for `arch`; any key or shape that does not fit is an error naming it."""
+def detect_method(official: dict[str, torch.Tensor]) -> str:
+    """cornernet for a state dict without a center branch (princeton-vl/CornerNet's), else centernet."""
+    has_center = any(key.removeprefix("module.").startswith(("ct_heats.", "ct_regrs.", "ct_cnvs."))
+                     for key in official)
+    return "centernet" if has_center else "cornernet"
+
+
+def convert_state_dict(official: dict[str, torch.Tensor], arch: str, num_classes: int = 80,
+                       method: str = "centernet", config: dict | None = None) -> dict[str, torch.Tensor]:
+    """Official state dict -> ours for `arch` and `method` (or for the CenterNet constructor arguments `config`,
+    a network outside the arch table); any key or shape that does not fit is an error naming it."""
     with torch.device("meta"):
-        expected = build_model(arch, num_classes).state_dict()
+        expected = CenterNet(**(config or model_config(arch, num_classes, **METHODS[method]))).state_dict()
     converted = {}
     for key, value in official.items():
         name = our_name(key)
         if name not in expected:
-            raise KeyError(f"official key {key} -> {name}, which {arch} does not have (wrong --arch?)")
+            raise KeyError(f"official key {key} -> {name}, which {arch} ({method}) does not have (wrong --arch or "
+                           "--method?)")
         if name in converted:
             raise KeyError(f"official key {key} -> {name}, which another key already filled")
         if tuple(value.shape) != tuple(expected[name].shape):
@@ -93,16 +111,21 @@ def convert_state_dict(official: dict[str, torch.Tensor], arch: str, num_classes
             converted[name] = torch.zeros((), dtype=torch.long)
     missing = [k for k in expected if k not in converted]
     if missing:
-        raise KeyError(f"the official state dict lacks {len(missing)} weights of {arch}, e.g. {missing[:3]}")
+        raise KeyError(f"the official state dict lacks {len(missing)} weights of {arch} ({method}), e.g. "
+                       f"{missing[:3]}")
     return converted
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("convert an official CenterNet checkpoint", description=__doc__,
+    p = argparse.ArgumentParser("convert an official CenterNet or CornerNet checkpoint", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--src", required=True, help="official .pkl (CenterNet-52_480000.pkl or CenterNet-104_480000.pkl)")
+    p.add_argument("--src", required=True, help="official .pkl (CenterNet-52_480000.pkl, CenterNet-104_480000.pkl or "
+                                                "CornerNet_500000.pkl)")
     p.add_argument("--arch", required=True, choices=["small_hourglass", "large_hourglass"],
-                   help="small_hourglass for CenterNet-52, large_hourglass for CenterNet-104")
+                   help="small_hourglass for CenterNet-52, large_hourglass for CenterNet-104 and CornerNet")
+    p.add_argument("--method", default="auto", choices=["auto", *METHODS],
+                   help="the network the .pkl holds: centernet (Duankaiwen/CenterNet) or cornernet "
+                        "(princeton-vl/CornerNet); auto: cornernet when it has no center branch")
     p.add_argument("--out", required=True, help="checkpoint to write (an existing file is not replaced)")
     return p
 
@@ -126,17 +149,26 @@ def main(args: argparse.Namespace) -> None:
     if out.exists():
         raise UserError(f"--out {out} exists; choose another path")
     official = read_official(Path(args.src))
+    method = detect_method(official) if args.method == "auto" else args.method
     try:
-        state = convert_state_dict(official, args.arch)
+        state = converted_checkpoint(official, args.arch, method, str(args.src))
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"--src {args.src}: {e.args[0]}") from None
-    model = build_model(args.arch, len(COCO_CLASSES))
-    model.load_state_dict(state, strict=True)
-    save_checkpoint(out, {"model": model.state_dict(), "epoch": 0, "best_ap": -1.0, "class_names": COCO_CLASSES,
-                          "category_ids": COCO_IDS,
-                          "args": {"arch": args.arch, "num_classes": len(COCO_CLASSES), "img_size": 511,
-                                   "converted_from": str(args.src)}})
-    print(f"{args.src} -> {out} ({args.arch}, {len(state)} tensors)")
+    save_checkpoint(out, state)
+    print(f"{args.src} -> {out} ({args.arch}, --method {method}, {len(state['model'])} tensors)")
+
+
+def converted_checkpoint(official: dict[str, torch.Tensor], arch: str, method: str, src: str,
+                         config: dict | None = None) -> dict:
+    """Our checkpoint of an official state dict (see `convert_state_dict` for `config`): the network's weights,
+    its constructor arguments, the COCO classes and the flags of the network it is (arch, method and its parts)."""
+    config = config or model_config(arch, len(COCO_CLASSES), **METHODS[method])
+    model = CenterNet(**config)
+    model.load_state_dict(convert_state_dict(official, arch, len(COCO_CLASSES), method, config), strict=True)
+    return {"model": model.state_dict(), "model_config": config, "epoch": 0, "best_ap": -1.0,
+            "class_names": COCO_CLASSES, "category_ids": COCO_IDS,
+            "args": {"arch": arch, "num_classes": len(COCO_CLASSES), "img_size": 511, "method": method,
+                     **METHODS[method], "converted_from": src}}
 
 
 if __name__ == "__main__":

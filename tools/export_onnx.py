@@ -5,11 +5,12 @@ outputs. Decoding and soft-NMS stay in Python (`test.py --onnx`, `demo.py --onnx
     python tools/export_onnx.py --ckpt ckpt/official_104/checkpoint.pt --out hg104_511.onnx   # fixed 511 x 511
 
 The file has one input `image` (N, 3, H, W), normalised BGR as datasets/transforms.eval_input makes it, and the
-eight outputs of the eval dict in this order: hm_tl hm_br hm_ct emb_tl emb_br off_tl off_br off_ct, each
-(N, *, (H + 1) / 4, (W + 1) / 4). The batch size is always free; with --dynamic so are H and W (any k * unit - 1
-up to --max_size), otherwise the input is fixed to --img_size (default: the checkpoint's). Corner pooling is the
-exact log-step shifted maximum of nets/export_pool.py: standard operators only, no plugin. The file carries the
-checkpoint's arch, class names and input size as metadata (key `centernet47`), so test.py and demo.py need only it.
+outputs of the eval dict in this order: hm_tl hm_br hm_ct emb_tl emb_br off_tl off_br off_ct, each
+(N, *, (H + 1) / 4, (W + 1) / 4); a network without a center branch (--method cornernet) has no hm_ct and off_ct.
+The batch size is always free; with --dynamic so are H and W (any k * unit - 1 up to --max_size), otherwise the
+input is fixed to --img_size (default: the checkpoint's). Corner pooling is the exact log-step shifted maximum of
+nets/export_pool.py: standard operators only, no plugin. The file carries the checkpoint's arch, variant, class
+names and input size as metadata (key `centernet47`), so test.py and demo.py need only it.
 
 Exporter: torch.onnx.export with dynamo=False (the TorchScript exporter). It needs nothing beyond onnx and gives
 one graph for every input size; torch 2.14 warns that it is deprecated. README ("ONNX export") says why not dynamo.
@@ -26,7 +27,7 @@ import onnx
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: import the repo
-from nets import model_from_checkpoint
+from nets import model_from_checkpoint, variant_name
 from nets.export_pool import rounds_for, use_export_pooling
 from utils.checkpoint import is_torch_checkpoint, load_inference_checkpoint, saved_args
 from utils.errors import ArgumentError, UserError, run_cli
@@ -35,7 +36,6 @@ from utils.files import same_file
 # The lowest opset that exports: 8 has no nearest-neighbour upsampling to a computed size (the hourglasses' up
 # path); at 9 onnxruntime gives PyTorch's outputs (tests/test_export_onnx.py).
 MIN_OPSET = 9
-OUTPUTS = ["hm_tl", "hm_br", "hm_ct", "emb_tl", "emb_br", "off_tl", "off_br", "off_ct"]
 METADATA_KEY = "centernet47"
 
 
@@ -54,7 +54,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 class _OrderedOutputs(torch.nn.Module):
-    """The network with its eval dict as a tuple in OUTPUTS order (the exporter's output names follow it)."""
+    """The network with its eval dict as a tuple in `model.output_keys` order (the exporter's output names follow
+    it)."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
@@ -63,14 +64,14 @@ class _OrderedOutputs(torch.nn.Module):
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = self.model(image)
-        return tuple(out[k] for k in OUTPUTS)
+        return tuple(out[k] for k in self.model.output_keys)
 
 
 def export(model: torch.nn.Module, path: Path, img_size: int, metadata: dict, opset: int = 17,
            dynamic: bool = False, max_size: int = 2047) -> None:
     """Writes `model` (CenterNet, switched in place to eval mode and export pooling) to `path`, atomically, with
-    `metadata` stored as json under METADATA_KEY. Traced at img_size x img_size; the pooling rounds cover
-    max_size when dynamic, else img_size."""
+    `metadata` and the network's output names and variant stored as json under METADATA_KEY. Traced at img_size x
+    img_size; the pooling rounds cover max_size when dynamic, else img_size."""
     unit = model.size_unit
     for name, size in (("img_size", img_size),) + ((("max_size", max_size),) if dynamic else ()):
         if size < unit - 1 or (size + 1) % unit:
@@ -78,8 +79,10 @@ def export(model: torch.nn.Module, path: Path, img_size: int, metadata: dict, op
                                 f"(e.g. {unit - 1}, {2 * unit - 1}, 511)")
     longest = max_size if dynamic else img_size
     use_export_pooling(model.eval(), rounds=rounds_for((longest + 1) // 4))
+    outputs = list(model.output_keys)
+    metadata = {**metadata, "outputs": outputs, "corner_pool": model.corner_pool, "center_branch": model.center_branch}
     axes = {"image": {0: "batch", 2: "height", 3: "width"} if dynamic else {0: "batch"}}
-    axes.update({k: {0: "batch", 2: "map_height", 3: "map_width"} if dynamic else {0: "batch"} for k in OUTPUTS})
+    axes.update({k: {0: "batch", 2: "map_height", 3: "map_width"} if dynamic else {0: "batch"} for k in outputs})
     path.parent.mkdir(parents=True, exist_ok=True)
     # A plain file (not mkstemp's 0600) so that the result gets the user's normal mode.
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -92,7 +95,7 @@ def export(model: torch.nn.Module, path: Path, img_size: int, metadata: dict, op
             warnings.filterwarnings("ignore", message=".*Constant folding - Only steps=1.*")
             with torch.no_grad():
                 torch.onnx.export(_OrderedOutputs(model), (torch.zeros(1, 3, img_size, img_size),), tmp,
-                                  dynamo=False, opset_version=opset, input_names=["image"], output_names=OUTPUTS,
+                                  dynamo=False, opset_version=opset, input_names=["image"], output_names=outputs,
                                   dynamic_axes=axes)
         proto = onnx.load(tmp)
         entry = proto.metadata_props.add()
@@ -133,12 +136,13 @@ def main(args: argparse.Namespace) -> Path:
     metadata = {"arch": arch, "class_names": class_names, "category_ids": state.get("category_ids"),
                 "img_size": img_size, "size_unit": model.size_unit,
                 "dynamic": args.dynamic, "max_size": args.max_size if args.dynamic else img_size,
-                "outputs": OUTPUTS, "checkpoint": str(args.ckpt)}
+                "checkpoint": str(args.ckpt)}
     start = time.perf_counter()
     export(model, out, img_size, metadata, args.opset, args.dynamic, args.max_size)
     shape = f"N x 3 x H x W (H, W up to {args.max_size})" if args.dynamic else f"N x 3 x {img_size} x {img_size}"
-    print(f"{args.ckpt} -> {out} ({arch}, {len(class_names)} classes, input {shape}, opset {args.opset}, "
-          f"{out.stat().st_size / 2 ** 20:.1f} MiB, {time.perf_counter() - start:.0f} s)")
+    print(f"{args.ckpt} -> {out} ({arch}, {variant_name(model.corner_pool, model.center_branch)}, "
+          f"{len(class_names)} classes, input {shape}, opset {args.opset}, {out.stat().st_size / 2 ** 20:.1f} MiB, "
+          f"{time.perf_counter() - start:.0f} s)")
     return out
 
 

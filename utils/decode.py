@@ -7,7 +7,9 @@ check (test/coco.py `kp_detection`).
   logits, then the sigmoid of the K kept, which selects the same peaks);
 - a (tl, br) pair is a box when both have the same class, |e_tl - e_br| <= ae_threshold and br_x >= tl_x,
   br_y >= tl_y (the official code rejects only br < tl); its score is (s_tl + s_br) / 2, the other pairs get -1,
-  and the best `num_dets` pairs are returned in score order, with the K centers.
+  and the best `num_dets` pairs are returned in score order, with the K centers. Outputs without a center
+  heatmap (a network without a center branch) decode as CornerNet's `_decode` (github princeton-vl/CornerNet,
+  models/py_utils/kp_utils.py): the same pairs, and no centers.
 
 `center_check`, in numpy, runs once per image on the boxes of every forward (all scales, both flips) after they
 were mapped to the original image (engine/inference.py), as the official code does: the central region of a box
@@ -100,13 +102,16 @@ def pair_corners(tl: dict, br: dict, ae_threshold: float, num_dets: int) -> torc
 
 @torch.no_grad()
 def decode(out: dict, topk: int = 70, ae_threshold: float = 0.5, num_dets: int = 1000, kernel: int = 3
-           ) -> tuple[torch.Tensor, torch.Tensor]:
+           ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Eval-mode network outputs ((N, *, h, w), docs/FORMAT.md) -> (boxes, centers) in output-map units:
     boxes (N, D, 8) x1 y1 x2 y2 score tl_score br_score label, D = min(num_dets, topk^2), highest score first,
-    score -1 for pairs that failed; centers (N, topk, 4) x y label score, highest score first."""
+    score -1 for pairs that failed; centers (N, topk, 4) x y label score, highest score first, or None for
+    outputs without `hm_ct`."""
     out = {key: value.to(torch.promote_types(value.dtype, torch.float32)) for key, value in out.items()}
     tl = keypoints(out, "tl", topk, kernel)
     br = keypoints(out, "br", topk, kernel)
+    if "hm_ct" not in out:
+        return pair_corners(tl, br, ae_threshold, num_dets), None
     ct = keypoints(out, "ct", topk, kernel)
     centers = torch.stack([ct["x"], ct["y"], ct["label"].to(ct["score"].dtype), ct["score"]], dim=2)
     return pair_corners(tl, br, ae_threshold, num_dets), centers

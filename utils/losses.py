@@ -103,14 +103,16 @@ def offset_loss(off: torch.Tensor, ind: torch.Tensor, target: torch.Tensor, mask
 def centernet_loss(outputs: list[dict[str, torch.Tensor]], batch: dict[str, torch.Tensor],
                    config: LossConfig = LossConfig()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Outputs of every stack (nets.hourglass, training mode) and a training batch (docs/FORMAT.md) -> (total,
-    weighted terms `focal`, `pull`, `push`, `off`, which sum to total)."""
+    weighted terms `focal`, `pull`, `push`, `off`, which sum to total). Outputs without a center heatmap (a network
+    without a center branch: CornerNet's loss) leave out the center focal and offset terms; the batch's center
+    targets are then unused."""
     if not isinstance(outputs, (list, tuple)) or not outputs:
         raise ValueError(f"utils/losses.py centernet_loss: `outputs` must be a non-empty list with one dict per "
                          f"stack (the model in training mode), got {type(outputs).__name__}")
     terms = {k: torch.zeros((), device=batch["mask"].device) for k in ("focal", "pull", "push", "off")}
     mask, eps = batch["mask"], config.count_eps
     for out in outputs:
-        for k in ("tl", "br", "ct"):
+        for k in ("tl", "br", "ct") if "hm_ct" in out else ("tl", "br"):
             terms["focal"] = terms["focal"] + focal_loss(out[f"hm_{k}"], batch[f"hm_{k}"])
             terms["off"] = terms["off"] + OFFSET_WEIGHT * offset_loss(out[f"off_{k}"], batch[f"ind_{k}"],
                                                                      batch[f"off_{k}"], mask, eps)
