@@ -28,7 +28,7 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from datasets.coco_report import pr_figure, per_class_table, table_csv
+from datasets.coco_report import mean_valid, pr_figure, per_class_table, table_csv
 from datasets.false_discovery import FD_NAMES, false_discovery_rates, format_rates
 from utils.errors import UserError
 from utils.files import atomic_write, write_json
@@ -132,12 +132,7 @@ def load_results(coco: COCO, results: list[dict]) -> COCO:
 def per_class_ap(coco_eval: COCOeval) -> np.ndarray:
     """(K,) AP over IoU 0.50:0.95 of each category (all areas, 100 detections), -1 where it has no ground truth."""
     precision = coco_eval.eval["precision"][:, :, :, 0, -1]  # (T, R, K, A, M) -> (T, R, K)
-    out = np.full(precision.shape[2], -1.0)
-    for k in range(precision.shape[2]):
-        valid = precision[:, :, k][precision[:, :, k] > -1]
-        if valid.size:
-            out[k] = valid.mean()
-    return out
+    return np.array([mean_valid(precision[:, :, k]) for k in range(precision.shape[2])])
 
 
 def new_cocoeval(coco: COCO, results: COCO, cat_ids: list[int], backend: str = "pycocotools"):

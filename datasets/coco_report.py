@@ -14,7 +14,8 @@ CSV_COLUMNS = ("class", "category_id", "ground_truth", "AP", "AP50", "AP75", "AP
 MAX_LEGEND = 20  # classes named in the per-class plot's legend; more would hide the curves
 
 
-def _mean_valid(values: np.ndarray) -> float:
+def mean_valid(values: np.ndarray) -> float:
+    """COCO's summary mean: entries of -1 (no ground truth) left out; -1 when nothing is left."""
     valid = values[values > -1]
     return float(valid.mean()) if valid.size else -1.0
 
@@ -26,9 +27,9 @@ def per_class_table(coco_eval, class_names: list[str], cat_ids: list[int], gt_co
     for k, (name, cat_id, count) in enumerate(zip(class_names, cat_ids, gt_counts)):
         p = precision[:, :, k, :, -1]  # (T, R, A) at 100 detections
         rows.append({"class": name, "category_id": cat_id, "ground_truth": count,
-                     "AP": _mean_valid(p[:, :, 0]), "AP50": _mean_valid(p[0, :, 0]), "AP75": _mean_valid(p[5, :, 0]),
-                     "APs": _mean_valid(p[:, :, 1]), "APm": _mean_valid(p[:, :, 2]), "APl": _mean_valid(p[:, :, 3]),
-                     "AR100": _mean_valid(recall[:, k, 0, -1])})
+                     "AP": mean_valid(p[:, :, 0]), "AP50": mean_valid(p[0, :, 0]), "AP75": mean_valid(p[5, :, 0]),
+                     "APs": mean_valid(p[:, :, 1]), "APm": mean_valid(p[:, :, 2]), "APl": mean_valid(p[:, :, 3]),
+                     "AR100": mean_valid(recall[:, k, 0, -1])})
     return rows
 
 

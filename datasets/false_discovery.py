@@ -14,18 +14,14 @@ import io
 
 import numpy as np
 
+from datasets.coco_report import mean_valid
+
 FD_NAMES = ("FD", "FD5", "FD25", "FD50", "FD_S", "FD_M", "FD_L")
 # linspace, not arange: the thresholds must be the exact floats 0.05, 0.1, ... that matching compares IoUs with
 FD_IOU_THRESHOLDS = np.linspace(0.05, 0.5, 10)
 # (name, IoU threshold index or None for all, COCO area label)
 _SUMMARY = (("FD", None, "all"), ("FD5", 0, "all"), ("FD25", 4, "all"), ("FD50", 9, "all"),
             ("FD_S", None, "small"), ("FD_M", None, "medium"), ("FD_L", None, "large"))
-
-
-def _mean_valid(precision: np.ndarray) -> float:
-    """COCO's summary mean: entries of -1 (no ground truth) left out; -1 when nothing is left."""
-    valid = precision[precision > -1]
-    return float(valid.mean()) if valid.size else -1.0
 
 
 def false_discovery_rates(coco_eval) -> dict[str, float]:
@@ -40,7 +36,7 @@ def false_discovery_rates(coco_eval) -> dict[str, float]:
     rates = {}
     for name, iou_index, area in _SUMMARY:
         p = precision[:, :, :, params.areaRngLbl.index(area)]
-        ap = _mean_valid(p if iou_index is None else p[iou_index])
+        ap = mean_valid(p if iou_index is None else p[iou_index])
         rates[name] = 100.0 * (1.0 - ap) if ap >= 0 else float("nan")
     return rates
 
