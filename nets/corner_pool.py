@@ -93,14 +93,9 @@ class CenterPool(nn.Module):
         return self.merge(x, pooled)
 
 
-class CenterConv(nn.Module):
-    """(N, dim, H, W) -> (N, dim, H, W): CenterPool without the maxima, the sum of the two projections."""
-
-    def __init__(self, dim: int, pool_dim: int):
-        super().__init__()
-        self.conv_col = ConvBnRelu(3, dim, pool_dim)
-        self.conv_row = ConvBnRelu(3, dim, pool_dim)
-        self.merge = PoolMerge(dim, pool_dim)
+class CenterConv(CenterPool):
+    """(N, dim, H, W) -> (N, dim, H, W): CenterPool without the maxima, the sum of the two projections (the same
+    layers, so the two variants differ in the pooling alone)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.merge(x, self.conv_col(x) + self.conv_row(x))

@@ -25,6 +25,12 @@ from .layers import Residual
 ONEDNN = torch.backends.mkldnn.is_available()
 
 
+def foldable(conv: nn.Module) -> bool:
+    """A convolution FusedConv can run: ungrouped, zero-padded by a number of pixels."""
+    return isinstance(conv, nn.Conv2d) and conv.groups == 1 and conv.padding_mode == "zeros" and \
+        not isinstance(conv.padding, str)
+
+
 def folded(conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The weight and bias of `conv` followed by `bn` in eval mode, computed in float64 so that folding adds no
     rounding beyond the final cast to float32."""
@@ -42,7 +48,7 @@ class FusedConv(nn.Module):
 
     def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None, relu: bool = False):
         super().__init__()
-        if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        if not foldable(conv):
             raise ValueError("FusedConv: only zero-padded, ungrouped convolutions with numeric padding")
         weight, bias = folded(conv, bn)
         self.weight = nn.Parameter(weight, requires_grad=False)
@@ -113,7 +119,7 @@ def fused_sequence(seq: nn.Sequential) -> nn.Sequential:
     layers, items, i = [], list(seq), 0
     while i < len(items):
         layer = items[i]
-        if isinstance(layer, nn.Conv2d) and layer.groups == 1 and not isinstance(layer.padding, str):
+        if foldable(layer):
             bn = items[i + 1] if i + 1 < len(items) and isinstance(items[i + 1], nn.BatchNorm2d) else None
             j = i + 1 + (bn is not None)
             relu = j < len(items) and isinstance(items[j], nn.ReLU)
@@ -133,7 +139,7 @@ def prepared(module: nn.Module) -> nn.Module:
         return PreparedPoolMerge(module)
     if isinstance(module, nn.Sequential):  # ConvBnRelu and the heads included
         return fused_sequence(module)
-    if isinstance(module, nn.Conv2d) and module.groups == 1 and not isinstance(module.padding, str):
+    if foldable(module):
         return FusedConv(module)
     for name, child in module.named_children():
         setattr(module, name, prepared(child))
