@@ -1,6 +1,7 @@
 """tools/analyze.py on hand-made cases whose breakdown is known, and end to end with drawings, from a results json
 or test.py's metrics json."""
 import json
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -65,12 +66,18 @@ def test_fixed_target_already_matched_is_removed():
     assert set(status.values()) == {"matched"}
 
 
-def test_cli_prints_the_table_and_draws_the_worst_image(tmp_path, capsys):
+def data_dir(tmp_path: Path) -> Path:
+    """A data folder whose split val holds one 300 x 300 grey image, 1.jpg, and no annotations file yet."""
     data = tmp_path / "data"
     (data / "annotations").mkdir(parents=True)
     (data / "val").mkdir()
-    (data / "annotations" / "instances_val.json").write_text(json.dumps(ground_truth()))
     cv2.imwrite(str(data / "val" / "1.jpg"), np.full((300, 300, 3), 200, np.uint8))
+    return data
+
+
+def test_cli_prints_the_table_and_draws_the_worst_image(tmp_path, capsys):
+    data = data_dir(tmp_path)
+    (data / "annotations" / "instances_val.json").write_text(json.dumps(ground_truth()))
     results = tmp_path / "results.json"
     results.write_text(json.dumps(CASES["background"][0]))
     args = get_args_parser().parse_args([str(results), "--data_dir", str(data), "--split", "val"])
@@ -91,10 +98,7 @@ def test_cli_prints_the_table_and_draws_the_worst_image(tmp_path, capsys):
 
 
 def test_cli_explains_a_split_without_annotations_and_an_empty_drawing(tmp_path, capsys):
-    data = tmp_path / "data"
-    (data / "annotations").mkdir(parents=True)
-    (data / "val").mkdir()
-    cv2.imwrite(str(data / "val" / "1.jpg"), np.full((300, 300, 3), 200, np.uint8))
+    data = data_dir(tmp_path)
     results = tmp_path / "results.json"
     results.write_text(json.dumps([det(GT_BOXES[0], 0.9), det(GT_BOXES[1], 0.8)]))  # both true boxes, found
     args = get_args_parser().parse_args([str(results), "--data_dir", str(data), "--split", "val"])
@@ -109,11 +113,8 @@ def test_cli_explains_a_split_without_annotations_and_an_empty_drawing(tmp_path,
 
 
 def test_cli_reads_the_metrics_json_of_test_py_as_well(tmp_path, capsys):
-    data = tmp_path / "data"
-    (data / "annotations").mkdir(parents=True)
-    (data / "val").mkdir()
+    data = data_dir(tmp_path)
     (data / "annotations" / "instances_val.json").write_text(json.dumps(ground_truth()))
-    cv2.imwrite(str(data / "val" / "1.jpg"), np.full((300, 300, 3), 200, np.uint8))
     results = tmp_path / "results_val.json"
     results.write_text(json.dumps(CASES["background"][0]))
     metrics = tmp_path / "results_val_metrics.json"
