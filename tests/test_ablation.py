@@ -1,0 +1,106 @@
+"""tools/ablation.py on a few built-in images: each row trains its variant with the one schedule and seed, the table
+holds test.py's own metrics of each row, a rerun continues (finished rows kept, a stopped row resumed) instead of
+retraining, other settings and flags the script sets itself are refused, and 2 torchrun processes run it."""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.test_train import free_port
+from tools import ablation
+from utils.checkpoint import load_checkpoint
+from utils.errors import ArgumentError, DataError
+
+REPO = Path(__file__).resolve().parents[1]
+METRICS = "results_val_checkpoint_s1_flip_metrics.json"
+
+
+def flags(shapes_dir: Path, ckpt_dir: Path, *extra: str) -> list[str]:
+    return ["--name", "abl", "--ckpt_dir", str(ckpt_dir), "--data_dir", str(shapes_dir), "--train_split", "train",
+            "--val_split", "val", "--num_epochs", "2", "--lr_step", "1", "--batch_size", "4", "--num_workers", "0",
+            "--device", "cpu", *extra]
+
+
+def run(argv: list[str]) -> dict:
+    known, extra = ablation.get_args_parser().parse_known_args(argv)
+    return ablation.main(known, extra)
+
+
+def printed_rows(text: str) -> dict[str, list[str]]:
+    """The table's cells by row label, from what main printed."""
+    return {cells[0]: cells[1:] for line in text.splitlines() if line.startswith("| +") or line.startswith("| Corner")
+            for cells in [[c.strip() for c in line.strip("|").split("|")]]}
+
+
+def test_each_row_trains_its_variant_and_the_table_is_test_py_s(shapes_dir, tmp_path, capsys):
+    root = tmp_path / "abl"
+    rows = run(flags(shapes_dir, tmp_path, "--rows", "cre_ctp_ccp,cornernet", "--min_box_size", "1"))
+    assert list(rows) == ["cornernet", "cre_ctp_ccp"]  # the paper's order, whatever the order asked
+    states = {row: load_checkpoint(root / row / "checkpoint.pt") for row in rows}
+    for row, state in states.items():
+        args = state["args"]
+        assert (args["corner_pool"], args["center_branch"]) == ablation.ROWS[row][1:]
+        assert (args["arch"], args["img_size"], args["lr"], args["lr_step"], args["seed"], args["min_box_size"]) == \
+            ("tiny_hourglass", 127, 2e-3, "1", 317, 1.0)  # the schedule, its overrides and a train.py flag
+        assert state["epoch"] == 2
+    table = json.loads((root / "ablation.json").read_text())
+    shown = printed_rows(capsys.readouterr().out)
+    for row in rows:
+        measured = json.loads((root / row / METRICS).read_text())
+        assert {c: table["rows"][row][c] for c in ablation.COLUMNS} == {c: measured[c] for c in ablation.COLUMNS}
+        # AP, AP50 and AR100 are fractions in COCO's json and percent in the table; FD is percent in both
+        percent = [measured[c] * (1 if c.startswith("FD") else 100) for c in ablation.COLUMNS]
+        assert shown[ablation.ROWS[row][0]][:6] == [f"{v:.1f}" for v in percent]
+        assert not table["rows"][row]["resumed"] and table["rows"][row]["train_s"] > 0
+
+    # A row stopped after its first epoch resumes; the finished rows are neither trained nor evaluated again.
+    setting = ablation.settings(ablation.get_args_parser().parse_known_args(flags(shapes_dir, tmp_path))[0],
+                                ["--min_box_size", "1"])
+    known = ablation.get_args_parser().parse_known_args(flags(shapes_dir, tmp_path))[0]
+    ablation.train_row(known, root, "cre", {**setting, "num_epochs": 1}, ["--min_box_size", "1"])
+    finished = {row: (root / row / "checkpoint.pt").read_bytes() for row in rows}
+    rows = run(flags(shapes_dir, tmp_path, "--min_box_size", "1"))
+    assert list(rows) == list(ablation.ROWS)
+    assert {row: (root / row / "checkpoint.pt").read_bytes() for row in finished} == finished
+    assert rows["cre"]["resumed"] and load_checkpoint(root / "cre" / "checkpoint.pt")["epoch"] == 2
+    assert "resuming" in (root / "cre" / "train.log").read_text()
+    assert re.search(r"^\| \+CRE \|.* \| [0-9.]+\* \| [0-9.]+ \|$", capsys.readouterr().out, re.MULTILINE)
+
+    before = (root / "ablation.json").read_bytes()
+    with pytest.raises(ArgumentError, match=r"other settings \(lr: 0.002 there, 0.001 now; train_extra: "):
+        run(flags(shapes_dir, tmp_path, "--lr", "1e-3"))
+    assert (root / "ablation.json").read_bytes() == before
+    (root / "ablation.json").write_text('{"rows": {}}')
+    with pytest.raises(DataError, match="ablation.json: not a table of tools/ablation.py"):
+        run(flags(shapes_dir, tmp_path, "--min_box_size", "1"))
+
+
+@pytest.mark.parametrize("extra, message", [(["--method", "cornernet"], "--method: set by tools/ablation.py"),
+                                            (["--log_name=x"], "--log_name=x: set by"),
+                                            (["--rows", "cre,ctp"], "--rows cre,ctp: expected some of cornernet"),
+                                            (["--test_scales", "0"], "--test_scales: expected positive")])
+def test_flags_that_cannot_work_are_refused_before_anything_is_written(shapes_dir, tmp_path, extra, message):
+    with pytest.raises(ArgumentError, match=message):
+        run(flags(shapes_dir, tmp_path / "ckpt", *extra))
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_two_torchrun_processes_run_the_ablation_with_dist(shapes_dir, tmp_path):
+    """train.py and test.py each join and leave the process group: the script runs them one after the other in the
+    same processes, and only the first process writes and prints the table."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "tools/ablation.py", "--dist", *flags(shapes_dir, tmp_path, "--rows", "cornernet,cre_ctp_ccp")]
+    result = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("| CornerNet |") == 1 and result.stdout.count("| +CRE+CTP+CCP |") == 1
+    table = json.loads((tmp_path / "abl" / "ablation.json").read_text())
+    assert list(table["rows"]) == ["cornernet", "cre_ctp_ccp"]
+    for row in table["rows"]:
+        state = load_checkpoint(tmp_path / "abl" / row / "checkpoint.pt")
+        assert state["args"]["dist"] and state["epoch"] == 2
+        assert "2 process(es)" in (tmp_path / "abl" / row / "train.log").read_text()
