@@ -5,7 +5,10 @@ What it changes (each measured by bench/bench_infer.py, README "CPU inference"):
 - batch norm folded into the convolution before it: w' = w * g / sqrt(v + eps), b' = beta + (b - m) * g / sqrt(v + eps);
 - ReLU, and the residual sum before it, done inside the convolution by oneDNN (`mkldnn::_convolution_pointwise`):
   one pass over memory instead of three;
-- activations in channels_last, oneDNN's native layout, so no convolution reorders its input;
+- activations in channels_last, oneDNN's native layout, so no convolution reorders its input (center pooling's
+  broadcast sum included, which would come out NCHW);
+- each head's last 1x1 convolution as one matrix product that writes the output map in NCHW, the layout decoding
+  reads, instead of a channels_last map copied afterwards;
 - optionally bf16 weights and activations (the CPU's AVX-512 BF16 / AMX instructions), outputs back in float32.
 
 The rewrite goes by module type (ConvBnRelu, Residual, PoolMerge, conv-BN and conv-ReLU pairs in an nn.Sequential),
@@ -19,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .corner_pool import PoolMerge
+from .corner_pool import CenterPool, PoolMerge
+from .hourglass import OUTPUT_KEYS, KeypointBranches
 from .layers import Residual
 
 ONEDNN = torch.backends.mkldnn.is_available()
@@ -114,6 +118,54 @@ class PreparedPoolMerge(nn.Module):
         return self.out(self.pool_conv(pooled, add=self.skip_conv(x)))
 
 
+class PreparedCenterPool(nn.Module):
+    """CenterPool with its broadcast sum written in the layout of its inputs: left to broadcasting, the sum comes
+    out NCHW, and the convolution reading it ran 3x slower than on channels_last (bench of the tiny forward)."""
+
+    def __init__(self, pool: CenterPool):
+        super().__init__()
+        self.conv_col, self.conv_row = fused_sequence(pool.conv_col), fused_sequence(pool.conv_row)
+        self.merge = PreparedPoolMerge(pool.merge)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.conv_col(x), self.conv_row(x)
+        pooled = torch.add(a.amax(dim=2, keepdim=True), b.amax(dim=3, keepdim=True), out=torch.empty_like(a))
+        return self.merge(x, pooled)
+
+
+class OutputConv(nn.Module):
+    """A head's last 1x1 convolution (K x C, with bias) as one matrix product per image that writes the output map
+    in NCHW: (N, C, H, W) channels_last -> (N, K, H, W) contiguous. As a convolution, its output came out
+    channels_last and was copied to NCHW for decoding, and oneDNN ran the 1- and 2-channel ones at 2-4 GFLOP/s."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        weight, bias = folded(conv, None)
+        self.weight = nn.Parameter(weight.flatten(1), requires_grad=False)  # (K, C)
+        self.bias = nn.Parameter(bias[:, None], requires_grad=False)  # (K, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        pixels = x.permute(0, 2, 3, 1).reshape(n, h * w, c)  # a view when x is channels_last
+        out = torch.baddbmm(self.bias, self.weight.expand(n, -1, -1), pixels.transpose(1, 2))  # (N, K, H * W)
+        return out.view(n, -1, h, w)
+
+
+def is_output_conv(conv: nn.Module) -> bool:
+    return isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1) and conv.stride == (1, 1) and \
+        conv.padding == (0, 0) and conv.groups == 1
+
+
+def prepared_branches(branches: KeypointBranches) -> KeypointBranches:
+    """The pooling modules prepared, and each head with its last convolution as an OutputConv."""
+    for name, child in branches.named_children():
+        if name in OUTPUT_KEYS and is_output_conv(child[-1]):
+            setattr(branches, name, nn.Sequential(*fused_sequence(child[:-1]), OutputConv(child[-1])))
+        else:
+            setattr(branches, name, prepared(child))
+    return branches
+
+
 def fused_sequence(seq: nn.Sequential) -> nn.Sequential:
     """The layers of `seq` with each Conv2d [BatchNorm2d] [ReLU] run as one FusedConv."""
     layers, items, i = [], list(seq), 0
@@ -137,6 +189,10 @@ def prepared(module: nn.Module) -> nn.Module:
         return PreparedResidual(module)
     if isinstance(module, PoolMerge):
         return PreparedPoolMerge(module)
+    if type(module) is CenterPool:  # not CenterConv, whose sum of two convolutions keeps their layout
+        return PreparedCenterPool(module)
+    if isinstance(module, KeypointBranches):
+        return prepared_branches(module)
     if isinstance(module, nn.Sequential):  # ConvBnRelu and the heads included
         return fused_sequence(module)
     if foldable(module):

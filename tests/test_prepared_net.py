@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from nets import build_model
-from nets.inference import FusedConv, prepare_for_inference
+from nets.inference import FusedConv, OutputConv, prepare_for_inference
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -48,8 +48,25 @@ def test_prepared_equals_trained_network_to_float32_rounding(channels_last):
     assert relative_error(out, ref) < 1e-4
     # every batch norm was folded: none is left in the prepared network
     assert not any(isinstance(m, nn.BatchNorm2d) for m in prepared.modules())
-    assert sum(isinstance(m, FusedConv) for m in prepared.modules()) == \
+    assert sum(isinstance(m, (FusedConv, OutputConv)) for m in prepared.modules()) == \
         sum(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+@pytest.mark.parametrize("corner_pool, center_branch", [("cascade", "pool"), ("plain", "conv"), ("plain", "none")])
+def test_every_convolution_reads_channels_last_and_the_maps_come_out_nchw(corner_pool, center_branch):
+    """What makes the prepared forward fast (README "CPU inference"): no convolution gets an NCHW input for oneDNN
+    to reorder (center pooling's broadcast sum did), and the heads write the NCHW float32 maps that decoding reads,
+    so none is copied after the network."""
+    prepared = prepare_for_inference(trained_looking(2, corner_pool, center_branch))
+    layouts = []
+    for m in prepared.modules():
+        if isinstance(m, (FusedConv, OutputConv)):
+            m.register_forward_pre_hook(lambda _, inputs: layouts.append(
+                inputs[0].is_contiguous(memory_format=torch.channels_last)))
+    with torch.no_grad():
+        maps = prepared.network(torch.randn(1, 3, 127, 127).contiguous(memory_format=torch.channels_last))
+    assert len(layouts) == sum(isinstance(m, (FusedConv, OutputConv)) for m in prepared.modules()) and all(layouts)
+    assert all(v.dtype == torch.float32 and v.is_contiguous() for v in maps.values())
 
 
 @pytest.mark.parametrize("corner_pool, center_branch", [("plain", "none"), ("plain", "conv"), ("cascade", "conv")])
