@@ -60,6 +60,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--test_flip", action="store_true", help="also run the horizontally flipped image")
     p.add_argument("--test_scales", default="1", help="comma-separated scales, e.g. 0.75,1,1.25")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--amp", action="store_true",
+                   help="16-bit: the bf16 network on the CPU, fp16 autocast on CUDA (README: CPU inference)")
     p.add_argument("--force", action="store_true", help="replace existing outputs (never an input file)")
     return p
 
@@ -272,12 +274,14 @@ def main(args: argparse.Namespace) -> dict:
     scales = parse_scales(args.test_scales)
     check_positive_int("--batch_size", args.batch_size)
     check_number("--score_thresh", args.score_thresh, 0, 1)
+    if args.onnx and args.amp:
+        raise UserError("--amp: an ONNX model runs in the precision it was exported in; drop --amp")
     if args.ckpt and Path(args.ckpt).suffix.lower() == ".onnx":
         raise UserError(f"--ckpt {args.ckpt} is an ONNX file; pass it as --onnx {args.ckpt}")
     source = prepare_video(args) if args.video else prepare_images(args)
     detector = Detector.from_checkpoint(args.onnx or args.ckpt, device=args.device, test_flip=args.test_flip,
                                         test_scales=scales, score_thresh=args.score_thresh,
-                                        batch_size=args.batch_size, onnx=bool(args.onnx))
+                                        batch_size=args.batch_size, onnx=bool(args.onnx), amp=args.amp)
     # Stopped by Ctrl-C or SIGTERM (run_cli), a run keeps its json and leaves no temporary video.
     if args.video:
         return run_video(*source, args, detector)

@@ -212,6 +212,21 @@ def test_errors_name_the_problem(ckpt, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_amp_runs_the_16_bit_network_and_is_refused_for_onnx(ckpt, tmp_path, monkeypatch):
+    built = []
+    monkeypatch.setattr(engine.detector, "network_for", lambda model, device, amp: built.append(amp) or model)
+    photo = small_photos(tmp_path / "in")[0]
+    assert run(ckpt, photo, tmp_path / "out", "--amp")["images"][0]["detections"]
+    assert built == [True]
+    onnx_file = tmp_path / "model.onnx"
+    onnx_file.write_bytes(b"")
+    args = demo.get_args_parser().parse_args(["--onnx", str(onnx_file), "--images", str(photo), "--out",
+                                              str(tmp_path / "out2"), "--device", "cpu", "--amp"])
+    with pytest.raises(UserError, match="--amp: an ONNX model runs in the precision it was exported in; drop --amp"):
+        demo.main(args)
+    assert not (tmp_path / "out2").exists()
+
+
 def write_video(path: Path, frames: int = 7, size=(120, 90)) -> None:
     """A camera panning over a raccoon photo, mp4v in .mp4 (OpenCV's headless build writes it)."""
     w, h = size
