@@ -9,9 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.test_train import free_port
 from tools import ablation
+from utils import dist
 from utils.checkpoint import load_checkpoint
 from utils.errors import ArgumentError, DataError
 
@@ -87,6 +89,23 @@ def test_flags_that_cannot_work_are_refused_before_anything_is_written(shapes_di
     with pytest.raises(ArgumentError, match=message):
         run(flags(shapes_dir, tmp_path / "ckpt", *extra))
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_the_process_group_lasts_until_its_last_holder_leaves(monkeypatch):
+    """utils/dist.py: a script that joins first keeps the group through the inner init/cleanup pairs of train.py and
+    test.py (a group made again in the same processes failed to connect under torchrun)."""
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert dist.init_distributed(True, device="cpu")  # the script's
+    for _ in range(2):  # a row's train.py, then its test.py
+        group = torch.distributed.group.WORLD
+        assert dist.init_distributed(True, device="cpu")
+        dist.cleanup()
+        assert dist.is_dist() and torch.distributed.group.WORLD is group
+    dist.cleanup()
+    assert not dist.is_dist()
 
 
 def test_two_torchrun_processes_run_the_ablation_with_dist(shapes_dir, tmp_path):

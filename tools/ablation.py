@@ -71,6 +71,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--test_scales", default="1")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--num_workers", type=int, default=2, help="data loading workers per process")
+    p.add_argument("--dist", action="store_true",
+                   help="DistributedDataParallel, as train.py's (implied when a launcher starts several processes)")
     return p
 
 
@@ -127,7 +129,7 @@ def train_row(args: argparse.Namespace, run_root: Path, row: str, setting: dict,
     flags = ["--log_name", row, "--ckpt_dir", str(run_root), "--dataset", args.dataset, "--data_dir",
              str(args.data_dir), "--train_split", args.train_split, "--val_split", args.val_split, "--corner_pool",
              corner_pool, "--center_branch", center_branch, "--seed", str(args.seed), "--device", args.device,
-             "--num_workers", str(args.num_workers), "--val_interval", "0", "--resume"]
+             "--num_workers", str(args.num_workers), "--val_interval", "0", "--resume"] + ["--dist"] * args.dist
     for key in ("arch", "img_size", "batch_size", "lr", "lr_step", "num_epochs"):
         flags += [f"--{key}", str(setting[key])]
     train.main(train.get_args_parser().parse_args(flags + train_extra))
@@ -164,6 +166,8 @@ def main(args: argparse.Namespace, train_extra: list[str] = ()) -> dict:
     run_root = Path(args.ckpt_dir) / args.name
     table_path = run_root / TABLE
     rows = read_table(table_path, setting)
+    # One process group for every row's training and test (utils/dist.py cleanup says why).
+    dist.init_distributed(args.dist or dist.launched(), device=args.device)
     for row in wanted_rows:
         if row in rows:
             continue
@@ -181,6 +185,7 @@ def main(args: argparse.Namespace, train_extra: list[str] = ()) -> dict:
         print(f"{args.name}: {setting['arch']} on {args.data_dir} ({args.train_split} -> {args.val_split}), "
               f"schedule {args.schedule}, seed {args.seed}; table in {table_path}")
         print(format_table(rows), flush=True)
+    dist.cleanup()
     return rows
 
 

@@ -12,6 +12,8 @@ import torch.distributed as dist
 
 from utils.device import bind_local_gpu
 
+_holders = 0  # init_distributed calls of this process not yet paired with a cleanup
+
 
 def is_dist() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -74,8 +76,11 @@ def slurm_to_torchrun_env() -> None:
 def init_distributed(enabled: bool = True, local_rank: int | None = None, device: str = "auto") -> bool:
     """Joins the process group described by the launcher's environment (torchrun's or srun's); returns whether the
     run is distributed. Nothing happens when `enabled` is False or the launcher started one process. `device`
-    picks the backend: nccl for CUDA (`auto` with a GPU visible), gloo for the CPU."""
+    picks the backend: nccl for CUDA (`auto` with a GPU visible), gloo for the CPU. A call that finds the group
+    already joined holds it too: each call is paired with one `cleanup`."""
+    global _holders
     if is_dist():
+        _holders += 1
         return True
     # torchrun with one process sets RANK and WORLD_SIZE=1: with --dist that is a real (nccl / gloo) group of one.
     torchrun_env = "RANK" in os.environ and "WORLD_SIZE" in os.environ
@@ -92,6 +97,7 @@ def init_distributed(enabled: bool = True, local_rank: int | None = None, device
     if use_cuda:
         bind_local_gpu(int(os.environ.get("LOCAL_RANK", 0)))  # the `local_rank` argument is in it by now
     dist.init_process_group("nccl" if use_cuda else "gloo", init_method="env://")
+    _holders = 1
     return True
 
 
@@ -141,5 +147,12 @@ def barrier() -> None:
 
 
 def cleanup() -> None:
+    """Leaves the process group when its last holder is done. A script that runs train.py's and test.py's main in
+    turn in the same processes (tools/ablation.py) joins first and keeps one group for all of them: a group made
+    again there reads the previous group's addresses from the launcher's store, and its processes fail to connect."""
+    global _holders
     if is_dist():
-        dist.destroy_process_group()
+        _holders -= 1
+        if _holders <= 0:
+            _holders = 0
+            dist.destroy_process_group()
