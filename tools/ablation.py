@@ -19,6 +19,7 @@ override its values. Flags this script does not know go to train.py unchanged (e
 import argparse
 import importlib.util
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -176,7 +177,7 @@ def main(args: argparse.Namespace, train_extra: list[str] = ()) -> dict:
         train_row(args, run_root, row, setting, train_extra)
         trained = time.perf_counter()
         stats = test_row(args, run_root, row)
-        rows[row] = {**{c: None if stats[c] != stats[c] else stats[c] for c in COLUMNS},
+        rows[row] = {**{c: None if math.isnan(stats[c]) else stats[c] for c in COLUMNS},  # undefined: null
                      "train_s": trained - start, "test_s": time.perf_counter() - trained, "resumed": resumed}
         rows = {r: rows[r] for r in ROWS if r in rows}
         if dist.is_main():
