@@ -63,8 +63,11 @@ def test_every_command_line_ends_through_run_cli():
         assert len(main_blocks) == 1, script.name
         calls = [node for node in ast.walk(main_blocks[0])
                  if isinstance(node, ast.Call) and ast.unparse(node.func) == "run_cli"]
-        # run_cli(main, args) or run_cli(lambda a: main(a, extra), args)
-        assert len(calls) == 1 and "main(" in ast.unparse(calls[0].args[0]) + "(", script.name
+        assert len(calls) == 1, script.name
+        target = calls[0].args[0]
+        if isinstance(target, ast.Lambda):  # run_cli(lambda a: main(a, extra), args)
+            target = target.body.func if isinstance(target.body, ast.Call) else target.body
+        assert ast.unparse(target) == "main", script.name
 
 
 def test_user_errors_are_still_the_builtin_kinds():
