@@ -39,6 +39,7 @@ from engine.onnx_backend import OnnxModel
 from nets import model_from_checkpoint, variant_name
 from utils import dist
 from utils.checkpoint import load_inference_checkpoint, saved_args
+from utils.cpu_memory import keep_freed_memory
 from utils.device import select_device
 from utils.errors import ArgumentError, run_cli
 
@@ -144,6 +145,8 @@ def main(args: argparse.Namespace) -> dict:
               f"{args.num_classes} classes) on {len(dataset)} images of "
               f"{args.data_dir} {args.val_split}, scales {args.test_scales}, flip {args.test_flip}, "
               f"{dist.world_size()} process(es) on {device}", flush=True)
+    if device.type == "cpu":
+        keep_freed_memory()  # activations reused from one image to the next (utils/cpu_memory.py)
     stats = evaluate(model, dataset, cfg, device, num_workers=args.num_workers, amp=args.amp,
                      out_json=out_json, backend=args.eval_backend)
     if dist.is_main():

@@ -17,7 +17,9 @@ provider, the same thread count, exported by tools/export_onnx.py to a temporary
 and the 16-bit path (`--amp`: the prepared network in bf16). Each row gives GFLOP/s (convolution FLOPs counted by
 torch's FlopCounterMode) and its share of the machine's peak, measured in the same run as a 2048 x 2048 matrix
 product in fp32 and in bf16 on the same threads. --clock cpu times with this process's CPU time instead of the
-wall clock: on a machine that other jobs load, a 1-thread run then counts only the time it ran.
+wall clock: on a machine that other jobs load, a 1-thread run then counts only the time it ran. On the CPU the
+process keeps freed memory for reuse (utils/cpu_memory.py), as Detector and test.py do; bench/profile_infer.py
+measures what that changes.
 On CUDA the rows are fp32 and fp16 / bf16 autocast, with cudnn.benchmark on for these fixed-size rows.
 
 The whole pipeline is engine.inference.detect on one random 511 x 511 image (forward, decode, center check,
@@ -42,6 +44,7 @@ from datasets.transforms import eval_input
 from engine.inference import InferenceConfig, detect, network_for, nms_per_class
 from nets import build_model
 from nets.inference import prepare_for_inference
+from utils.cpu_memory import keep_freed_memory
 from utils.decode import center_check, decode
 from utils.device import autocast, cudnn_benchmark
 
@@ -170,6 +173,8 @@ def main(args: argparse.Namespace) -> None:
         raise SystemExit("bench/bench_infer.py: --device cuda, but no GPU is visible")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if device.type == "cpu":
+        keep_freed_memory()
     torch.set_grad_enabled(False)
     cfg = InferenceConfig()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

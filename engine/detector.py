@@ -23,6 +23,7 @@ from engine.onnx_backend import OnnxModel
 from nets import model_from_checkpoint
 from utils.checkpoint import load_inference_checkpoint
 from utils.checks import check_number, check_positive_int
+from utils.cpu_memory import keep_freed_memory
 from utils.device import select_device
 from utils.errors import ArgumentError
 
@@ -104,7 +105,8 @@ class Detector:
         """`model` maps (N, 3, H, W) images to the eval-mode output dict of docs/FORMAT.md; `config` defaults to
         the official settings for the number of `test_scales`; detections scoring below `score_thresh` are
         dropped; `category_ids` are the data set's ids of the classes (None: unknown). `amp`: the 16-bit path (the
-        bf16 network on the CPU, fp16 autocast on CUDA); a network is run prepared for inference on the CPU."""
+        bf16 network on the CPU, fp16 autocast on CUDA); a network is run prepared for inference on the CPU, in a
+        process that keeps freed memory for the next forward (utils/cpu_memory.py)."""
         scales = check_scales(test_scales)
         check_number("score_thresh", score_thresh, 0, 1)
         check_positive_int("batch_size", batch_size)
@@ -118,6 +120,8 @@ class Detector:
             raise ArgumentError(f"category_ids: expected one per class ({len(class_names)}), got "
                                 f"{len(category_ids)}")
         self.model, self.class_names, self.device, self.amp = model, list(class_names), device, amp
+        if device.type == "cpu":
+            keep_freed_memory()
         self.network = network_for(model, device, amp)
         self.category_ids = None if category_ids is None else [int(c) for c in category_ids]
         self.test_flip, self.test_scales = test_flip, scales

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from nets import build_model
-from nets.inference import FusedConv, OutputConv, prepare_for_inference
+from nets.inference import FusedConv, OutputConv, prepare_for_inference, spatial_max
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -118,3 +118,21 @@ def test_bf16_path_stays_close_and_returns_float32():
 def test_other_dtypes_are_refused():
     with pytest.raises(ValueError, match="float32 or bfloat16"):
         prepare_for_inference(trained_looking(), torch.float16)
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("dim", [2, 3])
+def test_spatial_max_is_amax_in_either_layout(channels_last, dim):
+    """A maximum rounds nothing: equal bit for bit, ties, -inf and NaN included, and in the layout amax keeps."""
+    gen = torch.Generator().manual_seed(dim)
+    x = torch.randint(-3, 3, (2, 5, 7, 6), generator=gen).float()  # many ties
+    x[0, 1, 2] = -float("inf")
+    x[1, 2, :, 3] = float("nan")
+    x[1, 3] = -float("inf")
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    ref = x.amax(dim=dim, keepdim=True)
+    out = spatial_max(x, dim)
+    assert out.shape == ref.shape
+    assert torch.equal(out.nan_to_num(7.0), ref.nan_to_num(7.0)) and torch.equal(out.isnan(), ref.isnan())
+    assert out.isnan().any() and (out == -float("inf")).any()

@@ -1,0 +1,152 @@
+"""Where the CPU forward's time goes: the prepared PyTorch network against onnxruntime on the same weights, op by
+op, and what the process's memory allocator adds to it.
+
+    .venv/bin/python bench/profile_infer.py [--archs tiny_hourglass] [--threads 1] [--repeats 5] [--sizes 511]
+                                            [--top 12] [--skip_ops]
+
+Allocator table: for each arch, a fresh process per setting runs --repeats forwards of the prepared network
+(after one warm-up pass over --sizes; several sizes take turns, as test.py's multi-scale inputs do) and reports
+per forward its CPU time, minor page faults and system time (getrusage), and the process's peak and final
+resident memory. "glibc default" is malloc as it comes; "kept" is utils/cpu_memory.py's keep_freed_memory(), which
+Detector and test.py set on the CPU. The two settings run one after the other, so on a loaded machine read the
+faults, not the times.
+
+Per-op table (the first size, in this process, memory kept): self CPU time per forward of the prepared network's
+ops (torch.profiler) beside onnxruntime's kernel times (its own profiler), the same number of threads.
+"""
+import argparse
+import collections
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: import the repo
+from nets import build_model
+from nets.inference import prepare_for_inference
+from utils.cpu_memory import keep_freed_memory
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--archs", nargs="+", default=["tiny_hourglass"])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[511], help="square input sides, taking turns")
+    parser.add_argument("--top", type=int, default=12, help="rows of the per-op table")
+    parser.add_argument("--skip_ops", action="store_true", help="only the allocator table")
+    parser.add_argument("--child", nargs=2, metavar=("SETTING", "ARCH"), help=argparse.SUPPRESS)
+    return parser
+
+
+def resident_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2 ** 20
+
+
+def allocator_child(setting: str, arch: str, args) -> None:
+    """Runs in a fresh process: prints one JSON line of the measurements for `setting`."""
+    kept = setting == "kept" and keep_freed_memory()
+    torch.manual_seed(0)
+    network = prepare_for_inference(build_model(arch, 80).eval())
+    images = [torch.randn(1, 3, s, s) for s in args.sizes]
+    for image in images:
+        network(image)
+    start, clock = resource.getrusage(resource.RUSAGE_SELF), time.process_time()
+    for i in range(args.repeats):
+        network(images[i % len(images)])
+    end, spent = resource.getrusage(resource.RUSAGE_SELF), time.process_time() - clock
+    n = args.repeats
+    print(json.dumps({"kept": kept, "ms": spent / n * 1e3, "faults": (end.ru_minflt - start.ru_minflt) / n,
+                      "sys_ms": (end.ru_stime - start.ru_stime) / n * 1e3, "peak_mib": end.ru_maxrss / 1024,
+                      "final_mib": resident_mib()}))
+
+
+def allocator_table(args) -> None:
+    print(f"{'allocator':<34}{'ms/fwd':>9}{'faults/fwd':>12}{'sys ms/fwd':>12}{'peak MiB':>10}{'final MiB':>10}")
+    for arch in args.archs:
+        for setting in ("default", "kept"):
+            cmd = [sys.executable, __file__, "--child", setting, arch, "--threads", str(args.threads),
+                   "--repeats", str(args.repeats), "--sizes", *map(str, args.sizes)]
+            row = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+            name = "kept" if row["kept"] else "glibc default" if setting == "default" else "kept (no glibc: default)"
+            print(f"{arch + ' ' + name:<34}{row['ms']:>9.1f}{row['faults']:>12.0f}{row['sys_ms']:>12.1f}"
+                  f"{row['peak_mib']:>10.0f}{row['final_mib']:>10.0f}", flush=True)
+
+
+def torch_ops(network, image: torch.Tensor, repeats: int) -> dict:
+    """{op: (ms per forward, calls per forward)} of self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    network(image)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(repeats):
+            network(image)
+    return {e.key: (e.self_cpu_time_total / repeats / 1e3, e.count / repeats) for e in prof.key_averages()}
+
+
+def onnx_ops(model, image: torch.Tensor, repeats: int, folder: str) -> dict:
+    """{op type: (ms per forward, calls per forward)} of onnxruntime's kernel times, after one warm-up run."""
+    import onnxruntime
+    from tools.export_onnx import export
+
+    side = image.shape[-1]
+    export(model, Path(folder) / "model.onnx", side, {"arch": "", "class_names": [], "img_size": side,
+                                                      "size_unit": model.size_unit, "dynamic": False,
+                                                      "max_size": side})
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.enable_profiling, options.profile_file_prefix = True, str(Path(folder) / "profile")
+    session = onnxruntime.InferenceSession(str(Path(folder) / "model.onnx"), options,
+                                           providers=["CPUExecutionProvider"])
+    feed = {session.get_inputs()[0].name: image.numpy()}
+    for _ in range(1 + repeats):
+        session.run(None, feed)
+    with open(session.end_profiling()) as f:
+        nodes = [e for e in json.load(f) if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    ops = collections.defaultdict(lambda: [0.0, 0])
+    for e in nodes[len(nodes) // (1 + repeats):]:  # the runs after the warm-up
+        ops[e["args"]["op_name"]][0] += e["dur"] / repeats / 1e3
+        ops[e["args"]["op_name"]][1] += 1 / repeats
+    return dict(ops)
+
+
+def ops_table(args) -> None:
+    keep_freed_memory()
+    for arch in args.archs:
+        torch.manual_seed(0)
+        model = build_model(arch, 80).eval()
+        image = torch.randn(1, 3, args.sizes[0], args.sizes[0])
+        ours = torch_ops(prepare_for_inference(model), image, args.repeats)
+        with tempfile.TemporaryDirectory() as tmp:
+            theirs = onnx_ops(model, image, args.repeats, tmp)
+        print(f"\n{arch} {args.sizes[0]}: prepared PyTorch {sum(t for t, _ in ours.values()):.1f} ms/fwd (self CPU), "
+              f"onnxruntime {sum(t for t, _ in theirs.values()):.1f} ms/fwd (kernels)")
+        print(f"{'PyTorch op':<40}{'ms/fwd':>9}{'calls':>7}   {'onnxruntime op':<24}{'ms/fwd':>9}{'calls':>7}")
+        left = sorted(ours.items(), key=lambda kv: -kv[1][0])[:args.top]
+        right = sorted(theirs.items(), key=lambda kv: -kv[1][0])[:args.top]
+        for i in range(max(len(left), len(right))):
+            a = f"{left[i][0][:39]:<40}{left[i][1][0]:>9.1f}{left[i][1][1]:>7.0f}" if i < len(left) else " " * 56
+            b = f"{right[i][0]:<24}{right[i][1][0]:>9.1f}{right[i][1][1]:>7.0f}" if i < len(right) else ""
+            print(f"{a}   {b}")
+
+
+def main(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(False)
+    if args.child:
+        allocator_child(*args.child, args)
+        return
+    print(f"{torch.get_num_threads()} CPU threads, sizes {args.sizes}, {args.repeats} forwards per row")
+    allocator_table(args)
+    if not args.skip_ops:
+        ops_table(args)
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
