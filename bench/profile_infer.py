@@ -12,7 +12,8 @@ Detector and test.py set on the CPU. The two settings run one after the other, s
 faults, not the times.
 
 Per-op table (the first size, in this process, memory kept): self CPU time per forward of the prepared network's
-ops (torch.profiler) beside onnxruntime's kernel times (its own profiler), the same number of threads.
+ops (torch.profiler) beside onnxruntime's kernel times (its own profiler), the same number of threads; then the
+convolutions by shape, ms per call in each (PyTorch's heads' output products are not convolutions there: "-").
 """
 import argparse
 import collections
@@ -79,15 +80,28 @@ def allocator_table(args) -> None:
                   f"{row['peak_mib']:>10.0f}{row['final_mib']:>10.0f}", flush=True)
 
 
-def torch_ops(network, image: torch.Tensor, repeats: int) -> dict:
-    """{op: (ms per forward, calls per forward)} of self CPU time."""
+def torch_ops(network, image: torch.Tensor, repeats: int) -> tuple[dict, dict]:
+    """({op: (ms per forward, calls per forward)} of self CPU time, the same for each convolution shape)."""
     from torch.profiler import ProfilerActivity, profile
 
     network(image)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         for _ in range(repeats):
             network(image)
-    return {e.key: (e.self_cpu_time_total / repeats / 1e3, e.count / repeats) for e in prof.key_averages()}
+    ops = {e.key: (e.self_cpu_time_total / repeats / 1e3, e.count / repeats) for e in prof.key_averages()}
+    convs = collections.defaultdict(lambda: [0.0, 0.0])
+    for e in prof.key_averages(group_by_input_shape=True):
+        if e.key.startswith("mkldnn::_convolution_pointwise"):
+            shapes = [s for s in e.input_shapes if len(s) == 4]  # input, [the summand,] weight
+            key = conv_key(shapes[0], shapes[-1])
+            convs[key][0] += e.self_cpu_time_total / repeats / 1e3
+            convs[key][1] += e.count / repeats
+    return ops, dict(convs)
+
+
+def conv_key(x: list, weight: list) -> str:
+    """'64x128x128 -> 64 3x3': input channels x height x width, output channels, kernel."""
+    return f"{x[1]}x{x[2]}x{x[3]} -> {weight[0]} {weight[2]}x{weight[3]}"
 
 
 def onnx_ops(model, image: torch.Tensor, repeats: int, folder: str) -> dict:
@@ -109,11 +123,16 @@ def onnx_ops(model, image: torch.Tensor, repeats: int, folder: str) -> dict:
         session.run(None, feed)
     with open(session.end_profiling()) as f:
         nodes = [e for e in json.load(f) if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
-    ops = collections.defaultdict(lambda: [0.0, 0])
+    ops, convs = collections.defaultdict(lambda: [0.0, 0.0]), collections.defaultdict(lambda: [0.0, 0.0])
     for e in nodes[len(nodes) // (1 + repeats):]:  # the runs after the warm-up
-        ops[e["args"]["op_name"]][0] += e["dur"] / repeats / 1e3
-        ops[e["args"]["op_name"]][1] += 1 / repeats
-    return dict(ops)
+        name, ms = e["args"]["op_name"], e["dur"] / repeats / 1e3
+        ops[name][0] += ms
+        ops[name][1] += 1 / repeats
+        if name == "Conv":
+            x, weight = [next(iter(d.values())) for d in e["args"]["input_type_shape"][:2]]
+            convs[conv_key(x, weight)][0] += ms
+            convs[conv_key(x, weight)][1] += 1 / repeats
+    return dict(ops), dict(convs)
 
 
 def ops_table(args) -> None:
@@ -122,9 +141,9 @@ def ops_table(args) -> None:
         torch.manual_seed(0)
         model = build_model(arch, 80).eval()
         image = torch.randn(1, 3, args.sizes[0], args.sizes[0])
-        ours = torch_ops(prepare_for_inference(model), image, args.repeats)
+        ours, our_convs = torch_ops(prepare_for_inference(model), image, args.repeats)
         with tempfile.TemporaryDirectory() as tmp:
-            theirs = onnx_ops(model, image, args.repeats, tmp)
+            theirs, their_convs = onnx_ops(model, image, args.repeats, tmp)
         print(f"\n{arch} {args.sizes[0]}: prepared PyTorch {sum(t for t, _ in ours.values()):.1f} ms/fwd (self CPU), "
               f"onnxruntime {sum(t for t, _ in theirs.values()):.1f} ms/fwd (kernels)")
         print(f"{'PyTorch op':<40}{'ms/fwd':>9}{'calls':>7}   {'onnxruntime op':<24}{'ms/fwd':>9}{'calls':>7}")
@@ -134,6 +153,12 @@ def ops_table(args) -> None:
             a = f"{left[i][0][:39]:<40}{left[i][1][0]:>9.1f}{left[i][1][1]:>7.0f}" if i < len(left) else " " * 56
             b = f"{right[i][0]:<24}{right[i][1][0]:>9.1f}{right[i][1][1]:>7.0f}" if i < len(right) else ""
             print(f"{a}   {b}")
+        print(f"{'convolution (in -> out kernel)':<32}{'PyTorch ms/call':>16}{'onnxruntime ms/call':>21}{'calls':>7}")
+        for key in sorted(our_convs.keys() | their_convs.keys(),
+                          key=lambda k: -max(our_convs.get(k, [0])[0], their_convs.get(k, [0])[0]))[:args.top]:
+            per_call = [f"{t[key][0] / t[key][1]:.2f}" if key in t else "-" for t in (our_convs, their_convs)]
+            calls = max(t[key][1] for t in (our_convs, their_convs) if key in t)
+            print(f"{key:<32}{per_call[0]:>16}{per_call[1]:>21}{calls:>7.0f}")
 
 
 def main(args: argparse.Namespace) -> None:
