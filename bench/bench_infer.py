@@ -122,15 +122,21 @@ def side_by_side(fns: dict, repeats: int, device: torch.device, warmup: int = 1,
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def onnx_session(model: torch.nn.Module, side: int, folder: str):
-    """onnxruntime's session (CPU provider, torch's thread count) for `model` exported at `side` x `side`."""
-    from engine.onnx_backend import OnnxModel
+def export_fixed(model: torch.nn.Module, side: int, folder: str) -> Path:
+    """`model` exported by tools/export_onnx.py at `side` x `side` to `folder`/model.onnx, without class names."""
     from tools.export_onnx import export
 
     metadata = {"arch": "", "class_names": [], "img_size": side, "size_unit": model.size_unit, "dynamic": False,
                 "max_size": side}
     export(model, Path(folder) / "model.onnx", side, metadata)
-    return OnnxModel(Path(folder) / "model.onnx", torch.device("cpu"), threads=torch.get_num_threads())
+    return Path(folder) / "model.onnx"
+
+
+def onnx_session(model: torch.nn.Module, side: int, folder: str):
+    """onnxruntime's session (CPU provider, torch's thread count) for `model` exported at `side` x `side`."""
+    from engine.onnx_backend import OnnxModel
+
+    return OnnxModel(export_fixed(model, side, folder), torch.device("cpu"), threads=torch.get_num_threads())
 
 
 def conv_gflop(model: torch.nn.Module, image: torch.Tensor) -> float:

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: import the repo
+from bench.bench_infer import export_fixed
 from nets import build_model
 from nets.inference import prepare_for_inference
 from utils.cpu_memory import keep_freed_memory
@@ -107,17 +108,12 @@ def conv_key(x: list, weight: list) -> str:
 def onnx_ops(model, image: torch.Tensor, repeats: int, folder: str) -> dict:
     """{op type: (ms per forward, calls per forward)} of onnxruntime's kernel times, after one warm-up run."""
     import onnxruntime
-    from tools.export_onnx import export
 
-    side = image.shape[-1]
-    export(model, Path(folder) / "model.onnx", side, {"arch": "", "class_names": [], "img_size": side,
-                                                      "size_unit": model.size_unit, "dynamic": False,
-                                                      "max_size": side})
+    path = export_fixed(model, image.shape[-1], folder)
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     options.enable_profiling, options.profile_file_prefix = True, str(Path(folder) / "profile")
-    session = onnxruntime.InferenceSession(str(Path(folder) / "model.onnx"), options,
-                                           providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     feed = {session.get_inputs()[0].name: image.numpy()}
     for _ in range(1 + repeats):
         session.run(None, feed)

@@ -3,9 +3,9 @@
 A forward frees tens of megabytes of activations and allocates them again in the next layer or the next image.
 By default glibc serves large blocks with mmap and trims the top of its heap, so the memory goes back to the OS
 and comes back as fresh zeroed pages, one page fault each: 8-10 thousand faults per tiny_hourglass forward at
-511 x 511, 4-11% of its time in our runs (bench/profile_infer.py). onnxruntime avoids this with its own arena; this is the
-same for PyTorch, done once per process: the resident memory then stays at its peak instead of shrinking between
-images. Only glibc has mallopt (musl, macOS and Windows keep their own allocators, and nothing changes).
+511 x 511, 4-11% of its time in our runs (bench/profile_infer.py). onnxruntime avoids this with its own arena;
+this is the same for PyTorch, done once per process: the resident memory then stays at its peak instead of
+shrinking between images. Only glibc has mallopt (musl, macOS and Windows keep their own allocators, and nothing changes).
 """
 import ctypes
 import ctypes.util
