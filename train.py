@@ -71,6 +71,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--accum_steps", type=int, default=1,
                    help="micro-batches of --batch_size per optimizer step (effective batch: their product)")
     p.add_argument("--grad_checkpoint", action="store_true", help="recompute the hourglasses in backward")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the training forward and backward (compiled on the first step: about a minute "
+                        "for tiny_hourglass on a CPU); validation runs the network as it is")
     # The objective (README "Notes on the method"); the defaults are the official code's. A resumed run keeps its own.
     p.add_argument("--ae_images_per_gpu", type=float, default=6.0,
                    help="weight of the per-image pull and push: the official code sums them over the images of one "

@@ -241,6 +241,10 @@ def train(args: argparse.Namespace, signals: StopSignals) -> tuple[float, bool]:
                     f"{dist.world_size()} process(es) on {device}")
         ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
             if dist.is_dist() else model
+        # Only the training steps are compiled: validation's image sizes vary, and would each compile anew.
+        train_model = torch.compile(ddp_model) if args.compile else ddp_model
+        if args.compile:
+            logger.info("--compile: the training steps run through torch.compile, which compiles on the first step")
         eval_config = InferenceConfig()  # the official single-scale settings
 
         def state_dict(epoch_done: int, position: dict | None) -> dict:
@@ -265,7 +269,7 @@ def train(args: argparse.Namespace, signals: StopSignals) -> tuple[float, bool]:
                 timer.reset()
 
             stopped = train_one_epoch(
-                ddp_model, loader, optimizer, scaler, device, amp, progress, logger,
+                train_model, loader, optimizer, scaler, device, amp, progress, logger,
                 pause=lambda: dist.any_true(signals.received is not None, dist.is_main() and timer.due()),
                 save=save_mid_epoch, max_unreadable=args.max_bad_fraction * len(progress.order),
                 accum_steps=args.accum_steps, loss_config=build_loss_config(args))

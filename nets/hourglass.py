@@ -49,7 +49,11 @@ class Hourglass(nn.Module):
 def checkpointed(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """module(x) without keeping its activations for backward, which runs the forward a second time to recompute
     them. That second run sees the same batch, so BN normalises the same way, but it would move the running
-    statistics a second time: they are put back after it, and evaluation gets the statistics of one forward."""
+    statistics a second time: they are put back after it, and evaluation gets the statistics of one forward.
+    Under torch.compile the recomputation is part of the compiled backward, which does not repeat the forward's
+    buffer updates (tests/test_compile.py), and the put-back, a side effect, could not be traced."""
+    if torch.compiler.is_compiling():
+        return checkpoint(module, x, use_reentrant=False)
     norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     calls = 0
 

@@ -40,6 +40,18 @@ def _has_kernel(device_type: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("cpool::pool_forward", key)
 
 
+if _HAVE_EXT:
+    # Shapes for torch.compile's tracing (fake tensors): both kernels return a new contiguous tensor of their
+    # input's shape and dtype.
+    @torch.library.register_fake("cpool::pool_forward")
+    def _pool_forward_fake(input: Tensor, direction: int) -> Tensor:
+        return torch.empty_like(input, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("cpool::pool_backward")
+    def _pool_backward_fake(input: Tensor, output: Tensor, grad_output: Tensor, direction: int) -> Tensor:
+        return torch.empty_like(input, memory_format=torch.contiguous_format)
+
+
 def choose_backend(device_type: str, have_ext: bool, registered: bool) -> tuple[str, str | None]:
     """('extension' or 'cummax', the reason for falling back or None) for an input on `device_type`, given
     whether the extension is built and whether it registered a kernel for that device type."""
@@ -55,7 +67,7 @@ def choose_backend(device_type: str, have_ext: bool, registered: bool) -> tuple[
 def _warn_fallback(reason: str) -> None:
     if reason not in _warned:
         _warned.add(reason)
-        warnings.warn(f"lib/cpool: {reason}; using the slower torch.cummax fallback", RuntimeWarning, stacklevel=4)
+        warnings.warn(f"lib/cpool: {reason}; using the slower torch.cummax fallback", RuntimeWarning, stacklevel=5)
 
 
 def _check(x: Tensor) -> None:
@@ -169,15 +181,20 @@ def forced_fallback():
         _forced_fallback = previous
 
 
-def _pool(x: Tensor, direction: int) -> Tensor:
-    if _forced_fallback:
-        return cummax_pool(x, direction)
-    device_type = x.device.type
+# A constant to torch.compile, which runs it once while tracing (its warning included) instead of tracing the
+# dispatcher lookup and the warning, neither of which it can.
+@torch.compiler.assume_constant_result
+def _backend(device_type: str) -> str:
     backend, reason = choose_backend(device_type, _HAVE_EXT, kernel_registered(device_type))
-    if backend == "extension":
-        return extension_pool(x, direction)
-    _warn_fallback(reason)
-    return cummax_pool(x, direction)
+    if reason is not None:
+        _warn_fallback(reason)
+    return backend
+
+
+def _pool(x: Tensor, direction: int) -> Tensor:
+    if _forced_fallback or _backend(x.device.type) != "extension":
+        return cummax_pool(x, direction)
+    return extension_pool(x, direction)
 
 
 def top_pool(x: Tensor) -> Tensor:
