@@ -1,0 +1,136 @@
+"""torch.compile: corner pooling traces into one graph (both backends, both memory layouts), the network compiles
+whole and computes what it computes eagerly (with and without gradient checkpointing), and train.py --compile."""
+import contextlib
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from datasets.targets import make_targets
+from lib.cpool import pool
+from lib.cpool.pool import BOTTOM, LEFT, RIGHT, TOP
+from nets.hourglass import CenterNet
+from utils.checkpoint import load_checkpoint
+from utils.losses import centernet_loss
+
+POOLS = {TOP: pool.top_pool, BOTTOM: pool.bottom_pool, LEFT: pool.left_pool, RIGHT: pool.right_pool}
+
+
+def pooled_and_grad(fn, x: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.detach().requires_grad_()
+    out = fn(x)
+    out.backward(grad)
+    return out.detach(), x.grad
+
+
+@pytest.mark.parametrize("backend", ["extension", "cummax"])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("direction", POOLS)
+def test_pooling_traces_into_one_graph_and_equals_eager(backend, layout, direction):
+    # fullgraph: a graph break (an untraceable lookup, an operator without shapes for fake tensors) raises. Max
+    # only selects and each gradient goes to one position, so compiled and eager agree bit for bit.
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(direction)
+    x = torch.randint(0, 4, (2, 3, 5, 7), generator=g).float().contiguous(memory_format=layout)  # ties
+    grad = torch.randn(2, 3, 5, 7, generator=g)
+    fn = POOLS[direction]
+    with pool.forced_fallback() if backend == "cummax" else contextlib.nullcontext():
+        expected = pooled_and_grad(fn, x, grad)
+        compiled = pooled_and_grad(torch.compile(fn, fullgraph=True, backend="aot_eager"), x, grad)
+    assert torch.equal(compiled[0], expected[0]) and torch.equal(compiled[1], expected[1])
+    assert compiled[0].stride() == expected[0].stride()  # channels_last stays so with the extension
+
+
+def test_the_fallback_warning_is_given_once_under_compile(monkeypatch):
+    monkeypatch.setattr(pool, "_HAVE_EXT", False)
+    monkeypatch.setattr(pool, "_warned", set())
+    torch._dynamo.reset()
+    fn = torch.compile(pool.left_pool, fullgraph=True, backend="aot_eager")
+    x = torch.randn(1, 2, 3, 4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outs = [fn(x), fn(x)]
+    assert len(caught) == 1 and "not built" in str(caught[0].message)
+    assert torch.equal(outs[1], pool.cummax_pool(x, LEFT))
+    torch._dynamo.reset()  # the graph above holds the fallback: no later test may reuse it
+
+
+def test_pooling_of_meta_tensors_gives_shapes():
+    out = pool.top_pool(torch.empty(2, 3, 5, 7, device="meta").contiguous(memory_format=torch.channels_last))
+    assert out.device.type == "meta" and out.shape == (2, 3, 5, 7)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+def small_network(grad_checkpoint: bool) -> CenterNet:
+    # Two stacks (the inter-stack path, intermediate supervision) and three hourglass levels: inputs 16k - 1.
+    torch.manual_seed(0)
+    return CenterNet(num_classes=3, num_stacks=2, dims=[8, 8, 12], blocks=[1, 1, 1], stem_dim=8, cnv_dim=8,
+                     pool_dim=4, head_dim=8, grad_checkpoint=grad_checkpoint).train()
+
+
+def random_batch(size: int = 63) -> dict[str, torch.Tensor]:
+    rng = np.random.default_rng(0)
+    items = []
+    for _ in range(2):
+        xy = rng.uniform(0, size * 0.5, (3, 2))
+        boxes = np.concatenate([xy, np.minimum(xy + rng.uniform(8, 24, (3, 2)), size - 1)], axis=1)
+        items.append(make_targets(boxes, rng.integers(0, 3, 3), 3, size, size))
+    batch = {k: torch.from_numpy(np.stack([it[k] for it in items])) for k in items[0]}
+    batch["image"] = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    return batch
+
+
+def one_step(model, forward, batch) -> tuple[float, dict, dict]:
+    loss, _ = centernet_loss(forward(batch["image"]), batch)
+    loss.backward()
+    return (loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()},
+            {n: b.clone() for n, b in model.named_buffers()})
+
+
+def test_the_network_compiles_whole_and_equals_eager_with_and_without_checkpointing():
+    # Eager without checkpointing is the reference. The compiled network (inductor, one graph) reorders float32
+    # sums (fused kernels, other convolution algorithms): each result then differs by a few float32 roundings of
+    # its largest terms, about 1e-6 of its scale; 1e-4 of the scale allows that, while a wrong pooling or a
+    # missing term moves gradients by their own size. Checkpointing recomputes the hourglasses in the compiled
+    # backward: a second update of BN's running statistics would move them by momentum 0.1 of their change.
+    torch._dynamo.reset()
+    batch = random_batch()
+    eager = small_network(False)
+    expected = one_step(eager, eager, batch)
+    for grad_checkpoint in (False, True):
+        model = small_network(grad_checkpoint)
+        loss, grads, buffers = one_step(model, torch.compile(model, fullgraph=True), batch)
+        assert loss == pytest.approx(expected[0], rel=1e-4)
+        for name, grad in grads.items():
+            scale = expected[1][name].abs().max().item()
+            torch.testing.assert_close(grad, expected[1][name], rtol=0, atol=1e-4 * scale + 1e-12, msg=name)
+        for name, buffer in buffers.items():
+            scale = expected[2][name].abs().max().item()
+            torch.testing.assert_close(buffer.double(), expected[2][name].double(), rtol=0,
+                                       atol=1e-4 * scale + 1e-12, msg=name)
+
+
+def test_train_with_compile(shapes_dir, tmp_path):
+    # One optimizer step per run (batch 8 = the 8 training images), so each epoch's logged loss is the loss of the
+    # same weights on the same batch, eager and compiled. The checkpoint holds the network's own parameter names
+    # (not those of torch.compile's wrapper), so test.py, --resume and --pretrained read it as any other.
+    def run(folder: str, *extra: str) -> str:
+        train.main(train.get_args_parser().parse_args([
+            "--log_name", "run", "--ckpt_dir", str(tmp_path / folder), "--data_dir", str(shapes_dir),
+            "--train_split", "train", "--val_split", "val", "--arch", "tiny_hourglass", "--img_size", "127",
+            "--batch_size", "8", "--num_workers", "0", "--device", "cpu", "--num_epochs", "1", *extra]))
+        return (tmp_path / folder / "run" / "train.log").read_text()
+
+    def epoch_loss(log: str) -> float:
+        return float(log.split("epoch 1: loss ")[1].split()[0])
+
+    torch._dynamo.reset()
+    eager_log, compiled_log = run("eager"), run("compiled", "--compile")
+    assert "--compile: the training steps run through torch.compile" in compiled_log
+    assert epoch_loss(compiled_log) == pytest.approx(epoch_loss(eager_log), rel=1e-4)
+    eager, compiled = (load_checkpoint(tmp_path / f / "run" / "checkpoint.pt") for f in ("eager", "compiled"))
+    assert list(compiled["model"]) == list(eager["model"])
+    run("compiled", "--compile", "--resume", "--num_epochs", "2")
+    assert "epoch 2: loss" in (tmp_path / "compiled" / "run" / "train.log").read_text()
