@@ -11,7 +11,8 @@ Modes (default: all four on CUDA, fp32 on the CPU):
 - bf16: as fp32 with bf16 autocast, no scaler (train.py --amp --amp_dtype bf16).
 On the CPU both 16-bit modes autocast to bf16 (utils/device.py).
 --layouts contiguous channels_last times each non-old mode in both memory formats of the network and its input
-(train.py uses the contiguous one).
+(train.py uses the contiguous one). --compile times each non-old setting a second time with the network under
+torch.compile (train.py --compile); "first s" is the first step, which holds the compilation.
 
 Inputs are random images with random targets of the real shapes (four objects per image); the data loader is not
 part of the measurement (bench/bench_data.py measures it). Peak memory: CUDA's max allocated per mode; on the CPU
@@ -54,6 +55,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=8, help="timed steps, after 2 warm-up steps")
     p.add_argument("--layouts", nargs="+", choices=["contiguous", "channels_last"], default=["contiguous"],
                    help="memory formats of the network and input ('old' runs contiguous only)")
+    p.add_argument("--compile", action="store_true", help="time each non-old setting compiled too")
     return p
 
 
@@ -76,8 +78,10 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # process peak RSS (Linux: KiB)
 
 
-def bench(arch: str, mode: str, layout: str, args, device: torch.device) -> tuple[float, float]:
-    """(images/s, peak MB) of `arch` trained in `mode` with the network and input in memory format `layout`."""
+def bench(arch: str, mode: str, layout: str, compiled: bool, args, device: torch.device
+          ) -> tuple[float, float, float]:
+    """(images/s, peak MB, seconds of the first step) of `arch` trained in `mode` with the network and input in
+    memory format `layout`, under torch.compile when `compiled`."""
     amp, our_pooling, benchmark, fused = MODES[mode]
     memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     torch.manual_seed(0)
@@ -86,6 +90,8 @@ def bench(arch: str, mode: str, layout: str, args, device: torch.device) -> tupl
     scaler = grad_scaler(device, amp)
     batch = random_batch(args.batch_size, args.img_size, args.num_classes, device)
     batch["image"] = batch["image"].contiguous(memory_format=memory_format)
+    forward = torch.compile(model) if compiled else model
+    torch._dynamo.reset()  # each setting compiles anew: no graph of another setting is reused
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -94,7 +100,7 @@ def bench(arch: str, mode: str, layout: str, args, device: torch.device) -> tupl
         for step in range(args.steps + 2):
             start = time.perf_counter()
             with autocast(device, amp):
-                outputs = model(batch["image"])
+                outputs = forward(batch["image"])
             loss, _ = centernet_loss([{k: v.float() for k, v in o.items()} for o in outputs], batch)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -104,11 +110,13 @@ def bench(arch: str, mode: str, layout: str, args, device: torch.device) -> tupl
                 torch.cuda.synchronize(device)
             if step >= 2:
                 times.append(time.perf_counter() - start)
+            elif step == 0:
+                first = time.perf_counter() - start
             elif step == 1 and device.type == "cuda":  # the peak of training, not of cuDNN's autotuning
                 torch.cuda.reset_peak_memory_stats(device)
     if not torch.isfinite(loss):
         raise SystemExit(f"bench/bench_train.py: {arch} {mode}: non-finite loss {loss.item()}")
-    return args.batch_size / statistics.median(times), peak_memory_mb(device)
+    return args.batch_size / statistics.median(times), peak_memory_mb(device), first
 
 
 def main(args: argparse.Namespace) -> None:
@@ -119,15 +127,18 @@ def main(args: argparse.Namespace) -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"{name}, input {args.img_size}, batch {args.batch_size}, {args.num_classes} classes, median of "
           f"{args.steps} steps; torch {torch.__version__}, CUDA {torch.version.cuda}")
-    print(f"{'arch':<18}{'mode':<6}{'layout':<15}{'images/s':>10}{'vs old':>8}{'peak MB':>10}")
+    print(f"{'arch':<18}{'mode':<6}{'layout':<15}{'compiled':<10}{'images/s':>10}{'vs old':>8}{'peak MB':>10}"
+          f"{'first s':>9}")
     for arch in args.archs:
         old_rate = None
         for mode in modes:
             for layout in ["contiguous"] if mode == "old" else args.layouts:
-                rate, memory = bench(arch, mode, layout, args, device)
-                old_rate = rate if mode == "old" else old_rate
-                ratio = f"{rate / old_rate:.2f}x" if old_rate else ""
-                print(f"{arch:<18}{mode:<6}{layout:<15}{rate:>10.1f}{ratio:>8}{memory:>10.0f}", flush=True)
+                for compiled in [False, True] if args.compile and mode != "old" else [False]:
+                    rate, memory, first = bench(arch, mode, layout, compiled, args, device)
+                    old_rate = rate if mode == "old" else old_rate
+                    ratio = f"{rate / old_rate:.2f}x" if old_rate else ""
+                    print(f"{arch:<18}{mode:<6}{layout:<15}{'yes' if compiled else 'no':<10}{rate:>10.1f}{ratio:>8}"
+                          f"{memory:>10.0f}{first:>9.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -165,14 +165,16 @@ all four      0.549    4.400   37.000         8.0x         67.4x    2200
 """
     assert gpu_check.summarize_cpool(cpool) == ("4 dirs 0.549 ms, 8.0x faster than cummax, 67.4x than rowloop; "
                                                 "GB/s t/b/l/r 2456/2416/2013/2000")
-    train = """arch              mode  layout           images/s  vs old   peak MB
-small_hourglass   old   contiguous           20.0   1.00x     10240
-small_hourglass   fp16  contiguous           50.0   2.50x      6144
-small_hourglass   fp16  channels_last        55.5   2.78x      5120
-large_hourglass   bf16  channels_last        25.0              8192
+    train = """arch              mode  layout         compiled    images/s  vs old   peak MB  first s
+small_hourglass   old   contiguous     no              20.0   1.00x     10240      1.5
+small_hourglass   fp16  contiguous     no              50.0   2.50x      6144      0.9
+small_hourglass   fp16  channels_last  no              55.5   2.78x      5120      0.9
+small_hourglass   fp16  channels_last  yes             61.0   3.05x      4096     80.2
+large_hourglass   bf16  channels_last  no              25.0              8192      2.0
 """
-    assert gpu_check.summarize_train_bench(train) == ("small img/s: old 20.0 10.0G, fp16 50.0 6.0G, fp16 cl 55.5 5.0G; "
-                                                      "large img/s: bf16 cl 25.0 8.0G")
+    assert gpu_check.summarize_train_bench(train) == (
+        "small img/s: old 20.0 10.0G, fp16 50.0 6.0G, fp16 cl 55.5 5.0G, fp16 cl c 61.0 4.0G; "
+        "large img/s: bf16 cl 25.0 8.0G")
     infer = ("forward large_hourglass 511 fp16          12.5            \n"
              "forward large_hourglass 511 bf16          11.0            \n"
              "pipeline large_hourglass 511 flip   40.1    100\n")

@@ -87,12 +87,13 @@ def summarize_cpool(text: str) -> str:
 
 
 def summarize_train_bench(text: str) -> str:
-    """Images/s and peak GB of each arch, mode and layout of bench_train ('cl': channels_last)."""
-    rows = re.findall(r"^(\w+)_hourglass\s+(old|fp32|fp16|bf16)\s+(contiguous|channels_last)\s+([\d.]+)\s+"
-                      r"(?:[\d.]+x\s+)?(\d+)$", text, flags=re.MULTILINE)
+    """Images/s and peak GB of each arch, mode, layout and compilation of bench_train ('cl': channels_last, 'c':
+    torch.compile)."""
+    rows = re.findall(r"^(\w+)_hourglass\s+(old|fp32|fp16|bf16)\s+(contiguous|channels_last)\s+(no|yes)\s+([\d.]+)\s+"
+                      r"(?:[\d.]+x\s+)?(\d+)\s+[\d.]+$", text, flags=re.MULTILINE)
     parts = {}
-    for arch, mode, layout, rate, peak in rows:
-        name = mode + (" cl" if layout == "channels_last" else "")
+    for arch, mode, layout, compiled, rate, peak in rows:
+        name = mode + (" cl" if layout == "channels_last" else "") + (" c" if compiled == "yes" else "")
         parts.setdefault(arch, []).append(f"{name} {rate} {int(peak) / 1024:.1f}G")
     return "; ".join(f"{arch} img/s: " + ", ".join(p) for arch, p in parts.items()) or "see log"
 
