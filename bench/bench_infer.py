@@ -21,6 +21,9 @@ wall clock: on a machine that other jobs load, a 1-thread run then counts only t
 process keeps freed memory for reuse (utils/cpu_memory.py), as Detector and test.py do; bench/profile_infer.py
 measures what that changes.
 On CUDA the rows are fp32 and fp16 / bf16 autocast, with cudnn.benchmark on for these fixed-size rows.
+--compile adds the network under torch.compile: on CUDA each precision again with mode "reduce-overhead" (CUDA
+graphs: the host enqueues the whole forward at once), on the CPU the unprepared network (the prepared one's oneDNN
+weight packing does not trace) beside the others. The first calls, which compile, are not timed.
 
 The whole pipeline is engine.inference.detect on one random 511 x 511 image (forward, decode, center check,
 rescale, soft-NMS), single and with its flipped copy, with the network test.py runs (prepared on the CPU) and
@@ -59,6 +62,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--skip_forward", action="store_true")
     parser.add_argument("--onnx", action=argparse.BooleanOptionalAction, default=True,
                         help="time the forward on onnxruntime too (CPU)")
+    parser.add_argument("--compile", action="store_true", help="time the forward under torch.compile too")
     parser.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                         help="wall clock, or this process's CPU time (CPU only)")
     return parser
@@ -160,6 +164,9 @@ def cpu_forward_rows(arch: str, image: torch.Tensor, args, peaks: dict, clock) -
     prepared, bf16 = prepare_for_inference(model), prepare_for_inference(model, torch.bfloat16)
     fns = {"fp32 unprepared": lambda: model(image), "fp32 prepared": lambda: prepared(image),
            "bf16 prepared (--amp)": lambda: bf16(image)}
+    if args.compile:
+        compiled = torch.compile(model)
+        fns["fp32 compiled"] = lambda: compiled(image)
     with tempfile.TemporaryDirectory() as tmp:
         if args.onnx:
             session = onnx_session(model, image.shape[-1], tmp)
@@ -207,11 +214,16 @@ def main(args: argparse.Namespace) -> None:
     for arch in args.archs:
         model = build_model(arch, 80).to(device).eval()
         if device.type == "cuda":
-            for amp in (False, "fp16", "bf16"):
-                with cudnn_benchmark(True):
-                    ms = median_ms(lambda: forward(model, image, device, amp), args.forward_repeats, device)
-                label = f"forward {arch} 511 {amp or 'fp32'}"
-                print(f"{label:<34}{ms:>12.1f}{'':>12}", flush=True)
+            # CUDA graphs are recorded on the second and later calls of a compiled shape: three untimed calls.
+            runs = {"": (model, 1)} | ({" compiled": (torch.compile(model, mode="reduce-overhead"), 3)}
+                                       if args.compile else {})
+            for suffix, (network, warmup) in runs.items():
+                for amp in (False, "fp16", "bf16"):
+                    with cudnn_benchmark(True):
+                        ms = median_ms(lambda: forward(network, image, device, amp), args.forward_repeats, device,
+                                       warmup)
+                    label = f"forward {arch} 511 {amp or 'fp32'}{suffix}"
+                    print(f"{label:<34}{ms:>12.1f}{'':>12}", flush=True)
         timed = TimedForward(network_for(model, device), {k: v.to(device) for k, v in synthetic_outputs(2).items()})
         for flip in (False, True):
             with cudnn_benchmark(False):
