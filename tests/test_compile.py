@@ -113,8 +113,8 @@ def test_the_network_compiles_whole_and_equals_eager_with_and_without_checkpoint
 
 
 def test_train_with_compile(shapes_dir, tmp_path):
-    # One optimizer step per run (batch 8 = the 8 training images), so each epoch's logged loss is the loss of the
-    # same weights on the same batch, eager and compiled. The checkpoint holds the network's own parameter names
+    # One optimizer step per epoch (batch 8 = the 8 training images), so the first epoch's logged loss is the loss
+    # of the same weights on the same batch, eager and compiled. The checkpoint holds the network's own parameter names
     # (not those of torch.compile's wrapper), so test.py, --resume and --pretrained read it as any other.
     def run(folder: str, *extra: str) -> str:
         train.main(train.get_args_parser().parse_args([
@@ -127,10 +127,15 @@ def test_train_with_compile(shapes_dir, tmp_path):
         return float(log.split("epoch 1: loss ")[1].split()[0])
 
     torch._dynamo.reset()
-    eager_log, compiled_log = run("eager"), run("compiled", "--compile")
+    torch._dynamo.utils.counters.clear()
+    eager_log = run("eager")
+    # Two epochs with a validation between them (which switches the shared modules to eval mode and back): the
+    # training steps compile once, to one graph, and are not compiled again.
+    compiled_log = run("compiled", "--compile", "--num_epochs", "2", "--val_interval", "1")
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
     assert "--compile: the training steps run through torch.compile" in compiled_log
     assert epoch_loss(compiled_log) == pytest.approx(epoch_loss(eager_log), rel=1e-4)
     eager, compiled = (load_checkpoint(tmp_path / f / "run" / "checkpoint.pt") for f in ("eager", "compiled"))
     assert list(compiled["model"]) == list(eager["model"])
-    run("compiled", "--compile", "--resume", "--num_epochs", "2")
-    assert "epoch 2: loss" in (tmp_path / "compiled" / "run" / "train.log").read_text()
+    run("compiled", "--compile", "--resume", "--num_epochs", "3")
+    assert "epoch 3: loss" in (tmp_path / "compiled" / "run" / "train.log").read_text()
