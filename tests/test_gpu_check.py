@@ -46,6 +46,17 @@ def test_default_budget_covers_every_step_within_one_device_command():
     assert memcheck.unavailable == "no compute-sanitizer"
 
 
+def test_levers_plan_builds_then_times_the_compiled_network(monkeypatch, capsys):
+    monkeypatch.setattr(gpu_check, "gpu_visible", lambda: True)
+    assert gpu_check.main(gpu_check.get_args_parser().parse_args(["--plan", "levers", "--dry-run"])) == 0
+    out = capsys.readouterr().out
+    plan = gpu_check.lever_steps("python3")
+    assert [s.name for s in plan][0] == "build CUDA kernel" and sum(s.limit_s for s in plan) <= gpu_check.DEFAULT_BUDGET
+    for step in plan:
+        assert f"{step.name} (limit {step.limit_s} s, log {step.log})" in out
+    assert out.count("--compile") == 2 and "--tool memcheck" not in out
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
 def test_refuses_without_gpu(tmp_path):
     result = subprocess.run([sys.executable, "tools/gpu_check.py", "--out", str(tmp_path)], cwd=ROOT,
@@ -177,8 +188,9 @@ large_hourglass   bf16  channels_last  no              25.0              8192   
         "large img/s: bf16 cl 25.0 8.0G")
     infer = ("forward large_hourglass 511 fp16          12.5            \n"
              "forward large_hourglass 511 bf16          11.0            \n"
+             "forward large_hourglass 511 bf16 compiled        7.5            \n"
              "pipeline large_hourglass 511 flip   40.1    100\n")
-    assert gpu_check.summarize_infer(infer) == "forward large fp16 12.5, large bf16 11.0 ms"
+    assert gpu_check.summarize_infer(infer) == "forward large fp16 12.5, large bf16 11.0, large bf16 compiled 7.5 ms"
     pipeline = ("large_hourglass single                   30.5      20.0 ( 66%)\n"
                 "large_hourglass 5 scales + flip         210.0     150.0 ( 71%)\n")
     assert gpu_check.summarize_pipeline(pipeline) == "large single 30.5, large 5 scales + flip 210.0 ms"

@@ -9,7 +9,12 @@ that would start with less than 20 s of the budget left is skipped, as is the me
 compute-sanitizer (on PATH or in the CUDA toolkit's bin/). Exit status: 0 when no step failed or ran out of time;
 skipped steps are listed in the table and the last line, but are not failures. --dry-run prints the plan.
 
-    python3 tools/gpu_check.py [--budget 580] [--wheels .whl] [--out DIR] [--dry-run]
+--plan levers runs, instead, the build and the speed levers not yet measured on a GPU: training HG-104 at 511,
+6 images, bf16 and fp32, eager and under torch.compile (bench_train --compile; its "first s" column holds the
+compilation), and the HG-104 forward in each precision eager and compiled with CUDA graphs (bench_infer
+--compile), within the same budget.
+
+    python3 tools/gpu_check.py [--plan check|levers] [--budget 580] [--wheels .whl] [--out DIR] [--dry-run]
 
 pycocotools and tensorboardX, when not importable, are installed from the wheels in --wheels (no network needed)
 into build/gpu_check_site, which is put on PYTHONPATH for every step. Get the wheels on a machine with network:
@@ -99,7 +104,7 @@ def summarize_train_bench(text: str) -> str:
 
 
 def summarize_infer(text: str) -> str:
-    rows = re.findall(r"^forward (\w+)_hourglass 511 (\w+)\s+([\d.]+)", text, flags=re.MULTILINE)
+    rows = re.findall(r"^forward (\w+)_hourglass 511 (\w+(?: compiled)?)\s+([\d.]+)", text, flags=re.MULTILINE)
     return "forward " + ", ".join(f"{arch} {mode} {ms}" for arch, mode, ms in rows) + " ms" if rows else "see log"
 
 
@@ -126,16 +131,20 @@ def find_sanitizer() -> str | None:
 # timed 4 HG-104 settings in 130 s in a fresh process (each new network, precision and layout is autotuned by
 # cuDNN), so this step times train.py's layout in three precisions; README gives the command of the full table.
 # The steps run in the order of their value to the README table, the memory checker last.
-def steps(py: str, ckpt_dir: str, sanitizer: str | None) -> list[Step]:
-    arch_flags = ["--archs", "large_hourglass", "small_hourglass"]
+def build_step(py: str) -> Step:
     registered = ("import sys; from lib.cpool import pool; found = pool.kernel_registered('cuda'); "
                   "print('CUDA kernel registered:', found); sys.exit(0 if found else 1)")
+    return Step("build CUDA kernel", "build.log",
+                [[py, "setup.py", "build_ext", "--inplace", "--force"],  # FORCE_CUDA=1; --force: replace a CPU build
+                 [py, "-c", registered]],
+                100, last_line(r"CUDA kernel registered: .*$"))
+
+
+def steps(py: str, ckpt_dir: str, sanitizer: str | None) -> list[Step]:
+    arch_flags = ["--archs", "large_hourglass", "small_hourglass"]
     cuda_tests = [py, "-m", "pytest", "-q", "-m", "cuda", "tests/test_cuda.py"]
     return [
-        Step("build CUDA kernel", "build.log",
-             [[py, "setup.py", "build_ext", "--inplace", "--force"],  # FORCE_CUDA=1; --force: replace a CPU build
-              [py, "-c", registered]],
-             100, last_line(r"CUDA kernel registered: .*$")),
+        build_step(py),
         Step("pytest -m cuda", "cuda_tests.log", [cuda_tests], 70, last_line(r"^=*\s*\d+ (?:passed|failed).*$")),
         Step("bench_cpool (6,128,128,128) fp32", "bench_cpool.log",
              [[py, "bench/bench_cpool.py", "--device", "cuda", "--shape", "6", "128", "128", "128"]], 20,
@@ -163,6 +172,20 @@ def steps(py: str, ckpt_dir: str, sanitizer: str | None) -> list[Step]:
                MEMCHECK_TESTS]],
              45, last_line(r"ERROR SUMMARY: .*$"), env=MEMCHECK_ENV,
              unavailable=None if sanitizer else "no compute-sanitizer"),
+    ]
+
+
+# The compilations' times on a GPU are not known yet: the limits split what the build leaves of the budget.
+def lever_steps(py: str) -> list[Step]:
+    return [
+        build_step(py),
+        Step("bench_train HG-104 compiled", "bench_train_compile.log",
+             [[py, "bench/bench_train.py", "--device", "cuda", "--archs", "large_hourglass", "--img_size", "511",
+               "--batch_size", "6", "--steps", "4", "--modes", "bf16", "fp32", "--compile"]],
+             240, summarize_train_bench),
+        Step("bench_infer HG-104 compiled", "bench_infer_compile.log",
+             [[py, "bench/bench_infer.py", "--device", "cuda", "--archs", "large_hourglass", "--compile",
+               "--forward_repeats", "10", "--post_repeats", "5"]], 240, summarize_infer),
     ]
 
 
@@ -328,6 +351,8 @@ def print_plan(plan: list[Step], budget: float) -> None:
 def main(args: argparse.Namespace) -> int:
     check_number("--budget", args.budget, 0, above=True)
     py = sys.executable
+    if args.plan == "levers":
+        return check(args, lever_steps(py), py)
     with tempfile.TemporaryDirectory(prefix="gpu_check_ckpt_") as ckpt_dir:
         return check(args, steps(py, ckpt_dir, find_sanitizer()), py)
 
@@ -359,6 +384,8 @@ def check(args: argparse.Namespace, plan: list[Step], py: str) -> int:
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--plan", default="check", choices=["check", "levers"],
+                   help="check: the GPU path and its figures; levers: the build and the speed levers not yet measured")
     p.add_argument("--budget", type=float, default=DEFAULT_BUDGET, help="seconds; later steps are skipped past it")
     p.add_argument("--wheels", default=".whl", help="folder of the pycocotools and tensorboardX wheels")
     p.add_argument("--out", default=os.environ.get("OUT") or "runs/gpu_check", help="logs and summary.txt")
