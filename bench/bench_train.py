@@ -90,8 +90,8 @@ def bench(arch: str, mode: str, layout: str, compiled: bool, args, device: torch
     scaler = grad_scaler(device, amp)
     batch = random_batch(args.batch_size, args.img_size, args.num_classes, device)
     batch["image"] = batch["image"].contiguous(memory_format=memory_format)
-    forward = torch.compile(model) if compiled else model
     torch._dynamo.reset()  # each setting compiles anew: no graph of another setting is reused
+    forward = torch.compile(model) if compiled else model
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
