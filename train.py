@@ -71,6 +71,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--accum_steps", type=int, default=1,
                    help="micro-batches of --batch_size per optimizer step (effective batch: their product)")
     p.add_argument("--grad_checkpoint", action="store_true", help="recompute the hourglasses in backward")
+    p.add_argument("--channels_last", action="store_true",
+                   help="the network and its input in the channels_last memory layout (README: where it is faster)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the training forward and backward (compiled on the first step: about a minute "
                         "for tiny_hourglass on a CPU); validation runs the network as it is")

@@ -11,8 +11,8 @@ Modes (default: all four on CUDA, fp32 on the CPU):
 - bf16: as fp32 with bf16 autocast, no scaler (train.py --amp --amp_dtype bf16).
 On the CPU both 16-bit modes autocast to bf16 (utils/device.py).
 --layouts contiguous channels_last times each non-old mode in both memory formats of the network and its input
-(train.py uses the contiguous one). --compile times each non-old setting a second time with the network under
-torch.compile (train.py --compile); "first s" is the first step, which holds the compilation.
+(train.py: contiguous, or channels_last with --channels_last). --compile times each non-old setting a second time
+with the network under torch.compile (train.py --compile); "first s" is the first step, which holds the compilation.
 
 Inputs are random images with random targets of the real shapes (four objects per image); the data loader is not
 part of the measurement (bench/bench_data.py measures it). Peak memory: CUDA's max allocated per mode; on the CPU

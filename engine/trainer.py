@@ -98,13 +98,14 @@ def make_train_loader(dataset, progress: EpochProgress, num_workers: int, device
 def train_one_epoch(model, loader, optimizer, scaler, device, amp: bool | str, progress: EpochProgress,
                     logger: RunLogger, pause=lambda: (False, False), save=lambda: None,
                     max_unreadable: float = math.inf, accum_steps: int = 1,
-                    loss_config: LossConfig = LossConfig()) -> bool:
+                    loss_config: LossConfig = LossConfig(),
+                    memory_format: torch.memory_format = torch.contiguous_format) -> bool:
     """Trains on `loader`, keeping `progress` current; returns whether a stop was asked.
 
     With `accum_steps` N the gradients of N micro-batches (each loss scaled by 1 / N) make one optimizer step, as
     one batch N times larger would. After each optimizer step `pause()` says, for all processes alike, whether to
     stop and whether to save: `save()` is then called (a mid-epoch checkpoint of `progress`), and the epoch ends
-    early on a stop."""
+    early on a stop. The images go to the network in `memory_format`."""
     model.train()
     images_seen, start = 0, time.perf_counter()
     bar = tqdm(loader, desc=f"epoch {progress.epoch}", disable=not dist.is_main(), dynamic_ncols=True,
@@ -114,6 +115,7 @@ def train_one_epoch(model, loader, optimizer, scaler, device, amp: bool | str, p
         step_now = micro % accum_steps == 0
         unreadable = batch.pop("unreadable", torch.zeros(1)).sum()
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        batch["image"] = batch["image"].contiguous(memory_format=memory_format)
         # DDP all-reduces the gradients only in the backward of the micro-batch that ends a step.
         with contextlib.nullcontext() if step_now or not hasattr(model, "no_sync") else model.no_sync():
             with autocast(device, amp):
@@ -165,6 +167,18 @@ def train_one_epoch(model, loader, optimizer, scaler, device, amp: bool | str, p
     return False
 
 
+def state_in_parameter_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Puts each optimizer state tensor shaped like its parameter (Adam's moments) in the parameter's memory layout.
+    A checkpoint of a run in the other layout (--channels_last or not) loads them as they were saved, and the
+    fused and for-each optimizer kernels take their fast path only where a parameter and its state share one."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                    state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+
+
 def train(args: argparse.Namespace, signals: StopSignals) -> tuple[float, bool]:
     """The run of `main`: (last validation AP, whether a signal stopped it)."""
     # The variant's two parts, resolved from the preset once: the checkpoint's args hold what the network is.
@@ -199,8 +213,9 @@ def train(args: argparse.Namespace, signals: StopSignals) -> tuple[float, bool]:
     if state is not None:
         check_resumable(state, args, train_set.class_names, run_dir / CHECKPOINT)
     config = model_config(args.arch, args.num_classes, args.corner_pool, args.center_branch)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     model = build_model(args.arch, args.num_classes, args.grad_checkpoint, args.corner_pool,
-                        args.center_branch).to(device)
+                        args.center_branch).to(device, memory_format=memory_format)
     if args.sync_bn and dist.is_dist():
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=device.type == "cuda")
@@ -211,6 +226,7 @@ def train(args: argparse.Namespace, signals: StopSignals) -> tuple[float, bool]:
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        state_in_parameter_layout(optimizer)
         scheduler.load_state_dict(state["scheduler"])
         scaler_note = resume_scaler(scaler, state["scaler"], run_dir / CHECKPOINT)
         start_epoch, best_ap, global_step = state["epoch"] + 1, state["best_ap"], state["global_step"]
@@ -272,7 +288,7 @@ def train(args: argparse.Namespace, signals: StopSignals) -> tuple[float, bool]:
                 train_model, loader, optimizer, scaler, device, amp, progress, logger,
                 pause=lambda: dist.any_true(signals.received is not None, dist.is_main() and timer.due()),
                 save=save_mid_epoch, max_unreadable=args.max_bad_fraction * len(progress.order),
-                accum_steps=args.accum_steps, loss_config=build_loss_config(args))
+                accum_steps=args.accum_steps, loss_config=build_loss_config(args), memory_format=memory_format)
             if stopped:
                 break
             scheduler.step()

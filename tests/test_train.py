@@ -221,6 +221,39 @@ def test_bf16_autocast_on_cpu(shapes_dir, tmp_path):
     assert "loss" in (tmp_path / "run" / "train.log").read_text()
 
 
+def test_channels_last_trains_as_contiguous_and_resumes_in_either_layout(shapes_dir, tmp_path):
+    # One optimizer step per epoch (batch 8: the 8 training images), so epoch 1's loss is that of the same weights
+    # on the same batch in both layouts. Convolutions in the other layout sum in another order: float32 roundings,
+    # far under the 1e-4 allowed; a wrong layout conversion (a transposed map) changes the loss itself.
+    def run(folder: str, *extra: str) -> dict:
+        train.main(args_for(shapes_dir, tmp_path / folder, "--batch_size", "8", *extra))
+        return load_checkpoint(tmp_path / folder / "run" / "checkpoint.pt")
+
+    def epoch_loss(folder: str, epoch: int) -> float:
+        return float((tmp_path / folder / "run" / "train.log").read_text().split(f"epoch {epoch}: loss ")[1].split()[0])
+
+    def layouts(state: dict) -> set[bool]:  # whether each 3x3 convolution weight and its Adam moments are NHWC
+        names = [k for k, v in state["model"].items() if v.dim() == 4 and v.shape[-1] == 3]
+        moments = [m for i, m in state["optimizer"]["state"].items() if m["exp_avg"].dim() == 4
+                   and m["exp_avg"].shape[-1] == 3]
+        assert names and moments
+        return ({state["model"][k].is_contiguous(memory_format=torch.channels_last) and
+                 not state["model"][k].is_contiguous() for k in names} |
+                {m[key].is_contiguous(memory_format=torch.channels_last) and not m[key].is_contiguous()
+                 for m in moments for key in ("exp_avg", "exp_avg_sq")})
+
+    contiguous = run("a", "--num_epochs", "1")
+    nhwc = run("b", "--num_epochs", "1", "--channels_last")
+    assert epoch_loss("b", 1) == pytest.approx(epoch_loss("a", 1), rel=1e-4)
+    assert layouts(contiguous) == {False} and layouts(nhwc) == {True}
+    # Resumed in the other layout, the run continues, and the moments follow the parameters into it.
+    assert layouts(run("a", "--num_epochs", "2", "--resume", "--channels_last")) == {True}
+    assert layouts(run("b", "--num_epochs", "2", "--resume")) == {False}
+    # Epoch 2 starts from weights one Adam step apart in the last float32 bits (apart by up to 2 lr where a
+    # gradient near zero changed sign): the same loss, well within 1%.
+    assert epoch_loss("b", 2) == pytest.approx(epoch_loss("a", 2), rel=1e-2)
+
+
 def test_bad_arguments_are_clear_errors(shapes_dir, tmp_path):
     with pytest.raises(ArgumentError, match="--lr_step"):
         train.main(args_for(shapes_dir, tmp_path, "--lr_step", "ten"))
