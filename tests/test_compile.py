@@ -1,5 +1,6 @@
 """torch.compile: corner pooling traces into one graph (both backends, both memory layouts), the network compiles
-whole and computes what it computes eagerly (with and without gradient checkpointing), and train.py --compile."""
+whole and computes what it computes eagerly (with and without gradient checkpointing), both on the CPU and, where
+one is visible, on a GPU (`cuda` marker); and train.py --compile."""
 import contextlib
 import warnings
 
@@ -25,16 +26,20 @@ def pooled_and_grad(fn, x: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tens
     return out.detach(), x.grad
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", ["extension", "cummax"])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("direction", POOLS)
-def test_pooling_traces_into_one_graph_and_equals_eager(backend, layout, direction):
+def test_pooling_traces_into_one_graph_and_equals_eager(device, backend, layout, direction):
     # fullgraph: a graph break (an untraceable lookup, an operator without shapes for fake tensors) raises. Max
     # only selects and each gradient goes to one position, so compiled and eager agree bit for bit.
     torch._dynamo.reset()
     g = torch.Generator().manual_seed(direction)
-    x = torch.randint(0, 4, (2, 3, 5, 7), generator=g).float().contiguous(memory_format=layout)  # ties
-    grad = torch.randn(2, 3, 5, 7, generator=g)
+    x = torch.randint(0, 4, (2, 3, 5, 7), generator=g).float().to(device).contiguous(memory_format=layout)  # ties
+    grad = torch.randn(2, 3, 5, 7, generator=g).to(device)
     fn = POOLS[direction]
     with pool.forced_fallback() if backend == "cummax" else contextlib.nullcontext():
         expected = pooled_and_grad(fn, x, grad)
@@ -89,20 +94,22 @@ def one_step(model, forward, batch) -> tuple[float, dict, dict]:
             {n: b.clone() for n, b in model.named_buffers()})
 
 
-def test_the_network_compiles_whole_and_equals_eager_with_and_without_checkpointing():
-    # In float64, so that the comparison has room: eager without checkpointing is the reference, and the compiled
-    # network (inductor, one graph) sums in another order (fused kernels, other convolution algorithms), which moves
-    # each result by a few roundings of its terms, amplified where they cancel: at most 6e-14 of a tensor's scale,
-    # measured (float32 would give 4e-5). 1e-9 of the scale leaves a wide margin, while a wrong pooling or a missing
-    # term moves gradients by their own size. Checkpointing recomputes the hourglasses in the compiled backward: a
-    # second update of BN's running statistics would move them by momentum 0.1 of their change.
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_network_compiles_whole_and_equals_eager_with_and_without_checkpointing(device):
+    # In float64, so that the comparison has room (and, on a GPU, no TF32): eager without checkpointing is the
+    # reference, and the compiled network (inductor, one graph) sums in another order (fused kernels, other
+    # convolution algorithms), which moves each result by a few roundings of its terms, amplified where they
+    # cancel: at most 6e-14 of a tensor's scale, measured on the CPU (float32 would give 4e-5). 1e-9 of the scale
+    # leaves a wide margin, while a wrong pooling or a missing term moves gradients by their own size.
+    # Checkpointing recomputes the hourglasses in the compiled backward: a second update of BN's running
+    # statistics would move them by momentum 0.1 of their change.
     torch._dynamo.reset()
-    batch = random_batch()
+    batch = {k: v.to(device) for k, v in random_batch().items()}
     batch["image"] = batch["image"].double()
-    eager = small_network(False).double()
+    eager = small_network(False).to(device, torch.float64)
     expected = one_step(eager, eager, batch)
     for grad_checkpoint in (False, True):
-        model = small_network(grad_checkpoint).double()
+        model = small_network(grad_checkpoint).to(device, torch.float64)
         loss, grads, buffers = one_step(model, torch.compile(model, fullgraph=True), batch)
         assert loss == pytest.approx(expected[0], rel=1e-9)
         for name, grad in grads.items():
