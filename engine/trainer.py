@@ -258,8 +258,9 @@ def train(args: argparse.Namespace, signals: StopSignals) -> tuple[float, bool]:
         ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
             if dist.is_dist() else model
         # Only the training steps are compiled: validation's image sizes vary, and would each compile anew.
-        train_model = torch.compile(ddp_model) if args.compile else ddp_model
+        train_model = ddp_model
         if args.compile:
+            train_model = torch.compile(ddp_model)
             logger.info("--compile: the training steps run through torch.compile, which compiles on the first step")
         eval_config = InferenceConfig()  # the official single-scale settings
 

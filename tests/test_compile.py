@@ -4,15 +4,14 @@ one is visible, on a GPU (`cuda` marker); and train.py --compile."""
 import contextlib
 import warnings
 
-import numpy as np
 import pytest
 import torch
 
 import train
-from datasets.targets import make_targets
 from lib.cpool import pool
 from lib.cpool.pool import BOTTOM, LEFT, RIGHT, TOP
 from nets.hourglass import CenterNet
+from tests.test_cuda import training_batch
 from utils.checkpoint import load_checkpoint
 from utils.losses import centernet_loss
 
@@ -75,18 +74,6 @@ def small_network(grad_checkpoint: bool) -> CenterNet:
                      pool_dim=4, head_dim=8, grad_checkpoint=grad_checkpoint).train()
 
 
-def random_batch(size: int = 63) -> dict[str, torch.Tensor]:
-    rng = np.random.default_rng(0)
-    items = []
-    for _ in range(2):
-        xy = rng.uniform(0, size * 0.5, (3, 2))
-        boxes = np.concatenate([xy, np.minimum(xy + rng.uniform(8, 24, (3, 2)), size - 1)], axis=1)
-        items.append(make_targets(boxes, rng.integers(0, 3, 3), 3, size, size))
-    batch = {k: torch.from_numpy(np.stack([it[k] for it in items])) for k in items[0]}
-    batch["image"] = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
-    return batch
-
-
 def one_step(model, forward, batch) -> tuple[float, dict, dict]:
     loss, _ = centernet_loss(forward(batch["image"]), batch)
     loss.backward()
@@ -99,12 +86,12 @@ def test_the_network_compiles_whole_and_equals_eager_with_and_without_checkpoint
     # In float64, so that the comparison has room (and, on a GPU, no TF32): eager without checkpointing is the
     # reference, and the compiled network (inductor, one graph) sums in another order (fused kernels, other
     # convolution algorithms), which moves each result by a few roundings of its terms, amplified where they
-    # cancel: at most 6e-14 of a tensor's scale, measured on the CPU (float32 would give 4e-5). 1e-9 of the scale
+    # cancel: at most 5e-14 of a tensor's scale, measured on the CPU (float32 would give 2e-5). 1e-9 of the scale
     # leaves a wide margin, while a wrong pooling or a missing term moves gradients by their own size.
     # Checkpointing recomputes the hourglasses in the compiled backward: a second update of BN's running
     # statistics would move them by momentum 0.1 of their change.
     torch._dynamo.reset()
-    batch = {k: v.to(device) for k, v in random_batch().items()}
+    batch = training_batch(2, 63, 3, device)
     batch["image"] = batch["image"].double()
     eager = small_network(False).to(device, torch.float64)
     expected = one_step(eager, eager, batch)

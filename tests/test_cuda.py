@@ -194,7 +194,7 @@ def test_decode_on_cuda_equals_cpu():
         assert_same_rows(gpu_centers[image], cpu_centers[image], tol=1e-4)  # all K centers are results
 
 
-def training_batch(batch_size: int, size: int, num_classes: int) -> dict[str, torch.Tensor]:
+def training_batch(batch_size: int, size: int, num_classes: int, device: str) -> dict[str, torch.Tensor]:
     rng = np.random.default_rng(0)
     items = []
     for _ in range(batch_size):
@@ -203,7 +203,7 @@ def training_batch(batch_size: int, size: int, num_classes: int) -> dict[str, to
         items.append(make_targets(boxes, rng.integers(0, num_classes, 3), num_classes, size, size))
     batch = {k: torch.from_numpy(np.stack([it[k] for it in items])) for k in items[0]}
     batch["image"] = torch.randn(batch_size, 3, size, size, generator=torch.Generator().manual_seed(0))
-    return {k: v.cuda() for k, v in batch.items()}
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 # The largest gradient of this first step, measured in float32 on the CPU, is 1.88 (a stem convolution's weight;
@@ -223,7 +223,7 @@ def test_tiny_hourglass_training_step_autocast(amp, monkeypatch):
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)
     assert grad_scaler(device, amp).is_enabled() == (amp == "fp16")
     scaler = torch.amp.GradScaler("cuda", init_scale=INIT_SCALE, enabled=amp == "fp16")
-    batch = training_batch(2, 127, 4)
+    batch = training_batch(2, 127, 4, "cuda")
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # no corner-pooling fallback
         for _ in range(2):

@@ -126,11 +126,6 @@ def find_sanitizer() -> str | None:
     return str(tool) if tool is not None and tool.is_file() else None
 
 
-# Limits: about 1.3 times the seconds each step took in the first run on one H200 (16 cores; README, GPU): build 70,
-# cuda tests 54, bench_cpool 8, train + test 89, bench_infer 23, bench_pipeline 10, memcheck 10. bench_train there
-# timed 4 HG-104 settings in 130 s in a fresh process (each new network, precision and layout is autotuned by
-# cuDNN), so this step times train.py's layout in three precisions; README gives the command of the full table.
-# The steps run in the order of their value to the README table, the memory checker last.
 def build_step(py: str) -> Step:
     registered = ("import sys; from lib.cpool import pool; found = pool.kernel_registered('cuda'); "
                   "print('CUDA kernel registered:', found); sys.exit(0 if found else 1)")
@@ -140,6 +135,11 @@ def build_step(py: str) -> Step:
                 100, last_line(r"CUDA kernel registered: .*$"))
 
 
+# Limits: about 1.3 times the seconds each step took in the first run on one H200 (16 cores; README, GPU): build 70,
+# cuda tests 54, bench_cpool 8, train + test 89, bench_infer 23, bench_pipeline 10, memcheck 10. bench_train there
+# timed 4 HG-104 settings in 130 s in a fresh process (each new network, precision and layout is autotuned by
+# cuDNN), so this step times train.py's layout in three precisions; README gives the command of the full table.
+# The steps run in the order of their value to the README table, the memory checker last.
 def steps(py: str, ckpt_dir: str, sanitizer: str | None) -> list[Step]:
     arch_flags = ["--archs", "large_hourglass", "small_hourglass"]
     cuda_tests = [py, "-m", "pytest", "-q", "-m", "cuda", "tests/test_cuda.py"]
