@@ -26,11 +26,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: import the repo
-from datasets.targets import make_targets
+from bench.bench_model import random_batch
 from lib.cpool.pool import forced_fallback
 from nets import build_model
 from utils.device import autocast, cudnn_benchmark, grad_scaler
@@ -57,19 +56,6 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="memory formats of the network and input ('old' runs contiguous only)")
     p.add_argument("--compile", action="store_true", help="time each non-old setting compiled too")
     return p
-
-
-def random_batch(batch_size: int, size: int, num_classes: int, device) -> dict[str, torch.Tensor]:
-    rng = np.random.default_rng(0)
-    items = []
-    for _ in range(batch_size):
-        xy = rng.uniform(0, size * 0.6, (4, 2))
-        wh = rng.uniform(size * 0.1, size * 0.4, (4, 2))
-        boxes = np.concatenate([xy, np.minimum(xy + wh, size - 1)], axis=1)
-        items.append(make_targets(boxes, rng.integers(0, num_classes, 4), num_classes, size, size))
-    batch = {k: torch.from_numpy(np.stack([it[k] for it in items])) for k in items[0]}
-    batch["image"] = torch.randn(batch_size, 3, size, size)
-    return {k: v.to(device) for k, v in batch.items()}
 
 
 def peak_memory_mb(device: torch.device) -> float:
