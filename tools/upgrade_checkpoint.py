@@ -74,7 +74,10 @@ def read_trusted(path: Path) -> dict:
         return load_checkpoint(path)
     except UnsafeCheckpointError:
         print(f"{path} holds objects beyond plain data: reading it in full, as a file you trust")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a class the file names may no longer exist, or its bytes be corrupt
+        raise CheckpointError(f"cannot read {path} in full either: {type(e).__name__}: {e}") from e
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path} is not a centernet47 checkpoint: expected a dict with a 'model' entry")
     return state

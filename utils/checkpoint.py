@@ -59,7 +59,8 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
 
 def is_torch_checkpoint(path: str | Path) -> bool:
     """Whether `path` is a file that torch.save wrote: a zip archive with a data.pkl, or (the legacy format) a
-    pickle stream. Tools that write other files refuse to replace it, even with --force."""
+    pickle stream that starts with torch's magic number. Tools that write other files refuse to replace it, even
+    with --force. A file that cannot be opened raises OSError."""
     path = Path(path)
     if not path.is_file():
         return False
@@ -69,8 +70,20 @@ def is_torch_checkpoint(path: str | Path) -> bool:
                 return any(name.endswith("/data.pkl") or name == "data.pkl" for name in archive.namelist())
         except zipfile.BadZipFile:
             return False
+    return starts_with_legacy_magic(path)
+
+
+def starts_with_legacy_magic(path: Path) -> bool:
+    """Whether the first pickle in `path` is torch's magic number, as in every file of torch's legacy format (a
+    plain pickle of other data is not a checkpoint). Read by pickletools, which runs no code."""
     with open(path, "rb") as f:
-        return f.read(1) == b"\x80"  # pickle protocol 2 and later
+        try:
+            for op, arg, _ in pickletools.genops(f):
+                if op.name not in ("PROTO", "FRAME"):
+                    return op.name.startswith("LONG") and arg == torch.serialization.MAGIC_NUMBER
+        except Exception:  # bytes that do not parse as a pickle: not this format
+            return False
+    return False
 
 
 def pickled_globals(path: Path) -> set[str] | None:
@@ -78,14 +91,15 @@ def pickled_globals(path: Path) -> set[str] | None:
     parses opcodes and runs none; None when not even one pickle parses (a corrupt file)."""
     if not is_torch_checkpoint(path):
         return None
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            pickles = [name for name in archive.namelist() if name.endswith("data.pkl")]
-            stream = io.BytesIO(archive.read(pickles[0]) if pickles else b"")
-    else:
-        stream = io.BytesIO(path.read_bytes())
-    size, found, parsed = len(stream.getbuffer()), set(), False
+    found, parsed = set(), False
     try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                pickles = [name for name in archive.namelist() if name.endswith("data.pkl")]
+                stream = io.BytesIO(archive.read(pickles[0]))
+        else:
+            stream = io.BytesIO(path.read_bytes())
+        size = len(stream.getbuffer())
         while stream.tell() < size:  # the legacy format: several pickles in a row, then raw storage bytes
             pushed, memo = [], {}  # protocol 4 pushes module and name (or memo copies of them) before STACK_GLOBAL
             for op, arg, _ in pickletools.genops(stream):
@@ -102,7 +116,7 @@ def pickled_globals(path: Path) -> set[str] | None:
                 elif op.name != "FRAME":
                     pushed.append(arg if op.name.endswith(("UNICODE", "STRING")) else None)
             parsed = True
-    except (ValueError, EOFError):
+    except Exception:  # corrupt bytes end the parse with whatever error they lead to
         pass
     return found if parsed else None
 
@@ -114,6 +128,14 @@ def read_plain(path: str | Path, map_location: str | torch.device = "cpu", what:
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"{what} not found: {path}")
+    try:
+        torch_file = is_torch_checkpoint(path)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {what} {path}: {e.strerror or e}") from e
+    if not torch_file:
+        raise CheckpointError(f"cannot read {what} {path}: it is not a file of torch.save (neither its zip archive "
+                              f"nor its legacy format, which starts with torch's magic number): it is empty, truncated, corrupt or "
+                              f"another kind of file, such as a plain pickle")
     try:
         with warnings.catch_warnings():  # torch's note on pickle protocols above 2, which it reads or refuses below
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
@@ -130,7 +152,9 @@ def read_plain(path: str | Path, map_location: str | torch.device = "cpu", what:
             f"{path} holds Python objects other than tensors, numbers, strings, lists and dicts ({detail}); reading "
             f"them could run code, so it is refused. If you trust where the file comes from (e.g. a checkpoint of an "
             f"older centernet47), convert it once: {UPGRADE.format(path=path)}") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+    except OSError as e:
+        raise CheckpointError(f"cannot read {what} {path}: {e.strerror or e}") from e
+    except Exception as e:  # corrupt bytes meet the unpickler with whatever error they lead to
         first_line = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"cannot read {what} {path}: the file is truncated or corrupt ({first_line})") \
             from e
