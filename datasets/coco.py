@@ -187,8 +187,10 @@ class CocoDetection(Dataset):
                  min_box_size: float = 0.0):
         root = Path(data_dir)
         if not root.is_dir():
-            raise MissingFileError(f"{root}: data directory not found (expected annotations/instances_{split}.json "
-                                    f"and {split}/ inside it)")
+            image_folder = split_files(root, split)[1].name
+            raise MissingFileError(f"{root}: data directory not found (expected inside it annotations/instances_"
+                                    f"{split}.json, or image_info_{split}.json for a split without annotations, and "
+                                    f"the images in {image_folder}/)")
         if (img_size + 1) % STRIDE:  # the targets' map size; the network checks its own, coarser unit
             raise DataError(f"img_size must be of the form k * {STRIDE} - 1 (the networks want 128k - 1: 127, 255, "
                              f"383, 511, ...), got {img_size}")

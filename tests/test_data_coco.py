@@ -110,8 +110,11 @@ def test_img_size_must_give_whole_output_cells():
 # ---------------------------------------------------------------- bad input: errors at construction
 
 def test_missing_directory(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nowhere: data directory not found"):
+    with pytest.raises(FileNotFoundError, match=r"nowhere: data directory not found .*instances_train\.json.* "
+                                                r"images in train/"):
         CocoDetection(tmp_path / "nowhere", "train", train=True)
+    with pytest.raises(FileNotFoundError, match=r"image_info_test-dev2017\.json .*images in test2017/"):
+        CocoDetection(tmp_path / "nowhere", "test-dev2017", train=False)
 
 
 def test_missing_json(tmp_path):
