@@ -130,12 +130,12 @@ def train_one_epoch(model, loader, optimizer, scaler, device, amp: bool | str, p
             progress.boxes = None if progress.boxes is None else progress.boxes + boxes
             if not all(math.isfinite(v) for v in terms.values()):
                 raise TrainingDiverged(
-                    f"non-finite loss at epoch {progress.epoch}, step {progress.step + 1}: {terms}. Stopping; the "
-                    "last saved checkpoint is intact. Try a lower --lr, or run without --amp.")
+                    f"non-finite loss at epoch {progress.epoch}, step {progress.step + 1}: {terms}. Try a lower --lr, "
+                    "or run without --amp.")
             if progress.unreadable > max_unreadable:
                 raise DataError(
                     f"{progress.unreadable} training images of epoch {progress.epoch} could not be read (more than "
-                    f"--max_bad_fraction of the epoch); the last checkpoint is intact. List every problem with "
+                    f"--max_bad_fraction of the epoch). List every problem with "
                     f"`python -m datasets.check --data_dir DIR --split NAME`")
             scaler.scale(loss / accum_steps).backward()
         for k, v in terms.items():
@@ -161,7 +161,7 @@ def train_one_epoch(model, loader, optimizer, scaler, device, amp: bool | str, p
     if progress.boxes == 0:
         raise DataError(f"epoch {progress.epoch} trained on no box at all: every box of its {len(progress.order)} "
                         "images was dropped (smaller than --min_box_size canvas pixels after the augmentation, or "
-                        "outside the crop); lower --min_box_size. The last checkpoint is intact.")
+                        "outside the crop); lower --min_box_size.")
     logger.scalars({"lr": optimizer.param_groups[0]["lr"], "images_per_s": images_seen / (time.perf_counter() - start)},
                    progress.global_step, prefix="train/")
     return False
@@ -321,7 +321,10 @@ def train(args: argparse.Namespace, signals: StopSignals) -> tuple[float, bool]:
             where = f"epoch {progress.epoch}, step {progress.step} of {progress.steps}"
             logger.info(f"stopped by {signals.received or 'a signal to another process'} at {where}; saved "
                         f"{run_dir / CHECKPOINT}. Resume with the same command plus --resume")
-    except Exception as error:  # the line that ends the run goes into its train.log too
+    except Exception as error:  # what the run leaves, and the line that ends it, go into its train.log too
+        saved = run_dir / CHECKPOINT
+        logger.info(f"the run's last save, {saved}, is intact" if saved.is_file()
+                    else "the run ended before its first save: it has no checkpoint")
         logger.failed(error)
         raise
     logger.close()

@@ -119,7 +119,8 @@ def test_a_failed_run_logs_its_error_and_its_folder_takes_a_new_run(shapes_dir, 
     with pytest.raises(DataError, match="epoch 1 trained on no box at all.*lower --min_box_size") as e:
         train.main(args_for(shapes_dir, tmp_path, "--num_epochs", "1", "--min_box_size", "100"))
     run = tmp_path / "run"
-    assert (run / "train.log").read_text().splitlines()[-1] == f"error: {e.value}"
+    assert (run / "train.log").read_text().splitlines()[-2:] == [
+        "the run ended before its first save: it has no checkpoint", f"error: {e.value}"]
     assert not (run / "checkpoint.pt").exists()
     train.main(args_for(shapes_dir, tmp_path, "--num_epochs", "1"))
     log = (run / "train.log").read_text()
@@ -206,6 +207,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(shapes_dir, tmp_pat
     with pytest.raises(FloatingPointError, match="non-finite loss at epoch 2"):
         train.main(args_for(shapes_dir, tmp_path, "--num_epochs", "2", "--resume"))
     assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before
+    saved = tmp_path / "run" / "checkpoint.pt"
+    assert (tmp_path / "run" / "train.log").read_text().splitlines()[-2] == f"the run's last save, {saved}, is intact"
 
 
 def test_bf16_autocast_on_cpu(shapes_dir, tmp_path):
