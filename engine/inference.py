@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from datasets.coco_eval import evaluate_detections
@@ -30,7 +30,7 @@ from nets.inference import PreparedNetwork, prepare_for_inference
 from utils.decode import center_check, decode
 from utils.device import autocast, cudnn_benchmark
 from utils.checks import check_number, check_positive_int
-from utils.errors import ArgumentError
+from utils.errors import ArgumentError, UserError
 from utils.dist import all_gather_object, is_main, rank, world_size
 
 
@@ -198,17 +198,36 @@ def first_item(batch: list):
     return batch[0]
 
 
+class ErrorsAsItems(Dataset):
+    """`dataset`, whose user errors (an image missing or corrupt) are returned as the item, for the main process
+    to raise as they are: DataLoader re-raises a worker's exception with the worker's traceback in its message."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        try:
+            return self.dataset[index]
+        except UserError as error:
+            return error
+
+
 def detect_dataset(model, dataset, cfg: InferenceConfig, device: torch.device, num_workers: int = 2,
                    amp: bool = False, progress: bool = True) -> dict[int, np.ndarray]:
     """{image_id: (M, 6)} over the whole `dataset`; each process runs every world_size-th image and the results
     of all processes are gathered into every one of them."""
-    loader = DataLoader(Subset(dataset, range(rank(), len(dataset), world_size())), batch_size=1, shuffle=False,
-                        num_workers=num_workers, collate_fn=first_item, pin_memory=device.type == "cuda")
+    loader = DataLoader(ErrorsAsItems(Subset(dataset, range(rank(), len(dataset), world_size()))), batch_size=1,
+                        shuffle=False, num_workers=num_workers, collate_fn=first_item, pin_memory=device.type == "cuda")
     was_training = model.training
     model.eval()
     network = network_for(model, device, amp)
     detections = {}
     for sample in tqdm(loader, desc="eval", disable=not (progress and is_main()), dynamic_ncols=True):
+        if isinstance(sample, UserError):
+            raise sample
         detections[int(sample["image_id"])] = detect(network, sample["inputs"], cfg, device, amp)
     model.train(was_training)
     merged = {}

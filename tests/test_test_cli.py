@@ -180,3 +180,23 @@ def test_torchrun_two_processes_match_one(squares_dir, fixed_box_checkpoint, tmp
     assert float(runs[1][0][0].rsplit("=", 1)[1]) == 1.0  # AP: each box is exactly its square
     for got, expected in zip(runs[2][1], runs[1][1]):
         assert got["bbox"] == expected["bbox"] and got["score"] == pytest.approx(expected["score"], abs=1e-6)
+
+
+def test_a_missing_image_is_the_same_one_line_error_with_loader_workers(ckpt_dir, tmp_path):
+    """A loader worker's exception comes back from DataLoader with the worker's traceback in its message: the
+    error the user sees must be the dataset's own, whatever --num_workers."""
+    data = tmp_path / "data"
+    (data / "annotations").mkdir(parents=True)
+    (data / "annotations" / "instances_val.json").write_bytes((RACCOON / "annotations" / "instances_val.json")
+                                                              .read_bytes())
+    images = sorted((RACCOON / "val").iterdir())
+    (data / "val").mkdir()
+    for image in images[1:]:
+        (data / "val" / image.name).symlink_to(image)
+    errors = []
+    for workers in ("0", "1"):
+        with pytest.raises(MissingFileError) as e:
+            test_cli.main(cli_args(ckpt_dir, "--data_dir", str(data), "--num_workers", workers, "--force"))
+        errors.append(str(e.value))
+    assert images[0].name in errors[0] and "\n" not in errors[0]
+    assert errors[1] == errors[0]
