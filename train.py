@@ -15,7 +15,7 @@ run folder (new run, resume, what may continue): engine/run_folder.py.
 import argparse
 import os
 
-from engine.run_folder import RunComplete
+from engine.run_folder import RunComplete, RunFolderLock
 from engine.trainer import parse_lr_steps, train
 from nets import ARCHS, METHODS
 from nets.hourglass import CENTER_BRANCHES, CORNER_POOLS
@@ -114,8 +114,8 @@ def main(args: argparse.Namespace) -> float:
     SystemExit(128 + signal) after saving when stopped by SIGTERM / SIGINT."""
     check_args(args)
     try:
-        with StopSignals() as signals:
-            ap, stopped = train(args, signals)
+        with StopSignals() as signals, RunFolderLock() as folder_lock:
+            ap, stopped = train(args, signals, folder_lock)
     except RunComplete as done:
         if dist.is_main():
             print(done.args[0])

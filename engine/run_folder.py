@@ -1,13 +1,15 @@
 """A run folder (CKPT_DIR/LOG_NAME) and its checkpoints: whether a run starts or resumes there, whether a checkpoint
 can continue under the given flags, and rank-0 decisions shared with every process."""
 import argparse
+import fcntl
+import os
 from pathlib import Path
 
 from nets import resolve_variant, saved_variant, variant_name
 from utils import dist
 from utils.checkpoint import saved_args
 from utils.device import check_scaler_state
-from utils.errors import ArgumentError, DataError, UserError
+from utils.errors import ArgumentError, DataError, UserError, WriteError
 
 CHECKPOINT, BEST = "checkpoint.pt", "best.pt"
 
@@ -15,6 +17,49 @@ CHECKPOINT, BEST = "checkpoint.pt", "best.pt"
 class RunComplete(Exception):
     """--resume of a run that has trained its --num_epochs (a job requeued after its last save): nothing to do,
     which is a success (exit status 0)."""
+
+
+class RunFolderLock:
+    """Held by the main process of a run on its folder, from `hold` to the end of the `with` block (or the process),
+    so that a second train.py with the same --ckpt_dir and --log_name stops at once instead of writing the same
+    checkpoints and log. An flock on the folder itself: the kernel drops it when the process dies, so a killed run
+    leaves nothing to clean up. Where the file system has no such locks (some network file systems), runs go on
+    without one. The folders it created (--ckpt_dir too) are removed again if the run ends before writing anything
+    there (an input refused after the lock), as if it had never started."""
+
+    def __init__(self):
+        self.fd, self.created = None, []
+
+    def hold(self, run_dir: Path) -> None:
+        self.created = [folder for folder in (run_dir, *run_dir.parents) if not folder.exists()]  # deepest first
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(run_dir, os.O_RDONLY)
+        except OSError as e:
+            raise WriteError(f"cannot create the run folder {run_dir}: {e.strerror or e}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UserError(f"{run_dir} is in use by another train.py (same --ckpt_dir and --log_name) that is still "
+                            "running; wait for it to end, or choose another --log_name") from None
+        except OSError:
+            os.close(fd)
+            return
+        self.fd = fd
+
+    def __enter__(self) -> "RunFolderLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        for folder in self.created:
+            if not folder.is_dir() or any(folder.iterdir()):
+                break
+            folder.rmdir()
+        self.created = []
 
 
 def run_folder_plan(run_dir: Path, resume: bool) -> tuple[bool, str]:

@@ -21,7 +21,8 @@ from datasets import build_dataset
 from datasets.sampling import EpochSampler, TrainSamples, epoch_order
 from engine.inference import InferenceConfig, evaluate
 from engine.pretrained import load_pretrained_checkpoint
-from engine.run_folder import BEST, CHECKPOINT, check_resumable, on_main_for_all, run_folder_plan
+from engine.run_folder import (BEST, CHECKPOINT, RunFolderLock, check_resumable, on_main_for_all,
+                               run_folder_plan)
 from engine.visualize import val_images
 from nets import build_model, model_config, resolve_variant, variant_name
 from utils import dist
@@ -179,8 +180,9 @@ def state_in_parameter_layout(optimizer: torch.optim.Optimizer) -> None:
                     state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
-def train(args: argparse.Namespace, signals: StopSignals) -> tuple[float, bool]:
-    """The run of `main`: (last validation AP, whether a signal stopped it)."""
+def train(args: argparse.Namespace, signals: StopSignals, folder_lock: RunFolderLock) -> tuple[float, bool]:
+    """The run of `main`: (last validation AP, whether a signal stopped it). The main process holds `folder_lock` on
+    the run folder from before it decides to start or resume there."""
     # The variant's two parts, resolved from the preset once: the checkpoint's args hold what the network is.
     vars(args).update(resolve_variant(args.method, args.corner_pool, args.center_branch))
     launched_without_flag = dist.launched() and not args.dist
@@ -188,6 +190,7 @@ def train(args: argparse.Namespace, signals: StopSignals) -> tuple[float, bool]:
     device = select_device(args.device, dist.local_rank())
     torch.backends.cudnn.benchmark = True  # fixed input size (--img_size); evaluate() turns it off while it runs
     run_dir = Path(args.ckpt_dir) / args.log_name
+    on_main_for_all(lambda: folder_lock.hold(run_dir))
     resuming, plan_message = on_main_for_all(lambda: run_folder_plan(run_dir, args.resume))
     lr_steps = parse_lr_steps(args.lr_step)
     seed_everything(args.seed)

@@ -128,6 +128,27 @@ def test_a_failed_run_logs_its_error_and_its_folder_takes_a_new_run(shapes_dir, 
     assert load_checkpoint(run / "checkpoint.pt")["epoch"] == 1
 
 
+def test_a_second_run_in_a_folder_in_use_stops_and_writes_nothing(shapes_dir, tmp_path):
+    """Another train.py holding the run folder (here a process that took its lock, as train.py does before deciding
+    to start or resume) makes a second run with the same --log_name stop before it writes anything; once that
+    process is killed (-9: no clean-up of its own), the folder takes a run."""
+    run = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from engine.run_folder import "
+         "RunFolderLock; lock = RunFolderLock(); lock.hold(Path(sys.argv[1])); print('held', flush=True); "
+         "time.sleep(600)", str(run)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(UserError, match=f"{run} is in use by another train.py"):
+            train.main(args_for(shapes_dir, tmp_path, "--num_epochs", "1"))
+        assert list(run.iterdir()) == []
+    finally:
+        holder.kill()
+        holder.wait()
+    train.main(args_for(shapes_dir, tmp_path, "--num_epochs", "1"))
+    assert load_checkpoint(run / "checkpoint.pt")["epoch"] == 1
+
+
 def test_resume_refuses_what_cannot_continue_the_run(shapes_dir, tmp_path, capsys):
     ap = train.main(args_for(shapes_dir, tmp_path, "--num_epochs", "2", "--val_interval", "0"))
     before = (tmp_path / "run" / "checkpoint.pt").read_bytes()
