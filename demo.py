@@ -38,7 +38,7 @@ from engine.detector import Detections, Detector
 from engine.inference import parse_scales
 from engine.visualize import draw
 from utils.checks import check_number, check_positive_int
-from utils.errors import DataError, UserError, run_cli
+from utils.errors import ArgumentError, DataError, MissingFileError, UserError, WriteError, run_cli
 from utils.files import atomic_write, make_folder, pid_temporary, remove_dead_temporaries, same_file, write_json
 
 VIDEO_CODECS = {".mp4": "mp4v", ".avi": "MJPG"}
@@ -70,7 +70,7 @@ def list_images(source: Path) -> list[Path]:
     if source.is_file():
         return [source]
     if not source.is_dir():
-        raise SystemExit(f"--images {source}: no such file or folder")
+        raise MissingFileError(f"--images {source}: no such file or folder")
     images = sorted(p for p in source.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
         raise UserError(f"--images {source}: no image files in this folder (sub-folders are not read; looked for "
@@ -83,7 +83,7 @@ def write_image(path: Path, image: np.ndarray) -> None:
     the file name, and never leaves a half-written image."""
     ok, data = cv2.imencode(path.suffix, image)
     if not ok:
-        raise SystemExit(f"{path}: OpenCV cannot encode an image with suffix {path.suffix!r}")
+        raise WriteError(f"{path}: OpenCV cannot encode an image with suffix {path.suffix!r}")
     atomic_write(path, lambda f: f.write(data.tobytes()))
 
 
@@ -140,9 +140,9 @@ def prepare_images(args) -> tuple[list[Path], Path]:
     out = Path(args.out)
     for path in images:
         if same_file(out / path.name, path):
-            raise SystemExit(f"--out {out} would write over the input image {path}; choose another folder")
+            raise ArgumentError(f"--out {out} would write over the input image {path}; choose another folder")
     if out.is_dir() and any(out.iterdir()) and not args.force:
-        raise SystemExit(f"--out {out} is not empty; choose another folder or pass --force to replace its files")
+        raise ArgumentError(f"--out {out} is not empty; choose another folder or pass --force to replace its files")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; --images writes a folder of annotated images and detections.json")
     return images, out
@@ -183,18 +183,19 @@ def prepare_video(args) -> tuple[cv2.VideoCapture, float, int, Path, Path]:
     work: an unreadable video, an output that is the input, or existing outputs without --force end here."""
     source, out = Path(args.video), Path(args.out)
     if out.suffix.lower() not in VIDEO_CODECS:
-        raise SystemExit(f"--out {out}: expected a video file ending in {' or '.join(VIDEO_CODECS)}")
+        raise ArgumentError(f"--out {out}: expected a video file ending in {' or '.join(VIDEO_CODECS)}")
     out_json = out.with_suffix(".json")
     if same_file(out, source) or same_file(out_json, source):
-        raise SystemExit(f"--out {out} would write over the input video {source}; choose another name")
+        raise ArgumentError(f"--out {out} would write over the input video {source}; choose another name")
     existing = [str(p) for p in (out, out_json) if p.exists()]
     if existing and not args.force:
-        raise SystemExit(f"{' and '.join(existing)} exist; choose another --out or pass --force to replace them")
+        verb, them = ("exists", "it") if len(existing) == 1 else ("exist", "them")
+        raise ArgumentError(f"{' and '.join(existing)} {verb}; choose another --out or pass --force to replace {them}")
     if not source.is_file():
-        raise SystemExit(f"--video {source}: no such file")
+        raise MissingFileError(f"--video {source}: no such file")
     capture = cv2.VideoCapture(str(source))
     if not capture.isOpened():
-        raise SystemExit(f"--video {source}: cannot open it (not a video format OpenCV reads, or corrupt)")
+        raise DataError(f"--video {source}: cannot open it (not a video format OpenCV reads, or corrupt)")
     fps = capture.get(cv2.CAP_PROP_FPS)
     count = max(int(capture.get(cv2.CAP_PROP_FRAME_COUNT)), 0)
     return capture, fps if fps > 0 else 25.0, count, out, out_json
@@ -244,7 +245,7 @@ def run_video(capture, fps: float, count: int, out: Path, out_json: Path, args, 
                 log.maybe_save()
             writer.release()
             if not tmp.is_file() or tmp.stat().st_size == 0:
-                raise SystemExit(f"cannot write the video {out}: OpenCV wrote nothing (is the disk full?)")
+                raise WriteError(f"cannot write the video {out}: OpenCV wrote nothing (is the disk full?)")
             os.replace(tmp, out)
             elapsed = time.perf_counter() - start
             log.content["frames_per_second"] = round(len(frames_json) / elapsed, 2)
@@ -265,7 +266,7 @@ def open_writer(tmp: Path, out: Path, fps: float, width: int, height: int) -> cv
     codec = VIDEO_CODECS[out.suffix.lower()]
     writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*codec), fps, (width, height))
     if not writer.isOpened():
-        raise SystemExit(f"cannot write the video {out} (no {codec} writer in this OpenCV, or the folder is not "
+        raise WriteError(f"cannot write the video {out} (no {codec} writer in this OpenCV, or the folder is not "
                          f"writable)")
     return writer
 

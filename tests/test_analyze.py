@@ -1,6 +1,8 @@
 """tools/analyze.py on hand-made cases whose breakdown is known, and end to end with drawings, from a results json
 or test.py's metrics json."""
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -9,8 +11,9 @@ import pytest
 
 from datasets.coco_eval import FD_NAMES, METRIC_NAMES
 from tools.analyze import KINDS, breakdown, get_args_parser, main
-from utils.errors import DataError
+from utils.errors import ArgumentError, DataError, MissingFileError
 
+REPO = Path(__file__).resolve().parents[1]
 CATS = [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}]
 GT_BOXES = [[10, 10, 100, 100], [150, 150, 80, 80]]  # both cats, in image 1
 # AP50 when the second of two boxes is found only after one false positive: precision 1 up to recall 0.5,
@@ -89,10 +92,10 @@ def test_cli_prints_the_table_and_draws_the_worst_image(tmp_path, capsys):
     assert [p.name for p in drawn] == ["001_errors_1.jpg"]
     image = cv2.imread(str(drawn[0]))
     assert image.shape == (300, 300, 3) and (image != 200).any()
-    with pytest.raises(SystemExit, match="results_analysis exists"):
+    with pytest.raises(ArgumentError, match="results_analysis exists; pass another --out, or --force"):
         main(args)
     results.write_text(json.dumps([det(GT_BOXES[0], 0.9, cat=7)]))
-    with pytest.raises(SystemExit, match="entry 0 has image_id 1 / category_id 7"):
+    with pytest.raises(DataError, match="entry 0 has image_id 1 / category_id 7"):
         main(get_args_parser().parse_args([str(results), "--data_dir", str(data), "--split", "val", "--out",
                                            str(tmp_path / "x")]))
 
@@ -132,12 +135,63 @@ def test_cli_reads_the_metrics_json_of_test_py_as_well(tmp_path, capsys):
     other = tmp_path / "other.json"
     for content in ({"AP": 0.5}, "text"):
         other.write_text(json.dumps(content))
-        with pytest.raises(SystemExit, match="neither a COCO results json .a list of detections. nor test.py's "
-                                             "metrics json"):
+        with pytest.raises(DataError, match="neither a COCO results json .a list of detections. nor test.py's "
+                                            "metrics json"):
             run(other)
     other.write_text(json.dumps(values))
-    with pytest.raises(SystemExit, match="not named <results>_metrics.json"):
+    with pytest.raises(ArgumentError, match="not named <results>_metrics.json"):
         run(other)
     results.unlink()
-    with pytest.raises(SystemExit, match="its results json .*results_val.json is missing"):
+    with pytest.raises(MissingFileError, match="its results json .*results_val.json is missing"):
         run(metrics, "--out", str(tmp_path / "c"))
+
+
+def test_force_replaces_an_earlier_analysis_and_nothing_else(tmp_path, capsys):
+    data = data_dir(tmp_path)
+    (data / "annotations" / "instances_val.json").write_text(json.dumps(ground_truth()))
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps(CASES["background"][0]))
+    out = tmp_path / "results_analysis"
+
+    def run(*extra):
+        return main(get_args_parser().parse_args([str(results), "--data_dir", str(data), "--split", "val", *extra]))
+
+    run()
+    (out / "002_errors_old.jpg").write_bytes(b"a drawing of an earlier analysis")
+    assert run("--force")["background"][0] == 1
+    assert [p.name for p in out.iterdir()] == ["001_errors_1.jpg"]  # the earlier drawings gone, the new one there
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ArgumentError, match="results_analysis exists and holds notes.txt, which this tool does not "
+                                            "write"):
+        run("--force")
+    assert sorted(p.name for p in out.iterdir()) == ["001_errors_1.jpg", "notes.txt"]
+    with pytest.raises(ArgumentError, match="results.json exists and is the results json, not an earlier analysis"):
+        run("--out", str(results), "--force")
+    with pytest.raises(ArgumentError, match="instances_val.json exists and is a file, not an earlier analysis"):
+        run("--out", str(data / "annotations" / "instances_val.json"), "--force")
+    with pytest.raises(ArgumentError, match="holds 1.jpg, which this tool does not write"):
+        run("--out", str(data / "val"), "--force")  # the images
+    assert json.loads(results.read_text()) == CASES["background"][0] and (data / "val" / "1.jpg").is_file()
+
+
+def test_num_images_must_not_be_negative(tmp_path):
+    data = data_dir(tmp_path)
+    (data / "annotations" / "instances_val.json").write_text(json.dumps(ground_truth()))
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps(CASES["background"][0]))
+    with pytest.raises(ArgumentError, match="--num_images: expected a whole number of at least 0, got -1"):
+        main(get_args_parser().parse_args([str(results), "--data_dir", str(data), "--split", "val",
+                                           "--num_images", "-1"]))
+    assert not (tmp_path / "results_analysis").exists()
+    main(get_args_parser().parse_args([str(results), "--data_dir", str(data), "--split", "val", "--num_images", "0"]))
+    assert not any((tmp_path / "results_analysis").iterdir())
+
+
+def test_the_command_line_ends_a_mistake_in_one_error_line(tmp_path):
+    data = data_dir(tmp_path)
+    (data / "annotations" / "instances_val.json").write_text(json.dumps(ground_truth()))
+    missing = tmp_path / "results.json"
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "analyze.py"), str(missing), "--data_dir", str(data),
+                           "--split", "val"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [f"error: {missing}: cannot read the json (No such file or directory)"]

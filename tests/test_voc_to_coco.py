@@ -1,6 +1,8 @@
 """tools/voc_to_coco.py on a VOC-style folder written in tmp_path: boxes, classes, difficult objects, errors;
 the result loads as a data set."""
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -9,6 +11,9 @@ import pytest
 
 from datasets.coco import CocoDetection
 from tools.voc_to_coco import get_args_parser, main
+from utils.errors import ArgumentError, DataError, MissingFileError
+
+REPO = Path(__file__).resolve().parents[1]
 
 # image id: (width, height, [(name, xmin, ymin, xmax, ymax, difficult)])
 IMAGES = {
@@ -72,7 +77,7 @@ def test_class_list_keep_difficult_and_copy(voc_dir, tmp_path):
     assert [c["name"] for c in data["categories"]] == ["person", "dog", "cat"]
     assert [(a["category_id"], a["iscrowd"]) for a in data["annotations"]] == [(2, 0), (1, 0), (3, 0)]
     assert not (tmp_path / "a" / "train" / "000001.jpg").is_symlink()
-    with pytest.raises(SystemExit, match="--classes: the annotations also name person"):
+    with pytest.raises(ArgumentError, match="--classes: the annotations also name person"):
         convert(voc_dir, tmp_path / "b", "--classes", "dog,cat")
     # Names outside VOC's 20: the sorted names found.
     xml = voc_dir / "Annotations" / "000002.xml"
@@ -93,19 +98,51 @@ def test_class_list_keep_difficult_and_copy(voc_dir, tmp_path):
 def test_broken_annotation_names_the_file(voc_dir, tmp_path, edit, message):
     xml = voc_dir / "Annotations" / "000002.xml"
     xml.write_text(edit(xml.read_text()))
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(DataError, match=message):
         convert(voc_dir, tmp_path / "out")
     assert not (tmp_path / "out").exists()  # nothing half-written
 
 
 def test_missing_files_and_existing_output(voc_dir, tmp_path):
-    with pytest.raises(SystemExit, match=r"Main/test\.txt: image list of split 'test' not found"):
+    with pytest.raises(MissingFileError, match=r"Main/test\.txt: image list of split 'test' not found"):
         convert(voc_dir, tmp_path / "out", "--splits", "test")
+    with pytest.raises(MissingFileError, match=r"nowhere: no Annotations/ folder"):
+        convert(tmp_path / "nowhere", tmp_path / "out")
     (voc_dir / "JPEGImages" / "000003.jpg").unlink()
-    with pytest.raises(SystemExit, match=r"000003\.jpg: image of split 'val' not found"):
+    with pytest.raises(MissingFileError, match=r"000003\.jpg: image of split 'val' not found"):
         convert(voc_dir, tmp_path / "out")
     convert(voc_dir, tmp_path / "out", "--splits", "train")
     before = (tmp_path / "out" / "annotations" / "instances_train.json").read_bytes()
-    with pytest.raises(SystemExit, match="already holds split 'train'"):
+    with pytest.raises(ArgumentError, match="already holds split 'train'"):
         convert(voc_dir, tmp_path / "out", "--splits", "train")
     assert (tmp_path / "out" / "annotations" / "instances_train.json").read_bytes() == before
+
+    (voc_dir / "Annotations" / "000001.xml").unlink()
+    with pytest.raises(MissingFileError, match=r"000001\.xml: cannot read the annotation \(No such file"):
+        convert(voc_dir, tmp_path / "out2", "--splits", "train")
+    assert not (tmp_path / "out2").exists()
+
+
+def test_an_image_listed_twice_stops_before_anything_is_written(voc_dir, tmp_path):
+    (voc_dir / "ImageSets" / "Main" / "train.txt").write_text("000001\n000002\n\n000001\n")
+    with pytest.raises(DataError, match=r"Main/train\.txt: image id 000001 is listed twice, on lines 1 and 4"):
+        convert(voc_dir, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    (voc_dir / "ImageSets" / "Main" / "train.txt").write_text("000001\n000002\n")
+    convert(voc_dir, tmp_path / "out")  # the fixed list converts into the same --out
+
+
+def test_out_must_be_a_folder(voc_dir, tmp_path):
+    (tmp_path / "a_file").write_text("mine")
+    with pytest.raises(ArgumentError, match="--out .*a_file is a file; give a folder"):
+        convert(voc_dir, tmp_path / "a_file")
+    assert (tmp_path / "a_file").read_text() == "mine"
+
+
+def test_the_command_line_ends_a_mistake_in_one_error_line(voc_dir, tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "voc_to_coco.py"), "--voc_dir", str(voc_dir), "--out",
+                           str(tmp_path / "out"), "--splits", "test"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [
+        f"error: {voc_dir / 'ImageSets' / 'Main' / 'test.txt'}: image list of split 'test' not found"]

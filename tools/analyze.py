@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import io
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -36,9 +37,11 @@ from datasets.coco_eval import (ALL_METRIC_NAMES, FD_NAMES, METRIC_NAMES, analys
                                  results_of_metrics)
 from datasets.image_io import load_image
 from utils.checks import check_number
-from utils.errors import DataError, run_cli
+from utils.errors import ArgumentError, DataError, MissingFileError, run_cli
+from utils.files import make_folder, same_file
 
 FG_IOU, BG_IOU = 0.5, 0.1
+DRAWING = re.compile(r"\d{3,}_errors_.+\.jpg")  # the names draw_worst gives
 KINDS = ("classification", "localisation", "duplicate", "background", "missed")
 COLORS = {"match": (255, 160, 0), "ground truth": (0, 200, 0), "missed": (0, 200, 0), "classification": (0, 0, 255),
           "localisation": (0, 140, 255), "duplicate": (255, 0, 255), "background": (0, 0, 160)}  # BGR
@@ -50,9 +53,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "<results>_metrics.json")
     p.add_argument("--data_dir", default="data/coco")
     p.add_argument("--split", default="val2017")
-    p.add_argument("--num_images", type=int, default=8, help="worst images to draw")
+    p.add_argument("--num_images", type=int, default=8, help="worst images to draw (0: none)")
     p.add_argument("--score_thresh", type=float, default=0.3, help="detections drawn and counted per image")
-    p.add_argument("--out", help="folder for the drawings (default: beside the results, <stem>_analysis; new)")
+    p.add_argument("--out", help="folder for the drawings (default: beside the results, <stem>_analysis); new, "
+                   "unless --force")
+    p.add_argument("--force", action="store_true", help="replace an earlier analysis in --out (never other files)")
     return p
 
 
@@ -156,7 +161,7 @@ def draw_worst(gt: dict, results: list[dict], errors: dict, status: dict, img_di
             per_image[r["image_id"]].append((r["bbox"], kind, f"{names[r['category_id']]} {r['score']:.2f}"))
             bad[r["image_id"]] += i in errors
     files = {im["id"]: im["file_name"] for im in gt["images"]}
-    out.mkdir(parents=True)
+    make_folder(out, "--out")
     written = []
     for image_id in sorted(bad, key=lambda k: -bad[k])[:count]:
         if not bad[image_id]:
@@ -175,9 +180,13 @@ def draw_worst(gt: dict, results: list[dict], errors: dict, status: dict, img_di
 
 def read_json_file(path: Path):
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise SystemExit(f"{path}: cannot read the json ({e})") from None
+        return json.loads(path.read_bytes())
+    except FileNotFoundError as e:
+        raise MissingFileError(f"{path}: cannot read the json ({e.strerror})") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the json ({e.strerror or e})") from None
+    except ValueError as e:  # not json, or not UTF-8 text
+        raise DataError(f"{path}: cannot read the json ({e})") from None
 
 
 def read_input(path: Path) -> tuple[Path, object, dict | None]:
@@ -187,14 +196,14 @@ def read_input(path: Path) -> tuple[Path, object, dict | None]:
     if isinstance(content, list):
         return path, content, None
     if not (isinstance(content, dict) and set(ALL_METRIC_NAMES) <= set(content)):
-        raise SystemExit(f"{path} is neither a COCO results json (a list of detections) nor test.py's metrics json "
-                         f"(an object of {', '.join(ALL_METRIC_NAMES)})")
+        raise DataError(f"{path} is neither a COCO results json (a list of detections) nor test.py's metrics json "
+                        f"(an object of {', '.join(ALL_METRIC_NAMES)})")
     results_path = results_of_metrics(path)
     if results_path is None:
-        raise SystemExit(f"{path} holds test.py's metrics but is not named <results>_metrics.json: give the "
-                         "results json it was written for instead")
+        raise ArgumentError(f"{path} holds test.py's metrics but is not named <results>_metrics.json: give the "
+                            "results json it was written for instead")
     if not results_path.is_file():
-        raise SystemExit(f"{path} holds test.py's metrics, but its results json {results_path} is missing")
+        raise MissingFileError(f"{path} holds test.py's metrics, but its results json {results_path} is missing")
     return results_path, read_json_file(results_path), content
 
 
@@ -209,15 +218,35 @@ def check_results(results, path: Path, gt: dict) -> list[dict]:
     images, cats = {im["id"] for im in gt["images"]}, {c["id"] for c in gt["categories"]}
     for i, r in enumerate(results if isinstance(results, list) else [None]):
         if not isinstance(r, dict) or not {"image_id", "category_id", "bbox", "score"} <= set(r):
-            raise SystemExit(f"{path}: entry {i} is not {{image_id, category_id, bbox, score}}")
+            raise DataError(f"{path}: entry {i} is not {{image_id, category_id, bbox, score}}")
         if r["image_id"] not in images or r["category_id"] not in cats:
-            raise SystemExit(f"{path}: entry {i} has image_id {r['image_id']} / category_id {r['category_id']}, "
-                             "not in the split's annotations (another --split?)")
+            raise DataError(f"{path}: entry {i} has image_id {r['image_id']} / category_id {r['category_id']}, "
+                            "not in the split's annotations (another --split?)")
     return results
+
+
+def earlier_drawings(out: Path, results_path: Path, force: bool) -> list[Path]:
+    """The drawings of an earlier analysis in `out` that --force replaces (none when `out` does not exist). Refuses
+    an existing `out` without --force, and with it anything but a folder of this tool's drawings (a file, the
+    results, a folder of other files), which no flag replaces."""
+    if not out.exists():
+        return []
+    if not out.is_dir():
+        what = "the results json" if same_file(out, results_path) else "a file"
+        raise ArgumentError(f"{out} exists and is {what}, not an earlier analysis folder; pass another --out")
+    others = sorted(p.name for p in out.iterdir() if not (p.is_file() and DRAWING.fullmatch(p.name)))
+    if others:
+        raise ArgumentError(f"{out} exists and holds {others[0]}, which this tool does not write (not an earlier "
+                            "analysis folder); pass another --out")
+    if not force:
+        raise ArgumentError(f"{out} exists; pass another --out, or --force to replace the earlier analysis")
+    return sorted(out.iterdir())
 
 
 def main(args: argparse.Namespace) -> dict[str, tuple[int, float]]:
     check_number("--score_thresh", args.score_thresh, 0, 1)
+    if args.num_images < 0:  # a negative slice end would draw all but the last images
+        raise ArgumentError(f"--num_images: expected a whole number of at least 0, got {args.num_images}")
     ann_file, img_dir = split_files(Path(args.data_dir), args.split)
     data = read_json(ann_file)
     if not data.get("annotations"):  # missing (a test-dev split) or empty
@@ -229,13 +258,14 @@ def main(args: argparse.Namespace) -> dict[str, tuple[int, float]]:
         print(f"{args.results}:\n{format_metrics(metrics)}")
     results = check_results(results, results_path, gt)
     out = Path(args.out) if args.out else analysis_folder(results_path)
-    if out.exists():
-        raise SystemExit(f"{out} exists; pass another --out")
+    stale = earlier_drawings(out, results_path, args.force)
     base, table, errors, status = breakdown(gt, results)
     print(f"{results_path}: {len(results)} detections, {len(status)} ground-truth boxes; AP50 {base:.4f}")
     print(f"{'error':<15} {'count':>7}  AP50 if fixed")
     for kind, (count, gain) in table.items():
         print(f"{kind:<15} {count:>7}  {gain:+.4f}")
+    for p in stale:  # only now: a failure above keeps the earlier analysis
+        p.unlink()
     drawn = draw_worst(gt, results, errors, status, img_dir, out, args.num_images, args.score_thresh)
     if drawn:
         print(f"{len(drawn)} images with the most errors drawn in {out}")

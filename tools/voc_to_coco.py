@@ -18,7 +18,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: import the repo
-from utils.errors import run_cli
+from utils.errors import ArgumentError, DataError, MissingFileError, run_cli
 from utils.files import write_json
 
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
@@ -39,7 +39,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def _text(node: ET.Element, path: str, xml_path: Path, where: str) -> str:
     found = node.find(path)
     if found is None or found.text is None or not found.text.strip():
-        raise SystemExit(f"{xml_path}: {where} lacks <{path}>")
+        raise DataError(f"{xml_path}: {where} lacks <{path}>")
     return found.text.strip()
 
 
@@ -48,7 +48,7 @@ def _number(node: ET.Element, path: str, xml_path: Path, where: str) -> float:
     try:
         return float(text)
     except ValueError:
-        raise SystemExit(f"{xml_path}: {where} <{path}> is {text!r}, expected a number") from None
+        raise DataError(f"{xml_path}: {where} <{path}> is {text!r}, expected a number") from None
 
 
 def read_voc_xml(xml_path: Path) -> dict:
@@ -56,12 +56,13 @@ def read_voc_xml(xml_path: Path) -> dict:
     try:
         root = ET.parse(xml_path).getroot()
     except ET.ParseError as e:
-        raise SystemExit(f"{xml_path}: not valid XML ({e})") from None
-    except OSError as e:
-        raise SystemExit(f"{xml_path}: cannot read the annotation ({e.strerror})") from None
+        raise DataError(f"{xml_path}: not valid XML ({e})") from None
+    except OSError as e:  # most often a listed id without its xml file
+        error = MissingFileError if isinstance(e, FileNotFoundError) else DataError
+        raise error(f"{xml_path}: cannot read the annotation ({e.strerror})") from None
     width, height = (_number(root, f"size/{k}", xml_path, "<annotation>") for k in ("width", "height"))
     if width <= 0 or height <= 0 or not width.is_integer() or not height.is_integer():
-        raise SystemExit(f"{xml_path}: <size> is {width:g} x {height:g}, expected positive whole numbers")
+        raise DataError(f"{xml_path}: <size> is {width:g} x {height:g}, expected positive whole numbers")
     objects = []
     for i, obj in enumerate(root.findall("object")):
         where = f"object {i + 1}"
@@ -69,8 +70,8 @@ def read_voc_xml(xml_path: Path) -> dict:
         x1, y1, x2, y2 = (_number(obj, f"bndbox/{k}", xml_path, f"{where} ({name})")
                           for k in ("xmin", "ymin", "xmax", "ymax"))
         if x2 < x1 or y2 < y1:
-            raise SystemExit(f"{xml_path}: {where} ({name}) has xmin..xmax {x1:g}..{x2:g}, ymin..ymax {y1:g}..{y2:g};"
-                             " expected xmin <= xmax and ymin <= ymax")
+            raise DataError(f"{xml_path}: {where} ({name}) has xmin..xmax {x1:g}..{x2:g}, ymin..ymax {y1:g}..{y2:g};"
+                            " expected xmin <= xmax and ymin <= ymax")
         difficult = obj.find("difficult")
         objects.append((name, [x1 - 1, y1 - 1, x2 - x1 + 1, y2 - y1 + 1],
                         difficult is not None and (difficult.text or "0").strip() == "1"))
@@ -81,11 +82,19 @@ def read_split(voc_dir: Path, split: str) -> list[tuple[str, dict]]:
     """[(image id, read_voc_xml)] of the ids listed in ImageSets/Main/<split>.txt, in its order."""
     list_path = voc_dir / "ImageSets" / "Main" / f"{split}.txt"
     if not list_path.is_file():
-        raise SystemExit(f"{list_path}: image list of split {split!r} not found")
-    ids = [line.split()[0] for line in list_path.read_text().splitlines() if line.strip()]
-    if not ids:
-        raise SystemExit(f"{list_path}: no image ids listed")
-    return [(i, read_voc_xml(voc_dir / "Annotations" / f"{i}.xml")) for i in ids]
+        raise MissingFileError(f"{list_path}: image list of split {split!r} not found")
+    line_of = {}  # image id: its line number
+    for number, line in enumerate(list_path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        image_id = line.split()[0]
+        if image_id in line_of:  # its image would be linked twice and counted twice by the evaluation
+            raise DataError(f"{list_path}: image id {image_id} is listed twice, on lines {line_of[image_id]} and "
+                            f"{number}")
+        line_of[image_id] = number
+    if not line_of:
+        raise DataError(f"{list_path}: no image ids listed")
+    return [(i, read_voc_xml(voc_dir / "Annotations" / f"{i}.xml")) for i in line_of]
 
 
 def choose_classes(names: set[str], given: str | None) -> list[str]:
@@ -93,7 +102,7 @@ def choose_classes(names: set[str], given: str | None) -> list[str]:
         classes = [c.strip() for c in given.split(",") if c.strip()]
         unknown = sorted(names - set(classes))
         if unknown:
-            raise SystemExit(f"--classes: the annotations also name {', '.join(unknown)}; add them to the list")
+            raise ArgumentError(f"--classes: the annotations also name {', '.join(unknown)}; add them to the list")
         return classes
     return list(VOC_CLASSES) if names <= set(VOC_CLASSES) else sorted(names)
 
@@ -113,16 +122,18 @@ def to_coco(items: list[tuple[str, dict]], classes: list[str], keep_difficult: b
 def main(args: argparse.Namespace) -> None:
     voc_dir, out = Path(args.voc_dir), Path(args.out)
     if not (voc_dir / "Annotations").is_dir():
-        raise SystemExit(f"{voc_dir}: no Annotations/ folder (expected a VOC folder such as VOCdevkit/VOC2007)")
+        raise MissingFileError(f"{voc_dir}: no Annotations/ folder (expected a VOC folder such as VOCdevkit/VOC2007)")
+    if out.exists() and not out.is_dir():
+        raise ArgumentError(f"--out {out} is a file; give a folder")
     for split in args.splits:
         if (out / "annotations" / f"instances_{split}.json").exists() or (out / split).exists():
-            raise SystemExit(f"{out} already holds split {split!r}; choose another --out or remove it")
+            raise ArgumentError(f"{out} already holds split {split!r}; choose another --out or remove it")
     splits = {split: read_split(voc_dir, split) for split in args.splits}
     for split, items in splits.items():
         missing = [voc_dir / "JPEGImages" / f"{i}.jpg" for i, _ in items
                    if not (voc_dir / "JPEGImages" / f"{i}.jpg").is_file()]
         if missing:
-            raise SystemExit(f"{missing[0]}: image of split {split!r} not found ({len(missing)} missing in all)")
+            raise MissingFileError(f"{missing[0]}: image of split {split!r} not found ({len(missing)} missing in all)")
     classes = choose_classes({o[0] for items in splits.values() for _, a in items for o in a["objects"]},
                              args.classes)
     for split, items in splits.items():
