@@ -41,7 +41,7 @@ from utils import dist
 from utils.checkpoint import load_inference_checkpoint, saved_args
 from utils.cpu_memory import keep_freed_memory
 from utils.device import select_device
-from utils.errors import ArgumentError, run_cli
+from utils.errors import ArgumentError, DataError, run_cli
 
 DEFAULTS = InferenceConfig()
 
@@ -89,7 +89,7 @@ def checkpoint_path(args: argparse.Namespace) -> Path:
     if args.ckpt:
         return Path(args.ckpt)
     if not args.log_name:
-        raise SystemExit("give --log_name (evaluates CKPT_DIR/LOG_NAME/checkpoint.pt) or --ckpt PATH")
+        raise ArgumentError("give --log_name (evaluates CKPT_DIR/LOG_NAME/checkpoint.pt) or --ckpt PATH")
     return Path(args.ckpt_dir) / args.log_name / "checkpoint.pt"
 
 
@@ -100,8 +100,8 @@ def settings_from_checkpoint(args: argparse.Namespace, state: dict, path: Path) 
     for name in ("arch", "img_size"):
         given = getattr(args, name)
         if given is not None and given != saved[name]:
-            raise SystemExit(f"--{name} {given} does not match the checkpoint {path}, trained with "
-                             f"{name} {saved[name]}; drop the flag or pass --{name} {saved[name]}")
+            raise ArgumentError(f"--{name} {given} does not match the checkpoint {path}, trained with "
+                                f"{name} {saved[name]}; drop the flag or pass --{name} {saved[name]}")
         setattr(args, name, saved[name])
     args.num_classes = len(state["class_names"])
 
@@ -113,7 +113,7 @@ def main(args: argparse.Namespace) -> dict:
     device = select_device(args.device, dist.local_rank())
     if args.onnx:
         if args.ckpt or args.log_name or args.amp:
-            raise SystemExit("--onnx evaluates the exported file alone: drop --ckpt, --log_name and --amp")
+            raise ArgumentError("--onnx evaluates the exported file alone: drop --ckpt, --log_name and --amp")
         model = OnnxModel(args.onnx, device)
         model.require_dynamic("the val images")
         path, state = model.path, {"args": {"arch": model.arch, "img_size": model.img_size},
@@ -126,8 +126,8 @@ def main(args: argparse.Namespace) -> dict:
 
     dataset = build_dataset(args, args.val_split, train=False, test_scales=args.test_scales)
     if list(dataset.class_names) != list(state["class_names"]):
-        raise SystemExit(f"{path} was trained on classes {state['class_names']}, but {args.data_dir} "
-                         f"{args.val_split} has {dataset.class_names}")
+        raise DataError(f"{path} was trained on classes {state['class_names']}, but {args.data_dir} "
+                        f"{args.val_split} has {dataset.class_names}")
     if model is None:
         model = model_from_checkpoint(state, path).to(device).eval()
     has_center = "hm_ct" in model.output_keys
@@ -136,8 +136,12 @@ def main(args: argparse.Namespace) -> dict:
                             f"({variant_name(model.corner_pool, model.center_branch)}), which has no center check; "
                             "drop the flag")
 
-    out_json = results_path(path, args.val_split, args.test_scales, args.test_flip, bool(args.onnx),
-                            changed_settings(cfg, len(args.test_scales), args.amp), not dataset.has_annotations)
+    settings = changed_settings(cfg, len(args.test_scales), args.amp)
+    trained_on = saved_args(state).get("data_dir")
+    if trained_on is not None and Path(trained_on).resolve() != Path(args.data_dir).resolve():
+        settings["data_dir"] = str(Path(args.data_dir).resolve())  # another data set's split of the same name
+    out_json = results_path(path, args.val_split, args.test_scales, args.test_flip, bool(args.onnx), settings,
+                            not dataset.has_annotations)
     check_results_free(out_json, args.force)
     if dist.is_main():
         check = "" if not has_center else f", center check {'off' if args.center_check == 'off' else 'on'}"

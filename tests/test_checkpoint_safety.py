@@ -119,7 +119,7 @@ def test_checkpoints_hold_plain_data_only(tmp_path):
 def test_a_corrupt_file_is_not_called_unsafe(tmp_path):
     path = tmp_path / "checkpoint.pt"
     path.write_bytes(b"\x80\x02not a pickle at all")
-    with pytest.raises(CheckpointError, match="not a file of torch.save .*truncated, corrupt") as e:
+    with pytest.raises(CheckpointError, match="the file is truncated or corrupt, or not a file of torch.save") as e:
         load_checkpoint(path)
     assert not isinstance(e.value, UnsafeCheckpointError)
 
@@ -162,7 +162,7 @@ def test_a_plain_pickle_is_not_a_checkpoint_nor_offered_for_conversion(tmp_path)
     src = tmp_path / "dict.pkl"
     src.write_bytes(pickle.dumps({"model": {}, "args": {"arch": "tiny_hourglass"}}, protocol=4))
     for read in (load_checkpoint, lambda path: upgrade("--src", str(path), "--out", str(tmp_path / "new.pt"))):
-        with pytest.raises(CheckpointError, match="not a file of torch.save .*such as a plain pickle") as e:
+        with pytest.raises(CheckpointError, match="not a file of torch.save at all .*a plain pickle") as e:
             read(src)
         assert not isinstance(e.value, UnsafeCheckpointError)
     assert not (tmp_path / "new.pt").exists()

@@ -207,7 +207,7 @@ def test_errors_name_the_problem(ckpt, tmp_path):
         run(ckpt, photo, tmp_path / "out", "--test_scales", "0,1")
     broken = tmp_path / "broken.pt"
     broken.write_bytes(ckpt.read_bytes()[:5000])
-    with pytest.raises(CheckpointError, match=f"cannot read checkpoint {broken}: .*truncated, corrupt"):
+    with pytest.raises(CheckpointError, match=f"cannot read checkpoint {broken}: the file is truncated or corrupt"):
         run(broken, photo, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

@@ -4,6 +4,7 @@ import importlib.util
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from datasets.false_discovery import FD_NAMES
 from nets import build_model
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from datasets.coco_eval import results_path, settings_hash
-from utils.errors import MissingFileError, UserError
+from utils.errors import ArgumentError, DataError, MissingFileError, UserError
 from engine.inference import InferenceConfig, changed_settings, official_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,16 +86,16 @@ def test_evaluates_and_writes_json(ckpt_dir, capsys):
 def test_errors(ckpt_dir, tmp_path):
     with pytest.raises(MissingFileError, match="checkpoint not found"):
         test_cli.main(cli_args(tmp_path))
-    with pytest.raises(SystemExit, match="--arch small_hourglass does not match"):
+    with pytest.raises(ArgumentError, match="--arch small_hourglass does not match"):
         test_cli.main(cli_args(ckpt_dir, "--arch", "small_hourglass"))
-    with pytest.raises(SystemExit, match="--img_size 511 does not match"):
+    with pytest.raises(ArgumentError, match="--img_size 511 does not match"):
         test_cli.main(cli_args(ckpt_dir, "--img_size", "511"))
     with pytest.raises(UserError, match="--test_scales"):
         test_cli.main(cli_args(ckpt_dir, "--test_scales", "1,x"))
     other = load_checkpoint(ckpt_dir / "tiny" / "checkpoint.pt")
     other["class_names"] = ["dog"]
     save_checkpoint(tmp_path / "other" / "checkpoint.pt", other)
-    with pytest.raises(SystemExit, match=r"trained on classes \['dog'\]"):
+    with pytest.raises(DataError, match=r"trained on classes \['dog'\]"):
         test_cli.main(cli_args(tmp_path, "--log_name", "other"))
 
 
@@ -200,3 +201,21 @@ def test_a_missing_image_is_the_same_one_line_error_with_loader_workers(ckpt_dir
         errors.append(str(e.value))
     assert images[0].name in errors[0] and "\n" not in errors[0]
     assert errors[1] == errors[0]
+
+
+def test_a_split_of_another_data_set_gets_results_of_its_own(ckpt_dir, tmp_path):
+    """The same checkpoint on the "val" of the data it trained on and on the "val" of another folder: two results
+    files (the other named with a hash of its folder), neither refused nor replaced."""
+    state = load_checkpoint(ckpt_dir / "tiny" / "checkpoint.pt")
+    state["args"]["data_dir"] = str(RACCOON)
+    save_checkpoint(tmp_path / "run" / "checkpoint.pt", state)
+    other = tmp_path / "other_data"
+    shutil.copytree(RACCOON, other)
+    for data in (RACCOON, other):
+        test_cli.main(cli_args(tmp_path, "--log_name", "run", "--data_dir", str(data)))
+    settings = {"topk": 20}  # cli_args' own
+    own = tmp_path / "run" / f"results_val_checkpoint_s1_{settings_hash(settings)}.json"
+    theirs = own.with_name(f"results_val_checkpoint_s1_"
+                           f"{settings_hash({**settings, 'data_dir': str(other.resolve())})}.json")
+    assert sorted((tmp_path / "run").glob("results_val_checkpoint_s1*.json")) == sorted(
+        [own, theirs, metrics_path(own), metrics_path(theirs)])

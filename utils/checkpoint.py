@@ -133,9 +133,9 @@ def read_plain(path: str | Path, map_location: str | torch.device = "cpu", what:
     except OSError as e:
         raise CheckpointError(f"cannot read {what} {path}: {e.strerror or e}") from e
     if not torch_file:
-        raise CheckpointError(f"cannot read {what} {path}: it is not a file of torch.save (neither its zip archive "
-                              f"nor its legacy format, which starts with torch's magic number): it is empty, truncated, corrupt or "
-                              f"another kind of file, such as a plain pickle")
+        raise CheckpointError(f"cannot read {what} {path}: the file is truncated or corrupt, or not a file of "
+                              "torch.save at all (neither its zip archive nor its legacy format, which starts with "
+                              "torch's magic number; a plain pickle, say)")
     try:
         with warnings.catch_warnings():  # torch's note on pickle protocols above 2, which it reads or refuses below
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
