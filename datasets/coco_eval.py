@@ -98,6 +98,18 @@ def companion_files(out_json: Path) -> list[Path]:
         [metrics_path(out_json)]
 
 
+def write_results(out_json: Path, results: list[dict]) -> None:
+    """Writes the results json `out_json`, first removing what described the results it replaces (per-class CSV,
+    plot, metrics json, analysis folder), so that no interruption leaves new results beside old numbers."""
+    for stale in companion_files(out_json)[1:]:
+        stale.unlink(missing_ok=True)
+    folder = analysis_folder(out_json)
+    if folder.is_dir():
+        shutil.rmtree(folder)
+        print(f"removed {folder}: it analysed the results that were replaced")
+    write_json(out_json, results)
+
+
 def write_metrics(out_json: Path, stats: dict) -> None:
     """Writes the ALL_METRIC_NAMES entries of `stats` to `metrics_path(out_json)`; NaN (undefined) as null."""
     write_json(metrics_path(out_json), {name: None if np.isnan(stats[name]) else stats[name]
@@ -187,7 +199,7 @@ def evaluate_detections(coco: COCO, detections: dict[int, np.ndarray], cat_ids: 
     if "annotations" not in coco.dataset:
         if out_json is None:
             raise ValueError("this split has no annotations to score against and no results file was asked for")
-        write_json(out_json, results)
+        write_results(Path(out_json), results)
         print(f"no annotations in this split (such as COCO test-dev): {len(results)} detections of "
               f"{len(coco.getImgIds())} images written to {out_json}; AP comes from the COCO evaluation server "
               "(zip the json and upload it)")
@@ -195,7 +207,7 @@ def evaluate_detections(coco: COCO, detections: dict[int, np.ndarray], cat_ids: 
     if not coco.dataset["annotations"]:
         stats = {**dict.fromkeys(METRIC_NAMES, -1.0), "per_class": dict.fromkeys(class_names, -1.0)}
         if out_json is not None:
-            write_json(out_json, results)
+            write_results(Path(out_json), results)
             stats.update(dict.fromkeys(FD_NAMES, float("nan")))
             write_metrics(Path(out_json), stats)
         print(f"nothing to evaluate: this split's 'annotations' list is empty (no ground-truth box); {len(results)} "
@@ -206,11 +218,7 @@ def evaluate_detections(coco: COCO, detections: dict[int, np.ndarray], cat_ids: 
               "diverged checkpoint, or images unlike its training data?")
     if out_json is not None:
         out_json = Path(out_json)
-        write_json(out_json, results)
-        stale = analysis_folder(out_json)
-        if stale.is_dir():  # it describes the results just replaced
-            shutil.rmtree(stale)
-            print(f"removed {stale}: it analysed the results that were replaced")
+        write_results(out_json, results)
 
     results_coco = load_results(coco, results)
     coco_eval = run_cocoeval(coco, results_coco, cat_ids, backend)

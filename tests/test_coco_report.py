@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from pycocotools.cocoeval import COCOeval
 
+from datasets import coco_eval
 from datasets.coco import coco_from_dict
 from datasets.coco_eval import (METRIC_NAMES, detections_to_coco, evaluate_detections, metrics_path,
                                 server_results_name)
@@ -109,3 +110,29 @@ def test_no_detection_at_all_is_scored_with_a_warning(capsys):
     assert stats["AP"] == 0 and printed.startswith("warning: the model detected nothing in 5 images (AP 0 below)")
     evaluate_detections(coco, noisy_detections(coco, seed=2), CAT_IDS, NAMES)
     assert "detected nothing" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("annotated", [True, False])
+def test_replaced_results_never_sit_beside_the_old_numbers(tmp_path, monkeypatch, annotated):
+    """test.py --force interrupted (Ctrl-C) while scoring, or a split whose annotations became empty: the new
+    results json must not be left beside the per-class CSV, plot, metrics and analysis of the results it replaced."""
+    coco = ground_truth(seed=0, num_images=10)
+    if not annotated:
+        coco = coco_from_dict({**coco.dataset, "annotations": []})
+    out = tmp_path / "results_val_s1.json"
+    stale = [out.with_name(out.stem + end) for end in ("_per_class.csv", "_pr.png", "_metrics.json")]
+    for path in [out, *stale]:
+        path.write_text("old")
+    (tmp_path / "results_val_s1_analysis").mkdir()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(coco_eval, "run_cocoeval", interrupted)
+    with pytest.raises(KeyboardInterrupt) if annotated else contextlib.nullcontext():
+        evaluate_detections(coco, noisy_detections(ground_truth(seed=0, num_images=10), seed=4), CAT_IDS, NAMES,
+                            out_json=out)
+    assert json.loads(out.read_text()) != "old"
+    assert not (tmp_path / "results_val_s1_analysis").exists()
+    left = [path for path in stale if path.exists()]
+    assert left == ([] if annotated else [stale[2]]) and all(path.read_text() != "old" for path in left)
