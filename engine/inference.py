@@ -224,14 +224,19 @@ def detect_dataset(model, dataset, cfg: InferenceConfig, device: torch.device, n
     was_training = model.training
     model.eval()
     network = network_for(model, device, amp)
-    detections = {}
-    for sample in tqdm(loader, desc="eval", disable=not (progress and is_main()), dynamic_ncols=True):
-        if isinstance(sample, UserError):
-            raise sample
-        detections[int(sample["image_id"])] = detect(network, sample["inputs"], cfg, device, amp)
+    detections, error = {}, None
+    try:
+        for sample in tqdm(loader, desc="eval", disable=not (progress and is_main()), dynamic_ncols=True):
+            if isinstance(sample, UserError):
+                raise sample
+            detections[int(sample["image_id"])] = detect(network, sample["inputs"], cfg, device, amp)
+    except UserError as e:  # raised below on every process alike: the others must not wait for this one
+        error = e
     model.train(was_training)
     merged = {}
-    for part in all_gather_object(detections):
+    for part, part_error in all_gather_object((detections, error)):
+        if part_error is not None:
+            raise part_error
         merged.update(part)
     return merged
 

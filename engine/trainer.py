@@ -302,7 +302,13 @@ def train(args: argparse.Namespace, signals: StopSignals, folder_lock: RunFolder
 
             validate = epoch == args.num_epochs or (args.val_interval > 0 and epoch % args.val_interval == 0)
             if validate:
-                stats = evaluate(model, val_set, eval_config, device=device, num_workers=args.num_workers, amp=amp)
+                try:
+                    stats = evaluate(model, val_set, eval_config, device=device, num_workers=args.num_workers,
+                                     amp=amp)
+                except UserError:  # a val image missing or corrupt: keep the epoch trained, for --resume after the fix
+                    snapshot = state_dict(epoch, None)
+                    on_main_for_all(lambda: save_checkpoint(run_dir / CHECKPOINT, snapshot))
+                    raise
                 ap = stats["AP"]
                 logger.scalars({"AP": ap, "AP50": stats["AP50"]}, progress.global_step, prefix="val/")
                 logger.info(f"epoch {epoch}: val AP {ap:.4f}")

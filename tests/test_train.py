@@ -149,6 +149,26 @@ def test_a_second_run_in_a_folder_in_use_stops_and_writes_nothing(shapes_dir, tm
     assert load_checkpoint(run / "checkpoint.pt")["epoch"] == 1
 
 
+def test_a_val_image_gone_keeps_the_epoch_trained_for_resume(shapes_dir, tmp_path):
+    """Validation reads the val images only after the epoch's training: a missing one stops the run with its one-line
+    error, but the epoch is saved first (on COCO an epoch is hours), and --resume continues once it is back."""
+    data = tmp_path / "data"
+    shutil.copytree(shapes_dir, data)
+    gone = sorted((data / "val").iterdir())[0]
+    kept = gone.read_bytes()
+    gone.unlink()
+    with pytest.raises(UserError, match=f"{gone.name}") as e:
+        train.main(args_for(data, tmp_path, "--num_epochs", "2", "--val_interval", "1"))
+    assert "Traceback" not in str(e.value)
+    checkpoint = tmp_path / "run" / "checkpoint.pt"
+    assert load_checkpoint(checkpoint)["epoch"] == 1
+    assert (tmp_path / "run" / "train.log").read_text().splitlines()[-2] == \
+        f"the run's last save, {checkpoint}, is intact"
+    gone.write_bytes(kept)
+    train.main(args_for(data, tmp_path, "--num_epochs", "2", "--val_interval", "1", "--resume"))
+    assert load_checkpoint(checkpoint)["epoch"] == 2
+
+
 def test_resume_refuses_what_cannot_continue_the_run(shapes_dir, tmp_path, capsys):
     ap = train.main(args_for(shapes_dir, tmp_path, "--num_epochs", "2", "--val_interval", "0"))
     before = (tmp_path / "run" / "checkpoint.pt").read_bytes()
@@ -349,6 +369,50 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class SecondImageBroken(Dataset):
+    """`dataset`, with its item 1 (the second process's first image) a DataError."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        if i == 1:
+            raise DataError("val image 1 is corrupt")
+        return self.dataset[i]
+
+
+def evaluate_with_one_rank_failing(rank: int, world: int, port: int, shapes: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_distributed(True, device="cpu")
+    data = SecondImageBroken(CocoDetection(shapes, "val", train=False))
+    try:
+        evaluate(build_model("tiny_hourglass", 4), data, InferenceConfig(), torch.device("cpu"), num_workers=0,
+                 progress=False)
+    except DataError as e:
+        (Path(out) / f"rank{rank}.txt").write_text(str(e))
+    dist.cleanup()
+
+
+def test_an_evaluation_error_on_one_process_is_raised_on_every_process(shapes_dir, tmp_path):
+    """Only the second process reads the broken image; the first must not wait for it in the gather of the results
+    (a hang until the process group's timeout) but raise the same error, so that train.py can save the epoch on every
+    process and each process exits with the error."""
+    processes = mp.spawn(evaluate_with_one_rank_failing, args=(2, free_port(), str(shapes_dir), str(tmp_path)),
+                         nprocs=2, join=False)
+    for process in processes.processes:
+        process.join(timeout=120)
+    hung = [p for p in processes.processes if p.is_alive()]
+    for p in hung:
+        p.kill()
+    assert not hung
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)] == ["val image 1 is corrupt"] * 2
 
 
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path):
