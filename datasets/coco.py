@@ -73,15 +73,20 @@ def _entries(data: dict, key: str, path: Path, required: tuple[str, ...], proble
     return usable
 
 
+def _is_id(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _unique_ids(items: list[dict], key: str, path: Path, problems: list[str]) -> set:
     seen = set()
     for i, item in enumerate(items):
         v = item["id"]
-        if not isinstance(v, int) or isinstance(v, bool):
+        if not _is_id(v):
             problems.append(f"{path}: {key}[{i}].id must be an integer, got {v!r}")
         elif v in seen:
             problems.append(f"{path}: {key} id {v} appears more than once")
-        seen.add(v)
+        else:
+            seen.add(v)
     return seen
 
 
@@ -109,11 +114,16 @@ def coco_problems(data: dict, path: Path, require_annotations: bool = True) -> l
                 or not all(math.isfinite(v) for v in box)):
             problems.append(f"{path}: annotations[{i}].bbox is {box!r}, expected [x, y, width, height] "
                             "(4 finite numbers)")
-        if a["image_id"] not in image_ids:
+        if not _is_id(a["image_id"]) or a["image_id"] not in image_ids:
             problems.append(f"{path}: annotations[{i}].image_id {a['image_id']!r} is not in 'images'")
-        if a["category_id"] not in cat_ids:
+        if not _is_id(a["category_id"]) or a["category_id"] not in cat_ids:
             problems.append(f"{path}: annotations[{i}].category_id {a['category_id']!r} is not in 'categories' "
                             f"(ids {sorted(cat_ids, key=str)})")
+        area, crowd = a.get("area", 0), a.get("iscrowd", 0)
+        if isinstance(area, bool) or not isinstance(area, (int, float)) or not math.isfinite(area):
+            problems.append(f"{path}: annotations[{i}].area is {area!r}, expected a number")
+        if crowd not in (0, 1) or isinstance(crowd, float):
+            problems.append(f"{path}: annotations[{i}].iscrowd is {crowd!r}, expected 0 or 1")
     _unique_ids([a for a in annotations if "id" in a], "annotations", path, problems)
     return problems
 

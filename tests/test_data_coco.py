@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Subset, default_collate
 from datasets import build_dataset
 from datasets.coco import CocoDetection
 from datasets.image_io import load_image
+from utils.errors import DataError
 
 RACCOON = Path(__file__).parent / "data" / "raccoon"
 
@@ -190,6 +191,24 @@ def test_unknown_image_id_and_duplicate_ids(tmp_path):
         CocoDetection(tmp_path, "train", train=True)
     write_set(tmp_path, {"images": [], "annotations": [], "categories": []}, {})
     with pytest.raises(ValueError, match="'categories' is empty"):
+        CocoDetection(tmp_path, "train", train=True)
+
+
+@pytest.mark.parametrize("where, key, value, match", [
+    ("images", "id", [1], r"images\[0\]\.id must be an integer, got \[1\]"),
+    ("annotations", "image_id", [1], r"annotations\[0\]\.image_id \[1\] is not in 'images'"),
+    ("annotations", "category_id", {"id": 1}, r"annotations\[0\]\.category_id \{'id': 1\} is not in 'categories'"),
+    ("annotations", "image_id", True, r"annotations\[0\]\.image_id True is not in 'images'"),
+    ("annotations", "area", "abc", r"annotations\[0\]\.area is 'abc', expected a number"),
+    ("annotations", "iscrowd", "yes", r"annotations\[0\]\.iscrowd is 'yes', expected 0 or 1"),
+    ("annotations", "iscrowd", 2, r"annotations\[0\]\.iscrowd is 2")])
+def test_ids_and_fields_of_the_wrong_type_are_named(tmp_path, where, key, value, match):
+    """Lists or objects as ids (unhashable), True as an id, or an area / iscrowd pycocotools cannot use: each is the
+    entry's problem, not a TypeError from a set lookup or from pycocotools after the results are written."""
+    data = coco_dict()
+    data[where][0][key] = value
+    write_set(tmp_path, data, {})
+    with pytest.raises(DataError, match=match):
         CocoDetection(tmp_path, "train", train=True)
 
 
