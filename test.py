@@ -107,6 +107,8 @@ def settings_from_checkpoint(args: argparse.Namespace, state: dict, path: Path) 
 
 
 def main(args: argparse.Namespace) -> dict:
+    if args.num_workers < 0:
+        raise ArgumentError(f"--num_workers must be 0 or more, got {args.num_workers}")
     args.test_scales = parse_scales(args.test_scales)
     cfg = build_eval_config(args)  # refuses settings that cannot work before anything is read or written
     dist.init_distributed(dist.launched(), args.local_rank, args.device)

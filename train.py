@@ -92,7 +92,7 @@ def check_args(args: argparse.Namespace) -> None:
     """Flag values that cannot work (NaN and infinity included), refused before anything is created."""
     for flag in ("batch_size", "num_epochs", "accum_steps"):
         check_positive_int(f"--{flag}", getattr(args, flag))
-    if args.img_size % 128 != 127:
+    if args.img_size < 127 or args.img_size % 128 != 127:
         raise ArgumentError(f"--img_size must be of the form 128k - 1 (127, 255, 383, 511, ...), got {args.img_size}")
     for flag in ("num_workers", "val_interval"):
         if getattr(args, flag) < 0:

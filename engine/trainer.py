@@ -39,10 +39,16 @@ class TrainingDiverged(UserError, FloatingPointError):
 
 
 def parse_lr_steps(text: str) -> list[int]:
+    """--lr_step "90,120" -> [90, 120]: epochs of at least 1, increasing (0 would divide the lr from the start, a
+    negative one be ignored)."""
     try:
-        return [int(s) for s in text.split(",") if s.strip()]
+        steps = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise ArgumentError(f"--lr_step: expected comma-separated epochs such as 90,120, got {text!r}") from None
+        steps = None
+    if steps is None or any(s < 1 for s in steps) or any(a >= b for a, b in zip(steps, steps[1:])):
+        raise ArgumentError(f"--lr_step: expected increasing epochs of at least 1, comma-separated, such as 90,120; "
+                            f"got {text!r}")
+    return steps
 
 
 def seed_everything(seed: int) -> None:

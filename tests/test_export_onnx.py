@@ -138,6 +138,9 @@ def test_an_opset_below_what_the_export_needs_is_refused_and_the_lowest_that_wor
     with pytest.raises(ArgumentError, match=f"--opset 8: the export needs opset {export_onnx.MIN_OPSET} or later"):
         export_onnx.main(export_onnx.get_args_parser().parse_args(args + ["8"]))
     assert not out.exists()
+    with pytest.raises(ArgumentError, match="--opset 99: this torch .* cannot export it"):  # torch raised RuntimeError
+        export_onnx.main(export_onnx.get_args_parser().parse_args(args + ["99"]))
+    assert list(tmp_path.iterdir()) == []
     export_onnx.main(export_onnx.get_args_parser().parse_args(args + [str(export_onnx.MIN_OPSET)]))
     assert onnx.load(out).opset_import[0].version == export_onnx.MIN_OPSET
     image = torch.randn(1, 3, 255, 95, generator=torch.Generator().manual_seed(4))

@@ -92,6 +92,8 @@ def test_errors(ckpt_dir, tmp_path):
         test_cli.main(cli_args(ckpt_dir, "--img_size", "511"))
     with pytest.raises(UserError, match="--test_scales"):
         test_cli.main(cli_args(ckpt_dir, "--test_scales", "1,x"))
+    with pytest.raises(ArgumentError, match="--num_workers must be 0 or more, got -1"):
+        test_cli.main(cli_args(ckpt_dir, "--num_workers", "-1"))
     other = load_checkpoint(ckpt_dir / "tiny" / "checkpoint.pt")
     other["class_names"] = ["dog"]
     save_checkpoint(tmp_path / "other" / "checkpoint.pt", other)

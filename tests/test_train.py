@@ -92,6 +92,12 @@ def test_flags_that_cannot_work_are_refused_before_anything_is_created(shapes_di
     for flags, message in [(("--batch_size", "0"), "--batch_size: expected a whole number of at least 1, got 0"),
                            (("--num_epochs", "0"), "--num_epochs: expected a whole number of at least 1"),
                            (("--img_size", "128"), "128k - 1"),
+                           (("--img_size", "-1"), "128k - 1"),  # -1 % 128 == 127
+                           (("--lr_step", "0"), "--lr_step: expected increasing epochs of at least 1"),
+                           (("--lr_step", "-1"), "--lr_step: expected increasing"),
+                           (("--lr_step", "5,3"), "--lr_step: expected increasing"),
+                           (("--lr_step", "5,5"), "--lr_step: expected increasing"),
+                           (("--lr_step", "5,x"), "--lr_step: expected increasing"),
                            (("--max_bad_fraction", "1"), r"--max_bad_fraction: expected a number in \[0, 1\)"),
                            (("--log_name", "../../x"), "expected a folder name, without path separators"),
                            (("--log_name", ".."), "expected a folder name"),

@@ -16,6 +16,7 @@ Exporter: torch.onnx.export with dynamo=False (the TorchScript exporter). It nee
 one graph for every input size; torch 2.14 warns that it is deprecated. README ("ONNX export") says why not dynamo.
 """
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -67,6 +68,19 @@ class _OrderedOutputs(torch.nn.Module):
         return tuple(out[k] for k in self.model.output_keys)
 
 
+@contextlib.contextmanager
+def opset_named(opset: int):
+    """An opset above what this torch's exporter knows is an ArgumentError naming --opset: torch says so only
+    from deep inside the export, and its limit is not public API."""
+    try:
+        yield
+    except RuntimeError as e:
+        if not str(e).startswith("Unsupported onnx_opset_version"):
+            raise
+        raise ArgumentError(f"--opset {opset}: this torch {torch.__version__} cannot export it ({e}); pass a lower "
+                            "--opset (default 17)") from None
+
+
 def export(model: torch.nn.Module, path: Path, img_size: int, metadata: dict, opset: int = 17,
            dynamic: bool = False, max_size: int = 2047) -> None:
     """Writes `model` (CenterNet, switched in place to eval mode and export pooling) to `path`, atomically, with
@@ -93,7 +107,7 @@ def export(model: torch.nn.Module, path: Path, img_size: int, metadata: dict, op
             for message in (".*legacy TorchScript-based ONNX export", "The feature will be removed"):
                 warnings.filterwarnings("ignore", message=message, category=DeprecationWarning)
             warnings.filterwarnings("ignore", message=".*Constant folding - Only steps=1.*")
-            with torch.no_grad():
+            with torch.no_grad(), opset_named(opset):
                 torch.onnx.export(_OrderedOutputs(model), (torch.zeros(1, 3, img_size, img_size),), tmp,
                                   dynamo=False, opset_version=opset, input_names=["image"], output_names=outputs,
                                   dynamic_axes=axes)
