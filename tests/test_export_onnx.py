@@ -22,7 +22,7 @@ from nets import build_model
 from nets.export_pool import rounds_for, shifted_max_pool, use_export_pooling
 from tools import export_onnx
 from utils.checkpoint import save_checkpoint
-from utils.errors import ArgumentError, CheckpointError, UserError
+from utils.errors import ArgumentError, CheckpointError, UserError, WriteError
 from tests.test_demo import same_detections
 
 REPO = Path(__file__).resolve().parents[1]
@@ -141,6 +141,10 @@ def test_an_opset_below_what_the_export_needs_is_refused_and_the_lowest_that_wor
     with pytest.raises(ArgumentError, match="--opset 99: this torch .* cannot export it"):  # torch raised RuntimeError
         export_onnx.main(export_onnx.get_args_parser().parse_args(args + ["99"]))
     assert list(tmp_path.iterdir()) == []
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(WriteError, match=f"--out {tmp_path / 'a_file'} is a file"):
+        export_onnx.main(export_onnx.get_args_parser().parse_args(
+            ["--ckpt", str(ckpt), "--out", str(tmp_path / "a_file" / "x.onnx")]))
     export_onnx.main(export_onnx.get_args_parser().parse_args(args + [str(export_onnx.MIN_OPSET)]))
     assert onnx.load(out).opset_import[0].version == export_onnx.MIN_OPSET
     image = torch.randn(1, 3, 255, 95, generator=torch.Generator().manual_seed(4))

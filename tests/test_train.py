@@ -27,7 +27,7 @@ from engine.inference import InferenceConfig, evaluate
 from nets import build_model
 from utils import dist
 from utils.checkpoint import load_checkpoint, save_checkpoint
-from utils.errors import ArgumentError, DataError, UserError
+from utils.errors import ArgumentError, DataError, UserError, WriteError
 from utils.logger import RunLogger
 from utils.losses import OBJECTIVE_FLAGS_BEFORE, LossConfig
 
@@ -153,6 +153,15 @@ def test_a_second_run_in_a_folder_in_use_stops_and_writes_nothing(shapes_dir, tm
         holder.wait()
     train.main(args_for(shapes_dir, tmp_path, "--num_epochs", "1"))
     assert load_checkpoint(run / "checkpoint.pt")["epoch"] == 1
+
+
+def test_a_run_folder_that_cannot_be_written_is_a_one_line_error(shapes_dir, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(WriteError, match=f"cannot create the run folder {tmp_path / 'a_file' / 'run'}"):
+        train.main(args_for(shapes_dir, tmp_path / "a_file", "--num_epochs", "1"))
+    (tmp_path / "run" / "train.log").mkdir(parents=True)  # what the log cannot be opened as
+    with pytest.raises(WriteError, match=f"cannot write {tmp_path / 'run' / 'train.log'}: Is a directory"):
+        train.main(args_for(shapes_dir, tmp_path, "--num_epochs", "1"))
 
 
 def test_a_val_image_gone_keeps_the_epoch_trained_for_resume(shapes_dir, tmp_path):

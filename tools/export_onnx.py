@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from nets import model_from_checkpoint, variant_name
 from nets.export_pool import rounds_for, use_export_pooling
 from utils.checkpoint import is_torch_checkpoint, load_inference_checkpoint, saved_args
-from utils.errors import ArgumentError, UserError, run_cli
-from utils.files import same_file
+from utils.errors import ArgumentError, UserError, WriteError, run_cli
+from utils.files import make_folder, same_file
 
 # The lowest opset that exports: 8 has no nearest-neighbour upsampling to a computed size (the hourglasses' up
 # path); at 9 onnxruntime gives PyTorch's outputs (tests/test_export_onnx.py).
@@ -97,10 +97,14 @@ def export(model: torch.nn.Module, path: Path, img_size: int, metadata: dict, op
     metadata = {**metadata, "outputs": outputs, "corner_pool": model.corner_pool, "center_branch": model.center_branch}
     axes = {"image": {0: "batch", 2: "height", 3: "width"} if dynamic else {0: "batch"}}
     axes.update({k: {0: "batch", 2: "map_height", 3: "map_width"} if dynamic else {0: "batch"} for k in outputs})
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent, "--out")
     # A plain file (not mkstemp's 0600) so that the result gets the user's normal mode.
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
+        try:
+            open(tmp, "wb").close()  # a folder that refuses the file fails here, not after the export's minutes
+        except OSError as e:
+            raise WriteError(f"cannot write {path}: {e.strerror or e}") from None
         with warnings.catch_warnings():
             # Shape checks and the per-size pooling rounds become constants; that is intended (see module doc).
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)

@@ -3,7 +3,8 @@ from pathlib import Path
 
 from tensorboardX import SummaryWriter
 
-from utils.errors import UserError
+from utils.errors import UserError, WriteError
+from utils.files import make_folder
 
 
 class RunLogger:
@@ -14,8 +15,11 @@ class RunLogger:
         self.enabled = enabled
         self.writer = None
         if enabled:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            self.text = open(run_dir / "train.log", "a", buffering=1)
+            make_folder(run_dir, "run folder")
+            try:
+                self.text = open(run_dir / "train.log", "a", buffering=1)
+            except OSError as e:
+                raise WriteError(f"cannot write {run_dir / 'train.log'}: {e.strerror or e}") from None
             self.writer = SummaryWriter(str(run_dir))
 
     def info(self, message: str) -> None:
