@@ -1,6 +1,8 @@
 """tools/voc_to_coco.py on a VOC-style folder written in tmp_path: boxes, classes, difficult objects, errors;
 the result loads as a data set."""
+import errno
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +13,7 @@ import pytest
 
 from datasets.coco import CocoDetection
 from tools.voc_to_coco import get_args_parser, main
-from utils.errors import ArgumentError, DataError, MissingFileError
+from utils.errors import ArgumentError, DataError, MissingFileError, WriteError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -146,3 +148,24 @@ def test_the_command_line_ends_a_mistake_in_one_error_line(voc_dir, tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.splitlines() == [
         f"error: {voc_dir / 'ImageSets' / 'Main' / 'test.txt'}: image list of split 'test' not found"]
+
+
+def test_a_disk_full_part_way_leaves_nothing_and_the_command_runs_again(voc_dir, tmp_path, monkeypatch):
+    """The second image's copy fails (ENOSPC): no split folder or json is left, so the same command, run again
+    once there is room, converts instead of refusing an 'already held' split."""
+    out, real_copy, copies = tmp_path / "coco", shutil.copy2, []
+
+    def copy_until_full(src, dst):
+        copies.append(dst)
+        if len(copies) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_copy(src, dst)
+
+    monkeypatch.setattr(shutil, "copy2", copy_until_full)
+    with pytest.raises(WriteError, match=f"cannot write split 'train' into {out}: No space left on device"):
+        convert(voc_dir, out, "--copy")
+    assert sorted(p.name for p in out.rglob("*")) == []
+    monkeypatch.setattr(shutil, "copy2", real_copy)
+    convert(voc_dir, out, "--copy")
+    assert sorted(p.name for p in (out / "train").iterdir()) == ["000001.jpg", "000002.jpg"]
+    assert len(CocoDetection(out, "train", train=False)) == 2

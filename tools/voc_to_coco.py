@@ -18,8 +18,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: import the repo
-from utils.errors import ArgumentError, DataError, MissingFileError, run_cli
-from utils.files import write_json
+from utils.errors import ArgumentError, DataError, MissingFileError, UserError, WriteError, run_cli
+from utils.files import make_folder, write_json
 
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
                "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
@@ -136,18 +136,36 @@ def main(args: argparse.Namespace) -> None:
             raise MissingFileError(f"{missing[0]}: image of split {split!r} not found ({len(missing)} missing in all)")
     classes = choose_classes({o[0] for items in splits.values() for _, a in items for o in a["objects"]},
                              args.classes)
+    make_folder(out, "--out")
     for split, items in splits.items():
-        (out / split).mkdir(parents=True)
-        for name, _ in items:
-            src, dst = (voc_dir / "JPEGImages" / f"{name}.jpg").absolute(), out / split / f"{name}.jpg"
-            if args.copy:
+        data = to_coco(items, classes, args.keep_difficult)
+        write_split(voc_dir, out, split, [name for name, _ in items], data, args.copy)
+        print(f"{out / split}: {len(data['images'])} images, {len(data['annotations'])} objects, "
+              f"{len(classes)} classes")
+
+
+def write_split(voc_dir: Path, out: Path, split: str, names: list[str], data: dict, copy: bool) -> None:
+    """Links (or copies) the images `names` into out/<split>/ and writes `data` as its json. The images go to a
+    hidden folder first, renamed when complete, so that a failure part-way (a full disk) leaves neither the folder
+    nor the json, and the same command can be run again."""
+    folder, tmp = out / split, out / f".{split}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run
+    try:
+        tmp.mkdir()
+        for name in names:
+            src, dst = (voc_dir / "JPEGImages" / f"{name}.jpg").absolute(), tmp / f"{name}.jpg"
+            if copy:
                 shutil.copy2(src, dst)
             else:
                 dst.symlink_to(src)
-        data = to_coco(items, classes, args.keep_difficult)
+        tmp.rename(folder)
         write_json(out / "annotations" / f"instances_{split}.json", data)
-        print(f"{out / split}: {len(data['images'])} images, {len(data['annotations'])} objects, "
-              f"{len(classes)} classes")
+    except BaseException as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)  # renamed, but without its json
+        if isinstance(error, OSError) and not isinstance(error, UserError):
+            raise WriteError(f"cannot write split {split!r} into {out}: {error.strerror or error}") from error
+        raise
 
 
 if __name__ == "__main__":
