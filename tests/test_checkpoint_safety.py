@@ -23,7 +23,7 @@ import train
 from engine import Detector
 from nets import build_model, model_from_checkpoint
 from tools import convert_official, export_onnx, upgrade_checkpoint
-from utils.checkpoint import load_checkpoint, read_plain, save_checkpoint
+from utils.checkpoint import load_checkpoint, pickled_globals, read_plain, save_checkpoint
 from utils.errors import CheckpointError, UnsafeCheckpointError, UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -244,7 +244,7 @@ def test_an_object_without_a_plain_form_is_named(tmp_path):
     torch.save({"model": {}, "extra": {"third": fractions.Fraction(1, 3)}}, src)
     with pytest.raises(CheckpointError, match=r"checkpoint\['extra'\]\['third'\] is a fractions.Fraction, which "
                                               "has no plain equivalent"):
-        upgrade("--src", str(src), "--out", str(tmp_path / "new.pt"))
+        upgrade("--src", str(src), "--out", str(tmp_path / "new.pt"), "--trust")
     assert not (tmp_path / "new.pt").exists()
 
 
@@ -256,5 +256,33 @@ def test_a_trusted_file_whose_classes_are_gone_is_a_clear_error(tmp_path, monkey
     torch.save({"model": {}, "args": gone.Flags()}, src)
     monkeypatch.delitem(sys.modules, gone.__name__)
     with pytest.raises(CheckpointError, match="cannot read .*old.pt in full either: ModuleNotFoundError"):
-        upgrade("--src", str(src), "--out", str(tmp_path / "new.pt"))
+        upgrade("--src", str(src), "--out", str(tmp_path / "new.pt"), "--trust")
     assert not (tmp_path / "new.pt").exists()
+
+
+@pytest.mark.parametrize("kind", ["zip", "legacy"])
+def test_the_converter_runs_nothing_that_older_checkpoints_never_held_unless_trusted(tmp_path, kind):
+    """Every reader's refusal points to the converter; following it with a file from someone else must not run
+    their code: os.system is not what an older checkpoint held, so it is refused unless --trust is given."""
+    marker = tmp_path / "ran"
+    path = write_malicious(tmp_path / "evil.pt", marker, kind)
+    with pytest.raises(UnsafeCheckpointError, match=r"names posix\.system, which no checkpoint of ours held.*--trust"):
+        upgrade("--src", str(path), "--out", str(tmp_path / "new.pt"))
+    assert not marker.exists() and not (tmp_path / "new.pt").exists()
+    upgrade("--src", str(path), "--out", str(tmp_path / "new.pt"), "--trust")  # trusted, it runs: reading in full
+    assert marker.exists() and load_checkpoint(tmp_path / "new.pt")["note"] == 0  # os.system's status
+
+
+def test_the_converter_writes_only_a_checkpoint(tmp_path):
+    path = tmp_path / "old.pt"
+    torch.save({"model": np.float64(0), "args": argparse.Namespace(lr=1.0)}, path)
+    with pytest.raises(CheckpointError, match="not a centernet47 checkpoint: expected a dict with a 'model' dict"):
+        upgrade("--src", str(path), "--out", str(tmp_path / "new.pt"))
+    assert not (tmp_path / "new.pt").exists()
+
+
+def test_the_globals_of_a_protocol_0_pickle_are_listed_too(tmp_path):
+    path = tmp_path / "old.pt"
+    torch.save({"model": {}, "args": argparse.Namespace(lr=1.0)}, path, _use_new_zipfile_serialization=False,
+               pickle_protocol=0)
+    assert "argparse.Namespace" in pickled_globals(path)

@@ -4,16 +4,20 @@ that they read: the same weights and values, as tensors, numbers, strings, lists
 
     python tools/upgrade_checkpoint.py --src old/checkpoint.pt --out ckpt/NAME/checkpoint.pt
 
-The risk: reading --src in full runs whatever code its pickle names, as torch.load(weights_only=False) does. Run
-this only on a file you trust (one you wrote, or from a source you would run a program from); it is the one place
-in the project that reads a file that way, and only after weights-only reading refused it. Every other reader
-(utils/checkpoint.py) refuses such a file, so opening a checkpoint from anyone else runs no code.
+The risk: reading --src in full runs whatever code its pickle names, as torch.load(weights_only=False) does. It
+is the one place in the project that reads a file that way, and only after weights-only reading refused it, and only
+when the pickle (listed first by pickletools, which runs nothing) names no more than what older checkpoints held
+(argparse.Namespace, numpy arrays, scalars and dtypes, paths: each rebuilds data and does nothing else); a file
+naming anything more is refused unless --trust says you trust it completely (one you wrote, or from a source you
+would run a program from). Every other reader (utils/checkpoint.py) refuses all such files, so opening a checkpoint
+from anyone else runs no code.
 
 The result is written atomically. An existing --out is replaced only with --force, and never the input unless
 --out names it and --force is given. --category_ids adds the data set's category id of each class to a checkpoint
 written before checkpoints stored them (needed for COCO results: `Detections.to_coco`).
 """
 import argparse
+import re
 import sys
 from pathlib import Path, PurePath
 
@@ -21,11 +25,15 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: import the repo
-from utils.checkpoint import PLAIN_CONTAINERS, PLAIN_LEAVES, load_checkpoint, save_checkpoint
+from utils.checkpoint import (PLAIN_CONTAINERS, PLAIN_GLOBALS, PLAIN_LEAVES, load_checkpoint, pickled_globals,
+                              save_checkpoint)
 from utils.errors import CheckpointError, UnsafeCheckpointError, UserError, run_cli
 from utils.files import same_file
 
 SHOWN = 10  # changes listed
+# What older checkpoints held beyond plain data, and `to_plain` converts: flags, numpy values, paths.
+CONVERTED = re.compile(r"argparse\.Namespace|numpy\.(_core|core)\.multiarray\.(_reconstruct|scalar)|numpy\.ndarray|"
+                       r"numpy\.dtype|numpy\.dtypes\.\w+DType|pathlib\.(_local\.)?(Pure)?(Posix|Windows)?Path")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -36,6 +44,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--category_ids", help="comma-separated category id of each class, in the order of its "
                                           "class_names, for a checkpoint that has none")
     p.add_argument("--force", action="store_true", help="replace an existing --out (the input too, if --out is it)")
+    p.add_argument("--trust", action="store_true", help="read --src in full even where its pickle names objects "
+                   "older checkpoints never held (it could run any code)")
     return p
 
 
@@ -68,18 +78,31 @@ def to_plain(value, where: str, changes: list[str]):
     raise CheckpointError(f"{where} is a {kind}, which has no plain equivalent; the checkpoint cannot be converted")
 
 
-def read_trusted(path: Path) -> dict:
-    """The checkpoint at `path`: weights-only when it can be (no risk), else unpickled in full (see the module)."""
+def unknown_globals(path: Path) -> list[str]:
+    """The classes and functions the pickle of `path` names that are neither plain data nor what `to_plain`
+    converts: reading them in full could run anything."""
+    return sorted(name for name in pickled_globals(path) or ()
+                  if not name.startswith(PLAIN_GLOBALS) and not CONVERTED.fullmatch(name))
+
+
+def read_trusted(path: Path, trust: bool) -> dict:
+    """The checkpoint at `path`: weights-only when it can be (no risk), else unpickled in full (see the module),
+    which without `trust` only a file naming nothing but the objects `to_plain` converts is."""
     try:
         return load_checkpoint(path)
     except UnsafeCheckpointError:
+        unknown = unknown_globals(path)
+        if unknown and not trust:
+            raise UnsafeCheckpointError(
+                f"{path} names {', '.join(unknown)}, which no checkpoint of ours held: reading it in full could run "
+                "code, so it is refused. Only if you trust the file completely, pass --trust") from None
         print(f"{path} holds objects beyond plain data: reading it in full, as a file you trust")
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # a class the file names may no longer exist, or its bytes be corrupt
         raise CheckpointError(f"cannot read {path} in full either: {type(e).__name__}: {e}") from e
-    if not isinstance(state, dict) or "model" not in state:
-        raise CheckpointError(f"{path} is not a centernet47 checkpoint: expected a dict with a 'model' entry")
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise CheckpointError(f"{path} is not a centernet47 checkpoint: expected a dict with a 'model' dict")
     return state
 
 
@@ -103,7 +126,7 @@ def main(args: argparse.Namespace) -> list[str]:
         what = "is the input" if same_file(out, src) else "exists"
         raise UserError(f"--out {out} {what}; choose another path or pass --force to replace it")
     changes: list[str] = []
-    state = to_plain(read_trusted(src), "checkpoint", changes)
+    state = to_plain(read_trusted(src, args.trust), "checkpoint", changes)
     if args.category_ids:
         state["category_ids"] = parse_category_ids(args.category_ids, list(state.get("class_names", [])))
         changes.append(f"checkpoint['category_ids']: added {state['category_ids']}")

@@ -117,7 +117,7 @@ def pickled_globals(path: Path) -> set[str] | None:
         while stream.tell() < size:  # the legacy format: several pickles in a row, then raw storage bytes
             pushed, memo = [], {}  # protocol 4 pushes module and name (or memo copies of them) before STACK_GLOBAL
             for op, arg, _ in pickletools.genops(stream):
-                if op.name == "GLOBAL":
+                if op.name in ("GLOBAL", "INST"):  # INST: protocol 0's class and instance in one opcode
                     found.add(arg.replace(" ", "."))
                 elif op.name == "STACK_GLOBAL":
                     found.add(".".join(map(str, pushed[-2:])))
