@@ -5,11 +5,13 @@ import fcntl
 import os
 from pathlib import Path
 
+import torch
+
 from nets import resolve_variant, saved_variant, variant_name
 from utils import dist
 from utils.checkpoint import saved_args
 from utils.device import check_scaler_state
-from utils.errors import ArgumentError, DataError, UserError, WriteError
+from utils.errors import ArgumentError, CheckpointError, DataError, UserError, WriteError
 
 CHECKPOINT, BEST = "checkpoint.pt", "best.pt"
 
@@ -84,8 +86,34 @@ def run_folder_plan(run_dir: Path, resume: bool) -> tuple[bool, str]:
     return False, f"starting a new run in {run_dir}"
 
 
+# What --resume reads from a checkpoint, and from the position of one saved inside an epoch.
+TRAINING_ENTRIES = {"model": dict, "optimizer": dict, "scheduler": dict, "scaler": dict, "epoch": int,
+                    "global_step": int, "best_ap": (int, float), "args": dict, "class_names": list}
+POSITION_ENTRIES = {"epoch": int, "step": int, "order": torch.Tensor, "global_batch": int, "global_step": int,
+                    "sums": dict, "unreadable": int}
+
+
+def check_training_state(state: dict, path: Path) -> None:
+    """Refuses (CheckpointError naming the entry) a checkpoint that --resume cannot continue: one written by the
+    converter or by other code, whose entries are missing or of another type."""
+    position = state.get("position")
+    checks = [("", state, TRAINING_ENTRIES)] + ([("position ", position, POSITION_ENTRIES)] if position else [])
+    for where, entries, kinds in checks:
+        if not isinstance(entries, dict):
+            raise CheckpointError(f"--resume: {path}: its {where.strip()} entry is not a dict")
+        for key, kind in kinds.items():
+            if not isinstance(entries.get(key), kind):
+                raise CheckpointError(f"--resume: {path} is not a training checkpoint of train.py: its {where}entry "
+                                      f"{key!r} is {type(entries.get(key)).__name__ if key in entries else 'missing'}")
+    for name in ("arch", "img_size"):
+        if name not in state["args"]:
+            raise CheckpointError(f"--resume: {path}: its args lack {name!r}")
+
+
 def check_resumable(state: dict, args: argparse.Namespace, class_names: list[str], path: Path) -> None:
-    """Refuses flags that cannot continue the checkpoint at `path`, before any network is built."""
+    """Refuses a checkpoint that is not a whole training state, and flags that cannot continue the checkpoint at
+    `path`, before any network is built."""
+    check_training_state(state, path)
     saved = saved_args(state)
     # The flags that define the run (its network and training input); the batch may be split over another
     # number of processes.

@@ -32,3 +32,12 @@ def test_an_inference_checkpoint_needs_args_and_class_names(tmp_path, drop, mess
     assert str(path) in str(e.value)
     save_checkpoint(path, COMPLETE)
     assert load_inference_checkpoint(path)["class_names"] == ["a"]
+
+
+@pytest.mark.parametrize("name, value", [("img_size", "x"), ("img_size", 127.0), ("arch", 3)])
+def test_an_inference_checkpoint_needs_args_of_their_type(tmp_path, name, value):
+    """test.py computed with a string img_size and failed with a TypeError far from the file."""
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, {**COMPLETE, "args": {**COMPLETE["args"], name: value}})
+    with pytest.raises(CheckpointError, match=f"{path}: checkpoint args hold {name} {value!r}, expected a"):
+        load_inference_checkpoint(path)

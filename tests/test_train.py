@@ -27,7 +27,7 @@ from engine.inference import InferenceConfig, evaluate
 from nets import build_model
 from utils import dist
 from utils.checkpoint import load_checkpoint, save_checkpoint
-from utils.errors import ArgumentError, DataError, UserError, WriteError
+from utils.errors import ArgumentError, CheckpointError, DataError, UserError, WriteError
 from utils.logger import RunLogger
 from utils.losses import OBJECTIVE_FLAGS_BEFORE, LossConfig
 
@@ -182,6 +182,30 @@ def test_a_val_image_gone_keeps_the_epoch_trained_for_resume(shapes_dir, tmp_pat
     gone.write_bytes(kept)
     train.main(args_for(data, tmp_path, "--num_epochs", "2", "--val_interval", "1", "--resume"))
     assert load_checkpoint(checkpoint)["epoch"] == 2
+
+
+def test_resume_names_what_a_checkpoint_lacks_for_training(shapes_dir, tmp_path):
+    """A checkpoint of other code (or edited by hand) that lacks an entry --resume reads, or holds it with another
+    type, is a CheckpointError naming the entry, before anything is trained or written (it was a KeyError or
+    TypeError, `best_ap` only after a whole epoch)."""
+    train.main(args_for(shapes_dir, tmp_path, "--num_epochs", "1", "--val_interval", "0"))
+    path = tmp_path / "run" / "checkpoint.pt"
+    good = load_checkpoint(path)
+    position = {"epoch": 2, "step": 1, "order": torch.arange(8), "global_batch": 4, "global_step": 3, "sums": {},
+                "unreadable": 0}
+    for change, message in [(lambda s: s.pop("optimizer"), "entry 'optimizer' is missing"),
+                            (lambda s: s.update(epoch="x"), "entry 'epoch' is str"),
+                            (lambda s: s.update(best_ap="x"), "entry 'best_ap' is str"),
+                            (lambda s: s["args"].pop("arch"), "its args lack 'arch'"),
+                            (lambda s: s.update(position={k: v for k, v in position.items() if k != "global_batch"}),
+                             "its position entry 'global_batch' is missing")]:
+        state = {**good, "args": dict(good["args"])}
+        change(state)
+        save_checkpoint(path, state)
+        log_before = (tmp_path / "run" / "train.log").read_text()
+        with pytest.raises(CheckpointError, match=f"--resume: {path}.*{message}"):
+            train.main(args_for(shapes_dir, tmp_path, "--num_epochs", "2", "--val_interval", "0", "--resume"))
+        assert (tmp_path / "run" / "train.log").read_text() == log_before
 
 
 def test_resume_refuses_what_cannot_continue_the_run(shapes_dir, tmp_path, capsys):

@@ -201,9 +201,12 @@ def load_inference_checkpoint(path: str | Path) -> dict:
     state = load_checkpoint(path, map_location="cpu")
     if "args" not in state or "class_names" not in state:
         raise CheckpointError(f"{path}: expected 'args' (a dict) and 'class_names' entries in the checkpoint")
-    for name in ("arch", "img_size"):
+    for name, kind in (("arch", str), ("img_size", int)):
         if name not in saved_args(state):
             raise CheckpointError(f"{path}: checkpoint args lack '{name}'")
+        if not isinstance(saved_args(state)[name], kind):
+            raise CheckpointError(f"{path}: checkpoint args hold {name} {saved_args(state)[name]!r}, expected a "
+                                  f"{kind.__name__}")
     ids = state.get("category_ids")
     if ids is not None and (not isinstance(ids, list) or len(ids) != len(state["class_names"])
                             or not all(type(i) is int for i in ids)):
