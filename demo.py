@@ -232,6 +232,9 @@ def run_video(capture, fps: float, count: int, out: Path, out_json: Path, args, 
         first = next(batches, None)
         if first is None:  # before the json is started: a video without a frame leaves nothing behind
             raise DataError(f"--video {source}: no frame can be decoded (empty or corrupt video)")
+        # --force replaces both outputs: the old video goes before the new json starts, so that an interrupted run
+        # leaves its partial json alone, not beside another run's video.
+        out.unlink(missing_ok=True)
         with log:
             for batch in itertools.chain([first], batches):
                 if writer is None:

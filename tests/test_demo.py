@@ -325,6 +325,25 @@ def test_sigterm_keeps_the_json_and_leaves_no_temporary_video(ckpt, tmp_path):
     assert sorted(p.name for p in out.parent.iterdir()) == sorted([alive.name, "out.json", "out.mp4"])
 
 
+def test_an_interrupted_force_run_leaves_no_old_video_beside_its_json(ckpt, tmp_path, monkeypatch):
+    video, out = tmp_path / "in.mp4", tmp_path / "res" / "out.mp4"
+    write_video(video, frames=4)
+    run(ckpt, video, out, "--batch_size", "2", source="--video")
+    real_detect, calls = demo.detect, []
+
+    def interrupted_after_one_batch(detector, frames):
+        calls.append(len(frames))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_detect(detector, frames)
+
+    monkeypatch.setattr(demo, "detect", interrupted_after_one_batch)
+    with pytest.raises(KeyboardInterrupt):
+        run(ckpt, video, out, "--batch_size", "2", "--force", source="--video")
+    assert sorted(p.name for p in out.parent.iterdir()) == ["out.json"]
+    assert json.loads(out.with_suffix(".json").read_text())["complete"] is False
+
+
 def test_mistakes_end_in_one_clear_error_not_a_traceback_or_an_empty_success(ckpt, tmp_path):
     photo = small_photos(tmp_path / "in")[0]
     a_file = tmp_path / "a_file"

@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import io
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -214,11 +215,20 @@ def format_metrics(metrics: dict) -> str:
     return f"{coco}\n{fd} (percent)"
 
 
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def check_results(results, path: Path, gt: dict) -> list[dict]:
     images, cats = {im["id"] for im in gt["images"]}, {c["id"] for c in gt["categories"]}
     for i, r in enumerate(results if isinstance(results, list) else [None]):
         if not isinstance(r, dict) or not {"image_id", "category_id", "bbox", "score"} <= set(r):
             raise DataError(f"{path}: entry {i} is not {{image_id, category_id, bbox, score}}")
+        box, score = r["bbox"], r["score"]
+        if (not isinstance(box, list) or len(box) != 4 or not all(is_number(v) for v in box) or box[2] < 0
+                or box[3] < 0 or not is_number(score)):
+            raise DataError(f"{path}: entry {i} has bbox {box!r} and score {score!r}; expected [x, y, width, height] "
+                            "(4 finite numbers, width and height at least 0) and a finite number")
         if r["image_id"] not in images or r["category_id"] not in cats:
             raise DataError(f"{path}: entry {i} has image_id {r['image_id']} / category_id {r['category_id']}, "
                             "not in the split's annotations (another --split?)")
