@@ -155,6 +155,20 @@ def test_a_second_run_in_a_folder_in_use_stops_and_writes_nothing(shapes_dir, tm
     assert load_checkpoint(run / "checkpoint.pt")["epoch"] == 1
 
 
+def test_a_training_split_without_boxes_is_refused_naming_it_not_min_box_size(shapes_dir, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(shapes_dir, data)
+    ann = data / "annotations" / "instances_train.json"
+    content = json.loads(ann.read_text())
+    for crowd_only in (False, True):
+        content["annotations"] = [{**a, "iscrowd": 1} for a in content["annotations"]] if crowd_only else []
+        ann.write_text(json.dumps(content))
+        with pytest.raises(DataError, match="--train_split train has no box to train on"):
+            train.main(args_for(data, tmp_path, "--num_epochs", "1"))
+        content = json.loads((shapes_dir / "annotations" / "instances_train.json").read_text())
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_run_folder_that_cannot_be_written_is_a_one_line_error(shapes_dir, tmp_path):
     (tmp_path / "a_file").write_text("")
     with pytest.raises(WriteError, match=f"cannot create the run folder {tmp_path / 'a_file' / 'run'}"):
