@@ -339,7 +339,8 @@ def train(args: argparse.Namespace, signals: StopSignals, folder_lock: RunFolder
             where = f"epoch {progress.epoch}, step {progress.step} of {progress.steps}"
             logger.info(f"stopped by {signals.received or 'a signal to another process'} at {where}; saved "
                         f"{run_dir / CHECKPOINT}. Resume with the same command plus --resume")
-    except Exception as error:  # what the run leaves, and the line that ends it, go into its train.log too
+    # What the run leaves, and the line that ends it, go into its train.log too (KeyboardInterrupt: a second Ctrl-C).
+    except (Exception, KeyboardInterrupt) as error:
         saved = run_dir / CHECKPOINT
         logger.info(f"the run's last save, {saved}, is intact" if saved.is_file()
                     else "the run ended before its first save: it has no checkpoint")

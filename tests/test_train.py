@@ -169,6 +169,20 @@ def test_a_training_split_without_boxes_is_refused_naming_it_not_min_box_size(sh
     assert not (tmp_path / "run").exists()
 
 
+def test_a_second_ctrl_c_ends_train_log_with_what_the_run_leaves(shapes_dir, tmp_path, monkeypatch):
+    """A second Ctrl-C stops at once (KeyboardInterrupt from utils/stopping.py): train.log still says so, after
+    what the run leaves, as for an error."""
+    def second_ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "train_one_epoch", second_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(args_for(shapes_dir, tmp_path, "--num_epochs", "1"))
+    assert (tmp_path / "run" / "train.log").read_text().splitlines()[-2:] == [
+        "the run ended before its first save: it has no checkpoint",
+        "interrupted (Ctrl-C twice): stopped at once, without saving"]
+
+
 def test_a_run_folder_that_cannot_be_written_is_a_one_line_error(shapes_dir, tmp_path):
     (tmp_path / "a_file").write_text("")
     with pytest.raises(WriteError, match=f"cannot create the run folder {tmp_path / 'a_file' / 'run'}"):

@@ -29,10 +29,15 @@ class RunLogger:
 
     def failed(self, error: BaseException) -> None:
         """Writes the error that ends the run to train.log only (the console shows it already): the one line of a
-        user error (utils.errors.UserError), else the exception of a bug, whose traceback goes to stderr."""
+        user error (utils.errors.UserError), a second Ctrl-C, else the exception of a bug, whose traceback goes to
+        stderr."""
         if self.enabled:
-            known = isinstance(error, UserError)
-            self.text.write(f"error: {error}\n" if known else f"error: {type(error).__name__}: {error}\n")
+            if isinstance(error, KeyboardInterrupt):
+                self.text.write("interrupted (Ctrl-C twice): stopped at once, without saving\n")
+            elif isinstance(error, UserError):
+                self.text.write(f"error: {error}\n")
+            else:
+                self.text.write(f"error: {type(error).__name__}: {error}\n")
 
     def scalars(self, values: dict[str, float], step: int, prefix: str = "") -> None:
         if self.enabled:
