@@ -135,7 +135,7 @@ def check_resumable(state: dict, args: argparse.Namespace, class_names: list[str
                             f"{position['global_batch']} images per optimizer step; resume with the same "
                             "--batch_size and --accum_steps")
     last_epoch = position["epoch"] if position else state["epoch"] + 1
-    if last_epoch > args.num_epochs:
+    if last_epoch > args.num_epochs and not state.get("validation_pending"):
         raise RunComplete(f"{path} is complete: it has trained {state['epoch']} epochs (--num_epochs "
                           f"{args.num_epochs}); pass a larger --num_epochs to train longer", state["best_ap"])
     check_scaler_state(state.get("scaler"), path)  # any --amp setting may continue it: see resume_scaler

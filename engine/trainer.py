@@ -234,7 +234,7 @@ def train(args: argparse.Namespace, signals: StopSignals, folder_lock: RunFolder
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=lr_steps, gamma=0.1)
     amp = args.amp and args.amp_dtype
     scaler = grad_scaler(device, amp)
-    start_epoch, best_ap, global_step, progress, scaler_note = 1, -1.0, 0, None, None
+    start_epoch, best_ap, global_step, progress, scaler_note, validation_pending = 1, -1.0, 0, None, None, False
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -243,6 +243,7 @@ def train(args: argparse.Namespace, signals: StopSignals, folder_lock: RunFolder
         scaler_note = resume_scaler(scaler, state["scaler"], run_dir / CHECKPOINT)
         start_epoch, best_ap, global_step = state["epoch"] + 1, state["best_ap"], state["global_step"]
         progress = EpochProgress.from_position(state["position"]) if state.get("position") else None
+        validation_pending = bool(state.get("validation_pending"))
         del state
 
     # Before the run folder exists: a missing or foreign --pretrained file leaves nothing to refuse a rerun.
@@ -279,12 +280,43 @@ def train(args: argparse.Namespace, signals: StopSignals, folder_lock: RunFolder
         def state_dict(epoch_done: int, position: dict | None) -> dict:
             return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch_done,
-                    "position": position, "global_step": progress.global_step if progress else 0, "best_ap": best_ap,
+                    "position": position, "global_step": progress.global_step if progress else global_step,
+                    "best_ap": best_ap,
                     "args": dict(vars(args)), "model_config": config, "class_names": train_set.class_names,
                     "category_ids": train_set.cat_ids}
 
+        def end_epoch(epoch: int, validate: bool) -> None:
+            """Validation (when due), then checkpoint.pt and, on a better AP, best.pt. A val image missing or corrupt
+            stops the run, but the epoch trained is saved first, marked for its validation to run on --resume."""
+            nonlocal ap, best_ap
+            step = progress.global_step if progress else global_step
+            if validate:
+                try:
+                    stats = evaluate(model, val_set, eval_config, device=device, num_workers=args.num_workers,
+                                     amp=amp)
+                except UserError:
+                    snapshot = {**state_dict(epoch, None), "validation_pending": True}
+                    on_main_for_all(lambda: save_checkpoint(run_dir / CHECKPOINT, snapshot))
+                    raise
+                ap = stats["AP"]
+                logger.scalars({"AP": ap, "AP50": stats["AP50"]}, step, prefix="val/")
+                logger.info(f"epoch {epoch}: val AP {ap:.4f}")
+                if dist.is_main():  # a few val images with true (green) and detected boxes, in tensorboard
+                    logger.images("val/boxes", val_images(model, val_set, eval_config, device, amp=amp), step)
+            improved = validate and ap > best_ap
+            best_ap = max(best_ap, ap)
+            snapshot = state_dict(epoch, None)
+            # checkpoint.pt first: a failure between the two saves leaves a folder that --resume continues.
+            on_main_for_all(lambda: save_checkpoint(run_dir / CHECKPOINT, snapshot))
+            if improved:
+                on_main_for_all(lambda: save_checkpoint(run_dir / BEST, snapshot))
+            timer.reset()
+
         timer = CheckpointTimer(args.ckpt_interval)
         ap, stopped = best_ap, False
+        if validation_pending:
+            logger.info(f"epoch {start_epoch - 1}: its validation failed before the stop; it runs now")
+            end_epoch(start_epoch - 1, True)
         for epoch in range(start_epoch, args.num_epochs + 1):
             if progress is None or progress.epoch != epoch:
                 progress = EpochProgress(epoch, epoch_order(len(train_set), step_batch, args.seed, epoch), step_batch,
@@ -309,29 +341,7 @@ def train(args: argparse.Namespace, signals: StopSignals, folder_lock: RunFolder
             logger.info(f"epoch {epoch}: " + " ".join(f"{k} {v:.4f}" for k, v in means.items()) +
                         (f" ({progress.unreadable} unreadable images skipped)" if progress.unreadable else ""))
 
-            validate = epoch == args.num_epochs or (args.val_interval > 0 and epoch % args.val_interval == 0)
-            if validate:
-                try:
-                    stats = evaluate(model, val_set, eval_config, device=device, num_workers=args.num_workers,
-                                     amp=amp)
-                except UserError:  # a val image missing or corrupt: keep the epoch trained, for --resume after the fix
-                    snapshot = state_dict(epoch, None)
-                    on_main_for_all(lambda: save_checkpoint(run_dir / CHECKPOINT, snapshot))
-                    raise
-                ap = stats["AP"]
-                logger.scalars({"AP": ap, "AP50": stats["AP50"]}, progress.global_step, prefix="val/")
-                logger.info(f"epoch {epoch}: val AP {ap:.4f}")
-                if dist.is_main():  # a few val images with true (green) and detected boxes, in tensorboard
-                    logger.images("val/boxes", val_images(model, val_set, eval_config, device, amp=amp),
-                                  progress.global_step)
-            improved = validate and ap > best_ap
-            best_ap = max(best_ap, ap)
-            snapshot = state_dict(epoch, None)
-            # checkpoint.pt first: a failure between the two saves leaves a folder that --resume continues.
-            on_main_for_all(lambda: save_checkpoint(run_dir / CHECKPOINT, snapshot))
-            if improved:
-                on_main_for_all(lambda: save_checkpoint(run_dir / BEST, snapshot))
-            timer.reset()
+            end_epoch(epoch, epoch == args.num_epochs or (args.val_interval > 0 and epoch % args.val_interval == 0))
             stopped = dist.any_true(signals.received is not None)[0]
             if stopped:
                 break

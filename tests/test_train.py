@@ -192,24 +192,29 @@ def test_a_run_folder_that_cannot_be_written_is_a_one_line_error(shapes_dir, tmp
         train.main(args_for(shapes_dir, tmp_path, "--num_epochs", "1"))
 
 
-def test_a_val_image_gone_keeps_the_epoch_trained_for_resume(shapes_dir, tmp_path):
+def test_a_val_image_gone_keeps_the_epoch_trained_and_resume_validates_it(shapes_dir, tmp_path):
     """Validation reads the val images only after the epoch's training: a missing one stops the run with its one-line
-    error, but the epoch is saved first (on COCO an epoch is hours), and --resume continues once it is back."""
+    error, but the epoch is saved first (on COCO an epoch is hours), marked for validation; --resume, once the image
+    is back, runs that validation before anything else, also after the last epoch (which alone would be complete)."""
     data = tmp_path / "data"
     shutil.copytree(shapes_dir, data)
     gone = sorted((data / "val").iterdir())[0]
     kept = gone.read_bytes()
     gone.unlink()
     with pytest.raises(UserError, match=f"{gone.name}") as e:
-        train.main(args_for(data, tmp_path, "--num_epochs", "2", "--val_interval", "1"))
+        train.main(args_for(data, tmp_path, "--num_epochs", "1"))
     assert "Traceback" not in str(e.value)
-    checkpoint = tmp_path / "run" / "checkpoint.pt"
-    assert load_checkpoint(checkpoint)["epoch"] == 1
-    assert (tmp_path / "run" / "train.log").read_text().splitlines()[-2] == \
-        f"the run's last save, {checkpoint}, is intact"
+    checkpoint, log = tmp_path / "run" / "checkpoint.pt", tmp_path / "run" / "train.log"
+    state = load_checkpoint(checkpoint)
+    assert state["epoch"] == 1 and state["validation_pending"] and state["global_step"] == 2
+    assert log.read_text().splitlines()[-2] == f"the run's last save, {checkpoint}, is intact"
+    assert not (tmp_path / "run" / "best.pt").exists()
     gone.write_bytes(kept)
-    train.main(args_for(data, tmp_path, "--num_epochs", "2", "--val_interval", "1", "--resume"))
-    assert load_checkpoint(checkpoint)["epoch"] == 2
+    ap = train.main(args_for(data, tmp_path, "--num_epochs", "1", "--resume"))
+    state = load_checkpoint(checkpoint)
+    assert state["epoch"] == 1 and "validation_pending" not in state and state["best_ap"] == ap >= 0
+    assert state["global_step"] == 2 and load_checkpoint(tmp_path / "run" / "best.pt")["best_ap"] == ap
+    assert f"epoch 1: val AP {ap:.4f}" in log.read_text().splitlines()[-1]
 
 
 def test_resume_names_what_a_checkpoint_lacks_for_training(shapes_dir, tmp_path):
