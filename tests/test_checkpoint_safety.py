@@ -286,3 +286,66 @@ def test_the_globals_of_a_protocol_0_pickle_are_listed_too(tmp_path):
     torch.save({"model": {}, "args": argparse.Namespace(lr=1.0)}, path, _use_new_zipfile_serialization=False,
                pickle_protocol=0)
     assert "argparse.Namespace" in pickled_globals(path)
+
+
+class TorchSavePayload:
+    """Unpickled in full, this calls torch.save, which writes `marker`: a function under "torch." that is no
+    tensor rebuilder (torch.load and torch.hub.load would run anything)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return torch.save, ({}, str(self.marker))
+
+
+def with_decoy_first(path: Path) -> None:
+    """Rewrites torch's zip `path` with a harmless `<prefix>/decoy_data.pkl` as its first member: torch.load still
+    unpickles `<prefix>/data.pkl`."""
+    with zipfile.ZipFile(path) as archive:
+        members = [(info, archive.read(info)) for info in archive.infolist()]
+    prefix = members[0][0].filename.split("/")[0]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        archive.writestr(f"{prefix}/decoy_data.pkl", pickle.dumps({"model": {}}, protocol=2))
+        for info, data in members:
+            archive.writestr(info, data)
+
+
+@pytest.mark.parametrize("payload", ["torch.save", "decoy first member"])
+def test_the_converter_is_not_fooled_by_torch_functions_or_a_decoy_pickle(tmp_path, payload):
+    marker = tmp_path / "ran"
+    path = tmp_path / "evil.pt"
+    if payload == "torch.save":
+        torch.save({"model": {}, "note": TorchSavePayload(marker)}, path)
+    else:
+        write_malicious(path, marker, "zip")
+        with_decoy_first(path)
+        torch.load(path, weights_only=False)  # what reading in full does: the payload runs
+        assert marker.exists()
+        marker.unlink()
+    with pytest.raises(UnsafeCheckpointError, match="which no checkpoint of ours held.*--trust"):
+        upgrade("--src", str(path), "--out", str(tmp_path / "new.pt"))
+    assert not marker.exists() and not (tmp_path / "new.pt").exists()
+
+
+@pytest.mark.parametrize("method", [99, 12])
+def test_a_damaged_zip_directory_is_a_checkpoint_error(tmp_path, method):
+    """The compression method of one central directory entry changed: zipfile raises NotImplementedError (99) or
+    OSError (12, bzip2 over stored bytes) while checking the CRCs."""
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, {"model": {"w": torch.ones(10)}, "args": {}})
+    data = bytearray(path.read_bytes())
+    entry = data.index(b"PK\x01\x02")  # the first central directory entry
+    data[entry + 10:entry + 12] = method.to_bytes(2, "little")
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_checkpoint(path)
+
+
+def test_a_checkpoint_saved_without_checksums_loads(tmp_path, monkeypatch):
+    """torch.save with its compute_crc32 setting off writes zero CRCs, which torch.load accepts: not damage."""
+    from torch.utils.serialization import config
+    monkeypatch.setattr(config.save, "compute_crc32", False)
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, {"model": {"w": torch.arange(10.0)}, "args": {}})
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.arange(10.0))

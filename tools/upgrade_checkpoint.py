@@ -25,15 +25,21 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: import the repo
-from utils.checkpoint import (PLAIN_CONTAINERS, PLAIN_GLOBALS, PLAIN_LEAVES, load_checkpoint, pickled_globals,
-                              save_checkpoint)
+from utils.checkpoint import PLAIN_CONTAINERS, PLAIN_LEAVES, load_checkpoint, pickled_globals, save_checkpoint
 from utils.errors import CheckpointError, UnsafeCheckpointError, UserError, run_cli
 from utils.files import same_file
 
 SHOWN = 10  # changes listed
-# What older checkpoints held beyond plain data, and `to_plain` converts: flags, numpy values, paths.
-CONVERTED = re.compile(r"argparse\.Namespace|numpy\.(_core|core)\.multiarray\.(_reconstruct|scalar)|numpy\.ndarray|"
-                       r"numpy\.dtype|numpy\.dtypes\.\w+DType|pathlib\.(_local\.)?(Pure)?(Posix|Windows)?Path")
+# The names a checkpoint's pickle may hold for it to be read in full without --trust, each rebuilding data and doing
+# nothing else: torch's tensor rebuilders, storages and dtypes, plain containers, and what older checkpoints held
+# beyond plain data and `to_plain` converts (flags, numpy values, paths). Exact names: "torch." alone would let in
+# torch.load, torch.hub.load and others that run code.
+READABLE = re.compile(
+    r"torch\._utils\._rebuild_(tensor|tensor_v2|parameter|parameter_with_state)|torch\.(storage\.)?\w+Storage|"
+    r"torch\.(float|double|half|bfloat16|float16|float32|float64|uint8|int8|int16|int32|int64|short|int|long|bool)|"
+    r"torch\.Size|collections\.(OrderedDict|Counter)|builtins\.set|_codecs\.encode|"
+    r"argparse\.Namespace|numpy\.(_core|core)\.multiarray\.(_reconstruct|scalar)|numpy\.ndarray|numpy\.dtype|"
+    r"numpy\.dtypes\.\w+DType|pathlib\.(_local\.)?(Pure)?(Posix|Windows)?Path")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -81,8 +87,10 @@ def to_plain(value, where: str, changes: list[str]):
 def unknown_globals(path: Path) -> list[str]:
     """The classes and functions the pickle of `path` names that are neither plain data nor what `to_plain`
     converts: reading them in full could run anything."""
-    return sorted(name for name in pickled_globals(path) or ()
-                  if not name.startswith(PLAIN_GLOBALS) and not CONVERTED.fullmatch(name))
+    names = pickled_globals(path)
+    if names is None:  # nothing can be said of a pickle pickletools cannot parse
+        return ["what pickletools cannot parse"]
+    return sorted(name for name in names if not READABLE.fullmatch(name))
 
 
 def read_trusted(path: Path, trust: bool) -> dict:
