@@ -54,14 +54,15 @@ class RunFolderLock:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+        # The empty folders go while the lock is held: a run that takes the lock then finds no folder to lose.
         for folder in self.created:
             if not folder.is_dir() or any(folder.iterdir()):
                 break
             folder.rmdir()
         self.created = []
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 def run_folder_plan(run_dir: Path, resume: bool) -> tuple[bool, str]:

@@ -211,9 +211,9 @@ def train(args: argparse.Namespace, signals: StopSignals, folder_lock: RunFolder
     if not val_set.has_annotations:
         raise DataError(f"--val_split {args.val_split} has no annotations to validate against (a test-dev split?); "
                         "pick a split with instances_<split>.json")
-    if not any(not a["iscrowd"] for a in train_set.coco.dataset["annotations"]):
+    if not any(len(boxes) for boxes in train_set.boxes):
         raise DataError(f"--train_split {args.train_split} has no box to train on: its 'annotations' list is empty "
-                        "or holds crowd regions only")
+                        "or holds crowd regions and boxes without width or height only")
     if val_set.class_names != train_set.class_names:
         raise DataError(f"{args.val_split} and {args.train_split} have different categories")
     step_batch = args.batch_size * args.accum_steps

@@ -98,6 +98,11 @@ def test_cli_prints_the_table_and_draws_the_worst_image(tmp_path, capsys):
     with pytest.raises(DataError, match="entry 0 has image_id 1 / category_id 7"):
         main(get_args_parser().parse_args([str(results), "--data_dir", str(data), "--split", "val", "--out",
                                            str(tmp_path / "x")]))
+    for image_id in ([1], {"id": 1}, True):  # a list or dict would be a TypeError of the set lookup
+        results.write_text(json.dumps([{**FIRST, "image_id": image_id}]))
+        with pytest.raises(DataError, match=r"entry 0 has image_id .* not in the split's annotations"):
+            main(get_args_parser().parse_args([str(results), "--data_dir", str(data), "--split", "val", "--out",
+                                               str(tmp_path / "x")]))
     # what pycocotools would fail on with a TypeError or ValueError, far from the entry
     for box, score in [([1, 2, "3", 4], 0.9), ([1, 2, 3], 0.9), ([1, 2, -3, 4], 0.9), (GT_BOXES[0], "high"),
                        (GT_BOXES[0], None), ([1, 2, 3, float("nan")], 0.9)]:

@@ -160,8 +160,10 @@ def test_a_training_split_without_boxes_is_refused_naming_it_not_min_box_size(sh
     shutil.copytree(shapes_dir, data)
     ann = data / "annotations" / "instances_train.json"
     content = json.loads(ann.read_text())
-    for crowd_only in (False, True):
-        content["annotations"] = [{**a, "iscrowd": 1} for a in content["annotations"]] if crowd_only else []
+    for change in ("empty", "crowd", "no width"):
+        content["annotations"] = {"empty": [], "crowd": [{**a, "iscrowd": 1} for a in content["annotations"]],
+                                  "no width": [{**a, "bbox": a["bbox"][:2] + [0, a["bbox"][3]]}
+                                               for a in content["annotations"]]}[change]
         ann.write_text(json.dumps(content))
         with pytest.raises(DataError, match="--train_split train has no box to train on"):
             train.main(args_for(data, tmp_path, "--num_epochs", "1"))

@@ -151,13 +151,14 @@ def test_the_command_line_ends_a_mistake_in_one_error_line(voc_dir, tmp_path):
 
 
 def test_a_disk_full_part_way_leaves_nothing_and_the_command_runs_again(voc_dir, tmp_path, monkeypatch):
-    """The second image's copy fails (ENOSPC): no split folder or json is left, so the same command, run again
-    once there is room, converts instead of refusing an 'already held' split."""
-    out, real_copy, copies = tmp_path / "coco", shutil.copy2, []
+    """The second image's copy fails (ENOSPC), then, in a second run, the third (the val split's, after train was
+    written): no split folder or json is left either time, so the same command, run again once there is room,
+    converts instead of refusing an 'already held' split."""
+    out, real_copy, copies, full_at = tmp_path / "coco", shutil.copy2, [], [2]
 
     def copy_until_full(src, dst):
         copies.append(dst)
-        if len(copies) == 2:
+        if len(copies) == full_at[0]:
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_copy(src, dst)
 
@@ -165,6 +166,11 @@ def test_a_disk_full_part_way_leaves_nothing_and_the_command_runs_again(voc_dir,
     with pytest.raises(WriteError, match=f"cannot write split 'train' into {out}: No space left on device"):
         convert(voc_dir, out, "--copy")
     assert sorted(p.name for p in out.rglob("*")) == []
+    copies.clear()
+    full_at[0] = 3  # val's first image, after train's two
+    with pytest.raises(WriteError, match=f"cannot write split 'val' into {out}"):
+        convert(voc_dir, out, "--copy")
+    assert [p for p in out.rglob("*") if p.is_file()] == []
     monkeypatch.setattr(shutil, "copy2", real_copy)
     convert(voc_dir, out, "--copy")
     assert sorted(p.name for p in (out / "train").iterdir()) == ["000001.jpg", "000002.jpg"]

@@ -229,7 +229,8 @@ def check_results(results, path: Path, gt: dict) -> list[dict]:
                 or box[3] < 0 or not is_number(score)):
             raise DataError(f"{path}: entry {i} has bbox {box!r} and score {score!r}; expected [x, y, width, height] "
                             "(4 finite numbers, width and height at least 0) and a finite number")
-        if r["image_id"] not in images or r["category_id"] not in cats:
+        if not all(type(r[k]) is int for k in ("image_id", "category_id")) or r["image_id"] not in images \
+                or r["category_id"] not in cats:
             raise DataError(f"{path}: entry {i} has image_id {r['image_id']} / category_id {r['category_id']}, "
                             "not in the split's annotations (another --split?)")
     return results

@@ -137,11 +137,19 @@ def main(args: argparse.Namespace) -> None:
     classes = choose_classes({o[0] for items in splits.values() for _, a in items for o in a["objects"]},
                              args.classes)
     make_folder(out, "--out")
-    for split, items in splits.items():
-        data = to_coco(items, classes, args.keep_difficult)
-        write_split(voc_dir, out, split, [name for name, _ in items], data, args.copy)
-        print(f"{out / split}: {len(data['images'])} images, {len(data['annotations'])} objects, "
-              f"{len(classes)} classes")
+    written = []
+    try:
+        for split, items in splits.items():
+            data = to_coco(items, classes, args.keep_difficult)
+            write_split(voc_dir, out, split, [name for name, _ in items], data, args.copy)
+            written.append(split)
+            print(f"{out / split}: {len(data['images'])} images, {len(data['annotations'])} objects, "
+                  f"{len(classes)} classes")
+    except BaseException:  # all splits or none: the splits written would make the same command refuse to run again
+        for split in written:
+            shutil.rmtree(out / split, ignore_errors=True)
+            (out / "annotations" / f"instances_{split}.json").unlink(missing_ok=True)
+        raise
 
 
 def write_split(voc_dir: Path, out: Path, split: str, names: list[str], data: dict, copy: bool) -> None:
