@@ -3,6 +3,7 @@
 A training checkpoint holds `model`, `optimizer`, `scheduler`, `scaler`, `epoch` (the last finished epoch),
 `position` (None at an epoch's end; mid-epoch: the epoch, the optimizer steps done in it and its sample order,
 see utils/sampler.py), `global_step`, `best_ap`, `loss_sums` (the running sums of the epoch's loss terms),
+`validation_pending` (only in one saved because the epoch's validation failed: --resume runs it first),
 `args` (the flags, a dict: read it with `saved_args`), `model_config` (the network's constructor arguments, so
 that the checkpoint still builds after the architecture table in nets/ changes), `class_names` and
 `category_ids` (the data set's id of each class). `test.py` and `demo.py` need only `model`, `args` (or
