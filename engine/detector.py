@@ -18,7 +18,7 @@ import torch
 
 from datasets.image_io import as_bgr8, load_image
 from datasets.transforms import eval_input
-from engine.inference import InferenceConfig, detect_batch, network_for, official_config
+from engine.inference import MAX_TEST_SCALE, InferenceConfig, detect_batch, network_for, official_config
 from engine.onnx_backend import OnnxModel
 from nets import model_from_checkpoint
 from utils.checkpoint import load_inference_checkpoint
@@ -63,7 +63,7 @@ class Detections:
             raise ValueError("these detections have no category ids: their checkpoint was written before "
                              "checkpoints stored them; add them once with tools/upgrade_checkpoint.py --category_ids")
         xywh = np.concatenate([self.boxes[:, :2], self.boxes[:, 2:] - self.boxes[:, :2]], axis=1)
-        return [{"image_id": image_id, "category_id": int(c), "bbox": [round(float(v), 2) for v in box],
+        return [{"image_id": int(image_id), "category_id": int(c), "bbox": [round(float(v), 2) for v in box],
                  "score": float(s)} for box, s, c in zip(xywh, self.scores, self.category_ids)]
 
     def to_dict(self) -> dict:
@@ -79,7 +79,7 @@ def check_scales(test_scales: float | tuple[float, ...]) -> list[float]:
     scales = [test_scales] if isinstance(test_scales, numbers.Real) else test_scales
     if isinstance(scales, (str, bytes)) or not hasattr(scales, "__len__") or not len(scales):
         raise ArgumentError(f"test_scales: expected a number or a sequence of numbers, got {test_scales!r}")
-    return [check_number("test_scales", s, 0, above=True) for s in scales]
+    return [check_number("test_scales", s, 0, MAX_TEST_SCALE, above=True) for s in scales]
 
 
 def load_network(path: str | Path, device: torch.device, onnx: bool | None = None

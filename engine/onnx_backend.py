@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils.errors import ArgumentError, CheckpointError, MissingFileError, UserError
+from utils.errors import ArgumentError, CheckpointError, MissingFileError
 
 METADATA_KEY = "centernet47"  # as tools/export_onnx.py writes it
 
@@ -76,13 +76,13 @@ class OnnxModel:
         return self
 
     def require_dynamic(self, inputs: str) -> None:
-        """A clear error (UserError) before any work unless the file takes the test inputs of images of any size
+        """A clear error (ArgumentError: the file does not fit the use) before any work unless the file takes the test inputs of images of any size
         (padded to the next 128k - 1 by datasets.transforms.eval_input): `inputs` names what has other sizes."""
         if not self.dynamic:
-            raise UserError(f"--onnx {self.path} takes {self.img_size} x {self.img_size} inputs only; {inputs} need "
+            raise ArgumentError(f"{self.path} takes {self.img_size} x {self.img_size} inputs only; {inputs} need "
                             "other sizes: export it with --dynamic")
         if self.max_size < 127:
-            raise UserError(f"--onnx {self.path} was exported with --max_size {self.max_size}, below the smallest "
+            raise ArgumentError(f"{self.path} was exported with --max_size {self.max_size}, below the smallest "
                             "test input (127): export it again with a larger --max_size")
 
     def fit_scale(self, height: int, width: int, scales: list[float]) -> float:

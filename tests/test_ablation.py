@@ -84,7 +84,7 @@ def test_each_row_trains_its_variant_and_the_table_is_test_py_s(shapes_dir, tmp_
 @pytest.mark.parametrize("extra, message", [(["--method", "cornernet"], "--method: set by tools/ablation.py"),
                                             (["--log_name=x"], "--log_name=x: set by"),
                                             (["--rows", "cre,ctp"], "--rows cre,ctp: expected some of cornernet"),
-                                            (["--test_scales", "0"], "--test_scales: expected positive")])
+                                            (["--test_scales", "0"], r"--test_scales: expected a number in \(0, 8\]")])
 def test_flags_that_cannot_work_are_refused_before_anything_is_written(shapes_dir, tmp_path, extra, message):
     with pytest.raises(ArgumentError, match=message):
         run(flags(shapes_dir, tmp_path / "ckpt", *extra))

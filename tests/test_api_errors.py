@@ -127,7 +127,7 @@ def test_devices_by_name_index_and_torch_device(monkeypatch):
     ("batch_size", 0, "batch_size: expected a whole number of at least 1"), ("batch_size", 2.5, "batch_size"),
     ("batch_size", True, "batch_size"),
     ("test_scales", "1", "test_scales: expected a number or a sequence"), ("test_scales", [], "test_scales"),
-    ("test_scales", (0, 1), "test_scales: expected a finite number above 0, got 0"),
+    ("test_scales", (0, 1), r"test_scales: expected a number in \(0, 8\], got 0"),
     ("test_scales", (1, math.inf), "test_scales"), ("test_scales", [math.nan], "test_scales"),
     ("test_flip", "yes", "test_flip: expected True or False"),
     ("device", "gpu", "device: expected auto, cpu, cuda"),

@@ -125,6 +125,8 @@ def test_bad_input_names_the_problem(tiny, tmp_path):
         detector([RACCOON / "val" / "raccoon-102.jpg", tmp_path / "nowhere.jpg"])
     with pytest.raises(ValueError, match="test_scales"):
         Detector.from_checkpoint(ckpt, device="cpu", test_scales=(0, 1))
+    with pytest.raises(ValueError, match=r"test_scales: expected a number in \(0, 8\], got 1000000000.0"):
+        Detector.from_checkpoint(ckpt, device="cpu", test_scales=1e9)  # was a cv2.error on the first image
     with pytest.raises(ValueError, match="batch_size"):
         Detector.from_checkpoint(ckpt, device="cpu", batch_size=0)
 
@@ -134,6 +136,7 @@ def test_coco_results_and_json_use_the_category_ids_of_the_data_set():
     rows = np.array([[10.5, 20.25, 30.125, 60, 0.875, 2], [0, 1, 2, 3, 0.5, 0]], np.float32)
     found = Detections.from_rows(rows, ["person", "bicycle", "car"], [1, 2, 7])
     assert found.category_ids.tolist() == [7, 1]
+    assert json.dumps(found.to_coco(np.int64(42)))  # an id taken from a numpy array (was not json-serialisable)
     assert found.to_coco(image_id=42) == [
         {"image_id": 42, "category_id": 7, "bbox": [10.5, 20.25, 19.62, 39.75], "score": 0.875},  # 19.625: float32
         {"image_id": 42, "category_id": 1, "bbox": [0.0, 1.0, 2.0, 2.0], "score": 0.5}]

@@ -234,7 +234,7 @@ def test_demo_scales_images_larger_than_the_export_down_and_refuses_a_fixed_size
     static = tmp_path / "static.onnx"
     export_onnx.main(export_onnx.get_args_parser().parse_args(["--ckpt", str(ckpt), "--out", str(static),
                                                               "--img_size", "63"]))
-    with pytest.raises(UserError, match="takes 63 x 63 inputs only; photos and video frames need other sizes"):
+    with pytest.raises(ArgumentError, match="takes 63 x 63 inputs only; photos and video frames need other sizes"):
         demo.main(demo.get_args_parser().parse_args(args[:1] + [str(static)] + args[2:5] + [str(tmp_path / "o2")]))
     assert not (tmp_path / "o2").exists()
 
