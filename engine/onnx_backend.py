@@ -63,6 +63,17 @@ class OnnxModel:
         except (ValueError, TypeError, KeyError) as e:  # json.JSONDecodeError is a ValueError
             raise CheckpointError(f"{path}: its '{METADATA_KEY}' metadata is malformed ({type(e).__name__}: {e}); "
                                   "export it again with tools/export_onnx.py") from None
+        # The heatmaps have one channel per class: metadata naming another number of classes would index past them.
+        channels = {o.name: o.shape[1] for o in self.session.get_outputs() if o.name.startswith("hm_")}
+        wrong = {name: c for name, c in channels.items() if isinstance(c, int) and c != len(self.class_names)}
+        if wrong:
+            name, count = next(iter(wrong.items()))
+            raise CheckpointError(f"{path}: its metadata names {len(self.class_names)} classes, but the network's "
+                                  f"{name} output has {count} class channels; export it again with "
+                                  "tools/export_onnx.py")
+        if self.category_ids is not None and len(self.category_ids) != len(self.class_names):
+            raise CheckpointError(f"{path}: its metadata has {len(self.category_ids)} category ids for "
+                                  f"{len(self.class_names)} classes; export it again with tools/export_onnx.py")
         self.providers = self.session.get_providers()
 
     training = False  # inference only; eval() and train(False) are accepted as for an nn.Module

@@ -249,6 +249,23 @@ def test_malformed_metadata_is_a_clear_error(exported, tmp_path):
             OnnxModel(tmp_path / f"{name}.onnx", torch.device("cpu"))
 
 
+def test_metadata_that_does_not_fit_the_network_is_refused(exported, tmp_path):
+    """Class names edited in (or another network's put on) the file: detections of class 2 would index past the
+    names, or a class would be silently unnamed."""
+    _, path, _ = exported
+    entry = next(e for e in onnx.load(path).metadata_props if e.key == "centernet47")
+    for name, change, message in [
+            ("two_names", {"class_names": ["raccoon", "dog"], "category_ids": [1, 2]},
+             "its metadata names 2 classes, but the network's hm_\\w+ output has 1 class channels"),
+            ("two_ids", {"category_ids": [1, 2]}, "its metadata has 2 category ids for 1 classes")]:
+        proto = onnx.load(path)
+        next(e for e in proto.metadata_props if e.key == "centernet47").value = json.dumps(
+            {**json.loads(entry.value), **change})
+        onnx.save(proto, tmp_path / f"{name}.onnx")
+        with pytest.raises(CheckpointError, match=f"{name}.onnx: {message}"):
+            OnnxModel(tmp_path / f"{name}.onnx", torch.device("cpu"))
+
+
 def test_export_pooling_keeps_the_pytorch_outputs():
     """The swapped pooling changes nothing in PyTorch either: outputs identical to the lib.cpool network."""
     model = peaked_tiny(2, seed=1)
