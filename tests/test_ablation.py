@@ -81,6 +81,23 @@ def test_each_row_trains_its_variant_and_the_table_is_test_py_s(shapes_dir, tmp_
         run(flags(shapes_dir, tmp_path, "--min_box_size", "1"))
 
 
+def test_a_rerun_with_other_settings_is_refused_even_before_a_row_finished(shapes_dir, tmp_path, monkeypatch,
+                                                                          capsys):
+    """The table's settings are written before the first row trains: a row stopped part-way (here at once, by
+    SIGTERM's SystemExit from train.py) is never continued under another schedule; the stop names the command
+    that continues it, not train.py's."""
+    def stopped(*args, **kwargs):
+        raise SystemExit(143)
+
+    monkeypatch.setattr(ablation, "train_row", stopped)
+    with pytest.raises(SystemExit):
+        run(flags(shapes_dir, tmp_path, "--rows", "cornernet"))
+    assert "abl: stopped in row cornernet; run the same tools/ablation.py command again (without --resume)" in \
+        capsys.readouterr().out
+    with pytest.raises(ArgumentError, match=r"other settings \(lr_step: '1' there, '2' now\)"):
+        run(flags(shapes_dir, tmp_path, "--rows", "cornernet", "--lr_step", "2"))
+
+
 @pytest.mark.parametrize("extra, message", [(["--method", "cornernet"], "--method: set by tools/ablation.py"),
                                             (["--log_name=x"], "--log_name=x: set by"),
                                             (["--rows", "cre,ctp"], "--rows cre,ctp: expected some of cornernet"),

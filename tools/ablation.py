@@ -169,12 +169,20 @@ def main(args: argparse.Namespace, train_extra: list[str] = ()) -> dict:
     rows = read_table(table_path, setting)
     # One process group for every row's training and test (utils/dist.py cleanup says why).
     dist.init_distributed(args.dist or dist.launched(), device=args.device)
+    if dist.is_main() and not table_path.exists():  # the settings before any row: a rerun with others is refused
+        write_json(table_path, {"settings": setting, "rows": rows})
     for row in wanted_rows:
         if row in rows:
             continue
         resumed = (run_root / row / "checkpoint.pt").exists()
         start = time.perf_counter()
-        train_row(args, run_root, row, setting, train_extra)
+        try:
+            train_row(args, run_root, row, setting, train_extra)
+        except SystemExit:  # a signal stopped the row, which train.py saved; its advice names train.py's command
+            if dist.is_main():
+                print(f"{args.name}: stopped in row {row}; run the same tools/ablation.py command again (without "
+                      "--resume) to continue it", flush=True)
+            raise
         trained = time.perf_counter()
         stats = test_row(args, run_root, row)
         rows[row] = {**{c: None if math.isnan(stats[c]) else stats[c] for c in COLUMNS},  # undefined: null
