@@ -73,7 +73,8 @@ def _entries(data: dict, key: str, path: Path, required: tuple[str, ...], proble
     return usable
 
 
-def _is_id(value) -> bool:
+def is_id(value) -> bool:
+    """A COCO id: an int, not a bool (a list or dict would not even hash)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -81,7 +82,7 @@ def _unique_ids(items: list[dict], key: str, path: Path, problems: list[str]) ->
     seen = set()
     for i, item in enumerate(items):
         v = item["id"]
-        if not _is_id(v):
+        if not is_id(v):
             problems.append(f"{path}: {key}[{i}].id must be an integer, got {v!r}")
         elif v in seen:
             problems.append(f"{path}: {key} id {v} appears more than once")
@@ -114,9 +115,9 @@ def coco_problems(data: dict, path: Path, require_annotations: bool = True) -> l
                 or not all(math.isfinite(v) for v in box)):
             problems.append(f"{path}: annotations[{i}].bbox is {box!r}, expected [x, y, width, height] "
                             "(4 finite numbers)")
-        if not _is_id(a["image_id"]) or a["image_id"] not in image_ids:
+        if not is_id(a["image_id"]) or a["image_id"] not in image_ids:
             problems.append(f"{path}: annotations[{i}].image_id {a['image_id']!r} is not in 'images'")
-        if not _is_id(a["category_id"]) or a["category_id"] not in cat_ids:
+        if not is_id(a["category_id"]) or a["category_id"] not in cat_ids:
             problems.append(f"{path}: annotations[{i}].category_id {a['category_id']!r} is not in 'categories' "
                             f"(ids {sorted(cat_ids, key=str)})")
         area, crowd = a.get("area", 0), a.get("iscrowd", 0)

@@ -87,14 +87,15 @@ class OnnxModel:
         return self
 
     def require_dynamic(self, inputs: str) -> None:
-        """A clear error (ArgumentError: the file does not fit the use) before any work unless the file takes the test inputs of images of any size
-        (padded to the next 128k - 1 by datasets.transforms.eval_input): `inputs` names what has other sizes."""
+        """A clear error (ArgumentError: the file does not fit the use) before any work unless the file takes the
+        test inputs of images of any size (padded to the next 128k - 1 by datasets.transforms.eval_input): `inputs`
+        names what has other sizes."""
         if not self.dynamic:
             raise ArgumentError(f"{self.path} takes {self.img_size} x {self.img_size} inputs only; {inputs} need "
-                            "other sizes: export it with --dynamic")
+                                "other sizes: export it with --dynamic")
         if self.max_size < 127:
             raise ArgumentError(f"{self.path} was exported with --max_size {self.max_size}, below the smallest "
-                            "test input (127): export it again with a larger --max_size")
+                                "test input (127): export it again with a larger --max_size")
 
     def fit_scale(self, height: int, width: int, scales: list[float]) -> float:
         """The factor (at most 1) by which the test `scales` of a height x width image shrink so that its largest

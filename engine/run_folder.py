@@ -9,9 +9,10 @@ import torch
 
 from nets import resolve_variant, saved_variant, variant_name
 from utils import dist
-from utils.checkpoint import saved_args
+from utils.checkpoint import check_network_args, saved_args
 from utils.device import check_scaler_state
 from utils.errors import ArgumentError, CheckpointError, DataError, UserError, WriteError
+from utils.files import make_folder
 
 CHECKPOINT, BEST = "checkpoint.pt", "best.pt"
 
@@ -34,11 +35,11 @@ class RunFolderLock:
 
     def hold(self, run_dir: Path) -> None:
         self.created = [folder for folder in (run_dir, *run_dir.parents) if not folder.exists()]  # deepest first
+        make_folder(run_dir, "run folder")
         try:
-            run_dir.mkdir(parents=True, exist_ok=True)
             fd = os.open(run_dir, os.O_RDONLY)
         except OSError as e:
-            raise WriteError(f"cannot create the run folder {run_dir}: {e.strerror or e}") from None
+            raise WriteError(f"run folder {run_dir}: cannot open it ({e.strerror or e})") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -106,9 +107,10 @@ def check_training_state(state: dict, path: Path) -> None:
             if not isinstance(entries.get(key), kind):
                 raise CheckpointError(f"--resume: {path} is not a training checkpoint of train.py: its {where}entry "
                                       f"{key!r} is {type(entries.get(key)).__name__ if key in entries else 'missing'}")
-    for name in ("arch", "img_size"):
-        if name not in state["args"]:
-            raise CheckpointError(f"--resume: {path}: its args lack {name!r}")
+    try:
+        check_network_args(state, path)
+    except CheckpointError as e:
+        raise CheckpointError(f"--resume: {e}") from None
 
 
 def check_resumable(state: dict, args: argparse.Namespace, class_names: list[str], path: Path) -> None:

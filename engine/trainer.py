@@ -277,11 +277,13 @@ def train(args: argparse.Namespace, signals: StopSignals, folder_lock: RunFolder
             logger.info("--compile: the training steps run through torch.compile, which compiles on the first step")
         eval_config = InferenceConfig()  # the official single-scale settings
 
+        def steps_done() -> int:  # optimizer steps of the run (the checkpoint's, before a resumed epoch starts)
+            return progress.global_step if progress else global_step
+
         def state_dict(epoch_done: int, position: dict | None) -> dict:
             return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch_done,
-                    "position": position, "global_step": progress.global_step if progress else global_step,
-                    "best_ap": best_ap,
+                    "position": position, "global_step": steps_done(), "best_ap": best_ap,
                     "args": dict(vars(args)), "model_config": config, "class_names": train_set.class_names,
                     "category_ids": train_set.cat_ids}
 
@@ -289,7 +291,6 @@ def train(args: argparse.Namespace, signals: StopSignals, folder_lock: RunFolder
             """Validation (when due), then checkpoint.pt and, on a better AP, best.pt. A val image missing or corrupt
             stops the run, but the epoch trained is saved first, marked for its validation to run on --resume."""
             nonlocal ap, best_ap
-            step = progress.global_step if progress else global_step
             if validate:
                 try:
                     stats = evaluate(model, val_set, eval_config, device=device, num_workers=args.num_workers,
@@ -299,10 +300,11 @@ def train(args: argparse.Namespace, signals: StopSignals, folder_lock: RunFolder
                     on_main_for_all(lambda: save_checkpoint(run_dir / CHECKPOINT, snapshot))
                     raise
                 ap = stats["AP"]
-                logger.scalars({"AP": ap, "AP50": stats["AP50"]}, step, prefix="val/")
+                logger.scalars({"AP": ap, "AP50": stats["AP50"]}, steps_done(), prefix="val/")
                 logger.info(f"epoch {epoch}: val AP {ap:.4f}")
                 if dist.is_main():  # a few val images with true (green) and detected boxes, in tensorboard
-                    logger.images("val/boxes", val_images(model, val_set, eval_config, device, amp=amp), step)
+                    logger.images("val/boxes", val_images(model, val_set, eval_config, device, amp=amp),
+                                  steps_done())
             improved = validate and ap > best_ap
             best_ap = max(best_ap, ap)
             snapshot = state_dict(epoch, None)

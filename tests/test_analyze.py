@@ -127,17 +127,27 @@ def test_cli_explains_a_split_without_annotations_and_an_empty_drawing(tmp_path,
         "no image drawn: no missed box and no wrong detection scoring at least --score_thresh 0.3"
 
 
-def test_cli_reads_the_metrics_json_of_test_py_as_well(tmp_path, capsys):
+def split_and_results(tmp_path: Path, name: str) -> tuple[Path, Path]:
+    """The val split of ground_truth() and, at tmp_path / name, the background case's detections."""
     data = data_dir(tmp_path)
     (data / "annotations" / "instances_val.json").write_text(json.dumps(ground_truth()))
-    results = tmp_path / "results_val.json"
+    results = tmp_path / name
     results.write_text(json.dumps(CASES["background"][0]))
+    return data, results
+
+
+def analyze(path: Path, data: Path, *extra: str) -> dict:
+    return main(get_args_parser().parse_args([str(path), "--data_dir", str(data), "--split", "val", *extra]))
+
+
+def test_cli_reads_the_metrics_json_of_test_py_as_well(tmp_path, capsys):
+    data, results = split_and_results(tmp_path, "results_val.json")
     metrics = tmp_path / "results_val_metrics.json"
     values = {**{name: 0.25 for name in METRIC_NAMES}, "APs": -1, **{name: 12.5 for name in FD_NAMES}, "FD_S": None}
     metrics.write_text(json.dumps(values))
 
     def run(path, *extra):
-        return main(get_args_parser().parse_args([str(path), "--data_dir", str(data), "--split", "val", *extra]))
+        return analyze(path, data, *extra)
 
     assert run(metrics)["background"][0] == 1  # the results json beside it, analysed
     out = capsys.readouterr().out
@@ -159,14 +169,11 @@ def test_cli_reads_the_metrics_json_of_test_py_as_well(tmp_path, capsys):
 
 
 def test_force_replaces_an_earlier_analysis_and_nothing_else(tmp_path, capsys):
-    data = data_dir(tmp_path)
-    (data / "annotations" / "instances_val.json").write_text(json.dumps(ground_truth()))
-    results = tmp_path / "results.json"
-    results.write_text(json.dumps(CASES["background"][0]))
+    data, results = split_and_results(tmp_path, "results.json")
     out = tmp_path / "results_analysis"
 
     def run(*extra):
-        return main(get_args_parser().parse_args([str(results), "--data_dir", str(data), "--split", "val", *extra]))
+        return analyze(results, data, *extra)
 
     run()
     (out / "002_errors_old.jpg").write_bytes(b"a drawing of an earlier analysis")
@@ -187,15 +194,11 @@ def test_force_replaces_an_earlier_analysis_and_nothing_else(tmp_path, capsys):
 
 
 def test_num_images_must_not_be_negative(tmp_path):
-    data = data_dir(tmp_path)
-    (data / "annotations" / "instances_val.json").write_text(json.dumps(ground_truth()))
-    results = tmp_path / "results.json"
-    results.write_text(json.dumps(CASES["background"][0]))
+    data, results = split_and_results(tmp_path, "results.json")
     with pytest.raises(ArgumentError, match="--num_images: expected a whole number of at least 0, got -1"):
-        main(get_args_parser().parse_args([str(results), "--data_dir", str(data), "--split", "val",
-                                           "--num_images", "-1"]))
+        analyze(results, data, "--num_images", "-1")
     assert not (tmp_path / "results_analysis").exists()
-    main(get_args_parser().parse_args([str(results), "--data_dir", str(data), "--split", "val", "--num_images", "0"]))
+    analyze(results, data, "--num_images", "0")
     assert not any((tmp_path / "results_analysis").iterdir())
 
 

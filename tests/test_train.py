@@ -187,7 +187,8 @@ def test_a_second_ctrl_c_ends_train_log_with_what_the_run_leaves(shapes_dir, tmp
 
 def test_a_run_folder_that_cannot_be_written_is_a_one_line_error(shapes_dir, tmp_path):
     (tmp_path / "a_file").write_text("")
-    with pytest.raises(WriteError, match=f"cannot create the run folder {tmp_path / 'a_file' / 'run'}"):
+    with pytest.raises(WriteError, match=f"run folder {tmp_path / 'a_file' / 'run'}: cannot create or read the "
+                                         "folder"):
         train.main(args_for(shapes_dir, tmp_path / "a_file", "--num_epochs", "1"))
     (tmp_path / "run" / "train.log").mkdir(parents=True)  # what the log cannot be opened as
     with pytest.raises(WriteError, match=f"cannot write {tmp_path / 'run' / 'train.log'}: Is a directory"):
@@ -231,7 +232,7 @@ def test_resume_names_what_a_checkpoint_lacks_for_training(shapes_dir, tmp_path)
     for change, message in [(lambda s: s.pop("optimizer"), "entry 'optimizer' is missing"),
                             (lambda s: s.update(epoch="x"), "entry 'epoch' is str"),
                             (lambda s: s.update(best_ap="x"), "entry 'best_ap' is str"),
-                            (lambda s: s["args"].pop("arch"), "its args lack 'arch'"),
+                            (lambda s: s["args"].pop("arch"), "checkpoint args lack 'arch'"),
                             (lambda s: s.update(position={k: v for k, v in position.items() if k != "global_batch"}),
                              "its position entry 'global_batch' is missing")]:
         state = {**good, "args": dict(good["args"])}

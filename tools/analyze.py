@@ -33,7 +33,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.cocoeval import COCOeval
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: import the repo
-from datasets.coco import check_coco_dict, coco_from_dict, read_json, split_files
+from datasets.coco import check_coco_dict, coco_from_dict, is_id, read_json, split_files
 from datasets.coco_eval import (ALL_METRIC_NAMES, FD_NAMES, METRIC_NAMES, analysis_folder, load_results,
                                  results_of_metrics)
 from datasets.image_io import load_image
@@ -229,7 +229,7 @@ def check_results(results, path: Path, gt: dict) -> list[dict]:
                 or box[3] < 0 or not is_number(score)):
             raise DataError(f"{path}: entry {i} has bbox {box!r} and score {score!r}; expected [x, y, width, height] "
                             "(4 finite numbers, width and height at least 0) and a finite number")
-        if not all(type(r[k]) is int for k in ("image_id", "category_id")) or r["image_id"] not in images \
+        if not (is_id(r["image_id"]) and is_id(r["category_id"])) or r["image_id"] not in images \
                 or r["category_id"] not in cats:
             raise DataError(f"{path}: entry {i} has image_id {r['image_id']} / category_id {r['category_id']}, "
                             "not in the split's annotations (another --split?)")

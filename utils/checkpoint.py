@@ -210,18 +210,24 @@ def saved_args(state: dict) -> dict:
     return state.get("args", {})
 
 
+def check_network_args(state: dict, path: str | Path) -> None:
+    """Refuses (CheckpointError) a checkpoint whose args lack the network's arch (a string) or img_size (a whole
+    number), which every reader builds the network from."""
+    saved = saved_args(state)
+    for name, kind in (("arch", str), ("img_size", int)):
+        if name not in saved:
+            raise CheckpointError(f"{path}: checkpoint args lack '{name}'")
+        if not isinstance(saved[name], kind):
+            raise CheckpointError(f"{path}: checkpoint args hold {name} {saved[name]!r}, expected a {kind.__name__}")
+
+
 def load_inference_checkpoint(path: str | Path) -> dict:
     """The checked load of test.py, demo.py and tools/export_onnx.py: a checkpoint with `model`, `args` (a dict
     with `arch` and `img_size`) and `class_names`. A missing, corrupt or incomplete file is a user error naming it."""
     state = load_checkpoint(path, map_location="cpu")
     if "args" not in state or "class_names" not in state:
         raise CheckpointError(f"{path}: expected 'args' (a dict) and 'class_names' entries in the checkpoint")
-    for name, kind in (("arch", str), ("img_size", int)):
-        if name not in saved_args(state):
-            raise CheckpointError(f"{path}: checkpoint args lack '{name}'")
-        if not isinstance(saved_args(state)[name], kind):
-            raise CheckpointError(f"{path}: checkpoint args hold {name} {saved_args(state)[name]!r}, expected a "
-                                  f"{kind.__name__}")
+    check_network_args(state, path)
     ids = state.get("category_ids")
     if ids is not None and (not isinstance(ids, list) or len(ids) != len(state["class_names"])
                             or not all(type(i) is int for i in ids)):
