@@ -106,6 +106,21 @@ def settings_from_checkpoint(args: argparse.Namespace, state: dict, path: Path) 
     args.num_classes = len(state["class_names"])
 
 
+def check_fits_export(model: OnnxModel, images: list[dict], scales: list[float], split: str) -> None:
+    """Refuses, before any work, val images whose test input at the largest scale exceeds the export's --max_size
+    (evaluation does not shrink them: the AP would not be the model's). Entries without width and height are
+    checked as they are read."""
+    def input_side(im: dict) -> int:  # as datasets/transforms.eval_input pads: the next 128k - 1
+        return max(max(1, int(im.get(k, 0) * max(scales))) | 127 for k in ("width", "height"))
+    too_large = [im for im in images if input_side(im) > model.max_size]
+    if too_large:
+        largest = max(too_large, key=input_side)
+        raise ArgumentError(f"{model.path} takes inputs up to {model.max_size} pixels, but {len(too_large)} image(s) "
+                            f"of {split} are larger at test scale {max(scales):g} ({largest['file_name']}: "
+                            f"{input_side(largest)}); export again with --max_size {input_side(largest)}, or test at "
+                            "smaller --test_scales")
+
+
 def main(args: argparse.Namespace) -> dict:
     if args.num_workers < 0:
         raise ArgumentError(f"--num_workers must be 0 or more, got {args.num_workers}")
@@ -132,6 +147,8 @@ def main(args: argparse.Namespace) -> dict:
                         f"{args.val_split} has {dataset.class_names}")
     if model is None:
         model = model_from_checkpoint(state, path).to(device).eval()
+    else:
+        check_fits_export(model, dataset.images, args.test_scales, args.val_split)
     has_center = "hm_ct" in model.output_keys
     if args.center_check and not has_center:
         raise ArgumentError(f"--center_check {args.center_check}: {path} is a network without a center branch "

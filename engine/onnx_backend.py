@@ -107,13 +107,13 @@ class OnnxModel:
         """A clear error for input sizes the file does not take (the network's own rule, and the export's)."""
         if self.dynamic:
             if (height + 1) % self.size_unit or (width + 1) % self.size_unit:
-                raise ValueError(f"{self.path}: input height and width must be of the form k * {self.size_unit} - 1,"
+                raise ArgumentError(f"{self.path}: input height and width must be of the form k * {self.size_unit} - 1,"
                                  f" got {height} x {width}")
             if max(height, width) > self.max_size:
-                raise ValueError(f"{self.path} was exported for inputs up to {self.max_size} pixels, got "
+                raise ArgumentError(f"{self.path} was exported for inputs up to {self.max_size} pixels, got "
                                  f"{height} x {width}; export again with a larger --max_size")
         elif (height, width) != (self.img_size, self.img_size):
-            raise ValueError(f"{self.path} takes {self.img_size} x {self.img_size} inputs only, got {height} x "
+            raise ArgumentError(f"{self.path} takes {self.img_size} x {self.img_size} inputs only, got {height} x "
                              f"{width}; export it with --dynamic for images of other sizes")
 
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -194,6 +194,9 @@ def train(args: argparse.Namespace, signals: StopSignals, folder_lock: RunFolder
     launched_without_flag = dist.launched() and not args.dist
     dist.init_distributed(args.dist or dist.launched(), args.local_rank, args.device)
     device = select_device(args.device, dist.local_rank())
+    if args.sync_bn and device.type != "cuda":  # torch's SyncBatchNorm refuses CPU tensors at the first step
+        raise ArgumentError(f"--sync_bn: SyncBatchNorm runs on CUDA devices only, and this run is on {device}; "
+                            "drop --sync_bn")
     torch.backends.cudnn.benchmark = True  # fixed input size (--img_size); evaluate() turns it off while it runs
     run_dir = Path(args.ckpt_dir) / args.log_name
     on_main_for_all(lambda: folder_lock.hold(run_dir))

@@ -296,3 +296,11 @@ def test_test_py_onnx_gives_the_pytorch_ap(exported, tmp_path):
     assert abs(onnx_stats["AP"] - torch_stats["AP"]) <= 1e-6 and abs(onnx_stats["AP50"] - torch_stats["AP50"]) <= 1e-6
     with pytest.raises(ArgumentError, match="drop --ckpt"):
         test_cli.main(test_cli.get_args_parser().parse_args(["--onnx", str(path), "--ckpt", str(ckpt), *common]))
+    # At scale 1 the 660 x 495 photo becomes a 767-pixel input, beyond the export's 511: refused before any work
+    # (was a traceback from onnxruntime's size check after the first images were scored).
+    larger = [*common[:-1], "1", "--force"]
+    (path.parent / f"results_val_{path.stem}_onnx_s1_flip.json").unlink(missing_ok=True)
+    with pytest.raises(ArgumentError, match=r"takes inputs up to 511 pixels, but 1 image\(s\) of val are larger at "
+                                            r"test scale 1 \(raccoon-13.jpg: 767\); export again with --max_size 767"):
+        test_cli.main(test_cli.get_args_parser().parse_args(["--onnx", str(path), *larger]))
+    assert not (path.parent / f"results_val_{path.stem}_onnx_s1_flip.json").exists()

@@ -112,7 +112,8 @@ def test_flags_that_cannot_work_are_refused_before_anything_is_created(shapes_di
                            (("--max_bad_fraction", "nan"), "--max_bad_fraction"),
                            (("--min_box_size", "1000"), r"--min_box_size: expected a number in \[0, 127\), got 1000"),
                            (("--min_box_size", "inf"), "--min_box_size"),
-                           (("--min_box_size", "-1"), "--min_box_size")]:
+                           (("--min_box_size", "-1"), "--min_box_size"),
+                           (("--sync_bn",), "--sync_bn: SyncBatchNorm runs on CUDA devices only")]:
         with pytest.raises(ArgumentError, match=message):
             train.main(args_for(shapes_dir, tmp_path, *flags))
         assert not (tmp_path / "run").exists()
