@@ -22,7 +22,7 @@ from tqdm import tqdm
 if __package__ in (None, ""):  # run as a script from anywhere: import the repo, not this folder's modules
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from datasets.coco import coco_problems, load_entry_image, read_json
+from datasets.coco import coco_problems, is_id, load_entry_image, read_json, split_files
 from utils.errors import UserError, run_cli
 
 OUTSIDE_TOLERANCE = 0.01  # of the image side a box may leave it by (at least 1 px)
@@ -31,7 +31,8 @@ OUTSIDE_TOLERANCE = 0.01  # of the image side a box may leave it by (at least 1 
 def box_problems(data: dict, ann_file: Path) -> list[str]:
     """One line per annotation whose box (4 finite numbers) has a width or height <= 0 or leaves its image by
     more than the tolerance (see the module docstring); entries with other problems are coco_problems' job."""
-    images = {im["id"]: im for im in data.get("images", []) if isinstance(im, dict) and "id" in im}
+    entries = data.get("images") if isinstance(data.get("images"), list) else []
+    images = {im["id"]: im for im in entries if isinstance(im, dict) and is_id(im.get("id"))}
     annotations = data.get("annotations")
     if isinstance(annotations, list) and not annotations:
         return [f"{ann_file}: 'annotations' is empty: no box to train on or to evaluate against"]
@@ -46,7 +47,7 @@ def box_problems(data: dict, ann_file: Path) -> list[str]:
         if w <= 0 or h <= 0:
             problems.append(f"{where} has a width or height of 0 or less")
             continue
-        im = images.get(a.get("image_id"), {})
+        im = images.get(a["image_id"], {}) if is_id(a.get("image_id")) else {}
         width, height = im.get("width"), im.get("height")
         if not all(isinstance(v, (int, float)) and v > 0 for v in (width, height)):
             continue
@@ -87,12 +88,13 @@ def annotation_ids(problems: list[str], data: dict) -> list[str]:
 
 
 def check_split(data_dir: str | Path, split: str, progress: bool = True) -> list[str]:
-    """Every problem of split `split` of the COCO-format folder `data_dir`."""
-    root = Path(data_dir)
-    ann_file = root / "annotations" / f"instances_{split}.json"
+    """Every problem of split `split` of the COCO-format folder `data_dir` (its files as the loader finds them:
+    datasets.coco.split_files)."""
+    ann_file, img_dir = split_files(Path(data_dir), split)
     data = read_json(ann_file)
-    problems = annotation_ids(coco_problems(data, ann_file) + box_problems(data, ann_file), data)
-    img_dir = root / split
+    image_info = ann_file.name.startswith("image_info_")  # a test split: images without annotations
+    problems = coco_problems(data, ann_file, require_annotations=not image_info) + box_problems(data, ann_file)
+    problems = annotation_ids(problems, data)
     if not img_dir.is_dir():
         return problems + [f"{img_dir}: image directory of split {split!r} not found"]
     images = data.get("images") if isinstance(data.get("images"), list) else []
@@ -103,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser("python -m datasets.check", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_dir", required=True, help="folder with annotations/ and the image folders")
-    p.add_argument("--split", required=True, help="e.g. train2017: annotations/instances_SPLIT.json and SPLIT/")
+    p.add_argument("--split", required=True, help="e.g. train2017: annotations/instances_SPLIT.json and SPLIT/ (found as the loader finds them: "
+                   "image_info_SPLIT.json for a test split, test2017/ for test-dev)")
     args = p.parse_args(argv)
     try:
         problems = check_split(args.data_dir, args.split)

@@ -92,3 +92,29 @@ def test_runs_from_any_folder_as_a_script(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "datasets" / "check.py"), "--data_dir", str(RACCOON),
                              "--split", "val"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip().endswith("val: no problems found"), result.stderr
+
+
+def test_ids_that_are_not_integers_are_reported_not_a_crash(tmp_path):
+    write_split(tmp_path, "train", 3, seed=5, cfg=ShapesConfig(min_size=64, max_size=96, min_obj=16, max_obj=40))
+    ann_file = tmp_path / "annotations" / "instances_train.json"
+    data = json.loads(ann_file.read_text())
+    data["annotations"][0]["image_id"] = [1]  # unhashable: the box check's lookup raised TypeError
+    data["images"][1]["id"] = {"a": 1}
+    ann_file.write_text(json.dumps(data))
+    text = "\n".join(check_split(tmp_path, "train", progress=False))
+    assert "images[1].id must be an integer, got {'a': 1}" in text
+    assert "annotations[0].image_id [1] is not in 'images'" in text
+
+
+def test_a_test_dev_split_is_checked_where_the_loader_finds_it(tmp_path):
+    """image_info_test-dev2017.json (no annotations) with its images in test2017/, as COCO ships them."""
+    write_split(tmp_path, "test2017", 2, seed=5, cfg=ShapesConfig(min_size=64, max_size=96, min_obj=16, max_obj=40))
+    data = json.loads((tmp_path / "annotations" / "instances_test2017.json").read_text())
+    del data["annotations"]
+    (tmp_path / "annotations" / "instances_test2017.json").unlink()
+    (tmp_path / "annotations" / "image_info_test-dev2017.json").write_text(json.dumps(data))
+    assert check_split(tmp_path, "test-dev2017", progress=False) == []
+    (tmp_path / "test2017" / data["images"][0]["file_name"]).unlink()
+    assert check_split(tmp_path, "test-dev2017", progress=False) == [
+        f"image id {data['images'][0]['id']}: {tmp_path / 'test2017' / data['images'][0]['file_name']}: image file "
+        "not found"]
