@@ -105,8 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser("python -m datasets.check", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_dir", required=True, help="folder with annotations/ and the image folders")
-    p.add_argument("--split", required=True, help="e.g. train2017: annotations/instances_SPLIT.json and SPLIT/ (found as the loader finds them: "
-                   "image_info_SPLIT.json for a test split, test2017/ for test-dev)")
+    p.add_argument("--split", required=True,
+                   help="e.g. train2017: annotations/instances_SPLIT.json and SPLIT/ (found as the loader finds "
+                        "them: image_info_SPLIT.json for a test split, test2017/ for test-dev)")
     args = p.parse_args(argv)
     try:
         problems = check_split(args.data_dir, args.split)
