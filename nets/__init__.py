@@ -86,7 +86,8 @@ def model_from_checkpoint(state: dict, path) -> CenterNet:
     the variant of `args` (`saved_variant`) and `class_names`; a `model_config` without the variant keys is
     centernet's.
     A checkpoint whose `class_names` are not the network's classes, or whose weights do not fit the network it
-    names, is a CheckpointError naming both numbers, or the first key that does not fit."""
+    names, is a CheckpointError naming both numbers, or the first key that does not fit; so is a `model_config` that
+    does not build a network."""
     config = state.get("model_config")
     if config is None:
         arch = saved_args(state).get("arch")
@@ -97,12 +98,14 @@ def model_from_checkpoint(state: dict, path) -> CenterNet:
             config = model_config(arch, len(state["class_names"]), **saved_variant(saved_args(state)))
         except ValueError as e:
             raise CheckpointError(f"{path}: {e}") from None
-    if "class_names" in state and len(state["class_names"]) != config["num_classes"]:
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: its model_config is a {type(config).__name__}, not a dict of network arguments")
+    if "class_names" in state and len(state["class_names"]) != config.get("num_classes"):
         raise CheckpointError(f"{path}: 'class_names' lists {len(state['class_names'])} classes, but the network "
-                              f"has {config['num_classes']} class outputs")
+                              f"has {config.get('num_classes')!r} class outputs")
     try:
         model = CenterNet(**config)
-    except ValueError as e:
+    except (TypeError, ValueError) as e:  # an unknown key, or a value of another type or range
         raise CheckpointError(f"{path}: its model_config does not build a network: {e}") from None
     problem = first_misfit(model.state_dict(), state["model"])
     if problem:

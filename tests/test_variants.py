@@ -170,6 +170,14 @@ def test_old_checkpoints_load_as_centernet(tmp_path):
     odd = {"model": model.state_dict(), "class_names": ["a"], "args": {**args, "corner_pool": "diagonal"}}
     with pytest.raises(CheckpointError, match="odd.pt: unknown --corner_pool 'diagonal'"):
         model_from_checkpoint(odd, "odd.pt")
+    config = model_config("tiny_hourglass", 1)
+    for bad, message in (([1, 2], "its model_config is a list, not a dict"),
+                         ({**config, "depth": 3}, "does not build a network: .*'depth'"),
+                         ({**config, "num_classes": "1"}, "'class_names' lists 1 classes, but the network has '1' "),
+                         ({**config, "cnv_dim": "256"}, "does not build a network")):
+        state = {"model": model.state_dict(), "class_names": ["a"], "args": args, "model_config": bad}
+        with pytest.raises(CheckpointError, match=message):  # each was a TypeError traceback
+            model_from_checkpoint(state, "bad.pt")
 
 
 def train_args(shapes_dir: Path, ckpt_dir: Path, *extra: str):
