@@ -94,6 +94,17 @@ def load_network(path: str | Path, device: torch.device, onnx: bool | None = Non
     return model_from_checkpoint(state, path).to(device).eval(), state["class_names"], state.get("category_ids")
 
 
+def check_settings(test_flip, test_scales, score_thresh, batch_size, amp) -> list[float]:
+    """The Detector's arguments that need no model, checked (ArgumentError); returns the test scales as a list."""
+    scales = check_scales(test_scales)
+    check_number("score_thresh", score_thresh, 0, 1)
+    check_positive_int("batch_size", batch_size)
+    for name, value in (("test_flip", test_flip), ("amp", amp)):
+        if not isinstance(value, bool):
+            raise ArgumentError(f"{name}: expected True or False, got {value!r}")
+    return scales
+
+
 class Detector:
     """Calls on a BGR image ((H, W, 3) uint8 numpy array, as cv2.imread gives) or an image file give its
     `Detections`; on a list of them, one `Detections` per image. Images whose network inputs have the same shape
@@ -107,13 +118,7 @@ class Detector:
         dropped; `category_ids` are the data set's ids of the classes (None: unknown). `amp`: the 16-bit path (the
         bf16 network on the CPU, fp16 autocast on CUDA); a network is run prepared for inference on the CPU, in a
         process that keeps freed memory for the next forward (utils/cpu_memory.py)."""
-        scales = check_scales(test_scales)
-        check_number("score_thresh", score_thresh, 0, 1)
-        check_positive_int("batch_size", batch_size)
-        if not isinstance(test_flip, bool):
-            raise ArgumentError(f"test_flip: expected True or False, got {test_flip!r}")
-        if not isinstance(amp, bool):
-            raise ArgumentError(f"amp: expected True or False, got {amp!r}")
+        scales = check_settings(test_flip, test_scales, score_thresh, batch_size, amp)
         if amp and isinstance(model, OnnxModel):
             raise ArgumentError("amp: an ONNX model runs in the precision it was exported in; drop amp")
         if category_ids is not None and len(category_ids) != len(class_names):
@@ -138,9 +143,7 @@ class Detector:
                         config: InferenceConfig | None = None, amp: bool = False) -> "Detector":
         """A detector for the checkpoint at `path` (or the .onnx file: see `load_network`) on `device` (auto, cpu,
         cuda, cuda:N or a torch.device). Bad arguments are refused before the file is read."""
-        check_scales(test_scales)
-        check_number("score_thresh", score_thresh, 0, 1)
-        check_positive_int("batch_size", batch_size)
+        check_settings(test_flip, test_scales, score_thresh, batch_size, amp)
         torch_device = select_device(device)
         model, class_names, category_ids = load_network(path, torch_device, onnx)
         return cls(model, class_names, torch_device, test_flip, test_scales, score_thresh, batch_size, config,

@@ -129,12 +129,13 @@ def test_devices_by_name_index_and_torch_device(monkeypatch):
     ("test_scales", "1", "test_scales: expected a number or a sequence"), ("test_scales", [], "test_scales"),
     ("test_scales", (0, 1), r"test_scales: expected a number in \(0, 8\], got 0"),
     ("test_scales", (1, math.inf), "test_scales"), ("test_scales", [math.nan], "test_scales"),
-    ("test_flip", "yes", "test_flip: expected True or False"),
+    ("test_flip", "yes", "test_flip: expected True or False"), ("amp", 1, "amp: expected True or False"),
     ("device", "gpu", "device: expected auto, cpu, cuda"),
 ])
-def test_api_arguments_are_checked_when_the_detector_is_made(ckpt, name, value, message):
+def test_api_arguments_are_checked_when_the_detector_is_made(tmp_path, name, value, message):
+    """Before the file is read: the path given does not exist (test_flip and amp were checked after reading)."""
     with pytest.raises(ArgumentError, match=message):
-        Detector.from_checkpoint(ckpt, **{"device": "cpu", name: value})
+        Detector.from_checkpoint(tmp_path / "absent.pt", **{"device": "cpu", name: value})
 
 
 def test_api_arguments_in_their_range_are_taken(ckpt):
