@@ -33,13 +33,13 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from datasets.image_io import IMAGE_SUFFIXES, load_image
+from datasets.image_io import IMAGE_SUFFIXES, load_image, write_image
 from engine.detector import Detections, Detector
 from engine.inference import parse_scales
 from engine.visualize import draw
 from utils.checks import check_number, check_positive_int
 from utils.errors import ArgumentError, DataError, MissingFileError, UserError, WriteError, run_cli
-from utils.files import atomic_write, make_folder, pid_temporary, remove_dead_temporaries, same_file, write_json
+from utils.files import make_folder, pid_temporary, remove_dead_temporaries, same_file, write_json
 
 VIDEO_CODECS = {".mp4": "mp4v", ".avi": "MJPG"}
 JSON_EVERY_S = 5.0  # how often a long run saves the detections so far
@@ -76,15 +76,6 @@ def list_images(source: Path) -> list[Path]:
         raise UserError(f"--images {source}: no image files in this folder (sub-folders are not read; looked for "
                         f"{' '.join(sorted(IMAGE_SUFFIXES))})")
     return images
-
-
-def write_image(path: Path, image: np.ndarray) -> None:
-    """Encodes and writes atomically, so a failure (full disk, no permission) stops the run with the reason and
-    the file name, and never leaves a half-written image."""
-    ok, data = cv2.imencode(path.suffix, image)
-    if not ok:
-        raise WriteError(f"{path}: OpenCV cannot encode an image with suffix {path.suffix!r}")
-    atomic_write(path, lambda f: f.write(data.tobytes()))
 
 
 def detect(detector: Detector, frames: list[np.ndarray]) -> list[Detections]:

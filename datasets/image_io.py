@@ -6,13 +6,14 @@ EXIF orientation of a JPEG is applied, as image viewers (and most annotation too
 portrait photo is upright, its boxes are drawn where one sees the objects, and the width / height an annotation file
 gives are those of the upright image (a 90-degree mismatch fails the loader's size check). Every image is read here:
 training, evaluation, demo.py, datasets.check and tools/analyze.py agree. A JPEG cut short (which libjpeg would
-otherwise decode with gray rows at the bottom) is an error."""
+otherwise decode with gray rows at the bottom) is an error. Drawn images are written here too (`write_image`)."""
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from utils.errors import ArgumentError, DataError, MissingFileError
+from utils.errors import ArgumentError, DataError, MissingFileError, WriteError
+from utils.files import atomic_write
 
 _FLAGS = cv2.IMREAD_COLOR  # which applies the EXIF orientation (IMREAD_UNCHANGED would not)
 # The file name endings of the formats cv2.imread documents (those missing from a given OpenCV build are reported
@@ -66,3 +67,12 @@ def as_bgr8(image: np.ndarray) -> np.ndarray:
     if shape[2] == 1:
         return cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
     return np.ascontiguousarray(image[:, :, :3])
+
+
+def write_image(path: Path, image: np.ndarray) -> None:
+    """Encodes `image` in the format of `path`'s suffix and writes it atomically, so a failure (full disk, no
+    permission) is a WriteError naming the file, and never leaves a half-written image."""
+    ok, data = cv2.imencode(path.suffix, image)
+    if not ok:
+        raise WriteError(f"{path}: OpenCV cannot encode an image with suffix {path.suffix!r}")
+    atomic_write(path, lambda f: f.write(data.tobytes()))

@@ -1,6 +1,8 @@
 """tools/analyze.py on hand-made cases whose breakdown is known, and end to end with drawings, from a results json
 or test.py's metrics json."""
 import json
+import resource
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -210,3 +212,24 @@ def test_the_command_line_ends_a_mistake_in_one_error_line(tmp_path):
                            "--split", "val"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert proc.stderr.splitlines() == [f"error: {missing}: cannot read the json (No such file or directory)"]
+
+
+def test_a_drawing_the_disk_refuses_is_an_error_not_a_silent_gap(tmp_path):
+    """Files limited to 1 KiB (RLIMIT_FSIZE, as a full disk refuses a write): cv2.imwrite's False was ignored and
+    the drawing silently missing; now the run ends in one error line naming it, and no part-written file is left."""
+    data = data_dir(tmp_path)
+    (data / "annotations" / "instances_val.json").write_text(json.dumps(ground_truth()))
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps(CASES["background"][0]))
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, not the signal
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))
+
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "analyze.py"), str(results), "--data_dir", str(data),
+                           "--split", "val"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          preexec_fn=limit_file_size)
+    drawing = tmp_path / "results_analysis" / "001_errors_1.jpg"
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.splitlines()[-1].startswith(f"error: cannot write {drawing}"), proc.stderr
+    assert not any((tmp_path / "results_analysis").iterdir())

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from datasets.coco import check_coco_dict, coco_from_dict, is_id, read_json, split_files
 from datasets.coco_eval import (ALL_METRIC_NAMES, FD_NAMES, METRIC_NAMES, analysis_folder, load_results,
                                  results_of_metrics)
-from datasets.image_io import load_image
+from datasets.image_io import load_image, write_image
 from utils.checks import check_number
 from utils.errors import ArgumentError, DataError, MissingFileError, run_cli
 from utils.files import make_folder, same_file
@@ -174,7 +174,7 @@ def draw_worst(gt: dict, results: list[dict], errors: dict, status: dict, img_di
             label = text if kind in ("match", "ground truth") else f"{kind}: {text}"
             cv2.putText(canvas, label, (int(x) + 2, int(y) + 12), cv2.FONT_HERSHEY_SIMPLEX, 0.4, color, 1)
         path = out / f"{bad[image_id]:03d}_errors_{Path(files[image_id]).stem}.jpg"
-        cv2.imwrite(str(path), canvas)
+        write_image(path, canvas)
         written.append(path)
     return written
 
