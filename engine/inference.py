@@ -7,7 +7,8 @@ outside the resized image are rejected, the others clipped); then the boxes of a
 `center_check` against the centers of the scale-1 forwards (both flips) -> soft-NMS per class -> the boxes
 scoring at least the `max_per_image`-th best score. A network without a center branch (`--method cornernet`),
 or `center_check` off, keeps the boxes with their corner score, as CornerNet's test code does. `evaluate` runs
-it over a data set (split across processes under torchrun) and scores it with pycocotools.
+it over a data set (split across processes under torchrun) and scores it with pycocotools (or faster-coco-eval:
+`backend`).
 
 Defaults are those of the official configs (db/detection.py with config/CenterNet-104.json): top_k 70,
 ae_threshold 0.5, nms_kernel 3, num_dets 1000, nms_threshold 0.5, gaussian soft-NMS (sigma 0.5), max_per_image 100,
@@ -23,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from datasets.coco_eval import evaluate_detections
-from datasets.transforms import EvalMeta, boxes_to_resized, far_outside, resized_to_original
+from datasets.transforms import EvalMeta, boxes_to_original, boxes_to_resized, far_outside, resized_to_original
 from lib.nms import soft_nms, soft_nms_merge
 from nets.hourglass import CenterNet
 from nets.inference import PreparedNetwork, prepare_for_inference
@@ -141,8 +142,7 @@ def to_original(boxes: torch.Tensor, centers: torch.Tensor | None, meta: EvalMet
     if centers is None:
         return boxes, None
     centers = centers.float().cpu().numpy()
-    points = boxes_to_resized(centers[:, [0, 1, 0, 1]], meta, flipped)
-    centers[:, :2] = resized_to_original(points, meta)[:, :2]
+    centers[:, :2] = boxes_to_original(centers[:, [0, 1, 0, 1]], meta, flipped)[:, :2]
     return boxes, centers
 
 
@@ -247,7 +247,7 @@ def detect_dataset(model, dataset, cfg: InferenceConfig, device: torch.device, n
 
 def evaluate(model, dataset, cfg: InferenceConfig, device: torch.device, num_workers: int = 2, amp: bool = False,
              out_json=None, progress: bool = True, backend: str = "pycocotools") -> dict:
-    """Detects over `dataset` and scores with pycocotools on the main process (which prints the tables and writes
+    """Detects over `dataset` and scores with `backend` (datasets/coco_eval.py) on the main process (which prints the tables and writes
     `out_json` when given); every process returns the metrics dict of `evaluate_detections`."""
     with cudnn_benchmark(False):  # every image has its own size
         detections = detect_dataset(model, dataset, cfg, device, num_workers, amp, progress)

@@ -3,7 +3,8 @@ with their heads (heatmaps, embeddings, offsets). The variants of the paper's ab
 (CenterNet) or plain (CornerNet's), `center_branch` pool (center pooling), conv (convolutions only) or none (no
 center heatmap and offsets: CornerNet's network).
 
-Shapes: image (N, 3, H, W) with H, W of the form 128k - 1 -> maps (N, *, (H + 1) / 4, (W + 1) / 4).
+Shapes: image (N, 3, H, W) with H, W of the form k * size_unit - 1 (128k - 1; 32k - 1 for tiny_hourglass)
+-> maps (N, *, (H + 1) / 4, (W + 1) / 4).
 """
 import torch
 from torch import nn

@@ -1,13 +1,13 @@
 """Checkpoints: one dict per file, written atomically (utils/files.py), read with errors that name the file.
 
 A training checkpoint holds `model`, `optimizer`, `scheduler`, `scaler`, `epoch` (the last finished epoch),
-`position` (None at an epoch's end; mid-epoch: the epoch, the optimizer steps done in it and its sample order,
-see utils/sampler.py), `global_step`, `best_ap`, `loss_sums` (the running sums of the epoch's loss terms),
-`validation_pending` (only in one saved because the epoch's validation failed: --resume runs it first),
+`position` (None at an epoch's end; mid-epoch: the epoch, the optimizer steps done in it, its sample order (see
+datasets/sampling.py) and the running sums of its loss terms), `global_step`, `best_ap`, `validation_pending` (only in one saved because the epoch's validation failed: --resume runs it first),
 `args` (the flags, a dict: read it with `saved_args`), `model_config` (the network's constructor arguments, so
 that the checkpoint still builds after the architecture table in nets/ changes), `class_names` and
-`category_ids` (the data set's id of each class). `test.py` and `demo.py` need only `model`, `args` (or
-`model_config`) and `class_names`.
+`category_ids` (the data set's id of each class). `test.py`, `demo.py` and tools/export_onnx.py need only `model`,
+`args` (with `arch` and `img_size`) and `class_names` (`load_inference_checkpoint`); they build the network from
+`model_config` where it is present.
 
 Safety: every file the project reads with torch (our checkpoints, --pretrained, --resume, the official .pkl)
 goes through `read_plain`, torch.load(weights_only=True), which rebuilds tensors, numbers, strings and containers

@@ -141,11 +141,6 @@ def any_true(*flags: bool) -> list[bool]:
     return [bool(v) for v in values.tolist()]
 
 
-def barrier() -> None:
-    if is_dist():
-        dist.barrier()
-
-
 def cleanup() -> None:
     """Leaves the process group when its last holder is done. A script that runs train.py's and test.py's main in
     turn in the same processes (tools/ablation.py) joins first and keeps one group for all of them: a group made
