@@ -42,15 +42,21 @@ def detections_to_coco(detections: dict[int, np.ndarray], cat_ids: list[int]) ->
     """{image_id: (M, 6) x1 y1 x2 y2 score label} -> COCO result entries (original category id, bbox x y w h)."""
     results = []
     for image_id, dets in detections.items():
-        dets = np.asarray(dets, np.float64).reshape(-1, 6)
+        dets = np.asarray(dets).reshape(-1, 6)
         labels = dets[:, 5].astype(np.int64)
         if len(dets) and (labels.min() < 0 or labels.max() >= len(cat_ids)):
             raise ValueError(f"detections of image {image_id}: label {labels.max()} outside 0..{len(cat_ids) - 1}")
-        xywh = np.concatenate([dets[:, :2], dets[:, 2:4] - dets[:, :2]], axis=1).round(2).tolist()
-        scores = dets[:, 4].tolist()
-        results += [{"image_id": int(image_id), "category_id": int(cat_ids[c]), "bbox": box, "score": s}
-                    for box, s, c in zip(xywh, scores, labels.tolist())]
+        results += coco_entries(image_id, dets[:, :4], dets[:, 4], np.asarray(cat_ids, np.int64)[labels])
     return results
+
+
+def coco_entries(image_id: int, boxes: np.ndarray, scores: np.ndarray, category_ids: np.ndarray) -> list[dict]:
+    """(M, 4) x1 y1 x2 y2, (M,) scores and (M,) data set category ids of one image -> COCO result entries: bbox
+    x y w h in pixels, 2 decimals (widths subtracted in float64, so any caller writes the same numbers)."""
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1).round(2).tolist()
+    return [{"image_id": int(image_id), "category_id": int(c), "bbox": box, "score": float(s)}
+            for box, s, c in zip(xywh, np.asarray(scores, np.float64).tolist(), np.asarray(category_ids).tolist())]
 
 
 def server_results_name(split: str, alg: str) -> str:

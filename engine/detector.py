@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from datasets.coco_eval import coco_entries
 from datasets.image_io import as_bgr8, load_image
 from datasets.transforms import eval_input
 from engine.inference import MAX_TEST_SCALE, InferenceConfig, detect_batch, network_for, official_config
@@ -62,9 +63,7 @@ class Detections:
         if self.category_ids is None:
             raise ValueError("these detections have no category ids: their checkpoint was written before "
                              "checkpoints stored them; add them once with tools/upgrade_checkpoint.py --category_ids")
-        xywh = np.concatenate([self.boxes[:, :2], self.boxes[:, 2:] - self.boxes[:, :2]], axis=1)
-        return [{"image_id": int(image_id), "category_id": int(c), "bbox": [round(float(v), 2) for v in box],
-                 "score": float(s)} for box, s, c in zip(xywh, self.scores, self.category_ids)]
+        return coco_entries(image_id, self.boxes, self.scores, self.category_ids)
 
     def to_dict(self) -> dict:
         """The detections as json-serialisable lists: boxes (x1 y1 x2 y2), scores, labels, names, category_ids

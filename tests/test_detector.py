@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from datasets.coco import CocoDetection
+from datasets.coco_eval import detections_to_coco
 from datasets.image_io import load_image
 from engine import Detections, Detector
 from engine.inference import detect, network_for, official_config
@@ -150,6 +151,17 @@ def test_coco_results_and_json_use_the_category_ids_of_the_data_set():
         without.to_coco(1)
     empty = Detections.from_rows(np.zeros((0, 6), np.float32), ["a"], [3])
     assert empty.to_coco(1) == [] and empty.to_dict()["boxes"] == []
+
+
+def test_the_api_writes_the_coco_entries_test_py_writes():
+    """Detections.to_coco and test.py's results json (datasets.coco_eval.detections_to_coco) on the same rows:
+    identical entries. Its own float32 subtraction differed in the second decimal for 39 of 20000 random boxes."""
+    rng = np.random.default_rng(0)
+    corners = np.sort(rng.uniform(0, 1000, (20000, 2, 2)), axis=1).reshape(-1, 4)[:, [0, 2, 1, 3]]
+    rows = np.concatenate([corners, rng.uniform(0, 1, (20000, 1)), rng.integers(0, 3, (20000, 1))], axis=1)
+    rows = rows.astype(np.float32)
+    found = Detections.from_rows(rows, ["a", "b", "c"], [1, 5, 9])
+    assert found.to_coco(3) == detections_to_coco({3: rows}, [1, 5, 9])
 
 
 def test_a_checkpoint_that_does_not_fit_its_network_is_refused_with_numbers(tmp_path):
