@@ -13,7 +13,6 @@ the exit status is 1 when there is any, 0 when the split is clean. Runs from any
 `python PATH/TO/REPO/datasets/check.py ...` too.
 """
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from tqdm import tqdm
 if __package__ in (None, ""):  # run as a script from anywhere: import the repo, not this folder's modules
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from datasets.coco import coco_problems, is_id, load_entry_image, read_json, split_files
+from datasets.coco import coco_problems, is_box, is_id, load_entry_image, read_json, split_files
 from utils.errors import UserError, run_cli
 
 OUTSIDE_TOLERANCE = 0.01  # of the image side a box may leave it by (at least 1 px)
@@ -39,8 +38,7 @@ def box_problems(data: dict, ann_file: Path) -> list[str]:
     problems = []
     for i, a in enumerate(annotations if isinstance(annotations, list) else []):
         box = a.get("bbox") if isinstance(a, dict) else None
-        if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)
-                and all(math.isfinite(v) for v in box)):
+        if not is_box(box):
             continue
         x, y, w, h = box
         where = f"{ann_file}: annotations[{i}].bbox {box!r}"

@@ -78,6 +78,12 @@ def is_id(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def is_box(value) -> bool:
+    """A COCO bbox: a list of 4 finite numbers (not bools), x y width height; any width and height."""
+    return (isinstance(value, list) and len(value) == 4
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value))
+
+
 def _unique_ids(items: list[dict], key: str, path: Path, problems: list[str]) -> set:
     seen = set()
     for i, item in enumerate(items):
@@ -111,8 +117,7 @@ def coco_problems(data: dict, path: Path, require_annotations: bool = True) -> l
                                 "positive whole number")
     for i, a in enumerate(annotations):
         box = a["bbox"]
-        if (not isinstance(box, list) or len(box) != 4 or not all(isinstance(v, (int, float)) for v in box)
-                or not all(math.isfinite(v) for v in box)):
+        if not is_box(box):
             problems.append(f"{path}: annotations[{i}].bbox is {box!r}, expected [x, y, width, height] "
                             "(4 finite numbers)")
         if not is_id(a["image_id"]) or a["image_id"] not in image_ids:

@@ -16,7 +16,7 @@ import torch
 
 from utils.errors import ArgumentError, CheckpointError, MissingFileError
 
-METADATA_KEY = "centernet47"  # as tools/export_onnx.py writes it
+METADATA_KEY = "centernet47"  # the metadata entry tools/export_onnx.py writes and this class reads
 
 
 class OnnxModel:

@@ -158,7 +158,8 @@ def test_missing_keys(tmp_path, where, key, match):
         CocoDetection(tmp_path, "train", train=True)
 
 
-@pytest.mark.parametrize("bbox", [[1, 2, 3], [1, 2, 3, float("nan")], [1, 2, "3", 4], None])
+@pytest.mark.parametrize("bbox", [[1, 2, 3], [1, 2, 3, float("nan")], [1, 2, "3", 4], None,
+                                  [1, 2, True, 4]])  # a bool passes isinstance(v, int)
 def test_malformed_bbox(tmp_path, bbox):
     data = coco_dict()
     data["annotations"][0]["bbox"] = bbox

@@ -28,6 +28,7 @@ import onnx
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: import the repo
+from engine.onnx_backend import METADATA_KEY
 from nets import model_from_checkpoint, variant_name
 from nets.export_pool import rounds_for, use_export_pooling
 from utils.checkpoint import is_torch_checkpoint, load_inference_checkpoint, saved_args
@@ -37,7 +38,6 @@ from utils.files import make_folder, same_file
 # The lowest opset that exports: 8 has no nearest-neighbour upsampling to a computed size (the hourglasses' up
 # path); at 9 onnxruntime gives PyTorch's outputs (tests/test_export_onnx.py).
 MIN_OPSET = 9
-METADATA_KEY = "centernet47"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
