@@ -35,6 +35,9 @@ from utils.errors import ArgumentError, UserError
 from utils.dist import all_gather_object, is_main, rank, world_size
 
 
+MAX_TOPK = 1000  # decoding pairs every top-left corner with every bottom-right one: memory grows with topk^2
+
+
 @dataclass(frozen=True)
 class InferenceConfig:
     topk: int = 70
@@ -55,6 +58,9 @@ class InferenceConfig:
         """Refuses settings that cannot work (ArgumentError naming the field), NaN and infinity included."""
         for name in ("topk", "num_dets", "kernel", "max_per_image"):
             check_positive_int(name, getattr(self, name))
+        if self.topk > MAX_TOPK:  # 100000 took 9 GB and 11 s per image on 4 classes; on COCO, the OOM killer
+            raise ArgumentError(f"topk: expected a whole number in [1, {MAX_TOPK}] (decoding pairs every top-left "
+                                f"with every bottom-right corner: memory grows with topk squared), got {self.topk}")
         if self.kernel % 2 == 0:
             raise ArgumentError(f"kernel: expected an odd window size, got {self.kernel}")
         check_number("ae_threshold", self.ae_threshold, 0)

@@ -146,7 +146,7 @@ def test_api_arguments_in_their_range_are_taken(ckpt):
 
 @pytest.mark.parametrize("field, value", [("nms_threshold", math.nan), ("nms_threshold", 0), ("ae_threshold", -1),
                                           ("ae_threshold", math.inf), ("weight_exp", math.nan), ("sigma", 0),
-                                          ("score_threshold", 2), ("topk", 0), ("kernel", 4), ("nms_method", 3),
+                                          ("score_threshold", 2), ("topk", 0), ("topk", 1001), ("kernel", 4), ("nms_method", 3),
                                           ("merge", "yes"), ("max_per_image", 1.5)])
 def test_inference_settings_that_cannot_work_are_refused(field, value):
     with pytest.raises(ArgumentError, match=f"{field}: expected"):
