@@ -295,6 +295,7 @@ def train(args: argparse.Namespace, signals: StopSignals, folder_lock: RunFolder
             stops the run, but the epoch trained is saved first, marked for its validation to run on --resume."""
             nonlocal ap, best_ap
             if validate:
+                dist.broadcast_buffers(model)  # every process validates the network the checkpoint holds
                 try:
                     stats = evaluate(model, val_set, eval_config, device=device, num_workers=args.num_workers,
                                      amp=amp)

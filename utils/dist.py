@@ -130,6 +130,17 @@ def broadcast_object(obj):
     return box[0]
 
 
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Rank 0's buffers (batch norm's running statistics) on every process. DDP sends them at the start of each
+    training forward, which then updates each process's copy with its own images: after the last step the copies
+    differ, and a validation split over the processes would score each share with other statistics than the
+    checkpoint (rank 0's) holds."""
+    if is_dist():
+        with torch.no_grad():
+            for buffer in module.buffers():
+                dist.broadcast(buffer, src=0)
+
+
 def any_true(*flags: bool) -> list[bool]:
     """For each flag, whether it is true on any process (one all-reduce), so that all processes take the same
     branch (stop, save) at the same step."""
