@@ -33,6 +33,7 @@ from utils.device import autocast, cudnn_benchmark
 from utils.checks import check_number, check_positive_int
 from utils.errors import ArgumentError, UserError
 from utils.dist import all_gather_object, is_main, rank, world_size
+from utils.stopping import ignore_stop_signals
 
 
 MAX_TOPK = 1000  # decoding pairs every top-left corner with every bottom-right one: memory grows with topk^2
@@ -230,7 +231,8 @@ def detect_dataset(model, dataset, cfg: InferenceConfig, device: torch.device, n
     """{image_id: (M, 6)} over the whole `dataset`; each process runs every world_size-th image and the results
     of all processes are gathered into every one of them."""
     loader = DataLoader(ErrorsAsItems(Subset(dataset, range(rank(), len(dataset), world_size()))), batch_size=1,
-                        shuffle=False, num_workers=num_workers, collate_fn=first_item, pin_memory=device.type == "cuda")
+                        shuffle=False, num_workers=num_workers, collate_fn=first_item, pin_memory=device.type == "cuda",
+                        worker_init_fn=ignore_stop_signals)  # a stop is the main process's to handle
     was_training = model.training
     model.eval()
     network = network_for(model, device, amp)

@@ -348,7 +348,8 @@ def train(args: argparse.Namespace, signals: StopSignals, folder_lock: RunFolder
                         (f" ({progress.unreadable} unreadable images skipped)" if progress.unreadable else ""))
 
             end_epoch(epoch, epoch == args.num_epochs or (args.val_interval > 0 and epoch % args.val_interval == 0))
-            stopped = dist.any_true(signals.received is not None)[0]
+            # After the last epoch's save the run is complete: a stop received meanwhile has nothing left to stop.
+            stopped = epoch < args.num_epochs and dist.any_true(signals.received is not None)[0]
             if stopped:
                 break
         if stopped:

@@ -1,6 +1,7 @@
 """Faults a long run meets, injected for real where a test can: SIGTERM and kill -9 to a running train.py, a write
 that the kernel refuses (file size limit), a full disk, truncated checkpoints and unreadable training images.
 Each test states what must survive."""
+import contextlib
 import errno
 import importlib.util
 import os
@@ -191,3 +192,41 @@ def test_an_unreadable_training_image_is_skipped_and_too_many_stop_the_run(tmp_p
     with pytest.raises(DataError, match="1 training images of epoch 1 could not be read"), pytest.warns(UserWarning):
         train.main(args("strict"))
     assert not (tmp_path / "strict" / "run" / "checkpoint.pt").exists()
+
+
+def test_sigterm_to_the_whole_job_during_validation_keeps_the_epoch(tmp_path):
+    """SIGTERM to the process group (srun's and scancel's, torchrun's to its workers) while validation reads its
+    images in loader workers: the workers died of it, the run ended in their RuntimeError and the epoch just trained
+    was lost ("the run ended before its first save"). Now they ignore it as the training loader's do: validation
+    ends, the epoch is saved, and the run stops (143); during the last epoch's validation, the run completes (0).
+    The last val image is a named pipe, so that the signal arrives while a worker is blocked reading it; its bytes
+    are written after the signal."""
+    data = tmp_path / "data"
+    cfg = ShapesConfig(min_size=64, max_size=96, min_obj=16, max_obj=40, max_objects=3)
+    write_split(data, "train", 4, seed=2, cfg=cfg)
+    last = data / "val" / write_split(data, "val", 5, seed=2, cfg=cfg)["images"][-1]["file_name"]
+    image_bytes = last.read_bytes()
+    last.unlink()
+    os.mkfifo(last)
+
+    def signal_during_validation(*extra: str) -> tuple[int, str]:
+        proc = start(train_cmd(data, tmp_path, "--num_workers", "1", "--batch_size", "4", "--val_interval", "1",
+                               *extra), start_new_session=True)
+        pipe = open(last, "wb")  # returns once a loader worker opens the pipe to read it: validation runs
+        os.killpg(proc.pid, signal.SIGTERM)
+        time.sleep(1)  # the signal reaches every process of the group before the worker's read returns
+        with contextlib.suppress(BrokenPipeError), pipe:  # a worker the signal killed closed its end
+            pipe.write(image_bytes)
+        out, err = proc.communicate(timeout=300)
+        return proc.returncode, err
+
+    status, err = signal_during_validation()
+    assert status == 128 + signal.SIGTERM, err[-3000:]
+    assert "epoch 1: val AP" in (tmp_path / "run" / "train.log").read_text()
+    state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert state["epoch"] == 1 and state["position"] is None and not state.get("validation_pending")
+
+    status, err = signal_during_validation("--resume")  # epoch 2, the last
+    assert status == 0, err[-3000:]
+    assert "epoch 2: val AP" in (tmp_path / "run" / "train.log").read_text()
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["epoch"] == 2
