@@ -230,11 +230,13 @@ def far_outside(resized: np.ndarray, meta: EvalMeta, margin: float = 5.0) -> np.
 
 def resized_to_original(resized: np.ndarray, meta: EvalMeta) -> np.ndarray:
     """(N, 4) boxes in resized-image pixels -> (N, 4) float32 original pixels: clipped to the resized image, then
-    divided by the test scale (as the official code; int(W * scale) / W differs from the scale by < 1 / W)."""
+    divided by the test scale (as the official code; int(W * scale) / W differs from the scale by < 1 / W), and
+    clipped to the original image (which only a side resized up to 1 pixel from below 1 can leave)."""
     b = resized.copy()
     b[:, [0, 2]] = np.clip(b[:, [0, 2]], 0, meta.new_w)
     b[:, [1, 3]] = np.clip(b[:, [1, 3]], 0, meta.new_h)
-    return (b / meta.scale).astype(np.float32)
+    b = np.minimum(b / meta.scale, [meta.orig_w, meta.orig_h, meta.orig_w, meta.orig_h])
+    return b.astype(np.float32)
 
 
 def boxes_to_original(boxes: np.ndarray, meta: EvalMeta, flipped: bool) -> np.ndarray:

@@ -216,6 +216,13 @@ def test_boxes_to_original_clips_to_the_image():
     np.testing.assert_allclose(out[0], [0, 0, 150, 100])
     assert out.dtype == np.float32 and out.shape == (2, 4)
     assert boxes_to_original(np.zeros((0, 4)), meta, flipped=True).shape == (0, 4)
+    # A side that scales below one pixel is resized to 1 (not 0): clipped to that pixel and divided by the scale,
+    # a box reached 1 / 0.3 = 3.33 px on an image 1 px high.
+    for shape, scale in (((1, 500, 3), 0.3), ((7, 9, 3), 0.1), ((1, 1, 3), 0.3)):
+        _, meta = eval_input(np.zeros(shape, np.uint8), scale, flip=False)
+        for flipped in (False, True):
+            out = boxes_to_original(np.array([[-1, -1, 1000, 1000]]), meta, flipped)
+            np.testing.assert_array_equal(out[0], [0, 0, shape[1], shape[0]])
 
 
 @pytest.mark.parametrize("scale", [0.6, 1.0, 1.37])
