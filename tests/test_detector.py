@@ -18,7 +18,7 @@ from tests.test_demo import same_detections
 from tests.test_export_onnx import peaked_tiny
 from tools import export_onnx
 from utils.checkpoint import save_checkpoint
-from utils.errors import CheckpointError, MissingFileError
+from utils.errors import ArgumentError, CheckpointError, MissingFileError
 
 RACCOON = Path(__file__).parent / "data" / "raccoon"
 CLASSES = ["raccoon"]
@@ -147,7 +147,7 @@ def test_coco_results_and_json_use_the_category_ids_of_the_data_set():
         "names": ["car", "person"], "category_ids": [7, 1]}
     without = Detections.from_rows(rows, ["person", "bicycle", "car"])
     assert without.to_dict()["category_ids"] is None
-    with pytest.raises(ValueError, match="no category ids.*tools/upgrade_checkpoint.py --category_ids"):
+    with pytest.raises(ArgumentError, match="no category ids.*tools/upgrade_checkpoint.py --category_ids"):
         without.to_coco(1)
     empty = Detections.from_rows(np.zeros((0, 6), np.float32), ["a"], [3])
     assert empty.to_coco(1) == [] and empty.to_dict()["boxes"] == []
