@@ -226,39 +226,51 @@ class ErrorsAsItems(Dataset):
             return error
 
 
+class EvaluationStopped(Exception):
+    """A stop request (SIGTERM, Ctrl-C: `stop()` true on some process) ended an evaluation before every image was
+    scored; raised on every process alike."""
+
+
 def detect_dataset(model, dataset, cfg: InferenceConfig, device: torch.device, num_workers: int = 2,
-                   amp: bool = False, progress: bool = True) -> dict[int, np.ndarray]:
+                   amp: bool = False, progress: bool = True, stop=None) -> dict[int, np.ndarray]:
     """{image_id: (M, 6)} over the whole `dataset`; each process runs every world_size-th image and the results
-    of all processes are gathered into every one of them."""
+    of all processes are gathered into every one of them. `stop` (a callable, or None) is asked before each image;
+    once it is true the process stops, and EvaluationStopped is raised on every process at the gathering, which
+    each reaches once whatever its share (no collective per image, which shares of unequal length would hang)."""
     loader = DataLoader(ErrorsAsItems(Subset(dataset, range(rank(), len(dataset), world_size()))), batch_size=1,
                         shuffle=False, num_workers=num_workers, collate_fn=first_item, pin_memory=device.type == "cuda",
                         worker_init_fn=ignore_stop_signals)  # a stop is the main process's to handle
     was_training = model.training
     model.eval()
     network = network_for(model, device, amp)
-    detections, error = {}, None
+    detections, error, stopped = {}, None, False
     try:
         for sample in tqdm(loader, desc="eval", disable=not (progress and is_main()), dynamic_ncols=True):
+            if stop is not None and stop():
+                stopped = True
+                break
             if isinstance(sample, UserError):
                 raise sample
             detections[int(sample["image_id"])] = detect(network, sample["inputs"], cfg, device, amp)
     except UserError as e:  # raised below on every process alike: the others must not wait for this one
         error = e
     model.train(was_training)
-    merged = {}
-    for part, part_error in all_gather_object((detections, error)):
+    parts = all_gather_object((detections, error, stopped))
+    for _, part_error, _ in parts:
         if part_error is not None:
             raise part_error
-        merged.update(part)
-    return merged
+    if any(part_stopped for _, _, part_stopped in parts):
+        raise EvaluationStopped("evaluation stopped by a stop request")
+    return {image_id: dets for part, _, _ in parts for image_id, dets in part.items()}
 
 
 def evaluate(model, dataset, cfg: InferenceConfig, device: torch.device, num_workers: int = 2, amp: bool = False,
-             out_json=None, progress: bool = True, backend: str = "pycocotools") -> dict:
-    """Detects over `dataset` and scores with `backend` (datasets/coco_eval.py) on the main process (which prints the tables and writes
-    `out_json` when given); every process returns the metrics dict of `evaluate_detections`."""
+             out_json=None, progress: bool = True, backend: str = "pycocotools", stop=None) -> dict:
+    """Detects over `dataset` and scores with `backend` (datasets/coco_eval.py) on the main process (which prints
+    the tables and writes `out_json` when given); every process returns the metrics dict of `evaluate_detections`.
+    `stop`: see `detect_dataset`."""
     with cudnn_benchmark(False):  # every image has its own size
-        detections = detect_dataset(model, dataset, cfg, device, num_workers, amp, progress)
+        detections = detect_dataset(model, dataset, cfg, device, num_workers, amp, progress, stop)
     stats = None
     if is_main():
         stats = evaluate_detections(dataset.coco, detections, dataset.cat_ids, dataset.class_names,

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from datasets import build_dataset
 from datasets.sampling import EpochSampler, TrainSamples, epoch_order
-from engine.inference import InferenceConfig, evaluate
+from engine.inference import EvaluationStopped, InferenceConfig, evaluate
 from engine.pretrained import load_pretrained_checkpoint
 from engine.run_folder import (BEST, CHECKPOINT, RunFolderLock, check_resumable, on_main_for_all,
                                run_folder_plan)
@@ -290,18 +290,22 @@ def train(args: argparse.Namespace, signals: StopSignals, folder_lock: RunFolder
                     "args": dict(vars(args)), "model_config": config, "class_names": train_set.class_names,
                     "category_ids": train_set.cat_ids}
 
-        def end_epoch(epoch: int, validate: bool) -> None:
+        def end_epoch(epoch: int, validate: bool) -> bool:
             """Validation (when due), then checkpoint.pt and, on a better AP, best.pt. A val image missing or corrupt
-            stops the run, but the epoch trained is saved first, marked for its validation to run on --resume."""
+            stops the run, and a stop request (SIGTERM, Ctrl-C) the validation, but the epoch trained is saved
+            first, marked for its validation to run on --resume. Whether a stop request ended the validation (the
+            same on every process)."""
             nonlocal ap, best_ap
             if validate:
                 dist.broadcast_buffers(model)  # every process validates the network the checkpoint holds
                 try:
                     stats = evaluate(model, val_set, eval_config, device=device, num_workers=args.num_workers,
-                                     amp=amp)
-                except UserError:
+                                     amp=amp, stop=lambda: signals.received is not None)
+                except (UserError, EvaluationStopped) as error:
                     snapshot = {**state_dict(epoch, None), "validation_pending": True}
                     on_main_for_all(lambda: save_checkpoint(run_dir / CHECKPOINT, snapshot))
+                    if isinstance(error, EvaluationStopped):
+                        return True
                     raise
                 ap = stats["AP"]
                 logger.scalars({"AP": ap, "AP50": stats["AP50"]}, steps_done(), prefix="val/")
@@ -317,13 +321,17 @@ def train(args: argparse.Namespace, signals: StopSignals, folder_lock: RunFolder
             if improved:
                 on_main_for_all(lambda: save_checkpoint(run_dir / BEST, snapshot))
             timer.reset()
+            return False
 
         timer = CheckpointTimer(args.ckpt_interval)
-        ap, stopped = best_ap, False
+        ap, where = best_ap, None  # where a stop request (SIGTERM, Ctrl-C) stopped the run, for its last line
         if validation_pending:
-            logger.info(f"epoch {start_epoch - 1}: its validation failed before the stop; it runs now")
-            end_epoch(start_epoch - 1, True)
+            logger.info(f"epoch {start_epoch - 1}: its validation did not end before the run stopped; it runs now")
+            if end_epoch(start_epoch - 1, True):
+                where = f"epoch {start_epoch - 1}'s validation"
         for epoch in range(start_epoch, args.num_epochs + 1):
+            if where:
+                break
             if progress is None or progress.epoch != epoch:
                 progress = EpochProgress(epoch, epoch_order(len(train_set), step_batch, args.seed, epoch), step_batch,
                                          progress.global_step if progress else global_step)
@@ -335,25 +343,24 @@ def train(args: argparse.Namespace, signals: StopSignals, folder_lock: RunFolder
                 on_main_for_all(lambda: save_checkpoint(run_dir / CHECKPOINT, snapshot))
                 timer.reset()
 
-            stopped = train_one_epoch(
-                train_model, loader, optimizer, scaler, device, amp, progress, logger,
-                pause=lambda: dist.any_true(signals.received is not None, dist.is_main() and timer.due()),
-                save=save_mid_epoch, max_unreadable=args.max_bad_fraction * len(progress.order),
-                accum_steps=args.accum_steps, loss_config=build_loss_config(args), memory_format=memory_format)
-            if stopped:
+            if train_one_epoch(
+                    train_model, loader, optimizer, scaler, device, amp, progress, logger,
+                    pause=lambda: dist.any_true(signals.received is not None, dist.is_main() and timer.due()),
+                    save=save_mid_epoch, max_unreadable=args.max_bad_fraction * len(progress.order),
+                    accum_steps=args.accum_steps, loss_config=build_loss_config(args), memory_format=memory_format):
+                where = f"epoch {epoch}, step {progress.step} of {progress.steps}"
                 break
             scheduler.step()
             means = {k: v / max(progress.steps * args.accum_steps, 1) for k, v in progress.sums.items()}
             logger.info(f"epoch {epoch}: " + " ".join(f"{k} {v:.4f}" for k, v in means.items()) +
                         (f" ({progress.unreadable} unreadable images skipped)" if progress.unreadable else ""))
 
-            end_epoch(epoch, epoch == args.num_epochs or (args.val_interval > 0 and epoch % args.val_interval == 0))
+            if end_epoch(epoch, epoch == args.num_epochs or (args.val_interval > 0 and epoch % args.val_interval == 0)):
+                where = f"epoch {epoch}'s validation"
             # After the last epoch's save the run is complete: a stop received meanwhile has nothing left to stop.
-            stopped = epoch < args.num_epochs and dist.any_true(signals.received is not None)[0]
-            if stopped:
-                break
-        if stopped:
-            where = f"epoch {progress.epoch}, step {progress.step} of {progress.steps}"
+            elif epoch < args.num_epochs and dist.any_true(signals.received is not None)[0]:
+                where = f"the end of epoch {epoch}"
+        if where:
             logger.info(f"stopped by {signals.received or 'a signal to another process'} at {where}; saved "
                         f"{run_dir / CHECKPOINT}. Resume with the same command plus --resume")
     # What the run leaves, and the line that ends it, go into its train.log too (KeyboardInterrupt: a second Ctrl-C).
@@ -365,5 +372,5 @@ def train(args: argparse.Namespace, signals: StopSignals, folder_lock: RunFolder
         raise
     logger.close()
     dist.cleanup()
-    return ap, stopped
+    return ap, where is not None
 

@@ -194,13 +194,24 @@ def test_an_unreadable_training_image_is_skipped_and_too_many_stop_the_run(tmp_p
     assert not (tmp_path / "strict" / "run" / "checkpoint.pt").exists()
 
 
-def test_sigterm_to_the_whole_job_during_validation_keeps_the_epoch(tmp_path):
+def held_open(path: Path) -> bool:
+    """Whether any process (that this one may inspect) has `path` open."""
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        try:
+            if any(os.readlink(fd) == str(path) for fd in fd_dir.iterdir()):
+                return True
+        except OSError:  # another user's process, or one that ended meanwhile
+            continue
+    return False
+
+
+def test_sigterm_to_the_whole_job_during_validation_saves_the_epoch_for_resume_to_validate(tmp_path):
     """SIGTERM to the process group (srun's and scancel's, torchrun's to its workers) while validation reads its
     images in loader workers: the workers died of it, the run ended in their RuntimeError and the epoch just trained
-    was lost ("the run ended before its first save"). Now they ignore it as the training loader's do: validation
-    ends, the epoch is saved, and the run stops (143); during the last epoch's validation, the run completes (0).
-    The last val image is a named pipe, so that the signal arrives while a worker is blocked reading it; its bytes
-    are written after the signal."""
+    was lost ("the run ended before its first save"). Now the workers ignore it, as the training loader's do, and
+    the validation stops at the next image (a launcher kills what has not stopped soon: torchrun after 30 s): the
+    epoch is saved marked for validation and the run exits 143; --resume validates it first, also after the last
+    epoch. The last val image is a named pipe, so that the signal arrives while a worker is blocked reading it."""
     data = tmp_path / "data"
     cfg = ShapesConfig(min_size=64, max_size=96, min_obj=16, max_obj=40, max_objects=3)
     write_split(data, "train", 4, seed=2, cfg=cfg)
@@ -208,25 +219,36 @@ def test_sigterm_to_the_whole_job_during_validation_keeps_the_epoch(tmp_path):
     image_bytes = last.read_bytes()
     last.unlink()
     os.mkfifo(last)
+    log = tmp_path / "run" / "train.log"
 
-    def signal_during_validation(*extra: str) -> tuple[int, str]:
+    def run(*stop_at_read: bool, resume: bool = False) -> int:
+        """A run validating after each epoch; at each read of the pipe, SIGTERM first where `stop_at_read` says."""
         proc = start(train_cmd(data, tmp_path, "--num_workers", "1", "--batch_size", "4", "--val_interval", "1",
-                               *extra), start_new_session=True)
-        pipe = open(last, "wb")  # returns once a loader worker opens the pipe to read it: validation runs
-        os.killpg(proc.pid, signal.SIGTERM)
-        time.sleep(1)  # the signal reaches every process of the group before the worker's read returns
-        with contextlib.suppress(BrokenPipeError), pipe:  # a worker the signal killed closed its end
-            pipe.write(image_bytes)
-        out, err = proc.communicate(timeout=300)
-        return proc.returncode, err
+                               *(["--resume"] if resume else [])), start_new_session=True)
+        for stop in stop_at_read:
+            pipe = open(last, "wb")  # returns once a loader worker opens the pipe to read it: validation runs
+            if stop:
+                os.killpg(proc.pid, signal.SIGTERM)
+                time.sleep(1)  # the signal reaches every process of the group before the worker's read returns
+            with contextlib.suppress(BrokenPipeError), pipe:  # a worker the signal killed closed its end
+                pipe.write(image_bytes)
+            # The next open must wait for the next read: while this reader holds the pipe, it would return at once.
+            wait_for(lambda: not held_open(last), proc, timeout=60, poll=0.01)
+        err = proc.communicate(timeout=300)[1]
+        assert "Traceback" not in err, err[-3000:]
+        return proc.returncode
 
-    status, err = signal_during_validation()
-    assert status == 128 + signal.SIGTERM, err[-3000:]
-    assert "epoch 1: val AP" in (tmp_path / "run" / "train.log").read_text()
+    assert run(True) == 128 + signal.SIGTERM
     state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
-    assert state["epoch"] == 1 and state["position"] is None and not state.get("validation_pending")
+    assert state["epoch"] == 1 and state["position"] is None and state["validation_pending"]
+    assert "stopped by SIGTERM at epoch 1's validation; saved" in log.read_text()
+    assert "val AP" not in log.read_text()
 
-    status, err = signal_during_validation("--resume")  # epoch 2, the last
-    assert status == 0, err[-3000:]
-    assert "epoch 2: val AP" in (tmp_path / "run" / "train.log").read_text()
-    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["epoch"] == 2
+    assert run(False, True, resume=True) == 128 + signal.SIGTERM  # epoch 1's validation, then epoch 2's
+    state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert state["epoch"] == 2 and state["validation_pending"]
+    assert "epoch 1: val AP" in log.read_text() and "epoch 2: val AP" not in log.read_text()
+
+    assert run(False, resume=True) == 0  # epoch 2's validation: the run is complete
+    assert not load_checkpoint(tmp_path / "run" / "checkpoint.pt").get("validation_pending")
+    assert "epoch 2: val AP" in log.read_text()

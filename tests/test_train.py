@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 import train
 from datasets.coco import CocoDetection
@@ -23,7 +23,7 @@ from datasets.sampling import EpochSampler, TrainSamples, epoch_order
 from datasets.shapes import ShapesConfig, write_split
 from datasets.targets import make_targets
 from engine import trainer
-from engine.inference import InferenceConfig, evaluate
+from engine.inference import EvaluationStopped, InferenceConfig, evaluate
 from nets import build_model
 from utils import dist
 from utils.checkpoint import load_checkpoint, save_checkpoint
@@ -462,25 +462,30 @@ class SecondImageBroken(Dataset):
         return self.dataset[i]
 
 
-def evaluate_with_one_rank_failing(rank: int, world: int, port: int, shapes: str, out: str) -> None:
+def evaluate_on_one_of_two(rank: int, world: int, port: int, shapes: str, out: str, case: str) -> None:
+    """An evaluation in which only rank 1 reads a broken image ("broken"), or only rank 0 is asked to stop, at its
+    first image, with shares of 2 and 1 images ("stop"); each process writes down what it raised."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     dist.init_distributed(True, device="cpu")
-    data = SecondImageBroken(CocoDetection(shapes, "val", train=False))
+    val = CocoDetection(shapes, "val", train=False)
+    data = SecondImageBroken(val) if case == "broken" else Subset(val, [0, 1, 0])
     try:
         evaluate(build_model("tiny_hourglass", 4), data, InferenceConfig(), torch.device("cpu"), num_workers=0,
-                 progress=False)
-    except DataError as e:
-        (Path(out) / f"rank{rank}.txt").write_text(str(e))
+                 progress=False, stop=(lambda: rank == 0) if case == "stop" else None)
+    except (DataError, EvaluationStopped) as e:
+        (Path(out) / f"rank{rank}.txt").write_text(f"{type(e).__name__}: {e}")
     dist.cleanup()
 
 
-def test_an_evaluation_error_on_one_process_is_raised_on_every_process(shapes_dir, tmp_path):
-    """Only the second process reads the broken image; the first must not wait for it in the gather of the results
-    (a hang until the process group's timeout) but raise the same error, so that train.py can save the epoch on every
-    process and each process exits with the error."""
-    processes = mp.spawn(evaluate_with_one_rank_failing, args=(2, free_port(), str(shapes_dir), str(tmp_path)),
+@pytest.mark.parametrize("case, raised", [("broken", "DataError: val image 1 is corrupt"),
+                                          ("stop", "EvaluationStopped: evaluation stopped by a stop request")])
+def test_an_evaluation_error_or_stop_on_one_process_is_raised_on_every_process(shapes_dir, tmp_path, case, raised):
+    """Only one process reads the broken image, or is asked to stop; the other must not wait for it in the gather of
+    the results (a hang until the process group's timeout) but raise the same, so that train.py can save the epoch on
+    every process and each process exits with the error, or stops."""
+    processes = mp.spawn(evaluate_on_one_of_two, args=(2, free_port(), str(shapes_dir), str(tmp_path), case),
                          nprocs=2, join=False)
     for process in processes.processes:
         process.join(timeout=120)
@@ -488,7 +493,7 @@ def test_an_evaluation_error_on_one_process_is_raised_on_every_process(shapes_di
     for p in hung:
         p.kill()
     assert not hung
-    assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)] == ["val image 1 is corrupt"] * 2
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)] == [raised] * 2
 
 
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path):
