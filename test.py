@@ -122,6 +122,7 @@ def check_fits_export(model: OnnxModel, images: list[dict], scales: list[float],
 
 
 def main(args: argparse.Namespace) -> dict:
+    args = argparse.Namespace(**vars(args))  # completed below; the caller's flags stay as given, to run again
     if args.num_workers < 0:
         raise ArgumentError(f"--num_workers must be 0 or more, got {args.num_workers}")
     args.test_scales = parse_scales(args.test_scales)

@@ -189,6 +189,7 @@ def state_in_parameter_layout(optimizer: torch.optim.Optimizer) -> None:
 def train(args: argparse.Namespace, signals: StopSignals, folder_lock: RunFolderLock) -> tuple[float, bool]:
     """The run of `main`: (last validation AP, whether a signal stopped it). The main process holds `folder_lock` on
     the run folder from before it decides to start or resume there."""
+    args = argparse.Namespace(**vars(args))  # completed below; the caller's flags stay as given, to run again
     # The variant's two parts, resolved from the preset once: the checkpoint's args hold what the network is.
     vars(args).update(resolve_variant(args.method, args.corner_pool, args.center_branch))
     launched_without_flag = dist.launched() and not args.dist

@@ -57,7 +57,10 @@ def read_results(path: Path) -> list[dict]:
 
 
 def test_evaluates_and_writes_json(ckpt_dir, capsys):
-    stats = test_cli.main(cli_args(ckpt_dir, "--arch", "tiny_hourglass", "--test_flip", "--test_scales", "0.5,1"))
+    args = cli_args(ckpt_dir, "--arch", "tiny_hourglass", "--test_flip", "--test_scales", "0.5,1")
+    given = dict(vars(args))
+    stats = test_cli.main(args)
+    assert vars(args) == given  # the caller's flags as given (test_scales was a list after, arch set), to run again
     printed = capsys.readouterr().out
     assert "Average Precision  (AP) @[ IoU=0.50:0.95" in printed and "raccoon" in printed
     out = ckpt_dir / "tiny" / f"results_val_checkpoint_s0.5_1_flip_{settings_hash({'topk': 20})}.json"

@@ -51,7 +51,10 @@ def test_checkpoint_contents_and_resume_equals_an_uninterrupted_run(shapes_dir, 
     assert first["class_names"] == ["rectangle", "ellipse", "triangle", "cross"]
     assert (tmp_path / "b" / "run" / "best.pt").is_file() and (tmp_path / "b" / "run" / "train.log").is_file()
 
-    train.main(args_for(shapes_dir, tmp_path / "b", "--num_epochs", "3", "--resume", "--lr_step", "2,3"))
+    args = args_for(shapes_dir, tmp_path / "b", "--num_epochs", "3", "--resume", "--lr_step", "2,3")
+    given = dict(vars(args))
+    train.main(args)
+    assert vars(args) == given  # the caller's flags as given (they gained num_classes, corner_pool, ...), to run again
     resumed = load_checkpoint(tmp_path / "b" / "run" / "checkpoint.pt")
     straight = load_checkpoint(tmp_path / "a" / "run" / "checkpoint.pt")
     assert resumed["model"].keys() == straight["model"].keys()
