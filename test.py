@@ -61,7 +61,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--test_flip", action="store_true",
                    help="also run the horizontally flipped image (the official test always does)")
     p.add_argument("--test_scales", default="1", help="comma-separated scales, e.g. 0.5,0.75,1,1.25,1.5")
-    p.add_argument("--topk", type=int, default=DEFAULTS.topk, help="corners and centers kept per heatmap")
+    p.add_argument("--topk", type=int, default=DEFAULTS.topk, help="corners and centers kept per heatmap (at most 1000)")
     p.add_argument("--ae_threshold", type=float, default=DEFAULTS.ae_threshold, help="max embedding distance")
     p.add_argument("--nms_threshold", type=float, default=DEFAULTS.nms_threshold, help="soft-NMS Nt")
     p.add_argument("--weight_exp", "--w_exp", type=float, default=DEFAULTS.weight_exp,

@@ -250,7 +250,8 @@ def train(args: argparse.Namespace, signals: StopSignals, folder_lock: RunFolder
         validation_pending = bool(state.get("validation_pending"))
         del state
 
-    # Before the run folder exists: a missing or foreign --pretrained file leaves nothing to refuse a rerun.
+    # Before the log is opened: a missing or foreign --pretrained file leaves nothing written (the lock removes the
+    # run folder it created), so nothing refuses the corrected rerun.
     pretrained = load_pretrained_checkpoint(model, args.pretrained, train_set.class_names, args.arch) \
         if args.pretrained and not resuming else None  # a resumed run already holds the fine-tuned weights
     logger = RunLogger(run_dir, enabled=dist.is_main())

@@ -9,7 +9,7 @@ Each check runs in a fresh interpreter (the setting is process-wide), on one thr
   frees, and whether the warm-up leaves it above every activation varies from run to run (1100-1600 faults per
   forward measured, and once none). Kept, none did (measured), and only the heap's growth while its free blocks
   settle could (336 per forward with 80 classes measured by bench/profile_infer.py with one warm-up). The bound,
-  a quarter of the control's, leaves margin.
+  a twentieth of the control's (about 470 of 9400-9600), is below what glibc's default gives too.
 """
 import os
 import platform
@@ -80,4 +80,4 @@ def test_a_cpu_detector_keeps_freed_memory_for_the_next_forward():
     _, returning_faults = probe("returning")
     returned, kept_faults = probe("detector")
     assert returned < BLOCK_MIB * 0.1
-    assert kept_faults < returning_faults / 4
+    assert kept_faults < returning_faults / 20

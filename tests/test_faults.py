@@ -194,15 +194,22 @@ def test_an_unreadable_training_image_is_skipped_and_too_many_stop_the_run(tmp_p
     assert not (tmp_path / "strict" / "run" / "checkpoint.pt").exists()
 
 
-def held_open(path: Path) -> bool:
-    """Whether any process (that this one may inspect) has `path` open."""
-    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+def open_when_read(pipe: Path, proc: subprocess.Popen, timeout: float = 240.0):
+    """The named pipe `pipe` opened for writing once a process has opened it to read; an assertion error, not a
+    hang, when `proc` ends first or nothing reads it in time."""
+    end = time.monotonic() + timeout
+    while True:
         try:
-            if any(os.readlink(fd) == str(path) for fd in fd_dir.iterdir()):
-                return True
-        except OSError:  # another user's process, or one that ended meanwhile
-            continue
-    return False
+            fd = os.open(pipe, os.O_WRONLY | os.O_NONBLOCK)  # ENXIO while no process reads it
+            break
+        except OSError as e:
+            if e.errno != errno.ENXIO:
+                raise
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < end, f"timed out: nothing read {pipe}"
+        time.sleep(0.01)
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "wb")
 
 
 def test_sigterm_to_the_whole_job_during_validation_saves_the_epoch_for_resume_to_validate(tmp_path):
@@ -226,14 +233,14 @@ def test_sigterm_to_the_whole_job_during_validation_saves_the_epoch_for_resume_t
         proc = start(train_cmd(data, tmp_path, "--num_workers", "1", "--batch_size", "4", "--val_interval", "1",
                                *(["--resume"] if resume else [])), start_new_session=True)
         for stop in stop_at_read:
-            pipe = open(last, "wb")  # returns once a loader worker opens the pipe to read it: validation runs
+            pipe = open_when_read(last, proc)  # a loader worker is reading the image: validation runs
+            last.unlink()  # the next read opens a new pipe (this reader holds this one until its end)
+            os.mkfifo(last)
             if stop:
                 os.killpg(proc.pid, signal.SIGTERM)
                 time.sleep(1)  # the signal reaches every process of the group before the worker's read returns
             with contextlib.suppress(BrokenPipeError), pipe:  # a worker the signal killed closed its end
                 pipe.write(image_bytes)
-            # The next open must wait for the next read: while this reader holds the pipe, it would return at once.
-            wait_for(lambda: not held_open(last), proc, timeout=60, poll=0.01)
         err = proc.communicate(timeout=300)[1]
         assert "Traceback" not in err, err[-3000:]
         return proc.returncode

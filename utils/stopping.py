@@ -1,9 +1,11 @@
 """When a training run pauses to save: on a signal (a scheduler's preemption, Ctrl-C) and every few minutes.
 
 `StopSignals` turns the first SIGTERM or SIGINT into a request that the training loop sees after its current step
-(it then saves and exits); a second Ctrl-C stops at once, as usual. Data loading workers ignore both signals
-(`ignore_stop_signals`): a terminal's Ctrl-C and srun's SIGTERM reach every process of the job, and a worker that
-died would end the step instead of letting it finish.
+(it then saves and exits); a second Ctrl-C stops at once, as usual. Data loading workers, of training and of
+evaluation, ignore both signals (`ignore_stop_signals`): a terminal's Ctrl-C and srun's SIGTERM reach every process
+of the job, and a worker that died would end the step (or the validation) instead of letting the main process
+stop it and save. The cost: DataLoader's last resort for a worker that does not exit when told, a SIGTERM, no
+longer ends it (such a worker is stuck in a read, and ends with it).
 
 Other commands only need SIGTERM to end them as Ctrl-C does, cleaning up: utils.errors.run_cli does that.
 """
@@ -43,7 +45,7 @@ class StopSignals:
 
 
 def ignore_stop_signals(worker_id: int = 0) -> None:
-    """`worker_init_fn` of the training DataLoader (see the module docstring)."""
+    """`worker_init_fn` of the training and evaluation DataLoaders (see the module docstring)."""
     for s in StopSignals.SIGNALS:
         signal.signal(s, signal.SIG_IGN)
 
