@@ -92,10 +92,7 @@ def make_train_loader(dataset, progress: EpochProgress, num_workers: int, device
                       accum_steps: int = 1) -> DataLoader:
     """The rest of `progress.epoch` for this process, from the step reached on (datasets/sampling.py), in
     micro-batches of `global_batch / (accum_steps * world_size)` images."""
-    micro_batch = progress.global_batch // accum_steps
-    if micro_batch % dist.world_size():
-        raise ArgumentError(f"--batch_size {micro_batch} must be divisible by the number of processes "
-                            f"({dist.world_size()})")
+    micro_batch = progress.global_batch // accum_steps  # divisible by the world size: checked by `train`
     sampler = EpochSampler(progress.order, progress.global_batch, dist.rank(), dist.world_size(), progress.step)
     return DataLoader(dataset, batch_size=micro_batch // dist.world_size(), sampler=sampler,
                       num_workers=num_workers, drop_last=True, pin_memory=device.type == "cuda",
@@ -118,6 +115,7 @@ def train_one_epoch(model, loader, optimizer, scaler, device, amp: bool | str, p
     bar = tqdm(loader, desc=f"epoch {progress.epoch}", disable=not dist.is_main(), dynamic_ncols=True,
                initial=progress.step * accum_steps, total=progress.steps * accum_steps)
     optimizer.zero_grad(set_to_none=True)
+    step_sums: dict[str, float] = {}  # of the step's micro-batches, for the per-step log
     for micro, batch in enumerate(bar, start=1):
         step_now = micro % accum_steps == 0
         unreadable = batch.pop("unreadable", torch.zeros(1)).sum()
@@ -147,6 +145,7 @@ def train_one_epoch(model, loader, optimizer, scaler, device, amp: bool | str, p
             scaler.scale(loss / accum_steps).backward()
         for k, v in terms.items():
             progress.sums[k] = progress.sums.get(k, 0.0) + v
+            step_sums[k] = step_sums.get(k, 0.0) + v
         images_seen += batch["image"].shape[0] * dist.world_size()
         if not step_now:
             continue
@@ -157,10 +156,13 @@ def train_one_epoch(model, loader, optimizer, scaler, device, amp: bool | str, p
         progress.global_step += 1
         progress.step += 1
         rate = images_seen / (time.perf_counter() - start)
-        bar.set_postfix(loss=f"{terms['loss']:.3f}", img_s=f"{rate:.1f}")
-        logger.scalars(terms, progress.global_step, prefix="train/")
+        step_terms = {k: v / accum_steps for k, v in step_sums.items()}
+        step_sums = {}
+        bar.set_postfix(loss=f"{step_terms['loss']:.3f}", img_s=f"{rate:.1f}")
+        logger.scalars(step_terms, progress.global_step, prefix="train/")
         stop, save_now = pause()
-        if stop or save_now:
+        # A save due at the epoch's last step is left to the end-of-epoch save that follows at once.
+        if stop or (save_now and progress.step < progress.steps):
             save()
         if stop:
             return True
@@ -194,6 +196,9 @@ def train(args: argparse.Namespace, signals: StopSignals, folder_lock: RunFolder
     vars(args).update(resolve_variant(args.method, args.corner_pool, args.center_branch))
     launched_without_flag = dist.launched() and not args.dist
     dist.init_distributed(args.dist or dist.launched(), args.local_rank, args.device)
+    if args.batch_size % dist.world_size():  # --batch_size is that of one forward over all the processes
+        raise ArgumentError(f"--batch_size {args.batch_size} must be divisible by the number of processes "
+                            f"({dist.world_size()})")
     device = select_device(args.device, dist.local_rank())
     if args.sync_bn and device.type != "cuda":  # torch's SyncBatchNorm refuses CPU tensors at the first step
         raise ArgumentError(f"--sync_bn: SyncBatchNorm runs on CUDA devices only, and this run is on {device}; "

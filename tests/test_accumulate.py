@@ -55,6 +55,32 @@ def test_two_batches_of_4_accumulated_equal_one_batch_of_8():
     assert relative_error(*flat) > 1e-2
 
 
+class RecordingLogger(RunLogger):
+    def __init__(self):
+        super().__init__(Path("unused"), enabled=False)
+        self.logged = []
+
+    def scalars(self, values: dict[str, float], step: int, prefix: str = "") -> None:
+        self.logged.append((prefix, step, dict(values)))
+
+
+def test_each_step_logs_the_mean_of_its_micro_batches():
+    """One optimizer step of 2 micro-batches of 4 different images: the step's logged loss terms are their mean,
+    as the epoch's are (the last micro-batch's alone were logged)."""
+    torch.manual_seed(0)
+    model = build_model("tiny_hourglass", 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    progress = trainer.EpochProgress(1, epoch_order(8, 8, seed=0, epoch=1), 8, 0)
+    loader = trainer.make_train_loader(OneBoxImages(8), progress, 0, CPU, accum_steps=2)
+    logger = RecordingLogger()
+    trainer.train_one_epoch(model, loader, optimizer, torch.amp.GradScaler("cuda", enabled=False), CPU, False,
+                            progress, logger, accum_steps=2)
+    steps = [values for prefix, step, values in logger.logged if prefix == "train/" and "loss" in values]
+    assert len(steps) == 1 and set(steps[0]) == set(progress.sums)
+    for k, total in progress.sums.items():  # the sums of both micro-batches' terms
+        assert steps[0][k] == total / 2, k
+
+
 def stripped_large(grad_checkpoint: bool) -> CenterNet:
     """large_hourglass's layers (2 stacks, 5 levels) at a few channels each, as in tests/test_nets.py."""
     torch.manual_seed(0)

@@ -314,6 +314,17 @@ def test_checkpoint_is_saved_before_best_and_with_the_normal_file_mode(shapes_di
         assert (tmp_path / "run" / name).stat().st_mode & 0o777 == 0o666 & ~umask
 
 
+def test_a_save_due_at_an_epochs_last_step_is_the_end_of_epoch_save(shapes_dir, tmp_path, monkeypatch):
+    """--ckpt_interval due at every step, 2 steps an epoch: a mid-epoch save after step 1 only; the one due after
+    step 2 was written and at once overwritten by the epoch's save (a whole checkpoint more, each time)."""
+    saved = []
+    real_save = trainer.save_checkpoint
+    monkeypatch.setattr(trainer, "save_checkpoint", lambda path, state: (
+        saved.append((path.name, state["epoch"], (state["position"] or {}).get("step"))), real_save(path, state)))
+    train.main(args_for(shapes_dir, tmp_path, "--num_epochs", "1", "--ckpt_interval", "1e-9"))
+    assert saved == [("checkpoint.pt", 0, 1), ("checkpoint.pt", 1, None), ("best.pt", 1, None)]
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(shapes_dir, tmp_path, monkeypatch):
     train.main(args_for(shapes_dir, tmp_path, "--num_epochs", "1"))
     before = (tmp_path / "run" / "checkpoint.pt").read_bytes()
@@ -643,6 +654,18 @@ def test_the_processes_share_each_epoch_and_every_epoch_has_its_order(torchrun_r
         order = epoch_order(8, 4, SEED, epoch)
         assert shares == [EpochSampler(order, 4, rank, 2).indices for rank in (0, 1)], f"epoch {epoch}"
     assert samples[1, 0] + samples[1, 1] != samples[2, 0] + samples[2, 1]
+
+
+def test_a_batch_the_processes_cannot_share_is_refused_before_anything_is_created(shapes_dir, tmp_path):
+    """--batch_size 3 on 2 processes: refused on each, before the run folder (was after building the model and
+    writing train.log and a tensorboard file)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           *launch_cmd(tmp_path, shapes_dir, "--batch_size", "3")]
+    result = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode != 0
+    assert result.stderr.count("error: --batch_size 3 must be divisible by the number of processes (2)") == 2
+    assert not (tmp_path / "ddp").exists()
 
 
 def test_srun_variables_start_a_two_process_run(shapes_dir, tmp_path):
