@@ -34,7 +34,8 @@ from pathlib import Path
 
 from datasets import build_dataset
 from datasets.coco_eval import BACKENDS, check_results_free, results_path
-from engine.inference import InferenceConfig, build_eval_config, changed_settings, evaluate, parse_scales
+from datasets.transforms import eval_sizes
+from engine.inference import MAX_TOPK, InferenceConfig, build_eval_config, changed_settings, evaluate, parse_scales
 from engine.onnx_backend import OnnxModel
 from nets import model_from_checkpoint, variant_name
 from utils import dist
@@ -61,7 +62,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--test_flip", action="store_true",
                    help="also run the horizontally flipped image (the official test always does)")
     p.add_argument("--test_scales", default="1", help="comma-separated scales, e.g. 0.5,0.75,1,1.25,1.5")
-    p.add_argument("--topk", type=int, default=DEFAULTS.topk, help="corners and centers kept per heatmap (at most 1000)")
+    p.add_argument("--topk", type=int, default=DEFAULTS.topk,
+                   help=f"corners and centers kept per heatmap (at most {MAX_TOPK})")
     p.add_argument("--ae_threshold", type=float, default=DEFAULTS.ae_threshold, help="max embedding distance")
     p.add_argument("--nms_threshold", type=float, default=DEFAULTS.nms_threshold, help="soft-NMS Nt")
     p.add_argument("--weight_exp", "--w_exp", type=float, default=DEFAULTS.weight_exp,
@@ -110,15 +112,13 @@ def check_fits_export(model: OnnxModel, images: list[dict], scales: list[float],
     """Refuses, before any work, val images whose test input at the largest scale exceeds the export's --max_size
     (evaluation does not shrink them: the AP would not be the model's). Entries without width and height are
     checked as they are read."""
-    def input_side(im: dict) -> int:  # as datasets/transforms.eval_input pads: the next 128k - 1
-        return max(max(1, int(im.get(k, 0) * max(scales))) | 127 for k in ("width", "height"))
-    too_large = [im for im in images if input_side(im) > model.max_size]
+    sides = [(max(eval_sizes(im.get(k, 0), max(scales))[1] for k in ("width", "height")), im) for im in images]
+    too_large = [(side, im) for side, im in sides if side > model.max_size]
     if too_large:
-        largest = max(too_large, key=input_side)
+        side, largest = max(too_large, key=lambda pair: pair[0])
         raise ArgumentError(f"{model.path} takes inputs up to {model.max_size} pixels, but {len(too_large)} image(s) "
-                            f"of {split} are larger at test scale {max(scales):g} ({largest['file_name']}: "
-                            f"{input_side(largest)}); export again with --max_size {input_side(largest)}, or test at "
-                            "smaller --test_scales")
+                            f"of {split} are larger at test scale {max(scales):g} ({largest['file_name']}: {side}); "
+                            f"export again with --max_size {side}, or test at smaller --test_scales")
 
 
 def main(args: argparse.Namespace) -> dict:

@@ -185,6 +185,13 @@ class EvalMeta:
     in_h: int
 
 
+def eval_sizes(side: int, scale: float) -> tuple[int, int]:
+    """(resized, input) length of an image side at a test scale: int(side * scale), at least 1, and the next
+    128k - 1 (`| 127`), the length of the zero input it is placed on."""
+    resized = max(1, int(side * scale))
+    return resized, resized | 127
+
+
 def eval_input(image: np.ndarray, scale: float, flip: bool) -> tuple[torch.Tensor, EvalMeta]:
     """(H, W, 3) uint8 BGR -> (images (1 or 2, 3, H_in, W_in) float32 normalised, meta). The image is resized to
     (int(W * scale), int(H * scale)) and padded with zeros, centered, to (that | 127); image 1 (flip) is the
@@ -193,8 +200,7 @@ def eval_input(image: np.ndarray, scale: float, flip: bool) -> tuple[torch.Tenso
     As the official `crop_image` (its window around the center is `in // 2` wide on each side), a resized side
     that is already of the form 128k - 1 loses its last column (row): it is left zero."""
     h, w = image.shape[:2]
-    new_w, new_h = max(1, int(w * scale)), max(1, int(h * scale))
-    in_w, in_h = new_w | 127, new_h | 127
+    (new_w, in_w), (new_h, in_h) = eval_sizes(w, scale), eval_sizes(h, scale)
     meta = EvalMeta(orig_w=w, orig_h=h, scale=scale, new_w=new_w, new_h=new_h, pad_x=in_w // 2 - new_w // 2,
                     pad_y=in_h // 2 - new_h // 2, in_w=in_w, in_h=in_h)
     if (new_w, new_h) != (w, h):

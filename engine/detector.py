@@ -62,7 +62,8 @@ class Detections:
         category_id, bbox x y w h (pixels, 2 decimals) and score, one per detection."""
         if self.category_ids is None:
             raise ArgumentError("these detections have no category ids: their checkpoint was written before "
-                             "checkpoints stored them; add them once with tools/upgrade_checkpoint.py --category_ids")
+                                "checkpoints stored them; add them once with tools/upgrade_checkpoint.py "
+                                "--category_ids")
         return coco_entries(image_id, self.boxes, self.scores, self.category_ids)
 
     def to_dict(self) -> dict:
