@@ -328,6 +328,29 @@ def test_the_converter_is_not_fooled_by_torch_functions_or_a_decoy_pickle(tmp_pa
     assert not marker.exists() and not (tmp_path / "new.pt").exists()
 
 
+def crafted_legacy_file(path: Path, marker: Path) -> Path:
+    """A file in torch's legacy format (magic number, protocol, system info, the object, storage keys) whose object
+    pickle starts with a string that is not ASCII, which stops pickletools' listing but not the unpickler, before it
+    calls os.system."""
+    head = [0x1950A86A20F9469CFC6C, 1001, {"protocol_version": 1001, "little_endian": True,
+                                          "type_sizes": {"short": 2, "int": 4, "long": 4}}]
+    crafted = (b"S'caf\xc3\xa9'\n0(dS'model'\n(dsS'note'\ncos\nsystem\n(S'touch " + str(marker).encode()
+               + b"'\ntRs.")
+    path.write_bytes(b"".join(pickle.dumps(value, protocol=2) for value in head) + crafted
+                     + pickle.dumps([], protocol=2))
+    return path
+
+
+def test_the_converter_is_not_fooled_by_a_pickle_its_listing_cannot_read_to_the_end(tmp_path):
+    marker = tmp_path / "ran"
+    path = crafted_legacy_file(tmp_path / "evil.pt", marker)
+    with pytest.raises(UnsafeCheckpointError, match=r"names os\.system, which no checkpoint of ours held.*--trust"):
+        upgrade("--src", str(path), "--out", str(tmp_path / "new.pt"))
+    assert not marker.exists() and not (tmp_path / "new.pt").exists()
+    upgrade("--src", str(path), "--out", str(tmp_path / "new.pt"), "--trust")  # the file does call os.system
+    assert marker.exists()
+
+
 @pytest.mark.parametrize("method", [99, 12])
 def test_a_damaged_zip_directory_is_a_checkpoint_error(tmp_path, method):
     """The compression method of one central directory entry changed: zipfile raises NotImplementedError (99) or

@@ -5,18 +5,19 @@ that they read: the same weights and values, as tensors, numbers, strings, lists
     python tools/upgrade_checkpoint.py --src old/checkpoint.pt --out ckpt/NAME/checkpoint.pt
 
 The risk: reading --src in full runs whatever code its pickle names, as torch.load(weights_only=False) does. It
-is the one place in the project that reads a file that way, and only after weights-only reading refused it, and only
-when the pickle (listed first by pickletools, which runs nothing) names no more than what older checkpoints held
-(argparse.Namespace, numpy arrays, scalars and dtypes, paths: each rebuilds data and does nothing else); a file
-naming anything more is refused unless --trust says you trust it completely (one you wrote, or from a source you
-would run a program from). Every other reader (utils/checkpoint.py) refuses all such files, so opening a checkpoint
-from anyone else runs no code.
+is the one place in the project that reads a file that way, and only after weights-only reading refused it. Even
+then the unpickler finds no more than what older checkpoints held (argparse.Namespace, numpy arrays, scalars and
+dtypes, paths: each rebuilds data and does nothing else): the first name beyond them stops the reading before it is
+looked up, so nothing it names runs, unless --trust says you trust the file completely (one you wrote, or from a
+source you would run a program from). Every other reader (utils/checkpoint.py) refuses all such files, so opening a
+checkpoint from anyone else runs no code.
 
 The result is written atomically. An existing --out is replaced only with --force, and never the input unless
 --out names it and --force is given. --category_ids adds the data set's category id of each class to a checkpoint
 written before checkpoints stored them (needed for COCO results: `Detections.to_coco`).
 """
 import argparse
+import pickle
 import re
 import sys
 from pathlib import Path, PurePath
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: import the repo
-from utils.checkpoint import PLAIN_CONTAINERS, PLAIN_LEAVES, load_checkpoint, pickled_globals, save_checkpoint
+from utils.checkpoint import PLAIN_CONTAINERS, PLAIN_LEAVES, load_checkpoint, save_checkpoint
 from utils.errors import CheckpointError, UnsafeCheckpointError, UserError, run_cli
 from utils.files import same_file
 
@@ -45,7 +46,7 @@ READABLE = re.compile(
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("convert a trusted old checkpoint to plain data", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--src", required=True, help="the checkpoint to convert (read in full: only a file you trust)")
+    p.add_argument("--src", required=True, help="the checkpoint to convert (an older centernet47's, or one you trust)")
     p.add_argument("--out", required=True, help="the checkpoint to write")
     p.add_argument("--category_ids", help="comma-separated category id of each class, in the order of its "
                                           "class_names, for a checkpoint that has none")
@@ -84,29 +85,45 @@ def to_plain(value, where: str, changes: list[str]):
     raise CheckpointError(f"{where} is a {kind}, which has no plain equivalent; the checkpoint cannot be converted")
 
 
-def unknown_globals(path: Path) -> list[str]:
-    """The classes and functions the pickle of `path` names that are neither plain data nor what `to_plain`
-    converts: reading them in full could run anything."""
-    names = pickled_globals(path)
-    if names is None:  # nothing can be said of a pickle pickletools cannot parse
-        return ["what pickletools cannot parse"]
-    return sorted(name for name in names if not READABLE.fullmatch(name))
+class UnknownGlobal(pickle.UnpicklingError):
+    """A pickle names a class or function that READABLE does not hold."""
+
+
+class ReadableUnpickler(pickle.Unpickler):
+    """An unpickler that finds only what READABLE names: the allowlist holds where the objects are built, whatever
+    a listing of the pickle (which a crafted file can cut short) would say."""
+
+    def find_class(self, module: str, name: str):
+        if not READABLE.fullmatch(f"{module}.{name}"):
+            raise UnknownGlobal(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
+class ReadablePickle:
+    """The pickle module torch.load reads the file with when it is not trusted: it subclasses `Unpickler` and calls
+    `load` for the small pickles of the legacy format."""
+    Unpickler = ReadableUnpickler
+
+    @staticmethod
+    def load(file, **kwargs):
+        return ReadableUnpickler(file, **kwargs).load()
 
 
 def read_trusted(path: Path, trust: bool) -> dict:
     """The checkpoint at `path`: weights-only when it can be (no risk), else unpickled in full (see the module),
-    which without `trust` only a file naming nothing but the objects `to_plain` converts is."""
+    finding only what older checkpoints held unless `trust` is given."""
     try:
         return load_checkpoint(path)
     except UnsafeCheckpointError:
-        unknown = unknown_globals(path)
-        if unknown and not trust:
-            raise UnsafeCheckpointError(
-                f"{path} names {', '.join(unknown)}, which no checkpoint of ours held: reading it in full could run "
-                "code, so it is refused. Only if you trust the file completely, pass --trust") from None
-        print(f"{path} holds objects beyond plain data: reading it in full, as a file you trust")
+        print(f"{path} holds objects beyond plain data: reading it in full"
+              + (", as a file you trust" if trust else ", finding only what older checkpoints held"))
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=False, pickle_module=None if trust else
+                           ReadablePickle)
+    except UnknownGlobal as e:
+        raise UnsafeCheckpointError(
+            f"{path} names {e}, which no checkpoint of ours held: reading it in full could run code, so it is "
+            "refused. Only if you trust the file completely, pass --trust") from None
     except Exception as e:  # a class the file names may no longer exist, or its bytes be corrupt
         raise CheckpointError(f"cannot read {path} in full either: {type(e).__name__}: {e}") from e
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
