@@ -89,7 +89,7 @@ def run_folder_plan(run_dir: Path, resume: bool) -> tuple[bool, str]:
 
 
 # What --resume reads from a checkpoint, and from the position of one saved inside an epoch.
-TRAINING_ENTRIES = {"model": dict, "optimizer": dict, "scheduler": dict, "scaler": dict, "epoch": int,
+TRAINING_ENTRIES = {"model": dict, "optimizer": dict, "scaler": dict, "epoch": int,
                     "global_step": int, "best_ap": (int, float), "args": dict, "class_names": list}
 POSITION_ENTRIES = {"epoch": int, "step": int, "order": torch.Tensor, "global_batch": int, "global_step": int,
                     "sums": dict, "unreadable": int}
@@ -107,6 +107,9 @@ def check_training_state(state: dict, path: Path) -> None:
             if not isinstance(entries.get(key), kind):
                 raise CheckpointError(f"--resume: {path} is not a training checkpoint of train.py: its {where}entry "
                                       f"{key!r} is {type(entries.get(key)).__name__ if key in entries else 'missing'}")
+    if position and not all(isinstance(v, (int, float)) for v in position["sums"].values()):
+        raise CheckpointError(f"--resume: {path} is not a training checkpoint of train.py: its position entry "
+                              "'sums' holds values other than numbers")
     try:
         check_network_args(state, path)
     except CheckpointError as e:

@@ -4,6 +4,7 @@ and the whole run (`train`): data, network, optimizer, resume, validation and ch
 (engine/run_folder.py). Fine-tuning from another run's weights: engine/pretrained.py.
 """
 import argparse
+import bisect
 import contextlib
 import math
 import random
@@ -28,7 +29,7 @@ from nets import build_model, model_config, resolve_variant, variant_name
 from utils import dist
 from utils.checkpoint import load_checkpoint, save_checkpoint, saved_args
 from utils.device import autocast, grad_scaler, resume_scaler, select_device
-from utils.errors import ArgumentError, DataError, UserError
+from utils.errors import ArgumentError, CheckpointError, DataError, UserError
 from utils.files import remove_stale_temporaries
 from utils.logger import RunLogger
 from utils.losses import LossConfig, build_loss_config, centernet_loss, resumed_objective
@@ -188,6 +189,42 @@ def state_in_parameter_layout(optimizer: torch.optim.Optimizer) -> None:
                     state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
+def continue_schedule(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.MultiStepLR,
+                      epochs_done: int, saved: dict) -> str | None:
+    """Sets the learning rate of a resumed run, `epochs_done` epochs in, by this command's schedule (--lr and
+    --lr_step, which `scheduler` was built with): a run resumed with another schedule (a longer one, say) follows
+    it from here on. The line returned (for the log) names a schedule that differs from the checkpoint's (`saved`,
+    its flags)."""
+    steps = sorted(scheduler.milestones)
+    scheduler.last_epoch = epochs_done
+    decays = bisect.bisect_right(steps, epochs_done)
+    for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+        group["initial_lr"], group["lr"] = base, base * scheduler.gamma ** decays
+    try:
+        saved_steps = parse_lr_steps(str(saved.get("lr_step")))
+    except ArgumentError:
+        saved_steps = None
+    if (saved.get("lr"), saved_steps) == (scheduler.base_lrs[0], steps):
+        return None
+    now = f"--lr {scheduler.base_lrs[0]:g} --lr_step {','.join(map(str, steps))}"
+    before = f"--lr {saved.get('lr')} --lr_step {saved.get('lr_step')}"
+    return (f"resuming with {now} (it was trained with {before}): the learning rate is "
+            f"{optimizer.param_groups[0]['lr']:g} from epoch {epochs_done + 1}")
+
+
+def load_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict, path: Path) -> None:
+    """The weights and optimizer state of a checkpoint --resume continues; entries that do not fit this network
+    (of other code, or edited) are a CheckpointError naming the file."""
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"--resume: {path} does not hold this network's training state ({first_line})") \
+            from None
+    state_in_parameter_layout(optimizer)
+
+
 def train(args: argparse.Namespace, signals: StopSignals, folder_lock: RunFolderLock) -> tuple[float, bool]:
     """The run of `main`: (last validation AP, whether a signal stopped it). The main process holds `folder_lock` on
     the run folder from before it decides to start or resume there."""
@@ -243,12 +280,11 @@ def train(args: argparse.Namespace, signals: StopSignals, folder_lock: RunFolder
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=lr_steps, gamma=0.1)
     amp = args.amp and args.amp_dtype
     scaler = grad_scaler(device, amp)
-    start_epoch, best_ap, global_step, progress, scaler_note, validation_pending = 1, -1.0, 0, None, None, False
+    start_epoch, best_ap, global_step, progress, validation_pending = 1, -1.0, 0, None, False
+    scaler_note = schedule_note = None
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        state_in_parameter_layout(optimizer)
-        scheduler.load_state_dict(state["scheduler"])
+        load_training_state(model, optimizer, state, run_dir / CHECKPOINT)
+        schedule_note = continue_schedule(optimizer, scheduler, state["epoch"], saved_args(state))
         scaler_note = resume_scaler(scaler, state["scaler"], run_dir / CHECKPOINT)
         start_epoch, best_ap, global_step = state["epoch"] + 1, state["best_ap"], state["global_step"]
         progress = EpochProgress.from_position(state["position"]) if state.get("position") else None
@@ -264,8 +300,9 @@ def train(args: argparse.Namespace, signals: StopSignals, folder_lock: RunFolder
         logger.info(plan_message)
         for line in objective_notes:
             logger.info(line)
-        if scaler_note:
-            logger.info(scaler_note)
+        for note in (scaler_note, schedule_note):
+            if note:
+                logger.info(note)
         if dist.is_main():
             for stale in remove_stale_temporaries(run_dir, CHECKPOINT) + remove_stale_temporaries(run_dir, BEST):
                 logger.info(f"removed {stale}, left by a save that was interrupted")

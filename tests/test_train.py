@@ -61,11 +61,49 @@ def test_checkpoint_contents_and_resume_equals_an_uninterrupted_run(shapes_dir, 
     for k in straight["model"]:
         torch.testing.assert_close(resumed["model"][k], straight["model"][k], rtol=0, atol=0, msg=k)
     # the lr schedule continues too: --lr 1e-3 times 0.1 at each milestone
-    assert resumed["scheduler"] == straight["scheduler"] and straight["scheduler"]["last_epoch"] == 3
+    # (_step_count: torch's count of step() calls in this process, for its warning on the order of calls)
+    resumed_schedule, straight_schedule = ({k: v for k, v in state["scheduler"].items() if k != "_step_count"}
+                                           for state in (resumed, straight))
+    assert resumed_schedule == straight_schedule and straight_schedule["last_epoch"] == 3
     for state in (resumed, straight):
         assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-5, rel=1e-9)
     log = (tmp_path / "b" / "run" / "train.log").read_text()
     assert "resuming" in log and "epoch 3:" in log
+
+
+@pytest.mark.parametrize("steps", [[2, 4], [1], [3, 4, 9]])
+def test_a_resumed_schedule_stands_where_the_uninterrupted_one_does(steps):
+    """continue_schedule at k epochs done gives the learning rate of a scheduler stepped k times from the start, and
+    steps on from there the same way."""
+    for done in range(7):
+        straight_opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        straight = torch.optim.lr_scheduler.MultiStepLR(straight_opt, milestones=steps, gamma=0.1)
+        for _ in range(done):
+            straight_opt.step()
+            straight.step()
+        resumed_opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        resumed = torch.optim.lr_scheduler.MultiStepLR(resumed_opt, milestones=steps, gamma=0.1)
+        note = trainer.continue_schedule(resumed_opt, resumed, done, {"lr": 1.0, "lr_step": ",".join(map(str, steps))})
+        assert note is None
+        for _ in range(3):
+            assert resumed_opt.param_groups[0]["lr"] == pytest.approx(straight_opt.param_groups[0]["lr"], rel=1e-12)
+            for opt, sched in ((straight_opt, straight), (resumed_opt, resumed)):
+                opt.step()
+                sched.step()
+
+
+def test_resume_follows_a_changed_lr_schedule_and_says_so(shapes_dir, tmp_path):
+    """A run extended on --resume with another --lr_step trains by it (it was ignored: the checkpoint's scheduler
+    state was restored while the new flags were saved as if used)."""
+    train.main(args_for(shapes_dir, tmp_path, "--num_epochs", "1", "--lr_step", "5", "--val_interval", "0"))
+    train.main(args_for(shapes_dir, tmp_path, "--num_epochs", "2", "--lr_step", "1", "--val_interval", "0",
+                        "--resume"))
+    state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-4, rel=1e-9)  # 1e-3 decayed after epoch 1
+    assert state["args"]["lr_step"] == "1" and state["scheduler"]["milestones"] == {1: 1}
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "resuming with --lr 0.001 --lr_step 1 (it was trained with --lr 0.001 --lr_step 5): the learning rate " \
+           "is 0.0001 from epoch 2" in log
 
 
 def test_a_new_run_never_overwrites_an_existing_one(shapes_dir, tmp_path):
@@ -227,7 +265,8 @@ def test_a_val_image_gone_keeps_the_epoch_trained_and_resume_validates_it(shapes
 def test_resume_names_what_a_checkpoint_lacks_for_training(shapes_dir, tmp_path):
     """A checkpoint of other code (or edited by hand) that lacks an entry --resume reads, or holds it with another
     type, is a CheckpointError naming the entry, before anything is trained or written (it was a KeyError or
-    TypeError, `best_ap` only after a whole epoch)."""
+    TypeError, `best_ap` only after a whole epoch; a model or optimizer state that does not fit: a RuntimeError
+    or KeyError)."""
     train.main(args_for(shapes_dir, tmp_path, "--num_epochs", "1", "--val_interval", "0"))
     path = tmp_path / "run" / "checkpoint.pt"
     good = load_checkpoint(path)
@@ -238,8 +277,13 @@ def test_resume_names_what_a_checkpoint_lacks_for_training(shapes_dir, tmp_path)
                             (lambda s: s.update(best_ap="x"), "entry 'best_ap' is str"),
                             (lambda s: s["args"].pop("arch"), "checkpoint args lack 'arch'"),
                             (lambda s: s.update(position={k: v for k, v in position.items() if k != "global_batch"}),
-                             "its position entry 'global_batch' is missing")]:
-        state = {**good, "args": dict(good["args"])}
+                             "its position entry 'global_batch' is missing"),
+                            (lambda s: s.update(position={**position, "sums": {"hm": "x"}}),
+                             "its position entry 'sums' holds values other than numbers"),
+                            (lambda s: s.update(optimizer={}), "does not hold this network's training state"),
+                            (lambda s: s["model"].pop(next(iter(s["model"]))),
+                             "does not hold this network's training state")]:
+        state = {**good, "args": dict(good["args"]), "model": dict(good["model"])}
         change(state)
         save_checkpoint(path, state)
         log_before = (tmp_path / "run" / "train.log").read_text()
