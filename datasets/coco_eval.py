@@ -21,7 +21,6 @@ import hashlib
 import io
 import json
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -106,20 +105,39 @@ def companion_files(out_json: Path) -> list[Path]:
 
 def write_results(out_json: Path, results: list[dict]) -> None:
     """Writes the results json `out_json`, first removing what described the results it replaces (per-class CSV,
-    plot, metrics json, analysis folder), so that no interruption leaves new results beside old numbers."""
+    plot, metrics json, analysis drawings), so that no interruption leaves new results beside old numbers."""
+    remove_earlier_analysis(out_json)
     for stale in companion_files(out_json)[1:]:
         stale.unlink(missing_ok=True)
-    folder = analysis_folder(out_json)
-    if folder.is_dir():
-        shutil.rmtree(folder)
-        print(f"removed {folder}: it analysed the results that were replaced")
     write_json(out_json, results)
+
+
+def remove_earlier_analysis(out_json: Path) -> None:
+    """Removes tools/analyze.py's drawings of the results at `out_json` from their analysis folder, and the folder
+    once empty; what else a user keeps there stays, and a folder that is a link stays a link."""
+    folder = analysis_folder(out_json)
+    if not folder.is_dir():
+        return
+    drawings = [p for p in folder.iterdir() if ANALYSIS_DRAWING.fullmatch(p.name) and p.is_file()
+                and not p.is_symlink()]
+    for p in drawings:
+        p.unlink()
+    kept = sorted(p.name for p in folder.iterdir())
+    if kept or folder.is_symlink():
+        print(f"removed the {len(drawings)} drawings in {folder}: they analysed the results that were replaced"
+              + (f" (kept {', '.join(kept[:3])}{', ...' if len(kept) > 3 else ''})" if kept else ""))
+    else:
+        folder.rmdir()
+        print(f"removed {folder}: it analysed the results that were replaced")
 
 
 def write_metrics(out_json: Path, stats: dict) -> None:
     """Writes the ALL_METRIC_NAMES entries of `stats` to `metrics_path(out_json)`; NaN (undefined) as null."""
     write_json(metrics_path(out_json), {name: None if np.isnan(stats[name]) else stats[name]
                                         for name in ALL_METRIC_NAMES})
+
+
+ANALYSIS_DRAWING = re.compile(r"\d{3,}_errors_.+\.jpg")  # the names tools/analyze.py gives its drawings
 
 
 def analysis_folder(out_json: Path) -> Path:

@@ -195,6 +195,25 @@ def test_force_replaces_an_earlier_analysis_and_nothing_else(tmp_path, capsys):
     assert json.loads(results.read_text()) == CASES["background"][0] and (data / "val" / "1.jpg").is_file()
 
 
+def test_an_analysis_that_fails_leaves_the_earlier_one_as_it_was(tmp_path):
+    """--force removed the earlier drawings before drawing: an image gone, or a box OpenCV refused (1e308), left
+    the folder empty. Now the drawings are made first, and far-off boxes drawn at the image's edge."""
+    data, results = split_and_results(tmp_path, "results.json")
+    out = tmp_path / "results_analysis"
+    analyze(results, data)
+    earlier = (out / "001_errors_1.jpg").read_bytes()
+    image = (data / "val" / "1.jpg").read_bytes()
+    (data / "val" / "1.jpg").unlink()
+    with pytest.raises(MissingFileError, match="1.jpg"):
+        analyze(results, data, "--force")
+    assert [p.name for p in out.iterdir()] == ["001_errors_1.jpg"] and (out / "001_errors_1.jpg").read_bytes() == earlier
+    (data / "val" / "1.jpg").write_bytes(image)
+    results.write_text(json.dumps([*CASES["background"][0], det([1e308, 5, 10, 10], 0.95)]))
+    assert analyze(results, data, "--force")["background"][0] == 2
+    assert [p.name for p in out.iterdir()] == ["002_errors_1.jpg"]  # two errors now; the earlier drawing replaced
+    assert cv2.imread(str(out / "002_errors_1.jpg")).shape == (300, 300, 3)
+
+
 def test_num_images_must_not_be_negative(tmp_path):
     data, results = split_and_results(tmp_path, "results.json")
     with pytest.raises(ArgumentError, match="--num_images: expected a whole number of at least 0, got -1"):

@@ -8,7 +8,7 @@ import pytest
 from pycocotools.cocoeval import COCOeval
 
 from datasets.coco import coco_from_dict
-from datasets.coco_eval import METRIC_NAMES, evaluate_detections
+from datasets.coco_eval import METRIC_NAMES, analysis_folder, evaluate_detections, write_results
 
 CAT_IDS = [2, 5, 11]  # non-contiguous on purpose
 NAMES = ["cat", "dog", "fox"]
@@ -121,3 +121,30 @@ def test_bad_detections_are_errors():
         evaluate_detections(coco, {7: np.zeros((1, 6))}, CAT_IDS, NAMES)
     with pytest.raises(ValueError, match="label 3 outside 0..2"):
         evaluate_detections(coco, {100: np.array([[0, 0, 5, 5, 0.5, 3]])}, CAT_IDS, NAMES)
+
+
+def test_replaced_results_take_only_their_drawings_from_the_analysis_folder(tmp_path, capsys):
+    """test.py --force removed the whole `<results>_analysis` folder, a user's notes in it too, and a folder that was
+    a link failed half-way, after the metrics, CSV and plot were gone."""
+    out_json = tmp_path / "results.json"
+    folder = analysis_folder(out_json)
+    folder.mkdir()
+    (folder / "003_errors_7.jpg").write_bytes(b"drawing")
+    (folder / "notes.txt").write_text("mine")
+    write_results(out_json, [])
+    assert [p.name for p in folder.iterdir()] == ["notes.txt"] and json.loads(out_json.read_text()) == []
+    assert f"removed the 1 drawings in {folder}: they analysed the results that were replaced (kept notes.txt)" \
+        in capsys.readouterr().out
+    elsewhere = tmp_path / "storage"
+    elsewhere.mkdir()
+    (elsewhere / "001_errors_2.jpg").write_bytes(b"drawing")
+    (folder / "notes.txt").unlink()
+    folder.rmdir()
+    folder.symlink_to(elsewhere, target_is_directory=True)
+    write_results(out_json, [{"image_id": 1}])
+    assert folder.is_symlink() and not any(elsewhere.iterdir()) and json.loads(out_json.read_text()) == [{"image_id": 1}]
+    folder.unlink()
+    folder.mkdir()
+    (folder / "001_errors_2.jpg").write_bytes(b"drawing")
+    write_results(out_json, [])
+    assert not folder.exists()

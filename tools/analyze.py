@@ -23,7 +23,6 @@ import contextlib
 import io
 import json
 import math
-import re
 import sys
 from pathlib import Path
 
@@ -34,15 +33,14 @@ from pycocotools.cocoeval import COCOeval
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: import the repo
 from datasets.coco import check_coco_dict, coco_from_dict, is_id, read_json, split_files
-from datasets.coco_eval import (ALL_METRIC_NAMES, FD_NAMES, METRIC_NAMES, analysis_folder, load_results,
-                                 results_of_metrics)
-from datasets.image_io import load_image, write_image
+from datasets.coco_eval import (ALL_METRIC_NAMES, ANALYSIS_DRAWING, FD_NAMES, METRIC_NAMES, analysis_folder,
+                                 load_results, results_of_metrics)
+from datasets.image_io import load_image
 from utils.checks import check_number
 from utils.errors import ArgumentError, DataError, MissingFileError, run_cli
-from utils.files import make_folder, same_file
+from utils.files import atomic_write, make_folder, same_file
 
 FG_IOU, BG_IOU = 0.5, 0.1
-DRAWING = re.compile(r"\d{3,}_errors_.+\.jpg")  # the names draw_worst gives
 KINDS = ("classification", "localisation", "duplicate", "background", "missed")
 COLORS = {"match": (255, 160, 0), "ground truth": (0, 200, 0), "missed": (0, 200, 0), "classification": (0, 0, 255),
           "localisation": (0, 140, 255), "duplicate": (255, 0, 255), "background": (0, 0, 160)}  # BGR
@@ -145,9 +143,17 @@ def breakdown(gt: dict, results: list[dict]) -> tuple[float, dict[str, tuple[int
     return base, table, errors, status
 
 
-def draw_worst(gt: dict, results: list[dict], errors: dict, status: dict, img_dir: Path, out: Path, count: int,
-               score_thresh: float) -> list[Path]:
-    """Draws the `count` images with the most errors (detections above `score_thresh` and missed boxes)."""
+def pixel(value: float, size: int) -> int:
+    """A box coordinate as a pixel of a canvas `size` wide (or high), boxes far outside (1e308) drawn at its edge:
+    OpenCV refuses coordinates beyond 32 bits."""
+    return int(min(max(value, -1), size + 1))
+
+
+def draw_worst(gt: dict, results: list[dict], errors: dict, status: dict, img_dir: Path, count: int,
+               score_thresh: float) -> list[tuple[str, bytes]]:
+    """The `count` images with the most errors (detections above `score_thresh` and missed boxes), drawn: each
+    drawing's file name and JPEG bytes, all made before any is written, so that an image that cannot be read
+    leaves an earlier analysis as it was."""
     names = {c["id"]: c["name"] for c in gt["categories"]}
     per_image: dict[int, list[tuple[list, str, str]]] = {im["id"]: [] for im in gt["images"]}
     bad = dict.fromkeys(per_image, 0)
@@ -162,20 +168,36 @@ def draw_worst(gt: dict, results: list[dict], errors: dict, status: dict, img_di
             per_image[r["image_id"]].append((r["bbox"], kind, f"{names[r['category_id']]} {r['score']:.2f}"))
             bad[r["image_id"]] += i in errors
     files = {im["id"]: im["file_name"] for im in gt["images"]}
-    make_folder(out, "--out")
-    written = []
+    drawings = []
     for image_id in sorted(bad, key=lambda k: -bad[k])[:count]:
         if not bad[image_id]:
             break
         canvas = load_image(img_dir / files[image_id])
+        height, width = canvas.shape[:2]
         for (x, y, w, h), kind, text in per_image[image_id]:
             color = COLORS[kind]
-            cv2.rectangle(canvas, (int(x), int(y)), (int(x + w), int(y + h)), color, 2 if kind == "missed" else 1)
+            corners = (pixel(x, width), pixel(y, height)), (pixel(x + w, width), pixel(y + h, height))
+            cv2.rectangle(canvas, *corners, color, 2 if kind == "missed" else 1)
             label = text if kind in ("match", "ground truth") else f"{kind}: {text}"
-            cv2.putText(canvas, label, (int(x) + 2, int(y) + 12), cv2.FONT_HERSHEY_SIMPLEX, 0.4, color, 1)
-        path = out / f"{bad[image_id]:03d}_errors_{Path(files[image_id]).stem}.jpg"
-        write_image(path, canvas)
-        written.append(path)
+            cv2.putText(canvas, label, (corners[0][0] + 2, corners[0][1] + 12), cv2.FONT_HERSHEY_SIMPLEX, 0.4,
+                        color, 1)
+        encoded, data = cv2.imencode(".jpg", canvas)
+        if not encoded:  # JPEG holds at most 65535 pixels a side
+            raise DataError(f"{img_dir / files[image_id]}: OpenCV cannot encode its drawing as JPEG")
+        drawings.append((f"{bad[image_id]:03d}_errors_{Path(files[image_id]).stem}.jpg", data.tobytes()))
+    return drawings
+
+
+def write_drawings(out: Path, drawings: list[tuple[str, bytes]], stale: list[Path]) -> list[Path]:
+    """Writes `drawings` into `out`, then removes the `stale` ones of an earlier analysis that none replaced."""
+    make_folder(out, "--out")
+    written = []
+    for name, data in drawings:
+        written.append(out / name)
+        atomic_write(written[-1], lambda f, data=data: f.write(data))
+    for p in stale:
+        if p not in written:
+            p.unlink()
     return written
 
 
@@ -245,7 +267,7 @@ def earlier_drawings(out: Path, results_path: Path, force: bool) -> list[Path]:
     if not out.is_dir():
         what = "the results json" if same_file(out, results_path) else "a file"
         raise ArgumentError(f"{out} exists and is {what}, not an earlier analysis folder; pass another --out")
-    others = sorted(p.name for p in out.iterdir() if not (p.is_file() and DRAWING.fullmatch(p.name)))
+    others = sorted(p.name for p in out.iterdir() if not (p.is_file() and ANALYSIS_DRAWING.fullmatch(p.name)))
     if others:
         raise ArgumentError(f"{out} exists and holds {others[0]}, which this tool does not write (not an earlier "
                             "analysis folder); pass another --out")
@@ -275,9 +297,8 @@ def main(args: argparse.Namespace) -> dict[str, tuple[int, float]]:
     print(f"{'error':<15} {'count':>7}  AP50 if fixed")
     for kind, (count, gain) in table.items():
         print(f"{kind:<15} {count:>7}  {gain:+.4f}")
-    for p in stale:  # only now: a failure above keeps the earlier analysis
-        p.unlink()
-    drawn = draw_worst(gt, results, errors, status, img_dir, out, args.num_images, args.score_thresh)
+    drawings = draw_worst(gt, results, errors, status, img_dir, args.num_images, args.score_thresh)
+    drawn = write_drawings(out, drawings, stale)  # only now: a failure above keeps the earlier analysis
     if drawn:
         print(f"{len(drawn)} images with the most errors drawn in {out}")
     else:
