@@ -99,7 +99,7 @@ def main(args: argparse.Namespace) -> None:
     moved = 6 * x.numel() * x.element_size()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"shape {tuple(args.shape)} {args.dtype} on {name}, median of {args.repeats}, ms per forward+backward; "
-          f"GB/s of ours counts {moved / 1e6:.0f} MB (6 tensor passes)")
+          f"GB/s of ours counts {moved / 1e6:.3g} MB (6 tensor passes)")
     if device.type == "cuda":
         print(f"device-to-device copy of one tensor: {copy_gbs(x, args.warmup, args.repeats):.0f} GB/s")
     print(f"{'direction':<10}{'ours':>9}{'cummax':>9}{'rowloop':>9}{'cummax/ours':>13}{'rowloop/ours':>14}{'GB/s':>8}")

@@ -113,11 +113,13 @@ def train_one_epoch(model, loader, optimizer, scaler, device, amp: bool | str, p
     early on a stop. The images go to the network in `memory_format`."""
     model.train()
     images_seen, start = 0, time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {progress.epoch}", disable=not dist.is_main(), dynamic_ncols=True,
+    # Counted as each micro-batch is done (a bar over the loader counts one when the next batch is fetched: it
+    # showed each step's loss beside the count of the step before).
+    bar = tqdm(desc=f"epoch {progress.epoch}", disable=not dist.is_main(), dynamic_ncols=True,
                initial=progress.step * accum_steps, total=progress.steps * accum_steps)
     optimizer.zero_grad(set_to_none=True)
     step_sums: dict[str, float] = {}  # of the step's micro-batches, for the per-step log
-    for micro, batch in enumerate(bar, start=1):
+    for micro, batch in enumerate(loader, start=1):
         step_now = micro % accum_steps == 0
         unreadable = batch.pop("unreadable", torch.zeros(1)).sum()
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -148,6 +150,7 @@ def train_one_epoch(model, loader, optimizer, scaler, device, amp: bool | str, p
             progress.sums[k] = progress.sums.get(k, 0.0) + v
             step_sums[k] = step_sums.get(k, 0.0) + v
         images_seen += batch["image"].shape[0] * dist.world_size()
+        bar.update()
         if not step_now:
             continue
         scaler.step(optimizer)

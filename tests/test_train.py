@@ -106,6 +106,16 @@ def test_resume_follows_a_changed_lr_schedule_and_says_so(shapes_dir, tmp_path):
            "is 0.0001 from epoch 2" in log
 
 
+def test_the_progress_bar_counts_a_step_before_showing_its_loss(shapes_dir, tmp_path, capsys):
+    """The bar iterated the loader, so it counted a batch when the next was fetched: step 1's loss was shown
+    beside 0/2."""
+    train.main(args_for(shapes_dir, tmp_path, "--num_epochs", "1", "--val_interval", "0"))
+    frames = [frame for frame in re.split(r"[\r\n]", capsys.readouterr().err) if frame.startswith("epoch 1:")]
+    with_loss = [frame for frame in frames if "loss=" in frame]
+    assert with_loss and all(re.search(r" [12]/2 \[", frame) for frame in with_loss), frames
+    assert re.search(r" 2/2 \[.*loss=", frames[-1])
+
+
 def test_a_new_run_never_overwrites_an_existing_one(shapes_dir, tmp_path):
     train.main(args_for(shapes_dir, tmp_path, "--num_epochs", "1"))
     before = (tmp_path / "run" / "checkpoint.pt").read_bytes()
