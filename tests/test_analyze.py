@@ -214,6 +214,25 @@ def test_an_analysis_that_fails_leaves_the_earlier_one_as_it_was(tmp_path):
     assert cv2.imread(str(out / "002_errors_1.jpg")).shape == (300, 300, 3)
 
 
+def test_json_that_python_cannot_hold_is_a_data_error(tmp_path):
+    """Each was a traceback: RecursionError (deep nesting), OverflowError (an integer score beyond a float),
+    ValueError in formatting the metrics ("AP": "x")."""
+    data, results = split_and_results(tmp_path, "results.json")
+    cases = [(results, "[" * 100_000 + "]" * 100_000, "nested too deeply"),
+             (results, json.dumps([det(GT_BOXES[0], 10**400)]), r"entry 0 has bbox .* and score 1000"),
+             (results, json.dumps([det([1, 2, 3, 10**400], 0.5)]), r"entry 0 has bbox \[1, 2, 3, 1000")]
+    values = {**{name: 0.25 for name in METRIC_NAMES}, **{name: 12.5 for name in FD_NAMES}}
+    metrics = tmp_path / "results_metrics.json"
+    cases += [(metrics, json.dumps({**values, "AP": "x"}), "AP is 'x', where test.py's metrics json holds a number$"),
+              (metrics, json.dumps({**values, "FD": [1]}), r"FD is \[1\], where .* holds a number or null")]
+    for path, text, message in cases:
+        path.write_text(text)
+        with pytest.raises(DataError, match=message):
+            analyze(path, data)
+        results.write_text(json.dumps(CASES["background"][0]))
+    assert not (tmp_path / "results_analysis").exists()
+
+
 def test_num_images_must_not_be_negative(tmp_path):
     data, results = split_and_results(tmp_path, "results.json")
     with pytest.raises(ArgumentError, match="--num_images: expected a whole number of at least 0, got -1"):

@@ -210,6 +210,8 @@ def read_json_file(path: Path):
         raise DataError(f"{path}: cannot read the json ({e.strerror or e})") from None
     except ValueError as e:  # not json, or not UTF-8 text
         raise DataError(f"{path}: cannot read the json ({e})") from None
+    except RecursionError:
+        raise DataError(f"{path}: cannot read the json (nested too deeply)") from None
 
 
 def read_input(path: Path) -> tuple[Path, object, dict | None]:
@@ -221,6 +223,11 @@ def read_input(path: Path) -> tuple[Path, object, dict | None]:
     if not (isinstance(content, dict) and set(ALL_METRIC_NAMES) <= set(content)):
         raise DataError(f"{path} is neither a COCO results json (a list of detections) nor test.py's metrics json "
                         f"(an object of {', '.join(ALL_METRIC_NAMES)})")
+    wrong = next((name for name in ALL_METRIC_NAMES if not (is_number(content[name]) or
+                                                          (name in FD_NAMES and content[name] is None))), None)
+    if wrong:
+        raise DataError(f"{path}: {wrong} is {content[wrong]!r}, where test.py's metrics json holds a number"
+                        + (" or null" if wrong in FD_NAMES else ""))
     results_path = results_of_metrics(path)
     if results_path is None:
         raise ArgumentError(f"{path} holds test.py's metrics but is not named <results>_metrics.json: give the "
@@ -238,7 +245,11 @@ def format_metrics(metrics: dict) -> str:
 
 
 def is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite int or float; an int too large for a float (10**400) is not."""
+    try:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def check_results(results, path: Path, gt: dict) -> list[dict]:
