@@ -7,6 +7,7 @@ portrait photo is upright, its boxes are drawn where one sees the objects, and t
 gives are those of the upright image (a 90-degree mismatch fails the loader's size check). Every image is read here:
 training, evaluation, demo.py, datasets.check and tools/analyze.py agree. A JPEG cut short (which libjpeg would
 otherwise decode with gray rows at the bottom) is an error. Drawn images are written here too (`write_image`)."""
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -21,13 +22,34 @@ _FLAGS = cv2.IMREAD_COLOR  # which applies the EXIF orientation (IMREAD_UNCHANGE
 IMAGE_SUFFIXES = frozenset({".bmp", ".dib", ".jpeg", ".jpg", ".jpe", ".jp2", ".png", ".webp", ".avif", ".pbm",
                             ".pgm", ".ppm", ".pxm", ".pnm", ".pfm", ".sr", ".ras", ".tiff", ".tif", ".exr", ".hdr",
                             ".pic"})
-_JPEG_SOI, _JPEG_SOS, _JPEG_EOI = b"\xff\xd8", b"\xff\xda", b"\xff\xd9"
+_JPEG_SOI, _JPEG_SOS, _JPEG_EOI = b"\xff\xd8", 0xDA, b"\xff\xd9"
+
+
+def jpeg_header_segments(data: bytes) -> Iterator[tuple[int, int, int]]:
+    """Yields (marker, payload start, payload end) for each marker segment of JPEG `data` from its start-of-image
+    up to and including the first start-of-scan (SOS), whose scan data begins at its payload end. Stops early where
+    the bytes leave the segment layout, or at the data's end."""
+    pos = len(_JPEG_SOI)
+    while pos + 4 <= len(data) and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == 0xFF:  # a fill byte before the marker
+            pos += 1
+            continue
+        end = pos + 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+        yield marker, pos + 4, end
+        if marker == _JPEG_SOS:
+            return
+        pos = end
 
 
 def is_truncated_jpeg(data: bytes) -> bool:
-    """True for JPEG bytes whose last scan has no end-of-image marker after it. Entropy-coded data never holds
-    0xFFD9 (0xFF is stuffed), and an EXIF thumbnail's markers all come before the main image's scans."""
-    return data[:2] == _JPEG_SOI and data.rfind(_JPEG_EOI) < data.rfind(_JPEG_SOS)
+    """True for JPEG bytes with no end-of-image marker after the start of their first scan. The header is walked
+    segment by segment, because the bytes around the image may hold markers of their own: an EXIF thumbnail before
+    it, a phone's "motion photo" video appended after it. Entropy-coded data never holds 0xFFD9 (0xFF is stuffed)."""
+    if data[:2] != _JPEG_SOI:
+        return False
+    scan_start = next((end for marker, _, end in jpeg_header_segments(data) if marker == _JPEG_SOS), None)
+    return scan_start is not None and data.find(_JPEG_EOI, scan_start) < 0
 
 
 def load_image(path: str | Path) -> np.ndarray:

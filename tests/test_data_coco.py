@@ -250,6 +250,19 @@ def test_truncated_jpeg(tmp_path):
     assert ds.load(0)[0].shape == (80, 100, 3)
 
 
+def test_a_jpeg_with_data_after_its_end_loads_and_one_cut_in_its_scan_does_not(tmp_path):
+    """A phone's "motion photo" appends an MP4 after the JPEG's end-of-image marker; the video's bytes may hold a
+    start-of-scan marker (0xFFDA) with no end-of-image after it, which must not make the photo look cut short."""
+    jpeg = cv2.imencode(".jpg", image())[1].tobytes()
+    video = b"\x00\x00\x00\x18ftypmp42" + b"\xff\xda\x00\x0c" + bytes(range(40))
+    motion_photo = load_image(write_bytes(tmp_path / "motion.jpg", jpeg + video))
+    np.testing.assert_array_equal(motion_photo, load_image(write_bytes(tmp_path / "plain.jpg", jpeg)))
+    scan = jpeg.index(b"\xff\xda")  # cv2's JPEG has no thumbnail: its first 0xFFDA is the start of its scan
+    cut = jpeg[:(scan + len(jpeg)) // 2]
+    with pytest.raises(ValueError, match=r"cut\.jpg: truncated JPEG"):
+        load_image(write_bytes(tmp_path / "cut.jpg", cut))
+
+
 def test_image_size_differs_from_json(tmp_path):
     ds = CocoDetection(write_set(tmp_path, coco_dict(width=80, height=100), {"1.png": image()}), "train", train=True)
     with pytest.raises(ValueError, match=r"1\.png: decoded size 100x80 differs from width x height 80x100"):
