@@ -15,8 +15,9 @@ the evaluation server instead of scoring them.
   unique and every annotation refers to a listed image and category. Filled in when absent: annotation `id`
   (numbered after the largest given), `iscrowd` (0) and `area` (w * h).
 - Checked when an item is read (the error names the image file): the file exists, decodes (a truncated JPEG does
-  not) and has the json's `width` and `height` when those are given. Grayscale, RGBA and 16-bit images are read
-  as 8-bit BGR (see datasets/image_io.py).
+  not) and has the json's `width` and `height` when those are given (of the upright image: when EXIF turns a
+  photo by 90 degrees and the json has its stored size, the error says so). Grayscale, RGBA and 16-bit images are
+  read as 8-bit BGR (see datasets/image_io.py).
 
 A training item is the dict of docs/FORMAT.md (normalised image and triplet targets); an evaluation item is
 dict(image_id=int, inputs=[(images (1 or 2, 3, H_in, W_in), EvalMeta) for each test scale]).
@@ -33,7 +34,7 @@ import torch
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
-from datasets.image_io import load_image
+from datasets.image_io import exif_orientation, load_image
 from datasets.targets import STRIDE, make_targets
 from datasets.transforms import clip_boxes, eval_input, train_transform
 from utils.errors import DataError, MissingFileError
@@ -159,10 +160,21 @@ def load_entry_image(img_dir: Path, info: dict, ann_file: Path) -> np.ndarray:
     path = img_dir / str(info["file_name"])
     image = load_image(path)
     h, w = image.shape[:2]
-    if (info.get("width", w), info.get("height", h)) != (w, h):
-        raise DataError(f"{path}: decoded size {w}x{h} differs from width x height "
-                        f"{info.get('width', w)}x{info.get('height', h)} in {ann_file}")
+    declared = info.get("width", w), info.get("height", h)
+    if declared != (w, h):
+        raise DataError(f"{path}: decoded size {w}x{h} differs from width x height {declared[0]}x{declared[1]} in "
+                        f"{ann_file}{turned_note(path, declared, (w, h))}")
     return image
+
+
+def turned_note(path: Path, declared: tuple, decoded: tuple[int, int]) -> str:
+    """Explains a decoded (width, height) that is the declared one swapped, when EXIF turns the file by 90
+    degrees: the annotation tool read the stored pixels, not the upright image that viewers (and imread) show."""
+    orientation = exif_orientation(path)
+    if declared != decoded[::-1] or orientation < 5:
+        return ""
+    return (f": its EXIF orientation {orientation} turns it by 90 degrees, and it is read upright as viewers show "
+            "it, so the json's width and height (and most likely its boxes) are those of the stored, unturned image")
 
 
 def split_files(root: Path, split: str) -> tuple[Path, Path]:

@@ -6,7 +6,8 @@ EXIF orientation of a JPEG is applied, as image viewers (and most annotation too
 portrait photo is upright, its boxes are drawn where one sees the objects, and the width / height an annotation file
 gives are those of the upright image (a 90-degree mismatch fails the loader's size check). Every image is read here:
 training, evaluation, demo.py, datasets.check and tools/analyze.py agree. A JPEG cut short (which libjpeg would
-otherwise decode with gray rows at the bottom) is an error. Drawn images are written here too (`write_image`)."""
+otherwise decode with gray rows at the bottom) is an error. `exif_orientation` reads the turn a JPEG's EXIF asks
+for. Drawn images are written here too (`write_image`)."""
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +24,8 @@ IMAGE_SUFFIXES = frozenset({".bmp", ".dib", ".jpeg", ".jpg", ".jpe", ".jp2", ".p
                             ".pgm", ".ppm", ".pxm", ".pnm", ".pfm", ".sr", ".ras", ".tiff", ".tif", ".exr", ".hdr",
                             ".pic"})
 _JPEG_SOI, _JPEG_SOS, _JPEG_EOI = b"\xff\xd8", 0xDA, b"\xff\xd9"
+_JPEG_APP1, _EXIF_ID, _ORIENTATION_TAG = 0xE1, b"Exif\x00\x00", 0x0112
+_EXIF_HEAD = 1 << 17  # bytes read for the Exif block (64 KiB at most), which only a short JFIF block may precede
 
 
 def jpeg_header_segments(data: bytes) -> Iterator[tuple[int, int, int]]:
@@ -50,6 +53,36 @@ def is_truncated_jpeg(data: bytes) -> bool:
         return False
     scan_start = next((end for marker, _, end in jpeg_header_segments(data) if marker == _JPEG_SOS), None)
     return scan_start is not None and data.find(_JPEG_EOI, scan_start) < 0
+
+
+def exif_orientation(path: Path) -> int:
+    """The EXIF Orientation (1 to 8) of a JPEG file, which imread applies; 1 (as stored) when the file is no JPEG or
+    has none. 5 to 8 turn the image by 90 or 270 degrees: it is read with its stored width and height swapped."""
+    with open(path, "rb") as f:
+        head = f.read(_EXIF_HEAD)
+    if head[:2] != _JPEG_SOI:
+        return 1
+    for marker, start, end in jpeg_header_segments(head):
+        if marker == _JPEG_APP1 and head[start:start + len(_EXIF_ID)] == _EXIF_ID:
+            return _tiff_orientation(head[start + len(_EXIF_ID):end])
+    return 1
+
+
+def _tiff_orientation(tiff: bytes) -> int:
+    """The Orientation tag of the first image directory of an Exif block (a small TIFF file); 1 when it has none."""
+    order = {b"II": "little", b"MM": "big"}.get(tiff[:2])
+    if order is None:
+        return 1
+
+    def number(at: int, size: int) -> int:
+        return int.from_bytes(tiff[at:at + size], order)
+
+    directory = number(4, 4)
+    for entry in range(directory + 2, directory + 2 + 12 * number(directory, 2), 12):
+        if number(entry, 2) == _ORIENTATION_TAG:
+            value = number(entry + 8, 2)  # a SHORT, stored in the entry's first value bytes
+            return value if 1 <= value <= 8 else 1
+    return 1
 
 
 def load_image(path: str | Path) -> np.ndarray:

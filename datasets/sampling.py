@@ -61,7 +61,7 @@ class TrainSamples(Dataset):
             try:
                 item = self.dataset.train_sample(i, np.random.default_rng([self.seed, self.epoch, i]))
             except (DataError, MissingFileError) as e:
-                warnings.warn(f"skipping an unreadable training image: {e}", stacklevel=1)
+                warnings.warn(f"skipping a training image that cannot be used: {e}", stacklevel=1)
                 continue
             item["unreadable"] = torch.tensor(skipped)
             return item

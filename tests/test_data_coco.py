@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Subset, default_collate
 from datasets import build_dataset
 from datasets.coco import CocoDetection
 from datasets.image_io import load_image
+from datasets.sampling import TrainSamples
 from utils.errors import DataError
 
 RACCOON = Path(__file__).parent / "data" / "raccoon"
@@ -318,10 +319,11 @@ def test_image_width_must_be_a_positive_whole_number(tmp_path, value, ok):
             CocoDetection(tmp_path, "train", train=True)
 
 
-def with_exif_orientation(jpeg: bytes, orientation: int) -> bytes:
-    """`jpeg` with an APP1 Exif segment holding only the Orientation tag (0x0112), big-endian TIFF layout."""
-    tiff = b"MM\x00\x2a" + struct.pack(">I", 8) + struct.pack(">H", 1) + \
-        struct.pack(">HHIHH", 0x0112, 3, 1, orientation, 0) + struct.pack(">I", 0)
+def with_exif_orientation(jpeg: bytes, orientation: int, order: str = ">") -> bytes:
+    """`jpeg` with an APP1 Exif segment holding only the Orientation tag (0x0112), in big-endian (">") or
+    little-endian ("<") TIFF layout."""
+    tiff = (b"MM" if order == ">" else b"II") + struct.pack(order + "HI", 42, 8) + struct.pack(order + "H", 1) + \
+        struct.pack(order + "HHIHH", 0x0112, 3, 1, orientation, 0) + struct.pack(order + "I", 0)
     app1 = b"\xff\xe1" + struct.pack(">H", 2 + 6 + len(tiff)) + b"Exif\x00\x00" + tiff
     return jpeg[:2] + app1 + jpeg[2:]
 
@@ -335,6 +337,33 @@ def test_exif_orientation_is_applied_as_viewers_show_the_photo(tmp_path, orienta
     plain = load_image(write_bytes(tmp_path / "plain.jpg", jpeg))
     got = load_image(write_bytes(tmp_path / "exif.jpg", with_exif_orientation(jpeg, orientation)))
     np.testing.assert_array_equal(got, plain if rotate is None else cv2.rotate(plain, rotate))  # exact permutation
+
+
+@pytest.mark.parametrize("orientation, order, json_size, note",
+                         [(6, ">", (100, 80), True), (8, "<", (100, 80), True), (3, ">", (80, 100), False),
+                          (1, "<", (80, 100), False)])
+def test_a_size_mismatch_of_a_photo_turned_by_exif_says_so(tmp_path, orientation, order, json_size, note):
+    """A 100x80 photo stored with EXIF orientation 6 or 8 is read as 80x100; an annotation tool that ignored the
+    tag wrote 100x80. A swapped size without such a tag (1, or 3: 180 degrees) gets no note."""
+    jpeg = with_exif_orientation(cv2.imencode(".jpg", image())[1].tobytes(), orientation, order)
+    data = coco_dict(width=json_size[0], height=json_size[1])
+    data["images"][0]["file_name"] = "1.jpg"
+    ds = CocoDetection(write_set(tmp_path, data, {"1.jpg": jpeg}), "train", train=True)
+    with pytest.raises(ValueError) as e:
+        ds.load(0)
+    assert str(e.value).startswith(f"{tmp_path / 'train' / '1.jpg'}: decoded size")
+    hint = f": its EXIF orientation {orientation} turns it by 90 degrees"
+    assert (hint in str(e.value)) == note, str(e.value)
+
+
+def test_a_training_image_of_the_wrong_size_is_skipped_with_what_is_wrong(tmp_path):
+    data = coco_dict(width=80, height=100)
+    data["images"].append({"id": 2, "file_name": "2.png", "width": 100, "height": 80})
+    ds = CocoDetection(write_set(tmp_path, data, {"1.png": image(), "2.png": image(seed=1)}), "train", train=True)
+    with pytest.warns(UserWarning, match=r"skipping a training image that cannot be used: .*1\.png: decoded size "
+                                         r"100x80 differs from width x height 80x100"):
+        item = TrainSamples(ds, seed=0, epoch=0)[0]
+    assert item["unreadable"] == 1
 
 
 def write_bytes(path: Path, data: bytes) -> Path:

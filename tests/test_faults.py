@@ -185,7 +185,7 @@ def test_an_unreadable_training_image_is_skipped_and_too_many_stop_the_run(tmp_p
         return train.get_args_parser().parse_args(train_cmd(data, tmp_path / ckpt, "--batch_size", "4",
                                                             "--num_epochs", "1", *extra)[2:])
 
-    with pytest.warns(UserWarning, match=f"skipping an unreadable training image: {bad}"):
+    with pytest.warns(UserWarning, match=f"skipping a training image that cannot be used: {bad}"):
         train.main(args("tolerant", "--max_bad_fraction", "0.2"))
     log = (tmp_path / "tolerant" / "run" / "train.log").read_text()
     assert "(1 unreadable images skipped)" in log
