@@ -7,13 +7,17 @@ checks it (datasets/coco.py), and every image file must exist, decode and have t
 Boxes that the loader accepts but that cannot be right are reported too (training would drop or clip them, while
 evaluation would keep them as ground truth): a width or height of 0 or less, and a box that leaves its image by more
 than OUTSIDE_TOLERANCE of the image's side (at least 1 px: converters round), which includes a box entirely outside
-it. An empty 'annotations' list is reported: there is nothing to train on or to evaluate against.
+it; an image entry without a valid width and height has its boxes checked against its decoded size. An empty
+'annotations' list is reported: there is nothing to train on or to evaluate against. Images whose EXIF orientation
+is not 1 are listed as notes, not problems: they are read upright, as viewers show them, so their width, height and
+boxes must be those of the upright image (an annotation tool that ignored the tag gave the stored image's).
 Problems are listed with the file and the entry (annotation ids included), all of them rather than the first;
 the exit status is 1 when there is any, 0 when the split is clean. Runs from any folder as
 `python PATH/TO/REPO/datasets/check.py ...` too.
 """
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
@@ -21,15 +25,18 @@ from tqdm import tqdm
 if __package__ in (None, ""):  # run as a script from anywhere: import the repo, not this folder's modules
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from datasets.coco import coco_problems, is_box, is_id, load_entry_image, read_json, split_files
+from datasets.coco import coco_problems, is_box, is_id, is_size, load_entry_image, read_json, split_files
+from datasets.image_io import exif_orientation
 from utils.errors import UserError, run_cli
 
 OUTSIDE_TOLERANCE = 0.01  # of the image side a box may leave it by (at least 1 px)
 
 
-def box_problems(data: dict, ann_file: Path) -> list[str]:
+def box_problems(data: dict, ann_file: Path, decoded_sizes: dict) -> list[str]:
     """One line per annotation whose box (4 finite numbers) has a width or height <= 0 or leaves its image by
-    more than the tolerance (see the module docstring); entries with other problems are coco_problems' job."""
+    more than the tolerance (see the module docstring); entries with other problems are coco_problems' job.
+    The image's size is the json's, or where it gives none (or an invalid one) the decoded one (`decoded_sizes`:
+    (width, height) by image id)."""
     entries = data.get("images") if isinstance(data.get("images"), list) else []
     images = {im["id"]: im for im in entries if isinstance(im, dict) and is_id(im.get("id"))}
     annotations = data.get("annotations")
@@ -46,9 +53,10 @@ def box_problems(data: dict, ann_file: Path) -> list[str]:
             problems.append(f"{where} has a width or height of 0 or less")
             continue
         im = images.get(a["image_id"], {}) if is_id(a.get("image_id")) else {}
-        width, height = im.get("width"), im.get("height")
-        if not all(isinstance(v, (int, float)) and v > 0 for v in (width, height)):
+        size = image_size(im, decoded_sizes)
+        if size is None:
             continue
+        width, height = size
         beyond = max(-x, x + w - width) / width, max(-y, y + h - height) / height
         limits = max(OUTSIDE_TOLERANCE, 1 / width), max(OUTSIDE_TOLERANCE, 1 / height)
         if beyond[0] > limits[0] or beyond[1] > limits[1]:
@@ -58,16 +66,42 @@ def box_problems(data: dict, ann_file: Path) -> list[str]:
     return problems
 
 
-def image_problems(img_dir: Path, images: list, ann_file: Path, progress: bool = True) -> list[str]:
-    """One line per image entry whose file is missing, does not decode, or has another size than declared."""
-    problems = []
+def image_size(im: dict, decoded_sizes: dict) -> tuple | None:
+    """(width, height) of image entry `im`: the json's when both are valid, else the decoded image's; None when
+    neither is known (no such entry, or its file does not load)."""
+    declared = im.get("width"), im.get("height")
+    return declared if all(is_size(v) for v in declared) else decoded_sizes.get(im.get("id"))
+
+
+@dataclass
+class ImageReport:
+    """What reading a split's image files found."""
+    problems: list[str]  # one line per image that is missing, does not decode, or has another size than declared
+    sizes: dict  # (width, height) of each decoded image, by image id
+    turned: list[str]  # one note per image that EXIF turns or mirrors
+
+
+def read_images(img_dir: Path, images: list, ann_file: Path, progress: bool = True) -> ImageReport:
+    """Loads the file of every image entry as the loader does. An invalid width or height is left out of the size
+    check: coco_problems reports it already."""
+    report = ImageReport([], {}, [])
     entries = [im for im in images if isinstance(im, dict) and "file_name" in im]
     for im in tqdm(entries, desc="images", unit="img", disable=not progress, dynamic_ncols=True):
+        valid = {k: v for k, v in im.items() if k not in ("width", "height") or is_size(v)}
         try:
-            load_entry_image(img_dir, im, ann_file)
+            image = load_entry_image(img_dir, valid, ann_file)
         except UserError as e:
-            problems.append(f"image id {im.get('id')!r}: {e}")
-    return problems
+            report.problems.append(f"image id {im.get('id')!r}: {e}")
+            continue
+        if is_id(im.get("id")):
+            report.sizes[im["id"]] = image.shape[1], image.shape[0]
+        path = img_dir / str(im["file_name"])
+        orientation = exif_orientation(path)
+        if orientation != 1:
+            report.turned.append(f"image id {im.get('id')!r}: {path}: EXIF orientation {orientation}: it is read "
+                                 f"upright, as viewers show it ({image.shape[1]}x{image.shape[0]}); its width, "
+                                 "height and boxes must be those of the upright image")
+    return report
 
 
 def annotation_ids(problems: list[str], data: dict) -> list[str]:
@@ -85,18 +119,25 @@ def annotation_ids(problems: list[str], data: dict) -> list[str]:
     return out
 
 
-def check_split(data_dir: str | Path, split: str, progress: bool = True) -> list[str]:
-    """Every problem of split `split` of the COCO-format folder `data_dir` (its files as the loader finds them:
-    datasets.coco.split_files)."""
+def inspect_split(data_dir: str | Path, split: str, progress: bool = True) -> tuple[list[str], list[str]]:
+    """(every problem, notes on images that EXIF turns) of split `split` of the COCO-format folder `data_dir` (its
+    files as the loader finds them: datasets.coco.split_files)."""
     ann_file, img_dir = split_files(Path(data_dir), split)
     data = read_json(ann_file)
-    image_info = ann_file.name.startswith("image_info_")  # a test split: images without annotations
-    problems = coco_problems(data, ann_file, require_annotations=not image_info) + box_problems(data, ann_file)
-    problems = annotation_ids(problems, data)
-    if not img_dir.is_dir():
-        return problems + [f"{img_dir}: image directory of split {split!r} not found"]
     images = data.get("images") if isinstance(data.get("images"), list) else []
-    return problems + image_problems(img_dir, images, ann_file, progress)
+    if img_dir.is_dir():
+        report = read_images(img_dir, images, ann_file, progress)
+    else:
+        report = ImageReport([f"{img_dir}: image directory of split {split!r} not found"], {}, [])
+    image_info = ann_file.name.startswith("image_info_")  # a test split: images without annotations
+    problems = coco_problems(data, ann_file, require_annotations=not image_info) + \
+        box_problems(data, ann_file, report.sizes)
+    return annotation_ids(problems, data) + report.problems, report.turned
+
+
+def check_split(data_dir: str | Path, split: str, progress: bool = True) -> list[str]:
+    """Every problem of split `split` of the COCO-format folder `data_dir` (see `inspect_split`)."""
+    return inspect_split(data_dir, split, progress)[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,12 +149,14 @@ def main(argv: list[str] | None = None) -> int:
                         "them: image_info_SPLIT.json for a test split, test2017/ for test-dev)")
     args = p.parse_args(argv)
     try:
-        problems = check_split(args.data_dir, args.split)
+        problems, notes = inspect_split(args.data_dir, args.split)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     for line in problems:
         print(line)
+    for line in notes:
+        print(f"note: {line}")
     print(f"{args.data_dir} {args.split}: {len(problems)} problem(s)" if problems else
           f"{args.data_dir} {args.split}: no problems found")
     return 1 if problems else 0

@@ -85,6 +85,12 @@ def is_box(value) -> bool:
             and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value))
 
 
+def is_size(value) -> bool:
+    """An image width or height: a positive whole number (100.0 too, not True or "100")."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+            and float(value).is_integer())
+
+
 def _unique_ids(items: list[dict], key: str, path: Path, problems: list[str]) -> set:
     seen = set()
     for i, item in enumerate(items):
@@ -113,7 +119,7 @@ def coco_problems(data: dict, path: Path, require_annotations: bool = True) -> l
     for i, im in enumerate(images):
         for k in ("width", "height"):
             v = im.get(k, 1)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0 or not float(v).is_integer():
+            if not is_size(v):
                 problems.append(f"{path}: images[{i}] (file {im['file_name']!r}) has {k} {v!r}, expected a "
                                 "positive whole number")
     for i, a in enumerate(annotations):

@@ -7,8 +7,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from datasets.check import check_split, main
+from datasets.check import check_split, inspect_split, main
 from datasets.shapes import ShapesConfig, write_split
+from tests.test_data_coco import with_exif_orientation
 
 ROOT = Path(__file__).resolve().parents[1]
 RACCOON = Path(__file__).parent / "data" / "raccoon"
@@ -118,3 +119,45 @@ def test_a_test_dev_split_is_checked_where_the_loader_finds_it(tmp_path):
     assert check_split(tmp_path, "test-dev2017", progress=False) == [
         f"image id {data['images'][0]['id']}: {tmp_path / 'test2017' / data['images'][0]['file_name']}: image file "
         "not found"]
+
+
+def one_image_split(root: Path, image: np.ndarray, name: str, entry: dict, boxes: list) -> Path:
+    """A split "train" of one image file `name` (its json entry `entry`) with one annotation per box."""
+    (root / "annotations").mkdir(parents=True)
+    (root / "train").mkdir()
+    (root / "train" / name).write_bytes(cv2.imencode(Path(name).suffix, image)[1].tobytes())
+    data = {"images": [{"id": 1, "file_name": name, **entry}], "categories": [{"id": 1, "name": "a"}],
+            "annotations": [{"id": 10 + i, "image_id": 1, "category_id": 1, "bbox": b} for i, b in enumerate(boxes)]}
+    ann_file = root / "annotations" / "instances_train.json"
+    ann_file.write_text(json.dumps(data))
+    return ann_file
+
+
+def test_boxes_of_an_image_without_width_and_height_are_checked_against_its_decoded_size(tmp_path):
+    ann_file = one_image_split(tmp_path, np.zeros((80, 100, 3), np.uint8), "1.png", {},
+                               [[10, 10, 20, 20], [110, 10, 20, 20], [90, 70, 20, 5]])
+    assert check_split(tmp_path, "train", progress=False) == [
+        f"{ann_file}: annotations[1].bbox [110, 10, 20, 20] lies entirely outside its 100x80 image (file '1.png') "
+        "(annotation id 11)",
+        f"{ann_file}: annotations[2].bbox [90, 70, 20, 5] leaves its 100x80 image (file '1.png') (annotation id 12)"]
+
+
+def test_a_width_of_the_wrong_type_is_reported_once(tmp_path):
+    ann_file = one_image_split(tmp_path, np.zeros((80, 100, 3), np.uint8), "1.png", {"width": "100", "height": 80},
+                               [[150, 10, 20, 20]])
+    assert check_split(tmp_path, "train", progress=False) == [
+        f"{ann_file}: images[0] (file '1.png') has width '100', expected a positive whole number",
+        f"{ann_file}: annotations[0].bbox [150, 10, 20, 20] lies entirely outside its 100x80 image (file '1.png') "
+        "(annotation id 10)"]
+
+
+def test_images_that_exif_turns_are_listed_as_notes_not_problems(tmp_path, capsys):
+    ann_file = one_image_split(tmp_path, np.zeros((80, 100, 3), np.uint8), "1.jpg", {"width": 80, "height": 100},
+                               [[10, 10, 20, 20]])
+    turned = tmp_path / "train" / "1.jpg"
+    turned.write_bytes(with_exif_orientation(turned.read_bytes(), 6, "<"))  # read as 80 wide, 100 high
+    note = (f"image id 1: {turned}: EXIF orientation 6: it is read upright, as viewers show it (80x100); its width, "
+            "height and boxes must be those of the upright image")
+    assert inspect_split(tmp_path, "train", progress=False) == ([], [note])
+    assert main(["--data_dir", str(tmp_path), "--split", "train"]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"note: {note}", f"{tmp_path} train: no problems found"]
