@@ -56,15 +56,18 @@ class TrainSamples(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        for skipped in range(MAX_REPLACEMENTS):
+        tries = min(MAX_REPLACEMENTS, len(self.dataset))  # no image is tried twice for one item
+        for skipped in range(tries):
             i = (index + skipped) % len(self.dataset)
             try:
                 item = self.dataset.train_sample(i, np.random.default_rng([self.seed, self.epoch, i]))
             except (DataError, MissingFileError) as e:
                 warnings.warn(f"skipping a training image that cannot be used: {e}", stacklevel=1)
+                last_error = e
                 continue
             item["unreadable"] = torch.tensor(skipped)
             return item
-        raise DataError(f"{MAX_REPLACEMENTS} training images in a row from index {index} of "
-                        f"{self.dataset.img_dir} cannot be read; check the data set with "
-                        f"`python -m datasets.check --data_dir DIR --split NAME`")
+        which = f"all {tries} training images" if tries == len(self.dataset) else \
+            f"{tries} training images in a row from index {index}"
+        raise DataError(f"{which} of {self.dataset.img_dir} cannot be used (the last: {last_error}); check the data "
+                        "set with `python -m datasets.check --data_dir DIR --split NAME`")

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from datasets.sampling import EpochSampler, epoch_order
+from datasets.sampling import MAX_REPLACEMENTS, EpochSampler, TrainSamples, epoch_order
 from engine.trainer import EpochProgress
+from utils.errors import DataError
 
 NUM_ITEMS, GLOBAL_BATCH = 103, 12  # 8 steps; 7 images left out of each epoch
 
@@ -49,3 +50,31 @@ def test_a_resume_mid_epoch_continues_with_the_images_left(before, after):
     left = [i for rank in range(after) for i in EpochSampler(resumed.order, GLOBAL_BATCH, rank, after, resumed.step)
             .indices]
     assert sorted(seen + left) == sorted(progress.order.tolist()) and not set(seen) & set(left)
+
+
+class MissingImages:
+    """A data set of `size` images whose files are all missing."""
+
+    img_dir = "data/train"
+
+    def __init__(self, size: int):
+        self.size, self.read = size, []
+
+    def __len__(self) -> int:
+        return self.size
+
+    def train_sample(self, index: int, rng: np.random.Generator) -> dict:
+        self.read.append(index)
+        raise DataError(f"data/train/{index}.jpg: image file not found")
+
+
+@pytest.mark.parametrize("size, message", [
+    (1, r"all 1 training images of data/train cannot be used \(the last: data/train/0\.jpg: image file not found\)"),
+    (3, r"all 3 training images of data/train cannot be used \(the last: data/train/1\.jpg: "),
+    (MAX_REPLACEMENTS + 50, rf"{MAX_REPLACEMENTS} training images in a row from index 2 of data/train cannot be used "
+                            rf"\(the last: data/train/{MAX_REPLACEMENTS + 1}\.jpg: ")])
+def test_a_split_whose_images_all_fail_says_how_many_it_tried(size, message):
+    images = MissingImages(size)
+    with pytest.raises(DataError, match=message), pytest.warns(UserWarning, match="image file not found"):
+        TrainSamples(images, seed=0, epoch=1)[2 % size]
+    assert sorted(images.read) == sorted(set(images.read)) and len(images.read) == min(size, MAX_REPLACEMENTS)
