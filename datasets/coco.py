@@ -291,3 +291,24 @@ class CocoDetection(Dataset):
         # For direct use (a notebook, your own loader): drawn from torch's generator, which DataLoader seeds
         # differently in each worker. train.py instead gives each sample its own seed (datasets/sampling.py).
         return self.train_sample(index, np.random.default_rng(int(torch.randint(0, 2 ** 62, ()))))
+
+
+def check_same_categories(train_set: CocoDetection, val_set: CocoDetection) -> None:
+    """DataError naming both annotation files and the first differing class names, unless the two sets have the same
+    class names in the same order (by category id), as the network's outputs must mean the same classes in both."""
+    train, val = train_set.class_names, val_set.class_names
+    if train == val:
+        return
+    only_train, only_val = [n for n in train if n not in val], [n for n in val if n not in train]
+    if only_train or only_val:
+        difference = "; ".join(f"only in {ann_file}: {first_names(names)}" for ann_file, names in
+                               ((train_set.ann_file, only_train), (val_set.ann_file, only_val)) if names)
+    else:
+        difference = (f"the same names, ordered by category id as {first_names(train)} in the first and "
+                      f"{first_names(val)} in the second")
+    raise DataError(f"{train_set.ann_file} and {val_set.ann_file} have different categories ({difference})")
+
+
+def first_names(names: list[str], count: int = 5) -> str:
+    more = f" and {len(names) - count} more" if len(names) > count else ""
+    return ", ".join(repr(n) for n in names[:count]) + more

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from datasets import build_dataset
+from datasets.coco import check_same_categories
 from datasets.sampling import EpochSampler, TrainSamples, epoch_order
 from engine.inference import EvaluationStopped, InferenceConfig, evaluate
 from engine.pretrained import load_pretrained_checkpoint
@@ -263,8 +264,7 @@ def train(args: argparse.Namespace, signals: StopSignals, folder_lock: RunFolder
     if not any(len(boxes) for boxes in train_set.boxes):
         raise DataError(f"--train_split {args.train_split} has no box to train on: its 'annotations' list is empty "
                         "or holds crowd regions and boxes without width or height only")
-    if val_set.class_names != train_set.class_names:
-        raise DataError(f"{args.val_split} and {args.train_split} have different categories")
+    check_same_categories(train_set, val_set)
     step_batch = args.batch_size * args.accum_steps
     if len(train_set) < step_batch:
         raise ArgumentError(f"--batch_size {args.batch_size} x --accum_steps {args.accum_steps} is larger than the "

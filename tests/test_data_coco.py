@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Subset, default_collate
 
 from datasets import build_dataset
-from datasets.coco import CocoDetection
+from datasets.coco import CocoDetection, check_same_categories
 from datasets.image_io import load_image
 from datasets.sampling import TrainSamples
 from utils.errors import DataError
@@ -369,3 +369,22 @@ def test_a_training_image_of_the_wrong_size_is_skipped_with_what_is_wrong(tmp_pa
 def write_bytes(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path
+
+
+def test_train_and_val_sets_of_other_categories_are_named_with_their_files_and_names(tmp_path):
+    def split(name: str, cats) -> CocoDetection:
+        write_set(tmp_path, coco_dict(cats=cats), {"1.png": image()}, split=name)
+        return CocoDetection(tmp_path, name, train=True)
+
+    train_set = split("train", [(i, f"c{i}") for i in range(1, 9)])
+    val_set = split("val", [(1, "c1"), (2, "dog"), (3, "c3")])
+    train_file, val_file = train_set.ann_file, val_set.ann_file
+    with pytest.raises(DataError) as e:
+        check_same_categories(train_set, val_set)
+    assert str(e.value) == (f"{train_file} and {val_file} have different categories (only in {train_file}: 'c2', "
+                            f"'c4', 'c5', 'c6', 'c7' and 1 more; only in {val_file}: 'dog')")
+    swapped = split("val", [(1, "c2"), (2, "c1")] + [(i, f"c{i}") for i in range(3, 9)])
+    with pytest.raises(DataError, match=r"\(the same names, ordered by category id as 'c1', 'c2', 'c3', 'c4', 'c5' "
+                                        r"and 3 more in the first and 'c2', 'c1', 'c3', 'c4', 'c5' and 3 more in the"):
+        check_same_categories(train_set, swapped)
+    check_same_categories(train_set, split("val", [(i + 10, f"c{i}") for i in range(1, 9)]))

@@ -223,6 +223,20 @@ def test_a_training_split_without_boxes_is_refused_naming_it_not_min_box_size(sh
     assert not (tmp_path / "run").exists()
 
 
+def test_train_and_val_splits_of_other_categories_are_refused_naming_the_files_and_names(shapes_dir, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(shapes_dir, data)
+    train_file, val_file = (data / "annotations" / f"instances_{split}.json" for split in ("train", "val"))
+    content = json.loads(val_file.read_text())
+    renamed = content["categories"][0]["name"]
+    content["categories"][0]["name"] = "raccoon"
+    val_file.write_text(json.dumps(content))
+    message = (f"{train_file} and {val_file} have different categories (only in {train_file}: '{renamed}'; only in "
+               f"{val_file}: 'raccoon')")
+    with pytest.raises(DataError, match=re.escape(message)):
+        train.main(args_for(data, tmp_path, "--num_epochs", "1"))
+
+
 def test_a_second_ctrl_c_ends_train_log_with_what_the_run_leaves(shapes_dir, tmp_path, monkeypatch):
     """A second Ctrl-C stops at once (KeyboardInterrupt from utils/stopping.py): train.log still says so, after
     what the run leaves, as for an error."""
