@@ -8,10 +8,11 @@ boxes and writes all detections to json.
 
 Images: any format OpenCV reads (jpg, png, bmp, webp, tif, ...), of any size; a folder is read in name order,
 without its sub-folders, --batch_size images at a time (those of one input size share a forward). Files that cannot
-be read are reported and skipped. Each image is written to --out under its own name with its boxes, class names and
-scores drawn; `detections.json` lists every image read (`images`: its path as given, and its detections in
-original pixels, also when there are none) and the files skipped (`skipped`). --out must be empty unless --force,
-and never holds an input image.
+be read are reported and skipped, and the other files of a folder (names without an image suffix) counted. Each
+image is written to --out under its own name with its boxes, class names and scores drawn (with .png added where
+its format cannot hold a colour drawing: scan.pgm.png); `detections.json` lists every image read (`images`: its
+path as given, and its detections in original pixels, also when there are none) and the files skipped (`skipped`).
+--out must be empty unless --force, and never holds an input image.
 
 Video (anything OpenCV reads): --out is the annotated video (.mp4 written with the mp4v codec, .avi with MJPG) and
 the json beside it (out.json) lists the detections of each frame. Neither replaces an existing file without
@@ -33,7 +34,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from datasets.image_io import IMAGE_SUFFIXES, load_image, write_image
+from datasets.image_io import IMAGE_SUFFIXES, drawing_name, load_image, write_image
 from engine.detector import Detections, Detector
 from engine.inference import parse_scales
 from engine.visualize import draw
@@ -67,14 +68,21 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def list_images(source: Path) -> list[Path]:
+    """The image file `source`, or the files of folder `source` whose names end in an image suffix, in name order;
+    the folder's other files are counted in a note on stderr, as they are not read."""
     if source.is_file():
         return [source]
     if not source.is_dir():
         raise MissingFileError(f"--images {source}: no such file or folder")
-    images = sorted(p for p in source.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in source.iterdir() if p.is_file())
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    looked_for = f"looked for {' '.join(sorted(IMAGE_SUFFIXES))}"
     if not images:
-        raise UserError(f"--images {source}: no image files in this folder (sub-folders are not read; looked for "
-                        f"{' '.join(sorted(IMAGE_SUFFIXES))})")
+        raise UserError(f"--images {source}: no image files in this folder (sub-folders are not read; {looked_for})")
+    others = [p.name for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
+    if others:
+        print(f"note: {len(others)} files of {source} are not read, as their names end in no image suffix "
+              f"({looked_for}): {', '.join(others[:3])}{', ...' if len(others) > 3 else ''}", file=sys.stderr)
     return images
 
 
@@ -130,7 +138,7 @@ def prepare_images(args) -> tuple[list[Path], Path]:
     images = list_images(Path(args.images))
     out = Path(args.out)
     for path in images:
-        if same_file(out / path.name, path):
+        if same_file(out / drawing_name(path.name), path):
             raise ArgumentError(f"--out {out} would write over the input image {path}; choose another folder")
     if out.is_dir() and any(out.iterdir()) and not args.force:
         raise ArgumentError(f"--out {out} is not empty; choose another folder or pass --force to replace its files")
@@ -156,7 +164,7 @@ def run_images(images: list[Path], out: Path, args, detector: Detector) -> dict:
                     tqdm.write(f"skipped: {e}", file=sys.stderr)
                     skipped.append(str(path))
             for path, image, found in zip(paths, frames, detect(detector, frames)):
-                write_image(out / path.name, draw(image, found.rows(), detector.class_names))
+                write_image(out / drawing_name(path.name), draw(image, found.rows(), detector.class_names))
                 results.append({"file": str(path), "detections": as_records(found)})
             bar.update(len(chunk))
             log.maybe_save()

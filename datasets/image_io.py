@@ -19,10 +19,14 @@ from utils.files import atomic_write
 
 _FLAGS = cv2.IMREAD_COLOR  # which applies the EXIF orientation (IMREAD_UNCHANGED would not)
 # The file name endings of the formats cv2.imread documents (those missing from a given OpenCV build are reported
-# as undecodable when read).
-IMAGE_SUFFIXES = frozenset({".bmp", ".dib", ".jpeg", ".jpg", ".jpe", ".jp2", ".png", ".webp", ".avif", ".pbm",
-                            ".pgm", ".ppm", ".pxm", ".pnm", ".pfm", ".sr", ".ras", ".tiff", ".tif", ".exr", ".hdr",
-                            ".pic"})
+# as undecodable when read), and .jfif, another ending of JPEG files (imread goes by the content, not the name).
+IMAGE_SUFFIXES = frozenset({".bmp", ".dib", ".jpeg", ".jpg", ".jpe", ".jfif", ".jp2", ".png", ".webp", ".avif",
+                            ".pbm", ".pgm", ".ppm", ".pxm", ".pnm", ".pfm", ".sr", ".ras", ".tiff", ".tif", ".exr",
+                            ".hdr", ".pic"})
+# Those whose format cv2.imwrite writes an 8-bit colour image in: a drawing keeps its input's format. Not .pbm
+# (1-bit), .pgm (gray), .pfm / .hdr / .pic (float), .pxm and .jfif (no writer goes by them), .exr.
+DRAWING_SUFFIXES = frozenset({".bmp", ".dib", ".jpeg", ".jpg", ".jpe", ".jp2", ".png", ".webp", ".avif", ".ppm",
+                              ".pnm", ".sr", ".ras", ".tiff", ".tif"})
 _JPEG_SOI, _JPEG_SOS, _JPEG_EOI = b"\xff\xd8", 0xDA, b"\xff\xd9"
 _JPEG_APP1, _EXIF_ID, _ORIENTATION_TAG = 0xE1, b"Exif\x00\x00", 0x0112
 _EXIF_HEAD = 1 << 17  # bytes read for the Exif block (64 KiB at most), which only a short JFIF block may precede
@@ -124,10 +128,20 @@ def as_bgr8(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image[:, :, :3])
 
 
+def drawing_name(name: str) -> str:
+    """The file name of a drawing over image `name`: the same where its format holds 8-bit colour, else with .png
+    added (photo.pgm.png, apart from a photo.png beside it)."""
+    return name if Path(name).suffix.lower() in DRAWING_SUFFIXES else name + ".png"
+
+
 def write_image(path: Path, image: np.ndarray) -> None:
-    """Encodes `image` in the format of `path`'s suffix and writes it atomically, so a failure (full disk, no
-    permission) is a WriteError naming the file, and never leaves a half-written image."""
-    ok, data = cv2.imencode(path.suffix, image)
+    """Encodes `image` in the format of `path`'s suffix and writes it atomically, so a failure (a format that cannot
+    hold the image, full disk, no permission) is a WriteError naming the file, and never leaves a half-written
+    image."""
+    try:
+        ok, data = cv2.imencode(path.suffix, image)
+    except cv2.error as e:  # raised instead of returning False for a suffix without any writer
+        raise WriteError(f"{path}: OpenCV cannot encode an image with suffix {path.suffix!r} ({e.err})") from None
     if not ok:
         raise WriteError(f"{path}: OpenCV cannot encode an image with suffix {path.suffix!r}")
     atomic_write(path, lambda f: f.write(data.tobytes()))

@@ -15,6 +15,7 @@ import torch
 
 import demo
 import engine.detector
+from datasets.image_io import write_image
 from datasets.transforms import eval_input
 from engine.inference import InferenceConfig, detect
 from nets import build_model
@@ -374,3 +375,38 @@ def test_a_folder_of_any_format_opencv_reads(ckpt, float64_demo, tmp_path):
     written = run(ckpt, folder, tmp_path / "out")
     assert not written["skipped"] and {Path(image["file"]).name for image in written["images"]} == {
         "photo.bmp", "photo.webp", "photo.tif"}
+
+
+def test_drawings_of_formats_without_8_bit_colour_are_png_and_other_files_are_counted(ckpt, float64_demo, tmp_path,
+                                                                                      capsys):
+    """Gray (.pgm), 1-bit (.pbm) and .pxm (no writer) inputs get a PNG drawing beside the others instead of stopping
+    the run; .jfif is read as the JPEG it is; files without an image suffix are named in a note."""
+    folder = tmp_path / "formats"
+    folder.mkdir()
+    image = cv2.imread(str(small_photos(tmp_path / "in")[0]))
+    gray = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+    jpeg = cv2.imencode(".jpg", image)[1].tobytes()
+    files = {"scan.pgm": cv2.imencode(".pgm", gray)[1], "scan.pbm": cv2.imencode(".pbm", (gray > 127) * np.uint8(1))[1],
+             "scan.pxm": cv2.imencode(".ppm", image)[1], "photo.jfif": jpeg, "photo.jpg": jpeg, "photo": jpeg,
+             "notes.txt": b"not read"}
+    for name, data in files.items():
+        (folder / name).write_bytes(bytes(data))
+    written = run(ckpt, folder, tmp_path / "out")
+    assert [Path(image["file"]).name for image in written["images"]] == [
+        "photo.jfif", "photo.jpg", "scan.pbm", "scan.pgm", "scan.pxm"] and not written["skipped"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "detections.json", "photo.jfif.png", "photo.jpg", "scan.pbm.png", "scan.pgm.png", "scan.pxm.png"]
+    for name in ("scan.pbm.png", "scan.pgm.png", "scan.pxm.png", "photo.jfif.png"):
+        assert cv2.imread(str(tmp_path / "out" / name), cv2.IMREAD_UNCHANGED).shape == image.shape, name
+    note = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert len(note) == 1 and note[0].startswith(f"note: 2 files of {folder} are not read, as their names end in no "
+                                                 "image suffix (looked for .avif .bmp") and \
+        note[0].endswith(": notes.txt, photo"), note
+
+
+def test_a_suffix_opencv_has_no_writer_for_is_a_write_error_naming_the_file(tmp_path):
+    image = np.zeros((20, 30, 3), np.uint8)
+    for name in ("drawing.pxm", "drawing"):
+        with pytest.raises(WriteError, match=f"{tmp_path / name}: OpenCV cannot encode an image with suffix"):
+            write_image(tmp_path / name, image)
+    assert not list(tmp_path.iterdir())
