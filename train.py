@@ -20,6 +20,7 @@ from engine.trainer import parse_lr_steps, train
 from nets import ARCHS, METHODS
 from nets.hourglass import CENTER_BRANCHES, CORNER_POOLS
 from utils import dist
+from utils.checkpoint import MAX_IMG_SIZE
 from utils.checks import check_number, check_positive_int
 from utils.errors import ArgumentError, run_cli
 from utils.stopping import StopSignals
@@ -92,8 +93,9 @@ def check_args(args: argparse.Namespace) -> None:
     """Flag values that cannot work (NaN and infinity included), refused before anything is created."""
     for flag in ("batch_size", "num_epochs", "accum_steps"):
         check_positive_int(f"--{flag}", getattr(args, flag))
-    if args.img_size < 127 or args.img_size % 128 != 127:
-        raise ArgumentError(f"--img_size must be of the form 128k - 1 (127, 255, 383, 511, ...), got {args.img_size}")
+    if not 127 <= args.img_size <= MAX_IMG_SIZE or args.img_size % 128 != 127:
+        raise ArgumentError(f"--img_size must be of the form 128k - 1 (127, 255, 383, 511, ..., {MAX_IMG_SIZE}), got "
+                            f"{args.img_size}")
     for flag in ("num_workers", "val_interval"):
         if getattr(args, flag) < 0:
             raise ArgumentError(f"--{flag} must be 0 or more, got {getattr(args, flag)}")

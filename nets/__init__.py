@@ -5,9 +5,12 @@ in it.
 Variants (the paper's ablation): `--method centernet` is cascade corner pooling with a center-pooling branch (the
 default, and the only network of checkpoints written before the variants existed), `--method cornernet` is plain
 corner pooling without a center branch; `--corner_pool` and `--center_branch`, when given, override the preset."""
-import torch
+import threading
 
-from utils.checkpoint import saved_args
+import torch
+from torch.nn.modules.module import register_module_parameter_registration_hook
+
+from utils.checkpoint import check_class_names, saved_args
 from utils.errors import CheckpointError
 
 from .hourglass import CENTER_BRANCHES, CORNER_POOLS, CenterNet
@@ -87,7 +90,10 @@ def model_from_checkpoint(state: dict, path) -> CenterNet:
     centernet's.
     A checkpoint whose `class_names` are not the network's classes, or whose weights do not fit the network it
     names, is a CheckpointError naming both numbers, or the first key that does not fit; so is a `model_config` that
-    does not build a network."""
+    does not build a network. The weights are compared with the network built on the meta device first
+    (`network_on_meta`), so that a config far larger than its weights allocates nothing."""
+    if "class_names" in state:
+        check_class_names(state, path)
     config = state.get("model_config")
     if config is None:
         arch = saved_args(state).get("arch")
@@ -103,21 +109,48 @@ def model_from_checkpoint(state: dict, path) -> CenterNet:
     if "class_names" in state and len(state["class_names"]) != config.get("num_classes"):
         raise CheckpointError(f"{path}: 'class_names' lists {len(state['class_names'])} classes, but the network "
                               f"has {config.get('num_classes')!r} class outputs")
-    try:
-        model = CenterNet(**config)
-    except (TypeError, ValueError) as e:  # an unknown key, or a value of another type or range
-        raise CheckpointError(f"{path}: its model_config does not build a network: {e}") from None
-    problem = first_misfit(model.state_dict(), state["model"])
+    if not isinstance(state["model"], dict):
+        raise CheckpointError(f"{path}: its 'model' is a {type(state['model']).__name__}, not a state dict")
+    problem = first_misfit(network_on_meta(config, state["model"], path).state_dict(), state["model"])
     if problem:
         raise CheckpointError(f"{path}: the weights do not fit the network they name: {problem}")
+    model = CenterNet(**config)  # now known to be the size of the weights already in memory
     model.load_state_dict(state["model"])
     return model
 
 
-def first_misfit(expected: dict, weights) -> str | None:
-    """The first key of a state dict `weights` that is missing, extra or of another shape than in `expected`."""
-    if not isinstance(weights, dict):
-        return f"'model' is a {type(weights).__name__}, not a state dict"
+def network_on_meta(config: dict, weights: dict, path) -> CenterNet:
+    """The network of a checkpoint's `config` on the meta device, whose tensors take no memory, to compare with
+    the `weights` before the real one is built. A crafted config (a million stacks, say) would still build modules
+    until memory runs out, so the build stops once it has registered more parameters than `weights` holds tensors:
+    the network the weights fit never has more. A config that does not build is a CheckpointError too."""
+    limit, builder, registered = len(weights), threading.get_ident(), 0
+
+    def count(module, name, param):
+        nonlocal registered
+        registered += threading.get_ident() == builder  # other threads' modules are not this network's
+        if registered > limit:
+            raise CheckpointError(f"{path}: its model_config builds a network with more parameters than the "
+                                  f"{limit} tensors of its weights")
+
+    handle = register_module_parameter_registration_hook(count)
+    try:
+        with torch.device("meta"):
+            return CenterNet(**config)
+    except CheckpointError:
+        raise
+    # An unknown key, a value of another type, a list too short (IndexError), a negative or overflowing size
+    # (RuntimeError from torch), dims so long that the recursive hourglass exceeds Python's recursion limit.
+    except (TypeError, ValueError, IndexError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: its model_config does not build a network: {type(e).__name__}: "
+                              f"{str(e)[:200]}") from None
+    finally:
+        handle.remove()
+
+
+def first_misfit(expected: dict, weights: dict) -> str | None:
+    """The first key of a state dict `weights` that is missing, extra, of another shape than in `expected`, without
+    dense values (a meta or sparse tensor), or not floating point where `expected` is."""
     for key, tensor in expected.items():
         if key not in weights:
             return f"{key} (shape {tuple(tensor.shape)}) is missing from the checkpoint"
@@ -125,5 +158,10 @@ def first_misfit(expected: dict, weights) -> str | None:
             return f"{key} is a {type(weights[key]).__name__} in the checkpoint, not a tensor"
         if weights[key].shape != tensor.shape:
             return f"{key} has shape {tuple(weights[key].shape)} in the checkpoint, {tuple(tensor.shape)} in the network"
+        if weights[key].is_meta or weights[key].layout != torch.strided:  # no values, or not dense ones
+            kind = "meta (a shape without values)" if weights[key].is_meta else str(weights[key].layout)
+            return f"{key} is a {kind} tensor in the checkpoint, not a dense tensor of values"
+        if tensor.is_floating_point() and not weights[key].is_floating_point():  # copying would truncate or drop
+            return f"{key} is {weights[key].dtype} in the checkpoint, floating point in the network"
     extra = next((key for key in weights if key not in expected), None)
     return f"{extra} is in the checkpoint but not in the network" if extra else None

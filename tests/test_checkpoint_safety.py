@@ -21,9 +21,9 @@ import torch
 import demo
 import train
 from engine import Detector
-from nets import build_model, model_from_checkpoint
+from nets import build_model, model_config, model_from_checkpoint
 from tools import convert_official, export_onnx, upgrade_checkpoint
-from utils.checkpoint import load_checkpoint, pickled_globals, read_plain, save_checkpoint
+from utils.checkpoint import load_checkpoint, load_inference_checkpoint, pickled_globals, read_plain, save_checkpoint
 from utils.errors import CheckpointError, UnsafeCheckpointError, UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -373,3 +373,88 @@ def test_a_checkpoint_saved_without_checksums_loads(tmp_path):
         save_checkpoint(path, {"model": {"w": torch.arange(10.0)}, "args": {}})
     assert all(member.CRC == 0 for member in zipfile.ZipFile(path).infolist())
     assert torch.equal(load_checkpoint(path)["model"]["w"], torch.arange(10.0))
+
+
+def rewritten_zip(src: Path, out: Path, compress_type: int) -> Path:
+    """A copy of the checkpoint `src` whose members are written with `compress_type`, the tensor's as 8 MiB of
+    zeros: a deflated file of some KB that would expand when read."""
+    with zipfile.ZipFile(src) as archive, zipfile.ZipFile(out, "w", compress_type) as copy:
+        for member in archive.infolist():
+            data = bytes(8 << 20) if member.filename.endswith("data/0") else archive.read(member)
+            copy.writestr(member.filename, data)
+    return out
+
+
+def test_a_compressed_member_or_one_larger_than_the_file_is_refused_before_it_is_read(tmp_path):
+    """torch.save stores members uncompressed; a deflated one (a zip bomb) or a directory entry claiming more bytes
+    than the file has would make the readers allocate what it claims."""
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, {"model": {"w": torch.zeros(10)}, "args": {}})
+    bomb = rewritten_zip(path, tmp_path / "bomb.pt", zipfile.ZIP_DEFLATED)
+    assert bomb.stat().st_size < 1 << 20
+    with pytest.raises(CheckpointError, match=r"bomb.pt: .* not written by torch.save \(its member \S+/data.pkl is "
+                                              "compressed with zip method 8"):
+        load_checkpoint(bomb)
+    data = bytearray(path.read_bytes())
+    entry = data.rindex(b"PK\x01\x02", 0, data.rindex(b"/data/0"))  # the tensor's central directory entry
+    data[entry + 24:entry + 28] = (1 << 31).to_bytes(4, "little")  # its uncompressed size
+    claims = tmp_path / "claims.pt"
+    claims.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=rf"claims.pt: .*member \S+/data/0 claims {1 << 31} bytes, more than"):
+        load_checkpoint(claims)
+
+
+def test_a_model_config_larger_than_its_weights_is_refused_before_it_is_built(tmp_path):
+    """A crafted model_config (num_stacks=10**6) built the network before comparing it with the weights, until the
+    memory ran out. The values here would build without the check (or hit Python's recursion limit), slowly."""
+    config = model_config("tiny_hourglass", 1)
+    weights = build_model("tiny_hourglass", 1).state_dict()
+    for change in ({"num_stacks": 40}, {"dims": [48] * 600, "blocks": [1] * 600}, {"blocks": [200] * 4}):
+        state = {"model": weights, "class_names": ["a"], "model_config": {**config, **change}}
+        with pytest.raises(CheckpointError, match=f"crafted.pt: its model_config builds a network with more "
+                                                  f"parameters than the {len(weights)} tensors of its weights"):
+            model_from_checkpoint(state, "crafted.pt")
+    state = {"model": weights, "class_names": ["a"], "model_config": {**config, "dims": [-1, 64, 96, 128]}}
+    with pytest.raises(CheckpointError, match="its model_config does not build a network: RuntimeError"):
+        model_from_checkpoint(state, "negative.pt")
+
+
+@pytest.mark.filterwarnings("ignore:.*sparse:UserWarning")
+def test_weights_without_dense_float_values_are_refused_naming_the_key(tmp_path):
+    """A meta or sparse tensor failed in load_state_dict with a RuntimeError; integer or complex weights were copied
+    into the float network, truncated or without their imaginary part."""
+    weights = build_model("tiny_hourglass", 1).state_dict()
+    key = "stem.0.0.weight"
+    path = tmp_path / "checkpoint.pt"
+    for tensor, kind in ((torch.empty(weights[key].shape, device="meta"), "a meta .*tensor"),
+                         (weights[key].to_sparse(), "a torch.sparse_coo tensor"),
+                         (weights[key].to(torch.int32), "torch.int32 .*floating point in the network"),
+                         (weights[key].to(torch.complex64), "torch.complex64")):
+        save_checkpoint(path, {"model": {**weights, key: tensor}, "class_names": ["a"],
+                               "model_config": model_config("tiny_hourglass", 1),
+                               "args": {"arch": "tiny_hourglass", "img_size": 127}})
+        with pytest.raises(CheckpointError, match=f"checkpoint.pt: the weights do not fit .*: {key} is {kind}"):
+            model_from_checkpoint(load_inference_checkpoint(path), path)
+
+
+def test_class_names_that_are_not_a_list_of_strings_are_refused(tmp_path):
+    weights = build_model("tiny_hourglass", 1).state_dict()
+    path = tmp_path / "checkpoint.pt"
+    for names in (5, [1], "a", None):
+        state = {"model": weights, "class_names": names, "args": {"arch": "tiny_hourglass", "img_size": 127}}
+        save_checkpoint(path, state)
+        with pytest.raises(CheckpointError, match="checkpoint.pt: expected 'class_names' to be a list of strings"):
+            load_inference_checkpoint(path)
+        with pytest.raises(CheckpointError, match="checkpoint.pt: expected 'class_names' to be a list of strings"):
+            model_from_checkpoint(state, path)  # was a TypeError from len() for 5 and None
+
+
+def test_an_img_size_no_network_takes_is_refused_before_inputs_of_it_are_made(tmp_path):
+    """tools/export_onnx.py made a (1, 3, img_size, img_size) input of the checkpoint's img_size."""
+    path = tmp_path / "checkpoint.pt"
+    for img_size in (2 ** 30 - 1, 0, -1):
+        save_checkpoint(path, {"model": {}, "class_names": ["a"], "args": {"arch": "tiny_hourglass",
+                                                                           "img_size": img_size}})
+        with pytest.raises(CheckpointError, match=f"checkpoint.pt: checkpoint args hold img_size {img_size}, "
+                                                  "expected a side from 1 to 2047"):
+            load_inference_checkpoint(path)

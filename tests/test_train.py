@@ -144,6 +144,7 @@ def test_flags_that_cannot_work_are_refused_before_anything_is_created(shapes_di
                            (("--num_epochs", "0"), "--num_epochs: expected a whole number of at least 1"),
                            (("--img_size", "128"), "128k - 1"),
                            (("--img_size", "-1"), "128k - 1"),  # -1 % 128 == 127
+                           (("--img_size", "2175"), "128k - 1 .*2047"),  # more than a checkpoint may hold
                            (("--lr_step", "0"), "--lr_step: expected increasing epochs of at least 1"),
                            (("--lr_step", "-1"), "--lr_step: expected increasing"),
                            (("--lr_step", "5,3"), "--lr_step: expected increasing"),

@@ -14,11 +14,15 @@ Safety: every file the project reads with torch (our checkpoints, --pretrained, 
 goes through `read_plain`, torch.load(weights_only=True), which rebuilds tensors, numbers, strings and containers
 of them and nothing else, so that no file, whoever made it, can run code when it is opened. `save_checkpoint`
 writes only those types. A file holding other Python objects (an argparse.Namespace, numpy scalars) is refused
-with `UnsafeCheckpointError`; tools/upgrade_checkpoint.py converts one that you trust, once.
+with `UnsafeCheckpointError`; tools/upgrade_checkpoint.py converts one that you trust, once. Nor can a file fill
+the memory before it is checked: a zip member that torch.save would not write (compressed, or claiming more bytes
+than the file has) is refused before it is read, and an args.img_size above MAX_IMG_SIZE before an input of that
+size is made.
 """
 import io
 import pickle
 import pickletools
+import reprlib
 import warnings
 import zipfile
 from collections import Counter, OrderedDict
@@ -34,6 +38,9 @@ PLAIN_CONTAINERS = (dict, OrderedDict, Counter, list, tuple, set)  # those weigh
 # Names a weights-only pickle may hold: torch's tensor rebuilders and storages, and the containers above.
 PLAIN_GLOBALS = ("torch.", "collections.OrderedDict", "collections.Counter", "builtins.set", "_codecs.encode")
 UPGRADE = "python tools/upgrade_checkpoint.py --src {path} --out NEW.pt"
+# The largest args.img_size a checkpoint may hold (train.py refuses more): readers build inputs of that side, which
+# a crafted value of 10**9 would make a memory bomb. It is also the default --max_size of tools/export_onnx.py.
+MAX_IMG_SIZE = 2047
 
 
 def first_non_plain(value, where: str = "state") -> str | None:
@@ -117,6 +124,26 @@ def first_damaged_member(path: Path) -> str | None:
     return None
 
 
+def first_expanding_member(path: Path) -> str | None:
+    """Why the first member of torch's zip format that torch.save would not write is refused: one compressed (it
+    stores all of them uncompressed) or claiming more bytes than the whole archive holds, either of which could
+    expand a small file into gigabytes when read; None when there is none, and for the legacy format. Reads the
+    archive's directory only."""
+    if not zipfile.is_zipfile(path):
+        return None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for member in archive.infolist():
+                if member.compress_type != zipfile.ZIP_STORED:
+                    return f"its member {member.filename} is compressed with zip method {member.compress_type}"
+                if member.file_size > path.stat().st_size:
+                    return (f"its member {member.filename} claims {member.file_size} bytes, more than the "
+                            f"{path.stat().st_size} of the whole file")
+    except Exception as e:  # a damaged zip structure fails with whatever error it leads to
+        return f"its zip structure is damaged ({type(e).__name__}: {e})"
+    return None
+
+
 def pickled_globals(path: Path) -> set[str] | None:
     """The classes and functions (`module.name`) that the pickle of a torch file names, read by pickletools, which
     parses opcodes and runs none; None when not even one pickle parses (a corrupt file)."""
@@ -166,6 +193,11 @@ def read_plain(path: str | Path, map_location: str | torch.device = "cpu", what:
         raise CheckpointError(f"cannot read {what} {path}: the file is truncated or corrupt, or not a file of "
                               "torch.save at all (neither its zip archive nor its legacy format, which starts with "
                               "torch's magic number; a plain pickle, say)")
+    expanding = first_expanding_member(path)
+    if expanding is not None:
+        raise CheckpointError(f"cannot read {what} {path}: the file is truncated or corrupt, or not written by "
+                              f"torch.save ({expanding}, which torch.save never writes and reading could fill the "
+                              "memory)")
     damaged = first_damaged_member(path)
     if damaged is not None:
         raise CheckpointError(f"cannot read {what} {path}: the file is truncated or corrupt ({damaged} does not "
@@ -213,13 +245,24 @@ def saved_args(state: dict) -> dict:
 
 def check_network_args(state: dict, path: str | Path) -> None:
     """Refuses (CheckpointError) a checkpoint whose args lack the network's arch (a string) or img_size (a whole
-    number), which every reader builds the network from."""
+    number from 1 to MAX_IMG_SIZE), which every reader builds the network from."""
     saved = saved_args(state)
     for name, kind in (("arch", str), ("img_size", int)):
         if name not in saved:
             raise CheckpointError(f"{path}: checkpoint args lack '{name}'")
         if not isinstance(saved[name], kind):
             raise CheckpointError(f"{path}: checkpoint args hold {name} {saved[name]!r}, expected a {kind.__name__}")
+    if not 1 <= saved["img_size"] <= MAX_IMG_SIZE:
+        raise CheckpointError(f"{path}: checkpoint args hold img_size {saved['img_size']}, expected a side from 1 to "
+                              f"{MAX_IMG_SIZE} pixels")
+
+
+def check_class_names(state: dict, path: str | Path) -> None:
+    """Refuses (CheckpointError) a checkpoint whose `class_names` are not a list of strings, which readers count
+    and print."""
+    names = state["class_names"]
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise CheckpointError(f"{path}: expected 'class_names' to be a list of strings, got {reprlib.repr(names)}")
 
 
 def load_inference_checkpoint(path: str | Path) -> dict:
@@ -229,6 +272,7 @@ def load_inference_checkpoint(path: str | Path) -> dict:
     if "args" not in state or "class_names" not in state:
         raise CheckpointError(f"{path}: expected 'args' (a dict) and 'class_names' entries in the checkpoint")
     check_network_args(state, path)
+    check_class_names(state, path)
     ids = state.get("category_ids")
     if ids is not None and (not isinstance(ids, list) or len(ids) != len(state["class_names"])
                             or not all(type(i) is int for i in ids)):
