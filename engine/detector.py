@@ -124,6 +124,9 @@ class Detector:
         if category_ids is not None and len(category_ids) != len(class_names):
             raise ArgumentError(f"category_ids: expected one per class ({len(class_names)}), got "
                                 f"{len(category_ids)}")
+        if category_ids is not None and not all(isinstance(c, numbers.Integral) for c in category_ids):
+            raise ArgumentError(f"category_ids: expected one whole number per class ({len(class_names)}), got "
+                                f"{category_ids!r}")
         self.model, self.class_names, self.device, self.amp = model, list(class_names), device, amp
         if device.type == "cpu":
             keep_freed_memory()

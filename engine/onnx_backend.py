@@ -8,6 +8,7 @@ Runs on onnxruntime's CUDA provider for a CUDA device when the installed onnxrun
 otherwise on its CPU provider.
 """
 import json
+import reprlib
 import warnings
 from pathlib import Path
 
@@ -17,6 +18,58 @@ import torch
 from utils.errors import ArgumentError, CheckpointError, MissingFileError
 
 METADATA_KEY = "centernet47"  # the metadata entry tools/export_onnx.py writes and this class reads
+
+
+def is_whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_size(value) -> bool:
+    return is_whole(value) and value >= 1
+
+
+def is_strings(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+# What each entry of the metadata must be (a test and its description); the optional ones may also be absent (files
+# exported before they were stored) or, for category_ids, null.
+METADATA_FIELDS = {
+    "arch": (lambda v: isinstance(v, str), "a string"),
+    "class_names": (is_strings, "a list of strings"),
+    "img_size": (is_size, "a whole number of at least 1"),
+    "size_unit": (is_size, "a whole number of at least 1"),
+    "max_size": (is_size, "a whole number of at least 1"),
+    "dynamic": (lambda v: isinstance(v, bool), "true or false"),
+    "outputs": (is_strings, "a list of output names"),
+}
+OPTIONAL_FIELDS = {
+    "category_ids": (lambda v: v is None or isinstance(v, list) and all(map(is_whole, v)), "a list of whole numbers"),
+    "corner_pool": (lambda v: isinstance(v, str), "a string"),
+    "center_branch": (lambda v: isinstance(v, str), "a string"),
+}
+
+
+def read_metadata(path: Path, text: str) -> dict:
+    """The METADATA_KEY json of the file `path`, each entry checked against METADATA_FIELDS; a CheckpointError
+    naming the file and the entry otherwise (the metadata is text anyone can edit)."""
+    def malformed(detail: str) -> CheckpointError:
+        return CheckpointError(f"{path}: its '{METADATA_KEY}' metadata is malformed ({detail}); export it again with "
+                               "tools/export_onnx.py")
+
+    try:
+        info = json.loads(text)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError; nesting past Python's limit
+        raise malformed(f"not json: {type(e).__name__}: {str(e)[:200]}") from None
+    if not isinstance(info, dict):
+        raise malformed(f"a json {type(info).__name__}, not an object")
+    missing = [key for key in METADATA_FIELDS if key not in info]
+    if missing:
+        raise malformed(f"no '{missing[0]}'")
+    for key, (valid, expected) in {**METADATA_FIELDS, **OPTIONAL_FIELDS}.items():
+        if key in info and not valid(info[key]):
+            raise malformed(f"'{key}' is {reprlib.repr(info[key])}, expected {expected}")
+    return info
 
 
 class OnnxModel:
@@ -51,18 +104,19 @@ class OnnxModel:
             raise CheckpointError(f"{path} is an ONNX model without the '{METADATA_KEY}' metadata (classes, input "
                                   "sizes) that tools/export_onnx.py writes; export the checkpoint with it")
         self.path = path
-        try:
-            info = json.loads(meta[METADATA_KEY])
-            self.arch, self.class_names, self.img_size = info["arch"], list(info["class_names"]), int(info["img_size"])
-            self.size_unit, self.dynamic = int(info["size_unit"]), bool(info["dynamic"])
-            self.max_size, self.outputs = int(info["max_size"]), list(info["outputs"])
-            self.category_ids = info.get("category_ids")  # None in files exported before they were stored
-            self.output_keys = tuple(self.outputs)
-            self.corner_pool = info.get("corner_pool", "cascade")
-            self.center_branch = info.get("center_branch", "pool")
-        except (ValueError, TypeError, KeyError) as e:  # json.JSONDecodeError is a ValueError
-            raise CheckpointError(f"{path}: its '{METADATA_KEY}' metadata is malformed ({type(e).__name__}: {e}); "
-                                  "export it again with tools/export_onnx.py") from None
+        info = read_metadata(path, meta[METADATA_KEY])
+        self.arch, self.class_names, self.img_size = info["arch"], info["class_names"], info["img_size"]
+        self.size_unit, self.dynamic = info["size_unit"], info["dynamic"]
+        self.max_size, self.outputs = info["max_size"], info["outputs"]
+        self.category_ids = info.get("category_ids")  # None in files exported before they were stored
+        self.output_keys = tuple(self.outputs)
+        self.corner_pool = info.get("corner_pool", "cascade")
+        self.center_branch = info.get("center_branch", "pool")
+        graph_outputs = [o.name for o in self.session.get_outputs()]
+        missing = [name for name in self.outputs if name not in graph_outputs]
+        if missing:
+            raise CheckpointError(f"{path}: its '{METADATA_KEY}' metadata names outputs {missing} that the network "
+                                  f"does not have (it has {graph_outputs}); export it again with tools/export_onnx.py")
         # The heatmaps have one channel per class: metadata naming another number of classes would index past them.
         channels = {o.name: o.shape[1] for o in self.session.get_outputs() if o.name.startswith("hm_")}
         wrong = {name: c for name, c in channels.items() if isinstance(c, int) and c != len(self.class_names)}
