@@ -47,10 +47,12 @@ def read_json(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
             data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: invalid json: {e}") from None
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: invalid json (not UTF-8 text): {e}") from None
+    # JSONDecodeError, and an integer of more digits than Python converts (4300), are ValueErrors; lists or objects
+    # nested deeper than Python's recursion limit a RecursionError.
+    except (ValueError, RecursionError) as e:
+        raise DataError(f"{path}: invalid json: {type(e).__name__}: {str(e)[:200]}") from None
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a json object with 'images', 'annotations' and 'categories', "
                          f"got a {type(data).__name__}")
@@ -79,16 +81,25 @@ def is_id(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def is_finite_number(value) -> bool:
+    """An int or float (not a bool) that is finite as a float: json integers have no bound, and one past 1e308
+    (10**400) is no float at all."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def is_box(value) -> bool:
     """A COCO bbox: a list of 4 finite numbers (not bools), x y width height; any width and height."""
-    return (isinstance(value, list) and len(value) == 4
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value))
+    return isinstance(value, list) and len(value) == 4 and all(map(is_finite_number, value))
 
 
 def is_size(value) -> bool:
-    """An image width or height: a positive whole number (100.0 too, not True or "100")."""
-    return (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
-            and float(value).is_integer())
+    """An image width or height: a positive whole number (100.0 too, not True, "100" or 10**400)."""
+    return is_finite_number(value) and value > 0 and float(value).is_integer()
 
 
 def _unique_ids(items: list[dict], key: str, path: Path, problems: list[str]) -> set:
@@ -133,7 +144,7 @@ def coco_problems(data: dict, path: Path, require_annotations: bool = True) -> l
             problems.append(f"{path}: annotations[{i}].category_id {a['category_id']!r} is not in 'categories' "
                             f"(ids {sorted(cat_ids, key=str)})")
         area, crowd = a.get("area", 0), a.get("iscrowd", 0)
-        if isinstance(area, bool) or not isinstance(area, (int, float)) or not math.isfinite(area):
+        if not is_finite_number(area):
             problems.append(f"{path}: annotations[{i}].area is {area!r}, expected a number")
         if crowd not in (0, 1) or isinstance(crowd, float):
             problems.append(f"{path}: annotations[{i}].iscrowd is {crowd!r}, expected 0 or 1")

@@ -140,6 +140,30 @@ def test_invalid_json(tmp_path, text, match):
         CocoDetection(tmp_path, "train", train=True)
 
 
+@pytest.mark.parametrize("text, match", [(b"[" * 100000 + b"]" * 100000, "RecursionError"),
+                                         (b'{"images": ' + b"7" * 5000 + b"}", "ValueError: Exceeds the limit")])
+def test_json_beyond_what_python_parses_is_a_data_error(tmp_path, text, match):
+    """Nesting past Python's recursion limit, and an integer of more than 4300 digits, were a RecursionError and a
+    ValueError traceback, neither naming the file."""
+    write_set(tmp_path, text, {})
+    with pytest.raises(DataError, match=rf"instances_train\.json: invalid json: {match}"):
+        CocoDetection(tmp_path, "train", train=True)
+
+
+@pytest.mark.parametrize("huge", ["1" + "0" * 400, "1e400"])  # no float holds the first; json reads the second as inf
+@pytest.mark.parametrize("where, key, value, match", [
+    ("annotations", "bbox", [1, 2, "HUGE", 4], r"annotations\[0\]\.bbox is .*expected \[x, y, width, height\]"),
+    ("annotations", "area", "HUGE", r"annotations\[0\]\.area is .*expected a number"),
+    ("images", "width", "HUGE", r"images\[0\] \(file '1.png'\) has width .*expected a positive whole number")])
+def test_numbers_beyond_a_float_are_named(tmp_path, huge, where, key, value, match):
+    """An integer past 1e308 made math.isfinite and float() raise OverflowError (a traceback naming nothing)."""
+    data = coco_dict()
+    data[where][0][key] = value
+    write_set(tmp_path, json.dumps(data).replace('"HUGE"', huge).encode(), {})
+    with pytest.raises(DataError, match=match):
+        CocoDetection(tmp_path, "train", train=True)
+
+
 def drop(data, where, key):
     entry = data if where is None else data[where][0]
     del entry[key]
