@@ -77,8 +77,9 @@ def _entries(data: dict, key: str, path: Path, required: tuple[str, ...], proble
 
 
 def is_id(value) -> bool:
-    """A COCO id: an int, not a bool (a list or dict would not even hash)."""
-    return isinstance(value, int) and not isinstance(value, bool)
+    """A COCO id: an int, not a bool (a list or dict would not even hash), that fits 64 bits as ids do where they
+    become tensors and arrays (json integers have no bound)."""
+    return isinstance(value, int) and not isinstance(value, bool) and -2**63 <= value < 2**63
 
 
 def is_finite_number(value) -> bool:
@@ -107,7 +108,8 @@ def _unique_ids(items: list[dict], key: str, path: Path, problems: list[str]) ->
     for i, item in enumerate(items):
         v = item["id"]
         if not is_id(v):
-            problems.append(f"{path}: {key}[{i}].id must be an integer, got {v!r}")
+            shown = repr(v) if len(repr(v)) <= 40 else repr(v)[:37] + "..."
+            problems.append(f"{path}: {key}[{i}].id must be an integer of 64 bits, got {shown}")
         elif v in seen:
             problems.append(f"{path}: {key} id {v} appears more than once")
         else:

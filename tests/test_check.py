@@ -103,7 +103,7 @@ def test_ids_that_are_not_integers_are_reported_not_a_crash(tmp_path):
     data["images"][1]["id"] = {"a": 1}
     ann_file.write_text(json.dumps(data))
     text = "\n".join(check_split(tmp_path, "train", progress=False))
-    assert "images[1].id must be an integer, got {'a': 1}" in text
+    assert "images[1].id must be an integer of 64 bits, got {'a': 1}" in text
     assert "annotations[0].image_id [1] is not in 'images'" in text
 
 

@@ -164,6 +164,16 @@ def test_numbers_beyond_a_float_are_named(tmp_path, huge, where, key, value, mat
         CocoDetection(tmp_path, "train", train=True)
 
 
+@pytest.mark.parametrize("where", ["images", "annotations", "categories"])
+def test_an_id_beyond_64_bits_is_named(tmp_path, where):
+    """json integers have no bound: an id of 10**400 passed, to fail as an OverflowError where ids become tensors."""
+    data = coco_dict()
+    data[where][0]["id"] = "HUGE"
+    write_set(tmp_path, json.dumps(data).replace('"HUGE"', str(2**63)).encode(), {})
+    with pytest.raises(DataError, match=rf"{where}\[0\]\.id must be an integer of 64 bits, got 92233720368547758"):
+        CocoDetection(tmp_path, "train", train=True)
+
+
 def drop(data, where, key):
     entry = data if where is None else data[where][0]
     del entry[key]
@@ -221,7 +231,7 @@ def test_unknown_image_id_and_duplicate_ids(tmp_path):
 
 
 @pytest.mark.parametrize("where, key, value, match", [
-    ("images", "id", [1], r"images\[0\]\.id must be an integer, got \[1\]"),
+    ("images", "id", [1], r"images\[0\]\.id must be an integer of 64 bits, got \[1\]"),
     ("annotations", "image_id", [1], r"annotations\[0\]\.image_id \[1\] is not in 'images'"),
     ("annotations", "category_id", {"id": 1}, r"annotations\[0\]\.category_id \{'id': 1\} is not in 'categories'"),
     ("annotations", "image_id", True, r"annotations\[0\]\.image_id True is not in 'images'"),
