@@ -206,7 +206,8 @@ def test_an_analysis_that_fails_leaves_the_earlier_one_as_it_was(tmp_path):
     (data / "val" / "1.jpg").unlink()
     with pytest.raises(MissingFileError, match="1.jpg"):
         analyze(results, data, "--force")
-    assert [p.name for p in out.iterdir()] == ["001_errors_1.jpg"] and (out / "001_errors_1.jpg").read_bytes() == earlier
+    assert [p.name for p in out.iterdir()] == ["001_errors_1.jpg"]
+    assert (out / "001_errors_1.jpg").read_bytes() == earlier
     (data / "val" / "1.jpg").write_bytes(image)
     results.write_text(json.dumps([*CASES["background"][0], det([1e308, 5, 10, 10], 0.95)]))
     assert analyze(results, data, "--force")["background"][0] == 2
