@@ -127,11 +127,13 @@ def side_by_side(fns: dict, repeats: int, device: torch.device, warmup: int = 1,
 
 
 def export_fixed(model: torch.nn.Module, side: int, folder: str) -> Path:
-    """`model` exported by tools/export_onnx.py at `side` x `side` to `folder`/model.onnx, without class names."""
+    """`model` exported by tools/export_onnx.py at `side` x `side` to `folder`/model.onnx, its classes numbered (the
+    loader checks their count against the heatmaps)."""
     from tools.export_onnx import export
 
-    metadata = {"arch": "", "class_names": [], "img_size": side, "size_unit": model.size_unit, "dynamic": False,
-                "max_size": side}
+    classes = [f"class {i}" for i in range(model.branches[0].hm_tl[-1].out_channels)]
+    metadata = {"arch": "", "class_names": classes, "img_size": side, "size_unit": model.size_unit,
+                "dynamic": False, "max_size": side}
     export(model, Path(folder) / "model.onnx", side, metadata)
     return Path(folder) / "model.onnx"
 

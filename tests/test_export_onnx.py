@@ -304,3 +304,13 @@ def test_test_py_onnx_gives_the_pytorch_ap(exported, tmp_path):
                                             r"test scale 1 \(raccoon-13.jpg: 767\); export again with --max_size 767"):
         test_cli.main(test_cli.get_args_parser().parse_args(["--onnx", str(path), *larger]))
     assert not (path.parent / f"results_val_{path.stem}_onnx_s1_flip.json").exists()
+
+
+def test_the_inference_bench_exports_a_model_its_onnx_row_loads(tmp_path):
+    """bench/bench_infer.py's onnxruntime row exported with no class names, which the loader refuses since it checks
+    their count against the heatmaps' channels: the bench died there with its default flags."""
+    from bench.bench_infer import onnx_session
+
+    session = onnx_session(build_model("tiny_hourglass", 3).eval(), 127, str(tmp_path))
+    outputs = session(torch.rand(1, 3, 127, 127))
+    assert len(session.class_names) == 3 and outputs["hm_tl"].shape == (1, 3, 32, 32)
