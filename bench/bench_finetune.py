@@ -7,10 +7,11 @@
    `--pre_ckpt`, a tiny_hourglass checkpoint trained on them (such as `make demo`'s).
 2. Target data: other images (seed 1) with only ellipses and crosses, `--target_images` train + 100 val images.
 3. Two runs on the target data for `--epochs` epochs: `--pretrained` with step 1's checkpoint, and from scratch.
-Prints the val AP of each (no flip). Everything is written under --out, which must not exist yet.
+Prints each one's last val AP and AP50 (no flip) and training loss, from its train.log. Everything is written under --out, which must not exist yet.
 """
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -43,13 +44,21 @@ def keep_classes(data_dir: Path, names: tuple[str, ...]) -> None:
         path.write_text(json.dumps(data))
 
 
-def run(data_dir: Path, ckpt_dir: Path, name: str, epochs: int, lr_step: int, workers: int, *extra: str) -> float:
+def last_logged(log: Path) -> tuple[str, str, str]:
+    """(val AP, val AP50, training loss) of the last epoch in a run's train.log."""
+    text = log.read_text()
+    ap, ap50 = re.findall(r"^epoch \d+: val AP (\S+) AP50 (\S+)$", text, re.MULTILINE)[-1]
+    loss = re.findall(r"^epoch \d+: loss (\S+)", text, re.MULTILINE)[-1]
+    return ap, ap50, loss
+
+
+def run(data_dir: Path, ckpt_dir: Path, name: str, epochs: int, lr_step: int, workers: int, *extra: str) -> None:
     args = train.get_args_parser().parse_args([
         "--log_name", name, "--ckpt_dir", str(ckpt_dir), "--data_dir", str(data_dir), "--train_split", "train",
         "--val_split", "val", "--arch", "tiny_hourglass", "--img_size", "127", "--batch_size", "16", "--lr", "2e-3",
         "--lr_step", str(lr_step), "--num_epochs", str(epochs), "--val_interval", "0", "--num_workers", str(workers),
         "--device", "cpu", *extra])
-    return train.main(args)
+    train.main(args)
 
 
 def main(args: argparse.Namespace) -> None:
@@ -69,15 +78,13 @@ def main(args: argparse.Namespace) -> None:
         run(out / "pre", out / "ckpt", "pre", args.pre_epochs, max(1, args.pre_epochs * 5 // 6), args.num_workers)
         pre_ckpt = str(out / "ckpt" / "pre" / "checkpoint.pt")
     step = max(1, args.epochs * 5 // 6)
-    ap_fine = run(out / "target", out / "ckpt", "finetune", args.epochs, step, args.num_workers,
-                  "--pretrained", pre_ckpt)
-    ap_scratch = run(out / "target", out / "ckpt", "scratch", args.epochs, step, args.num_workers)
-    print(f"\n{args.target_images} train images of {', '.join(KEEP)}, {args.epochs} epochs, val AP (100 images):")
-    print("| start | val AP |\n|---|---|")
+    run(out / "target", out / "ckpt", "finetune", args.epochs, step, args.num_workers, "--pretrained", pre_ckpt)
+    run(out / "target", out / "ckpt", "scratch", args.epochs, step, args.num_workers)
+    print(f"\n{args.target_images} train images of {', '.join(KEEP)}, {args.epochs} epochs, validated on 100 images:")
+    print("| start | val AP | val AP50 | last epoch's training loss |\n|---|---|---|---|")
     source = args.pre_ckpt or f"shapes, 4 classes, {args.pre_epochs} epochs on {args.pre_images} images"
-    print(f"| --pretrained ({source}) | {ap_fine:.3f} |")
-    print(f"| from scratch | {ap_scratch:.3f} |")
-
+    for start, name in ((f"--pretrained ({source})", "finetune"), ("from scratch", "scratch")):
+        print(f"| {start} | " + " | ".join(last_logged(out / "ckpt" / name / "train.log")) + " |")
 
 if __name__ == "__main__":
     main(get_args_parser().parse_args())

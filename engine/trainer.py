@@ -356,7 +356,7 @@ def train(args: argparse.Namespace, signals: StopSignals, folder_lock: RunFolder
                     raise
                 ap = stats["AP"]
                 logger.scalars({"AP": ap, "AP50": stats["AP50"]}, steps_done(), prefix="val/")
-                logger.info(f"epoch {epoch}: val AP {ap:.4f}")
+                logger.info(f"epoch {epoch}: val AP {ap:.4f} AP50 {stats['AP50']:.4f}")
                 if dist.is_main():  # a few val images with true (green) and detected boxes, in tensorboard
                     logger.images("val/boxes", val_images(model, val_set, eval_config, device, amp=amp),
                                   steps_done())
