@@ -344,11 +344,36 @@ def crafted_legacy_file(path: Path, marker: Path) -> Path:
 def test_the_converter_is_not_fooled_by_a_pickle_its_listing_cannot_read_to_the_end(tmp_path):
     marker = tmp_path / "ran"
     path = crafted_legacy_file(tmp_path / "evil.pt", marker)
-    with pytest.raises(UnsafeCheckpointError, match=r"names os\.system, which no checkpoint of ours held.*--trust"):
+    with pytest.raises(UnsafeCheckpointError, match=r"holds pickle operations no checkpoint of ours held "
+                                                    r"\(Unsupported operand 83\).*--trust"):
         upgrade("--src", str(path), "--out", str(tmp_path / "new.pt"))
     assert not marker.exists() and not (tmp_path / "new.pt").exists()
     upgrade("--src", str(path), "--out", str(tmp_path / "new.pt"), "--trust")  # the file does call os.system
     assert marker.exists()
+
+
+def short_unicode(text: str) -> bytes:
+    """Pickle's SHORT_BINUNICODE opcode pushing `text`."""
+    data = text.encode()
+    return b"\x8c" + bytes([len(data)]) + data
+
+
+def test_the_converter_sets_no_state_on_the_functions_it_allows(tmp_path):
+    """Allowing names is not enough: a pickle that BUILDs state onto an allowed function (torch's tensor rebuilder:
+    dump_patches and __name__), then hands it to the legacy format's 'module' persistent id, made torch write a
+    .patch file of the attacker's path and text. Weights-only unpickling refuses BUILD on anything but data."""
+    target = tmp_path / "written_by_pickle"
+    crafted = (b"\x80\x02" + b"ctorch._utils\n_rebuild_tensor\nN}(" + short_unicode("dump_patches") + b"\x88"
+               + short_unicode("__name__") + short_unicode(str(target)) + b"u\x86bq\x00("
+               + short_unicode("module") + b"h\x00" + short_unicode("x.py") + short_unicode("ATTACKER\nCONTENT")
+               + b"tQ0}" + short_unicode("model") + b"}s.")
+    path = tmp_path / "evil.pt"
+    head = [0x1950A86A20F9469CFC6C, 1001, {}]
+    path.write_bytes(b"".join(pickle.dumps(value, protocol=2) for value in head) + crafted
+                     + pickle.dumps([], protocol=2))
+    with pytest.raises(UnsafeCheckpointError, match="holds pickle operations no checkpoint of ours held.*--trust"):
+        upgrade("--src", str(path), "--out", str(tmp_path / "new.pt"))
+    assert not list(tmp_path.glob("*.patch")) and not (tmp_path / "new.pt").exists()
 
 
 @pytest.mark.parametrize("method", [99, 12])

@@ -4,19 +4,20 @@ that they read: the same weights and values, as tensors, numbers, strings, lists
 
     python tools/upgrade_checkpoint.py --src old/checkpoint.pt --out ckpt/NAME/checkpoint.pt
 
-The risk: reading --src in full runs whatever code its pickle names, as torch.load(weights_only=False) does. It
-is the one place in the project that reads a file that way, and only after weights-only reading refused it. Even
-then the unpickler finds no more than what older checkpoints held (argparse.Namespace, numpy arrays, scalars and
-dtypes, paths: each rebuilds data and does nothing else): the first name beyond them stops the reading before it is
-looked up, so nothing it names runs, unless --trust says you trust the file completely (one you wrote, or from a
-source you would run a program from). Every other reader (utils/checkpoint.py) refuses all such files, so opening a
-checkpoint from anyone else runs no code.
+The risk: unpickling --src in full runs whatever code its pickle names, as torch.load(weights_only=False) does.
+So, unless --trust says you trust the file completely (one you wrote, or from a source you would run a program
+from), it is read with torch's weights-only unpickler, allowed besides tensors and plain data only what older
+checkpoints held (argparse.Namespace, numpy arrays, scalars and dtypes, paths): that unpickler builds those and
+sets their state, and refuses any other name and any operation on a function or class, so a crafted file runs
+nothing. With --trust it is unpickled in full: the one place in the project that reads a file that way, and only
+after weights-only reading refused it. Every other reader (utils/checkpoint.py) refuses all such files.
 
 The result is written atomically. An existing --out is replaced only with --force, and never the input unless
 --out names it and --force is given. --category_ids adds the data set's category id of each class to a checkpoint
 written before checkpoints stored them (needed for COCO results: `Detections.to_coco`).
 """
 import argparse
+import pathlib
 import pickle
 import re
 import sys
@@ -31,16 +32,24 @@ from utils.errors import CheckpointError, UnsafeCheckpointError, UserError, run_
 from utils.files import same_file
 
 SHOWN = 10  # changes listed
-# The names a checkpoint's pickle may hold for it to be read in full without --trust, each rebuilding data and doing
-# nothing else: torch's tensor rebuilders, storages and dtypes, plain containers, and what older checkpoints held
-# beyond plain data and `to_plain` converts (flags, numpy values, paths). Exact names: "torch." alone would let in
-# torch.load, torch.hub.load and others that run code.
-READABLE = re.compile(
-    r"torch\._utils\._rebuild_(tensor|tensor_v2|parameter|parameter_with_state)|torch\.(storage\.)?\w+Storage|"
-    r"torch\.(float|double|half|bfloat16|float16|float32|float64|uint8|int8|int16|int32|int64|short|int|long|bool)|"
-    r"torch\.Size|collections\.(OrderedDict|Counter)|builtins\.set|_codecs\.encode|"
-    r"argparse\.Namespace|numpy\.(_core|core)\.multiarray\.(_reconstruct|scalar)|numpy\.ndarray|numpy\.dtype|"
-    r"numpy\.dtypes\.\w+DType|pathlib\.(_local\.)?(Pure)?(Posix|Windows)?Path")
+# Python's pathlib classes, named in pickles by the module that defines them: pathlib up to Python 3.12,
+# pathlib._local after (WindowsPath is left out: it cannot be built on Linux, nor PosixPath on Windows).
+PATH_CLASSES = (pathlib.PurePath, pathlib.PurePosixPath, pathlib.PureWindowsPath, pathlib.Path,
+                pathlib.PosixPath if sys.platform != "win32" else pathlib.WindowsPath)
+
+
+def old_checkpoint_globals() -> list[tuple[object, str]]:
+    """The classes and functions, with the names pickles give them, that older checkpoints held beyond plain data
+    and `to_plain` converts: each builds data and does nothing else. Numpy 1 and 2 pickle its array and scalar
+    rebuilders under numpy.core and numpy._core."""
+    reconstruct, scalar = np.zeros(0).__reduce__()[0], np.float64(0).__reduce__()[0]
+    found = [(argparse.Namespace, "argparse.Namespace"), (np.ndarray, "numpy.ndarray"), (np.dtype, "numpy.dtype")]
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        found += [(reconstruct, f"{module}._reconstruct"), (scalar, f"{module}.scalar")]
+    dtypes = {type(np.dtype(code)) for code in np.typecodes["All"]}  # numpy 2's np.dtypes.Float64DType, ...
+    found += [(kind, f"{kind.__module__}.{kind.__name__}") for kind in dtypes]
+    found += [(kind, f"{module}.{kind.__name__}") for kind in PATH_CLASSES for module in ("pathlib", "pathlib._local")]
+    return found
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -85,45 +94,27 @@ def to_plain(value, where: str, changes: list[str]):
     raise CheckpointError(f"{where} is a {kind}, which has no plain equivalent; the checkpoint cannot be converted")
 
 
-class UnknownGlobal(pickle.UnpicklingError):
-    """A pickle names a class or function that READABLE does not hold."""
-
-
-class ReadableUnpickler(pickle.Unpickler):
-    """An unpickler that finds only what READABLE names: the allowlist holds where the objects are built, whatever
-    a listing of the pickle (which a crafted file can cut short) would say."""
-
-    def find_class(self, module: str, name: str):
-        if not READABLE.fullmatch(f"{module}.{name}"):
-            raise UnknownGlobal(f"{module}.{name}")
-        return super().find_class(module, name)
-
-
-class ReadablePickle:
-    """The pickle module torch.load reads the file with when it is not trusted: it subclasses `Unpickler` and calls
-    `load` for the small pickles of the legacy format."""
-    Unpickler = ReadableUnpickler
-
-    @staticmethod
-    def load(file, **kwargs):
-        return ReadableUnpickler(file, **kwargs).load()
-
-
 def read_trusted(path: Path, trust: bool) -> dict:
-    """The checkpoint at `path`: weights-only when it can be (no risk), else unpickled in full (see the module),
-    finding only what older checkpoints held unless `trust` is given."""
+    """The checkpoint at `path`: weights-only when it can be (no risk), else with what older checkpoints held too,
+    or unpickled in full when `trust` is given (see the module)."""
     try:
         return load_checkpoint(path)
     except UnsafeCheckpointError:
-        print(f"{path} holds objects beyond plain data: reading it in full"
-              + (", as a file you trust" if trust else ", finding only what older checkpoints held"))
+        print(f"{path} holds objects beyond plain data: reading it "
+              + ("in full, as a file you trust" if trust else "with what older checkpoints held"))
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False, pickle_module=None if trust else
-                           ReadablePickle)
-    except UnknownGlobal as e:
-        raise UnsafeCheckpointError(
-            f"{path} names {e}, which no checkpoint of ours held: reading it in full could run code, so it is "
-            "refused. Only if you trust the file completely, pass --trust") from None
+        if trust:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        else:
+            with torch.serialization.safe_globals(old_checkpoint_globals()):
+                state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        named = re.search(r"GLOBAL ([\w.]+)", str(e))
+        reason = next((line.strip() for line in str(e).splitlines() if "nsupported" in line), "")
+        what = f"names {named[1]}, which no checkpoint of ours held" if named else \
+            f"holds pickle operations no checkpoint of ours held ({reason or 'on objects beyond plain data'})"
+        raise UnsafeCheckpointError(f"{path} {what}: reading it in full could run code, so it is refused. Only if "
+                                    "you trust the file completely, pass --trust") from None
     except Exception as e:  # a class the file names may no longer exist, or its bytes be corrupt
         raise CheckpointError(f"cannot read {path} in full either: {type(e).__name__}: {e}") from e
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
