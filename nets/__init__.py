@@ -128,7 +128,9 @@ def network_on_meta(config: dict, weights: dict, path) -> CenterNet:
 
     def count(module, name, param):
         nonlocal registered
-        registered += threading.get_ident() == builder  # other threads' modules are not this network's
+        if threading.get_ident() != builder:  # the hook is global: other threads' modules are not this network's
+            return
+        registered += 1
         if registered > limit:
             raise CheckpointError(f"{path}: its model_config builds a network with more parameters than the "
                                   f"{limit} tensors of its weights")
