@@ -201,9 +201,10 @@ def continue_schedule(optimizer: torch.optim.Optimizer, scheduler: torch.optim.l
     its flags)."""
     steps = sorted(scheduler.milestones)
     scheduler.last_epoch = epochs_done
-    decays = bisect.bisect_right(steps, epochs_done)
     for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
-        group["initial_lr"], group["lr"] = base, base * scheduler.gamma ** decays
+        group["initial_lr"], group["lr"] = base, base
+        for _ in range(bisect.bisect_right(steps, epochs_done)):  # as MultiStepLR does, to the last bit
+            group["lr"] *= scheduler.gamma
     try:
         saved_steps = parse_lr_steps(str(saved.get("lr_step")))
     except ArgumentError:
