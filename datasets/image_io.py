@@ -29,7 +29,6 @@ DRAWING_SUFFIXES = frozenset({".bmp", ".dib", ".jpeg", ".jpg", ".jpe", ".jp2", "
                               ".pnm", ".sr", ".ras", ".tiff", ".tif"})
 _JPEG_SOI, _JPEG_SOS, _JPEG_EOI = b"\xff\xd8", 0xDA, b"\xff\xd9"
 _JPEG_APP1, _EXIF_ID, _ORIENTATION_TAG = 0xE1, b"Exif\x00\x00", 0x0112
-_EXIF_HEAD = 1 << 17  # bytes read for the Exif block (64 KiB at most), which only a short JFIF block may precede
 
 
 def jpeg_header_segments(data: bytes) -> Iterator[tuple[int, int, int]]:
@@ -61,15 +60,28 @@ def is_truncated_jpeg(data: bytes) -> bool:
 
 def exif_orientation(path: Path) -> int:
     """The EXIF Orientation (1 to 8) of a JPEG file, which imread applies; 1 (as stored) when the file is no JPEG or
-    has none. 5 to 8 turn the image by 90 or 270 degrees: it is read with its stored width and height swapped."""
+    has none. 5 to 8 turn the image by 90 or 270 degrees: it is read with its stored width and height swapped. The
+    header is walked segment by segment from the file (ICC profiles and other APPn data before the Exif block may
+    take any room), reading only the Exif block."""
     with open(path, "rb") as f:
-        head = f.read(_EXIF_HEAD)
-    if head[:2] != _JPEG_SOI:
-        return 1
-    for marker, start, end in jpeg_header_segments(head):
-        if marker == _JPEG_APP1 and head[start:start + len(_EXIF_ID)] == _EXIF_ID:
-            return _tiff_orientation(head[start + len(_EXIF_ID):end])
-    return 1
+        if f.read(2) != _JPEG_SOI:
+            return 1
+        while True:
+            head = f.read(4)
+            if len(head) < 4 or head[0] != 0xFF:
+                return 1
+            if head[1] == 0xFF:  # a fill byte before the marker
+                f.seek(-3, 1)
+                continue
+            marker, length = head[1], int.from_bytes(head[2:], "big")
+            if marker == _JPEG_SOS or length < 2:  # the image data, or bytes that are not a segment
+                return 1
+            if marker == _JPEG_APP1:
+                payload = f.read(length - 2)
+                if payload.startswith(_EXIF_ID):
+                    return _tiff_orientation(payload[len(_EXIF_ID):])
+            else:
+                f.seek(length - 2, 1)
 
 
 def _tiff_orientation(tiff: bytes) -> int:

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Subset, default_collate
 
 from datasets import build_dataset
 from datasets.coco import CocoDetection, check_same_categories
-from datasets.image_io import load_image
+from datasets.image_io import exif_orientation, load_image
 from datasets.sampling import TrainSamples
 from utils.errors import DataError
 
@@ -388,6 +388,16 @@ def test_a_size_mismatch_of_a_photo_turned_by_exif_says_so(tmp_path, orientation
     assert str(e.value).startswith(f"{tmp_path / 'train' / '1.jpg'}: decoded size")
     hint = f": its EXIF orientation {orientation} turns it by 90 degrees"
     assert (hint in str(e.value)) == note, str(e.value)
+
+
+def test_the_exif_orientation_is_found_behind_large_segments(tmp_path):
+    """An Exif block after two 64 KiB ICC segments (APP2) is applied by imread, but was not found: only the first
+    128 KiB of the file were read."""
+    icc = b"\xff\xe2" + struct.pack(">H", 65535) + bytes(65533)
+    jpeg = with_exif_orientation(cv2.imencode(".jpg", image())[1].tobytes(), 6)
+    path = write_bytes(tmp_path / "icc.jpg", jpeg[:2] + icc + icc + jpeg[2:])
+    assert load_image(path).shape[:2] == (100, 80)  # 100 x 80 stored, read turned
+    assert exif_orientation(path) == 6
 
 
 def test_a_training_image_of_the_wrong_size_is_skipped_with_what_is_wrong(tmp_path):
