@@ -6,7 +6,7 @@ boxes and writes all detections to json.
     python demo.py --ckpt ckpt/NAME/checkpoint.pt --video in.mp4 --out out.mp4 --batch_size 8
     python demo.py --onnx model.onnx --images my_folder/ --out demo_out
 
-Images: any format OpenCV reads (jpg, png, bmp, webp, tif, ...), of any size; a folder is read in name order,
+Images: any format OpenCV reads (jpg, png, bmp, webp, tif, ...), of up to 2^27 pixels (larger files, by their header, are skipped as unreadable); a folder is read in name order,
 without its sub-folders, --batch_size images at a time (those of one input size share a forward). Files that cannot
 be read are reported and skipped, and the other files of a folder (names without an image suffix) counted. Each
 image is written to --out under its own name with its boxes, class names and scores drawn (with .png added where

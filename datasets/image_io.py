@@ -8,15 +8,22 @@ gives are those of the upright image (a 90-degree mismatch fails the loader's si
 training, evaluation, demo.py, datasets.check and tools/analyze.py agree. A JPEG cut short (which libjpeg would
 otherwise decode with gray rows at the bottom) is an error. `exif_orientation` reads the turn a JPEG's EXIF asks
 for. Drawn images are written here too (`write_image`)."""
+import io
+import re
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
 import numpy as np
+import PIL.Image
 
 from utils.errors import ArgumentError, DataError, MissingFileError, WriteError
 from utils.files import atomic_write
 
+# The most pixels an image file may decode to (3 bytes each: 384 MiB), checked from its header: a 108-megapixel
+# photo fits, a decompression bomb does not.
+MAX_IMAGE_PIXELS = 2**27
 _FLAGS = cv2.IMREAD_COLOR  # which applies the EXIF orientation (IMREAD_UNCHANGED would not)
 # The file name endings of the formats cv2.imread documents (those missing from a given OpenCV build are reported
 # as undecodable when read), and .jfif, another ending of JPEG files (imread goes by the content, not the name).
@@ -102,22 +109,48 @@ def _tiff_orientation(tiff: bytes) -> int:
 
 
 def load_image(path: str | Path) -> np.ndarray:
-    """(H, W, 3) uint8 BGR image at `path`; FileNotFoundError or ValueError naming the file otherwise."""
+    """(H, W, 3) uint8 BGR image at `path`; MissingFileError, or DataError naming the file and the reason otherwise:
+    not a regular file (a folder, a FIFO, which would block the read forever, a device), unreadable (permission),
+    not decodable, or of more than MAX_IMAGE_PIXELS pixels by its header (checked before any pixel is decoded: a
+    PNG of a few hundred KB can hold 20000 x 20000 zeros, gigabytes decoded)."""
     path = Path(path)
     if path.is_dir():
         raise DataError(f"{path} is a folder, not an image file")
+    if path.exists() and not path.is_file():
+        raise DataError(f"{path} is not a regular file (a FIFO, socket or device), not an image file")
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         raise MissingFileError(f"{path}: image file not found") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the image file ({e.strerror or e})") from None
     if not data:
         raise DataError(f"{path}: image file is empty")
     if is_truncated_jpeg(data):
         raise DataError(f"{path}: truncated JPEG (no end-of-image marker after the last scan)")
+    pixels = header_pixels(data)
+    if pixels is not None and pixels > MAX_IMAGE_PIXELS:
+        raise DataError(f"{path}: the image has {pixels} pixels by its header, more than the {MAX_IMAGE_PIXELS} read "
+                        f"(decoded, it would take {3 * pixels / 2**30:.1f} GiB); scale it down first")
     image = cv2.imdecode(np.frombuffer(data, np.uint8), _FLAGS)
     if image is None:
         raise DataError(f"{path}: cannot decode the image (not an image format OpenCV reads, or corrupt)")
     return image
+
+
+def header_pixels(data: bytes) -> int | None:
+    """Width x height of encoded image `data` from its header alone (Pillow's parsers: PNG, JPEG, WebP, TIFF, BMP,
+    ...), None for a format Pillow does not know or a header it cannot parse (the decoder then judges the file)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pillow's own DecompressionBombWarning: the caller decides
+        try:
+            with PIL.Image.open(io.BytesIO(data)) as image:
+                return image.size[0] * image.size[1]
+        except PIL.Image.DecompressionBombError as e:  # beyond twice Pillow's limit: the count is in its message
+            found = re.search(r"\((\d+) pixels\)", str(e))
+            return int(found.group(1)) if found else MAX_IMAGE_PIXELS + 1
+        except Exception:  # a format Pillow does not read, or bytes it cannot parse, fail with whatever they lead to
+            return None
 
 
 def as_bgr8(image: np.ndarray) -> np.ndarray:

@@ -2,8 +2,12 @@
 exceptions of utils.errors that `except Exception` (and the builtin kind) catches, with messages for a Python user;
 arguments are checked when a Detector is made; image arrays in any layout a file may have are read as files are."""
 import ast
+import concurrent.futures
+import contextlib
 import math
+import os
 import re
+import zlib
 from pathlib import Path
 
 import cv2
@@ -182,3 +186,42 @@ def test_images_that_cannot_be_read_are_clear_errors(ckpt, tmp_path):
         detector(np.zeros((20, 30, 3), np.float32))
     with pytest.raises(DataError, match=f"{tmp_path} is a folder, not an image file"):
         detector(tmp_path)
+
+
+def png_header_only(path: Path, width: int, height: int) -> Path:
+    """A PNG whose header declares width x height 8-bit gray pixels, followed by a few bytes of zeros: what a
+    decompression bomb (a few hundred KB of deflated zeros) shows before its first pixel is decoded."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(bytes(1000)))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_image_files_that_would_fill_the_memory_or_block_are_refused(tmp_path, monkeypatch):
+    """A 20000 x 20000 PNG is refused from its header (decoded, it took 2.9 GB of memory before the network saw
+    it); a FIFO is refused before it is opened (reading it blocked until a writer came); a file the process may not
+    read is a DataError naming it (it was a PermissionError traceback)."""
+    with pytest.raises(DataError, match=r"bomb\.png: the image has 400000000 pixels by its header"):
+        load_image(png_header_only(tmp_path / "bomb.png", 20000, 20000))
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        reading = pool.submit(load_image, fifo)
+        try:
+            with pytest.raises(DataError, match=r"fifo\.png is not a regular file"):
+                reading.result(timeout=20)
+        finally:  # a reader still blocked in open() gets its end of file, so that the test ends either way
+            with contextlib.suppress(OSError):
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    image = tmp_path / "locked.png"
+    assert cv2.imwrite(str(image), np.zeros((8, 8, 3), np.uint8))
+
+    def refused(self):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_bytes", refused)  # chmod 000 does not stop root, who may run the tests
+    with pytest.raises(DataError, match=r"locked\.png: cannot read the image file \(Permission denied\)"):
+        load_image(image)
