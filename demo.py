@@ -6,13 +6,15 @@ boxes and writes all detections to json.
     python demo.py --ckpt ckpt/NAME/checkpoint.pt --video in.mp4 --out out.mp4 --batch_size 8
     python demo.py --onnx model.onnx --images my_folder/ --out demo_out
 
-Images: any format OpenCV reads (jpg, png, bmp, webp, tif, ...), of up to 2^27 pixels (larger files, by their header, are skipped as unreadable); a folder is read in name order,
-without its sub-folders, --batch_size images at a time (those of one input size share a forward). Files that cannot
-be read are reported and skipped, and the other files of a folder (names without an image suffix) counted. Each
-image is written to --out under its own name with its boxes, class names and scores drawn (with .png added where
-its format cannot hold a colour drawing: scan.pgm.png); `detections.json` lists every image read (`images`: its
-path as given, and its detections in original pixels, also when there are none) and the files skipped (`skipped`).
---out must be empty unless --force, and never holds an input image.
+Images: any format OpenCV reads (jpg, png, bmp, webp, tif, ...), of up to 2^27 pixels (larger files, by their
+header, are skipped as unreadable, as are those whose test input at a --test_scales scale would exceed 4095 x 4095
+pixels); a folder is read in name order, without its sub-folders, --batch_size images at a time (those of one
+input size share a forward). Files that cannot be read are reported and skipped, and the other files of a folder
+(names without an image suffix) counted. Each image is written to --out under its own name with its boxes, class
+names and scores drawn (with .png added where its format cannot hold a colour drawing: scan.pgm.png);
+`detections.json` lists every image read (`images`: its path as given, and its detections in original pixels, also
+when there are none) and the files skipped (`skipped`). --out must be empty unless --force, and never holds
+an input image.
 
 Video (anything OpenCV reads): --out is the annotated video (.mp4 written with the mp4v codec, .avi with MJPG) and
 the json beside it (out.json) lists the detections of each frame. Neither replaces an existing file without
@@ -158,10 +160,12 @@ def run_images(images: list[Path], out: Path, args, detector: Detector) -> dict:
             paths, frames = [], []
             for path in chunk:
                 try:
-                    frames.append(load_image(path))
+                    image = load_image(path)
+                    detector.check_size(image)
+                    frames.append(image)
                     paths.append(path)
-                except (OSError, ValueError) as e:
-                    tqdm.write(f"skipped: {e}", file=sys.stderr)
+                except (OSError, ValueError) as e:  # the reader's errors name the file, check_size's the size
+                    tqdm.write(f"skipped: {e}" if str(path) in str(e) else f"skipped: {path}: {e}", file=sys.stderr)
                     skipped.append(str(path))
             for path, image, found in zip(paths, frames, detect(detector, frames)):
                 write_image(out / drawing_name(path.name), draw(image, found.rows(), detector.class_names))

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from datasets.targets import STRIDE
+from utils.errors import ArgumentError
 
 # Statistics of COCO in BGR order, in [0, 1] units (CornerNet's db/coco.py).
 COCO_MEAN = np.array([0.40789654, 0.44719302, 0.47026115], np.float32)
@@ -41,6 +42,10 @@ RAND_SCALES = tuple(s / 10 for s in range(6, 14))
 BORDER = 128
 JITTER = 0.4
 LIGHTING_STD = 0.1
+# The most pixels of one test input (4095 x 4095: a 511 x 511 COCO image at the largest test scale, 8). Memory grows
+# with them (a 127 x 100095 input, 12.7 M pixels, took 3.8 GB and 19 s for tiny_hourglass on the CPU, many times that
+# for the hourglasses), and the padding to 128k - 1 makes a thin image's input far larger than the image itself.
+MAX_INPUT_PIXELS = 4095 * 4095
 
 
 def warp_boxes(boxes: np.ndarray, a: np.ndarray) -> np.ndarray:
@@ -192,14 +197,25 @@ def eval_sizes(side: int, scale: float) -> tuple[int, int]:
     return resized, resized | 127
 
 
+def check_input_size(width: int, height: int, scale: float) -> None:
+    """An ArgumentError naming the image's size and the scale when its test input at `scale` has more than
+    MAX_INPUT_PIXELS pixels (before anything of that size is allocated)."""
+    in_w, in_h = eval_sizes(width, scale)[1], eval_sizes(height, scale)[1]
+    if in_w * in_h > MAX_INPUT_PIXELS:
+        raise ArgumentError(f"an image of {width} x {height} pixels at test scale {scale:g} makes a network input of "
+                            f"{in_w} x {in_h} pixels (each side padded to the next 128k - 1), more than the "
+                            f"{MAX_INPUT_PIXELS} one input may have; test it at a smaller scale, or crop or shrink it")
+
+
 def eval_input(image: np.ndarray, scale: float, flip: bool) -> tuple[torch.Tensor, EvalMeta]:
     """(H, W, 3) uint8 BGR -> (images (1 or 2, 3, H_in, W_in) float32 normalised, meta). The image is resized to
     (int(W * scale), int(H * scale)) and padded with zeros, centered, to (that | 127); image 1 (flip) is the
-    horizontally flipped copy of image 0.
+    horizontally flipped copy of image 0. An input of more than MAX_INPUT_PIXELS pixels is an ArgumentError.
 
     As the official `crop_image` (its window around the center is `in // 2` wide on each side), a resized side
     that is already of the form 128k - 1 loses its last column (row): it is left zero."""
     h, w = image.shape[:2]
+    check_input_size(w, h, scale)
     (new_w, in_w), (new_h, in_h) = eval_sizes(w, scale), eval_sizes(h, scale)
     meta = EvalMeta(orig_w=w, orig_h=h, scale=scale, new_w=new_w, new_h=new_h, pad_x=in_w // 2 - new_w // 2,
                     pad_y=in_h // 2 - new_h // 2, in_w=in_w, in_h=in_h)

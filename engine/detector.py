@@ -18,7 +18,7 @@ import torch
 
 from datasets.coco_eval import coco_entries
 from datasets.image_io import as_bgr8, load_image
-from datasets.transforms import eval_input
+from datasets.transforms import check_input_size, eval_input
 from engine.inference import MAX_TEST_SCALE, InferenceConfig, detect_batch, network_for, official_config
 from engine.onnx_backend import OnnxModel
 from nets import model_from_checkpoint
@@ -168,6 +168,13 @@ class Detector:
         if isinstance(image, (str, Path)):
             return load_image(image)
         return as_bgr8(image)
+
+    def check_size(self, image: np.ndarray) -> None:
+        """An ArgumentError naming the image's size when one of its test inputs would have more than
+        datasets.transforms.MAX_INPUT_PIXELS pixels (calling the detector on it raises the same)."""
+        fit = self.model.fit_scale(*image.shape[:2], self.test_scales) if isinstance(self.model, OnnxModel) else 1.0
+        for scale in self.test_scales:
+            check_input_size(image.shape[1], image.shape[0], scale * fit)
 
     def fit_scale(self, image: np.ndarray) -> float:
         """1, or the factor by which the test scales of `image` shrink so that its inputs fit an ONNX export's

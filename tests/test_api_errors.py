@@ -17,6 +17,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
+import datasets.transforms as transforms
 from datasets.image_io import load_image
 from engine import Detector
 from engine.inference import InferenceConfig
@@ -225,3 +226,25 @@ def test_image_files_that_would_fill_the_memory_or_block_are_refused(tmp_path, m
     monkeypatch.setattr(Path, "read_bytes", refused)  # chmod 000 does not stop root, who may run the tests
     with pytest.raises(DataError, match=r"locked\.png: cannot read the image file \(Permission denied\)"):
         load_image(image)
+
+
+def test_an_image_whose_test_input_is_too_large_is_refused_before_the_forward(ckpt, monkeypatch):
+    """The padding to 128k - 1 makes a 1 x 200000 image a 127 x 200063 input (25 M pixels; 1 x 100000 took 3.8 GB
+    for tiny_hourglass), and a 20000 x 20000 array at scale 1 one of 404 M pixels: each is an ArgumentError naming
+    the image's size and the scale, before anything of that size is allocated. The detector and demo.py's check
+    (`check_size`) are tried with the limit lowered, so that without it the forward stays small."""
+    with pytest.raises(ArgumentError, match=r"1 x 200000 pixels at test scale 1 makes a network input of 127 x "
+                                            r"200063 pixels"):
+        transforms.check_input_size(1, 200000, 1.0)
+    with pytest.raises(ArgumentError, match="20000 x 20000 pixels at test scale 0.5"):
+        transforms.check_input_size(20000, 20000, 0.5)
+    transforms.check_input_size(511, 511, 8.0)  # COCO's images at the largest test scale fit
+    monkeypatch.setattr(transforms, "MAX_INPUT_PIXELS", 127 * 383, raising=False)
+    detector = Detector.from_checkpoint(ckpt, device="cpu", test_scales=(1.0, 2.0))
+    thin = np.zeros((1, 300, 3), np.uint8)  # 127 x 383 at scale 1, 127 x 639 at scale 2
+    with pytest.raises(ArgumentError, match="an image of 300 x 1 pixels at test scale 2 makes a network input of "
+                                            "639 x 127 pixels"):
+        detector.check_size(thin)
+    with pytest.raises(ArgumentError, match="300 x 1 pixels at test scale 2"):
+        detector(thin)
+    assert len(Detector.from_checkpoint(ckpt, device="cpu")(thin)) >= 0  # at scale 1 it fits
