@@ -19,6 +19,7 @@ from onnx import TensorProto, helper
 
 import datasets.transforms as transforms
 from datasets.image_io import load_image
+import test as test_cli
 from engine import Detector
 from engine.inference import InferenceConfig
 from nets import build_model
@@ -248,3 +249,13 @@ def test_an_image_whose_test_input_is_too_large_is_refused_before_the_forward(ck
     with pytest.raises(ArgumentError, match="300 x 1 pixels at test scale 2"):
         detector(thin)
     assert len(Detector.from_checkpoint(ckpt, device="cpu")(thin)) >= 0  # at scale 1 it fits
+
+
+def test_a_checkpoint_path_that_is_a_folder_or_fifo_is_named_as_such(tmp_path):
+    """test.py --ckpt FOLDER said `checkpoint not found`, as if nothing were there."""
+    fifo = tmp_path / "fifo.pt"
+    os.mkfifo(fifo)
+    with pytest.raises(CheckpointError, match=f"checkpoint {tmp_path} is a folder, not a file"):
+        test_cli.main(test_cli.get_args_parser().parse_args(["--ckpt", str(tmp_path), "--device", "cpu"]))
+    with pytest.raises(CheckpointError, match=r"fifo\.pt is not a regular file"):
+        Detector.from_checkpoint(fifo, device="cpu")

@@ -183,6 +183,10 @@ def read_plain(path: str | Path, map_location: str | torch.device = "cpu", what:
     A missing, truncated or corrupt file is a CheckpointError naming it; one that holds other objects an
     UnsafeCheckpointError naming them, and how to convert it if it is trusted."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{what} {path} is a folder, not a file")
+    if path.exists() and not path.is_file():  # a FIFO would block the read until a writer comes
+        raise CheckpointError(f"{what} {path} is not a regular file (a FIFO, socket or device)")
     if not path.is_file():
         raise MissingFileError(f"{what} not found: {path}")
     try:
