@@ -19,7 +19,8 @@ import torch
 from datasets.coco_eval import coco_entries
 from datasets.image_io import as_bgr8, load_image
 from datasets.transforms import check_input_size, eval_input
-from engine.inference import MAX_TEST_SCALE, InferenceConfig, detect_batch, network_for, official_config
+from engine.inference import (MAX_TEST_SCALE, InferenceConfig, check_distinct, detect_batch, network_for,
+                              official_config)
 from engine.onnx_backend import OnnxModel
 from nets import model_from_checkpoint
 from utils.checkpoint import load_inference_checkpoint
@@ -79,7 +80,8 @@ def check_scales(test_scales: float | tuple[float, ...]) -> list[float]:
     scales = [test_scales] if isinstance(test_scales, numbers.Real) else test_scales
     if isinstance(scales, (str, bytes)) or not hasattr(scales, "__len__") or not len(scales):
         raise ArgumentError(f"test_scales: expected a number or a sequence of numbers, got {test_scales!r}")
-    return [check_number("test_scales", s, 0, MAX_TEST_SCALE, above=True) for s in scales]
+    return check_distinct("test_scales", [check_number("test_scales", s, 0, MAX_TEST_SCALE, above=True)
+                                          for s in scales])
 
 
 def load_network(path: str | Path, device: torch.device, onnx: bool | None = None

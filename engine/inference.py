@@ -112,7 +112,18 @@ def parse_scales(text: str) -> list[float]:
     except ValueError:
         raise ArgumentError(f"--test_scales: expected comma-separated numbers such as 0.5,1,1.5, got {text!r}") \
             from None
-    return [check_number("--test_scales", s, 0, MAX_TEST_SCALE, above=True) for s in scales]
+    return check_distinct("--test_scales", [check_number("--test_scales", s, 0, MAX_TEST_SCALE, above=True)
+                                            for s in scales])
+
+
+def check_distinct(name: str, scales: list[float]) -> list[float]:
+    """`scales` when no scale is given twice, else an ArgumentError naming it: a repeated scale runs the same
+    forward again and doubles its boxes, which turns box merging on (--merge auto) and changes the detections."""
+    repeated = sorted({s for s in scales if scales.count(s) > 1})
+    if repeated:
+        raise ArgumentError(f"{name}: scale {repeated[0]:g} is given more than once in {[f'{s:g}' for s in scales]}; "
+                            "give each scale once")
+    return scales
 
 
 def nms_per_class(rows: np.ndarray, cfg: InferenceConfig) -> np.ndarray:
