@@ -25,7 +25,7 @@ from tqdm import tqdm
 if __package__ in (None, ""):  # run as a script from anywhere: import the repo, not this folder's modules
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from datasets.coco import coco_problems, is_box, is_id, is_size, load_entry_image, read_json, split_files
+from datasets.coco import coco_problems, is_box, is_file_name, is_id, is_size, load_entry_image, read_json, split_files
 from datasets.image_io import exif_orientation
 from utils.errors import UserError, run_cli
 
@@ -83,9 +83,9 @@ class ImageReport:
 
 def read_images(img_dir: Path, images: list, ann_file: Path, progress: bool = True) -> ImageReport:
     """Loads the file of every image entry as the loader does. An invalid width or height is left out of the size
-    check: coco_problems reports it already."""
+    check, and a file name outside the image folder is not read: coco_problems reports both already."""
     report = ImageReport([], {}, [])
-    entries = [im for im in images if isinstance(im, dict) and "file_name" in im]
+    entries = [im for im in images if isinstance(im, dict) and is_file_name(im.get("file_name"))]
     for im in tqdm(entries, desc="images", unit="img", disable=not progress, dynamic_ncols=True):
         valid = {k: v for k, v in im.items() if k not in ("width", "height") or is_size(v)}
         try:
@@ -95,7 +95,7 @@ def read_images(img_dir: Path, images: list, ann_file: Path, progress: bool = Tr
             continue
         if is_id(im.get("id")):
             report.sizes[im["id"]] = image.shape[1], image.shape[0]
-        path = img_dir / str(im["file_name"])
+        path = img_dir / im["file_name"]
         orientation = exif_orientation(path)
         if orientation != 1:
             report.turned.append(f"image id {im.get('id')!r}: {path}: EXIF orientation {orientation}: it is read "

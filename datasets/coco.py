@@ -10,14 +10,14 @@ the evaluation server instead of scoring them.
   reach outside the image are clipped to it (and dropped when nothing is left). Images without annotations are
   kept and give empty targets. The COCO ground truth used for evaluation is left as the json has it.
 - Checked when the data set is built (an error names the file, the entry and what was expected): the json exists
-  and parses; it has `images`, `annotations` and `categories` lists; images have `id` and `file_name`,
-  annotations `image_id`, `category_id` and a `bbox` of 4 finite numbers, categories `id` and `name`; ids are
-  unique and every annotation refers to a listed image and category. Filled in when absent: annotation `id`
-  (numbered after the largest given), `iscrowd` (0) and `area` (w * h).
-- Checked when an item is read (the error names the image file): the file exists, decodes (a truncated JPEG does
-  not) and has the json's `width` and `height` when those are given (of the upright image: when EXIF turns a
-  photo by 90 degrees and the json has its stored size, the error says so). Grayscale, RGBA and 16-bit images are
-  read as 8-bit BGR (see datasets/image_io.py).
+  and parses; it has `images`, `annotations` and `categories` lists; images have `id` and `file_name` (a path
+  inside the image folder: relative, without '..'), annotations `image_id`, `category_id` and a `bbox` of 4 finite
+  numbers, categories `id` and `name`; ids are unique and every annotation refers to a listed image and category.
+  Filled in when absent: annotation `id` (numbered after the largest given), `iscrowd` (0) and `area` (w * h).
+- Checked when an item is read (the error names the image file): the file exists, is a regular file (or a symbolic
+  link to one; not a device or a pipe), decodes (a truncated JPEG does not) and has the json's `width` and `height`
+  when those are given (of the upright image: when EXIF turns a photo by 90 degrees and the json has its stored
+  size, the error says so). Grayscale, RGBA and 16-bit images are read as 8-bit BGR (see datasets/image_io.py).
 
 A training item is the dict of docs/FORMAT.md (normalised image and triplet targets); an evaluation item is
 dict(image_id=int, inputs=[(images (1 or 2, 3, H_in, W_in), EvalMeta) for each test scale]).
@@ -26,7 +26,7 @@ import contextlib
 import io
 import json
 import math
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Sequence
 
 import numpy as np
@@ -103,6 +103,15 @@ def is_size(value) -> bool:
     return is_finite_number(value) and value > 0 and float(value).is_integer()
 
 
+def is_file_name(value) -> bool:
+    """An image's `file_name`: a relative path inside the split's image folder (subfolders allowed), as a non-empty
+    string without a '..' part or a NUL byte; an absolute path or '../../etc/passwd' would read a file elsewhere."""
+    if not isinstance(value, str) or "\0" in value:
+        return False
+    path = PurePosixPath(value)
+    return bool(path.parts) and not path.is_absolute() and ".." not in path.parts
+
+
 def _unique_ids(items: list[dict], key: str, path: Path, problems: list[str]) -> set:
     seen = set()
     for i, item in enumerate(items):
@@ -130,6 +139,10 @@ def coco_problems(data: dict, path: Path, require_annotations: bool = True) -> l
     cat_ids = _unique_ids(categories, "categories", path, problems)
     image_ids = _unique_ids(images, "images", path, problems)
     for i, im in enumerate(images):
+        if not is_file_name(im["file_name"]):
+            shown = repr(im["file_name"]) if len(repr(im["file_name"])) <= 80 else repr(im["file_name"])[:77] + "..."
+            problems.append(f"{path}: images[{i}].file_name is {shown}, expected a path inside the image folder "
+                            "(relative, without '..')")
         for k in ("width", "height"):
             v = im.get(k, 1)
             if not is_size(v):
@@ -175,8 +188,13 @@ def check_coco_dict(data: dict, path: Path, require_annotations: bool = True) ->
 
 def load_entry_image(img_dir: Path, info: dict, ann_file: Path) -> np.ndarray:
     """The image of an `images` entry of `ann_file`, (H, W, 3) uint8 BGR; DataError / MissingFileError naming the
-    file when it is missing, does not decode, or has another size than the entry's width and height."""
-    path = img_dir / str(info["file_name"])
+    file when it is missing, is not a regular file (a device or a pipe would be read forever), does not decode, or
+    has another size than the entry's width and height. The file name must pass `is_file_name`."""
+    if not is_file_name(info["file_name"]):
+        raise DataError(f"{ann_file}: image file name {str(info['file_name'])[:80]!r} is not a path inside {img_dir}")
+    path = img_dir / info["file_name"]
+    if path.exists() and not path.is_dir() and not path.is_file():
+        raise DataError(f"{path}: not a regular file (a device, pipe or socket), expected an image file")
     image = load_image(path)
     h, w = image.shape[:2]
     declared = info.get("width", w), info.get("height", h)

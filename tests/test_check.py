@@ -161,3 +161,16 @@ def test_images_that_exif_turns_are_listed_as_notes_not_problems(tmp_path, capsy
     assert inspect_split(tmp_path, "train", progress=False) == ([], [note])
     assert main(["--data_dir", str(tmp_path), "--split", "train"]) == 0
     assert capsys.readouterr().out.splitlines() == [f"note: {note}", f"{tmp_path} train: no problems found"]
+
+
+def test_a_file_name_outside_the_image_folder_is_reported_once_and_not_read(tmp_path):
+    """'../outside.png' is a good image, but outside the split's folder: reported as the entry's problem, not read
+    (an absolute path such as /dev/zero would be read until memory runs out)."""
+    ann_file = one_image_split(tmp_path, np.zeros((80, 100, 3), np.uint8), "1.png", {}, [[10, 10, 20, 20]])
+    (tmp_path / "train" / "1.png").rename(tmp_path / "outside.png")
+    data = json.loads(ann_file.read_text())
+    data["images"][0]["file_name"] = "../outside.png"
+    ann_file.write_text(json.dumps(data))
+    assert check_split(tmp_path, "train", progress=False) == [
+        f"{ann_file}: images[0].file_name is '../outside.png', expected a path inside the image folder (relative, "
+        "without '..')"]

@@ -1,6 +1,8 @@
 """datasets/coco.py: loading, classes, training items, and every kind of bad input (error or documented handling)."""
 import argparse
 import json
+import os
+import signal
 import struct
 from pathlib import Path
 
@@ -432,3 +434,38 @@ def test_train_and_val_sets_of_other_categories_are_named_with_their_files_and_n
                                         r"and 3 more in the first and 'c2', 'c1', 'c3', 'c4', 'c5' and 3 more in the"):
         check_same_categories(train_set, swapped)
     check_same_categories(train_set, split("val", [(i + 10, f"c{i}") for i in range(1, 9)]))
+
+
+@pytest.mark.parametrize("name", ["../../outside.png", "/etc/hostname", "a/../../x.png", "", "a\0b.png", 7, ["1.png"]])
+def test_a_file_name_outside_the_image_folder_is_named_not_read(tmp_path, name):
+    """A file name that leaves the split's image folder ('..', an absolute path) or is not a path at all is the entry's
+    problem when the set is built; reading it could take any file of the machine as an image (/dev/zero forever)."""
+    data = coco_dict()
+    data["images"][0]["file_name"] = name
+    write_set(tmp_path, data, {})
+    with pytest.raises(DataError, match=r"images\[0\]\.file_name is .*, expected a path inside the image folder"):
+        CocoDetection(tmp_path, "train", train=True)
+
+
+def test_a_subfolder_and_a_symlink_to_an_image_load_but_a_pipe_is_not_read(tmp_path):
+    data = coco_dict()
+    data["images"] = [{"id": 1, "file_name": "sub/1.png"}, {"id": 2, "file_name": "link.png"},
+                      {"id": 3, "file_name": "pipe.png"}]
+    write_set(tmp_path, data, {"2.png": image()})
+    (tmp_path / "train" / "sub").mkdir()
+    (tmp_path / "train" / "2.png").rename(tmp_path / "train" / "sub" / "1.png")
+    (tmp_path / "train" / "link.png").symlink_to(tmp_path / "train" / "sub" / "1.png")
+    os.mkfifo(tmp_path / "train" / "pipe.png")  # reading it waits for a writer forever
+    ds = CocoDetection(tmp_path, "train", train=False)
+    assert ds.load(0)[0].shape == ds.load(1)[0].shape == (80, 100, 3)
+
+    def hung(signum, frame):
+        raise AssertionError("load() waited on the pipe")
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(5)
+    try:
+        with pytest.raises(DataError, match=r"pipe\.png: not a regular file"):
+            ds.load(2)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
