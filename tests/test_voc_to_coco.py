@@ -96,6 +96,13 @@ def test_class_list_keep_difficult_and_copy(voc_dir, tmp_path):
     (lambda s: s.replace("<xmax>45</xmax>", "<xmax>2</xmax>"),
      r"000002\.xml: object 1 \(cat\) has xmin\.\.xmax 5\.\.2"),
     (lambda s: s.replace("<width>50</width>", "<width>0</width>"), r"000002\.xml: <size> is 0 x 70"),
+    # These parse as floats, and were written into the json as NaN and Infinity, which no json reader accepts.
+    (lambda s: s.replace("<xmin>5</xmin>", "<xmin>nan</xmin>"),
+     r"000002\.xml: object 1 \(cat\) <bndbox/xmin> is 'nan', expected a finite number"),
+    (lambda s: s.replace("<xmax>45</xmax>", "<xmax>1e400</xmax>"), r"<bndbox/xmax> is '1e400', expected a finite"),
+    (lambda s: s.replace("<ymax>66</ymax>", "<ymax>-Infinity</ymax>"), r"<bndbox/ymax> is '-Infinity', expected a"),
+    (lambda s: s.replace("<xmin>5</xmin>", "<xmin>-1e308</xmin>").replace("<xmax>45</xmax>", "<xmax>1e308</xmax>"),
+     r"000002\.xml: object 1 \(cat\) has xmin\.\.xmax -1e\+308\.\.1e\+308, .* a box too large for a number"),
 ])
 def test_broken_annotation_names_the_file(voc_dir, tmp_path, edit, message):
     xml = voc_dir / "Annotations" / "000002.xml"

@@ -12,6 +12,7 @@ in all splits, sorted (--classes fixes the list and its order); category ids are
 never overwritten.
 """
 import argparse
+import math
 import shutil
 import sys
 import xml.etree.ElementTree as ET
@@ -46,9 +47,12 @@ def _text(node: ET.Element, path: str, xml_path: Path, where: str) -> str:
 def _number(node: ET.Element, path: str, xml_path: Path, where: str) -> float:
     text = _text(node, path, xml_path, where)
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
-        raise DataError(f"{xml_path}: {where} <{path}> is {text!r}, expected a number") from None
+        value = math.nan
+    if not math.isfinite(value):  # 'nan', 'inf' and '1e400' parse, but would reach the json as NaN and Infinity
+        raise DataError(f"{xml_path}: {where} <{path}> is {text[:40]!r}, expected a finite number")
+    return value
 
 
 def read_voc_xml(xml_path: Path) -> dict:
@@ -72,8 +76,12 @@ def read_voc_xml(xml_path: Path) -> dict:
         if x2 < x1 or y2 < y1:
             raise DataError(f"{xml_path}: {where} ({name}) has xmin..xmax {x1:g}..{x2:g}, ymin..ymax {y1:g}..{y2:g};"
                             " expected xmin <= xmax and ymin <= ymax")
+        box = [x1 - 1, y1 - 1, x2 - x1 + 1, y2 - y1 + 1]
+        if not all(map(math.isfinite, box + [box[2] * box[3]])):  # -1e308..1e308: each finite, not its width
+            raise DataError(f"{xml_path}: {where} ({name}) has xmin..xmax {x1:g}..{x2:g}, ymin..ymax {y1:g}..{y2:g}, "
+                            "a box too large for a number")
         difficult = obj.find("difficult")
-        objects.append((name, [x1 - 1, y1 - 1, x2 - x1 + 1, y2 - y1 + 1],
+        objects.append((name, box,
                         difficult is not None and (difficult.text or "0").strip() == "1"))
     return {"width": int(width), "height": int(height), "objects": objects}
 
