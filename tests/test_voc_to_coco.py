@@ -2,7 +2,9 @@
 the result loads as a data set."""
 import errno
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -182,3 +184,47 @@ def test_a_disk_full_part_way_leaves_nothing_and_the_command_runs_again(voc_dir,
     convert(voc_dir, out, "--copy")
     assert sorted(p.name for p in (out / "train").iterdir()) == ["000001.jpg", "000002.jpg"]
     assert len(CocoDetection(out, "train", train=False)) == 2
+
+
+QUADRATIC = ('<?xml version="1.0"?><!DOCTYPE annotation [<!ENTITY b "' + "A" * 1000 + '">]><annotation><filename>'
+             + "&b;" * 50 + "</filename><size><width>50</width><height>70</height></size></annotation>")
+BILLION_LAUGHS = ('<?xml version="1.0"?><!DOCTYPE lolz [<!ENTITY lol "lol">'
+                  + "".join(f'<!ENTITY lol{i} "{("&lol" + str(i - 1 or "") + ";") * 10}">' for i in range(1, 9))
+                  + ']><annotation><filename>&lol8;</filename></annotation>')
+EXTERNAL = ('<?xml version="1.0"?><!DOCTYPE a [<!ENTITY xxe SYSTEM "file:///etc/hostname">]><annotation><size>'
+            '<width>50</width><height>70</height></size><object><name>&xxe;</name></object></annotation>')
+
+
+@pytest.mark.parametrize("text, message", [
+    (QUADRATIC, r"000002\.xml: declares the XML entity 'b'"),  # expat's amplification limit lets this one expand
+    (BILLION_LAUGHS, r"000002\.xml: declares the XML entity 'lol'"),
+    (EXTERNAL, r"000002\.xml: declares the XML entity 'xxe'"),
+    ('<?xml version="1.0" encoding="klingon"?><annotation/>', r"000002\.xml: not valid XML \(unknown encoding"),
+])
+def test_xml_that_declares_entities_or_an_unknown_encoding_is_refused(voc_dir, tmp_path, text, message):
+    (voc_dir / "Annotations" / "000002.xml").write_text(text)
+    with pytest.raises(DataError, match=message):
+        convert(voc_dir, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_xml_file_too_large_or_not_a_file_is_refused_unread(voc_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr("tools.voc_to_coco.MAX_XML_BYTES", 100)
+    with pytest.raises(DataError, match=r"000001\.xml: \d+ bytes, more than a VOC annotation holds \(at most 100\)"):
+        convert(voc_dir, tmp_path / "out")
+    monkeypatch.undo()
+    xml = voc_dir / "Annotations" / "000002.xml"
+    xml.unlink()
+    os.mkfifo(xml)  # reading it waits for a writer forever
+
+    def hung(signum, frame):
+        raise AssertionError("the converter waited on the pipe")
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(5)
+    try:
+        with pytest.raises(DataError, match=r"000002\.xml: not a regular file"):
+            convert(voc_dir, tmp_path / "out")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert not (tmp_path / "out").exists()

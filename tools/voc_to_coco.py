@@ -14,9 +14,11 @@ never overwritten.
 import argparse
 import math
 import shutil
+import stat
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from xml.parsers import expat
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: import the repo
 from utils.errors import ArgumentError, DataError, MissingFileError, UserError, WriteError, run_cli
@@ -24,6 +26,7 @@ from utils.files import make_folder, write_json
 
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
                "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
+MAX_XML_BYTES = 16 * 2**20  # a VOC annotation file holds a few KB; ElementTree keeps some 10 times a file in memory
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -55,15 +58,38 @@ def _number(node: ET.Element, path: str, xml_path: Path, where: str) -> float:
     return value
 
 
+def _refuse_entities(data: bytes, xml_path: Path) -> None:
+    """DataError when the XML document `data` declares an entity (<!ENTITY ...> in its DOCTYPE)."""
+    def declared(name, *_):
+        raise DataError(f"{xml_path}: declares the XML entity {name!r}; VOC annotations declare none, and expanding "
+                        "entities can fill the memory, so such files are refused")
+    parser = expat.ParserCreate()
+    parser.EntityDeclHandler = declared
+    parser.Parse(data, True)
+
+
 def read_voc_xml(xml_path: Path) -> dict:
-    """One VOC annotation file -> {"width", "height", "objects": [(name, [x, y, w, h] COCO, difficult)]}."""
+    """One VOC annotation file -> {"width", "height", "objects": [(name, [x, y, w, h] COCO, difficult)]}.
+    Files over MAX_XML_BYTES, files that are not regular files and XML that declares entities are refused unparsed:
+    VOC files declare none, and expanding them can fill the memory (billion laughs)."""
     try:
-        root = ET.parse(xml_path).getroot()
-    except ET.ParseError as e:
-        raise DataError(f"{xml_path}: not valid XML ({e})") from None
+        info = xml_path.stat()
+        if not stat.S_ISREG(info.st_mode):  # a folder, or a pipe or device that would be read forever
+            raise DataError(f"{xml_path}: not a regular file, expected a VOC annotation (.xml)")
+        if info.st_size > MAX_XML_BYTES:
+            raise DataError(f"{xml_path}: {info.st_size} bytes, more than a VOC annotation holds (at most "
+                            f"{MAX_XML_BYTES})")
+        data = xml_path.read_bytes()
     except OSError as e:  # most often a listed id without its xml file
         error = MissingFileError if isinstance(e, FileNotFoundError) else DataError
         raise error(f"{xml_path}: cannot read the annotation ({e.strerror})") from None
+    try:
+        _refuse_entities(data, xml_path)
+        root = ET.fromstring(data)
+    except (expat.ExpatError, ET.ParseError) as e:
+        raise DataError(f"{xml_path}: not valid XML ({e})") from None
+    except LookupError as e:  # <?xml encoding="..."?> that Python does not know
+        raise DataError(f"{xml_path}: not valid XML ({e})") from None
     width, height = (_number(root, f"size/{k}", xml_path, "<annotation>") for k in ("width", "height"))
     if width <= 0 or height <= 0 or not width.is_integer() or not height.is_integer():
         raise DataError(f"{xml_path}: <size> is {width:g} x {height:g}, expected positive whole numbers")
