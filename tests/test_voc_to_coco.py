@@ -228,3 +228,28 @@ def test_an_xml_file_too_large_or_not_a_file_is_refused_unread(voc_dir, tmp_path
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("listed, message", [
+    (b"000001\n../../elsewhere/x\n", r"train\.txt: line 2: image id '\.\./\.\./elsewhere/x' is not a file name"),
+    (b"/tmp/x\n", r"train\.txt: line 1: image id '/tmp/x' is not a file name"),
+    (b"000001\nb\0c\n", r"train\.txt: line 2: image id 'b\\x00c' is not a file name"),
+    (b"000001\n\xe9t\xe9\n", r"train\.txt: not UTF-8 text \(invalid continuation byte at byte 7\)"),
+])
+def test_an_image_list_naming_paths_or_not_utf8_is_refused(voc_dir, tmp_path, listed, message):
+    """An image id is joined to Annotations/, JPEGImages/ and OUT/<split>/: '../../elsewhere/x' read
+    VOC2007/../elsewhere/x.xml and linked its image as OUT/../elsewhere/x.jpg, outside OUT, where it stayed."""
+    for folder in (tmp_path / "elsewhere", tmp_path / "o" / "elsewhere"):
+        folder.mkdir(parents=True)
+    shutil.copy(voc_dir / "Annotations" / "000001.xml", tmp_path / "elsewhere" / "x.xml")
+    shutil.copy(voc_dir / "JPEGImages" / "000001.jpg", tmp_path / "elsewhere" / "x.jpg")
+    (voc_dir / "ImageSets" / "Main" / "train.txt").write_bytes(listed)
+    with pytest.raises(DataError, match=message):
+        convert(voc_dir, tmp_path / "o" / "out", "--splits", "train")
+    assert not any((tmp_path / "o" / "elsewhere").iterdir()) and not (tmp_path / "o" / "out").exists()
+
+
+@pytest.mark.parametrize("split", ["../x", "", "..", "a/b"])
+def test_a_split_name_must_be_a_name(voc_dir, tmp_path, split):
+    with pytest.raises(ArgumentError, match=r"--splits: .* is not a name"):
+        convert(voc_dir, tmp_path / "out", "--splits", split)

@@ -112,16 +112,30 @@ def read_voc_xml(xml_path: Path) -> dict:
     return {"width": int(width), "height": int(height), "objects": objects}
 
 
+def is_plain_name(name: str) -> bool:
+    """A file or folder name that stays in the folder it is joined to: no '/', NUL byte, '.' or '..'."""
+    return name not in ("", ".", "..") and "/" not in name and "\0" not in name
+
+
 def read_split(voc_dir: Path, split: str) -> list[tuple[str, dict]]:
     """[(image id, read_voc_xml)] of the ids listed in ImageSets/Main/<split>.txt, in its order."""
     list_path = voc_dir / "ImageSets" / "Main" / f"{split}.txt"
     if not list_path.is_file():
         raise MissingFileError(f"{list_path}: image list of split {split!r} not found")
+    try:
+        text = list_path.read_bytes().decode()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{list_path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise DataError(f"{list_path}: cannot read the image list ({e.strerror})") from None
     line_of = {}  # image id: its line number
-    for number, line in enumerate(list_path.read_text().splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         image_id = line.split()[0]
+        if not is_plain_name(image_id):  # Annotations/<id>.xml, JPEGImages/<id>.jpg and OUT/<split>/<id>.jpg
+            raise DataError(f"{list_path}: line {number}: image id {image_id[:80]!r} is not a file name (a path "
+                            "would read and write files outside the VOC and output folders)")
         if image_id in line_of:  # its image would be linked twice and counted twice by the evaluation
             raise DataError(f"{list_path}: image id {image_id} is listed twice, on lines {line_of[image_id]} and "
                             f"{number}")
@@ -160,6 +174,8 @@ def main(args: argparse.Namespace) -> None:
     if out.exists() and not out.is_dir():
         raise ArgumentError(f"--out {out} is a file; give a folder")
     for split in args.splits:
+        if not is_plain_name(split):
+            raise ArgumentError(f"--splits: {split!r} is not a name (ImageSets/Main/<split>.txt, OUT/<split>/)")
         if (out / "annotations" / f"instances_{split}.json").exists() or (out / split).exists():
             raise ArgumentError(f"{out} already holds split {split!r}; choose another --out or remove it")
     splits = {split: read_split(voc_dir, split) for split in args.splits}
