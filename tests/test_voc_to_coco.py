@@ -253,3 +253,21 @@ def test_an_image_list_naming_paths_or_not_utf8_is_refused(voc_dir, tmp_path, li
 def test_a_split_name_must_be_a_name(voc_dir, tmp_path, split):
     with pytest.raises(ArgumentError, match=r"--splits: .* is not a name"):
         convert(voc_dir, tmp_path / "out", "--splits", split)
+
+
+def test_a_split_folder_made_by_someone_else_during_the_conversion_is_left_alone(voc_dir, tmp_path, monkeypatch):
+    """The check that OUT holds no such split comes before the xml files are read (minutes for a large set): a folder
+    made in between makes the conversion stop, and was deleted with the user's files by its clean-up."""
+    import tools.voc_to_coco as voc
+    out = tmp_path / "out"
+    read_split = voc.read_split
+
+    def meanwhile(voc_dir, split):
+        (out / split).mkdir(parents=True, exist_ok=True)
+        (out / split / "mine.txt").write_text("keep")
+        return read_split(voc_dir, split)
+    monkeypatch.setattr(voc, "read_split", meanwhile)
+    with pytest.raises(WriteError, match=r"cannot write split 'train'"):
+        convert(voc_dir, out, "--splits", "train")
+    assert (out / "train" / "mine.txt").read_text() == "keep"
+    assert not (out / ".train.tmp").exists() and not (out / "annotations" / "instances_train.json").exists()

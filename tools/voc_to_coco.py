@@ -208,6 +208,7 @@ def write_split(voc_dir: Path, out: Path, split: str, names: list[str], data: di
     nor the json, and the same command can be run again."""
     folder, tmp = out / split, out / f".{split}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run
+    renamed = False
     try:
         tmp.mkdir()
         for name in names:
@@ -217,10 +218,12 @@ def write_split(voc_dir: Path, out: Path, split: str, names: list[str], data: di
             else:
                 dst.symlink_to(src)
         tmp.rename(folder)
+        renamed = True
         write_json(out / "annotations" / f"instances_{split}.json", data)
     except BaseException as error:
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(folder, ignore_errors=True)  # renamed, but without its json
+        if renamed:  # ours, without its json; a folder made by someone else since main's check stays
+            shutil.rmtree(folder, ignore_errors=True)
         if isinstance(error, OSError) and not isinstance(error, UserError):
             raise WriteError(f"cannot write split {split!r} into {out}: {error.strerror or error}") from error
         raise
