@@ -31,8 +31,9 @@ demo: setup data/shapes/annotations/instances_val.json
 		--batch_size 16 --lr 2e-3 --lr_step 30 --num_epochs 36 --val_interval 12 --num_workers 2 --device cpu
 	$(PY) test.py --log_name $(DEMO_RUN) $(DEMO_DATA) --test_flip --device cpu
 
+# --force: this runs only while the set lacks its val json (a killed run may have left train/ alone).
 data/shapes/annotations/instances_val.json: | .venv/.installed
-	$(PY) -m datasets.shapes --out data/shapes
+	$(PY) -m datasets.shapes --out data/shapes --force
 
 # On a GPU machine: builds the CUDA kernel, runs the cuda tests (also under compute-sanitizer), the benchmarks and a
 # short --amp training run with test.py --test_flip, and prints one summary table (tools/gpu_check.py). With a

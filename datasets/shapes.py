@@ -7,11 +7,15 @@ writes `annotations/instances_{train,val}.json` and the JPEGs in `train/` and `v
 a few seconds). Four classes (rectangle, ellipse, triangle, cross), each of random size, aspect ratio and colour;
 shapes may overlap, but none is covered by more than `--max_occlusion` of its area, and each box is the tight box of
 the shape's visible pixels. Backgrounds are smooth random colour fields with lines, soft blobs and pixel noise;
-`--empty` of the images have no shape. Images are `--min_size`..`--max_size` pixels a side (128..192), small
-enough for a CPU model at input 127. Harder: more `--clutter`, `--noise`, `--max_occlusion`, smaller `--min_obj`.
+`--empty` of the images have no shape. Images are `--min_size`..`--max_size` pixels a side (128..192, at most
+MAX_SIDE), small enough for a CPU model at input 127. Harder: more `--clutter`, `--noise`, `--max_occlusion`, smaller
+`--min_obj`. A folder that already holds a train or val split is refused unless --force is given. Each split's
+images are written to a hidden folder and renamed into place when complete, and a failure (a full disk, Ctrl-C)
+removes the splits this run wrote, so that the same command runs again.
 """
 import argparse
 import math
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +27,12 @@ if __package__ in (None, ""):  # run as a script from anywhere: import the repo,
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from utils.checks import check_number
-from utils.errors import ArgumentError, run_cli
-from utils.files import write_json
+from utils.errors import ArgumentError, UserError, WriteError, run_cli
+from utils.files import make_folder, write_json
 
 CLASSES = ("rectangle", "ellipse", "triangle", "cross")
+MAX_SIDE = 4096  # pixels: an image side of 10^5 asked OpenCV for 120 GB
+MAX_OBJECTS = 100  # shapes per image: each is tried up to 20 times at a cost of the image's area
 
 
 @dataclass(frozen=True)
@@ -121,22 +127,39 @@ def make_image(rng: np.random.Generator, cfg: ShapesConfig) -> tuple[np.ndarray,
 
 
 def write_split(out: Path, split: str, num_images: int, seed: int, cfg: ShapesConfig) -> dict:
-    """Writes the images of `split` and its annotation json; returns the json dict."""
+    """Writes the images of `split` (replacing the folder out/split once all are written) and its annotation json;
+    returns the json dict."""
     rng = np.random.default_rng([seed, {"train": 0, "val": 1}.get(split, 2)])
-    (out / split).mkdir(parents=True, exist_ok=True)
+    folder, tmp = out / split, out / f".{split}.tmp"
     images, annotations = [], []
-    for i in range(num_images):
-        img, objects = make_image(rng, cfg)
-        name = f"{i + 1:06d}.jpg"
-        cv2.imwrite(str(out / split / name), img, [cv2.IMWRITE_JPEG_QUALITY, cfg.jpeg_quality])
-        images.append({"id": i + 1, "file_name": name, "width": img.shape[1], "height": img.shape[0]})
-        for cls, box in objects:
-            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": cls + 1, "bbox": box,
-                                "area": box[2] * box[3], "iscrowd": 0})
-    data = {"info": {"description": f"centernet47 built-in shapes, {split}, seed {seed}", "config": vars(cfg)},
-            "licenses": [], "images": images, "annotations": annotations,
-            "categories": [{"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(CLASSES)]}
-    write_json(out / "annotations" / f"instances_{split}.json", data)
+    renamed = False
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run
+        tmp.mkdir(parents=True)
+        for i in range(num_images):
+            img, objects = make_image(rng, cfg)
+            name = f"{i + 1:06d}.jpg"
+            (tmp / name).write_bytes(cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, cfg.jpeg_quality])[1])
+            images.append({"id": i + 1, "file_name": name, "width": img.shape[1], "height": img.shape[0]})
+            for cls, box in objects:
+                annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": cls + 1,
+                                    "bbox": box, "area": box[2] * box[3], "iscrowd": 0})
+        data = {"info": {"description": f"centernet47 built-in shapes, {split}, seed {seed}", "config": vars(cfg)},
+                "licenses": [], "images": images, "annotations": annotations,
+                "categories": [{"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(CLASSES)]}
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+        renamed = True
+        write_json(out / "annotations" / f"instances_{split}.json", data)
+    except BaseException as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if renamed:  # without its json
+            shutil.rmtree(folder, ignore_errors=True)
+        # cv2.imwrite returned False on a full disk, which left the set short of images without a word.
+        if isinstance(error, OSError) and not isinstance(error, UserError):
+            raise WriteError(f"cannot write split {split!r} into {out}: {error.strerror or error}") from error
+        raise
     return data
 
 
@@ -146,6 +169,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_train", type=int, default=400)
     p.add_argument("--num_val", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="replace the train and val splits already in --out")
     for name, field in ShapesConfig.__dataclass_fields__.items():
         p.add_argument(f"--{name}", type=type(field.default), default=field.default)
     return p
@@ -153,17 +177,38 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> None:
     cfg = ShapesConfig(**{k: getattr(args, k) for k in ShapesConfig.__dataclass_fields__})
-    if not (0 < cfg.min_obj <= cfg.max_obj <= cfg.min_size <= cfg.max_size):
-        raise ArgumentError("expected 0 < --min_obj <= --max_obj <= --min_size <= --max_size")
+    if not (0 < cfg.min_obj <= cfg.max_obj <= cfg.min_size <= cfg.max_size <= MAX_SIDE):
+        raise ArgumentError(f"expected 0 < --min_obj <= --max_obj <= --min_size <= --max_size <= {MAX_SIDE}, got "
+                            f"{cfg.min_obj}, {cfg.max_obj}, {cfg.min_size}, {cfg.max_size}")
+    whole = {"--max_objects": (cfg.max_objects, 1, MAX_OBJECTS), "--clutter": (cfg.clutter, 0, 1000),
+             "--jpeg_quality": (cfg.jpeg_quality, 0, 100), "--seed": (args.seed, 0, 2**63 - 1)}
+    # 0 shapes and seed -1 were numpy tracebacks, 10^8 shapes ran for days, OpenCV took --jpeg_quality 500 as 100.
+    for flag, (value, low, high) in whole.items():
+        if not low <= value <= high:
+            raise ArgumentError(f"{flag}: expected a whole number in [{low}, {high}], got {value}")
     for flag, value, high in (("--empty", cfg.empty, 1), ("--max_occlusion", cfg.max_occlusion, 1),
                               ("--noise", cfg.noise, math.inf)):
         check_number(flag, value, 0, high)
     if args.num_train < 0 or args.num_val < 0:
         raise ArgumentError(f"--num_train and --num_val: expected 0 or more, got {args.num_train}, {args.num_val}")
-    out = Path(args.out)
-    for split, n in (("train", args.num_train), ("val", args.num_val)):
-        data = write_split(out, split, n, args.seed, cfg)
-        print(f"{out / split}: {len(data['images'])} images, {len(data['annotations'])} shapes")
+    out = make_folder(args.out, "--out")
+    splits = (("train", args.num_train), ("val", args.num_val))
+    existing = [p for split, _ in splits for p in (out / "annotations" / f"instances_{split}.json", out / split)
+                if p.exists()]
+    if existing and not args.force:
+        raise ArgumentError(f"{existing[0]} exists: {out} already holds a data set; --force replaces its train and "
+                            "val splits, or choose another --out")
+    written = []
+    try:
+        for split, n in splits:
+            data = write_split(out, split, n, args.seed, cfg)
+            written.append(split)
+            print(f"{out / split}: {len(data['images'])} images, {len(data['annotations'])} shapes")
+    except BaseException:  # both splits or neither: one alone would make the same command refuse to run again
+        for split in written:
+            shutil.rmtree(out / split, ignore_errors=True)
+            (out / "annotations" / f"instances_{split}.json").unlink(missing_ok=True)
+        raise
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import torch
 from datasets.coco import CocoDetection
 from datasets.coco_eval import evaluate_detections
 from datasets.shapes import CLASSES, ShapesConfig, get_args_parser, main, make_image
-from utils.errors import ArgumentError
+from utils.errors import ArgumentError, WriteError
 
 
 def generate(out, *extra):
@@ -98,3 +98,52 @@ def test_info_records_the_config(tmp_path):
     generate(tmp_path, "--noise", "3.5")
     info = json.loads((tmp_path / "annotations" / "instances_val.json").read_text())["info"]
     assert info["config"]["noise"] == 3.5
+
+
+@pytest.mark.parametrize("flag, value", [("--max_objects", "0"), ("--max_objects", "-3"), ("--max_objects", "101"),
+                                         ("--clutter", "-5"), ("--jpeg_quality", "500"), ("--seed", "-1")])
+def test_whole_number_flags_out_of_range_are_refused(tmp_path, flag, value):
+    with pytest.raises(ArgumentError, match=f"{flag}: expected a whole number in"):
+        generate(tmp_path / "x", flag, value, "--num_train", "1", "--num_val", "0")
+    assert not (tmp_path / "x").exists()
+
+
+def test_an_image_side_beyond_the_limit_is_refused(tmp_path):
+    with pytest.raises(ArgumentError, match=r"--max_size <= 4096, got 16, 72, 100000, 100000"):
+        generate(tmp_path / "x", "--min_size", "100000", "--max_size", "100000")
+
+
+def test_out_that_is_a_file_or_holds_a_data_set_is_refused_unless_force(tmp_path):
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(WriteError, match=r"--out .*file is a file; give a folder"):
+        generate(tmp_path / "file")
+    assert (tmp_path / "file").read_text() == "mine"
+    out = tmp_path / "set"
+    generate(out)
+    before = (out / "annotations" / "instances_train.json").read_bytes()
+    (out / "mine.txt").write_text("mine")
+    with pytest.raises(ArgumentError, match=r"instances_train\.json exists: .* already holds a data set; --force"):
+        generate(out, "--seed", "1")
+    assert (out / "annotations" / "instances_train.json").read_bytes() == before
+    generate(out, "--seed", "1", "--force")
+    assert (out / "annotations" / "instances_train.json").read_bytes() != before
+    assert (out / "mine.txt").read_text() == "mine" and not list(out.glob(".*.tmp"))
+
+
+def test_a_failed_write_leaves_no_split_and_the_command_runs_again(tmp_path, monkeypatch):
+    """A full disk while writing val (cv2.imwrite only returned False on it): no split stays, neither train nor a
+    short val, so the same command does not refuse to run again."""
+    import datasets.shapes as shapes
+    real = shapes.write_json
+
+    def full(path, obj):
+        if "val" in str(path):
+            raise WriteError(f"cannot write {path}: no space left on device (nothing was written)")
+        real(path, obj)
+    monkeypatch.setattr(shapes, "write_json", full)
+    with pytest.raises(WriteError, match="no space left"):
+        generate(tmp_path)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["annotations"]
+    monkeypatch.undo()
+    generate(tmp_path)
+    assert len(list((tmp_path / "val").iterdir())) == 8

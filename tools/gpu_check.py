@@ -190,10 +190,11 @@ def lever_steps(py: str) -> list[Step]:
 
 
 def shapes_data(py: str) -> list[list[str]]:
-    """The command writing the built-in data set (as `make demo` does), unless it is there already."""
+    """The command writing the built-in data set (as `make demo` does), unless it is there already (--force: a killed
+    run may have left its train split alone)."""
     if (ROOT / "data" / "shapes" / "annotations" / "instances_val.json").is_file():
         return []
-    return [[py, "-m", "datasets.shapes", "--out", "data/shapes"]]
+    return [[py, "-m", "datasets.shapes", "--out", "data/shapes", "--force"]]
 
 
 def missing_modules(names: list[str]) -> list[str]:
