@@ -460,3 +460,18 @@ def test_a_subfolder_and_a_symlink_to_an_image_load_but_a_device_is_not_read(tmp
     assert ds.load(0)[0].shape == ds.load(1)[0].shape == (80, 100, 3)
     with pytest.raises(DataError, match=r"device\.png: a device or socket, not an image file"):
         ds.load(2)
+
+
+def test_an_image_path_the_system_cannot_open_is_named(tmp_path):
+    """Errors of the operating system other than a missing file were OSError tracebacks, in the loader and in
+    datasets.check (permission denied too, which tests running as root cannot make)."""
+    data = coco_dict()
+    data["images"] = [{"id": 1, "file_name": "1.png/x.png"}, {"id": 2, "file_name": "a" * 300 + ".png"},
+                      {"id": 3, "file_name": "loop.png"}]
+    write_set(tmp_path, data, {"1.png": image()})
+    (tmp_path / "train" / "loop.png").symlink_to("loop.png")
+    ds = CocoDetection(tmp_path, "train", train=False)
+    for i, reason in enumerate(["Not a directory", "File name too long", "Too many levels of symbolic links"]):
+        with pytest.raises(DataError, match=f"train/{data['images'][i]['file_name']}: cannot read the image "
+                                            rf"\({reason}\)"):
+            ds.load(i)
