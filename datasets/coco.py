@@ -14,10 +14,11 @@ the evaluation server instead of scoring them.
   inside the image folder: relative, without '..'), annotations `image_id`, `category_id` and a `bbox` of 4 finite
   numbers, categories `id` and `name`; ids are unique and every annotation refers to a listed image and category.
   Filled in when absent: annotation `id` (numbered after the largest given), `iscrowd` (0) and `area` (w * h).
-- Checked when an item is read (the error names the image file): the file exists, is no device or socket (a
-  symbolic link to /dev/zero would be read until the memory runs out; a named pipe is read), decodes (a truncated JPEG does not) and has the json's `width` and `height`
-  when those are given (of the upright image: when EXIF turns a photo by 90 degrees and the json has its stored
-  size, the error says so). Grayscale, RGBA and 16-bit images are read as 8-bit BGR (see datasets/image_io.py).
+- Checked when an item is read (the error names the image file): the file exists, can be opened, is no device or
+  socket (a symbolic link to /dev/zero would be read until the memory runs out; a named pipe is read), decodes (a
+  truncated JPEG does not) and has the json's `width` and `height` when those are given (of the upright image: when
+  EXIF turns a photo by 90 degrees and the json has its stored size, the error says so). Grayscale, RGBA and 16-bit
+  images are read as 8-bit BGR (see datasets/image_io.py).
 
 A training item is the dict of docs/FORMAT.md (normalised image and triplet targets); an evaluation item is
 dict(image_id=int, inputs=[(images (1 or 2, 3, H_in, W_in), EvalMeta) for each test scale]).
@@ -47,6 +48,8 @@ def read_json(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
             data = json.load(f)
+    except OSError as e:  # permission denied
+        raise DataError(f"{path}: cannot read the annotation file ({e.strerror or e})") from None
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: invalid json (not UTF-8 text): {e}") from None
     # JSONDecodeError, and an integer of more digits than Python converts (4300), are ValueErrors; lists or objects
@@ -226,11 +229,14 @@ def split_files(root: Path, split: str) -> tuple[Path, Path]:
     annotations image_info_{split}.json, and COCO's test-dev images in test2017/ (test-dev is a subset of test)."""
     ann_file = root / "annotations" / f"instances_{split}.json"
     info_file = root / "annotations" / f"image_info_{split}.json"
-    if not ann_file.is_file() and info_file.is_file():
-        ann_file = info_file
     img_dir = root / split
-    if not img_dir.is_dir() and split.startswith("test-dev"):
-        img_dir = root / split.replace("test-dev", "test", 1)
+    try:
+        if not ann_file.is_file() and info_file.is_file():
+            ann_file = info_file
+        if not img_dir.is_dir() and split.startswith("test-dev"):
+            img_dir = root / split.replace("test-dev", "test", 1)
+    except OSError as e:  # a split name too long for the file system, a folder without permission
+        raise DataError(f"{ann_file}: cannot look for the files of split {split[:40]!r} ({e.strerror or e})") from None
     return ann_file, img_dir
 
 

@@ -174,3 +174,11 @@ def test_a_file_name_outside_the_image_folder_is_reported_once_and_not_read(tmp_
     assert check_split(tmp_path, "train", progress=False) == [
         f"{ann_file}: images[0].file_name is '../outside.png', expected a path inside the image folder (relative, "
         "without '..')"]
+
+
+def test_a_split_name_too_long_for_the_file_system_is_an_error_not_a_traceback(tmp_path, capsys):
+    (tmp_path / "annotations").mkdir()
+    assert main(["--data_dir", str(tmp_path), "--split", "a" * 300]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path}/annotations/instances_{'a' * 300}.json: cannot look for the files of "
+                          f"split '{'a' * 40}' (File name too long)")
