@@ -472,6 +472,6 @@ def test_an_image_path_the_system_cannot_open_is_named(tmp_path):
     (tmp_path / "train" / "loop.png").symlink_to("loop.png")
     ds = CocoDetection(tmp_path, "train", train=False)
     for i, reason in enumerate(["Not a directory", "File name too long", "Too many levels of symbolic links"]):
-        with pytest.raises(DataError, match=f"train/{data['images'][i]['file_name']}: cannot read the image "
+        with pytest.raises(DataError, match=f"train/{data['images'][i]['file_name']}: cannot read the image file "
                                             rf"\({reason}\)"):
             ds.load(i)
