@@ -27,8 +27,8 @@ if __package__ in (None, ""):  # run as a script from anywhere: import the repo,
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from utils.checks import check_number
-from utils.errors import ArgumentError, UserError, WriteError, run_cli
-from utils.files import make_folder, write_json
+from utils.errors import ArgumentError, run_cli
+from utils.files import make_folder, write_coco_split
 
 CLASSES = ("rectangle", "ellipse", "triangle", "cross")
 MAX_SIDE = 4096  # pixels: an image side of 10^5 asked OpenCV for 120 GB
@@ -130,37 +130,22 @@ def write_split(out: Path, split: str, num_images: int, seed: int, cfg: ShapesCo
     """Writes the images of `split` (replacing the folder out/split once all are written) and its annotation json;
     returns the json dict."""
     rng = np.random.default_rng([seed, {"train": 0, "val": 1}.get(split, 2)])
-    folder, tmp = out / split, out / f".{split}.tmp"
-    images, annotations = [], []
-    renamed = False
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run
-        tmp.mkdir(parents=True)
+
+    def fill(folder: Path) -> dict:
+        images, annotations = [], []
         for i in range(num_images):
             img, objects = make_image(rng, cfg)
             name = f"{i + 1:06d}.jpg"
-            (tmp / name).write_bytes(cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, cfg.jpeg_quality])[1])
+            (folder / name).write_bytes(cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, cfg.jpeg_quality])[1])
             images.append({"id": i + 1, "file_name": name, "width": img.shape[1], "height": img.shape[0]})
             for cls, box in objects:
                 annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": cls + 1,
                                     "bbox": box, "area": box[2] * box[3], "iscrowd": 0})
-        data = {"info": {"description": f"centernet47 built-in shapes, {split}, seed {seed}", "config": vars(cfg)},
+        return {"info": {"description": f"centernet47 built-in shapes, {split}, seed {seed}", "config": vars(cfg)},
                 "licenses": [], "images": images, "annotations": annotations,
                 "categories": [{"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(CLASSES)]}
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-        renamed = True
-        write_json(out / "annotations" / f"instances_{split}.json", data)
-    except BaseException as error:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if renamed:  # without its json
-            shutil.rmtree(folder, ignore_errors=True)
-        # cv2.imwrite returned False on a full disk, which left the set short of images without a word.
-        if isinstance(error, OSError) and not isinstance(error, UserError):
-            raise WriteError(f"cannot write split {split!r} into {out}: {error.strerror or error}") from error
-        raise
-    return data
+
+    return write_coco_split(out, split, fill, replace=True)
 
 
 def get_args_parser() -> argparse.ArgumentParser:

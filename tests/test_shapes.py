@@ -133,14 +133,14 @@ def test_out_that_is_a_file_or_holds_a_data_set_is_refused_unless_force(tmp_path
 def test_a_failed_write_leaves_no_split_and_the_command_runs_again(tmp_path, monkeypatch):
     """A full disk while writing val (cv2.imwrite only returned False on it): no split stays, neither train nor a
     short val, so the same command does not refuse to run again."""
-    import datasets.shapes as shapes
-    real = shapes.write_json
+    import utils.files
+    real = utils.files.write_json
 
     def full(path, obj):
         if "val" in str(path):
             raise WriteError(f"cannot write {path}: no space left on device (nothing was written)")
         real(path, obj)
-    monkeypatch.setattr(shapes, "write_json", full)
+    monkeypatch.setattr(utils.files, "write_json", full)
     with pytest.raises(WriteError, match="no space left"):
         generate(tmp_path)
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["annotations"]

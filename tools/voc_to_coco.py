@@ -21,8 +21,8 @@ from pathlib import Path
 from xml.parsers import expat
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: import the repo
-from utils.errors import ArgumentError, DataError, MissingFileError, UserError, WriteError, run_cli
-from utils.files import make_folder, write_json
+from utils.errors import ArgumentError, DataError, MissingFileError, run_cli
+from utils.files import make_folder, write_coco_split
 
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
                "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
@@ -203,30 +203,18 @@ def main(args: argparse.Namespace) -> None:
 
 
 def write_split(voc_dir: Path, out: Path, split: str, names: list[str], data: dict, copy: bool) -> None:
-    """Links (or copies) the images `names` into out/<split>/ and writes `data` as its json. The images go to a
-    hidden folder first, renamed when complete, so that a failure part-way (a full disk) leaves neither the folder
-    nor the json, and the same command can be run again."""
-    folder, tmp = out / split, out / f".{split}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run
-    renamed = False
-    try:
-        tmp.mkdir()
+    """Links (or copies) the images `names` into out/<split>/ and writes `data` as its json (utils.files
+    .write_coco_split: a failure part-way leaves neither, and the same command can be run again)."""
+    def fill(folder: Path) -> dict:
         for name in names:
-            src, dst = (voc_dir / "JPEGImages" / f"{name}.jpg").absolute(), tmp / f"{name}.jpg"
+            src, dst = (voc_dir / "JPEGImages" / f"{name}.jpg").absolute(), folder / f"{name}.jpg"
             if copy:
                 shutil.copy2(src, dst)
             else:
                 dst.symlink_to(src)
-        tmp.rename(folder)
-        renamed = True
-        write_json(out / "annotations" / f"instances_{split}.json", data)
-    except BaseException as error:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if renamed:  # ours, without its json; a folder made by someone else since main's check stays
-            shutil.rmtree(folder, ignore_errors=True)
-        if isinstance(error, OSError) and not isinstance(error, UserError):
-            raise WriteError(f"cannot write split {split!r} into {out}: {error.strerror or error}") from error
-        raise
+        return data
+
+    write_coco_split(out, split, fill)
 
 
 if __name__ == "__main__":

@@ -12,11 +12,12 @@ import errno
 import glob
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import IO, Callable
 
-from utils.errors import WriteError
+from utils.errors import UserError, WriteError
 
 
 def _os_error(error: BaseException) -> OSError | None:
@@ -134,3 +135,30 @@ def remove_dead_temporaries(path: str | Path) -> list[Path]:
             p.unlink(missing_ok=True)
             stale.append(p)
     return stale
+
+
+def write_coco_split(out: Path, split: str, fill: Callable[[Path], dict], replace: bool = False) -> dict:
+    """A data set split in COCO layout, written so that a failure part-way (a full disk, a kill) leaves neither its
+    image folder out/<split> nor its json: `fill(folder)` puts the images in a hidden folder and returns the json
+    dict, the folder is renamed to out/<split> (replacing one there only when `replace`: the rename fails on a
+    folder of files) and annotations/instances_<split>.json written. Returns the json dict; an OSError is a
+    WriteError naming the split."""
+    folder, tmp = out / split, out / f".{split}.tmp"
+    renamed = False
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run
+        tmp.mkdir(parents=True)
+        data = fill(tmp)
+        if replace and folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+        renamed = True
+        write_json(out / "annotations" / f"instances_{split}.json", data)
+    except BaseException as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if renamed:  # ours, without its json; a folder made by someone else after the caller's checks stays
+            shutil.rmtree(folder, ignore_errors=True)
+        if isinstance(error, OSError) and not isinstance(error, UserError):
+            raise WriteError(f"cannot write split {split!r} into {out}: {error.strerror or error}") from error
+        raise
+    return data
