@@ -75,6 +75,8 @@ def list_images(source: Path) -> list[Path]:
     if source.is_file():
         return [source]
     if not source.is_dir():
+        if source.exists():  # a named pipe, a device, a socket
+            raise UserError(f"--images {source}: neither a regular file nor a folder")
         raise MissingFileError(f"--images {source}: no such file or folder")
     files = sorted(p for p in source.iterdir() if p.is_file())
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]

@@ -24,6 +24,9 @@ from utils.files import atomic_write
 # The most pixels an image file may decode to (3 bytes each: 384 MiB), checked from its header: a 108-megapixel
 # photo fits, a decompression bomb does not.
 MAX_IMAGE_PIXELS = 2**27
+# The largest image file read (1 GiB: MAX_IMAGE_PIXELS pixels of uncompressed 16-bit RGBA), checked before it is
+# read whole into memory.
+MAX_IMAGE_FILE_BYTES = 8 * MAX_IMAGE_PIXELS
 _FLAGS = cv2.IMREAD_COLOR  # which applies the EXIF orientation (IMREAD_UNCHANGED would not)
 # The file name endings of the formats cv2.imread documents (those missing from a given OpenCV build are reported
 # as undecodable when read), and .jfif, another ending of JPEG files (imread goes by the content, not the name).
@@ -110,7 +113,8 @@ def _tiff_orientation(tiff: bytes) -> int:
 
 def load_image(path: str | Path) -> np.ndarray:
     """(H, W, 3) uint8 BGR image at `path`; MissingFileError, or DataError naming the file and the reason otherwise:
-    a folder, a device or socket (a FIFO is read, blocking until it is written), unreadable (permission),
+    a folder, a device or socket (a FIFO is read, blocking until it is written), a file over MAX_IMAGE_FILE_BYTES,
+    unreadable (permission),
     not decodable, or of more than MAX_IMAGE_PIXELS pixels by its header (checked before any pixel is decoded: a
     PNG of a few hundred KB can hold 20000 x 20000 zeros, gigabytes decoded)."""
     path = Path(path)
@@ -121,6 +125,9 @@ def load_image(path: str | Path) -> np.ndarray:
         # `cat` reads one: a test holds a loader worker on one (tests/test_faults.py).
         if path.is_char_device() or path.is_block_device() or path.is_socket():
             raise DataError(f"{path}: a device or socket, not an image file")
+        if path.is_file() and path.stat().st_size > MAX_IMAGE_FILE_BYTES:
+            raise DataError(f"{path}: a file of {path.stat().st_size} bytes, more than the {MAX_IMAGE_FILE_BYTES} an "
+                            "image file is read with (that of the largest image read, uncompressed)")
         data = path.read_bytes()
     except FileNotFoundError:
         raise MissingFileError(f"{path}: image file not found") from None

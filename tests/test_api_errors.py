@@ -205,10 +205,16 @@ def png_header_only(path: Path, width: int, height: int) -> Path:
 
 def test_image_files_that_would_fill_the_memory_or_block_are_refused(tmp_path, monkeypatch):
     """A 20000 x 20000 PNG is refused from its header (decoded, it took 2.9 GB of memory before the network saw
-    it); a device is refused before it is opened (/dev/zero would be read until the memory runs out); a file the
-    process may not read is a DataError naming it (it was a PermissionError traceback)."""
+    it); a device, or a file over 1 GiB, is refused before it is read (/dev/zero would be read until the memory
+    runs out, the file whole into memory); a file the process may not read is a DataError naming it (it was a
+    PermissionError traceback)."""
     with pytest.raises(DataError, match=r"bomb\.png: the image has 400000000 pixels by its header"):
         load_image(png_header_only(tmp_path / "bomb.png", 20000, 20000))
+    huge = tmp_path / "huge.png"
+    with open(huge, "wb") as f:
+        f.truncate(2**30 + 1)  # sparse: nothing written, 1 GiB read
+    with pytest.raises(DataError, match=r"huge\.png: a file of 1073741825 bytes, more than the 1073741824"):
+        load_image(huge)
     device = tmp_path / "zero.png"
     device.symlink_to("/dev/zero")
     with pytest.raises(DataError, match=r"zero\.png: a device or socket, not an image file"):

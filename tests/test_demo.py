@@ -194,6 +194,9 @@ def test_a_failed_write_stops_with_the_file_and_keeps_the_detections(ckpt, tmp_p
 def test_errors_name_the_problem(ckpt, tmp_path):
     with pytest.raises(MissingFileError, match="no such file or folder"):
         run(ckpt, tmp_path / "nowhere", tmp_path / "out")
+    os.mkfifo(tmp_path / "pipe")  # it exists: "no such file" was wrong
+    with pytest.raises(UserError, match=f"--images {tmp_path / 'pipe'}: neither a regular file nor a folder"):
+        run(ckpt, tmp_path / "pipe", tmp_path / "out")
     onnx_file = tmp_path / "model.onnx"
     onnx_file.write_bytes(b"")
     with pytest.raises(UserError, match=f"--ckpt {onnx_file} is an ONNX file; pass it as --onnx {onnx_file}"):
