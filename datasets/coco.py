@@ -115,13 +115,18 @@ def is_file_name(value) -> bool:
     return bool(path.parts) and not path.is_absolute() and ".." not in path.parts
 
 
+def shortened(value, width: int) -> str:
+    """repr(value), cut to `width` characters with "..." (a 5000-digit id would fill the screen)."""
+    text = repr(value)
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
 def _unique_ids(items: list[dict], key: str, path: Path, problems: list[str]) -> set:
     seen = set()
     for i, item in enumerate(items):
         v = item["id"]
         if not is_id(v):
-            shown = repr(v) if len(repr(v)) <= 40 else repr(v)[:37] + "..."
-            problems.append(f"{path}: {key}[{i}].id must be an integer of 64 bits, got {shown}")
+            problems.append(f"{path}: {key}[{i}].id must be an integer of 64 bits, got {shortened(v, 40)}")
         elif v in seen:
             problems.append(f"{path}: {key} id {v} appears more than once")
         else:
@@ -143,9 +148,8 @@ def coco_problems(data: dict, path: Path, require_annotations: bool = True) -> l
     image_ids = _unique_ids(images, "images", path, problems)
     for i, im in enumerate(images):
         if not is_file_name(im["file_name"]):
-            shown = repr(im["file_name"]) if len(repr(im["file_name"])) <= 80 else repr(im["file_name"])[:77] + "..."
-            problems.append(f"{path}: images[{i}].file_name is {shown}, expected a path inside the image folder "
-                            "(relative, without '..')")
+            problems.append(f"{path}: images[{i}].file_name is {shortened(im['file_name'], 80)}, expected a path "
+                            "inside the image folder (relative, without '..')")
         for k in ("width", "height"):
             v = im.get(k, 1)
             if not is_size(v):
