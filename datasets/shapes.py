@@ -15,8 +15,8 @@ removes the splits this run wrote, so that the same command runs again.
 """
 import argparse
 import math
-import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +28,7 @@ if __package__ in (None, ""):  # run as a script from anywhere: import the repo,
 
 from utils.checks import check_number
 from utils.errors import ArgumentError, run_cli
-from utils.files import make_folder, write_coco_split
+from utils.files import make_folder, write_coco_split, write_coco_splits
 
 CLASSES = ("rectangle", "ellipse", "triangle", "cross")
 MAX_SIDE = 4096  # pixels: an image side of 10^5 asked OpenCV for 120 GB
@@ -126,9 +126,9 @@ def make_image(rng: np.random.Generator, cfg: ShapesConfig) -> tuple[np.ndarray,
     return img, objects
 
 
-def write_split(out: Path, split: str, num_images: int, seed: int, cfg: ShapesConfig) -> dict:
-    """Writes the images of `split` (replacing the folder out/split once all are written) and its annotation json;
-    returns the json dict."""
+def split_filler(split: str, num_images: int, seed: int, cfg: ShapesConfig) -> Callable[[Path], dict]:
+    """The `fill` of utils.files.write_coco_split for `split`: it draws the images into the folder it is given and
+    returns their annotation json."""
     rng = np.random.default_rng([seed, {"train": 0, "val": 1}.get(split, 2)])
 
     def fill(folder: Path) -> dict:
@@ -145,7 +145,13 @@ def write_split(out: Path, split: str, num_images: int, seed: int, cfg: ShapesCo
                 "licenses": [], "images": images, "annotations": annotations,
                 "categories": [{"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(CLASSES)]}
 
-    return write_coco_split(out, split, fill, replace=True)
+    return fill
+
+
+def write_split(out: Path, split: str, num_images: int, seed: int, cfg: ShapesConfig) -> dict:
+    """Writes the images of `split` (replacing the folder out/split once all are written) and its annotation json;
+    returns the json dict."""
+    return write_coco_split(out, split, split_filler(split, num_images, seed, cfg), replace=True)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -183,17 +189,9 @@ def main(args: argparse.Namespace) -> None:
     if existing and not args.force:
         raise ArgumentError(f"{existing[0]} exists: {out} already holds a data set; --force replaces its train and "
                             "val splits, or choose another --out")
-    written = []
-    try:
-        for split, n in splits:
-            data = write_split(out, split, n, args.seed, cfg)
-            written.append(split)
-            print(f"{out / split}: {len(data['images'])} images, {len(data['annotations'])} shapes")
-    except BaseException:  # both splits or neither: one alone would make the same command refuse to run again
-        for split in written:
-            shutil.rmtree(out / split, ignore_errors=True)
-            (out / "annotations" / f"instances_{split}.json").unlink(missing_ok=True)
-        raise
+    fills = {split: split_filler(split, n, args.seed, cfg) for split, n in splits}
+    write_coco_splits(out, fills, replace=True, report=lambda split, data: print(
+        f"{out / split}: {len(data['images'])} images, {len(data['annotations'])} shapes"))
 
 
 if __name__ == "__main__":

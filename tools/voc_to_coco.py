@@ -17,12 +17,13 @@ import shutil
 import stat
 import sys
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from pathlib import Path
 from xml.parsers import expat
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: import the repo
 from utils.errors import ArgumentError, DataError, MissingFileError, run_cli
-from utils.files import make_folder, write_coco_split
+from utils.files import make_folder, write_coco_splits
 
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
                "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
@@ -187,24 +188,15 @@ def main(args: argparse.Namespace) -> None:
     classes = choose_classes({o[0] for items in splits.values() for _, a in items for o in a["objects"]},
                              args.classes)
     make_folder(out, "--out")
-    written = []
-    try:
-        for split, items in splits.items():
-            data = to_coco(items, classes, args.keep_difficult)
-            write_split(voc_dir, out, split, [name for name, _ in items], data, args.copy)
-            written.append(split)
-            print(f"{out / split}: {len(data['images'])} images, {len(data['annotations'])} objects, "
-                  f"{len(classes)} classes")
-    except BaseException:  # all splits or none: the splits written would make the same command refuse to run again
-        for split in written:
-            shutil.rmtree(out / split, ignore_errors=True)
-            (out / "annotations" / f"instances_{split}.json").unlink(missing_ok=True)
-        raise
+    fills = {split: image_filler(voc_dir, [name for name, _ in items], to_coco(items, classes, args.keep_difficult),
+                                 args.copy) for split, items in splits.items()}
+    write_coco_splits(out, fills, report=lambda split, data: print(
+        f"{out / split}: {len(data['images'])} images, {len(data['annotations'])} objects, {len(classes)} classes"))
 
 
-def write_split(voc_dir: Path, out: Path, split: str, names: list[str], data: dict, copy: bool) -> None:
-    """Links (or copies) the images `names` into out/<split>/ and writes `data` as its json (utils.files
-    .write_coco_split: a failure part-way leaves neither, and the same command can be run again)."""
+def image_filler(voc_dir: Path, names: list[str], data: dict, copy: bool) -> Callable[[Path], dict]:
+    """The `fill` of utils.files.write_coco_split for a split of images `names` and json `data`: it links (or
+    copies) the images into the folder it is given and returns `data`."""
     def fill(folder: Path) -> dict:
         for name in names:
             src, dst = (voc_dir / "JPEGImages" / f"{name}.jpg").absolute(), folder / f"{name}.jpg"
@@ -214,8 +206,7 @@ def write_split(voc_dir: Path, out: Path, split: str, names: list[str], data: di
                 dst.symlink_to(src)
         return data
 
-    write_coco_split(out, split, fill)
-
+    return fill
 
 if __name__ == "__main__":
     run_cli(main, get_args_parser().parse_args())

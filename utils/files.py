@@ -162,3 +162,21 @@ def write_coco_split(out: Path, split: str, fill: Callable[[Path], dict], replac
             raise WriteError(f"cannot write split {split!r} into {out}: {error.strerror or error}") from error
         raise
     return data
+
+
+def write_coco_splits(out: Path, fills: dict[str, Callable[[Path], dict]], replace: bool = False,
+                      report: Callable[[str, dict], None] = lambda split, data: None) -> None:
+    """Each split of `fills` (its name: its `fill`) written in turn by `write_coco_split`, `report(split, data)`
+    called after each; all or none: a failure removes the splits already written, which would make the same
+    command refuse to run again."""
+    written = []
+    try:
+        for split, fill in fills.items():
+            data = write_coco_split(out, split, fill, replace)
+            written.append(split)
+            report(split, data)
+    except BaseException:
+        for split in written:
+            shutil.rmtree(out / split, ignore_errors=True)
+            (out / "annotations" / f"instances_{split}.json").unlink(missing_ok=True)
+        raise
