@@ -10,6 +10,7 @@ otherwise decode with gray rows at the bottom) is an error. `exif_orientation` r
 for. Drawn images are written here too (`write_image`)."""
 import io
 import re
+import stat
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -119,14 +120,15 @@ def load_image(path: str | Path) -> np.ndarray:
     PNG of a few hundred KB can hold 20000 x 20000 zeros, gigabytes decoded)."""
     path = Path(path)
     try:
-        if path.is_dir():
+        status = path.stat()  # one look at what the path is, behind any symbolic link
+        if stat.S_ISDIR(status.st_mode):
             raise DataError(f"{path} is a folder, not an image file")
         # /dev/zero (behind a symbolic link, say) would be read until the memory runs out. A named pipe is read, as
         # `cat` reads one: a test holds a loader worker on one (tests/test_faults.py).
-        if path.is_char_device() or path.is_block_device() or path.is_socket():
+        if stat.S_ISCHR(status.st_mode) or stat.S_ISBLK(status.st_mode) or stat.S_ISSOCK(status.st_mode):
             raise DataError(f"{path}: a device or socket, not an image file")
-        if path.is_file() and path.stat().st_size > MAX_IMAGE_FILE_BYTES:
-            raise DataError(f"{path}: a file of {path.stat().st_size} bytes, more than the {MAX_IMAGE_FILE_BYTES} an "
+        if stat.S_ISREG(status.st_mode) and status.st_size > MAX_IMAGE_FILE_BYTES:
+            raise DataError(f"{path}: a file of {status.st_size} bytes, more than the {MAX_IMAGE_FILE_BYTES} an "
                             "image file is read with (that of the largest image read, uncompressed)")
         data = path.read_bytes()
     except FileNotFoundError:
