@@ -174,7 +174,7 @@ def network_for(model, device: torch.device, amp: bool = False):
 
 
 @torch.no_grad()
-def detect(model, inputs: list, cfg: InferenceConfig, device: torch.device, amp: bool = False) -> np.ndarray:
+def detect(model, inputs: list, cfg: InferenceConfig, device: torch.device, amp: bool | str = False) -> np.ndarray:
     """One eval sample's `inputs` ([(images (1 or 2, 3, H, W), meta) per test scale], image 1 flipped) ->
     (M, 6) float32 x1 y1 x2 y2 score label in original-image pixels, best first. `model` maps an image batch to
     the eval-mode output dict of docs/FORMAT.md. The centers come from the scale-1 inputs (or, without scale 1,
@@ -184,7 +184,7 @@ def detect(model, inputs: list, cfg: InferenceConfig, device: torch.device, amp:
 
 @torch.no_grad()
 def detect_batch(model, samples: list[list], cfg: InferenceConfig, device: torch.device,
-                 amp: bool = False) -> list[np.ndarray]:
+                 amp: bool | str = False) -> list[np.ndarray]:
     """`detect` for several samples at once (frames of a video, photos of one size): their inputs at each test
     scale must have the same shape; one forward per scale on the batch of all their images. One (M, 6) array per
     sample, as `detect` gives for it alone (up to the rounding of a batched convolution)."""
@@ -193,7 +193,8 @@ def detect_batch(model, samples: list[list], cfg: InferenceConfig, device: torch
     boxes, centers = [[] for _ in samples], [[] for _ in samples]
     for scale_inputs in zip(*samples):  # [(images, meta) of each sample] at one test scale
         images = torch.cat([im for im, _ in scale_inputs])
-        with autocast(device, amp and not isinstance(model, PreparedNetwork)):  # a prepared one has its dtype
+        # A prepared network has its dtype; otherwise `amp` as given: train.py validates with its --amp_dtype.
+        with autocast(device, False if isinstance(model, PreparedNetwork) else amp):
             out = model(images.to(device, non_blocking=True))
         dets, points = decode(out, topk=cfg.topk, ae_threshold=cfg.ae_threshold, num_dets=cfg.num_dets,
                               kernel=cfg.kernel)
@@ -243,7 +244,7 @@ class EvaluationStopped(Exception):
 
 
 def detect_dataset(model, dataset, cfg: InferenceConfig, device: torch.device, num_workers: int = 2,
-                   amp: bool = False, progress: bool = True, stop=None) -> dict[int, np.ndarray]:
+                   amp: bool | str = False, progress: bool = True, stop=None) -> dict[int, np.ndarray]:
     """{image_id: (M, 6)} over the whole `dataset`; each process runs every world_size-th image and the results
     of all processes are gathered into every one of them. `stop` (a callable, or None) is asked before each image;
     once it is true the process stops, and EvaluationStopped is raised on every process at the gathering, which
@@ -275,8 +276,9 @@ def detect_dataset(model, dataset, cfg: InferenceConfig, device: torch.device, n
     return {image_id: dets for part, _, _ in parts for image_id, dets in part.items()}
 
 
-def evaluate(model, dataset, cfg: InferenceConfig, device: torch.device, num_workers: int = 2, amp: bool = False,
-             out_json=None, progress: bool = True, backend: str = "pycocotools", stop=None) -> dict:
+def evaluate(model, dataset, cfg: InferenceConfig, device: torch.device, num_workers: int = 2,
+             amp: bool | str = False, out_json=None, progress: bool = True, backend: str = "pycocotools",
+             stop=None) -> dict:
     """Detects over `dataset` and scores with `backend` (datasets/coco_eval.py) on the main process (which prints
     the tables and writes `out_json` when given); every process returns the metrics dict of `evaluate_detections`.
     `stop`: see `detect_dataset`."""

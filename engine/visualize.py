@@ -25,7 +25,7 @@ def draw(image: np.ndarray, dets: np.ndarray, class_names: list[str]) -> np.ndar
 
 
 def val_images(model, dataset: Dataset, cfg: InferenceConfig, device: torch.device, count: int = 4,
-               score_thresh: float = 0.3, amp: bool = False) -> list[np.ndarray]:
+               score_thresh: float = 0.3, amp: bool | str = False) -> list[np.ndarray]:
     """The first `count` images of an evaluation CocoDetection, (H, W, 3) uint8 RGB, with the true boxes in thin
     green lines and the detections scoring at least `score_thresh` drawn by `draw`."""
     was_training = model.training

@@ -183,3 +183,30 @@ def test_a_checkpoint_that_does_not_fit_its_network_is_refused_with_numbers(tmp_
         save_checkpoint(path, {"model": model.state_dict(), "args": args, **entries})
         with pytest.raises(CheckpointError, match=message):
             Detector.from_checkpoint(path, device="cpu")
+
+
+@pytest.mark.parametrize("amp, dtype", [(False, None), (True, torch.float16), ("fp16", torch.float16),
+                                        ("bf16", torch.bfloat16)])
+def test_detection_autocasts_to_the_amp_dtype_it_is_given(monkeypatch, amp, dtype):
+    """train.py validates with its --amp_dtype ("bf16" on CUDA must stay bf16: a network trained in bf16 may
+    overflow fp16's range). The autocast call is recorded by the dtype it would pick on a GPU."""
+    import engine.inference
+    from datasets.transforms import eval_input
+    from utils.device import amp_dtype
+
+    picked = []
+
+    def recording_autocast(device, amp):
+        picked.append(amp_dtype(torch.device("cuda"), amp))
+        return torch.autocast("cpu", enabled=False)
+
+    def network(images):  # an eval dict of zeros: no detection, which is not what this test is about
+        n, _, h, w = images.shape
+        channels = {"hm_tl": 1, "hm_br": 1, "hm_ct": 1, "emb_tl": 1, "emb_br": 1, "off_tl": 2, "off_br": 2,
+                    "off_ct": 2}
+        return {k: torch.zeros(n, c, (h + 1) // 4, (w + 1) // 4) for k, c in channels.items()}
+
+    monkeypatch.setattr(engine.inference, "autocast", recording_autocast)
+    inputs = [eval_input(np.zeros((40, 50, 3), np.uint8), 1.0, True)]
+    assert detect(network, inputs, official_config(1), CPU, amp).shape == (0, 6)
+    assert picked == [dtype]
