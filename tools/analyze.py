@@ -74,7 +74,7 @@ def ap50(gt: dict, results: list[dict]) -> tuple[float, COCOeval]:
     return (float(valid.mean()) if valid.size else 0.0), e
 
 
-def classify_errors(gt: dict, results: list[dict], e: COCOeval) -> tuple[dict, dict]:
+def classify_errors(gt: dict, e: COCOeval) -> tuple[dict, dict]:
     """({result index: (kind, target ground-truth id or None)} for unmatched detections,
     {ground-truth id: "matched" | "missed" | "target"})."""
     gt_by_image: dict[int, list[dict]] = {}
@@ -134,7 +134,7 @@ def fixed(kind: str, gt: dict, results: list[dict], errors: dict, status: dict) 
 def breakdown(gt: dict, results: list[dict]) -> tuple[float, dict[str, tuple[int, float]], dict, dict]:
     """(base AP50, {kind: (count, AP50 gained if fixed)}, errors, ground-truth status) as above."""
     base, e = ap50(gt, results)
-    errors, status = classify_errors(gt, results, e)
+    errors, status = classify_errors(gt, e)
     table = {}
     for kind in KINDS:
         count = sum(s == "missed" for s in status.values()) if kind == "missed" else \
