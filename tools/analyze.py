@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import io
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.cocoeval import COCOeval
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: import the repo
-from datasets.coco import check_coco_dict, coco_from_dict, is_id, read_json, split_files
+from datasets.coco import check_coco_dict, coco_from_dict, is_box, is_finite_number, is_id, read_json, split_files
 from datasets.coco_eval import (ALL_METRIC_NAMES, ANALYSIS_DRAWING, FD_NAMES, METRIC_NAMES, analysis_folder,
                                  load_results, results_of_metrics)
 from datasets.image_io import load_image
@@ -223,8 +222,8 @@ def read_input(path: Path) -> tuple[Path, object, dict | None]:
     if not (isinstance(content, dict) and set(ALL_METRIC_NAMES) <= set(content)):
         raise DataError(f"{path} is neither a COCO results json (a list of detections) nor test.py's metrics json "
                         f"(an object of {', '.join(ALL_METRIC_NAMES)})")
-    wrong = next((name for name in ALL_METRIC_NAMES if not (is_number(content[name]) or
-                                                          (name in FD_NAMES and content[name] is None))), None)
+    wrong = next((name for name in ALL_METRIC_NAMES if not (is_finite_number(content[name]) or
+                                                            (name in FD_NAMES and content[name] is None))), None)
     if wrong:
         raise DataError(f"{path}: {wrong} is {content[wrong]!r}, where test.py's metrics json holds a number"
                         + (" or null" if wrong in FD_NAMES else ""))
@@ -244,22 +243,13 @@ def format_metrics(metrics: dict) -> str:
     return f"{coco}\n{fd} (percent)"
 
 
-def is_number(value) -> bool:
-    """A finite int or float; an int too large for a float (10**400) is not."""
-    try:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    except OverflowError:
-        return False
-
-
 def check_results(results, path: Path, gt: dict) -> list[dict]:
     images, cats = {im["id"] for im in gt["images"]}, {c["id"] for c in gt["categories"]}
     for i, r in enumerate(results if isinstance(results, list) else [None]):
         if not isinstance(r, dict) or not {"image_id", "category_id", "bbox", "score"} <= set(r):
             raise DataError(f"{path}: entry {i} is not {{image_id, category_id, bbox, score}}")
         box, score = r["bbox"], r["score"]
-        if (not isinstance(box, list) or len(box) != 4 or not all(is_number(v) for v in box) or box[2] < 0
-                or box[3] < 0 or not is_number(score)):
+        if not is_box(box) or box[2] < 0 or box[3] < 0 or not is_finite_number(score):
             raise DataError(f"{path}: entry {i} has bbox {box!r} and score {score!r}; expected [x, y, width, height] "
                             "(4 finite numbers, width and height at least 0) and a finite number")
         if not (is_id(r["image_id"]) and is_id(r["category_id"])) or r["image_id"] not in images \
