@@ -65,7 +65,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--topk", type=int, default=DEFAULTS.topk,
                    help=f"corners and centers kept per heatmap (at most {MAX_TOPK})")
     p.add_argument("--ae_threshold", type=float, default=DEFAULTS.ae_threshold, help="max embedding distance")
-    p.add_argument("--nms_threshold", type=float, default=DEFAULTS.nms_threshold, help="soft-NMS Nt")
+    p.add_argument("--nms_threshold", type=float, default=DEFAULTS.nms_threshold,
+                   help="soft-NMS Nt, which only hard and linear soft-NMS use: the gaussian soft-NMS run here (the "
+                        "official method) ignores it")
     p.add_argument("--weight_exp", "--w_exp", type=float, default=DEFAULTS.weight_exp,
                    help="soft-NMS box-merge weight exponent")
     p.add_argument("--merge", default="auto", choices=["auto", "on", "off"],
