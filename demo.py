@@ -59,7 +59,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     source.add_argument("--video", help="a video file")
     p.add_argument("--out", required=True, help="output folder (--images) or video file (--video)")
     p.add_argument("--batch_size", type=int, default=4, help="images or frames per forward")
-    p.add_argument("--score_thresh", type=float, default=0.3, help="draw and save detections above this score")
+    p.add_argument("--score_thresh", type=float, default=0.3, help="draw and save detections scoring at least this")
     p.add_argument("--test_flip", action="store_true", help="also run the horizontally flipped image")
     p.add_argument("--test_scales", default="1", help="comma-separated scales, e.g. 0.75,1,1.25")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
