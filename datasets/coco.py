@@ -189,7 +189,8 @@ def check_coco_dict(data: dict, path: Path, require_annotations: bool = True) ->
         if "id" not in a:
             a["id"], next_id = next_id, next_id + 1
         a.setdefault("iscrowd", 0)
-        a.setdefault("area", float(a["bbox"][2] * a["bbox"][3]))
+        if "area" not in a:  # in floats: whole numbers past 1e154 multiply to an int that no float holds
+            a["area"] = float(a["bbox"][2]) * float(a["bbox"][3])
     return data
 
 
