@@ -83,6 +83,10 @@ def test_class_list_keep_difficult_and_copy(voc_dir, tmp_path):
     assert not (tmp_path / "a" / "train" / "000001.jpg").is_symlink()
     with pytest.raises(ArgumentError, match="--classes: the annotations also name person"):
         convert(voc_dir, tmp_path / "b", "--classes", "dog,cat")
+    # A name given twice was two categories, the first without objects: a network with a class never trained.
+    with pytest.raises(ArgumentError, match="--classes: cat is listed more than once"):
+        convert(voc_dir, tmp_path / "b", "--classes", "person,cat,dog,cat")
+    assert not (tmp_path / "b").exists()
     # Names outside VOC's 20: the sorted names found.
     xml = voc_dir / "Annotations" / "000002.xml"
     xml.write_text(xml.read_text().replace("<name>cat</name>", "<name>zebra</name>"))

@@ -149,6 +149,9 @@ def read_split(voc_dir: Path, split: str) -> list[tuple[str, dict]]:
 def choose_classes(names: set[str], given: str | None) -> list[str]:
     if given:
         classes = [c.strip() for c in given.split(",") if c.strip()]
+        repeated = sorted({c for c in classes if classes.count(c) > 1})
+        if repeated:  # each would be a category of its own, the earlier ones without any object
+            raise ArgumentError(f"--classes: {', '.join(repeated)} is listed more than once; list each class once")
         unknown = sorted(names - set(classes))
         if unknown:
             raise ArgumentError(f"--classes: the annotations also name {', '.join(unknown)}; add them to the list")
