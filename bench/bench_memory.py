@@ -5,9 +5,9 @@
 
 Each configuration (arch:input:batch) runs in its own process, once plain and once checkpointed: a training step
 (forward, loss, backward, Adam) on random images and targets (bench/bench_model.py), median time over the timed
-steps after one warm-up. Memory: the bytes autograd keeps for backward during the forward (saved tensors, exact),
-and the peak of the process (CPU: peak RSS, which includes weights, gradients and Adam state; CUDA:
-max_memory_allocated).
+steps after one warm-up. Memory: the bytes autograd keeps for backward during the forward (the storages of its
+saved tensors, each once, the weights left out: `SavedActivations`), and the peak of the process (CPU: peak RSS,
+which includes weights, gradients and Adam state; CUDA: max_memory_allocated).
 """
 import argparse
 import json
@@ -34,6 +34,29 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+class SavedActivations(torch.autograd.graph.saved_tensors_hooks):
+    """Inside it, `bytes` adds up the memory of the tensors autograd saves for backward, each storage once (a
+    tensor saved by several ops, a view of one saved before, is kept once) and the parameters of `model` left out
+    (a convolution saves its weight, which is kept whether or not the activations are)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.bytes = 0
+        seen = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in seen:  # a saved tensor stays alive, so no other storage reuses its address
+                seen.add(storage.data_ptr())
+                self.bytes += storage.nbytes()
+            return t
+
+        super().__init__(pack, lambda t: t)
+
+    def __enter__(self) -> "SavedActivations":
+        super().__enter__()
+        return self
+
+
 def measure(arch: str, size: int, batch_size: int, grad_checkpoint: bool, args) -> dict:
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -42,16 +65,11 @@ def measure(arch: str, size: int, batch_size: int, grad_checkpoint: bool, args) 
     batch = random_batch(batch_size, size, args.num_classes, device)
     saved = 0
 
-    def pack(t):
-        nonlocal saved
-        saved += t.numel() * t.element_size()
-        return t
-
     def step():
         nonlocal saved
-        saved = 0
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with SavedActivations(model) as kept:
             outputs = model(batch["image"])
+        saved = kept.bytes
         loss, _ = centernet_loss(outputs, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

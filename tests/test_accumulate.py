@@ -136,3 +136,19 @@ def test_grad_checkpoint_same_gradients_and_batchnorm_statistics_less_memory():
     with torch.no_grad():
         for k, v in plain(image).items():
             torch.testing.assert_close(checkpointed(image)[k], v, rtol=0, atol=0)
+
+
+def test_the_memory_bench_counts_each_saved_storage_once_and_no_weight():
+    """bench/bench_memory.py's "saved activations" column: a tensor saved by two ops is kept once, and a weight is
+    kept whether or not activations are (it added up every saved tensor: 439 MB for tiny_hourglass at 127 x 16,
+    whose saved storages are 248 MB)."""
+    from bench.bench_memory import SavedActivations
+
+    torch.manual_seed(0)
+    linear = nn.Linear(4, 3)
+    x = torch.randn(2, 4, requires_grad=True)  # so that the product saves the weight too
+    with SavedActivations(linear) as kept:
+        y = linear(x)  # saves x (2 x 4) and the weight (3 x 4)
+        (y * y).relu()  # saves y twice and the (2 x 3) result
+        y[:, 1:].sigmoid()  # saves its (2 x 2) result
+    assert kept.bytes == 4 * (2 * 4 + 2 * 3 + 2 * 3 + 2 * 2)
