@@ -10,7 +10,9 @@ zzzxxxttt/pytorch_simple_CenterNet_47, "the seed" below), kept outside this repo
 DATA/coco/{train,val}2017 and annotations/instances_{train,val}2017.json: the bench links the two splits into that layout in a temporary folder and runs the seed's `COCO` (training) and
 `COCO_eval` (test scale 1, no flip) in a subprocess, since its packages are named like ours. The seed hardcodes
 COCO's 80 classes; its `num_classes` is set to the data's class count so both build the same heatmaps. Each round
-times every image of the split once; the table shows the median round.
+times every image of the split once; the table shows the median round. Both loaders first read the same WARMUP
+items of each split untimed (ours once, the seed in each of its processes): the first items of a fresh process
+pay one-off set-up, several times the time of a warm item.
 """
 import argparse
 import cProfile
@@ -34,7 +36,8 @@ import contextlib, io, json, sys, time
 import cv2, numpy as np, torch
 cv2.setNumThreads(1)
 torch.set_num_threads(1)
-repo, root, img_size, num_classes = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+repo, root = sys.argv[1], sys.argv[2]
+img_size, num_classes, warmup = (int(a) for a in sys.argv[3:6])
 sys.path.insert(0, repo)
 with contextlib.redirect_stdout(io.StringIO()):
     from datasets.coco import COCO, COCO_eval
@@ -42,6 +45,9 @@ with contextlib.redirect_stdout(io.StringIO()):
     val = COCO_eval(root, "val", test_scales=(1,), test_flip=False)
 train.num_classes = num_classes
 np.random.seed(0)
+for ds in (train, val):
+    for i in range(min(warmup, len(ds))):
+        ds[i]
 rates = {}
 for name, ds in (("train", train), ("eval", val)):
     start = time.perf_counter()
@@ -50,6 +56,7 @@ for name, ds in (("train", train), ("eval", val)):
     rates[name] = len(ds) / (time.perf_counter() - start)
 print(json.dumps(rates))
 """
+WARMUP = 8  # untimed items of each split before the rounds
 
 
 def rate(dataset, count: int) -> float:
@@ -72,8 +79,8 @@ def seed_layout(data_dir: Path, train_split: str, val_split: str, tmp: Path) -> 
 
 
 def run_seed(repo: Path, root: Path, img_size: int, num_classes: int) -> dict:
-    out = subprocess.run([sys.executable, "-c", SEED_DRIVER, str(repo), str(root), str(img_size), str(num_classes)],
-                         cwd=repo, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", SEED_DRIVER, str(repo), str(root), str(img_size), str(num_classes),
+                          str(WARMUP)], cwd=repo, capture_output=True, text=True)
     if out.returncode:
         raise SystemExit(f"the seed's loader failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -106,7 +113,8 @@ def main(args: argparse.Namespace) -> None:
     rates = {"ours": {"train": [], "eval": []}, "seed": {"train": [], "eval": []}}
     with tempfile.TemporaryDirectory() as tmp:
         root = seed_layout(data_dir, args.train_split, args.val_split, Path(tmp)) if args.seed_repo else None
-        rate(train, min(8, len(train)))  # warm-up: imports, caches
+        for dataset in (train, val):  # warm-up: imports, caches
+            rate(dataset, min(WARMUP, len(dataset)))
         for _ in range(args.rounds):
             rates["ours"]["train"].append(rate(train, len(train)))
             rates["ours"]["eval"].append(rate(val, len(val)))
