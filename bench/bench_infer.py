@@ -16,8 +16,9 @@ inference (nets/inference.py: what Detector, test.py and demo.py run), onnxrunti
 provider, the same thread count, exported by tools/export_onnx.py to a temporary folder; --no-onnx skips it),
 and the 16-bit path (`--amp`: the prepared network in bf16). Each row gives GFLOP/s (convolution FLOPs counted by
 torch's FlopCounterMode) and its share of the machine's peak, measured in the same run as a 2048 x 2048 matrix
-product in fp32 and in bf16 on the same threads. --clock cpu times with this process's CPU time instead of the
-wall clock: on a machine that other jobs load, a 1-thread run then counts only the time it ran. On the CPU the
+product in fp32 and in bf16 on the same threads. --clock cpu times every row with this process's CPU time instead
+of the wall clock (CPU only): on a machine that other jobs load, a 1-thread run then counts only the time it ran
+(with N threads it is their sum, up to N times the wall time). On the CPU the
 process keeps freed memory for reuse (utils/cpu_memory.py), as Detector and test.py do; bench/profile_infer.py
 measures what that changes.
 On CUDA the rows are fp32 and fp16 / bf16 autocast, with cudnn.benchmark on for these fixed-size rows.
@@ -104,8 +105,8 @@ def postprocess(out: dict, cfg: InferenceConfig, device: torch.device):
     return nms_per_class(rows[rows[:, 4] > -1], cfg)
 
 
-def median_ms(fn, repeats: int, device: torch.device, warmup: int = 1) -> float:
-    return side_by_side({"": fn}, repeats, device, warmup)[""]
+def median_ms(fn, repeats: int, device: torch.device, warmup: int = 1, clock=time.perf_counter) -> float:
+    return side_by_side({"": fn}, repeats, device, warmup, clock)[""]
 
 
 def side_by_side(fns: dict, repeats: int, device: torch.device, warmup: int = 1, clock=time.perf_counter) -> dict:
@@ -186,6 +187,9 @@ def main(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench/bench_infer.py: --device cuda, but no GPU is visible")
+    if device.type == "cuda" and args.clock == "cpu":  # the host's CPU time leaves out the GPU's work
+        raise SystemExit("bench/bench_infer.py: --clock cpu times CPU runs only; drop it with --device cuda")
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     if args.threads:
         torch.set_num_threads(args.threads)
     if device.type == "cpu":
@@ -193,19 +197,19 @@ def main(args: argparse.Namespace) -> None:
     torch.set_grad_enabled(False)
     cfg = InferenceConfig()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"device {name}, {torch.get_num_threads()} CPU threads")
-    print(f"{'stage':<34}{'ms / image':>12}{'boxes kept':>12}")
+    print(f"device {name}, {torch.get_num_threads()} CPU threads, {args.clock} clock")
+    header = f"{'stage':<34}{'ms / image':>12}{'boxes kept':>12}"
+    print(header)
     for name, batch in (("post-processing single", 1), ("post-processing flip (2 inputs)", 2)):
         out = {k: v.to(device) for k, v in synthetic_outputs(batch).items()}
         kept = len(postprocess(out, cfg, device))
-        print(f"{name:<34}{median_ms(lambda: postprocess(out, cfg, device), args.post_repeats, device):>12.1f}"
-              f"{kept:>12}")
+        ms = median_ms(lambda: postprocess(out, cfg, device), args.post_repeats, device, clock=clock)
+        print(f"{name:<34}{ms:>12.1f}{kept:>12}")
     if args.skip_forward:
         return
     image = torch.randn(1, 3, 511, 511, device=device)
     photo = np.random.default_rng(0).integers(0, 256, (511, 511, 3), dtype=np.uint8)
     inputs = {flip: [eval_input(photo, 1.0, flip)] for flip in (False, True)}
-    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     if device.type == "cpu":
         peaks = matmul_peaks(clock)
         print(f"matrix product 2048: fp32 {peaks['fp32']:.1f} GFLOP/s, bf16 {peaks['bf16']:.1f} GFLOP/s "
@@ -213,6 +217,7 @@ def main(args: argparse.Namespace) -> None:
         print(f"{'forward':<46}{'ms':>10}{'speed-up':>10}{'GFLOP/s':>9}{'of peak':>8}")
         for arch in args.archs:
             cpu_forward_rows(arch, image, args, peaks, clock)
+        print(header)  # the pipeline rows below are not in the forward table's columns
     for arch in args.archs:
         model = build_model(arch, 80).to(device).eval()
         if device.type == "cuda":
@@ -230,7 +235,8 @@ def main(args: argparse.Namespace) -> None:
         for flip in (False, True):
             with cudnn_benchmark(False):
                 kept = len(detect(timed, inputs[flip], cfg, device))
-                ms = median_ms(lambda: detect(timed, inputs[flip], cfg, device), args.forward_repeats, device)
+                ms = median_ms(lambda: detect(timed, inputs[flip], cfg, device), args.forward_repeats, device,
+                               clock=clock)
             label = f"pipeline {arch} 511 {'flip' if flip else 'single'}"
             print(f"{label:<34}{ms:>12.1f}{kept:>12}", flush=True)
 

@@ -314,3 +314,25 @@ def test_the_inference_bench_exports_a_model_its_onnx_row_loads(tmp_path):
     session = onnx_session(build_model("tiny_hourglass", 3).eval(), 127, str(tmp_path))
     outputs = session(torch.rand(1, 3, 127, 127))
     assert len(session.class_names) == 3 and outputs["hm_tl"].shape == (1, 3, 32, 32)
+
+
+def test_the_inference_bench_times_every_row_by_its_clock_under_its_own_header(monkeypatch, capsys):
+    """With --clock cpu the post-processing and pipeline rows were wall time beside CPU-time forward rows, and on
+    the CPU the pipeline rows (ms, boxes kept) were printed under the forward table's header (ms, speed-up, ...):
+    their box count sat in its ms column. A CPU clock that moves 1 s per reading times every call at 1000 ms."""
+    from bench import bench_infer
+
+    readings = iter(range(10 ** 6))
+    monkeypatch.setattr(bench_infer.time, "process_time", lambda: float(next(readings)))
+    monkeypatch.setattr(bench_infer, "matmul_peaks", lambda clock: {"fp32": 1.0, "bf16": 1.0})
+    monkeypatch.setattr(bench_infer, "cpu_forward_rows", lambda *args: print("forward row"))
+    monkeypatch.setattr(bench_infer, "build_model", lambda arch, classes: torch.nn.Identity())  # no forward
+    monkeypatch.setattr(bench_infer, "detect", lambda *args: np.zeros((3, 6), np.float32))
+    args = bench_infer.get_args_parser().parse_args(["--archs", "tiny_hourglass", "--clock", "cpu",
+                                                     "--post_repeats", "1", "--forward_repeats", "1", "--no-onnx"])
+    bench_infer.main(args)
+    lines = capsys.readouterr().out.splitlines()
+    timed = [line for line in lines if line.startswith(("post-processing", "pipeline"))]
+    assert len(timed) == 4 and all(line.split()[-2] == "1000.0" for line in timed), timed
+    header = lines[lines.index(timed[2]) - 1]
+    assert header.split() == ["stage", "ms", "/", "image", "boxes", "kept"]
