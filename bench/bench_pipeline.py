@@ -5,7 +5,8 @@ scale + flip, and the published multi-scale setting (0.5, 0.75, 1, 1.25, 1.5, ea
     python3 bench/bench_pipeline.py --device cuda --archs large_hourglass small_hourglass
 
 One random 511 x 511 photo; `engine.inference.detect` on its inputs (made by `datasets.transforms.eval_input`, as
-the data loader makes them, outside the timing), cudnn.benchmark off (test.py's setting: image sizes vary). Parts,
+the data loader makes them, outside the timing), cudnn.benchmark off (test.py's setting: image sizes vary), with
+the network test.py runs (`engine.inference.network_for`: on the CPU the prepared one, in bf16 with --amp). Parts,
 each timed with the device synchronised before and after it, summed over the scales of one image:
 - forward: the network on the batch of one scale (1 image, or 2 with the flip);
 - decode: `utils.decode.decode` (top-k corners, pairing, centers) on --device;
@@ -29,7 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from bench.bench_infer import synthetic_outputs  # noqa: E402
 from datasets.transforms import eval_input  # noqa: E402
 from engine import inference  # noqa: E402
+from engine.inference import network_for  # noqa: E402
 from nets import build_model  # noqa: E402
+from nets.inference import PreparedNetwork  # noqa: E402
 from utils.device import cudnn_benchmark  # noqa: E402
 
 SETTINGS = {"single": ([1.0], False), "flip": ([1.0], True), "5 scales + flip": ([0.5, 0.75, 1.0, 1.25, 1.5], True)}
@@ -117,10 +120,12 @@ def main(args: argparse.Namespace) -> None:
     print(f"{'pipeline':<40}{'ms':>10}" + "".join(f"{p:>17}" for p in PARTS + ["rest"]) + f"{'boxes':>7}")
     timer = PartTimer(device)
     for arch in args.archs:
-        wrapped = SyntheticAfterForward(build_model(arch, 80).to(device).eval(), timer, device)
+        network = network_for(build_model(arch, 80).to(device).eval(), device, bool(amp))
+        wrapped = SyntheticAfterForward(network, timer, device)
+        autocast_amp = False if isinstance(network, PreparedNetwork) else amp  # as detect(): it has its own dtype
         for setting, (scales, flip) in SETTINGS.items():
             inputs = [eval_input(photo, s, flip) for s in scales]
-            ms, parts, kept = time_setting(wrapped, timer, inputs, amp, args.repeats, device)
+            ms, parts, kept = time_setting(wrapped, timer, inputs, autocast_amp, args.repeats, device)
             shares = "".join(f"{parts[p]:>9.1f} ({parts[p] / ms:>4.0%})" for p in PARTS + ["rest"])
             print(f"{arch + ' ' + setting:<40}{ms:>10.1f}{shares}{kept:>7}", flush=True)
 

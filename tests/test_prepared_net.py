@@ -136,3 +136,24 @@ def test_spatial_max_is_amax_in_either_layout(channels_last, dim):
     assert out.shape == ref.shape
     assert torch.equal(out.nan_to_num(7.0), ref.nan_to_num(7.0)) and torch.equal(out.isnan(), ref.isnan())
     assert out.isnan().any() and (out == -float("inf")).any()
+
+
+@pytest.mark.parametrize("amp", ["fp32", "bf16"])
+def test_the_pipeline_bench_times_on_the_cpu_the_network_test_py_runs(monkeypatch, amp):
+    """bench/bench_pipeline.py timed the unprepared network on the CPU (and autocast it with --amp), while test.py
+    runs the prepared one (bf16 with --amp, not autocast)."""
+    from bench import bench_pipeline
+    from nets.inference import PreparedNetwork
+
+    timed = []
+
+    def time_setting(wrapped, timer, inputs, autocast_amp, repeats, device):
+        timed.append((wrapped.model, autocast_amp))
+        return 1.0, dict.fromkeys(bench_pipeline.PARTS + ["rest"], 0.25), 0
+
+    monkeypatch.setattr(bench_pipeline, "time_setting", time_setting)
+    bench_pipeline.main(bench_pipeline.get_args_parser().parse_args(["--archs", "tiny_hourglass", "--amp", amp]))
+    assert len(timed) == 3
+    for network, autocast_amp in timed:
+        assert isinstance(network, PreparedNetwork) and not autocast_amp
+        assert network.dtype == (torch.bfloat16 if amp == "bf16" else torch.float32)
