@@ -9,8 +9,8 @@
   loading worker reads it (the processes of a DDP run never repeat each other's crops), and the draw is the same
   after a resume.
 - One unreadable image in a large training set does not end the run: it is replaced by the next readable one,
-  with a warning that names the file, and counted (`unreadable` in the item) so that the training loop can stop
-  when too many fail. Evaluation reads the data set directly and stays strict.
+  with a warning that names the file, and counted once (`unreadable` in its own item) so that the training loop
+  can stop when too many fail. Evaluation reads the data set directly and stays strict.
 """
 import warnings
 
@@ -47,7 +47,10 @@ class EpochSampler(Sampler[int]):
 
 class TrainSamples(Dataset):
     """Training items of `dataset` (a CocoDetection) for one epoch, each augmented with its own seeded generator
-    (see the module docstring). Items carry `unreadable`: how many unreadable images were skipped to make it."""
+    (see the module docstring). Items carry `unreadable`: 1 when the item's own image could not be used (it then
+    holds the next one that can), else 0. Over an epoch's items that counts each unreadable image of the epoch
+    once; an image an item skips after its own is counted by its own item, where the epoch's order holds one (a
+    run of k bad files counted k (k + 1) / 2 when each item counted all it skipped)."""
 
     def __init__(self, dataset, seed: int, epoch: int):
         self.dataset, self.seed, self.epoch = dataset, seed, epoch
@@ -65,7 +68,7 @@ class TrainSamples(Dataset):
                 warnings.warn(f"skipping a training image that cannot be used: {e}", stacklevel=1)
                 last_error = e
                 continue
-            item["unreadable"] = torch.tensor(skipped)
+            item["unreadable"] = torch.tensor(int(skipped > 0))
             return item
         which = f"all {tries} training images" if tries == len(self.dataset) else \
             f"{tries} training images in a row from index {index}"

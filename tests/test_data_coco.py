@@ -421,6 +421,20 @@ def test_a_training_image_of_the_wrong_size_is_skipped_with_what_is_wrong(tmp_pa
     assert item["unreadable"] == 1
 
 
+def test_a_run_of_unreadable_training_images_counts_each_once(tmp_path):
+    """Images 1, 2 and 3 of 5 cut short: items 1, 2 and 3 each read the next readable image, 4. Each item counted
+    the images it skipped (3 + 2 + 1 = 6 for 3 images), which the epoch log printed as 'unreadable images skipped'
+    and --max_bad_fraction compared with the epoch's size: a run of k missing files (an interrupted copy) counted
+    k (k + 1) / 2."""
+    data = coco_dict()
+    data["images"] = [{"id": i + 1, "file_name": f"{i}.png", "width": 100, "height": 80} for i in range(5)]
+    files = {f"{i}.png": image(seed=i) if i in (0, 4) else b"\x89PNG cut short" for i in range(5)}
+    ds = CocoDetection(write_set(tmp_path, data, files), "train", train=True)
+    with pytest.warns(UserWarning, match="skipping a training image that cannot be used"):
+        counts = [int(TrainSamples(ds, seed=0, epoch=0)[i]["unreadable"]) for i in range(5)]
+    assert counts == [0, 1, 1, 1, 0]
+
+
 def write_bytes(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path
