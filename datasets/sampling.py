@@ -48,9 +48,8 @@ class EpochSampler(Sampler[int]):
 class TrainSamples(Dataset):
     """Training items of `dataset` (a CocoDetection) for one epoch, each augmented with its own seeded generator
     (see the module docstring). Items carry `unreadable`: 1 when the item's own image could not be used (it then
-    holds the next one that can), else 0. Over an epoch's items that counts each unreadable image of the epoch
-    once; an image an item skips after its own is counted by its own item, where the epoch's order holds one (a
-    run of k bad files counted k (k + 1) / 2 when each item counted all it skipped)."""
+    holds the next one that can), else 0: each unreadable image is counted once, by its own item, not again by the
+    items that skip past it."""
 
     def __init__(self, dataset, seed: int, epoch: int):
         self.dataset, self.seed, self.epoch = dataset, seed, epoch
