@@ -9,9 +9,10 @@ shapes may overlap, but none is covered by more than `--max_occlusion` of its ar
 the shape's visible pixels. Backgrounds are smooth random colour fields with lines, soft blobs and pixel noise;
 `--empty` of the images have no shape. Images are `--min_size`..`--max_size` pixels a side (128..192, at most
 MAX_SIDE), small enough for a CPU model at input 127. Harder: more `--clutter`, `--noise`, `--max_occlusion`, smaller
-`--min_obj`. A folder that already holds a train or val split is refused unless --force is given. Each split's
-images are written to a hidden folder and renamed into place when complete, and a failure (a full disk, Ctrl-C)
-removes the splits this run wrote, so that the same command runs again.
+`--min_obj`. A folder that already holds a train or val split is refused unless --force is given. The images of
+both splits are written to hidden folders and renamed into place when all are complete, and a failure (a full disk,
+Ctrl-C) removes what this run wrote, so that the same command runs again (with --force, the earlier data set stays
+unless the failure comes after all images were drawn).
 """
 import argparse
 import math

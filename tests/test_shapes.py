@@ -130,6 +130,27 @@ def test_out_that_is_a_file_or_holds_a_data_set_is_refused_unless_force(tmp_path
     assert (out / "mine.txt").read_text() == "mine" and not list(out.glob(".*.tmp"))
 
 
+def test_force_stopped_while_drawing_leaves_the_earlier_data_set_whole(tmp_path, monkeypatch):
+    """--force with Ctrl-C while val was drawn: train had already been replaced and was then removed, which left the
+    old val without a train split. Every split is now drawn before any is put in place."""
+    import datasets.shapes
+    generate(tmp_path)
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    real, drawn = datasets.shapes.make_image, []
+
+    def interrupted(rng, cfg):
+        drawn.append(1)
+        if len(drawn) == 24 + 3:  # val's third image
+            raise KeyboardInterrupt
+        return real(rng, cfg)
+    monkeypatch.setattr(datasets.shapes, "make_image", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        generate(tmp_path, "--seed", "1", "--force")
+    after = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert after == before and len(before) == 24 + 8 + 2
+    assert not list(tmp_path.glob(".*"))
+
+
 def test_a_failed_write_leaves_no_split_and_the_command_runs_again(tmp_path, monkeypatch):
     """A full disk while writing val (cv2.imwrite only returned False on it): no split stays, neither train nor a
     short val, so the same command does not refuse to run again."""

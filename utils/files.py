@@ -138,45 +138,41 @@ def remove_dead_temporaries(path: str | Path) -> list[Path]:
 
 
 def write_coco_split(out: Path, split: str, fill: Callable[[Path], dict], replace: bool = False) -> dict:
-    """A data set split in COCO layout, written so that a failure part-way (a full disk, a kill) leaves neither its
-    image folder out/<split> nor its json: `fill(folder)` puts the images in a hidden folder and returns the json
-    dict, the folder is renamed to out/<split> (replacing one there only when `replace`: the rename fails on a
-    folder of files) and annotations/instances_<split>.json written. Returns the json dict; an OSError is a
-    WriteError naming the split."""
-    folder, tmp = out / split, out / f".{split}.tmp"
-    renamed = False
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run
-        tmp.mkdir(parents=True)
-        data = fill(tmp)
-        if replace and folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-        renamed = True
-        write_json(out / "annotations" / f"instances_{split}.json", data)
-    except BaseException as error:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if renamed:  # ours, without its json; a folder made by someone else after the caller's checks stays
-            shutil.rmtree(folder, ignore_errors=True)
-        if isinstance(error, OSError) and not isinstance(error, UserError):
-            raise WriteError(f"cannot write split {split!r} into {out}: {error.strerror or error}") from error
-        raise
-    return data
+    """`write_coco_splits` for one split; returns its json dict."""
+    return write_coco_splits(out, {split: fill}, replace)[split]
 
 
 def write_coco_splits(out: Path, fills: dict[str, Callable[[Path], dict]], replace: bool = False,
-                      report: Callable[[str, dict], None] = lambda split, data: None) -> None:
-    """Each split of `fills` (its name: its `fill`) written in turn by `write_coco_split`, `report(split, data)`
-    called after each; all or none: a failure removes the splits already written, which would make the same
-    command refuse to run again."""
-    written = []
+                      report: Callable[[str, dict], None] = lambda split, data: None) -> dict[str, dict]:
+    """Data set splits in COCO layout, all or none: `fills` maps each split's name to its `fill(folder)`, which puts
+    the images in the (hidden) folder it is given and returns the json dict. Every split is made before any is put
+    in place, so a failure while making them (the long part: a full disk, Ctrl-C) leaves `out` as it was, with an
+    earlier data set that `replace` would replace. Then each folder is renamed to out/<split> (over one there only
+    when `replace`: the rename fails on a folder of files), annotations/instances_<split>.json written and
+    `report(split, data)` called; a failure there removes the splits this call put in place, which would make the
+    same command refuse to run again. Returns {split: json dict}; an OSError is a WriteError naming the split."""
+    made, placed, split = {}, [], None
     try:
         for split, fill in fills.items():
-            data = write_coco_split(out, split, fill, replace)
-            written.append(split)
+            tmp = out / f".{split}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run
+            tmp.mkdir(parents=True)
+            made[split] = fill(tmp)
+        for split, data in made.items():
+            folder = out / split
+            if replace and folder.exists():
+                shutil.rmtree(folder)
+            (out / f".{split}.tmp").rename(folder)
+            placed.append(split)  # ours from here on; a folder made by someone else after the caller's checks stays
+            write_json(out / "annotations" / f"instances_{split}.json", data)
             report(split, data)
-    except BaseException:
-        for split in written:
-            shutil.rmtree(out / split, ignore_errors=True)
-            (out / "annotations" / f"instances_{split}.json").unlink(missing_ok=True)
+    except BaseException as error:
+        for name in fills:
+            shutil.rmtree(out / f".{name}.tmp", ignore_errors=True)
+        for name in placed:
+            shutil.rmtree(out / name, ignore_errors=True)
+            (out / "annotations" / f"instances_{name}.json").unlink(missing_ok=True)
+        if isinstance(error, OSError) and not isinstance(error, UserError):
+            raise WriteError(f"cannot write split {split!r} into {out}: {error.strerror or error}") from error
         raise
+    return made
