@@ -114,6 +114,26 @@ def test_cli_prints_the_table_and_draws_the_worst_image(tmp_path, capsys):
                                                str(tmp_path / "x")]))
 
 
+def test_images_of_one_stem_in_other_folders_each_get_their_drawing(tmp_path, capsys):
+    # cam1/1.jpg, cam2/1.jpg and 1.png, each with one missed box: all three drawings were named 001_errors_1.jpg,
+    # and two of them overwrote each other while the tool said three were drawn.
+    data = data_dir(tmp_path)
+    files = ["cam1/1.jpg", "cam2/1.jpg", "1.png"]
+    for name in files:
+        (data / "val" / name).parent.mkdir(exist_ok=True)
+        cv2.imwrite(str(data / "val" / name), np.full((300, 300, 3), 200, np.uint8))
+    gt = {"images": [{"id": i + 1, "file_name": name, "width": 300, "height": 300} for i, name in enumerate(files)],
+          "annotations": [{"id": i + 1, "image_id": i + 1, "category_id": 1, "bbox": GT_BOXES[0], "area": 9000,
+                           "iscrowd": 0} for i in range(3)], "categories": CATS}
+    (data / "annotations" / "instances_val.json").write_text(json.dumps(gt))
+    results = tmp_path / "results.json"
+    results.write_text("[]")
+    main(get_args_parser().parse_args([str(results), "--data_dir", str(data), "--split", "val"]))
+    assert capsys.readouterr().out.splitlines()[-1].startswith("3 images with the most errors drawn")
+    assert sorted(p.name for p in (tmp_path / "results_analysis").iterdir()) == \
+        ["001_errors_1_id1.jpg", "001_errors_1_id2.jpg", "001_errors_1_id3.jpg"]
+
+
 def test_cli_explains_a_split_without_annotations_and_an_empty_drawing(tmp_path, capsys):
     data = data_dir(tmp_path)
     results = tmp_path / "results.json"

@@ -167,10 +167,12 @@ def draw_worst(gt: dict, results: list[dict], errors: dict, status: dict, img_di
             per_image[r["image_id"]].append((r["bbox"], kind, f"{names[r['category_id']]} {r['score']:.2f}"))
             bad[r["image_id"]] += i in errors
     files = {im["id"]: im["file_name"] for im in gt["images"]}
+    worst = [image_id for image_id in sorted(bad, key=lambda k: -bad[k])[:count] if bad[image_id]]
+    # Images in other folders or of other formats may share a stem (cam1/0001.jpg, cam2/0001.jpg): their
+    # drawings add the image id, as one would otherwise overwrite the other.
+    stems = [Path(files[image_id]).stem for image_id in worst]
     drawings = []
-    for image_id in sorted(bad, key=lambda k: -bad[k])[:count]:
-        if not bad[image_id]:
-            break
+    for image_id, stem in zip(worst, stems):
         canvas = load_image(img_dir / files[image_id])
         height, width = canvas.shape[:2]
         for (x, y, w, h), kind, text in per_image[image_id]:
@@ -183,7 +185,8 @@ def draw_worst(gt: dict, results: list[dict], errors: dict, status: dict, img_di
         encoded, data = cv2.imencode(".jpg", canvas)
         if not encoded:  # JPEG holds at most 65535 pixels a side
             raise DataError(f"{img_dir / files[image_id]}: OpenCV cannot encode its drawing as JPEG")
-        drawings.append((f"{bad[image_id]:03d}_errors_{Path(files[image_id]).stem}.jpg", data.tobytes()))
+        name = stem if stems.count(stem) == 1 else f"{stem}_id{image_id}"
+        drawings.append((f"{bad[image_id]:03d}_errors_{name}.jpg", data.tobytes()))
     return drawings
 
 
