@@ -71,7 +71,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def list_images(source: Path) -> list[Path]:
     """The image file `source`, or the files of folder `source` whose names end in an image suffix, in name order;
-    the folder's other files are counted in a note on stderr, as they are not read."""
+    the folder's other files and its sub-folders are counted in notes on stderr, as they are not read."""
     if source.is_file():
         return [source]
     if not source.is_dir():
@@ -87,6 +87,11 @@ def list_images(source: Path) -> list[Path]:
     if others:
         print(f"note: {len(others)} files of {source} are not read, as their names end in no image suffix "
               f"({looked_for}): {', '.join(others[:3])}{', ...' if len(others) > 3 else ''}", file=sys.stderr)
+    # A data set's image folder often has sub-folders (file_name cam1/0001.jpg): say that their images were left out.
+    folders = sorted(p.name for p in source.iterdir() if p.is_dir())
+    if folders:
+        print(f"note: {len(folders)} sub-folders of {source} are not read (give each as --images): "
+              f"{', '.join(folders[:3])}{', ...' if len(folders) > 3 else ''}", file=sys.stderr)
     return images
 
 

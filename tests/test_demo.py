@@ -407,6 +407,16 @@ def test_drawings_of_formats_without_8_bit_colour_are_png_and_other_files_are_co
         note[0].endswith(": notes.txt, photo"), note
 
 
+def test_sub_folders_that_are_not_read_are_named_in_a_note(tmp_path, capsys):
+    # A data set's val folder with images in cam1/ and cam2/ besides its own: those were left out without a word.
+    for name in ("a.jpg", "cam1/b.jpg", "cam2/c.jpg"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    assert demo.list_images(tmp_path) == [tmp_path / "a.jpg"]
+    assert capsys.readouterr().err.splitlines() == \
+        [f"note: 2 sub-folders of {tmp_path} are not read (give each as --images): cam1, cam2"]
+
+
 def test_a_suffix_opencv_has_no_writer_for_is_a_write_error_naming_the_file(tmp_path):
     image = np.zeros((20, 30, 3), np.uint8)
     for name in ("drawing.pxm", "drawing"):
