@@ -62,8 +62,10 @@ def read_json(path: Path) -> dict:
     return data
 
 
-def _entries(data: dict, key: str, path: Path, required: tuple[str, ...], problems: list[str]) -> list[dict]:
-    """The dict entries of list `key` that have every `required` field; the others are reported in `problems`."""
+def _entries(data: dict, key: str, path: Path, required: tuple[str, ...],
+             problems: list[str]) -> list[tuple[int, dict]]:
+    """(index in list `key`, entry) of the dict entries that have every `required` field; the others are reported in
+    `problems`. The index is the entry's own, so that later problems name it even after an entry left out."""
     items = data.get(key)
     if not isinstance(items, list):
         problems.append(f"{path}: missing list '{key}' (a COCO detection file has 'images', 'annotations' and "
@@ -75,7 +77,7 @@ def _entries(data: dict, key: str, path: Path, required: tuple[str, ...], proble
         if missing:
             problems.append(f"{path}: {key}[{i}] lacks {', '.join(repr(k) for k in missing)}")
         else:
-            usable.append(item)
+            usable.append((i, item))
     return usable
 
 
@@ -121,17 +123,17 @@ def shortened(value, width: int) -> str:
     return text if len(text) <= width else text[:width - 3] + "..."
 
 
-def _unique_ids(items: list[dict], key: str, path: Path, problems: list[str]) -> set:
-    seen = set()
-    for i, item in enumerate(items):
+def _unique_ids(items: list[tuple[int, dict]], key: str, path: Path, problems: list[str]) -> set:
+    first: dict[int, int] = {}  # id -> index of its first entry, named with each repeat
+    for i, item in items:
         v = item["id"]
         if not is_id(v):
             problems.append(f"{path}: {key}[{i}].id must be an integer of 64 bits, got {shortened(v, 40)}")
-        elif v in seen:
-            problems.append(f"{path}: {key} id {v} appears more than once")
+        elif v in first:
+            problems.append(f"{path}: {key}[{i}].id {v} appears more than once (first in {key}[{first[v]}])")
         else:
-            seen.add(v)
-    return seen
+            first[v] = i
+    return set(first)
 
 
 def coco_problems(data: dict, path: Path, require_annotations: bool = True) -> list[str]:
@@ -146,7 +148,7 @@ def coco_problems(data: dict, path: Path, require_annotations: bool = True) -> l
         problems.append(f"{path}: 'categories' is empty; at least one class is needed")
     cat_ids = _unique_ids(categories, "categories", path, problems)
     image_ids = _unique_ids(images, "images", path, problems)
-    for i, im in enumerate(images):
+    for i, im in images:
         if not is_file_name(im["file_name"]):
             problems.append(f"{path}: images[{i}].file_name is {shortened(im['file_name'], 80)}, expected a path "
                             "inside the image folder (relative, without '..')")
@@ -155,7 +157,7 @@ def coco_problems(data: dict, path: Path, require_annotations: bool = True) -> l
             if not is_size(v):
                 problems.append(f"{path}: images[{i}] (file {im['file_name']!r}) has {k} {v!r}, expected a "
                                 "positive whole number")
-    for i, a in enumerate(annotations):
+    for i, a in annotations:
         box = a["bbox"]
         if not is_box(box):
             problems.append(f"{path}: annotations[{i}].bbox is {box!r}, expected [x, y, width, height] "
@@ -170,7 +172,7 @@ def coco_problems(data: dict, path: Path, require_annotations: bool = True) -> l
             problems.append(f"{path}: annotations[{i}].area is {area!r}, expected a number")
         if crowd not in (0, 1) or isinstance(crowd, float):
             problems.append(f"{path}: annotations[{i}].iscrowd is {crowd!r}, expected 0 or 1")
-    _unique_ids([a for a in annotations if "id" in a], "annotations", path, problems)
+    _unique_ids([(i, a) for i, a in annotations if "id" in a], "annotations", path, problems)
     return problems
 
 

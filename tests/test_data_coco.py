@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Subset, default_collate
 
 from datasets import build_dataset
-from datasets.coco import CocoDetection, check_same_categories
+from datasets.coco import CocoDetection, check_same_categories, coco_problems
 from datasets.image_io import exif_orientation, load_image
 from datasets.sampling import TrainSamples
 from utils.errors import DataError
@@ -209,16 +209,34 @@ def test_unknown_image_id_and_duplicate_ids(tmp_path):
     data = coco_dict()
     data["images"].append(dict(data["images"][0]))
     write_set(tmp_path, data, {})
-    with pytest.raises(ValueError, match="images id 1 appears more than once"):
+    with pytest.raises(ValueError, match=r"images\[1\]\.id 1 appears more than once \(first in images\[0\]\)"):
         CocoDetection(tmp_path, "train", train=True)
     data = coco_dict(boxes=((1, 1, 5, 5), (2, 2, 5, 5)))
     data["annotations"][1]["id"] = 1
     write_set(tmp_path, data, {})
-    with pytest.raises(ValueError, match="annotations id 1 appears more than once"):
+    with pytest.raises(ValueError,
+                       match=r"annotations\[1\]\.id 1 appears more than once \(first in annotations\[0\]\)"):
         CocoDetection(tmp_path, "train", train=True)
     write_set(tmp_path, {"images": [], "annotations": [], "categories": []}, {})
     with pytest.raises(ValueError, match="'categories' is empty"):
         CocoDetection(tmp_path, "train", train=True)
+
+
+def test_problems_after_an_entry_without_a_field_name_the_entry_by_its_own_index():
+    # The entries after one that lacked a required field were named by their place among the others: images[0] for
+    # the second image, and `python -m datasets.check` added the wrong annotation's id to the line.
+    data = {"images": [{"id": 1}, {"id": 2, "file_name": "../x.png", "width": 0}],
+            "annotations": [{"image_id": 1}, {"id": 7, "image_id": 2, "category_id": 1, "bbox": [1, 2, 3]},
+                            {"id": 7, "image_id": 2, "category_id": 1, "bbox": [1, 2, 3, 4]}],
+            "categories": [{"name": "a"}, {"id": 1, "name": "a"}]}
+    assert coco_problems(data, Path("x.json")) == [
+        "x.json: categories[0] lacks 'id'",
+        "x.json: images[0] lacks 'file_name'",
+        "x.json: annotations[0] lacks 'category_id', 'bbox'",
+        "x.json: images[1].file_name is '../x.png', expected a path inside the image folder (relative, without '..')",
+        "x.json: images[1] (file '../x.png') has width 0, expected a positive whole number",
+        "x.json: annotations[1].bbox is [1, 2, 3], expected [x, y, width, height] (4 finite numbers)",
+        "x.json: annotations[2].id 7 appears more than once (first in annotations[1])"]
 
 
 @pytest.mark.parametrize("where, key, value, match", [
