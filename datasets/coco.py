@@ -37,8 +37,8 @@ from torch.utils.data import Dataset
 
 from datasets.image_io import exif_orientation, load_image
 from datasets.targets import STRIDE, make_targets
-from datasets.transforms import clip_boxes, eval_input, train_transform
-from utils.errors import DataError, MissingFileError
+from datasets.transforms import check_input_size, clip_boxes, eval_input, train_transform
+from utils.errors import ArgumentError, DataError, MissingFileError
 
 
 def read_json(path: Path) -> dict:
@@ -287,6 +287,26 @@ class CocoDetection(Dataset):
         self.images = list(data["images"])
         self.image_ids = [im["id"] for im in self.images]
         self.boxes, self.labels = self._training_boxes(data.get("annotations", []))
+        if not train:
+            self._check_input_sizes()
+
+    def _check_input_sizes(self) -> None:
+        """A DataError naming the first image whose test input at the largest test scale would be too large for
+        the network (datasets.transforms.check_input_size), by the json's width and height: before any work, where
+        train.py would otherwise stop at the first validation, after an epoch of training. Images without a width
+        and height are checked when read."""
+        for im in self.images:
+            if "width" in im and "height" in im:
+                with self._naming_the_file(im):
+                    check_input_size(int(im["width"]), int(im["height"]), max(self.test_scales))
+
+    @contextlib.contextmanager
+    def _naming_the_file(self, im: dict):
+        """Turns the ArgumentError of an image too large at a test scale into a DataError naming its file."""
+        try:
+            yield
+        except ArgumentError as e:
+            raise DataError(f"{self.img_dir / im['file_name']} ({self.ann_file}): {e}") from None
 
     @property
     def num_classes(self) -> int:
@@ -324,7 +344,8 @@ class CocoDetection(Dataset):
 
     def eval_sample(self, index: int) -> dict:
         image, _, _ = self.load(index)
-        inputs = [eval_input(image, s, self.test_flip) for s in self.test_scales]
+        with self._naming_the_file(self.images[index]):
+            inputs = [eval_input(image, s, self.test_flip) for s in self.test_scales]
         return {"image_id": self.image_ids[index], "inputs": inputs}
 
     def __getitem__(self, index: int) -> dict:

@@ -327,6 +327,28 @@ def test_a_jpeg_with_data_after_its_end_loads_and_one_cut_in_its_scan_does_not(t
         load_image(write_bytes(tmp_path / "cut.jpg", cut))
 
 
+def test_an_image_too_large_to_evaluate_is_named_before_any_work(tmp_path):
+    """A 6000 x 4000 val photo (input 6015 x 4095, over 4095 x 4095 pixels): train.py trained an epoch, then stopped
+    at its validation with the image's size but not its file. By the json's size the eval set refuses it when built
+    (for the largest test scale); an entry without a size is named when read. Training items crop: not refused."""
+    data = coco_dict(width=6000, height=4000)
+    root = write_set(tmp_path, data, {}, split="val")
+    with pytest.raises(DataError, match=r"val/1\.png \(.*instances_val\.json\): an image of 6000 x 4000 pixels at "
+                                        r"test scale 1 makes a network input of 6015 x 4095 pixels"):
+        CocoDetection(root, "val", train=False)
+    data["images"][0].update(width=4000, height=2000)
+    write_set(tmp_path, data, {}, split="val")
+    CocoDetection(root, "val", train=False)
+    with pytest.raises(DataError, match=r"1\.png .*at test scale 1\.5 makes a network input of 6015 x 3071"):
+        CocoDetection(root, "val", train=False, test_scales=(1, 1.5))
+    CocoDetection(write_set(tmp_path, data, {}, split="train"), "train", train=True)
+    del data["images"][0]["width"], data["images"][0]["height"]
+    ds = CocoDetection(write_set(tmp_path, data, {"1.png": np.zeros((4096, 4096), np.uint8)}, split="val"), "val",
+                       train=False)
+    with pytest.raises(DataError, match=r"val/1\.png .*an image of 4096 x 4096 pixels at test scale 1"):
+        ds[0]
+
+
 def test_image_size_differs_from_json(tmp_path):
     ds = CocoDetection(write_set(tmp_path, coco_dict(width=80, height=100), {"1.png": image()}), "train", train=True)
     with pytest.raises(ValueError, match=r"1\.png: decoded size 100x80 differs from width x height 80x100"):
