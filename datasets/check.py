@@ -10,7 +10,9 @@ than OUTSIDE_TOLERANCE of the image's side (at least 1 px: converters round), wh
 it; an image entry without a valid width and height has its boxes checked against its decoded size. An empty
 'annotations' list is reported: there is nothing to train on or to evaluate against. Images whose EXIF orientation
 is not 1 are listed as notes, not problems: they are read upright, as viewers show them, so their width, height and
-boxes must be those of the upright image (an annotation tool that ignored the tag gave the stored image's).
+boxes must be those of the upright image (an annotation tool that ignored the tag gave the stored image's). So are
+images too large to evaluate (a test input of more than datasets.transforms.MAX_INPUT_PIXELS at scale 1): training
+crops them, but train.py and test.py refuse a val split that holds one.
 Problems are listed with the file and the entry (annotation ids included), all of them rather than the first;
 the exit status is 1 when there is any, 0 when the split is clean. Runs from any folder as
 `python PATH/TO/REPO/datasets/check.py ...` too.
@@ -27,7 +29,8 @@ if __package__ in (None, ""):  # run as a script from anywhere: import the repo,
 
 from datasets.coco import coco_problems, is_box, is_file_name, is_id, is_size, load_entry_image, read_json, split_files
 from datasets.image_io import exif_orientation
-from utils.errors import UserError, run_cli
+from datasets.transforms import check_input_size
+from utils.errors import ArgumentError, UserError, run_cli
 
 OUTSIDE_TOLERANCE = 0.01  # of the image side a box may leave it by (at least 1 px)
 
@@ -132,7 +135,24 @@ def inspect_split(data_dir: str | Path, split: str, progress: bool = True) -> tu
     image_info = ann_file.name.startswith("image_info_")  # a test split: images without annotations
     problems = coco_problems(data, ann_file, require_annotations=not image_info) + \
         box_problems(data, ann_file, report.sizes)
-    return annotation_ids(problems, data) + report.problems, report.turned
+    notes = report.turned + too_large_notes(images, img_dir, report.sizes)
+    return annotation_ids(problems, data) + report.problems, notes
+
+
+def too_large_notes(images: list, img_dir: Path, decoded_sizes: dict) -> list[str]:
+    """One note per image entry too large to evaluate at test scale 1 (datasets.transforms.check_input_size), by its
+    json size or else its decoded one: a training split may hold it, a val split may not."""
+    notes = []
+    for im in images:
+        size = image_size(im, decoded_sizes) if isinstance(im, dict) and is_id(im.get("id")) else None
+        if size is None:
+            continue
+        try:
+            check_input_size(int(size[0]), int(size[1]), 1.0)
+        except ArgumentError as e:
+            notes.append(f"image id {im.get('id')!r}: {img_dir / str(im.get('file_name'))}: {e}. Training crops it, "
+                         "but train.py and test.py refuse it in a val split")
+    return notes
 
 
 def check_split(data_dir: str | Path, split: str, progress: bool = True) -> list[str]:

@@ -163,6 +163,25 @@ def test_images_that_exif_turns_are_listed_as_notes_not_problems(tmp_path, capsy
     assert capsys.readouterr().out.splitlines() == [f"note: {note}", f"{tmp_path} train: no problems found"]
 
 
+def test_an_image_too_large_to_evaluate_is_a_note(tmp_path):
+    """4096 x 4096 (input 4223 x 4223, over 4095 x 4095 pixels): "no problems found", and then train.py and test.py
+    refused the split as val. Its decoded size is used where the json gives none; training may use such an image."""
+    ann_file = one_image_split(tmp_path, np.zeros((4096, 4096), np.uint8), "1.png", {}, [[10, 10, 20, 20]])
+    note = (f"image id 1: {tmp_path / 'train' / '1.png'}: an image of 4096 x 4096 pixels at test scale 1 makes a "
+            "network input of 4223 x 4223 pixels")
+    problems, notes = inspect_split(tmp_path, "train", progress=False)
+    assert problems == [] and len(notes) == 1 and notes[0].startswith(note), notes
+    assert notes[0].endswith("Training crops it, but train.py and test.py refuse it in a val split")
+    data = json.loads(ann_file.read_text())
+    data["images"][0].update(width=4095, height=4095)  # by the json's size, which a size problem also reports
+    ann_file.write_text(json.dumps(data))
+    problems, notes = inspect_split(tmp_path, "train", progress=False)
+    assert len(problems) == 1 and "decoded size 4096x4096 differs" in problems[0] and notes == []
+    data["images"][0].update(id=[1], width=None)  # problems of their own; no size to look up by that id
+    ann_file.write_text(json.dumps(data))
+    assert inspect_split(tmp_path, "train", progress=False)[1] == []
+
+
 def test_a_file_name_outside_the_image_folder_is_reported_once_and_not_read(tmp_path):
     """'../outside.png' is a good image, but outside the split's folder: reported as the entry's problem, not read
     (an absolute path such as /dev/zero would be read until memory runs out)."""
