@@ -203,7 +203,15 @@ def load_entry_image(img_dir: Path, info: dict, ann_file: Path) -> np.ndarray:
     if not is_file_name(info["file_name"]):
         raise DataError(f"{ann_file}: image file name {str(info['file_name'])[:80]!r} is not a path inside {img_dir}")
     path = img_dir / info["file_name"]
-    image = load_image(path)
+    try:
+        image = load_image(path)
+    except MissingFileError as e:
+        # A json written on Windows may separate folders with '\\', which is part of a file's name here.
+        posix = info["file_name"].replace("\\", "/")
+        if posix != info["file_name"] and is_file_name(posix) and (img_dir / posix).is_file():
+            raise MissingFileError(f"{e}; {ann_file} separates the folders of its file_name with '\\' (Windows), "
+                                   f"where '/' is needed: {posix!r} exists") from None
+        raise
     h, w = image.shape[:2]
     declared = info.get("width", w), info.get("height", h)
     if declared != (w, h):

@@ -292,7 +292,19 @@ def test_optional_annotation_fields_are_filled(tmp_path):
 
 def test_missing_image_file(tmp_path):
     ds = CocoDetection(write_set(tmp_path, coco_dict(), {}), "train", train=True)
-    with pytest.raises(FileNotFoundError, match=r"train/1\.png: image file not found"):
+    with pytest.raises(FileNotFoundError, match=r"train/1\.png: image file not found$"):
+        ds[0]
+
+
+def test_a_file_name_with_windows_separators_says_so(tmp_path):
+    # "sub\\1.png" names one file called so on Linux: the error said only that it was not found, next to sub/1.png.
+    data = coco_dict()
+    data["images"][0]["file_name"] = "sub\\1.png"
+    (tmp_path / "train" / "sub").mkdir(parents=True)
+    ds = CocoDetection(write_set(tmp_path, data, {"sub/1.png": image()}), "train", train=True)
+    with pytest.raises(FileNotFoundError, match=r"train/sub\\1\.png: image file not found; .*instances_train\.json "
+                                                 r"separates the folders of its file_name with '\\' \(Windows\), where "
+                                                 r"'/' is needed: 'sub/1\.png' exists"):
         ds[0]
 
 
