@@ -2,9 +2,20 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from datasets.shapes import ShapesConfig, write_split
 from tests.fixed_box import save_fixed_box_checkpoint, write_square_split
+
+
+@pytest.fixture(autouse=True)
+def torch_state_restored():
+    """Tests that run a bench's main in this process (it turns autograd off and may set the thread count, for its
+    whole process, as a script does) leave both as they found them: a later training test failed without a grad."""
+    grad, threads = torch.is_grad_enabled(), torch.get_num_threads()
+    yield
+    torch.set_grad_enabled(grad)
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
