@@ -418,7 +418,8 @@ def train(args: argparse.Namespace, signals: StopSignals, folder_lock: RunFolder
                     else "the run ended before its first save: it has no checkpoint")
         logger.failed(error)
         raise
-    logger.close()
+    finally:  # a caller that goes on (a notebook, the ablation's next row) keeps no open log or writer thread
+        logger.close()
     dist.cleanup()
     return ap, where is not None
 

@@ -192,6 +192,8 @@ def test_an_unreadable_training_image_is_skipped_and_too_many_stop_the_run(tmp_p
     with pytest.raises(DataError, match="1 training images of epoch 1 could not be read"), pytest.warns(UserWarning):
         train.main(args("strict"))
     assert not (tmp_path / "strict" / "run" / "checkpoint.pt").exists()
+    open_files = {os.path.realpath(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")}
+    assert str((tmp_path / "strict" / "run" / "train.log").resolve()) not in open_files  # closed on the error too
 
 
 def open_when_read(pipe: Path, proc: subprocess.Popen, timeout: float = 240.0):
