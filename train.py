@@ -99,6 +99,10 @@ def check_args(args: argparse.Namespace) -> None:
     for flag in ("num_workers", "val_interval"):
         if getattr(args, flag) < 0:
             raise ArgumentError(f"--{flag} must be 0 or more, got {getattr(args, flag)}")
+    # The augmentation draws and the epoch orders seed numpy generators, which take no negative number, and
+    # torch.manual_seed takes 64 bits at most.
+    if not 0 <= args.seed < 2**64:
+        raise ArgumentError(f"--seed must be a whole number in [0, 2**64 - 1], got {args.seed}")
     check_number("--lr", args.lr, 0, above=True)
     for flag in ("ckpt_interval", "ae_images_per_gpu", "count_eps"):
         check_number(f"--{flag}", getattr(args, flag), 0)

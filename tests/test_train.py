@@ -166,6 +166,9 @@ def test_flags_that_cannot_work_are_refused_before_anything_is_created(shapes_di
                            (("--min_box_size", "1000"), r"--min_box_size: expected a number in \[0, 127\), got 1000"),
                            (("--min_box_size", "inf"), "--min_box_size"),
                            (("--min_box_size", "-1"), "--min_box_size"),
+                           # numpy's seeded generators refuse a negative seed: a traceback after the run folder
+                           (("--seed", "-1"), r"--seed must be a whole number in \[0, 2\*\*64 - 1\], got -1"),
+                           (("--seed", str(2**64)), "--seed must be a whole number"),
                            (("--sync_bn",), "--sync_bn: SyncBatchNorm runs on CUDA devices only")]:
         with pytest.raises(ArgumentError, match=message):
             train.main(args_for(shapes_dir, tmp_path, *flags))
