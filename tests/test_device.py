@@ -82,6 +82,7 @@ def test_select_device_with_one_bound_gpu(one_bound_gpu):
 def test_init_distributed_with_one_bound_gpu(one_bound_gpu, monkeypatch):
     groups = []
     monkeypatch.setattr(dist.dist, "init_process_group", lambda backend, **kw: groups.append(backend))
+    monkeypatch.setattr(dist.dist, "rendezvous", lambda url: iter([(dist.dist.HashStore(), 11, 16)]))
     for name, value in {"RANK": "11", "WORLD_SIZE": "16", "LOCAL_RANK": "3", "MASTER_ADDR": "gpu03",
                         "MASTER_PORT": "29500"}.items():
         monkeypatch.setenv(name, value)

@@ -741,6 +741,64 @@ def test_a_batch_the_processes_cannot_share_is_refused_before_anything_is_create
     assert not (tmp_path / "ddp").exists()
 
 
+FAILS_ONCE = """
+import os, runpy, signal, sys
+from pathlib import Path
+from engine import trainer
+from utils import dist
+signal.alarm(150)  # a process that waits for a group that never forms ends (SIGALRM's default), and torchrun too
+train_one_epoch = trainer.train_one_epoch
+
+def fails_once(model, loader, optimizer, scaler, device, amp, progress, *args, **kwargs):
+    failed = Path(os.environ["FAILED_ONCE"])
+    if dist.rank() == 1 and progress.epoch == 2 and not failed.exists():
+        failed.touch()
+        raise RuntimeError("process 1 fails once")
+    return train_one_epoch(model, loader, optimizer, scaler, device, amp, progress, *args, **kwargs)
+
+trainer.train_one_epoch = fails_once
+sys.argv[0] = os.path.join(os.getcwd(), "train.py")
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_torchrun_restarts_a_failed_run_and_it_resumes(shapes_dir, tmp_path):
+    """README's `torchrun --max-restarts N ... --resume`: process 1 fails once at the start of epoch 2; torchrun
+    starts both processes again, which resume after epoch 1 and end the run. The restarted processes joined the
+    group under the keys the failed ones had left in torchrun's store, which outlives them, read their addresses
+    and failed to connect ("Gloo connectFullMesh failed") or waited for them: in 3 of 4 restarts of a bare
+    torch script; which process joins first decides it (the next test is the deterministic one)."""
+    script = tmp_path / "fails_once.py"
+    script.write_text(FAILS_ONCE)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--max-restarts", "1", "--nproc_per_node", "2",
+           "--master_port", str(free_port()), str(script), *launch_cmd(tmp_path, shapes_dir, "--num_epochs", "2",
+                                                                       "--val_interval", "0", "--resume")[1:]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "FAILED_ONCE": str(tmp_path / "failed")}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    err = proc.stderr
+    assert proc.returncode == 0 and (tmp_path / "failed").exists(), err[-3000:]
+    log = (tmp_path / "ddp" / "train.log").read_text()
+    assert "process 1 fails once" in err and f"resuming {tmp_path / 'ddp' / 'checkpoint.pt'}" in log
+    assert len(re.findall(r"^epoch 1: loss", log, re.MULTILINE)) == 1
+    assert len(re.findall(r"^epoch 2: loss", log, re.MULTILINE)) == 1
+    assert load_checkpoint(tmp_path / "ddp" / "checkpoint.pt")["epoch"] == 2
+
+
+def test_each_torchrun_attempt_joins_its_group_under_its_own_keys(monkeypatch):
+    """torchrun's store outlives the processes of a failed attempt: what the group of a restarted attempt writes
+    there (each process's address) must not be read as the failed attempt's, nor the other way round."""
+    shared, stores = torch.distributed.HashStore(), []
+    monkeypatch.setattr(dist.dist, "rendezvous", lambda url: iter([(shared, 0, 2)]))
+    monkeypatch.setattr(dist.dist, "init_process_group", lambda backend, store=None, **kw: stores.append(store))
+    for name, value in {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(name, value)
+    for attempt in (0, 1):
+        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", str(attempt))
+        assert dist.init_distributed(True, device="cpu")
+        stores[-1].set("rank_0", f"address of attempt {attempt}")
+    assert [store.get("rank_0") for store in stores] == [b"address of attempt 0", b"address of attempt 1"]
+
+
 def test_srun_variables_start_a_two_process_run(shapes_dir, tmp_path):
     """Two local processes with the variables srun sets (and no torchrun ones) join one gloo group."""
     port = free_port()

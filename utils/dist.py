@@ -96,7 +96,11 @@ def init_distributed(enabled: bool = True, local_rank: int | None = None, device
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if use_cuda:
         bind_local_gpu(int(os.environ.get("LOCAL_RANK", 0)))  # the `local_rank` argument is in it by now
-    dist.init_process_group("nccl" if use_cuda else "gloo", init_method="env://")
+    # torchrun keeps its store from one attempt to the next (--max-restarts): a group made under the same keys
+    # reads the addresses the failed attempt's processes left there and cannot connect, so each attempt has its own.
+    store, group_rank, size = next(dist.rendezvous("env://"))
+    store = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
+    dist.init_process_group("nccl" if use_cuda else "gloo", store=store, rank=group_rank, world_size=size)
     _holders = 1
     return True
 
