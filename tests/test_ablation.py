@@ -101,10 +101,21 @@ def test_a_rerun_with_other_settings_is_refused_even_before_a_row_finished(shape
 @pytest.mark.parametrize("extra, message", [(["--method", "cornernet"], "--method: set by tools/ablation.py"),
                                             (["--log_name=x"], "--log_name=x: set by"),
                                             (["--rows", "cre,ctp"], "--rows cre,ctp: expected some of cornernet"),
-                                            (["--test_scales", "0"], r"--test_scales: expected a number in \(0, 8\]")])
+                                            (["--test_scales", "0"], r"--test_scales: expected a number in \(0, 8\]"),
+                                            # train.py's own checks: each wrote a table that refused the corrected
+                                            # command (other settings), then failed in the first row
+                                            (["--seed", "-1"], r"--seed must be a whole number in \[0"),
+                                            (["--accum_steps", "0"], "--accum_steps: expected a whole number")])
 def test_flags_that_cannot_work_are_refused_before_anything_is_written(shapes_dir, tmp_path, extra, message):
     with pytest.raises(ArgumentError, match=message):
         run(flags(shapes_dir, tmp_path / "ckpt", *extra))
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_a_flag_train_py_does_not_know_is_refused_before_anything_is_written(shapes_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        run(flags(shapes_dir, tmp_path / "ckpt", "--acum_steps", "2"))
+    assert "unrecognized arguments: --acum_steps 2" in capsys.readouterr().err
     assert not (tmp_path / "ckpt").exists()
 
 

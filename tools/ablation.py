@@ -125,7 +125,9 @@ def read_table(path: Path, wanted: dict) -> dict:
     return table["rows"]
 
 
-def train_row(args: argparse.Namespace, run_root: Path, row: str, setting: dict, train_extra: list[str]) -> None:
+def train_args(args: argparse.Namespace, run_root: Path, row: str, setting: dict,
+               train_extra: list[str]) -> argparse.Namespace:
+    """train.py's flags for `row` (an unknown flag in `train_extra` ends the program, as train.py's parser does)."""
     _, corner_pool, center_branch = ROWS[row]
     flags = ["--log_name", row, "--ckpt_dir", str(run_root), "--dataset", args.dataset, "--data_dir",
              str(args.data_dir), "--train_split", args.train_split, "--val_split", args.val_split, "--corner_pool",
@@ -133,7 +135,11 @@ def train_row(args: argparse.Namespace, run_root: Path, row: str, setting: dict,
              "--num_workers", str(args.num_workers), "--val_interval", "0", "--resume"] + ["--dist"] * args.dist
     for key in ("arch", "img_size", "batch_size", "lr", "lr_step", "num_epochs"):
         flags += [f"--{key}", str(setting[key])]
-    train.main(train.get_args_parser().parse_args(flags + train_extra))
+    return train.get_args_parser().parse_args(flags + train_extra)
+
+
+def train_row(args: argparse.Namespace, run_root: Path, row: str, setting: dict, train_extra: list[str]) -> None:
+    train.main(train_args(args, run_root, row, setting, train_extra))
 
 
 def test_row(args: argparse.Namespace, run_root: Path, row: str) -> dict:
@@ -167,6 +173,9 @@ def main(args: argparse.Namespace, train_extra: list[str] = ()) -> dict:
     run_root = Path(args.ckpt_dir) / args.name
     table_path = run_root / TABLE
     rows = read_table(table_path, setting)
+    # train.py's flags are checked before the table is written: a table records settings it is bound to, and one
+    # written for a typing error would refuse the corrected command ("pick another --name").
+    train.check_args(train_args(args, run_root, wanted_rows[0], setting, train_extra))
     # One process group for every row's training and test (utils/dist.py cleanup says why).
     dist.init_distributed(args.dist or dist.launched(), device=args.device)
     if dist.is_main() and not table_path.exists():  # the settings before any row: a rerun with others is refused
