@@ -331,7 +331,9 @@ class CocoDetection(Dataset):
             if not a["iscrowd"] and w > 0 and h > 0:
                 per_image[row_of[a["image_id"]]].append((x, y, x + w, y + h, label_of[a["category_id"]]))
         rows = [np.array(r, np.float64).reshape(-1, 5) for r in per_image]
-        return [r[:, :4].astype(np.float32) for r in rows], [r[:, 4].astype(np.int64) for r in rows]
+        # Coordinates past float32's range (valid json) are cut to it: load() clips them to the image anyway.
+        limit = np.finfo(np.float32).max
+        return [r[:, :4].clip(-limit, limit).astype(np.float32) for r in rows], [r[:, 4].astype(np.int64) for r in rows]
 
     def __len__(self) -> int:
         return len(self.images)

@@ -264,10 +264,12 @@ def test_ids_and_fields_of_the_wrong_type_are_named(tmp_path, where, key, value,
         CocoDetection(tmp_path, "train", train=True)
 
 
+@pytest.mark.filterwarnings("error")
 @pytest.mark.parametrize("area", [5, None])
 def test_a_box_whose_area_passes_a_float_loads_clipped(tmp_path, area):
     """Width and height 10**200 are finite, but their product 10**400 is no float: filling the area raised
-    OverflowError (a traceback naming nothing), even where the json gives the area (setdefault computed it)."""
+    OverflowError (a traceback naming nothing), even where the json gives the area (setdefault computed it); the
+    box's corner, past float32's range, gave numpy's overflow warning when the boxes were stored in float32."""
     data = coco_dict(boxes=((10, 10, 10**200, 10**200),))
     if area is None:
         del data["annotations"][0]["area"]
@@ -276,6 +278,7 @@ def test_a_box_whose_area_passes_a_float_loads_clipped(tmp_path, area):
     ds = CocoDetection(write_set(tmp_path, data, {"1.png": image()}), "train", train=True)
     assert ds.coco.loadAnns(ds.coco.getAnnIds())[0]["area"] == (math.inf if area is None else area)
     np.testing.assert_array_equal(ds.load(0)[1], [[10, 10, 100, 80]])  # clipped to the 100 x 80 image
+
 
 def test_optional_annotation_fields_are_filled(tmp_path):
     data = coco_dict(boxes=((10, 10, 30, 20), (40, 5, 10, 10)))
