@@ -5,9 +5,11 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -189,6 +191,20 @@ def test_a_failed_run_logs_its_error_and_its_folder_takes_a_new_run(shapes_dir, 
     log = (run / "train.log").read_text()
     assert "the run before it there saved no checkpoint (it left " in log and "epoch 1: val AP" in log
     assert load_checkpoint(run / "checkpoint.pt")["epoch"] == 1
+
+
+def test_a_run_started_in_a_worker_thread_trains_and_leaves_the_signal_handlers(shapes_dir, tmp_path):
+    """A program that trains in a thread of its own (a service, a GUI) gets its run: Python refuses signal handlers
+    outside the main thread, and installing them was a ValueError before anything was trained."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    outcome = []
+    worker = threading.Thread(target=lambda: outcome.append(
+        train.main(args_for(shapes_dir, tmp_path, "--num_epochs", "1"))))
+    worker.start()
+    worker.join()
+    assert len(outcome) == 1 and 0.0 <= outcome[0] <= 1.0
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["epoch"] == 1
+    assert {s: signal.getsignal(s) for s in handlers} == handlers
 
 
 def test_a_second_run_in_a_folder_in_use_stops_and_writes_nothing(shapes_dir, tmp_path):

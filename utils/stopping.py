@@ -10,11 +10,14 @@ longer ends it (such a worker is stuck in a read, and ends with it).
 Other commands only need SIGTERM to end them as Ctrl-C does, cleaning up: utils.errors.run_cli does that.
 """
 import signal
+import threading
 import time
 
 
 class StopSignals:
-    """Context manager: while active, SIGTERM / SIGINT set `received` (the signal's name) instead of stopping."""
+    """Context manager: while active, SIGTERM / SIGINT set `received` (the signal's name) instead of stopping.
+    Entered outside the main thread (train.main run by a service or a GUI in a worker thread) it installs nothing:
+    Python takes handlers only from the main thread and runs them only there, so the caller's own handling stays."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -30,6 +33,8 @@ class StopSignals:
               "(Ctrl-C again stops at once, losing the work since the last checkpoint)", flush=True)
 
     def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is not threading.main_thread():
+            return self
         for s in self.SIGNALS:
             self._previous[s] = signal.signal(s, self._handle)
         return self
