@@ -22,6 +22,7 @@ from nets.hourglass import CENTER_BRANCHES, CORNER_POOLS
 from utils import dist
 from utils.checkpoint import MAX_IMG_SIZE
 from utils.checks import check_number, check_positive_int
+from utils.device import cudnn_benchmark
 from utils.errors import ArgumentError, run_cli
 from utils.stopping import StopSignals
 
@@ -120,7 +121,9 @@ def main(args: argparse.Namespace) -> float:
     SystemExit(128 + signal) after saving when stopped by SIGTERM / SIGINT."""
     check_args(args)
     try:
-        with StopSignals() as signals, RunFolderLock() as folder_lock:
+        # cuDNN autotuning for the fixed --img_size (evaluate() turns it off while it runs), for this run only: a
+        # caller that goes on (a notebook running Detector on photos of many sizes) keeps its own setting.
+        with StopSignals() as signals, RunFolderLock() as folder_lock, cudnn_benchmark(True):
             ap, stopped = train(args, signals, folder_lock)
     except RunComplete as done:
         if dist.is_main():

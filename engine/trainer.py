@@ -245,7 +245,6 @@ def train(args: argparse.Namespace, signals: StopSignals, folder_lock: RunFolder
     if args.sync_bn and device.type != "cuda":  # torch's SyncBatchNorm refuses CPU tensors at the first step
         raise ArgumentError(f"--sync_bn: SyncBatchNorm runs on CUDA devices only, and this run is on {device}; "
                             "drop --sync_bn")
-    torch.backends.cudnn.benchmark = True  # fixed input size (--img_size); evaluate() turns it off while it runs
     run_dir = Path(args.ckpt_dir) / args.log_name
     on_main_for_all(lambda: folder_lock.hold(run_dir))
     resuming, plan_message = on_main_for_all(lambda: run_folder_plan(run_dir, args.resume))

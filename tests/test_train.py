@@ -193,10 +193,21 @@ def test_a_failed_run_logs_its_error_and_its_folder_takes_a_new_run(shapes_dir, 
     assert load_checkpoint(run / "checkpoint.pt")["epoch"] == 1
 
 
-def test_a_run_started_in_a_worker_thread_trains_and_leaves_the_signal_handlers(shapes_dir, tmp_path):
+def test_a_run_started_in_a_worker_thread_trains_and_leaves_the_callers_settings(shapes_dir, tmp_path, monkeypatch):
     """A program that trains in a thread of its own (a service, a GUI) gets its run: Python refuses signal handlers
-    outside the main thread, and installing them was a ValueError before anything was trained."""
+    outside the main thread, and installing them was a ValueError before anything was trained. The run autotunes
+    cuDNN for its fixed input size while it trains, and the program gets its own setting back (it stayed on, for
+    the photos of many sizes a Detector runs next)."""
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    benchmark_in_training = []
+
+    def train_one_epoch(*args, **kwargs):
+        benchmark_in_training.append(torch.backends.cudnn.benchmark)
+        return original(*args, **kwargs)
+
+    original = trainer.train_one_epoch
+    monkeypatch.setattr(trainer, "train_one_epoch", train_one_epoch)
     outcome = []
     worker = threading.Thread(target=lambda: outcome.append(
         train.main(args_for(shapes_dir, tmp_path, "--num_epochs", "1"))))
@@ -205,6 +216,7 @@ def test_a_run_started_in_a_worker_thread_trains_and_leaves_the_signal_handlers(
     assert len(outcome) == 1 and 0.0 <= outcome[0] <= 1.0
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["epoch"] == 1
     assert {s: signal.getsignal(s) for s in handlers} == handlers
+    assert benchmark_in_training == [True] and torch.backends.cudnn.benchmark is False
 
 
 def test_a_second_run_in_a_folder_in_use_stops_and_writes_nothing(shapes_dir, tmp_path):
