@@ -169,7 +169,11 @@ def as_bgr8(image: np.ndarray) -> np.ndarray:
     (H, W, 4) BGRA without its alpha, 16-bit values to their high byte; (H, W, 3) uint8 BGR comes back as it is. Anything else,
     and an image without pixels, is an ArgumentError naming its shape and dtype."""
     if not isinstance(image, np.ndarray):
-        raise ArgumentError(f"expected an image array or an image path, got {type(image).__name__}")
+        # The conversion a user reaches for first, np.asarray(image), gives RGB: no error, other detections.
+        hint = "; a PIL image is RGB: pass np.asarray(image.convert('RGB'))[:, :, ::-1]" \
+            if isinstance(image, PIL.Image.Image) else ""
+        raise ArgumentError(f"expected a numpy array in BGR order ((H, W, 3) uint8, as cv2.imread gives) or an image "
+                            f"path, got {type(image).__name__}{hint}")
     shape = image.shape + (1,) if image.ndim == 2 else image.shape
     if len(shape) != 3 or shape[2] not in (1, 3, 4) or image.dtype not in (np.uint8, np.uint16):
         raise ArgumentError(f"expected a (H, W, 3) BGR, (H, W, 4) BGRA or (H, W) gray image of dtype uint8 or "

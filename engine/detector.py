@@ -10,6 +10,7 @@ A `.pt` checkpoint (train.py, tools/convert_official.py) runs on PyTorch, an `.o
 on onnxruntime; both go through the test-time pipeline of engine/inference.py, as test.py does.
 """
 import numbers
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,7 +168,7 @@ class Detector:
     def read(image: np.ndarray | str | Path) -> np.ndarray:
         """An image argument as a (H, W, 3) uint8 BGR array: a file is read (datasets.image_io.load_image), an
         array converted as the reader converts a file (gray, BGRA, 16-bit: datasets.image_io.as_bgr8)."""
-        if isinstance(image, (str, Path)):
+        if isinstance(image, (str, os.PathLike)):
             return load_image(image)
         return as_bgr8(image)
 

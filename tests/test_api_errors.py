@@ -8,11 +8,12 @@ import math
 import os
 import re
 import zlib
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import cv2
 import numpy as np
 import onnx
+import PIL.Image
 import pytest
 import torch
 from onnx import TensorProto, helper
@@ -189,6 +190,27 @@ def test_images_that_cannot_be_read_are_clear_errors(ckpt, tmp_path):
         detector(np.zeros((20, 30, 3), np.float32))
     with pytest.raises(DataError, match=f"{tmp_path} is a folder, not an image file"):
         detector(tmp_path)
+
+
+def test_other_image_objects_are_refused_naming_the_colour_order_and_any_path_object_is_read(ckpt, tmp_path):
+    """A PIL image or a tensor is refused with the layout and colour order expected; the conversion the message
+    gives a PIL image (which is RGB) yields the detections of its file, where np.asarray alone would silently
+    feed RGB. Any os.PathLike is a path: a PurePath was refused as not an image."""
+    array = np.random.default_rng(2).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    path = tmp_path / "image.png"
+    assert cv2.imwrite(str(path), array)
+    detector = Detector.from_checkpoint(ckpt, device="cpu")
+    with PIL.Image.open(path) as image:
+        with pytest.raises(ArgumentError, match=re.escape(
+                "numpy array in BGR order ((H, W, 3) uint8, as cv2.imread gives) or an image path, got PngImageFile; "
+                "a PIL image is RGB: pass np.asarray(image.convert('RGB'))[:, :, ::-1]")):
+            detector(image)
+        converted = np.asarray(image.convert("RGB"))[:, :, ::-1]
+    np.testing.assert_array_equal(converted, array)
+    np.testing.assert_array_equal(detector(converted).rows(), detector(path).rows())
+    with pytest.raises(ArgumentError, match=r"numpy array in BGR order .* got Tensor$"):
+        detector(torch.from_numpy(array))
+    np.testing.assert_array_equal(detector(PurePosixPath(path)).rows(), detector(path).rows())
 
 
 def png_header_only(path: Path, width: int, height: int) -> Path:
