@@ -158,10 +158,10 @@ class Detector:
     def __call__(self, images: np.ndarray | str | Path | list) -> "Detections | list[Detections]":
         """Detections of one image (array or path), or a list of them for a list."""
         if isinstance(images, (list, tuple)):
-            arrays = [self.read(image) for image in images]
+            # Read batch by batch: a list of a thousand photo paths held every decoded photo at once (6 MB each).
             return [Detections.from_rows(rows, self.class_names, self.category_ids)
-                    for start in range(0, len(arrays), self.batch_size)
-                    for rows in self.detect_rows(arrays[start:start + self.batch_size])]
+                    for start in range(0, len(images), self.batch_size)
+                    for rows in self.detect_rows([self.read(image) for image in images[start:start + self.batch_size]])]
         return Detections.from_rows(self.detect_rows([self.read(images)])[0], self.class_names, self.category_ids)
 
     @staticmethod
