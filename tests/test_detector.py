@@ -116,6 +116,19 @@ def test_a_list_is_read_one_batch_at_a_time(tiny, monkeypatch):
                            box_tol=1e-3, score_tol=1e-5)
 
 
+def test_a_callers_autocast_region_does_not_change_the_detections(tiny):
+    """Detector(amp=False) runs in float32 inside a bf16 autocast region of the calling program too (its network's
+    head convolutions ran in bf16 there: 32 detections of this image instead of 27)."""
+    ckpt, _ = tiny
+    detector = Detector.from_checkpoint(ckpt, device="cpu", test_flip=True, test_scales=(0.5, 1))
+    image = load_image(RACCOON / "val" / "raccoon-102.jpg")
+    alone = detector(image)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = detector(image)
+    assert len(alone) > 10
+    np.testing.assert_array_equal(inside.rows(), alone.rows())
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore:Constant folding")
 def test_an_exported_onnx_file_gives_the_checkpoint_detections(tiny, tmp_path):
     ckpt, _ = tiny

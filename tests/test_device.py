@@ -40,6 +40,8 @@ def test_cpu_autocast_runs_in_bfloat16():
         assert conv(torch.randn(1, 3, 8, 8)).dtype == torch.bfloat16
     with autocast(CPU, False):
         assert conv(torch.randn(1, 3, 8, 8)).dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16), autocast(CPU, False):  # the caller's own region: fp32 inside
+        assert conv(torch.randn(1, 3, 8, 8)).dtype == torch.float32
 
 
 def test_cudnn_benchmark_restored():

@@ -57,10 +57,11 @@ def amp_dtype(device: torch.device, amp: bool | str) -> torch.dtype | None:
 
 
 def autocast(device: torch.device, amp: bool | str):
-    """Autocast to `amp_dtype(device, amp)`; a no-op context when `amp` is False."""
+    """Autocast to `amp_dtype(device, amp)`; autocast off when `amp` is False, also inside an autocast region of
+    the caller's (a notebook running its own model in bf16 around Detector(amp=False) got other detections)."""
     dtype = amp_dtype(device, amp)
     if dtype is None:
-        return contextlib.nullcontext()
+        return torch.autocast(device.type, enabled=False)
     return torch.autocast(device.type, dtype=dtype)
 
 
