@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine import Detector
 from nets import build_model
 from tools.convert_official import convert_state_dict, detect_method, get_args_parser, main, our_name
 from utils.checkpoint import save_checkpoint
@@ -96,3 +97,18 @@ def test_bad_sources_are_one_line_errors(tmp_path):
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
     assert not (tmp_path / "out.pt").exists()
+
+
+def test_official_weights_read_unconverted_name_the_converter(tmp_path):
+    """The official .pkl (a bare state dict) given to the Detector or train.py --pretrained, skipping the
+    conversion, names tools/convert_official.py; it said only that a 'model' entry was expected."""
+    official = tmp_path / "CenterNet-52_480000.pkl"
+    torch.save({key: torch.zeros(2) for key in list(fake_official("CenterNet-52"))[:3]}, official)
+    with pytest.raises(UserError, match=rf"{official} is not a centernet47 checkpoint: .*\(a state dict, as the "
+                                        r"official CenterNet and CornerNet \.pkl files do\): convert official weights "
+                                        r"first with tools/convert_official\.py"):
+        Detector.from_checkpoint(official, device="cpu")
+    torch.save({"weights": torch.zeros(2), "epoch": 3}, tmp_path / "other.pt")  # not weights alone: no such hint
+    with pytest.raises(UserError) as refused:
+        Detector.from_checkpoint(tmp_path / "other.pt", device="cpu")
+    assert str(refused.value).endswith("expected a dict with a 'model' entry")

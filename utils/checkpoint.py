@@ -235,7 +235,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     error."""
     state = read_plain(path, map_location)
     if not isinstance(state, dict) or "model" not in state:
-        raise CheckpointError(f"{path} is not a centernet47 checkpoint: expected a dict with a 'model' entry")
+        # The official weights are such a bare state dict: the reader has skipped the conversion step.
+        bare = isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values())
+        hint = ("; it holds weights alone (a state dict, as the official CenterNet and CornerNet .pkl files do): "
+                "convert official weights first with tools/convert_official.py") if bare else ""
+        raise CheckpointError(f"{path} is not a centernet47 checkpoint: expected a dict with a 'model' entry{hint}")
     if not isinstance(state.get("args", {}), dict):
         raise CheckpointError(f"{path}: expected 'args' (a dict) in the checkpoint, got "
                               f"{type(state['args']).__name__}")
