@@ -9,7 +9,8 @@ What it changes (each measured by bench/bench_infer.py, README "CPU inference"):
   broadcast sum included, which would come out NCHW);
 - each head's last 1x1 convolution as one matrix product that writes the output map in NCHW, the layout decoding
   reads, instead of a channels_last map copied afterwards;
-- optionally bf16 weights and activations (the CPU's AVX-512 BF16 / AMX instructions), outputs back in float32.
+- optionally bf16 weights and activations (the CPU's AVX-512 BF16 / AMX instructions), outputs back in float32;
+  on a CPU without AVX-512 the bf16 convolutions run as plain `F.conv2d` (oneDNN refuses them there).
 
 The rewrite goes by module type (ConvBnRelu, Residual, PoolMerge, conv-BN and conv-ReLU pairs in an nn.Sequential),
 so any branch built from these blocks is prepared; a block it does not know keeps its own forward, which stays
@@ -27,6 +28,9 @@ from .hourglass import OUTPUT_KEYS, KeypointBranches
 from .layers import Residual
 
 ONEDNN = torch.backends.mkldnn.is_available()
+# oneDNN's bf16 convolutions need AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT: on an x86 CPU with AVX2 only, torch
+# refuses them ("bf16 path needs the cpu support ..."), and the bf16 path runs as plain F.conv2d there.
+ONEDNN_BF16 = ONEDNN and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def foldable(conv: nn.Module) -> bool:
@@ -70,7 +74,7 @@ class FusedConv(nn.Module):
         return self.packed
 
     def forward(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
-        if ONEDNN and x.device.type == "cpu":
+        if x.device.type == "cpu" and (ONEDNN_BF16 if x.dtype == torch.bfloat16 else ONEDNN):
             weight = self.onednn_weight(x)
             if add is None:
                 return torch.ops.mkldnn._convolution_pointwise(x, weight, self.bias, self.padding, self.stride,
