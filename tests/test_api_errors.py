@@ -271,7 +271,8 @@ def test_an_image_whose_test_input_is_too_large_is_refused_before_the_forward(ck
         detector.check_size(thin)
     with pytest.raises(ArgumentError, match="300 x 1 pixels at test scale 2"):
         detector(thin)
-    assert len(Detector.from_checkpoint(ckpt, device="cpu")(thin)) >= 0  # at scale 1 it fits
+    found = Detector.from_checkpoint(ckpt, device="cpu")(thin)  # at scale 1 it fits: detected, not refused
+    assert found.boxes.shape == (len(found), 4) and (found.boxes[:, [2, 3]] <= [300, 1]).all()
 
 
 def test_a_checkpoint_path_that_is_a_folder_or_fifo_is_named_as_such(tmp_path):

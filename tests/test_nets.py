@@ -76,6 +76,7 @@ def test_center_pool_equals_the_composed_corner_pools(ties):
     if ties:  # few distinct values: many tied maxima in each row and column
         a, b = a.round(), b.round()
     pooled = a.amax(dim=2, keepdim=True) + b.amax(dim=3, keepdim=True)
+    # Maxima select without rounding, so both sides add the same two floats: equal bit for bit on any CPU.
     torch.testing.assert_close(pooled.expand(-1, -1, 9, 7), bottom_pool(top_pool(a)) + right_pool(left_pool(b)),
                                rtol=0, atol=0)
     expected = module.merge(x, bottom_pool(top_pool(module.conv_col(x))) + right_pool(left_pool(module.conv_row(x))))
@@ -107,7 +108,7 @@ def test_two_stacks_train_and_eval_outputs():
     assert isinstance(last, dict) and set(last) == KEYS
     model.training = True  # the top module only: list output, BN layers stay in eval mode
     both = model(x)
-    for k in KEYS:
+    for k in KEYS:  # the same operations on the same input in this process: equal bit for bit
         torch.testing.assert_close(last[k], both[1][k], rtol=0, atol=0)
         assert not torch.equal(both[0][k], both[1][k]), k
 

@@ -91,6 +91,7 @@ def test_plain_corner_pool_is_cornernets_and_center_conv_has_no_maxima():
     for vertical, horizontal, v, h in (("top", "left", top_pool, left_pool), ("bottom", "right", bottom_pool,
                                                                              right_pool)):
         module = CornerPool(8, 4, vertical, horizontal).eval()
+        # the module's own operations, written out, on the same input in this process: equal bit for bit
         want = module.merge(x, v(module.conv_v(x)) + h(module.conv_h(x)))
         torch.testing.assert_close(module(x), want, rtol=0, atol=0)
         # and it is not the cascade: the cross-direction look would change the pooled map
