@@ -17,6 +17,7 @@ pay one-off set-up, several times the time of a warm item.
 import argparse
 import cProfile
 import json
+import os
 import pstats
 import statistics
 import subprocess
@@ -79,8 +80,11 @@ def seed_layout(data_dir: Path, train_split: str, val_split: str, tmp: Path) -> 
 
 
 def run_seed(repo: Path, root: Path, img_size: int, num_classes: int) -> dict:
+    # Without PYTHONPATH: one naming this repository (as IDEs set it) gave the seed our `datasets`, since a package
+    # with an __init__.py anywhere on the path wins over a folder without one, as the seed's may be.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     out = subprocess.run([sys.executable, "-c", SEED_DRIVER, str(repo), str(root), str(img_size), str(num_classes),
-                          str(WARMUP)], cwd=repo, capture_output=True, text=True)
+                          str(WARMUP)], cwd=repo, env=env, capture_output=True, text=True)
     if out.returncode:
         raise SystemExit(f"the seed's loader failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -567,13 +567,16 @@ COCO_eval = COCO
 '''
 
 
-def test_the_data_bench_times_the_seed_loader_warm_as_ours(tmp_path):
+def test_the_data_bench_times_the_seed_loader_warm_as_ours(tmp_path, monkeypatch):
     """bench/bench_data.py runs the seed's loader in a fresh process per round: it timed that process's first items,
     set-up included, beside our warmed-up loader (a 1.2-1.8x slower seed on tests/data/raccoon). A stand-in seed
     whose first item takes 0.5 s: timed cold, 2 items would read at most 4 samples/s. Warm, they take microseconds;
-    8 samples/s leaves them 0.25 s, for a loaded machine or a container paused by its CPU quota (up to 0.1 s)."""
+    8 samples/s leaves them 0.25 s, for a loaded machine or a container paused by its CPU quota (up to 0.1 s).
+    The stand-in's `datasets` has no __init__.py (a checkout may have none): with this repository on PYTHONPATH (an
+    IDE's default) the seed's process imported ours instead ("cannot import name 'COCO_eval'")."""
     from bench.bench_data import run_seed
 
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[1]))
     (tmp_path / "datasets").mkdir()
     (tmp_path / "datasets" / "coco.py").write_text(FIRST_CALL_SLOW_LOADER)
     rates = run_seed(tmp_path, tmp_path, 127, 1)
