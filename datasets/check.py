@@ -12,7 +12,7 @@ it; an image entry without a valid width and height has its boxes checked agains
 is not 1 are listed as notes, not problems: they are read upright, as viewers show them, so their width, height and
 boxes must be those of the upright image (an annotation tool that ignored the tag gave the stored image's). So are
 images too large to evaluate (a test input of more than datasets.transforms.MAX_INPUT_PIXELS at scale 1): training
-crops them, but train.py and test.py refuse a val split that holds one.
+crops them, but train.py and test.py refuse a val split that holds one. So is a category name given to several ids.
 Problems are listed with the file and the entry (annotation ids included), all of them rather than the first;
 the exit status is 1 when there is any, 0 when the split is clean. Runs from any folder as
 `python PATH/TO/REPO/datasets/check.py ...` too.
@@ -135,8 +135,19 @@ def inspect_split(data_dir: str | Path, split: str, progress: bool = True) -> tu
     image_info = ann_file.name.startswith("image_info_")  # a test split: images without annotations
     problems = coco_problems(data, ann_file, require_annotations=not image_info) + \
         box_problems(data, ann_file, report.sizes)
-    notes = report.turned + too_large_notes(images, img_dir, report.sizes)
+    notes = report.turned + too_large_notes(images, img_dir, report.sizes) + repeated_name_notes(data, ann_file)
     return annotation_ids(problems, data) + report.problems, notes
+
+
+def repeated_name_notes(data: dict, ann_file: Path) -> list[str]:
+    """One note per category name given to more than one id: each id is a class of its own, which the per-class
+    table, drawings and detections then name alike (a merge of two label sets, say, that was meant to join them)."""
+    ids_of: dict[str, list] = {}
+    for c in data.get("categories") if isinstance(data.get("categories"), list) else []:
+        if isinstance(c, dict) and "name" in c and "id" in c:
+            ids_of.setdefault(str(c["name"]), []).append(c["id"])
+    return [f"{ann_file}: category name {name!r} is given to ids {', '.join(map(repr, ids))}: each is a class of "
+            "its own, named alike in results and drawings" for name, ids in ids_of.items() if len(ids) > 1]
 
 
 def too_large_notes(images: list, img_dir: Path, decoded_sizes: dict) -> list[str]:

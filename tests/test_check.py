@@ -182,6 +182,18 @@ def test_an_image_too_large_to_evaluate_is_a_note(tmp_path):
     assert inspect_split(tmp_path, "train", progress=False)[1] == []
 
 
+def test_a_category_name_given_to_several_ids_is_a_note(tmp_path):
+    """Two ids named 'cat' (two label sets joined by hand): two classes that results and drawings name alike; the
+    check said "no problems found"."""
+    ann_file = one_image_split(tmp_path, np.zeros((80, 100, 3), np.uint8), "1.png", {}, [[10, 10, 20, 20]])
+    data = json.loads(ann_file.read_text())
+    data["categories"] = [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}, {"id": 7, "name": "cat"}]
+    ann_file.write_text(json.dumps(data))
+    problems, notes = inspect_split(tmp_path, "train", progress=False)
+    assert problems == [] and notes == [f"{ann_file}: category name 'cat' is given to ids 1, 7: each is a class of "
+                                        "its own, named alike in results and drawings"]
+
+
 def test_a_file_name_outside_the_image_folder_is_reported_once_and_not_read(tmp_path):
     """'../outside.png' is a good image, but outside the split's folder: reported as the entry's problem, not read
     (an absolute path such as /dev/zero would be read until memory runs out)."""
