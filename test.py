@@ -32,6 +32,8 @@ decoding and soft-NMS; its metadata holds the classes and arch. Results json bes
 import argparse
 from pathlib import Path
 
+import torch
+
 from datasets import build_dataset
 from datasets.coco_eval import BACKENDS, check_results_free, results_path
 from datasets.transforms import eval_sizes
@@ -80,7 +82,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "with a center branch); off evaluates a CenterNet network as CornerNet's test does")
     p.add_argument("--num_workers", type=int, default=2, help="data loading workers per process")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--amp", action="store_true", help="16-bit: fp16 autocast on CUDA; on the CPU the bf16 network (README: CPU inference)")
+    p.add_argument("--amp", action="store_true",
+                   help="16-bit: autocast to --amp_dtype on CUDA; on the CPU the bf16 network (README: CPU inference)")
+    p.add_argument("--amp_dtype", default="fp16", choices=["fp16", "bf16"],
+                   help="autocast dtype on CUDA with --amp: bf16 for a network trained with train.py --amp_dtype bf16, "
+                        "whose activations may not fit fp16's range")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--force", action="store_true", help="replace the results of an earlier evaluation of the same "
                    "model with the same settings")
@@ -123,6 +129,14 @@ def check_fits_export(model: OnnxModel, images: list[dict], scales: list[float],
                             f"export again with --max_size {side}, or test at smaller --test_scales")
 
 
+def autocast_setting(amp: bool, dtype: str, device: torch.device) -> bool | str:
+    """The `amp` of engine.inference.evaluate for --amp and --amp_dtype: False, the dtype's name on CUDA, or True on
+    the CPU (whose 16-bit path is always the bf16 network, so its results keep one name)."""
+    if not amp:
+        return False
+    return dtype if device.type == "cuda" else True
+
+
 def main(args: argparse.Namespace) -> dict:
     args = argparse.Namespace(**vars(args))  # completed below; the caller's flags stay as given, to run again
     if args.num_workers < 0:
@@ -158,7 +172,8 @@ def main(args: argparse.Namespace) -> dict:
                             f"({variant_name(model.corner_pool, model.center_branch)}), which has no center check; "
                             "drop the flag")
 
-    settings = changed_settings(cfg, len(args.test_scales), args.amp)
+    amp = autocast_setting(args.amp, args.amp_dtype, device)
+    settings = changed_settings(cfg, len(args.test_scales), amp)
     trained_on = saved_args(state).get("data_dir")
     if trained_on is not None and Path(trained_on).resolve() != Path(args.data_dir).resolve():
         settings["data_dir"] = str(Path(args.data_dir).resolve())  # another data set's split of the same name
@@ -173,7 +188,7 @@ def main(args: argparse.Namespace) -> dict:
               f"{dist.world_size()} process(es) on {device}", flush=True)
     if device.type == "cpu":
         keep_freed_memory()  # activations reused from one image to the next (utils/cpu_memory.py)
-    stats = evaluate(model, dataset, cfg, device, num_workers=args.num_workers, amp=args.amp,
+    stats = evaluate(model, dataset, cfg, device, num_workers=args.num_workers, amp=amp,
                      out_json=out_json, backend=args.eval_backend)
     if dist.is_main():
         print(f"results written to {out_json}")

@@ -90,12 +90,15 @@ def build_eval_config(args) -> InferenceConfig:
                            center_check=getattr(args, "center_check", None) != "off")
 
 
-def changed_settings(cfg: InferenceConfig, num_scales: int, amp: bool) -> dict:
-    """The settings of `cfg` (and autocast) that differ from `official_config(num_scales)` in fp32: {name: value};
-    they change the detections, so test.py names its results after them."""
+def changed_settings(cfg: InferenceConfig, num_scales: int, amp: bool | str) -> dict:
+    """The settings of `cfg` (and autocast: False, True or 'fp16', 'bf16') that differ from
+    `official_config(num_scales)` in fp32: {name: value}; they change the detections, so test.py names its results
+    after them. fp16 is `amp` True, the name its results had before bf16 could be chosen."""
     official = asdict(official_config(num_scales))
     changed = {k: v for k, v in asdict(cfg).items() if v != official[k]}
-    return {**changed, "amp": True} if amp else changed
+    if not amp:
+        return changed
+    return {**changed, "amp": "bf16" if amp == "bf16" else True}
 
 
 # The largest test scale: a network input's memory grows with the square of the scale (8: 64 times the pixels of

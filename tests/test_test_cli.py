@@ -19,6 +19,7 @@ from datasets.false_discovery import FD_NAMES
 from nets import build_model
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from datasets.coco_eval import results_path, settings_hash
+from utils.device import amp_dtype
 from utils.errors import ArgumentError, DataError, MissingFileError, UserError
 from engine.inference import InferenceConfig, changed_settings, official_config
 
@@ -113,6 +114,9 @@ def test_results_names_carry_the_split_model_scales_flip_and_changed_settings():
     assert changed_settings(official_config(3), 3, amp=False) == {}  # merging is official with several scales
     assert changed_settings(InferenceConfig(topk=20, merge=True), 1, amp=True) == {"topk": 20, "merge": True,
                                                                                   "amp": True}
+    # fp16 keeps the name --amp results had before --amp_dtype; bf16 gives other detections, so another name
+    assert changed_settings(official_config(1), 1, amp="fp16") == {"amp": True}
+    assert changed_settings(official_config(1), 1, amp="bf16") == {"amp": "bf16"}
     assert results_path(model, "val2017", [1.0], True, False, {}, False) == \
         Path("run") / "results_val2017_epoch_10_s1_flip.json"
     assert results_path(model, "val", [0.5, 1.0], False, True, {"topk": 20}, False).name == \
@@ -121,6 +125,18 @@ def test_results_names_carry_the_split_model_scales_flip_and_changed_settings():
         settings_hash({"topk": 21, "amp": True})
     assert results_path(model, "test-dev2017", [0.5, 1.0], True, False, {}, True).name == \
         "detections_test-dev2017_run-epoch-10-s50-100-flip_results.json"
+
+
+def test_amp_dtype_reaches_cuda_autocast_and_is_one_setting_on_the_cpu():
+    """test.py --amp was always fp16 autocast on CUDA, where train.py --amp_dtype bf16 trains (and validates) in
+    bf16: its AP could not be reproduced. On the CPU --amp is the bf16 network whatever the dtype flag."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    args = test_cli.get_args_parser().parse_args(["--amp", "--amp_dtype", "bf16"])
+    assert test_cli.autocast_setting(args.amp, args.amp_dtype, cuda) == "bf16"
+    assert amp_dtype(cuda, test_cli.autocast_setting(args.amp, args.amp_dtype, cuda)) == torch.bfloat16
+    assert amp_dtype(cuda, test_cli.autocast_setting(True, "fp16", cuda)) == torch.float16
+    assert test_cli.autocast_setting(True, "bf16", cpu) is test_cli.autocast_setting(True, "fp16", cpu) is True
+    assert test_cli.autocast_setting(False, "bf16", cuda) is False
 
 
 def test_results_of_other_models_and_settings_never_replace_each_other(ckpt_dir, tmp_path, capsys):
