@@ -151,6 +151,33 @@ def test_gradcheck(impl, direction):
     assert torch.autograd.gradcheck(lambda t: IMPLS[impl](t, DIRECTIONS[direction]), (x,))
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_double_backward(impl, layout):
+    # The input gradient is linear in the output gradient g: grad_in[i] = sum of g[p] over the p whose argmax is i,
+    # so d(sum(v * grad_in)) / dg[p] = v[argmax(p)]. With create_graph both backends must give that (the
+    # extension's kernel alone has no derivative: autograd would treat it as a constant, d/dg = None).
+    g = torch.Generator().manual_seed(7)
+    shape = (1, 2, 3, 4)
+    x = tie_heavy(shape, g)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    v = torch.randn(shape, generator=g, dtype=torch.float64)
+    for direction in DIRECTIONS.values():
+        grad = torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True)
+        xr = x.detach().requires_grad_()
+        (grad_in,) = torch.autograd.grad(IMPLS[impl](xr, direction), xr, grad, create_graph=True)
+        (second,) = torch.autograd.grad((grad_in * v).sum(), grad)
+        want = torch.empty(shape, dtype=torch.float64)
+        for p in range(second.numel()):
+            one_hot = torch.zeros(second.numel(), dtype=torch.float64)
+            one_hot[p] = 1
+            want.view(-1)[p] = (reference(x, one_hot.view(shape), direction)[1] * v).sum()
+        assert torch.equal(second, want)
+    xr = torch.randn(1, 2, 3, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda t: IMPLS[impl](t, TOP), (xr,))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("direction", DIRECTIONS)
 def test_extension_equals_fallback(dtype, direction):

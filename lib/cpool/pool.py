@@ -137,7 +137,13 @@ class _ExtensionPool(torch.autograd.Function):
         if ctx.channels_last:
             grad = grad.contiguous(memory_format=torch.channels_last)
         grad_lines, _ = _as_nchw_lines(grad, ctx.direction, ctx.channels_last)
-        grad_in = torch.ops.cpool.pool_backward(lines, out, grad_lines, ctx.line_direction)
+        if torch.is_grad_enabled():
+            # create_graph (double backward): the kernel has no derivative, autograd would silently treat it as
+            # a constant; the fallback's scatter, with the same tie rule, is differentiable in `grad`
+            _, idx = cummax_forward(lines, ctx.line_direction)
+            grad_in = cummax_backward(grad_lines, idx, ctx.line_direction)
+        else:
+            grad_in = torch.ops.cpool.pool_backward(lines, out, grad_lines, ctx.line_direction)
         return _from_nchw_lines(grad_in, grad.shape, ctx.channels_last), None
 
 
