@@ -18,8 +18,9 @@ gradients of the 16-bit types are summed in float32 by the extension.
 
 Memory: the extension's backward uses the saved input and output (position k is an argmax exactly where
 x[k] == out[k]); the fallback saves an int64 index tensor instead. A backward with create_graph (double backward)
-runs the fallback's differentiable scatter from the saved input, since the kernel has no derivative. As with any saved tensor, modifying the pooled
-output in place (`out += y`) before backward is an autograd error; write `out = out + y`.
+runs the fallback's differentiable scatter from the saved input, since the kernel has no derivative. As with any
+saved tensor, modifying the pooled output in place (`out += y`) before backward is an autograd error; write
+`out = out + y`.
 """
 from .pool import (
     BottomPool,
