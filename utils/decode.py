@@ -104,9 +104,9 @@ def pair_corners(tl: dict, br: dict, ae_threshold: float, num_dets: int) -> torc
 def decode(out: dict, topk: int = 70, ae_threshold: float = 0.5, num_dets: int = 1000, kernel: int = 3
            ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Eval-mode network outputs ((N, *, h, w), docs/FORMAT.md) -> (boxes, centers) in output-map units:
-    boxes (N, D, 8) x1 y1 x2 y2 score tl_score br_score label, D = min(num_dets, topk^2), highest score first,
-    score -1 for pairs that failed; centers (N, topk, 4) x y label score, highest score first, or None for
-    outputs without `hm_ct`."""
+    boxes (N, D, 8) x1 y1 x2 y2 score tl_score br_score label, D = min(num_dets, K^2), highest score first,
+    score -1 for pairs that failed; centers (N, K, 4) x y label score, highest score first, or None for outputs
+    without `hm_ct`. K = min(topk, C h w): a map smaller than topk keypoints gives all it has."""
     out = {key: value.to(torch.promote_types(value.dtype, torch.float32)) for key, value in out.items()}
     tl = keypoints(out, "tl", topk, kernel)
     br = keypoints(out, "br", topk, kernel)
