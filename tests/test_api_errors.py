@@ -2,8 +2,6 @@
 exceptions of utils.errors that `except Exception` (and the builtin kind) catches, with messages for a Python user;
 arguments are checked when a Detector is made; image arrays in any layout a file may have are read as files are."""
 import ast
-import concurrent.futures
-import contextlib
 import math
 import os
 import re
