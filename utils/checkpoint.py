@@ -131,14 +131,15 @@ def first_expanding_member(path: Path) -> str | None:
     archive's directory only."""
     if not zipfile.is_zipfile(path):
         return None
+    size = path.stat().st_size
     try:
         with zipfile.ZipFile(path) as archive:
             for member in archive.infolist():
                 if member.compress_type != zipfile.ZIP_STORED:
                     return f"its member {member.filename} is compressed with zip method {member.compress_type}"
-                if member.file_size > path.stat().st_size:
-                    return (f"its member {member.filename} claims {member.file_size} bytes, more than the "
-                            f"{path.stat().st_size} of the whole file")
+                if member.file_size > size:
+                    return (f"its member {member.filename} claims {member.file_size} bytes, more than the {size} "
+                            "of the whole file")
     except Exception as e:  # a damaged zip structure fails with whatever error it leads to
         return f"its zip structure is damaged ({type(e).__name__}: {e})"
     return None
