@@ -87,9 +87,7 @@ def read_voc_xml(xml_path: Path) -> dict:
     try:
         _refuse_entities(data, xml_path)
         root = ET.fromstring(data)
-    except (expat.ExpatError, ET.ParseError) as e:
-        raise DataError(f"{xml_path}: not valid XML ({e})") from None
-    except LookupError as e:  # <?xml encoding="..."?> that Python does not know
+    except (expat.ExpatError, ET.ParseError, LookupError) as e:  # LookupError: an <?xml encoding="..."?> unknown here
         raise DataError(f"{xml_path}: not valid XML ({e})") from None
     width, height = (_number(root, f"size/{k}", xml_path, "<annotation>") for k in ("width", "height"))
     if width <= 0 or height <= 0 or not width.is_integer() or not height.is_integer():
@@ -210,6 +208,7 @@ def image_filler(voc_dir: Path, names: list[str], data: dict, copy: bool) -> Cal
         return data
 
     return fill
+
 
 if __name__ == "__main__":
     run_cli(main, get_args_parser().parse_args())
