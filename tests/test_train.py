@@ -814,6 +814,25 @@ def test_torchrun_restarts_a_failed_run_and_it_resumes(shapes_dir, tmp_path):
     assert load_checkpoint(tmp_path / "ddp" / "checkpoint.pt")["epoch"] == 2
 
 
+def test_a_process_other_than_rank_0_that_fails_puts_its_own_error_in_train_log(shapes_dir, tmp_path):
+    """Process 1 fails at the start of epoch 2 (no restart): rank 0 sees only its peer's disconnect, a Gloo error,
+    and train.log held only that; the cause was on process 1's console alone. Process 1's line, written before its
+    end broke the connection, comes before rank 0's, and the lines rank 0 wrote before stay whole."""
+    script = tmp_path / "fails_once.py"
+    script.write_text(FAILS_ONCE)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(script), *launch_cmd(tmp_path, shapes_dir, "--num_epochs", "2", "--val_interval", "0")[1:]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "FAILED_ONCE": str(tmp_path / "failed")}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "RuntimeError: process 1 fails once" in proc.stderr, proc.stderr[-3000:]
+    lines = (tmp_path / "ddp" / "train.log").read_text().splitlines()
+    assert "rank 1: error: RuntimeError: process 1 fails once" in lines, lines
+    cause = lines.index("rank 1: error: RuntimeError: process 1 fails once")
+    assert lines[cause + 1] == f"the run's last save, {tmp_path / 'ddp' / 'checkpoint.pt'}, is intact"
+    assert lines[cause + 2].startswith("rank 0: error: ")  # the disconnect, in the backend's words
+    assert lines[0] == f"starting a new run in {tmp_path / 'ddp'}" and re.match(r"epoch 1: loss \d", lines[cause - 1])
+
+
 def test_each_torchrun_attempt_joins_its_group_under_its_own_keys(monkeypatch):
     """torchrun's store outlives the processes of a failed attempt: what the group of a restarted attempt writes
     there (each process's address) must not be read as the failed attempt's, nor the other way round."""
