@@ -864,6 +864,28 @@ def test_srun_variables_start_a_two_process_run(shapes_dir, tmp_path):
     assert load_checkpoint(tmp_path / "ddp" / "checkpoint.pt")["epoch"] == 1
 
 
+def test_srun_variables_give_the_steps_first_node_and_a_port_of_the_job_id(monkeypatch):
+    """README "SLURM": rank, world size and local rank from srun's variables; the master is the first node of the
+    srun step (which may hold fewer nodes than the job), on MASTER_PORT when set, else on 20000 + job id % 20000,
+    so that two jobs sharing a node take different ports."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    env.update(SLURM_PROCID="3", SLURM_LOCALID="1", SLURM_STEP_NUM_TASKS="4", SLURM_NTASKS="16",
+               SLURM_JOB_NODELIST="gpu[07-08]", SLURM_STEP_NODELIST="gpu[08]", SLURM_JOB_ID="123456")
+    monkeypatch.setattr(os, "environ", env)  # what the function sets goes into this copy, not into later tests
+    assert dist.launched()
+    dist.slurm_to_torchrun_env()
+    assert {k: env[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")} == \
+        {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu08", "MASTER_PORT": "23456"}
+    del env["MASTER_PORT"]
+    env["SLURM_JOB_ID"] = "123457"
+    dist.slurm_to_torchrun_env()
+    assert env["MASTER_PORT"] == "23457"
+    env["MASTER_PORT"] = "29400"
+    dist.slurm_to_torchrun_env()
+    assert env["MASTER_PORT"] == "29400"
+
+
 def test_first_host_of_a_slurm_node_list():
     assert dist.first_host("gpu[03-05,9],cpu1") == "gpu03"
     assert dist.first_host("node7,node8") == "node7"

@@ -60,8 +60,8 @@ def first_host(nodelist: str) -> str:
 def slurm_to_torchrun_env() -> None:
     """Fills in the variables torchrun would set (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) from
     srun's, so that `srun python train.py ...` joins the same env:// rendezvous. The master is the first node of
-    the job; the port is MASTER_PORT when set, else one derived from the job id (two jobs sharing a node do not
-    collide)."""
+    the srun step, where task 0 runs (the job's first node for a step on all its nodes); the port is MASTER_PORT
+    when set, else one derived from the job id (two jobs sharing a node do not collide)."""
     env = os.environ
     nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
     if not nodelist:
