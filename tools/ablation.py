@@ -127,7 +127,8 @@ def read_table(path: Path, wanted: dict) -> dict:
 
 def train_args(args: argparse.Namespace, run_root: Path, row: str, setting: dict,
                train_extra: list[str]) -> argparse.Namespace:
-    """train.py's flags for `row` (an unknown flag in `train_extra` ends the program, as train.py's parser does)."""
+    """train.py's flags for `row`; refuses (ArgumentError) a flag in `train_extra` that train.py does not know
+    either: a misspelt flag of this script or of train.py, which train.py's parser would end with its own usage."""
     _, corner_pool, center_branch = ROWS[row]
     flags = ["--log_name", row, "--ckpt_dir", str(run_root), "--dataset", args.dataset, "--data_dir",
              str(args.data_dir), "--train_split", args.train_split, "--val_split", args.val_split, "--corner_pool",
@@ -135,7 +136,11 @@ def train_args(args: argparse.Namespace, run_root: Path, row: str, setting: dict
              "--num_workers", str(args.num_workers), "--val_interval", "0", "--resume"] + ["--dist"] * args.dist
     for key in ("arch", "img_size", "batch_size", "lr", "lr_step", "num_epochs"):
         flags += [f"--{key}", str(setting[key])]
-    return train.get_args_parser().parse_args(flags + train_extra)
+    known, unknown = train.get_args_parser().parse_known_args(flags + train_extra)
+    if unknown:
+        raise ArgumentError(f"{' '.join(unknown)}: neither tools/ablation.py nor train.py has this flag (see the "
+                            "--help of each)")
+    return known
 
 
 def train_row(args: argparse.Namespace, run_root: Path, row: str, setting: dict, train_extra: list[str]) -> None:
@@ -172,10 +177,11 @@ def main(args: argparse.Namespace, train_extra: list[str] = ()) -> dict:
     setting = settings(args, train_extra)
     run_root = Path(args.ckpt_dir) / args.name
     table_path = run_root / TABLE
-    rows = read_table(table_path, setting)
     # train.py's flags are checked before the table is written: a table records settings it is bound to, and one
-    # written for a typing error would refuse the corrected command ("pick another --name").
+    # written for a typing error would refuse the corrected command ("pick another --name"). Checked before an
+    # earlier table is read too, whose "other settings" would hide the typing error.
     train.check_args(train_args(args, run_root, wanted_rows[0], setting, train_extra))
+    rows = read_table(table_path, setting)
     # One process group for every row's training and test (utils/dist.py cleanup says why).
     dist.init_distributed(args.dist or dist.launched(), device=args.device)
     if dist.is_main() and not table_path.exists():  # the settings before any row: a rerun with others is refused
