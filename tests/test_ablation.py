@@ -96,6 +96,9 @@ def test_a_rerun_with_other_settings_is_refused_even_before_a_row_finished(shape
         capsys.readouterr().out
     with pytest.raises(ArgumentError, match=r"other settings \(lr_step: '1' there, '2' now\)"):
         run(flags(shapes_dir, tmp_path, "--rows", "cornernet", "--lr_step", "2"))
+    # the same folder spelt with a trailing slash is the same data: the rerun continues (here: stops again)
+    with pytest.raises(SystemExit):
+        run(flags(shapes_dir, tmp_path, "--rows", "cornernet", "--data_dir", f"{shapes_dir}/"))
     # a misspelt flag is named as such, not as other settings that call for another --name
     with pytest.raises(ArgumentError, match="^--rwos cornernet: neither tools/ablation.py nor train.py"):
         run(flags(shapes_dir, tmp_path, "--rwos", "cornernet"))

@@ -86,10 +86,11 @@ def load_test_cli():
 
 
 def settings(args: argparse.Namespace, train_extra: list[str]) -> dict:
-    """What makes two ablations comparable: the schedule with its overrides, the data, the seed and the test."""
+    """What makes two ablations comparable: the schedule with its overrides, the data, the seed and the test. The
+    data folder as Path spells it: a rerun with `data/shapes/` (a shell's completion) or `./data/shapes` continues."""
     schedule = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in SCHEDULES[args.schedule].items()}
     return {"schedule": args.schedule, **schedule, "seed": args.seed, "dataset": args.dataset,
-            "data_dir": str(args.data_dir), "train_split": args.train_split, "val_split": args.val_split,
+            "data_dir": str(Path(args.data_dir)), "train_split": args.train_split, "val_split": args.val_split,
             "test_flip": args.test_flip, "test_scales": args.test_scales, "train_extra": train_extra}
 
 
