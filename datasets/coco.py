@@ -27,6 +27,7 @@ import contextlib
 import io
 import json
 import math
+import re
 from pathlib import Path, PurePosixPath
 from typing import Sequence
 
@@ -41,10 +42,22 @@ from datasets.transforms import check_input_size, clip_boxes, eval_input, train_
 from utils.errors import ArgumentError, DataError, MissingFileError
 
 
+def splits_in(folder: Path) -> list[str]:
+    """The split names of the annotation files in `folder` (instances_<split>.json, image_info_<split>.json)."""
+    try:
+        names = [p.name for p in folder.iterdir()]
+    except OSError:  # no such folder, or not readable: no splits to suggest
+        return []
+    found = (re.fullmatch(r"(?:instances|image_info)_(.+)\.json", name) for name in names)
+    return sorted({m.group(1) for m in found if m})
+
+
 def read_json(path: Path) -> dict:
     if not path.is_file():
+        splits = splits_in(path.parent)
         raise MissingFileError(f"{path}: annotation file not found (expected annotations/instances_<split>.json, or "
-                                 f"image_info_<split>.json for a split without annotations)")
+                                 f"image_info_<split>.json for a split without annotations; splits there: "
+                                 f"{', '.join(splits) if splits else 'none'})")
     try:
         with open(path, "rb") as f:
             data = json.load(f)

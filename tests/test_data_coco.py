@@ -122,8 +122,19 @@ def test_missing_directory(tmp_path):
 
 def test_missing_json(tmp_path):
     (tmp_path / "train").mkdir()
-    with pytest.raises(FileNotFoundError, match=r"instances_train\.json: annotation file not found"):
+    with pytest.raises(FileNotFoundError, match=r"instances_train\.json: annotation file not found.*splits there: "
+                                                r"none\)$"):
         CocoDetection(tmp_path, "train", train=True)
+
+
+def test_a_split_name_not_there_is_told_the_splits_that_are(tmp_path):
+    """The built-in shapes data has train and val, not COCO's default val2017: the error names what to pass."""
+    write_set(tmp_path, coco_dict(), {}, split="val")
+    (tmp_path / "annotations" / "image_info_test-dev2017.json").write_text("{}")
+    (tmp_path / "annotations" / "notes.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"instances_val2017\.json: annotation file not found .*splits there: "
+                                                r"test-dev2017, val\)$"):
+        CocoDetection(tmp_path, "val2017", train=False)
 
 
 def test_missing_image_directory(tmp_path):
