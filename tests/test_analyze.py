@@ -254,13 +254,15 @@ def test_json_that_python_cannot_hold_is_a_data_error(tmp_path):
     assert not (tmp_path / "results_analysis").exists()
 
 
-def test_num_images_must_not_be_negative(tmp_path):
+def test_num_images_must_not_be_negative(tmp_path, capsys):
     data, results = split_and_results(tmp_path, "results.json")
     with pytest.raises(ArgumentError, match="--num_images: expected a whole number of at least 0, got -1"):
         analyze(results, data, "--num_images", "-1")
     assert not (tmp_path / "results_analysis").exists()
     analyze(results, data, "--num_images", "0")
     assert not any((tmp_path / "results_analysis").iterdir())
+    # the background error is there: the message gives the flag as the reason, not "no wrong detection"
+    assert capsys.readouterr().out.splitlines()[-1] == "no image drawn: --num_images 0"
 
 
 def test_the_command_line_ends_a_mistake_in_one_error_line(tmp_path):

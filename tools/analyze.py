@@ -305,6 +305,8 @@ def main(args: argparse.Namespace) -> dict[str, tuple[int, float]]:
     drawn = write_drawings(out, drawings, stale)  # only now: a failure above keeps the earlier analysis
     if drawn:
         print(f"{len(drawn)} images with the most errors drawn in {out}")
+    elif args.num_images == 0:
+        print("no image drawn: --num_images 0")
     else:
         print(f"no image drawn: no missed box and no wrong detection scoring at least --score_thresh "
               f"{args.score_thresh}" + (" (the results hold no detection)" if not results else ""))
