@@ -11,9 +11,10 @@ test code (engine/inference.py); --inplace_nms also reproduces its in-place soft
 
 The results json is named after what makes it differ: results_<split>_<checkpoint stem>_s<scales>[_flip].json
 (results_val2017_checkpoint_s1_flip.json for the first command), plus `_onnx` for --onnx and a short hash of the
-post-processing flags when they are not the official ones (e.g. another --topk). Beside it go the per-class table
-(`..._per_class.csv`), precision-recall curves (`..._pr.png`) and every printed number in `..._metrics.json` (AP ...
-ARl as COCOeval's fractions, FD ... FD_L in percent, null where undefined). Earlier results are never replaced without
+post-processing flags when they are not the official ones (e.g. another --topk), of --amp, and of --data_dir when it
+is not the folder the checkpoint trained on. Beside it go the per-class table (`..._per_class.csv`),
+precision-recall curves (`..._pr.png`) and every printed number in `..._metrics.json` (AP ... ARl as COCOeval's
+fractions, FD ... FD_L in percent, null where undefined). Earlier results are never replaced without
 --force. COCO test-dev (annotations/image_info_test-dev2017.json, images in test2017/) has no annotations: the
 results go to detections_test-dev2017_<run>-checkpoint-s100-flip_results.json for the COCO evaluation server,
 which gives the AP:
