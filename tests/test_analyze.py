@@ -176,6 +176,9 @@ def test_cli_reads_the_metrics_json_of_test_py_as_well(tmp_path, capsys):
     assert "AP 0.250 AP50 0.250" in out and "APs -1.000" in out and "FD 12.5" in out and "FD_S n/a" in out
     assert f"AP50 {ONE_FP_BETWEEN:.4f}" in out and (tmp_path / "results_val_analysis").is_dir()  # results' folder
     assert run(results, "--out", str(tmp_path / "b"))["background"][0] == 1 and "FD" not in capsys.readouterr().out
+    with pytest.raises(ArgumentError, match="results_val_analysis exists; pass another --out, or --force"):
+        run(metrics)
+    assert capsys.readouterr().out == ""  # a refused command prints its error alone, not the metrics first
     other = tmp_path / "other.json"
     for content in ({"AP": 0.5}, "text"):
         other.write_text(json.dumps(content))

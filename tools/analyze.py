@@ -291,11 +291,11 @@ def main(args: argparse.Namespace) -> dict[str, tuple[int, float]]:
                         f"results json can only be analysed on a split with annotations")
     gt = check_coco_dict(data, ann_file)
     results_path, results, metrics = read_input(Path(args.results))
-    if metrics is not None:
-        print(f"{args.results}:\n{format_metrics(metrics)}")
     results = check_results(results, results_path, gt)
     out = Path(args.out) if args.out else analysis_folder(results_path)
     stale = earlier_drawings(out, results_path, args.force)
+    if metrics is not None:  # only now: a refused command prints its error line alone
+        print(f"{args.results}:\n{format_metrics(metrics)}")
     base, table, errors, status = breakdown(gt, results)
     print(f"{results_path}: {len(results)} detections, {len(status)} ground-truth boxes; AP50 {base:.4f}")
     print(f"{'error':<15} {'count':>7}  AP50 if fixed")
