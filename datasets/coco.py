@@ -52,12 +52,17 @@ def splits_in(folder: Path) -> list[str]:
     return sorted({m.group(1) for m in found if m})
 
 
+def annotation_file_missing(path: Path) -> MissingFileError:
+    """The error for the annotation json `path` that is not there, naming the splits whose files are beside it."""
+    splits = splits_in(path.parent)
+    return MissingFileError(f"{path}: annotation file not found (expected annotations/instances_<split>.json, or "
+                            f"image_info_<split>.json for a split without annotations; splits there: "
+                            f"{', '.join(splits) if splits else 'none'})")
+
+
 def read_json(path: Path) -> dict:
     if not path.is_file():
-        splits = splits_in(path.parent)
-        raise MissingFileError(f"{path}: annotation file not found (expected annotations/instances_<split>.json, or "
-                                 f"image_info_<split>.json for a split without annotations; splits there: "
-                                 f"{', '.join(splits) if splits else 'none'})")
+        raise annotation_file_missing(path)
     try:
         with open(path, "rb") as f:
             data = json.load(f)
@@ -259,6 +264,21 @@ def split_files(root: Path, split: str) -> tuple[Path, Path]:
     return ann_file, img_dir
 
 
+def check_split_files(root: Path, split: str) -> tuple[Path, Path]:
+    """`split_files(root, split)`, refused (MissingFileError naming it) where the data folder, the annotation json or
+    the image folder is not there; reads no file."""
+    ann_file, img_dir = split_files(root, split)
+    if not root.is_dir():
+        raise MissingFileError(f"{root}: data directory not found (expected inside it annotations/instances_"
+                               f"{split}.json, or image_info_{split}.json for a split without annotations, and "
+                               f"the images in {img_dir.name}/)")
+    if not ann_file.is_file():
+        raise annotation_file_missing(ann_file)
+    if not img_dir.is_dir():
+        raise MissingFileError(f"{img_dir}: image directory of split {split!r} not found")
+    return ann_file, img_dir
+
+
 def coco_from_dict(data: dict) -> COCO:
     """pycocotools COCO over an already loaded dict (reading the json once), without its progress prints."""
     coco = COCO()
@@ -282,25 +302,17 @@ class CocoDetection(Dataset):
     def __init__(self, data_dir: str | Path, split: str, train: bool, img_size: int = 511,
                  test_scales: Sequence[float] = (1.0,), test_flip: bool = False, max_objects: int = 128,
                  min_box_size: float = 0.0):
-        root = Path(data_dir)
-        if not root.is_dir():
-            image_folder = split_files(root, split)[1].name
-            raise MissingFileError(f"{root}: data directory not found (expected inside it annotations/instances_"
-                                    f"{split}.json, or image_info_{split}.json for a split without annotations, and "
-                                    f"the images in {image_folder}/)")
+        self.ann_file, self.img_dir = check_split_files(Path(data_dir), split)
         if (img_size + 1) % STRIDE:  # the targets' map size; the network checks its own, coarser unit
             raise DataError(f"img_size must be of the form k * {STRIDE} - 1 (the networks want 128k - 1: 127, 255, "
                              f"383, 511, ...), got {img_size}")
         if not test_scales or min(test_scales) <= 0:
             raise DataError(f"test_scales must be positive numbers, got {list(test_scales)}")
-        self.ann_file, self.img_dir = split_files(root, split)
         self.train, self.img_size, self.max_objects, self.min_box_size = train, img_size, max_objects, min_box_size
         self.test_scales, self.test_flip = tuple(float(s) for s in test_scales), test_flip
 
         data = check_coco_dict(read_json(self.ann_file), self.ann_file, require_annotations=train)
         self.has_annotations = "annotations" in data
-        if not self.img_dir.is_dir():
-            raise MissingFileError(f"{self.img_dir}: image directory of split {split!r} not found")
         self.coco = coco_from_dict(data)
         categories = sorted(data["categories"], key=lambda c: c["id"])
         self.cat_ids = [c["id"] for c in categories]

@@ -15,7 +15,7 @@ from tests.test_train import free_port
 from tools import ablation
 from utils import dist
 from utils.checkpoint import load_checkpoint
-from utils.errors import ArgumentError, DataError
+from utils.errors import ArgumentError, DataError, MissingFileError
 
 REPO = Path(__file__).resolve().parents[1]
 METRICS = "results_val_checkpoint_s1_flip_metrics.json"
@@ -99,9 +99,11 @@ def test_a_rerun_with_other_settings_is_refused_even_before_a_row_finished(shape
     # the same folder spelt with a trailing slash is the same data: the rerun continues (here: stops again)
     with pytest.raises(SystemExit):
         run(flags(shapes_dir, tmp_path, "--rows", "cornernet", "--data_dir", f"{shapes_dir}/"))
-    # a misspelt flag is named as such, not as other settings that call for another --name
+    # a misspelt flag or data folder is named as such, not as other settings that call for another --name
     with pytest.raises(ArgumentError, match="^--rwos cornernet: neither tools/ablation.py nor train.py"):
         run(flags(shapes_dir, tmp_path, "--rwos", "cornernet"))
+    with pytest.raises(MissingFileError, match="shapes: data directory not found"):
+        run(flags(shapes_dir, tmp_path, "--rows", "cornernet", "--data_dir", str(tmp_path / "shapes")))
 
 
 @pytest.mark.parametrize("extra, message", [(["--method", "cornernet"], "--method: set by tools/ablation.py"),
@@ -111,9 +113,12 @@ def test_a_rerun_with_other_settings_is_refused_even_before_a_row_finished(shape
                                             # train.py's own checks: each wrote a table that refused the corrected
                                             # command (other settings), then failed in the first row
                                             (["--seed", "-1"], r"--seed must be a whole number in \[0"),
-                                            (["--accum_steps", "0"], "--accum_steps: expected a whole number")])
+                                            (["--accum_steps", "0"], "--accum_steps: expected a whole number"),
+                                            # the data, which bound the table's --name to it before training failed
+                                            (["--data_dir", "no/such/folder"], "folder: data directory not found"),
+                                            (["--val_split", "vall"], "instances_vall.json: annotation file not fo")])
 def test_flags_that_cannot_work_are_refused_before_anything_is_written(shapes_dir, tmp_path, extra, message):
-    with pytest.raises(ArgumentError, match=message):
+    with pytest.raises((ArgumentError, MissingFileError), match=message):
         run(flags(shapes_dir, tmp_path / "ckpt", *extra))
     assert not (tmp_path / "ckpt").exists()
 

@@ -27,6 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: import the repo
 import train
+from datasets.coco import check_split_files
 from engine.inference import parse_scales
 from utils import dist
 from utils.errors import ArgumentError, DataError, run_cli
@@ -182,6 +183,8 @@ def main(args: argparse.Namespace, train_extra: list[str] = ()) -> dict:
     # written for a typing error would refuse the corrected command ("pick another --name"). Checked before an
     # earlier table is read too, whose "other settings" would hide the typing error.
     train.check_args(train_args(args, run_root, wanted_rows[0], setting, train_extra))
+    for split in (args.train_split, args.val_split):  # a misspelt or forgotten --data_dir, likewise
+        check_split_files(Path(args.data_dir), split)
     rows = read_table(table_path, setting)
     # One process group for every row's training and test (utils/dist.py cleanup says why).
     dist.init_distributed(args.dist or dist.launched(), device=args.device)
