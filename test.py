@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from datasets import build_dataset
-from datasets.coco_eval import BACKENDS, check_results_free, results_path
+from datasets.coco_eval import BACKENDS, check_backend, check_results_free, results_path
 from datasets.transforms import eval_sizes
 from engine.inference import MAX_TOPK, InferenceConfig, build_eval_config, changed_settings, evaluate, parse_scales
 from engine.onnx_backend import OnnxModel
@@ -144,6 +144,7 @@ def main(args: argparse.Namespace) -> dict:
         raise ArgumentError(f"--num_workers must be 0 or more, got {args.num_workers}")
     args.test_scales = parse_scales(args.test_scales)
     cfg = build_eval_config(args)  # refuses settings that cannot work before anything is read or written
+    check_backend(args.eval_backend)
     dist.init_distributed(dist.launched(), args.local_rank, args.device)
     device = select_device(args.device, dist.local_rank())
     if args.onnx:

@@ -18,6 +18,7 @@ and precision arrays equal pycocotools' on tests/test_coco_report.py's data to 1
 """
 import contextlib
 import hashlib
+import importlib
 import io
 import json
 import re
@@ -29,7 +30,7 @@ from pycocotools.cocoeval import COCOeval
 
 from datasets.coco_report import mean_valid, pr_figure, per_class_table, table_csv
 from datasets.false_discovery import FD_NAMES, false_discovery_rates, format_rates
-from utils.errors import UserError
+from utils.errors import ArgumentError, UserError
 from utils.files import atomic_write, write_json
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -170,6 +171,17 @@ def per_class_ap(coco_eval: COCOeval) -> np.ndarray:
     """(K,) AP over IoU 0.50:0.95 of each category (all areas, 100 detections), -1 where it has no ground truth."""
     precision = coco_eval.eval["precision"][:, :, :, 0, -1]  # (T, R, K, A, M) -> (T, R, K)
     return np.array([mean_valid(precision[:, :, k]) for k in range(precision.shape[2])])
+
+
+def check_backend(backend: str) -> None:
+    """Refuses (ArgumentError) a `backend` that cannot run here, for a caller to ask before the detections that it
+    would score: faster-coco-eval is imported only when asked for, after them."""
+    if backend == "faster":
+        try:
+            importlib.import_module("faster_coco_eval")
+        except ImportError as e:
+            raise ArgumentError(f"--eval_backend faster: faster-coco-eval cannot be imported ({e}); install it "
+                                "(requirements.txt), or leave the flag out to score with pycocotools") from None
 
 
 def new_cocoeval(coco: COCO, results: COCO, cat_ids: list[int], backend: str = "pycocotools"):

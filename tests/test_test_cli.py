@@ -87,6 +87,15 @@ def test_evaluates_and_writes_json(ckpt_dir, capsys):
     assert not list(out.parent.glob("*.tmp"))
 
 
+def test_a_scoring_backend_that_is_not_installed_is_refused_before_the_detections(ckpt_dir, monkeypatch):
+    """Not after them, which took the whole evaluation and left a results json without its metrics."""
+    monkeypatch.setitem(sys.modules, "faster_coco_eval", None)  # its import raises ImportError
+    before = sorted((ckpt_dir / "tiny").iterdir())
+    with pytest.raises(ArgumentError, match=r"^--eval_backend faster: faster-coco-eval cannot be imported"):
+        test_cli.main(cli_args(ckpt_dir, "--eval_backend", "faster", "--test_scales", "0.5,1"))
+    assert sorted((ckpt_dir / "tiny").iterdir()) == before
+
+
 def test_errors(ckpt_dir, tmp_path):
     with pytest.raises(MissingFileError, match="checkpoint not found"):
         test_cli.main(cli_args(tmp_path))
