@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from datasets.image_io import IMAGE_SUFFIXES, drawing_name, load_image, write_image
 from engine.detector import Detections, Detector
-from engine.inference import parse_scales
+from engine.inference import non_finite_warning, parse_scales
 from engine.visualize import draw
 from utils.checks import check_number, check_positive_int
 from utils.errors import ArgumentError, DataError, MissingFileError, UserError, WriteError, run_cli
@@ -297,9 +297,11 @@ def main(args: argparse.Namespace) -> dict:
                                         test_scales=scales, score_thresh=args.score_thresh,
                                         batch_size=args.batch_size, onnx=bool(args.onnx), amp=args.amp)
     # Stopped by Ctrl-C or SIGTERM (run_cli), a run keeps its json and leaves no temporary video.
-    if args.video:
-        return run_video(*source, args, detector)
-    return run_images(*source, args, detector)
+    content = run_video(*source, args, detector) if args.video else run_images(*source, args, detector)
+    if detector.non_finite:
+        print(non_finite_warning(detector.non_finite, len(content["frames" if args.video else "images"])),
+              file=sys.stderr)
+    return content
 
 
 if __name__ == "__main__":

@@ -141,6 +141,8 @@ class Detector:
         if isinstance(model, OnnxModel):
             model.require_dynamic("photos and video frames")
         self.scaled_down = 0  # images shrunk to fit an ONNX export's --max_size, for the caller to report
+        # images for which the network output NaN or infinity (engine.inference.detect_batch), for the same
+        self.non_finite = 0
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto", test_flip: bool = False,
@@ -198,7 +200,9 @@ class Detector:
             groups.setdefault(tuple(batch.shape for batch, _ in sample), []).append(i)
         rows = [None] * len(images)
         for members in groups.values():
-            for i, dets in zip(members, detect_batch(self.network, [inputs[i] for i in members], self.config,
-                                                     self.device, self.amp)):
+            found, non_finite = detect_batch(self.network, [inputs[i] for i in members], self.config, self.device,
+                                             self.amp)
+            self.non_finite += non_finite
+            for i, dets in zip(members, found):
                 rows[i] = dets[dets[:, 4] >= self.score_thresh]
         return rows

@@ -28,7 +28,7 @@ from datasets.transforms import EvalMeta, boxes_to_original, boxes_to_resized, f
 from lib.nms import soft_nms, soft_nms_merge
 from nets.hourglass import CenterNet
 from nets.inference import PreparedNetwork, prepare_for_inference
-from utils.decode import center_check, decode
+from utils.decode import center_check, decode, finite_images
 from utils.device import autocast, cudnn_benchmark
 from utils.checks import check_number, check_positive_int
 from utils.errors import ArgumentError, UserError
@@ -181,19 +181,22 @@ def detect(model, inputs: list, cfg: InferenceConfig, device: torch.device, amp:
     """One eval sample's `inputs` ([(images (1 or 2, 3, H, W), meta) per test scale], image 1 flipped) ->
     (M, 6) float32 x1 y1 x2 y2 score label in original-image pixels, best first. `model` maps an image batch to
     the eval-mode output dict of docs/FORMAT.md. The centers come from the scale-1 inputs (or, without scale 1,
-    from the scale nearest to it)."""
-    return detect_batch(model, [inputs], cfg, device, amp)[0]
+    from the scale nearest to it). Cells where the network output NaN or infinity hold no keypoint (utils/decode.py)."""
+    return detect_batch(model, [inputs], cfg, device, amp)[0][0]
 
 
 @torch.no_grad()
 def detect_batch(model, samples: list[list], cfg: InferenceConfig, device: torch.device,
-                 amp: bool | str = False) -> list[np.ndarray]:
+                 amp: bool | str = False) -> tuple[list[np.ndarray], int]:
     """`detect` for several samples at once (frames of a video, photos of one size): their inputs at each test
     scale must have the same shape; one forward per scale on the batch of all their images. One (M, 6) array per
-    sample, as `detect` gives for it alone (up to the rounding of a batched convolution)."""
+    sample, as `detect` gives for it alone (up to the rounding of a batched convolution), and the number of
+    samples for which the network output NaN or infinity (a diverged network, 16-bit overflow), for the caller to
+    report: their detections come from the finite cells alone."""
     # Each sample's own: demo.py shrinks the scales of images too large for an ONNX export.
     center_scales = [min((meta.scale for _, meta in sample), key=lambda s: abs(s - 1)) for sample in samples]
     boxes, centers = [[] for _ in samples], [[] for _ in samples]
+    non_finite = [False for _ in samples]
     for scale_inputs in zip(*samples):  # [(images, meta) of each sample] at one test scale
         images = torch.cat([im for im, _ in scale_inputs])
         # A prepared network has its dtype; otherwise `amp` as given: train.py validates with its --amp_dtype.
@@ -202,7 +205,9 @@ def detect_batch(model, samples: list[list], cfg: InferenceConfig, device: torch
         dets, points = decode(out, topk=cfg.topk, ae_threshold=cfg.ae_threshold, num_dets=cfg.num_dets,
                               kernel=cfg.kernel)
         per_sample = len(scale_inputs[0][0])  # 2 with the flipped copy
+        finite = finite_images(out).view(-1, per_sample).all(dim=1).tolist()
         for j, (_, meta) in enumerate(scale_inputs):
+            non_finite[j] |= not finite[j]
             for i in range(per_sample):
                 c = None if points is None else points[j * per_sample + i]
                 b, c = to_original(dets[j * per_sample + i], c, meta, flipped=i == 1)
@@ -216,7 +221,7 @@ def detect_batch(model, samples: list[list], cfg: InferenceConfig, device: torch
             rows = center_check(rows, np.concatenate(c))
         rows = rows[rows[:, 4] > -1]
         results.append(nms_per_class(rows[np.argsort(-rows[:, 4], kind="stable")], cfg))
-    return results
+    return results, sum(non_finite)
 
 
 def first_item(batch: list):
@@ -251,14 +256,15 @@ def detect_dataset(model, dataset, cfg: InferenceConfig, device: torch.device, n
     """{image_id: (M, 6)} over the whole `dataset`; each process runs every world_size-th image and the results
     of all processes are gathered into every one of them. `stop` (a callable, or None) is asked before each image;
     once it is true the process stops, and EvaluationStopped is raised on every process at the gathering, which
-    each reaches once whatever its share (no collective per image, which shares of unequal length would hang)."""
+    each reaches once whatever its share (no collective per image, which shares of unequal length would hang).
+    Images for which the network output NaN or infinity are counted in one warning."""
     loader = DataLoader(ErrorsAsItems(Subset(dataset, range(rank(), len(dataset), world_size()))), batch_size=1,
                         shuffle=False, num_workers=num_workers, collate_fn=first_item, pin_memory=device.type == "cuda",
                         worker_init_fn=ignore_stop_signals)  # a stop is the main process's to handle
     was_training = model.training
     model.eval()
     network = network_for(model, device, amp)
-    detections, error, stopped = {}, None, False
+    detections, error, stopped, non_finite = {}, None, False, 0
     try:
         for sample in tqdm(loader, desc="eval", disable=not (progress and is_main()), dynamic_ncols=True):
             if stop is not None and stop():
@@ -266,17 +272,29 @@ def detect_dataset(model, dataset, cfg: InferenceConfig, device: torch.device, n
                 break
             if isinstance(sample, UserError):
                 raise sample
-            detections[int(sample["image_id"])] = detect(network, sample["inputs"], cfg, device, amp)
+            (dets,), bad = detect_batch(network, [sample["inputs"]], cfg, device, amp)
+            detections[int(sample["image_id"])] = dets
+            non_finite += bad
     except UserError as e:  # raised below on every process alike: the others must not wait for this one
         error = e
     model.train(was_training)
-    parts = all_gather_object((detections, error, stopped))
-    for _, part_error, _ in parts:
+    parts = all_gather_object((detections, error, stopped, non_finite))
+    for _, part_error, _, _ in parts:
         if part_error is not None:
             raise part_error
-    if any(part_stopped for _, _, part_stopped in parts):
+    if any(part_stopped for _, _, part_stopped, _ in parts):
         raise EvaluationStopped("evaluation stopped by a stop request")
-    return {image_id: dets for part, _, _ in parts for image_id, dets in part.items()}
+    non_finite = sum(part_non_finite for *_, part_non_finite in parts)
+    if non_finite and is_main():
+        print(non_finite_warning(non_finite, len(dataset)))
+    return {image_id: dets for part, *_ in parts for image_id, dets in part.items()}
+
+
+def non_finite_warning(count: int, total: int) -> str:
+    """The warning for `count` of `total` images whose network outputs held NaN or infinity."""
+    return (f"warning: the network output NaN or infinity for {count} of {total} images (diverged weights, or "
+            "16-bit activations that overflowed: try without --amp); their detections come from the cells with "
+            "finite outputs alone")
 
 
 def evaluate(model, dataset, cfg: InferenceConfig, device: torch.device, num_workers: int = 2,

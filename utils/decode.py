@@ -10,6 +10,10 @@ check (test/coco.py `kp_detection`).
   and the best `num_dets` pairs are returned in score order, with the K centers. Outputs without a center
   heatmap (a network without a center branch) decode as CornerNet's `_decode` (github princeton-vl/CornerNet,
   models/py_utils/kp_utils.py): the same pairs, and no centers.
+- a cell where any output of a keypoint kind is NaN or infinite (a diverged network, 16-bit overflow) holds no
+  keypoint of that kind: its logits count as -inf, so that it neither suppresses its neighbours in the max-pool nor
+  ranks above them, and a keypoint taken there all the same (a map with fewer than K finite cells) makes no box and
+  matches no box (center label -1). The other cells decode as they would without it.
 
 `center_check`, in numpy, runs once per image on the boxes of every forward (all scales, both flips) after they
 were mapped to the original image (engine/inference.py), as the official code does: the central region of a box
@@ -64,16 +68,38 @@ def gather_maps(maps: torch.Tensor, inds: torch.Tensor) -> torch.Tensor:
     return flat.gather(2, inds.unsqueeze(1).expand(n, d, inds.shape[1])).transpose(1, 2)
 
 
+# The finiteness checks below test sums, which take a tenth of the time of torch.isfinite on every value: a sum is
+# NaN or infinite when one of its terms is, and otherwise only when finite terms overflow it (outputs near 1e31),
+# which no network outputs.
+def finite_cells(out: dict, kind: str) -> torch.Tensor:
+    """(N, h, w) bool: True at the cells where every output map of `kind` (heatmap logits, offsets, embedding) is
+    finite in every channel."""
+    return sum(value.sum(dim=1) for key, value in out.items() if key.endswith(f"_{kind}")).isfinite()
+
+
+def finite_images(out: dict) -> torch.Tensor:
+    """(N,) bool: True for the images whose outputs (of any dtype: fp16 under autocast) are all finite."""
+    # Summed in float32 at least: fp16 sums of finite maps overflow (2 classes of 32 x 32 logits of -20: -40960).
+    return sum(value.flatten(1).sum(dim=1, dtype=torch.promote_types(value.dtype, torch.float32))
+               for value in out.values()).isfinite()
+
+
 def keypoints(out: dict, kind: str, topk: int, kernel: int) -> dict[str, torch.Tensor]:
-    """Top K keypoints of `kind` (tl, br or ct): score, label, x, y (cell + offset, output units), all (N, K)."""
-    logits, labels, inds = topk_keypoints(heatmap_peaks(out[f"hm_{kind}"], kernel), topk)
+    """Top K keypoints of `kind` (tl, br or ct): score, label, x, y (cell + offset, output units), all (N, K), and
+    `finite` (N, K), False for a keypoint taken at a cell whose outputs are not finite (its other values are 0)."""
+    finite = finite_cells(out, kind)
+    heat = out[f"hm_{kind}"]
+    if not finite.all():
+        heat = heat.masked_fill(~finite[:, None], float("-inf"))
+    logits, labels, inds = topk_keypoints(heatmap_peaks(heat, kernel), topk)
+    finite = finite.flatten(1).gather(1, inds)
     scores = torch.sigmoid(logits)
-    width = out[f"hm_{kind}"].shape[3]
-    offsets = gather_maps(out[f"off_{kind}"], inds)  # (N, K, 2) x, y
+    width = heat.shape[3]
+    offsets = gather_maps(out[f"off_{kind}"], inds).masked_fill(~finite[..., None], 0)  # (N, K, 2) x, y
     points = dict(score=scores, label=labels, x=(inds % width).to(scores.dtype) + offsets[..., 0],
-                  y=(inds // width).to(scores.dtype) + offsets[..., 1])
+                  y=(inds // width).to(scores.dtype) + offsets[..., 1], finite=finite)
     if kind != "ct":
-        points["emb"] = gather_maps(out[f"emb_{kind}"], inds)[..., 0]
+        points["emb"] = gather_maps(out[f"emb_{kind}"], inds)[..., 0].masked_fill(~finite, 0)
     return points
 
 
@@ -87,6 +113,7 @@ def pair_corners(tl: dict, br: dict, ae_threshold: float, num_dets: int) -> torc
         | ((tl["emb"][:, :, None] - br["emb"][:, None, :]).abs() > ae_threshold)
         | (br["x"][:, None, :] < tl["x"][:, :, None])
         | (br["y"][:, None, :] < tl["y"][:, :, None])
+        | ~(tl["finite"][:, :, None] & br["finite"][:, None, :])
     )
     scores = scores.masked_fill(invalid, -1).reshape(n, -1)
     scores, pair = scores.topk(min(num_dets, scores.shape[1]))
@@ -105,15 +132,17 @@ def decode(out: dict, topk: int = 70, ae_threshold: float = 0.5, num_dets: int =
            ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Eval-mode network outputs ((N, *, h, w), docs/FORMAT.md) -> (boxes, centers) in output-map units:
     boxes (N, D, 8) x1 y1 x2 y2 score tl_score br_score label, D = min(num_dets, K^2), highest score first,
-    score -1 for pairs that failed; centers (N, K, 4) x y label score, highest score first, or None for outputs
-    without `hm_ct`. K = min(topk, C h w): a map smaller than topk keypoints gives all it has."""
+    score -1 for pairs that failed; centers (N, K, 4) x y label score, highest score first (label -1 at a cell whose
+    outputs are not finite), or None for outputs without `hm_ct`. K = min(topk, C h w): a map smaller than topk
+    keypoints gives all it has."""
     out = {key: value.to(torch.promote_types(value.dtype, torch.float32)) for key, value in out.items()}
     tl = keypoints(out, "tl", topk, kernel)
     br = keypoints(out, "br", topk, kernel)
     if "hm_ct" not in out:
         return pair_corners(tl, br, ae_threshold, num_dets), None
     ct = keypoints(out, "ct", topk, kernel)
-    centers = torch.stack([ct["x"], ct["y"], ct["label"].to(ct["score"].dtype), ct["score"]], dim=2)
+    label = ct["label"].masked_fill(~ct["finite"], -1).to(ct["score"].dtype)  # -1: no box has it
+    centers = torch.stack([ct["x"], ct["y"], label, ct["score"]], dim=2)
     return pair_corners(tl, br, ae_threshold, num_dets), centers
 
 
