@@ -16,7 +16,10 @@ from datasets.image_io import write_image
 from datasets.transforms import eval_input
 from engine.detector import Detector
 from engine.inference import InferenceConfig, detect, detect_batch, evaluate
+from nets import model_from_checkpoint
 from tests.fixed_box import CLASS_NAMES, SIZE, fixed_box_network, write_square_split
+from utils.checkpoint import load_inference_checkpoint, save_checkpoint
+from utils.errors import CheckpointError
 
 CPU = torch.device("cpu")
 CELLS = 32  # the output map of a 127 x 127 input
@@ -180,3 +183,18 @@ def test_the_detector_counts_and_demo_warns(tmp_path, monkeypatch, capsys):
     written = strict_json(tmp_path / "out" / "detections.json")
     assert [len(image["detections"]) for image in written["images"]] == [1, 0]  # calls 3 and 4
 
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_checkpoint_whose_weights_are_not_finite_is_refused_naming_the_file_and_weight(tmp_path, value):
+    """Before: it loaded, and test.py scored its NaN outputs AP 0 after running every image."""
+    net = fixed_box_network()
+    with torch.no_grad():
+        net.branches[-1].hm_tl[2].bias[0] = value
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, {"model": net.state_dict(), "class_names": CLASS_NAMES, "epoch": 1,
+                           "args": {"arch": "tiny_hourglass", "num_classes": 1, "img_size": SIZE}})
+    for load in (lambda: model_from_checkpoint(load_inference_checkpoint(path), path),
+                 lambda: Detector.from_checkpoint(path, device="cpu")):
+        with pytest.raises(CheckpointError, match=f"{path}: its weight branches.0.hm_tl.2.bias holds 1 NaN or "
+                                                  "infinite values of 1, so its outputs would not be finite"):
+            load()
