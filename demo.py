@@ -11,7 +11,8 @@ header, are skipped as unreadable, as are those whose test input at a --test_sca
 pixels); a folder is read in name order, without its sub-folders, --batch_size images at a time (those of one
 input size share a forward). Files that cannot be read are reported and skipped, and the other files of a folder
 (names without an image suffix) counted. Each image is written to --out under its own name with its boxes, class
-names and scores drawn (with .png added where its format cannot hold a colour drawing: scan.pgm.png);
+names and scores drawn (with .png added where its format cannot hold a colour drawing: scan.pgm.png, or
+scan.pgm.2.png where the folder also holds an image scan.pgm.png);
 `detections.json` lists every image read (`images`: its path as given, and its detections in original pixels, also
 when there are none) and the files skipped (`skipped`). --out must be empty unless --force, and never holds
 an input image.
@@ -36,7 +37,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from datasets.image_io import IMAGE_SUFFIXES, drawing_name, load_image, write_image
+from datasets.image_io import IMAGE_SUFFIXES, drawing_names, load_image, write_image
 from engine.detector import Detections, Detector
 from engine.inference import non_finite_warning, parse_scales
 from engine.visualize import draw
@@ -141,13 +142,14 @@ class JsonLog:
             self.save()
 
 
-def prepare_images(args) -> tuple[list[Path], Path]:
-    """The images to read and the output folder, checked before any work: no output may be an input image, and
-    --out must be empty unless --force."""
-    images = list_images(Path(args.images))
+def prepare_images(args) -> tuple[dict[Path, str], Path]:
+    """The images to read, each with the file name of its drawing, and the output folder, checked before any work:
+    no output may be an input image, and --out must be empty unless --force."""
+    paths = list_images(Path(args.images))
+    images = dict(zip(paths, drawing_names([path.name for path in paths])))
     out = Path(args.out)
-    for path in images:
-        if same_file(out / drawing_name(path.name), path):
+    for path, drawing in images.items():
+        if same_file(out / drawing, path):
             raise ArgumentError(f"--out {out} would write over the input image {path}; choose another folder")
     if out.is_dir() and any(out.iterdir()) and not args.force:
         raise ArgumentError(f"--out {out} is not empty; choose another folder or pass --force to replace its files")
@@ -156,14 +158,15 @@ def prepare_images(args) -> tuple[list[Path], Path]:
     return images, out
 
 
-def run_images(images: list[Path], out: Path, args, detector: Detector) -> dict:
+def run_images(images: dict[Path, str], out: Path, args, detector: Detector) -> dict:
     make_folder(out, "--out")
     log = JsonLog(out / "detections.json", {"images": [], "skipped": []})
     results, skipped = log.content["images"], log.content["skipped"]
     bar = tqdm(total=len(images), desc="detect", disable=len(images) < 2, unit="img")
+    ordered = list(images)
     with log:
-        for start in range(0, len(images), args.batch_size):
-            chunk = images[start:start + args.batch_size]
+        for start in range(0, len(ordered), args.batch_size):
+            chunk = ordered[start:start + args.batch_size]
             paths, frames = [], []
             for path in chunk:
                 try:
@@ -175,7 +178,7 @@ def run_images(images: list[Path], out: Path, args, detector: Detector) -> dict:
                     tqdm.write(f"skipped: {e}" if str(path) in str(e) else f"skipped: {path}: {e}", file=sys.stderr)
                     skipped.append(str(path))
             for path, image, found in zip(paths, frames, detect(detector, frames)):
-                write_image(out / drawing_name(path.name), draw(image, found.rows(), detector.class_names))
+                write_image(out / images[path], draw(image, found.rows(), detector.class_names))
                 results.append({"file": str(path), "detections": as_records(found)})
             bar.update(len(chunk))
             log.maybe_save()

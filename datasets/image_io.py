@@ -188,10 +188,24 @@ def as_bgr8(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image[:, :, :3])
 
 
-def drawing_name(name: str) -> str:
-    """The file name of a drawing over image `name`: the same where its format holds 8-bit colour, else with .png
-    added (photo.pgm.png, apart from a photo.png beside it)."""
-    return name if Path(name).suffix.lower() in DRAWING_SUFFIXES else name + ".png"
+def drawing_names(names: list[str]) -> list[str]:
+    """The file names of the drawings over the images `names` (the distinct names of one folder), in their order:
+    an image's own name where its format holds 8-bit colour, else with .png added (scan.pgm.png, apart from a
+    scan.png beside it), or, where another image has that name (ignoring case), .2.png, .3.png, ... instead: scan.pgm
+    beside an image scan.pgm.png is drawn as scan.pgm.2.png."""
+    own = {name for name in names if Path(name).suffix.lower() in DRAWING_SUFFIXES}
+    taken = {name.casefold() for name in own}
+    drawings = []
+    for name in names:
+        drawing, copy = name, 1
+        if name not in own:
+            drawing = name + ".png"
+            while drawing.casefold() in taken:
+                copy += 1
+                drawing = f"{name}.{copy}.png"
+            taken.add(drawing.casefold())
+        drawings.append(drawing)
+    return drawings
 
 
 def write_image(path: Path, image: np.ndarray) -> None:

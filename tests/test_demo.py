@@ -15,7 +15,7 @@ import torch
 
 import demo
 import engine.detector
-from datasets.image_io import write_image
+from datasets.image_io import drawing_names, write_image
 from datasets.transforms import eval_input
 from engine.inference import InferenceConfig, detect
 from nets import build_model
@@ -405,6 +405,27 @@ def test_drawings_of_formats_without_8_bit_colour_are_png_and_other_files_are_co
     assert len(note) == 1 and note[0].startswith(f"note: 2 files of {folder} are not read, as their names end in no "
                                                  "image suffix (looked for .avif .bmp") and \
         note[0].endswith(": notes.txt, photo"), note
+
+
+def test_an_image_named_as_another_images_drawing_keeps_its_name_and_the_other_takes_a_number(ckpt, tmp_path):
+    """Before: the drawing of a.pgm (a.pgm.png) and that of the image a.pgm.png were one file, written twice."""
+    folder = tmp_path / "in"
+    photo = cv2.imread(str(small_photos(tmp_path / "photos")[0]))
+    sizes = {"a.pgm": (90, 120), "a.pgm.png": (100, 70), "a.pgm.2.png": (80, 60)}  # (height, width), one each
+    for name, (h, w) in sizes.items():
+        image = cv2.resize(photo, (w, h))
+        write_image(folder / name, cv2.cvtColor(image, cv2.COLOR_BGR2GRAY) if name.endswith(".pgm") else image)
+    run(ckpt, folder, tmp_path / "out")
+    drawings = {"a.pgm": "a.pgm.3.png", "a.pgm.png": "a.pgm.png", "a.pgm.2.png": "a.pgm.2.png"}
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([*drawings.values(), "detections.json"])
+    for name, drawing in drawings.items():
+        assert cv2.imread(str(tmp_path / "out" / drawing)).shape == (*sizes[name], 3), name
+
+
+def test_drawing_names_are_distinct_ignoring_case():
+    """A case-insensitive file system (macOS, Windows) holds one of A.PGM.png and a.pgm.png."""
+    assert drawing_names(["A.PGM", "a.pgm", "b.png", "B.PNG", "c.pbm"]) == [
+        "A.PGM.png", "a.pgm.2.png", "b.png", "B.PNG", "c.pbm.png"]
 
 
 def test_sub_folders_that_are_not_read_are_named_in_a_note(tmp_path, capsys):
