@@ -130,7 +130,7 @@ def main(args: argparse.Namespace) -> None:
     print(f"{data_dir}: {len(train)} training images ({args.train_split}, img_size {args.img_size}, random crop, "
           f"flip, colour), {len(val)} evaluation images ({args.val_split}, scale 1, no flip); median of "
           f"{args.rounds} rounds, one thread")
-    print(f"| loader | train samples/s | eval samples/s |\n|---|---|---|")
+    print("| loader | train samples/s | eval samples/s |\n|---|---|---|")
     print(f"| centernet47 | {med['ours']['train']:.1f} | {med['ours']['eval']:.1f} |")
     if args.seed_repo:
         print(f"| seed (pytorch_simple_CenterNet_47) | {med['seed']['train']:.1f} | {med['seed']['eval']:.1f} |")

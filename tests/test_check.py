@@ -152,8 +152,8 @@ def test_a_width_of_the_wrong_type_is_reported_once(tmp_path):
 
 
 def test_images_that_exif_turns_are_listed_as_notes_not_problems(tmp_path, capsys):
-    ann_file = one_image_split(tmp_path, np.zeros((80, 100, 3), np.uint8), "1.jpg", {"width": 80, "height": 100},
-                               [[10, 10, 20, 20]])
+    one_image_split(tmp_path, np.zeros((80, 100, 3), np.uint8), "1.jpg", {"width": 80, "height": 100},
+                    [[10, 10, 20, 20]])
     turned = tmp_path / "train" / "1.jpg"
     turned.write_bytes(with_exif_orientation(turned.read_bytes(), 6, "<"))  # read as 80 wide, 100 high
     note = (f"image id 1: {turned}: EXIF orientation 6: it is read upright, as viewers show it (80x100); its width, "
