@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from datasets.coco import is_id
 from utils.errors import ArgumentError, CheckpointError, MissingFileError
 
 METADATA_KEY = "centernet47"  # the metadata entry tools/export_onnx.py writes and this class reads
@@ -44,7 +45,9 @@ METADATA_FIELDS = {
     "outputs": (is_strings, "a list of output names"),
 }
 OPTIONAL_FIELDS = {
-    "category_ids": (lambda v: v is None or isinstance(v, list) and all(map(is_whole, v)), "a list of whole numbers"),
+    # ids past 64 bits failed at the first image, where they become an int64 array
+    "category_ids": (lambda v: v is None or isinstance(v, list) and all(map(is_id, v)),
+                     "a list of whole numbers that fit 64 bits"),
     "corner_pool": (lambda v: isinstance(v, str), "a string"),
     "center_branch": (lambda v: isinstance(v, str), "a string"),
 }

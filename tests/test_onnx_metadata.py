@@ -47,6 +47,8 @@ def test_a_well_formed_file_loads_and_runs(tmp_path):
     ("zero_unit", {**METADATA, "size_unit": 0}, "'size_unit' is 0, expected a whole number of at least 1"),
     ("ids_5", {**METADATA, "category_ids": 5}, "'category_ids' is 5, expected a list of whole numbers"),  # TypeError
     ("ids_x", {**METADATA, "category_ids": ["x", 2, 3]}, r"'category_ids' is \['x', 2, 3\], expected a list of whole"),
+    ("ids_huge", {**METADATA, "category_ids": [1, 2, 2**64]}, "'category_ids' is \\[1, 2, 18446744073709551616\\], "
+     "expected a list of whole numbers that fit 64 bits"),  # OverflowError at the first image
     ("names_int", {**METADATA, "class_names": 7}, "'class_names' is 7, expected a list of strings"),
     ("dynamic_text", {**METADATA, "dynamic": "false"}, "'dynamic' is 'false', expected true or false"),
     ("no_outputs", {k: v for k, v in METADATA.items() if k != "outputs"}, "no 'outputs'"),
