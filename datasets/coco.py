@@ -39,6 +39,7 @@ from torch.utils.data import Dataset
 from datasets.image_io import exif_orientation, load_image
 from datasets.targets import STRIDE, make_targets
 from datasets.transforms import check_input_size, clip_boxes, eval_input, train_transform
+from utils.checks import is_id
 from utils.errors import ArgumentError, DataError, MissingFileError
 
 
@@ -97,12 +98,6 @@ def _entries(data: dict, key: str, path: Path, required: tuple[str, ...],
         else:
             usable.append((i, item))
     return usable
-
-
-def is_id(value) -> bool:
-    """A COCO id: an int, not a bool (a list or dict would not even hash), that fits 64 bits as ids do where they
-    become tensors and arrays (json integers have no bound)."""
-    return isinstance(value, int) and not isinstance(value, bool) and -2**63 <= value < 2**63
 
 
 def is_finite_number(value) -> bool:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from datasets.coco import is_id
+from utils.checks import is_id
 from utils.errors import ArgumentError, CheckpointError, MissingFileError
 
 METADATA_KEY = "centernet47"  # the metadata entry tools/export_onnx.py writes and this class reads

@@ -235,6 +235,8 @@ def test_the_converter_never_writes_over_a_file_unasked(tmp_path):
         upgrade("--src", str(src), "--out", str(out))
     with pytest.raises(UserError, match="expected 2 different ids, one per class"):
         upgrade("--src", str(src), "--out", str(tmp_path / "x.pt"), "--category_ids", "1")
+    with pytest.raises(UserError, match="--category_ids: expected ids within 64 bits, got '1,18446744073709551616'"):
+        upgrade("--src", str(src), "--out", str(tmp_path / "x.pt"), "--category_ids", f"1,{2**64}")
     assert src.read_bytes() == original and out.read_bytes() == b"mine" and not (tmp_path / "x.pt").exists()
     upgrade("--src", str(src), "--out", str(src), "--force")
     assert load_checkpoint(src)["args"]["arch"] == "tiny_hourglass"

@@ -209,6 +209,8 @@ def test_a_checkpoint_that_does_not_fit_its_network_is_refused_with_numbers(tmp_
         ({"class_names": ["a"], "model": {**model.state_dict(), "extra.bias": torch.zeros(2)}},
          "extra.bias is in the checkpoint but not in the network"),
         ({"class_names": ["a"], "category_ids": [1, 2]}, "expected 'category_ids' to list one whole number per class"),
+        ({"class_names": ["a"], "category_ids": [2**64]},  # was an OverflowError at the first image
+         r"one whole number per class \(1\), each within 64 bits, got \[18446744073709551616\]"),
     ]
     for entries, message in cases:
         save_checkpoint(path, {"model": model.state_dict(), "args": args, **entries})

@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: import the repo
 from utils.checkpoint import PLAIN_CONTAINERS, PLAIN_LEAVES, load_checkpoint, save_checkpoint
+from utils.checks import is_id
 from utils.errors import CheckpointError, UnsafeCheckpointError, UserError, run_cli
 from utils.files import same_file
 
@@ -127,6 +128,8 @@ def parse_category_ids(text: str, class_names: list[str]) -> list[int]:
         ids = [int(s) for s in text.split(",")]
     except ValueError:
         raise UserError(f"--category_ids: expected comma-separated whole numbers, got {text!r}") from None
+    if not all(map(is_id, ids)):  # the checkpoint's readers would refuse it
+        raise UserError(f"--category_ids: expected ids within 64 bits, got {text!r}")
     if len(ids) != len(class_names) or len(set(ids)) != len(ids):
         raise UserError(f"--category_ids: expected {len(class_names)} different ids, one per class "
                         f"({', '.join(class_names)}), got {text!r}")

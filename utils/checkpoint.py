@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from utils.checks import is_id
 from utils.errors import CheckpointError, MissingFileError, UnsafeCheckpointError
 from utils.files import atomic_write
 
@@ -284,7 +285,7 @@ def load_inference_checkpoint(path: str | Path) -> dict:
     check_class_names(state, path)
     ids = state.get("category_ids")
     if ids is not None and (not isinstance(ids, list) or len(ids) != len(state["class_names"])
-                            or not all(type(i) is int for i in ids)):
+                            or not all(map(is_id, ids))):
         raise CheckpointError(f"{path}: expected 'category_ids' to list one whole number per class "
-                              f"({len(state['class_names'])}), got {ids!r}")
+                              f"({len(state['class_names'])}), each within 64 bits, got {ids!r}")
     return state

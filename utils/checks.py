@@ -1,9 +1,16 @@
 """Checks of numbers where they enter (a command-line flag or a parameter of the Python API): NaN and infinity
-pass comparisons such as `value < 0`, so each range check here also asks for a finite number."""
+pass comparisons such as `value < 0`, so each range check here also asks for a finite number. `is_id` tests the
+ids read from files (annotation jsons, checkpoints, ONNX metadata)."""
 import math
 import numbers
 
 from utils.errors import ArgumentError
+
+
+def is_id(value) -> bool:
+    """A COCO id: an int, not a bool (a list or dict would not even hash), that fits 64 bits as ids do where they
+    become tensors and arrays (json integers have no bound)."""
+    return isinstance(value, int) and not isinstance(value, bool) and -2**63 <= value < 2**63
 
 
 def check_number(name: str, value, low: float = -math.inf, high: float = math.inf, *, above: bool = False,
