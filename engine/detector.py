@@ -25,7 +25,7 @@ from engine.inference import (MAX_TEST_SCALE, InferenceConfig, check_distinct, d
 from engine.onnx_backend import OnnxModel
 from nets import model_from_checkpoint
 from utils.checkpoint import load_inference_checkpoint
-from utils.checks import check_number, check_positive_int
+from utils.checks import check_number, check_positive_int, is_id
 from utils.cpu_memory import keep_freed_memory
 from utils.device import select_device
 from utils.errors import ArgumentError
@@ -127,9 +127,11 @@ class Detector:
         if category_ids is not None and len(category_ids) != len(class_names):
             raise ArgumentError(f"category_ids: expected one per class ({len(class_names)}), got "
                                 f"{len(category_ids)}")
-        if category_ids is not None and not all(isinstance(c, numbers.Integral) for c in category_ids):
-            raise ArgumentError(f"category_ids: expected one whole number per class ({len(class_names)}), got "
-                                f"{category_ids!r}")
+        # within 64 bits: Detections makes an int64 array of them
+        if category_ids is not None and not all(isinstance(c, numbers.Integral) and is_id(int(c))
+                                                for c in category_ids):
+            raise ArgumentError(f"category_ids: expected one whole number per class ({len(class_names)}), each within "
+                                f"64 bits, got {category_ids!r}")
         self.model, self.class_names, self.device, self.amp = model, list(class_names), device, amp
         if device.type == "cpu":
             keep_freed_memory()

@@ -69,5 +69,7 @@ def test_metadata_naming_outputs_the_graph_lacks_is_refused(tmp_path):
 
 def test_a_detector_refuses_category_ids_that_are_not_whole_numbers(tmp_path):
     model = OnnxModel(onnx_file(tmp_path / "good.onnx", METADATA), torch.device("cpu"))
-    with pytest.raises(ArgumentError, match=r"category_ids: expected one whole number per class \(3\), got \['x'"):
-        Detector(model, CLASSES, torch.device("cpu"), category_ids=["x", 2, 3])  # was a ValueError from int()
+    for ids in (["x", 2, 3], [1, 2, 2**64]):  # a ValueError from int(), an OverflowError at the first image
+        with pytest.raises(ArgumentError, match=r"category_ids: expected one whole number per class \(3\), each "
+                                                f"within 64 bits, got \\{ids!r}"):
+            Detector(model, CLASSES, torch.device("cpu"), category_ids=ids)
