@@ -1,6 +1,8 @@
 """`prepare_for_inference(model)`: an eval-only copy of a CenterNet network that runs faster on the CPU and gives
 the same outputs up to float rounding. Training never sees it: checkpoints hold the unprepared network.
 
+Preparing builds it from `model`'s tensors without copying `model` first (README "CPU inference", "Weights held").
+
 What it changes (each measured by bench/bench_infer.py, README "CPU inference"):
 - batch norm folded into the convolution before it: w' = w * g / sqrt(v + eps), b' = beta + (b - m) * g / sqrt(v + eps);
 - ReLU, and the residual sum before it, done inside the convolution by oneDNN (`mkldnn::_convolution_pointwise`):
@@ -171,12 +173,10 @@ def is_output_conv(conv: nn.Module) -> bool:
 
 def prepared_branches(branches: KeypointBranches) -> KeypointBranches:
     """The pooling modules prepared, and each head with its last convolution as an OutputConv."""
-    for name, child in branches.named_children():
-        if name in OUTPUT_KEYS and is_output_conv(child[-1]):
-            setattr(branches, name, nn.Sequential(*fused_sequence(child[:-1]), OutputConv(child[-1])))
-        else:
-            setattr(branches, name, prepared(child))
-    return branches
+    return with_children(branches, {
+        name: nn.Sequential(*fused_sequence(child[:-1]), OutputConv(child[-1]))
+        if name in OUTPUT_KEYS and is_output_conv(child[-1]) else prepared(child)
+        for name, child in branches.named_children()})
 
 
 def fused_sequence(seq: nn.Sequential) -> nn.Sequential:
@@ -197,7 +197,7 @@ def fused_sequence(seq: nn.Sequential) -> nn.Sequential:
 
 
 def prepared(module: nn.Module) -> nn.Module:
-    """`module` with its known blocks replaced by their prepared forms (in place for the others' children)."""
+    """A new module for `module` with its known blocks in their prepared forms; `module` is untouched."""
     if isinstance(module, Residual):
         return PreparedResidual(module)
     if isinstance(module, PoolMerge):
@@ -210,9 +210,13 @@ def prepared(module: nn.Module) -> nn.Module:
         return fused_sequence(module)
     if foldable(module):
         return FusedConv(module)
-    for name, child in module.named_children():
-        setattr(module, name, prepared(child))
-    return module
+    return with_children(module, {name: prepared(child) for name, child in module.named_children()})
+
+
+def with_children(module: nn.Module, children: dict[str, nn.Module]) -> nn.Module:
+    """A deep copy of `module` with `children` in place of its own (by name): the tensors of its own children
+    are not copied, only those it holds itself. Copying the whole model first held every weight once more."""
+    return copy.deepcopy(module, {id(child): children[name] for name, child in module.named_children()})
 
 
 class PreparedNetwork(nn.Module):
@@ -236,7 +240,7 @@ def prepare_for_inference(model: nn.Module, dtype: torch.dtype = torch.float32,
     `dtype` bfloat16 gives the 16-bit path (`--amp` on the CPU)."""
     if dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"prepare_for_inference: dtype must be float32 or bfloat16, got {dtype}")
-    network = prepared(copy.deepcopy(model).eval()).to(dtype)
+    network = prepared(model).to(dtype)
     if channels_last:
         network = network.to(memory_format=torch.channels_last)
     return PreparedNetwork(network.eval(), dtype, channels_last)
