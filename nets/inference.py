@@ -1,7 +1,9 @@
 """`prepare_for_inference(model)`: an eval-only copy of a CenterNet network that runs faster on the CPU and gives
 the same outputs up to float rounding. Training never sees it: checkpoints hold the unprepared network.
 
-Preparing builds it from `model`'s tensors without copying `model` first (README "CPU inference", "Weights held").
+It holds one copy of the weights besides `model`'s: each convolution's folded weight until its first call, then
+only that weight in oneDNN's layout (README "CPU inference", "Weights held"). Preparing builds it from
+`model`'s tensors without copying `model` first.
 
 What it changes (each measured by bench/bench_infer.py, README "CPU inference"):
 - batch norm folded into the convolution before it: w' = w * g / sqrt(v + eps), b' = beta + (b - m) * g / sqrt(v + eps);
@@ -69,11 +71,19 @@ class FusedConv(nn.Module):
 
     def onednn_weight(self, x: torch.Tensor) -> torch.Tensor:
         """The weight reordered once for oneDNN (it then fits any input size; the shape only guides the choice of
-        layout): unpacked, every call reorders it, which costs most on the deep 8 x 8 levels (2.4x there)."""
+        layout): unpacked, every call reorders it, which costs most on the deep 8 x 8 levels (2.4x there). A reorder
+        rounds nothing, so the packed weight then holds the dense one's values and the dense copy is dropped (kept
+        only when packing converted its dtype): holding both took a third of small_hourglass's memory."""
         if self.packed is None or self.packed.dtype != x.dtype:
+            weight = self.dense_weight()
             self.packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
-                self.weight.to(x.dtype).to_mkldnn(), self.padding, self.stride, self.dilation, 1, list(x.shape))
+                weight.to(x.dtype).to_mkldnn(), self.padding, self.stride, self.dilation, 1, list(x.shape))
+            self.weight = None if weight.dtype == x.dtype else nn.Parameter(weight, requires_grad=False)
         return self.packed
+
+    def dense_weight(self) -> torch.Tensor:
+        """The folded weight as a plain tensor: the parameter, or once it is dropped, the packed weight unpacked."""
+        return self.packed.to_dense() if self.weight is None else self.weight
 
     def forward(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
         if x.device.type == "cpu" and (ONEDNN_BF16 if x.dtype == torch.bfloat16 else ONEDNN):
@@ -87,7 +97,7 @@ class FusedConv(nn.Module):
             return torch.ops.mkldnn._convolution_pointwise.binary(
                 x, add, weight, self.bias, self.padding, self.stride, self.dilation, 1, "add", 1.0,
                 "relu" if self.relu else None, [], "")
-        y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
+        y = F.conv2d(x, self.dense_weight(), self.bias, self.stride, self.padding, self.dilation)
         if add is not None:
             y = y + add
         return F.relu(y) if self.relu else y

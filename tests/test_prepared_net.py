@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from nets import build_model
-from nets.inference import FusedConv, OutputConv, prepare_for_inference, spatial_max
+from nets import inference
+from nets.inference import ONEDNN, ONEDNN_BF16, FusedConv, OutputConv, prepare_for_inference, spatial_max
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,6 +111,25 @@ def test_preparing_leaves_the_trained_network_untouched():
     assert model.stem[0][0].weight.grad is not None
 
 
+def storage_bytes(tensors) -> int:
+    """The bytes of the distinct storages behind `tensors` (views of one storage count once)."""
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+
+
+@pytest.mark.skipif(not ONEDNN, reason="weights are packed for oneDNN only")
+def test_after_its_first_call_the_prepared_network_holds_the_weights_once():
+    """Each FusedConv kept its folded float32 weight beside the oneDNN-packed one it runs: with the model that
+    Detector and test.py hold, three copies of the weights (small_hourglass: 400 MiB each). Once packed, only the
+    packed one is left: the dense tensors are the biases and the heads' output products (0.2% here)."""
+    model = trained_looking()
+    prepared = prepare_for_inference(model)
+    with torch.no_grad():
+        prepared(torch.randn(1, 3, 127, 127))
+    fused = [m for m in prepared.modules() if isinstance(m, FusedConv)]
+    assert all(m.packed is not None for m in fused)
+    assert storage_bytes([*prepared.parameters(), *prepared.buffers()]) < storage_bytes(model.parameters()) / 100
+
+
 def test_preparing_copies_none_of_the_models_tensors(monkeypatch):
     """Preparing deep-copied the whole model and then replaced each block of the copy, so every weight was held
     once more while preparing (and with freed memory kept, Detector's setting, until the forwards reuse it:
@@ -122,6 +142,45 @@ def test_preparing_copies_none_of_the_models_tensors(monkeypatch):
                             deepcopy(t, memo))
     prepare_for_inference(model)
     assert copied == []
+
+
+def fused_conv_and_reference(seed: int = 0) -> tuple[FusedConv, torch.Tensor, torch.Tensor]:
+    """A FusedConv of a conv + batch norm far from the identity, an input, and the output in float64."""
+    torch.manual_seed(seed)
+    conv, bn = nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16).eval()
+    bn.running_mean.uniform_(-0.3, 0.3)
+    bn.running_var.uniform_(0.3, 3.0)
+    x = torch.randn(2, 8, 9, 9)
+    with torch.no_grad():
+        ref = bn.double()(conv.double()(x.double()))
+    return FusedConv(conv.float(), bn.float()), x, ref
+
+
+def conv_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref).abs().max() / ref.abs().max()).item()
+
+
+@pytest.mark.skipif(not ONEDNN, reason="weights are packed for oneDNN only")
+def test_a_packed_fused_conv_still_runs_without_onednn(monkeypatch):
+    """The dense weight dropped after packing comes back from the packed one for F.conv2d, unrounded (the
+    file's float32 bound; a weight rounded through bf16 would be off by 2^-9)."""
+    conv, x, ref = fused_conv_and_reference()
+    with torch.no_grad():
+        assert conv_error(conv(x), ref) < 1e-4 and conv.weight is None
+        monkeypatch.setattr(inference, "ONEDNN", False)
+        assert conv_error(conv(x), ref) < 1e-4
+
+
+@pytest.mark.skipif(not ONEDNN_BF16, reason="oneDNN has no bf16 convolutions on this CPU")
+def test_a_fused_conv_packed_for_bf16_keeps_its_float32_weight():
+    """Packed for bf16 after float32, the float32 weight is kept: repacked from the bf16 one for the next float32
+    call, it would have lost its low 16 bits (an error of 2^-9 against the float32 bound)."""
+    conv, x, ref = fused_conv_and_reference(1)
+    with torch.no_grad():
+        conv(x)
+        assert conv_error(conv(x.bfloat16()), ref) < 2 ** -3
+        assert conv.weight.dtype == torch.float32
+        assert conv_error(conv(x), ref) < 1e-4
 
 
 def test_bf16_path_stays_close_and_returns_float32():
