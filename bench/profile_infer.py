@@ -7,9 +7,11 @@ op, and what the process's memory allocator adds to it.
 Allocator table: for each arch, a fresh process per setting runs --repeats forwards of the prepared network
 (after one warm-up pass over --sizes; several sizes take turns, as test.py's multi-scale inputs do) and reports
 per forward its CPU time, minor page faults and system time (getrusage), and the process's peak and final
-resident memory. "glibc default" is malloc as it comes; "kept" is utils/cpu_memory.py's keep_freed_memory(), which
-Detector and test.py set on the CPU. The two settings run one after the other, so on a loaded machine read the
-faults, not the times.
+resident memory, and the resident memory once the network is built, before its first forward. "glibc default" is
+malloc as it comes; "kept" is utils/cpu_memory.py's keep_freed_memory(), which Detector and test.py set on the CPU;
+both drop the trained network once it is prepared. "Detector" runs the network of an engine.Detector, which keeps
+freed memory and holds the trained network (`detector.model`) beside the prepared one, as demo.py and test.py do.
+The settings run one after the other, so on a loaded machine read the faults, not the times.
 
 Per-op table (the first size, in this process, memory kept): self CPU time per forward of the prepared network's
 ops (torch.profiler) beside onnxruntime's kernel times (its own profiler), the same number of threads; then the
@@ -29,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: import the repo
 from bench.bench_infer import export_fixed
+from engine.detector import Detector
 from nets import build_model
 from nets.inference import prepare_for_inference
 from utils.cpu_memory import keep_freed_memory
@@ -53,9 +56,13 @@ def resident_mib() -> float:
 
 def allocator_child(setting: str, arch: str, args) -> None:
     """Runs in a fresh process: prints one JSON line of the measurements for `setting`."""
-    kept = setting == "kept" and keep_freed_memory()
+    kept = setting != "default" and keep_freed_memory()
     torch.manual_seed(0)
-    network = prepare_for_inference(build_model(arch, 80).eval())
+    model = build_model(arch, 80).eval()
+    detector = Detector(model, [str(c) for c in range(80)], torch.device("cpu")) if setting == "detector" else None
+    network = detector.network if detector else prepare_for_inference(model)
+    del model  # held by the detector where there is one
+    built = resident_mib()
     images = [torch.randn(1, 3, s, s) for s in args.sizes]
     for image in images:
         network(image)
@@ -65,20 +72,23 @@ def allocator_child(setting: str, arch: str, args) -> None:
     end, spent = resource.getrusage(resource.RUSAGE_SELF), time.process_time() - clock
     n = args.repeats
     print(json.dumps({"kept": kept, "ms": spent / n * 1e3, "faults": (end.ru_minflt - start.ru_minflt) / n,
-                      "sys_ms": (end.ru_stime - start.ru_stime) / n * 1e3, "peak_mib": end.ru_maxrss / 1024,
-                      "final_mib": resident_mib()}))
+                      "sys_ms": (end.ru_stime - start.ru_stime) / n * 1e3, "built_mib": built,
+                      "peak_mib": end.ru_maxrss / 1024, "final_mib": resident_mib()}))
 
 
 def allocator_table(args) -> None:
-    print(f"{'allocator':<34}{'ms/fwd':>9}{'faults/fwd':>12}{'sys ms/fwd':>12}{'peak MiB':>10}{'final MiB':>10}")
+    print(f"{'allocator':<34}{'ms/fwd':>9}{'faults/fwd':>12}{'sys ms/fwd':>12}{'built MiB':>11}{'peak MiB':>10}"
+          f"{'final MiB':>10}")
     for arch in args.archs:
-        for setting in ("default", "kept"):
+        for setting in ("default", "kept", "detector"):
             cmd = [sys.executable, __file__, "--child", setting, arch, "--threads", str(args.threads),
                    "--repeats", str(args.repeats), "--sizes", *map(str, args.sizes)]
             row = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
-            name = "kept" if row["kept"] else "glibc default" if setting == "default" else "kept (no glibc: default)"
+            name = {"default": "glibc default", "kept": "kept", "detector": "Detector"}[setting]
+            if setting != "default" and not row["kept"]:
+                name += " (no glibc: default)"
             print(f"{arch + ' ' + name:<34}{row['ms']:>9.1f}{row['faults']:>12.0f}{row['sys_ms']:>12.1f}"
-                  f"{row['peak_mib']:>10.0f}{row['final_mib']:>10.0f}", flush=True)
+                  f"{row['built_mib']:>11.0f}{row['peak_mib']:>10.0f}{row['final_mib']:>10.0f}", flush=True)
 
 
 def torch_ops(network, image: torch.Tensor, repeats: int) -> tuple[dict, dict]:
