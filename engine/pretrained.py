@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from nets import refuse_non_finite
 from nets.hourglass import HEATMAP_HEADS
 from utils.checkpoint import load_checkpoint, saved_args
 from utils.errors import CheckpointError, MissingFileError
@@ -92,4 +93,5 @@ def load_pretrained_checkpoint(model: nn.Module, path: str, class_names: list[st
                               f"{arch} network match the checkpoint by name and shape (the checkpoint's --arch is "
                               f"{saved}); pass a checkpoint of --arch {arch}"
                               + (f", or train with --arch {saved}" if saved not in (arch, "unknown") else ""))
+    refuse_non_finite({key: state["model"][key] for key in report.loaded}, f"--pretrained {path}")
     return report

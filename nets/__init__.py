@@ -115,10 +115,7 @@ def model_from_checkpoint(state: dict, path) -> CenterNet:
     problem = first_misfit(network_on_meta(config, state["model"], path).state_dict(), state["model"])
     if problem:
         raise CheckpointError(f"{path}: the weights do not fit the network they name: {problem}")
-    problem = first_non_finite(state["model"])
-    if problem:
-        raise CheckpointError(f"{path}: {problem}, so its outputs would not be finite: its training diverged "
-                              "(take an earlier checkpoint), or the file was changed")
+    refuse_non_finite(state["model"], path)
     model = CenterNet(**config)  # now known to be the size of the weights already in memory
     model.load_state_dict(state["model"])
     return model
@@ -172,6 +169,16 @@ def first_misfit(expected: dict, weights: dict) -> str | None:
             return f"{key} is {weights[key].dtype} in the checkpoint, floating point in the network"
     extra = next((key for key in weights if key not in expected), None)
     return f"{extra} is in the checkpoint but not in the network" if extra else None
+
+
+def refuse_non_finite(weights: dict, source) -> None:
+    """A CheckpointError naming `source` (the file, as the caller names it) and the first tensor of `weights` that
+    holds NaN or infinity: a network with such a weight outputs NaN everywhere, and fine-tuning from it stops at
+    its first loss."""
+    problem = first_non_finite(weights)
+    if problem:
+        raise CheckpointError(f"{source}: {problem}, so its outputs would not be finite: its training diverged "
+                              "(take an earlier checkpoint), or the file was changed")
 
 
 def first_non_finite(weights: dict) -> str | None:

@@ -125,6 +125,18 @@ def test_a_bad_pretrained_file_creates_no_run_folder(shapes_dir, shapes_ckpt, tm
     assert not (tmp_path / "ckpt").exists()
 
 
+def test_a_pretrained_checkpoint_with_nan_weights_is_refused_naming_the_weight(shapes_dir, shapes_ckpt, tmp_path):
+    """Diverged weights: the run stopped at its first loss, with a hint to lower --lr that did not apply."""
+    state = load_checkpoint(shapes_ckpt)
+    key = next(k for k, v in state["model"].items() if v.dim() == 4)  # a convolution kernel
+    state["model"][key].view(-1)[3] = float("nan")
+    save_checkpoint(tmp_path / "diverged.pt", state)
+    with pytest.raises(CheckpointError, match=f"--pretrained {tmp_path / 'diverged.pt'}: its weight {key} holds 1 "
+                                              "NaN or infinite values"):
+        train.main(run_args(shapes_dir, tmp_path / "ckpt", "run", "--pretrained", str(tmp_path / "diverged.pt")))
+    assert not (tmp_path / "ckpt").exists()
+
+
 def test_train_py_fine_tunes_on_a_two_class_subset(shapes_dir, shapes_ckpt, tmp_path):
     subset = two_class_subset(shapes_dir, tmp_path / "subset")
     train.main(run_args(subset, tmp_path, "two", "--pretrained", str(shapes_ckpt)))
