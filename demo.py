@@ -151,6 +151,9 @@ def prepare_images(args) -> tuple[dict[Path, str], Path]:
     for path, drawing in images.items():
         if same_file(out / drawing, path):
             raise ArgumentError(f"--out {out} would write over the input image {path}; choose another folder")
+        # A drawing named apart from its input (scan.pgm.png) would land among the inputs, and be read as one next time.
+        if same_file(out, path.parent):
+            raise ArgumentError(f"--out {out} is the folder of the input image {path}; choose another folder")
     if out.is_dir() and any(out.iterdir()) and not args.force:
         raise ArgumentError(f"--out {out} is not empty; choose another folder or pass --force to replace its files")
     if out.exists() and not out.is_dir():

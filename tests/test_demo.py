@@ -161,6 +161,19 @@ def test_never_writes_over_an_input_image_even_with_force(ckpt, tmp_path):
     assert [p.read_bytes() for p in photos] == before and sorted(folder.iterdir()) == photos
 
 
+def test_out_is_never_the_folder_of_an_input_image(ckpt, tmp_path):
+    """Gray photos get drawings of other names (scan.pgm.png): none is overwritten, but --out X would still fill the
+    input folder X, and the next run would read the drawings as inputs."""
+    folder = tmp_path / "scans"
+    scan = folder / "scan.pgm"
+    folder.mkdir()
+    cv2.imwrite(str(scan), cv2.cvtColor(cv2.imread(str(small_photos(tmp_path / "in")[0])), cv2.COLOR_BGR2GRAY))
+    for source in (folder, scan):
+        with pytest.raises(ArgumentError, match=f"--out {folder} is the folder of the input image {scan}"):
+            run(ckpt, source, folder, "--force")
+    assert list(folder.iterdir()) == [scan]
+
+
 def test_batches_give_the_detections_of_single_images(ckpt, float64_demo, tmp_path):
     """Two photos of one size share a forward, the third (another size) gets its own: same detections as one
     image at a time."""
