@@ -208,6 +208,10 @@ def prepare_video(args) -> tuple[cv2.VideoCapture, float, int, Path, Path]:
         verb, them = ("exists", "it") if len(existing) == 1 else ("exist", "them")
         raise ArgumentError(f"{' and '.join(existing)} {verb}; choose another --out or pass --force to replace {them}")
     if not source.is_file():
+        if source.is_dir():
+            raise UserError(f"--video {source} is a folder; give a video file (--images reads a folder of images)")
+        if source.exists():  # a named pipe, a device, a socket
+            raise UserError(f"--video {source}: not a regular file")
         raise MissingFileError(f"--video {source}: no such file")
     capture = cv2.VideoCapture(str(source))
     if not capture.isOpened():

@@ -313,6 +313,16 @@ def test_video(ckpt, float64_demo, tmp_path):
     assert not (tmp_path / "e").exists() or not any((tmp_path / "e").iterdir())
 
 
+def test_a_video_that_is_no_file_is_named_as_such(ckpt, tmp_path):
+    """A folder or a named pipe given as --video exists: "no such file" was wrong."""
+    with pytest.raises(UserError, match=f"--video {tmp_path} is a folder; give a video file"):
+        run(ckpt, tmp_path, tmp_path / "n.mp4", source="--video")
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(UserError, match=f"--video {tmp_path / 'pipe'}: not a regular file"):
+        run(ckpt, tmp_path / "pipe", tmp_path / "n.mp4", source="--video")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]
+
+
 def test_sigterm_keeps_the_json_and_leaves_no_temporary_video(ckpt, tmp_path):
     """A video run stopped by SIGTERM (a scheduler, `kill`) ends with status 143, its json saved with
     "complete": false and no hidden temporary video; the next run clears those of killed runs only."""
