@@ -98,6 +98,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def checkpoint_path(args: argparse.Namespace) -> Path:
     if args.ckpt:
+        if Path(args.ckpt).suffix.lower() == ".onnx":  # else "truncated or corrupt", which it is not
+            raise ArgumentError(f"--ckpt {args.ckpt} is an ONNX file; pass it as --onnx {args.ckpt}")
         return Path(args.ckpt)
     if not args.log_name:
         raise ArgumentError("give --log_name (evaluates CKPT_DIR/LOG_NAME/checkpoint.pt) or --ckpt PATH")

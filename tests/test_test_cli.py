@@ -99,6 +99,10 @@ def test_a_scoring_backend_that_is_not_installed_is_refused_before_the_detection
 def test_errors(ckpt_dir, tmp_path):
     with pytest.raises(MissingFileError, match="checkpoint not found"):
         test_cli.main(cli_args(tmp_path))
+    onnx_file = tmp_path / "model.onnx"
+    onnx_file.write_bytes(b"")
+    with pytest.raises(ArgumentError, match=f"--ckpt {onnx_file} is an ONNX file; pass it as --onnx {onnx_file}$"):
+        test_cli.main(cli_args(ckpt_dir, "--ckpt", str(onnx_file)))
     with pytest.raises(ArgumentError, match="--arch small_hourglass does not match"):
         test_cli.main(cli_args(ckpt_dir, "--arch", "small_hourglass"))
     with pytest.raises(ArgumentError, match="--img_size 511 does not match"):
