@@ -18,10 +18,10 @@ when there are none) and the files skipped (`skipped`). --out must be empty unle
 an input image.
 
 Video (anything OpenCV reads): --out is the annotated video (.mp4 written with the mp4v codec, .avi with MJPG) and
-the json beside it (out.json) lists the detections of each frame. Neither replaces an existing file without
---force. The json is rewritten (atomically) every few seconds with "complete": false, so an interrupted run keeps
-what it did (also when stopped by Ctrl-C or SIGTERM); the video appears under its name only when complete, and
-the hidden temporary video of a run that was killed (SIGKILL, a power cut) is removed by the next run.
+the json beside it (out.json) lists the detections of each frame. Neither replaces an existing file without --force.
+The json is written (atomically) as the run starts and every few seconds with "complete": false, so an interrupted
+run keeps what it did (also when stopped by Ctrl-C or SIGTERM); the video appears under its name only when complete,
+and the hidden temporary video of a run that was killed (SIGKILL, a power cut) is removed by the next run.
 
 The detection itself is engine.Detector, which your own code can call too (README "Python API").
 """
@@ -114,8 +114,9 @@ def as_records(found: Detections) -> list[dict]:
 
 
 class JsonLog:
-    """The detections json of a run, saved atomically at most every JSON_EVERY_S seconds (`maybe_save`) and when
-    the `with` block ends."""
+    """The detections json of a run, saved atomically when the `with` block starts, at most every JSON_EVERY_S
+    seconds (`maybe_save`) and when it ends. The first save replaces a json of an earlier run (--force) at once: a
+    run killed before a later save (SIGKILL, a power cut) would leave that complete json beside its own outputs."""
 
     def __init__(self, path: Path, content: dict):
         self.path, self.content, self.saved_at = path, {**content, "complete": False}, time.monotonic()
@@ -129,6 +130,7 @@ class JsonLog:
         self.saved_at = time.monotonic()
 
     def __enter__(self) -> "JsonLog":
+        self.save()
         return self
 
     def __exit__(self, kind, error, traceback) -> None:

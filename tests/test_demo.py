@@ -371,6 +371,31 @@ def test_an_interrupted_force_run_leaves_no_old_video_beside_its_json(ckpt, tmp_
     assert json.loads(out.with_suffix(".json").read_text())["complete"] is False
 
 
+def test_a_force_run_replaces_the_old_json_before_any_work(ckpt, tmp_path, monkeypatch):
+    """A run killed (SIGKILL, a power cut) before its first periodic save left the earlier run's json, "complete":
+    true with all its frames, beside the new run's drawings or without its video: the json starts with the run."""
+    video, out_video = tmp_path / "in.mp4", tmp_path / "res" / "out.mp4"
+    write_video(video, frames=2)
+    folder, out_folder = tmp_path / "photos", tmp_path / "drawn"
+    small_photos(folder)
+    run(ckpt, video, out_video, source="--video")
+    run(ckpt, folder, out_folder)
+    real_detect, on_disk = demo.detect, []
+
+    def note_the_json_first(detector, frames):
+        if not on_disk:
+            for path in (out_video.with_suffix(".json"), out_folder / "detections.json"):
+                on_disk.append(json.loads(path.read_text()) if path.exists() else None)
+        return real_detect(detector, frames)
+
+    monkeypatch.setattr(demo, "detect", note_the_json_first)
+    run(ckpt, video, out_video, "--force", source="--video")
+    assert on_disk[0] == {"video": str(video), "fps": 10, "frames": [], "complete": False}
+    on_disk.clear()
+    run(ckpt, folder, out_folder, "--force")
+    assert on_disk[1] == {"images": [], "skipped": [], "complete": False}
+
+
 def test_mistakes_end_in_one_clear_error_not_a_traceback_or_an_empty_success(ckpt, tmp_path):
     photo = small_photos(tmp_path / "in")[0]
     a_file = tmp_path / "a_file"
