@@ -264,9 +264,11 @@ def check_split_files(root: Path, split: str) -> tuple[Path, Path]:
     the image folder is not there; reads no file."""
     ann_file, img_dir = split_files(root, split)
     if not root.is_dir():
-        raise MissingFileError(f"{root}: data directory not found (expected inside it annotations/instances_"
-                               f"{split}.json, or image_info_{split}.json for a split without annotations, and "
-                               f"the images in {img_dir.name}/)")
+        expected = (f"expected inside it annotations/instances_{split}.json, or image_info_{split}.json for a "
+                    f"split without annotations, and the images in {img_dir.name}/")
+        if root.exists():  # most often the json itself: "not found" would be wrong
+            raise DataError(f"{root} is not a folder; give the data directory ({expected})")
+        raise MissingFileError(f"{root}: data directory not found ({expected})")
     if not ann_file.is_file():
         raise annotation_file_missing(ann_file)
     if not img_dir.is_dir():

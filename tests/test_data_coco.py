@@ -118,6 +118,9 @@ def test_missing_directory(tmp_path):
         CocoDetection(tmp_path / "nowhere", "train", train=True)
     with pytest.raises(FileNotFoundError, match=r"image_info_test-dev2017\.json .*images in test2017/"):
         CocoDetection(tmp_path / "nowhere", "test-dev2017", train=False)
+    json_file = RACCOON / "annotations" / "instances_train.json"
+    with pytest.raises(DataError, match=f"{json_file} is not a folder; give the data directory .*images in train/"):
+        CocoDetection(json_file, "train", train=True)
 
 
 def test_missing_json(tmp_path):
