@@ -261,7 +261,7 @@ def split_files(root: Path, split: str) -> tuple[Path, Path]:
 
 def check_split_files(root: Path, split: str) -> tuple[Path, Path]:
     """`split_files(root, split)`, refused (MissingFileError naming it) where the data folder, the annotation json or
-    the image folder is not there; reads no file."""
+    the image folder is not there, and (DataError) where the data folder is a file; reads no file."""
     ann_file, img_dir = split_files(root, split)
     if not root.is_dir():
         expected = (f"expected inside it annotations/instances_{split}.json, or image_info_{split}.json for a "
