@@ -314,6 +314,9 @@ def train(args: argparse.Namespace, signals: StopSignals, folder_lock: RunFolder
                         "DistributedDataParallel (--dist implied)")
         for line in pretrained.lines() if pretrained else []:
             logger.info(line)
+        if args.pretrained and resuming:
+            logger.info(f"--pretrained {args.pretrained} not read: the run resumes from its own checkpoint, which "
+                        "holds the weights it started from and trained")
         variant = variant_name(args.corner_pool, args.center_branch)
         logger.info(f"{args.arch} ({variant}) at epoch {start_epoch}{f' step {progress.step}' if progress else ''}: "
                     f"{args.num_classes} classes, {len(train_set)} train / {len(val_set)} val images, "

@@ -146,3 +146,11 @@ def test_train_py_fine_tunes_on_a_two_class_subset(shapes_dir, shapes_ckpt, tmp_
     assert state["model"]["branches.0.hm_ct.2.weight"].shape[0] == 2
     log = (tmp_path / "two" / "train.log").read_text()
     assert "pretrained: loaded" in log and log.count("fresh (new classes)") == 6
+
+    # Resumed, the run continues from its own weights: --pretrained (here a file that is gone) is not read, and
+    # the log says so instead of passing over it in silence.
+    gone = tmp_path / "moved_away.pt"
+    train.main(run_args(subset, tmp_path, "two", "--pretrained", str(gone), "--resume", "--num_epochs", "2"))
+    assert load_checkpoint(tmp_path / "two" / "checkpoint.pt")["epoch"] == 2
+    log = (tmp_path / "two" / "train.log").read_text()
+    assert f"--pretrained {gone} not read: the run resumes from its own checkpoint" in log
