@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from utils.errors import DataError, MissingFileError
+from utils.errors import DataError, DataWarning, MissingFileError
 
 MAX_REPLACEMENTS = 100
 
@@ -64,7 +64,7 @@ class TrainSamples(Dataset):
             try:
                 item = self.dataset.train_sample(i, np.random.default_rng([self.seed, self.epoch, i]))
             except (DataError, MissingFileError) as e:
-                warnings.warn(f"skipping a training image that cannot be used: {e}", stacklevel=1)
+                warnings.warn(f"skipping a training image that cannot be used: {e}", DataWarning)
                 last_error = e
                 continue
             item["unreadable"] = torch.tensor(int(skipped > 0))

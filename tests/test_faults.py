@@ -195,6 +195,14 @@ def test_an_unreadable_training_image_is_skipped_and_too_many_stop_the_run(tmp_p
     open_files = {os.path.realpath(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")}
     assert str((tmp_path / "strict" / "run" / "train.log").resolve()) not in open_files  # closed on the error too
 
+    # On the console each skipped image is one line (as a UserWarning it came with the file, line and source line
+    # of the warnings.warn call), also from a loader worker process.
+    console = subprocess.run(train_cmd(data, tmp_path / "console", "--batch_size", "4", "--num_epochs", "1",
+                                       "--num_workers", "1"), cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert console.returncode == 1, console.stderr[-3000:]
+    assert console.stderr.count(f"warning: skipping a training image that cannot be used: {bad}: cannot decode") == 1
+    assert "warnings.warn" not in console.stderr and "UserWarning" not in console.stderr
+
 
 def open_when_read(pipe: Path, proc: subprocess.Popen, timeout: float = 240.0):
     """The named pipe `pipe` opened for writing once a process has opened it to read; an assertion error, not a

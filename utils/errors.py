@@ -8,6 +8,7 @@ anything else keeps its traceback, because it is a bug to report.
 """
 import signal
 import sys
+import warnings
 from typing import Callable
 
 INTERRUPTED, TERMINATED = 128 + signal.SIGINT, 128 + signal.SIGTERM  # the shell's status for each: 130, 143
@@ -44,6 +45,21 @@ class DeviceError(UserError, RuntimeError):
 
 class WriteError(UserError, OSError):
     """A file that cannot be written (disk full, permission denied, file size limit)."""
+
+
+class DataWarning(UserWarning):
+    """A problem in the data that a run passes over (a training image that cannot be read)."""
+
+
+def _format_warning(message, category, filename, lineno, line=None, _python_format=warnings.formatwarning) -> str:
+    """A DataWarning as one line, `warning: ...`: Python's format adds the file, line and source of the call, which
+    tell a user nothing. Every other warning keeps Python's format."""
+    if issubclass(category, DataWarning):
+        return f"warning: {message}\n"
+    return _python_format(message, category, filename, lineno, line)
+
+
+warnings.formatwarning = _format_warning  # at import: also in the data loader's worker processes
 
 
 def _terminated(signum, frame):
