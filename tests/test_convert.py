@@ -11,9 +11,9 @@ import torch
 
 from engine import Detector
 from nets import build_model
-from tools.convert_official import convert_state_dict, detect_method, get_args_parser, main, our_name
+from tools.convert_official import convert_state_dict, detect_method, get_args_parser, main, our_name, what_it_fits
 from utils.checkpoint import save_checkpoint
-from utils.errors import UserError
+from utils.errors import CheckpointError, UserError
 
 DATA = Path(__file__).parent / "data"
 REPO = Path(__file__).resolve().parents[1]
@@ -62,6 +62,32 @@ def test_wrong_arch_or_shape_is_a_clear_error():
     del official["module.ct_regrs.0.1.bias"]
     with pytest.raises(KeyError, match="lacks 1 weights"):
         convert_state_dict(official, "small_hourglass")
+
+
+def saved_official(name: str, path: Path, prefix: str = "") -> Path:
+    """The official state dict `name` written as a file, each tensor a stride-0 view of one number (a few hundred
+    KB instead of 400 MB); `prefix` is put before every key."""
+    torch.save({prefix + k: torch.zeros(1).expand(v.shape) for k, v in fake_official(name).items()}, path)
+    return path
+
+
+def convert(src: Path, out: Path, *flags: str) -> None:
+    main(get_args_parser().parse_args(["--src", str(src), "--out", str(out), *flags]))
+
+
+@pytest.mark.parametrize("name, flags, fits", [
+    ("CenterNet-52", ["--arch", "large_hourglass"], "--arch small_hourglass --method centernet"),
+    ("CenterNet-104", ["--arch", "small_hourglass"], "--arch large_hourglass --method centernet"),
+    ("CornerNet", ["--arch", "large_hourglass", "--method", "centernet"], "--arch large_hourglass --method cornernet"),
+])
+def test_a_wrong_arch_or_method_names_the_one_the_file_fits(tmp_path, name, flags, fits):
+    """CenterNet-52 given --arch large_hourglass said only that 531 weights were missing, CornerNet given --method
+    centernet that 114 were, without a word on which flag to change."""
+    with pytest.raises(CheckpointError, match=rf"; the file fits {fits}: pass that$"):
+        convert(saved_official(name, tmp_path / "official.pkl"), tmp_path / "out.pt", *flags)
+    assert not (tmp_path / "out.pt").exists()
+    fits_none = {"module.hm.0.weight": torch.empty(80, 256, 1, 1, device="meta")}  # another repository's network
+    assert what_it_fits(fits_none).startswith("the file fits none of the official networks")
 
 
 def test_names_of_each_part():

@@ -45,6 +45,9 @@ COCO_IDS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 2
             34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61,
             62, 63, 64, 65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 84, 85, 86, 87, 88, 89, 90]
 
+# The archs of the official networks: CenterNet-52, and CenterNet-104 and CornerNet.
+OFFICIAL_ARCHS = ("small_hourglass", "large_hourglass")
+
 # (pattern, replacement) applied in order to the official name without its `module.` prefix.
 RULES = [
     (r"^pre\.0\.conv\.", "stem.0.0."), (r"^pre\.0\.bn\.", "stem.0.1."), (r"^pre\.1\.", "stem.1."),
@@ -121,7 +124,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--src", required=True, help="official .pkl (CenterNet-52_480000.pkl, CenterNet-104_480000.pkl or "
                                                 "CornerNet_500000.pkl)")
-    p.add_argument("--arch", required=True, choices=["small_hourglass", "large_hourglass"],
+    p.add_argument("--arch", required=True, choices=OFFICIAL_ARCHS,
                    help="small_hourglass for CenterNet-52, large_hourglass for CenterNet-104 and CornerNet")
     p.add_argument("--method", default="auto", choices=["auto", *METHODS],
                    help="the network the .pkl holds: centernet (Duankaiwen/CenterNet) or cornernet "
@@ -153,9 +156,26 @@ def main(args: argparse.Namespace) -> None:
     try:
         state = converted_checkpoint(official, args.arch, method, str(args.src))
     except (KeyError, ValueError) as e:
-        raise CheckpointError(f"--src {args.src}: {e.args[0]}") from None
+        raise CheckpointError(f"--src {args.src}: {e.args[0]}; {what_it_fits(official)}") from None
     save_checkpoint(out, state)
     print(f"{args.src} -> {out} ({args.arch}, --method {method}, {len(state['model'])} tensors)")
+
+
+def what_it_fits(official: dict[str, torch.Tensor]) -> str:
+    """Which --arch and --method the state dict converts to exactly, for the error of a conversion that failed:
+    a wrong guess among two archs and two methods needs no more trials."""
+    fitted = []
+    for arch in OFFICIAL_ARCHS:
+        for method in METHODS:
+            try:
+                convert_state_dict(official, arch, len(COCO_CLASSES), method)
+            except (KeyError, ValueError):
+                continue
+            fitted.append(f"--arch {arch} --method {method}")
+    if fitted:
+        return f"the file fits {' or '.join(fitted)}: pass that"
+    return ("the file fits none of the official networks (CenterNet-52, CenterNet-104, CornerNet-104 with COCO's 80 "
+            "classes): is it a .pkl of github Duankaiwen/CenterNet or princeton-vl/CornerNet?")
 
 
 def converted_checkpoint(official: dict[str, torch.Tensor], arch: str, method: str, src: str,
@@ -163,8 +183,9 @@ def converted_checkpoint(official: dict[str, torch.Tensor], arch: str, method: s
     """Our checkpoint of an official state dict (see `convert_state_dict` for `config`): the network's weights,
     its constructor arguments, the COCO classes and the flags of the network it is (arch, method and its parts)."""
     config = config or model_config(arch, len(COCO_CLASSES), **METHODS[method])
+    weights = convert_state_dict(official, arch, len(COCO_CLASSES), method, config)  # errors before the build
     model = CenterNet(**config)
-    model.load_state_dict(convert_state_dict(official, arch, len(COCO_CLASSES), method, config), strict=True)
+    model.load_state_dict(weights, strict=True)
     return {"model": model.state_dict(), "model_config": config, "epoch": 0, "best_ap": -1.0,
             "class_names": COCO_CLASSES, "category_ids": COCO_IDS,
             "args": {"arch": arch, "num_classes": len(COCO_CLASSES), "img_size": 511, "method": method,
