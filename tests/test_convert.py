@@ -12,7 +12,7 @@ import torch
 from engine import Detector
 from nets import build_model
 from tools.convert_official import convert_state_dict, detect_method, get_args_parser, main, our_name, what_it_fits
-from utils.checkpoint import save_checkpoint
+from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.errors import CheckpointError, UserError
 
 DATA = Path(__file__).parent / "data"
@@ -88,6 +88,18 @@ def test_a_wrong_arch_or_method_names_the_one_the_file_fits(tmp_path, name, flag
     assert not (tmp_path / "out.pt").exists()
     fits_none = {"module.hm.0.weight": torch.empty(80, 256, 1, 1, device="meta")}  # another repository's network
     assert what_it_fits(fits_none).startswith("the file fits none of the official networks")
+
+
+def test_a_network_wrapped_in_data_parallel_again_converts(tmp_path):
+    """Saved from DataParallel around the official DummyModule, every key starts `module.module.`: one prefix was
+    removed, so the center branch was missed (--method auto said cornernet) and every key was unknown."""
+    official = {f"module.{k}": v for k, v in fake_official("CenterNet-52").items()}
+    assert detect_method(official) == "centernet"
+    assert set(convert_state_dict(official, "small_hourglass")) == set(convert_state_dict(fake_official(
+        "CenterNet-52"), "small_hourglass"))
+    convert(saved_official("CenterNet-52", tmp_path / "official.pkl", "module."), tmp_path / "out.pt",
+            "--arch", "small_hourglass")
+    assert load_checkpoint(tmp_path / "out.pt")["args"]["method"] == "centernet"
 
 
 def test_names_of_each_part():

@@ -48,7 +48,7 @@ COCO_IDS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 2
 # The archs of the official networks: CenterNet-52, and CenterNet-104 and CornerNet.
 OFFICIAL_ARCHS = ("small_hourglass", "large_hourglass")
 
-# (pattern, replacement) applied in order to the official name without its `module.` prefix.
+# (pattern, replacement) applied in order to the official name without its `module.` prefixes.
 RULES = [
     (r"^pre\.0\.conv\.", "stem.0.0."), (r"^pre\.0\.bn\.", "stem.0.1."), (r"^pre\.1\.", "stem.1."),
     (r"^kps\.", "hourglasses."), (r"\.up1(?=\.)", ".skip"), (r"\.low1(?=\.)", ".down"),
@@ -77,8 +77,14 @@ RULES = [
 ]
 
 
+def without_module_prefix(official: str) -> str:
+    """The name without the `module.` that the official DummyModule adds, nor one more of each DataParallel that
+    wrapped the network again before saving."""
+    return re.sub(r"^(module\.)+", "", official)
+
+
 def our_name(official: str) -> str:
-    name = official.removeprefix("module.")
+    name = without_module_prefix(official)
     for pattern, replacement in RULES:
         name = re.sub(pattern, replacement, name)
     return name
@@ -86,7 +92,7 @@ def our_name(official: str) -> str:
 
 def detect_method(official: dict[str, torch.Tensor]) -> str:
     """cornernet for a state dict without a center branch (princeton-vl/CornerNet's), else centernet."""
-    has_center = any(key.removeprefix("module.").startswith(("ct_heats.", "ct_regrs.", "ct_cnvs."))
+    has_center = any(without_module_prefix(key).startswith(("ct_heats.", "ct_regrs.", "ct_cnvs."))
                      for key in official)
     return "centernet" if has_center else "cornernet"
 
