@@ -2,6 +2,7 @@
 
 The fixtures list the official state-dict keys and shapes (`name shape`), read from the official model
 definitions (github Duankaiwen/CenterNet, models/CenterNet-52.py and CenterNet-104.py) built with PyTorch 2."""
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -100,6 +101,18 @@ def test_a_network_wrapped_in_data_parallel_again_converts(tmp_path):
     convert(saved_official("CenterNet-52", tmp_path / "official.pkl", "module."), tmp_path / "out.pt",
             "--arch", "small_hourglass")
     assert load_checkpoint(tmp_path / "out.pt")["args"]["method"] == "centernet"
+
+
+def test_a_training_snapshot_is_named_as_such_not_as_our_checkpoint(tmp_path):
+    """A dict of a 'model' state dict and an optimizer was taken for one of our checkpoints ("use it as it is",
+    which then fails), and any other snapshot was only "got dict"."""
+    weights = {"module.pre.0.conv.weight": torch.zeros(1).expand(128, 3, 7, 7)}
+    torch.save({"model": weights, "optimizer": {"state": {}, "param_groups": []}}, tmp_path / "snapshot.pkl")
+    torch.save({"epoch": 140, "state_dict": weights}, tmp_path / "ctdet_coco_hg.pth")  # xingyizhou/CenterNet's
+    for name, entries in (("snapshot.pkl", "'model' (dict), 'optimizer' (dict)"),
+                          ("ctdet_coco_hg.pth", "'epoch' (int), 'state_dict' (dict)")):
+        with pytest.raises(CheckpointError, match=rf"a dict with entries {re.escape(entries)}: a training snapshot"):
+            convert(tmp_path / name, tmp_path / "out.pt", "--arch", "small_hourglass")
 
 
 def test_names_of_each_part():

@@ -45,6 +45,8 @@ COCO_IDS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 2
             34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61,
             62, 63, 64, 65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 84, 85, 86, 87, 88, 89, 90]
 
+SHOWN = 4  # entries named in an error
+
 # The archs of the official networks: CenterNet-52, and CenterNet-104 and CornerNet.
 OFFICIAL_ARCHS = ("small_hourglass", "large_hourglass")
 
@@ -143,14 +145,30 @@ def read_official(src: Path) -> dict[str, torch.Tensor]:
     """The state dict of an official .pkl (read weights-only); one of our own checkpoints, or anything else that
     is not a state dict, is a UserError saying what it is."""
     official = read_plain(src, what="official checkpoint")
-    if isinstance(official, dict) and isinstance(official.get("model"), dict):
-        raise UserError(f"--src {src} is already a centernet47 checkpoint (it has a 'model' entry), not an official "
-                        "CenterNet .pkl: use it as it is (test.py --ckpt, demo.py --ckpt), no conversion needed")
+    if isinstance(official, dict) and isinstance(official.get("model"), dict) and "class_names" in official:
+        raise UserError(f"--src {src} is already a centernet47 checkpoint (it has 'model' and 'class_names' "
+                        "entries), not an official CenterNet .pkl: use it as it is (test.py --ckpt, demo.py --ckpt), "
+                        "no conversion needed")
     if not isinstance(official, dict) or not official or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in official.items()):
         raise CheckpointError(f"--src {src} is not an official CenterNet checkpoint: expected a state dict (names "
-                              f"to tensors), got {type(official).__name__}")
+                              f"to tensors, as the official .pkl files hold), got {instead_of_state_dict(official)}")
     return official
+
+
+def instead_of_state_dict(value) -> str:
+    """What `value` is, for the error of a file that is not a state dict: a dict's first entries that are not
+    tensors, with their types, show a training snapshot."""
+    if not isinstance(value, dict):
+        return type(value).__name__
+    if not value:
+        return "an empty dict"
+    others = [f"{k!r} ({type(v).__name__})" for k, v in value.items() if not isinstance(v, torch.Tensor)]
+    if not others:
+        return "a dict with keys that are not strings"
+    return (f"a dict with entries {', '.join(others[:SHOWN])}{' ...' if len(others) > SHOWN else ''}: a training "
+            "snapshot, which the official code does not write (other code's, such as xingyizhou/CenterNet's, holds "
+            "another network)")
 
 
 def main(args: argparse.Namespace) -> None:
