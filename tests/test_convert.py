@@ -132,14 +132,19 @@ def test_cli_never_replaces_an_existing_file(tmp_path):
 
 
 def test_bad_sources_are_one_line_errors(tmp_path):
-    """Run as a command: a missing file, a file that is not a checkpoint, and one of our own checkpoints each end
-    with one line saying so (not a traceback, nor a key error blaming --arch)."""
+    """Run as a command: a missing file, a file that is not a checkpoint, a web page saved in its place (Google
+    Drive's confirmation page, fetched with wget, said only "truncated or corrupt") and one of our own checkpoints
+    each end with one line saying so (not a traceback, nor a key error blaming --arch)."""
     ours = tmp_path / "ours.pt"
     save_checkpoint(ours, {"model": {"w": torch.ones(1)}, "class_names": ["a"], "args": {"arch": "tiny_hourglass"}})
     (tmp_path / "notes.pkl").write_text("not a checkpoint")
+    (tmp_path / "page.pkl").write_text("\n<!DOCTYPE html><html><title>Virus scan warning</title></html>")  # wget's
     torch.save({"weights": [1, 2]}, tmp_path / "list.pkl")
     for src, message in [(tmp_path / "nowhere.pkl", f"official checkpoint not found: {tmp_path / 'nowhere.pkl'}"),
                          (tmp_path / "notes.pkl", "the file is truncated or corrupt"),
+                         (tmp_path / "page.pkl", "the file is a web page (HTML or XML: it starts with '<!DOCTYPE "
+                                                 "html>'), not weights: the download saved the server's page instead "
+                                                 "of the file; download it again"),
                          (tmp_path / "list.pkl", "is not an official CenterNet checkpoint: expected a state dict"),
                          (ours, f"--src {ours} is already a centernet47 checkpoint")]:
         result = subprocess.run([sys.executable, str(REPO / "tools" / "convert_official.py"), "--src", str(src),
@@ -148,6 +153,12 @@ def test_bad_sources_are_one_line_errors(tmp_path):
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
     assert not (tmp_path / "out.pt").exists()
+
+
+def test_an_empty_file_says_so(tmp_path):
+    (tmp_path / "CenterNet-52_480000.pkl").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"truncated or corrupt: it is empty \(0 bytes\)$"):
+        convert(tmp_path / "CenterNet-52_480000.pkl", tmp_path / "out.pt", "--arch", "small_hourglass")
 
 
 def test_official_weights_read_unconverted_name_the_converter(tmp_path):

@@ -180,6 +180,21 @@ def pickled_globals(path: Path) -> set[str] | None:
     return found if parsed else None
 
 
+def why_not_torch(path: Path) -> str:
+    """Why `path`, which is not a file of torch.save, cannot be read: an empty file says so, and a web page (a
+    download that saved the server's error, sign-in or confirmation page instead of the weights) what to do."""
+    if path.stat().st_size == 0:
+        return "the file is truncated or corrupt: it is empty (0 bytes)"
+    with open(path, "rb") as f:
+        head = f.read(64).lstrip(b"\xef\xbb\xbf \t\r\n")  # a UTF-8 byte order mark, then blanks
+    if head.startswith(b"<"):
+        return (f"the file is a web page (HTML or XML: it starts with {head[:15].decode(errors='replace')!r}), not "
+                "weights: the download saved the server's page instead of the file; download it again (in a "
+                "browser if the site shows a confirmation page)")
+    return ("the file is truncated or corrupt, or not a file of torch.save at all (neither its zip archive nor its "
+            "legacy format, which starts with torch's magic number; a plain pickle, say)")
+
+
 def read_plain(path: str | Path, map_location: str | torch.device = "cpu", what: str = "checkpoint"):
     """The content of a file of torch.save, read weights-only: tensors, numbers, strings and containers of them.
     A missing, truncated or corrupt file is a CheckpointError naming it; one that holds other objects an
@@ -196,9 +211,7 @@ def read_plain(path: str | Path, map_location: str | torch.device = "cpu", what:
     except OSError as e:
         raise CheckpointError(f"cannot read {what} {path}: {e.strerror or e}") from e
     if not torch_file:
-        raise CheckpointError(f"cannot read {what} {path}: the file is truncated or corrupt, or not a file of "
-                              "torch.save at all (neither its zip archive nor its legacy format, which starts with "
-                              "torch's magic number; a plain pickle, say)")
+        raise CheckpointError(f"cannot read {what} {path}: {why_not_torch(path)}")
     expanding = first_expanding_member(path)
     if expanding is not None:
         raise CheckpointError(f"cannot read {what} {path}: the file is truncated or corrupt, or not written by "
