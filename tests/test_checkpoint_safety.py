@@ -238,6 +238,12 @@ def test_the_converter_never_writes_over_a_file_unasked(tmp_path):
     with pytest.raises(UserError, match="--category_ids: expected ids within 64 bits, got '1,18446744073709551616'"):
         upgrade("--src", str(src), "--out", str(tmp_path / "x.pt"), "--category_ids", f"1,{2**64}")
     assert src.read_bytes() == original and out.read_bytes() == b"mine" and not (tmp_path / "x.pt").exists()
+    for force in ([], ["--force"]):  # it advised --force, which then failed: a file cannot replace a folder
+        with pytest.raises(UserError, match=f"--out {tmp_path} is a folder; give the checkpoint file to write, such "
+                                            f"as {tmp_path / 'checkpoint.pt'}"):
+            upgrade("--src", str(src), "--out", str(tmp_path), *force)
+    with pytest.raises(UserError, match=f"--src {tmp_path}: a folder, not a checkpoint file"):
+        upgrade("--src", str(tmp_path), "--out", str(tmp_path / "x.pt"))
     upgrade("--src", str(src), "--out", str(src), "--force")
     assert load_checkpoint(src)["args"]["arch"] == "tiny_hourglass"
 
