@@ -207,6 +207,23 @@ def test_never_writes_over_a_checkpoint_or_a_folder_and_refuses_size_0(exported,
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "hard.pt", "link.pt", "other.pt"]
 
 
+def test_max_size_without_dynamic_and_an_onnx_file_as_ckpt_are_refused(exported, tmp_path):
+    """--max_size without --dynamic was ignored: the file came out fixed to the checkpoint's 127 x 127. An .onnx
+    given as --ckpt was called a truncated or corrupt checkpoint."""
+    ckpt, path, _ = exported
+
+    def export(*argv: str) -> None:
+        export_onnx.main(export_onnx.get_args_parser().parse_args(["--out", str(tmp_path / "x.onnx"), *argv]))
+
+    with pytest.raises(ArgumentError, match="--max_size 255 sizes a --dynamic export; without --dynamic the input is "
+                                            "fixed to --img_size: add --dynamic or drop --max_size"):
+        export("--ckpt", str(ckpt), "--max_size", "255")
+    with pytest.raises(ArgumentError, match=f"--ckpt {path} is an .onnx file, an export already: export again from "
+                                            "the checkpoint it was made from"):
+        export("--ckpt", str(path), "--dynamic")
+    assert not any(tmp_path.iterdir())
+
+
 def test_demo_scales_images_larger_than_the_export_down_and_refuses_a_fixed_size_file(exported, tmp_path, capsys):
     """raccoon-13 (660 x 495) does not fit the export's 511: it runs at scale 511 / 660, with the boxes the
     PyTorch network gives at that scale in original pixels; raccoon-148 (500 x 375) runs as it is."""

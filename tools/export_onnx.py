@@ -8,9 +8,10 @@ The file has one input `image` (N, 3, H, W), normalised BGR as datasets/transfor
 outputs of the eval dict in this order: hm_tl hm_br hm_ct emb_tl emb_br off_tl off_br off_ct, each
 (N, *, (H + 1) / 4, (W + 1) / 4); a network without a center branch (--method cornernet) has no hm_ct and off_ct.
 The batch size is always free; with --dynamic so are H and W (any k * unit - 1 up to --max_size), otherwise the
-input is fixed to --img_size (default: the checkpoint's). Corner pooling is the exact log-step shifted maximum of
-nets/export_pool.py: standard operators only, no plugin. The file carries the checkpoint's arch, variant, class
-names and input size as metadata (key `centernet47`), so test.py and demo.py need only it.
+input is fixed to --img_size (default: the checkpoint's) and --max_size is refused. Corner pooling is the exact
+log-step shifted maximum of nets/export_pool.py: standard operators only, no plugin. The file carries the
+checkpoint's arch, variant, class names and input size as metadata (key `centernet47`), so test.py and demo.py need
+only it.
 
 Exporter: torch.onnx.export with dynamo=False (the TorchScript exporter). It needs nothing beyond onnx and gives
 one graph for every input size; torch 2.14 warns that it is deprecated. README ("ONNX export") says why not dynamo.
@@ -31,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from engine.onnx_backend import METADATA_KEY
 from nets import model_from_checkpoint, variant_name
 from nets.export_pool import rounds_for, use_export_pooling
-from utils.checkpoint import is_torch_checkpoint, load_inference_checkpoint, saved_args
+from utils.checkpoint import MAX_IMG_SIZE, is_torch_checkpoint, load_inference_checkpoint, saved_args
 from utils.errors import ArgumentError, UserError, WriteError, run_cli
 from utils.files import make_folder, same_file
 
@@ -47,8 +48,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the .onnx file to write")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset version")
     p.add_argument("--dynamic", action="store_true", help="free input height and width (up to --max_size)")
-    p.add_argument("--max_size", type=int, default=2047,
-                   help="with --dynamic: the largest input height or width the file must pool exactly")
+    p.add_argument("--max_size", type=int, help="with --dynamic: the largest input height or width the file must "
+                                                f"pool exactly (default {MAX_IMG_SIZE})")
     p.add_argument("--img_size", type=int, help="without --dynamic: the fixed input side (default: the checkpoint's)")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     return p
@@ -82,7 +83,7 @@ def opset_named(opset: int):
 
 
 def export(model: torch.nn.Module, path: Path, img_size: int, metadata: dict, opset: int = 17,
-           dynamic: bool = False, max_size: int = 2047) -> None:
+           dynamic: bool = False, max_size: int = MAX_IMG_SIZE) -> None:
     """Writes `model` (CenterNet, switched in place to eval mode and export pooling) to `path`, atomically, with
     `metadata` and the network's output names and variant stored as json under METADATA_KEY. Traced at img_size x
     img_size; the pooling rounds cover max_size when dynamic, else img_size."""
@@ -146,6 +147,13 @@ def main(args: argparse.Namespace) -> Path:
     if args.opset < MIN_OPSET:
         raise ArgumentError(f"--opset {args.opset}: the export needs opset {MIN_OPSET} or later (nearest-neighbour "
                             f"upsampling to a computed size); pass --opset {MIN_OPSET} or more (default 17)")
+    if args.max_size is not None and not args.dynamic:  # it was ignored: the file came out fixed to --img_size
+        raise ArgumentError(f"--max_size {args.max_size} sizes a --dynamic export; without --dynamic the input is "
+                            "fixed to --img_size: add --dynamic or drop --max_size")
+    max_size = MAX_IMG_SIZE if args.max_size is None else args.max_size
+    if Path(args.ckpt).suffix.lower() == ".onnx":
+        raise ArgumentError(f"--ckpt {args.ckpt} is an .onnx file, an export already: export again from the "
+                            "checkpoint it was made from (train.py's or tools/convert_official.py's .pt)")
     out = check_out(Path(args.out), Path(args.ckpt), args.force)
     state = load_inference_checkpoint(args.ckpt)
     arch, class_names = saved_args(state)["arch"], list(state["class_names"])
@@ -153,11 +161,11 @@ def main(args: argparse.Namespace) -> Path:
     model = model_from_checkpoint(state, args.ckpt)
     metadata = {"arch": arch, "class_names": class_names, "category_ids": state.get("category_ids"),
                 "img_size": img_size, "size_unit": model.size_unit,
-                "dynamic": args.dynamic, "max_size": args.max_size if args.dynamic else img_size,
+                "dynamic": args.dynamic, "max_size": max_size if args.dynamic else img_size,
                 "checkpoint": str(args.ckpt)}
     start = time.perf_counter()
-    export(model, out, img_size, metadata, args.opset, args.dynamic, args.max_size)
-    shape = f"N x 3 x H x W (H, W up to {args.max_size})" if args.dynamic else f"N x 3 x {img_size} x {img_size}"
+    export(model, out, img_size, metadata, args.opset, args.dynamic, max_size)
+    shape = f"N x 3 x H x W (H, W up to {max_size})" if args.dynamic else f"N x 3 x {img_size} x {img_size}"
     print(f"{args.ckpt} -> {out} ({arch}, {variant_name(model.corner_pool, model.center_branch)}, "
           f"{len(class_names)} classes, input {shape}, opset {args.opset}, {out.stat().st_size / 2 ** 20:.1f} MiB, "
           f"{time.perf_counter() - start:.0f} s)")
