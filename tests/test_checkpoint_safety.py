@@ -244,6 +244,9 @@ def test_the_converter_never_writes_over_a_file_unasked(tmp_path):
             upgrade("--src", str(src), "--out", str(tmp_path), *force)
     with pytest.raises(UserError, match=f"--src {tmp_path}: a folder, not a checkpoint file"):
         upgrade("--src", str(tmp_path), "--out", str(tmp_path / "x.pt"))
+    with pytest.raises(UserError, match=f"--out {tmp_path}/new/ names a folder; give the file to write, such as "
+                                        f"{tmp_path}/new/checkpoint.pt"):  # it wrote a file named new
+        upgrade("--src", str(src), "--out", f"{tmp_path}/new/")
     upgrade("--src", str(src), "--out", str(src), "--force")
     assert load_checkpoint(src)["args"]["arch"] == "tiny_hourglass"
 

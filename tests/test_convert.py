@@ -72,7 +72,7 @@ def saved_official(name: str, path: Path, prefix: str = "") -> Path:
     return path
 
 
-def convert(src: Path, out: Path, *flags: str) -> None:
+def convert(src: Path, out: Path | str, *flags: str) -> None:
     main(get_args_parser().parse_args(["--src", str(src), "--out", str(out), *flags]))
 
 
@@ -129,6 +129,16 @@ def test_cli_never_replaces_an_existing_file(tmp_path):
     with pytest.raises(UserError, match="exists"):
         main(args)
     assert out.read_bytes() == b"mine"
+
+
+def test_an_out_ending_in_a_slash_is_refused_as_a_folder(tmp_path):
+    """`--out ckpt/official_52/` wrote a file named official_52, which test.py --log_name official_52 then could not
+    find (it reads ckpt/official_52/checkpoint.pt)."""
+    with pytest.raises(UserError, match=f"--out {tmp_path}/official_52/ names a folder; give the file to write, such "
+                                        f"as {tmp_path}/official_52/checkpoint.pt"):
+        convert(saved_official("CenterNet-52", tmp_path / "official.pkl"), f"{tmp_path}/official_52/",
+                "--arch", "small_hourglass")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["official.pkl"]
 
 
 def test_bad_sources_are_one_line_errors(tmp_path):

@@ -224,6 +224,15 @@ def test_max_size_without_dynamic_and_an_onnx_file_as_ckpt_are_refused(exported,
     assert not any(tmp_path.iterdir())
 
 
+def test_an_out_ending_in_a_slash_is_refused_as_a_folder(exported, tmp_path):
+    ckpt, _, _ = exported
+    with pytest.raises(UserError, match=f"--out {tmp_path}/onnx/ names a folder; give the file to write, such as "
+                                        f"{tmp_path}/onnx/model.onnx"):  # it wrote a file named onnx
+        export_onnx.main(export_onnx.get_args_parser().parse_args(
+            ["--ckpt", str(ckpt), "--dynamic", "--out", f"{tmp_path}/onnx/"]))
+    assert not any(tmp_path.iterdir())
+
+
 def test_demo_scales_images_larger_than_the_export_down_and_refuses_a_fixed_size_file(exported, tmp_path, capsys):
     """raccoon-13 (660 x 495) does not fit the export's 511: it runs at scale 511 / 660, with the boxes the
     PyTorch network gives at that scale in original pixels; raccoon-148 (500 x 375) runs as it is."""

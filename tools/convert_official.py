@@ -28,6 +28,7 @@ from nets import METHODS, model_config
 from nets.hourglass import CenterNet
 from utils.checkpoint import read_plain, save_checkpoint
 from utils.errors import CheckpointError, UserError, run_cli
+from utils.files import file_to_write
 
 COCO_CLASSES = [
     "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
@@ -172,7 +173,7 @@ def instead_of_state_dict(value) -> str:
 
 
 def main(args: argparse.Namespace) -> None:
-    out = Path(args.out)
+    out = file_to_write(args.out, "--out", "checkpoint.pt")
     if out.exists():
         raise UserError(f"--out {out} exists; choose another path")
     official = read_official(Path(args.src))

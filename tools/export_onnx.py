@@ -34,7 +34,7 @@ from nets import model_from_checkpoint, variant_name
 from nets.export_pool import rounds_for, use_export_pooling
 from utils.checkpoint import MAX_IMG_SIZE, is_torch_checkpoint, load_inference_checkpoint, saved_args
 from utils.errors import ArgumentError, UserError, WriteError, run_cli
-from utils.files import make_folder, same_file
+from utils.files import file_to_write, make_folder, same_file
 
 # The lowest opset that exports: 8 has no nearest-neighbour upsampling to a computed size (the hourglasses' up
 # path); at 9 onnxruntime gives PyTorch's outputs (tests/test_export_onnx.py).
@@ -154,7 +154,7 @@ def main(args: argparse.Namespace) -> Path:
     if Path(args.ckpt).suffix.lower() == ".onnx":
         raise ArgumentError(f"--ckpt {args.ckpt} is an .onnx file, an export already: export again from the "
                             "checkpoint it was made from (train.py's or tools/convert_official.py's .pt)")
-    out = check_out(Path(args.out), Path(args.ckpt), args.force)
+    out = check_out(file_to_write(args.out, "--out", "model.onnx"), Path(args.ckpt), args.force)
     state = load_inference_checkpoint(args.ckpt)
     arch, class_names = saved_args(state)["arch"], list(state["class_names"])
     img_size = saved_args(state)["img_size"] if args.img_size is None else args.img_size

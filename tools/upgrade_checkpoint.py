@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from utils.checkpoint import PLAIN_CONTAINERS, PLAIN_LEAVES, load_checkpoint, save_checkpoint
 from utils.checks import is_id
 from utils.errors import CheckpointError, UnsafeCheckpointError, UserError, run_cli
-from utils.files import same_file
+from utils.files import file_to_write, same_file
 
 SHOWN = 10  # changes listed
 # Python's pathlib classes, named in pickles by the module that defines them: pathlib up to Python 3.12,
@@ -138,7 +138,7 @@ def parse_category_ids(text: str, class_names: list[str]) -> list[int]:
 
 def main(args: argparse.Namespace) -> list[str]:
     """Writes the converted checkpoint; returns the changes made (also printed)."""
-    src, out = Path(args.src), Path(args.out)
+    src, out = Path(args.src), file_to_write(args.out, "--out", "checkpoint.pt")
     if not src.is_file():
         raise UserError(f"--src {src}: {'a folder, not a checkpoint file' if src.is_dir() else 'no such file'}")
     if out.is_dir():  # --force would not help: a file cannot replace it

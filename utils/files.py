@@ -92,6 +92,15 @@ def make_folder(path: str | Path, flag: str) -> Path:
     return path
 
 
+def file_to_write(text: str, flag: str, example: str) -> Path:
+    """The file to write that `flag` gives as `text`. One that ends in a separator names a folder: Path() drops the
+    separator, and the file would be written under the folder's name (`--out ckpt/run/` made a file `ckpt/run`), so
+    it is a UserError suggesting the file `example` in that folder."""
+    if text.endswith(("/", os.sep)):
+        raise UserError(f"{flag} {text} names a folder; give the file to write, such as {Path(text) / example}")
+    return Path(text)
+
+
 def same_file(a: str | Path, b: str | Path) -> bool:
     """Whether writing `a` would write over `b`: the same path after resolving symlinks, or one file under two
     names (hard links)."""
