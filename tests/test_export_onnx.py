@@ -194,8 +194,14 @@ def test_never_writes_over_a_checkpoint_or_a_folder_and_refuses_size_0(exported,
             ["--ckpt", str(run / "checkpoint.pt"), "--out", str(out), "--force", *extra]))
 
     for out in ("checkpoint.pt", "link.pt", "hard.pt"):
-        with pytest.raises(UserError, match=f"--out {run / out} is the input checkpoint"):
+        with pytest.raises(UserError, match=f"--out {run / out} is the input checkpoint .*, such as "
+                                            f"{run / out.replace('.pt', '.onnx')}$"):
             export(run / out)
+    os.link(run / "checkpoint.pt", run / "hard.onnx")  # it suggested the very name it refused
+    with pytest.raises(UserError, match=f"--out {run / 'hard.onnx'} is the input checkpoint "
+                                        f"{run / 'checkpoint.pt'}; choose another name$"):
+        export(run / "hard.onnx")
+    (run / "hard.onnx").unlink()
     with pytest.raises(UserError, match="is a checkpoint; an export never replaces one"):
         export(run / "other.pt")
     with pytest.raises(UserError, match="is a folder; give the .onnx file to write"):

@@ -131,8 +131,9 @@ def check_out(out: Path, ckpt: Path, force: bool) -> Path:
     """`out` if the export may write it: never the input or any other checkpoint (even with `force`, through
     symlinks and hard links too), never a folder, an existing file only with `force`."""
     if same_file(out, ckpt):
-        raise UserError(f"--out {out} is the input checkpoint {ckpt}; choose another name, such as "
-                        f"{out.with_suffix('.onnx')}")
+        # A link to the checkpoint may already end in .onnx: then that name is no example to give.
+        example = f", such as {out.with_suffix('.onnx')}" if out.suffix != ".onnx" else ""
+        raise UserError(f"--out {out} is the input checkpoint {ckpt}; choose another name{example}")
     if is_torch_checkpoint(out):
         raise UserError(f"--out {out} is a checkpoint; an export never replaces one (not even with --force): choose "
                         "another name")
