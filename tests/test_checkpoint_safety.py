@@ -239,8 +239,8 @@ def test_the_converter_never_writes_over_a_file_unasked(tmp_path):
         upgrade("--src", str(src), "--out", str(tmp_path / "x.pt"), "--category_ids", f"1,{2**64}")
     assert src.read_bytes() == original and out.read_bytes() == b"mine" and not (tmp_path / "x.pt").exists()
     for force in ([], ["--force"]):  # it advised --force, which then failed: a file cannot replace a folder
-        with pytest.raises(UserError, match=f"--out {tmp_path} is a folder; give the checkpoint file to write, such "
-                                            f"as {tmp_path / 'checkpoint.pt'}"):
+        with pytest.raises(UserError, match=f"--out {tmp_path} is a folder; give the file to write, such as "
+                                            f"{tmp_path / 'checkpoint.pt'}"):
             upgrade("--src", str(src), "--out", str(tmp_path), *force)
     with pytest.raises(UserError, match=f"--src {tmp_path}: a folder, not a checkpoint file"):
         upgrade("--src", str(tmp_path), "--out", str(tmp_path / "x.pt"))

@@ -138,7 +138,11 @@ def test_an_out_ending_in_a_slash_is_refused_as_a_folder(tmp_path):
                                         f"as {tmp_path}/official_52/checkpoint.pt"):
         convert(saved_official("CenterNet-52", tmp_path / "official.pkl"), f"{tmp_path}/official_52/",
                 "--arch", "small_hourglass")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["official.pkl"]
+    (tmp_path / "official_104").mkdir()  # it said "exists; choose another path"
+    with pytest.raises(UserError, match=f"--out {tmp_path / 'official_104'} is a folder; give the file to write, "
+                                        f"such as {tmp_path / 'official_104' / 'checkpoint.pt'}"):
+        convert(tmp_path / "official.pkl", tmp_path / "official_104", "--arch", "small_hourglass")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["official.pkl", "official_104"]
 
 
 def test_bad_sources_are_one_line_errors(tmp_path):

@@ -204,7 +204,8 @@ def test_never_writes_over_a_checkpoint_or_a_folder_and_refuses_size_0(exported,
     (run / "hard.onnx").unlink()
     with pytest.raises(UserError, match="is a checkpoint; an export never replaces one"):
         export(run / "other.pt")
-    with pytest.raises(UserError, match="is a folder; give the .onnx file to write"):
+    with pytest.raises(UserError, match=f"--out {run} is a folder; give the file to write, such as "
+                                        f"{run / 'model.onnx'}"):
         export(run)
     for extra in (["--img_size", "0"], ["--dynamic", "--max_size", "0"]):
         with pytest.raises(ArgumentError, match="k \\* 32 - 1"):

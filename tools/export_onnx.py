@@ -128,8 +128,8 @@ def export(model: torch.nn.Module, path: Path, img_size: int, metadata: dict, op
 
 
 def check_out(out: Path, ckpt: Path, force: bool) -> Path:
-    """`out` if the export may write it: never the input or any other checkpoint (even with `force`, through
-    symlinks and hard links too), never a folder, an existing file only with `force`."""
+    """`out` (not a folder: `file_to_write`) if the export may write it: never the input or any other checkpoint
+    (even with `force`, through symlinks and hard links too), an existing file only with `force`."""
     if same_file(out, ckpt):
         # A link to the checkpoint may already end in .onnx: then that name is no example to give.
         example = f", such as {out.with_suffix('.onnx')}" if out.suffix != ".onnx" else ""
@@ -137,8 +137,6 @@ def check_out(out: Path, ckpt: Path, force: bool) -> Path:
     if is_torch_checkpoint(out):
         raise UserError(f"--out {out} is a checkpoint; an export never replaces one (not even with --force): choose "
                         "another name")
-    if out.is_dir():
-        raise UserError(f"--out {out} is a folder; give the .onnx file to write, such as {out / 'model.onnx'}")
     if out.exists() and not force:
         raise UserError(f"--out {out} exists; choose another name or pass --force to replace it")
     return out

@@ -141,8 +141,6 @@ def main(args: argparse.Namespace) -> list[str]:
     src, out = Path(args.src), file_to_write(args.out, "--out", "checkpoint.pt")
     if not src.is_file():
         raise UserError(f"--src {src}: {'a folder, not a checkpoint file' if src.is_dir() else 'no such file'}")
-    if out.is_dir():  # --force would not help: a file cannot replace it
-        raise UserError(f"--out {out} is a folder; give the checkpoint file to write, such as {out / 'checkpoint.pt'}")
     if out.exists() and not args.force:
         what = "is the input" if same_file(out, src) else "exists"
         raise UserError(f"--out {out} {what}; choose another path or pass --force to replace it")

@@ -93,12 +93,14 @@ def make_folder(path: str | Path, flag: str) -> Path:
 
 
 def file_to_write(text: str, flag: str, example: str) -> Path:
-    """The file to write that `flag` gives as `text`. One that ends in a separator names a folder: Path() drops the
-    separator, and the file would be written under the folder's name (`--out ckpt/run/` made a file `ckpt/run`), so
-    it is a UserError suggesting the file `example` in that folder."""
-    if text.endswith(("/", os.sep)):
-        raise UserError(f"{flag} {text} names a folder; give the file to write, such as {Path(text) / example}")
-    return Path(text)
+    """The file to write that `flag` gives as `text`; a folder is a UserError suggesting the file `example` in it.
+    So is a path that ends in a separator, which names a folder: Path() drops the separator, and the file would be
+    written under the folder's name (`--out ckpt/run/` made a file `ckpt/run`)."""
+    path = Path(text)
+    if path.is_dir() or text.endswith(("/", os.sep)):
+        raise UserError(f"{flag} {text} {'is' if path.is_dir() else 'names'} a folder; give the file to write, such "
+                        f"as {path / example}")
+    return path
 
 
 def same_file(a: str | Path, b: str | Path) -> bool:
