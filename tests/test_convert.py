@@ -14,7 +14,7 @@ from engine import Detector
 from nets import build_model
 from tools.convert_official import convert_state_dict, detect_method, get_args_parser, main, our_name, what_it_fits
 from utils.checkpoint import load_checkpoint, save_checkpoint
-from utils.errors import CheckpointError, UserError
+from utils.errors import ArgumentError, CheckpointError, UserError
 
 DATA = Path(__file__).parent / "data"
 REPO = Path(__file__).resolve().parents[1]
@@ -134,12 +134,12 @@ def test_cli_never_replaces_an_existing_file(tmp_path):
 def test_an_out_ending_in_a_slash_is_refused_as_a_folder(tmp_path):
     """`--out ckpt/official_52/` wrote a file named official_52, which test.py --log_name official_52 then could not
     find (it reads ckpt/official_52/checkpoint.pt)."""
-    with pytest.raises(UserError, match=f"--out {tmp_path}/official_52/ names a folder; give the file to write, such "
+    with pytest.raises(ArgumentError, match=f"--out {tmp_path}/official_52/ names a folder; give the file to write, such "
                                         f"as {tmp_path}/official_52/checkpoint.pt"):
         convert(saved_official("CenterNet-52", tmp_path / "official.pkl"), f"{tmp_path}/official_52/",
                 "--arch", "small_hourglass")
     (tmp_path / "official_104").mkdir()  # it said "exists; choose another path"
-    with pytest.raises(UserError, match=f"--out {tmp_path / 'official_104'} is a folder; give the file to write, "
+    with pytest.raises(ArgumentError, match=f"--out {tmp_path / 'official_104'} is a folder; give the file to write, "
                                         f"such as {tmp_path / 'official_104' / 'checkpoint.pt'}"):
         convert(tmp_path / "official.pkl", tmp_path / "official_104", "--arch", "small_hourglass")
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["official.pkl", "official_104"]

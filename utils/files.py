@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import IO, Callable
 
-from utils.errors import UserError, WriteError
+from utils.errors import ArgumentError, UserError, WriteError
 
 
 def _os_error(error: BaseException) -> OSError | None:
@@ -93,13 +93,13 @@ def make_folder(path: str | Path, flag: str) -> Path:
 
 
 def file_to_write(text: str, flag: str, example: str) -> Path:
-    """The file to write that `flag` gives as `text`; a folder is a UserError suggesting the file `example` in it.
-    So is a path that ends in a separator, which names a folder: Path() drops the separator, and the file would be
+    """The file to write that `flag` gives as `text`; a folder is an ArgumentError suggesting the file `example` in
+    it. So is a path that ends in a separator, which names a folder: Path() drops the separator, and the file would be
     written under the folder's name (`--out ckpt/run/` made a file `ckpt/run`)."""
     path = Path(text)
     if path.is_dir() or text.endswith(("/", os.sep)):
-        raise UserError(f"{flag} {text} {'is' if path.is_dir() else 'names'} a folder; give the file to write, such "
-                        f"as {path / example}")
+        raise ArgumentError(f"{flag} {text} {'is' if path.is_dir() else 'names'} a folder; give the file to "
+                            f"write, such as {path / example}")
     return path
 
 
