@@ -215,8 +215,9 @@ def test_never_writes_over_a_checkpoint_or_a_folder_and_refuses_size_0(exported,
 
 
 def test_max_size_without_dynamic_and_an_onnx_file_as_ckpt_are_refused(exported, tmp_path):
-    """--max_size without --dynamic was ignored: the file came out fixed to the checkpoint's 127 x 127. An .onnx
-    given as --ckpt was called a truncated or corrupt checkpoint."""
+    """--max_size without --dynamic was ignored: the file came out fixed to the checkpoint's 127 x 127, and
+    --img_size with --dynamic was recorded as the training input size. An .onnx given as --ckpt was called a
+    truncated or corrupt checkpoint."""
     ckpt, path, _ = exported
 
     def export(*argv: str) -> None:
@@ -225,6 +226,8 @@ def test_max_size_without_dynamic_and_an_onnx_file_as_ckpt_are_refused(exported,
     with pytest.raises(ArgumentError, match="--max_size 255 sizes a --dynamic export; without --dynamic the input is "
                                             "fixed to --img_size: add --dynamic or drop --max_size"):
         export("--ckpt", str(ckpt), "--max_size", "255")
+    with pytest.raises(ArgumentError, match="--img_size 255 fixes the input side, which --dynamic frees"):
+        export("--ckpt", str(ckpt), "--dynamic", "--img_size", "255")  # it went into the metadata as the training size
     with pytest.raises(ArgumentError, match=f"--ckpt {path} is an .onnx file, an export already: export again from "
                                             "the checkpoint it was made from"):
         export("--ckpt", str(path), "--dynamic")

@@ -8,8 +8,9 @@ The file has one input `image` (N, 3, H, W), normalised BGR as datasets/transfor
 outputs of the eval dict in this order: hm_tl hm_br hm_ct emb_tl emb_br off_tl off_br off_ct, each
 (N, *, (H + 1) / 4, (W + 1) / 4); a network without a center branch (--method cornernet) has no hm_ct and off_ct.
 The batch size is always free; with --dynamic so are H and W (any k * unit - 1 up to --max_size), otherwise the
-input is fixed to --img_size (default: the checkpoint's) and --max_size is refused. Corner pooling is the exact
-log-step shifted maximum of nets/export_pool.py: standard operators only, no plugin. The file carries the
+input is fixed to --img_size (default: the checkpoint's) and --max_size is refused (--img_size with --dynamic
+too). Corner pooling is the exact log-step shifted maximum of nets/export_pool.py: standard operators only, no
+plugin. The file carries the
 checkpoint's arch, variant, class names and input size as metadata (key `centernet47`), so test.py and demo.py need
 only it.
 
@@ -149,6 +150,9 @@ def main(args: argparse.Namespace) -> Path:
     if args.max_size is not None and not args.dynamic:  # it was ignored: the file came out fixed to --img_size
         raise ArgumentError(f"--max_size {args.max_size} sizes a --dynamic export; without --dynamic the input is "
                             "fixed to --img_size: add --dynamic or drop --max_size")
+    if args.img_size is not None and args.dynamic:  # it was taken as the training size, which the metadata records
+        raise ArgumentError(f"--img_size {args.img_size} fixes the input side, which --dynamic frees (up to "
+                            "--max_size): drop one of them")
     max_size = MAX_IMG_SIZE if args.max_size is None else args.max_size
     if Path(args.ckpt).suffix.lower() == ".onnx":
         raise ArgumentError(f"--ckpt {args.ckpt} is an .onnx file, an export already: export again from the "
