@@ -26,6 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: import lib from the repo
 from lib.cpool.pool import (BOTTOM, LEFT, RIGHT, TOP, _DIM, _REVERSE, REBUILD_CUDA, cummax_pool, extension_available,
                             extension_pool, kernel_registered)
+from utils.checks import check_positive_int
+from utils.errors import ArgumentError, run_cli
 
 DIRECTIONS = [("top", TOP), ("bottom", BOTTOM), ("left", LEFT), ("right", RIGHT)]
 
@@ -86,6 +88,11 @@ def copy_gbs(x: torch.Tensor, warmup: int, repeats: int) -> float:
 
 
 def main(args: argparse.Namespace) -> None:
+    for i, side in enumerate(args.shape):
+        check_positive_int(f"--shape {'NCHW'[i]}", side)
+    check_positive_int("--repeats", args.repeats)
+    if args.warmup < 0:
+        raise ArgumentError(f"--warmup must be 0 or more, got {args.warmup}")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench/bench_cpool.py: --device cuda, but no GPU is visible")
@@ -117,4 +124,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_cli(main, get_args_parser().parse_args())

@@ -20,7 +20,6 @@ import json
 import os
 import pstats
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +29,10 @@ import cv2
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: import the repo
+from bench.child import child_stdout
 from datasets.coco import CocoDetection
+from utils.checks import check_positive_int
+from utils.errors import run_cli
 
 SEED_DRIVER = r"""
 import contextlib, io, json, sys, time
@@ -83,11 +85,9 @@ def run_seed(repo: Path, root: Path, img_size: int, num_classes: int) -> dict:
     # Without PYTHONPATH: one naming this repository (as IDEs set it) gave the seed our `datasets`, since a package
     # with an __init__.py anywhere on the path wins over a folder without one, as the seed's may be.
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    out = subprocess.run([sys.executable, "-c", SEED_DRIVER, str(repo), str(root), str(img_size), str(num_classes),
-                          str(WARMUP)], cwd=repo, env=env, capture_output=True, text=True)
-    if out.returncode:
-        raise SystemExit(f"the seed's loader failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    out = child_stdout([sys.executable, "-c", SEED_DRIVER, str(repo), str(root), str(img_size), str(num_classes),
+                        str(WARMUP)], "the seed's loader", cwd=repo, env=env)
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -103,6 +103,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> None:
+    check_positive_int("--rounds", args.rounds)
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -139,4 +140,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_cli(main, get_args_parser().parse_args())

@@ -18,8 +18,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: import the repo
 import train
 from datasets.shapes import ShapesConfig, write_split
+from utils.checks import check_positive_int
+from utils.errors import ArgumentError, MissingFileError, run_cli
 
 KEEP = ("ellipse", "cross")
+BATCH_SIZE = 16
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -55,16 +58,31 @@ def last_logged(log: Path) -> tuple[str, str, str]:
 def run(data_dir: Path, ckpt_dir: Path, name: str, epochs: int, lr_step: int, workers: int, *extra: str) -> None:
     args = train.get_args_parser().parse_args([
         "--log_name", name, "--ckpt_dir", str(ckpt_dir), "--data_dir", str(data_dir), "--train_split", "train",
-        "--val_split", "val", "--arch", "tiny_hourglass", "--img_size", "127", "--batch_size", "16", "--lr", "2e-3",
+        "--val_split", "val", "--arch", "tiny_hourglass", "--img_size", "127", "--batch_size", str(BATCH_SIZE), "--lr", "2e-3",
         "--lr_step", str(lr_step), "--num_epochs", str(epochs), "--val_interval", "0", "--num_workers", str(workers),
         "--device", "cpu", *extra])
     train.main(args)
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Flags that would stop a training run only after the data sets were written under --out."""
+    for flag in ("pre_epochs", "epochs"):
+        check_positive_int(f"--{flag}", getattr(args, flag))
+    # Each run drops the last incomplete batch, so a set smaller than one batch gives no training step.
+    for flag in ("target_images",) if args.pre_ckpt else ("pre_images", "target_images"):
+        if getattr(args, flag) < BATCH_SIZE:
+            raise ArgumentError(f"--{flag} must be at least the batch size {BATCH_SIZE}, got {getattr(args, flag)}")
+    if args.num_workers < 0:
+        raise ArgumentError(f"--num_workers must be 0 or more, got {args.num_workers}")
+    if args.pre_ckpt and not Path(args.pre_ckpt).is_file():
+        raise MissingFileError(f"--pre_ckpt {args.pre_ckpt}: no such file")
+
+
 def main(args: argparse.Namespace) -> None:
+    check_args(args)
     out = Path(args.out)
     if out.exists():
-        raise SystemExit(f"--out {out} exists; give a new folder")
+        raise ArgumentError(f"--out {out} exists; give a new folder")
     cfg = ShapesConfig()
     if not args.pre_ckpt:
         write_split(out / "pre", "train", args.pre_images, seed=0, cfg=cfg)
@@ -86,5 +104,6 @@ def main(args: argparse.Namespace) -> None:
     for start, name in ((f"--pretrained ({source})", "finetune"), ("from scratch", "scratch")):
         print(f"| {start} | " + " | ".join(last_logged(out / "ckpt" / name / "train.log")) + " |")
 
+
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_cli(main, get_args_parser().parse_args())

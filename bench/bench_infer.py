@@ -46,18 +46,20 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: import the repo
 from datasets.transforms import eval_input
 from engine.inference import InferenceConfig, detect, network_for, nms_per_class
-from nets import build_model
+from nets import ARCHS, build_model
 from nets.inference import prepare_for_inference
 from utils.cpu_memory import keep_freed_memory
 from utils.decode import center_check, decode
+from utils.checks import check_positive_int
 from utils.device import autocast, cudnn_benchmark
+from utils.errors import ArgumentError, run_cli
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    parser.add_argument("--archs", nargs="+", default=["tiny_hourglass", "small_hourglass"])
+    parser.add_argument("--archs", nargs="+", default=["tiny_hourglass", "small_hourglass"], choices=list(ARCHS))
     parser.add_argument("--post_repeats", type=int, default=10)
     parser.add_argument("--forward_repeats", type=int, default=3)
     parser.add_argument("--skip_forward", action="store_true")
@@ -184,6 +186,10 @@ def cpu_forward_rows(arch: str, image: torch.Tensor, args, peaks: dict, clock) -
 
 
 def main(args: argparse.Namespace) -> None:
+    for flag in ("post_repeats", "forward_repeats"):
+        check_positive_int(f"--{flag}", getattr(args, flag))
+    if args.threads < 0:
+        raise ArgumentError(f"--threads must be 0 (torch's default) or more, got {args.threads}")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench/bench_infer.py: --device cuda, but no GPU is visible")
@@ -259,4 +265,4 @@ def forward(model, image: torch.Tensor, device: torch.device, amp: bool):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_cli(main, get_args_parser().parse_args())

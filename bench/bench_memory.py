@@ -12,7 +12,6 @@ which includes weights, gradients and Adam state; CUDA: max_memory_allocated).
 import argparse
 import json
 import resource
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,7 +19,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: import the repo
 from bench.bench_model import random_batch, timed
-from nets import build_model
+from bench.child import child_stdout
+from nets import ARCHS, build_model
+from utils.checks import check_positive_int
+from utils.errors import ArgumentError, DeviceError, run_cli
 from utils.losses import centernet_loss
 
 
@@ -57,6 +59,15 @@ class SavedActivations(torch.autograd.graph.saved_tensors_hooks):
         return self
 
 
+def parse_config(config: str) -> tuple[str, int, int]:
+    """'arch:input:batch' -> (arch, input, batch)."""
+    parts = config.split(":")
+    if len(parts) != 3 or parts[0] not in ARCHS or not all(p.isdigit() and int(p) > 0 for p in parts[1:]):
+        raise ArgumentError(f"--configs: expected arch:input:batch (arch one of {', '.join(ARCHS)}, input and batch "
+                            f"whole numbers of at least 1), got {config!r}")
+    return parts[0], int(parts[1]), int(parts[2])
+
+
 def measure(arch: str, size: int, batch_size: int, grad_checkpoint: bool, args) -> dict:
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -86,17 +97,21 @@ def main(args: argparse.Namespace) -> None:
         arch, size, batch, ckpt = args.one.split(":")
         print(json.dumps(measure(arch, int(size), int(batch), ckpt == "1", args)))
         return
+    configs = [parse_config(c) for c in args.configs]
+    for flag in ("num_classes", "steps"):
+        check_positive_int(f"--{flag}", getattr(args, flag))
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise DeviceError("bench/bench_memory.py: --device cuda, but no GPU is visible")
     peak_name = "peak RSS" if args.device == "cpu" else "max allocated"
     print(f"{args.device}, {torch.get_num_threads()} threads, {args.num_classes} classes, median of {args.steps} steps")
     print(f"| arch | input | batch | --grad_checkpoint | saved activations MB | {peak_name} MB | s / step |")
     print("|---|---|---|---|---|---|---|")
-    for config in args.configs:
-        arch, size, batch = config.split(":")
+    for arch, size, batch in configs:
         rows = []
         for ckpt in (0, 1):
-            cmd = [sys.executable, __file__, "--one", f"{config}:{ckpt}", "--device", args.device,
+            cmd = [sys.executable, __file__, "--one", f"{arch}:{size}:{batch}:{ckpt}", "--device", args.device,
                    "--num_classes", str(args.num_classes), "--steps", str(args.steps)]
-            rows.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout))
+            rows.append(json.loads(child_stdout(cmd, f"the measuring process of {arch}:{size}:{batch}")))
         for ckpt, r in enumerate(rows):
             cells = [f"{r['saved'] / 2**20:.0f}", f"{r['peak'] / 2**20:.0f}", f"{r['seconds']:.2f}"]
             if ckpt:  # the change against the plain row
@@ -105,4 +120,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_cli(main, get_args_parser().parse_args())

@@ -20,8 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: import the repo
 from datasets.targets import make_targets
 from nets import ARCHS, build_model
-from utils.checks import check_number
-from utils.errors import run_cli
+from utils.checks import check_number, check_positive_int
+from utils.errors import DeviceError, run_cli
 from utils.losses import centernet_loss
 
 
@@ -29,11 +29,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--num_classes", type=int, default=80)
-    p.add_argument("--train_archs", nargs="*", default=["tiny_hourglass"])
+    p.add_argument("--train_archs", nargs="*", default=["tiny_hourglass"], choices=list(ARCHS))
     p.add_argument("--img_size", type=int, default=127, help="training input size (128k - 1)")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--train_steps", type=int, default=8)
-    p.add_argument("--forward_archs", nargs="*", default=["tiny_hourglass", "small_hourglass"])
+    p.add_argument("--forward_archs", nargs="*", default=["tiny_hourglass", "small_hourglass"], choices=list(ARCHS))
     p.add_argument("--forward_size", type=int, default=511)
     p.add_argument("--forward_iters", type=int, default=5)
     p.add_argument("--forward_budget", type=float, default=3.0, help="seconds; slow nets stop timing early")
@@ -94,7 +94,11 @@ def forward_ms(arch: str, args, device: torch.device) -> float:
 
 def main(args: argparse.Namespace) -> None:
     check_number("--forward_budget", args.forward_budget, 0, above=True)
+    for flag in ("num_classes", "batch_size", "train_steps", "forward_iters"):
+        check_positive_int(f"--{flag}", getattr(args, flag))
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError("bench/bench_model.py: --device cuda, but no GPU is visible")
     print(f"{args.device}, {torch.get_num_threads()} threads, {args.num_classes} classes; training: input "
           f"{args.img_size}, batch {args.batch_size}, {args.train_steps} steps; forward: input {args.forward_size}, "
           "batch 1")

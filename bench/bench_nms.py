@@ -16,6 +16,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: import the repo
 from lib.nms import soft_nms, soft_nms_merge
 from tests.nms_reference import soft_nms_reference
+from utils.checks import check_positive_int
+from utils.errors import run_cli
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -47,6 +49,9 @@ def median_ms(fn, repeats: int) -> float:
 
 
 def main(args: argparse.Namespace) -> None:
+    check_positive_int("--repeats", args.repeats)
+    for n in args.sizes:
+        check_positive_int("--sizes", n)
     print(f"{'function':<16}{'N':>6}{'kept':>6}{'cython ms':>12}{'python ms':>12}{'speed-up':>10}")
     for n in args.sizes:
         dets = random_dets(n)
@@ -63,4 +68,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_cli(main, get_args_parser().parse_args())

@@ -31,9 +31,11 @@ from bench.bench_infer import synthetic_outputs  # noqa: E402
 from datasets.transforms import eval_input  # noqa: E402
 from engine import inference  # noqa: E402
 from engine.inference import network_for  # noqa: E402
-from nets import build_model  # noqa: E402
+from nets import ARCHS, build_model  # noqa: E402
 from nets.inference import PreparedNetwork  # noqa: E402
+from utils.checks import check_positive_int  # noqa: E402
 from utils.device import cudnn_benchmark  # noqa: E402
+from utils.errors import run_cli  # noqa: E402
 
 SETTINGS = {"single": ([1.0], False), "flip": ([1.0], True), "5 scales + flip": ([0.5, 0.75, 1.0, 1.25, 1.5], True)}
 PARTS = ["forward", "decode", "soft-NMS"]
@@ -42,7 +44,7 @@ PARTS = ["forward", "decode", "soft-NMS"]
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--archs", nargs="+", default=["tiny_hourglass"])
+    parser.add_argument("--archs", nargs="+", default=["tiny_hourglass"], choices=list(ARCHS))
     parser.add_argument("--amp", default="fp32", choices=["fp32", "fp16", "bf16"], help="autocast of the forward")
     parser.add_argument("--repeats", type=int, default=5, help="timed images, after one warm-up (odd: a median run)")
     return parser
@@ -108,6 +110,7 @@ def time_setting(wrapped: SyntheticAfterForward, timer: PartTimer, inputs: list,
 
 
 def main(args: argparse.Namespace) -> None:
+    check_positive_int("--repeats", args.repeats)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench/bench_pipeline.py: --device cuda, but no GPU is visible")
@@ -131,4 +134,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_cli(main, get_args_parser().parse_args())

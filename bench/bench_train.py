@@ -31,8 +31,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: import the repo
 from bench.bench_model import random_batch
 from lib.cpool.pool import forced_fallback
-from nets import build_model
+from nets import ARCHS, build_model
+from utils.checks import check_positive_int
 from utils.device import autocast, cudnn_benchmark, grad_scaler
+from utils.errors import run_cli
 from utils.losses import centernet_loss
 
 MODES = {  # name: (amp, our pooling kernels, cudnn.benchmark, fused Adam on CUDA)
@@ -46,7 +48,7 @@ MODES = {  # name: (amp, our pooling kernels, cudnn.benchmark, fused Adam on CUD
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--archs", nargs="+", default=["tiny_hourglass"])
+    p.add_argument("--archs", nargs="+", default=["tiny_hourglass"], choices=list(ARCHS))
     p.add_argument("--modes", nargs="+", choices=list(MODES), help="default: all on CUDA, fp32 on the CPU")
     p.add_argument("--img_size", type=int, default=127)
     p.add_argument("--batch_size", type=int, default=16)
@@ -106,6 +108,8 @@ def bench(arch: str, mode: str, layout: str, compiled: bool, args, device: torch
 
 
 def main(args: argparse.Namespace) -> None:
+    for flag in ("batch_size", "num_classes", "steps"):
+        check_positive_int(f"--{flag}", getattr(args, flag))
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench/bench_train.py: --device cuda, but no GPU is visible")
@@ -128,4 +132,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_cli(main, get_args_parser().parse_args())

@@ -21,7 +21,6 @@ import argparse
 import collections
 import json
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,15 +30,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: import the repo
 from bench.bench_infer import export_fixed
+from bench.child import child_stdout
 from engine.detector import Detector
-from nets import build_model
+from nets import ARCHS, build_model
 from nets.inference import prepare_for_inference
+from utils.checks import check_positive_int
 from utils.cpu_memory import keep_freed_memory
+from utils.errors import run_cli
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--archs", nargs="+", default=["tiny_hourglass"])
+    parser.add_argument("--archs", nargs="+", default=["tiny_hourglass"], choices=list(ARCHS))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--sizes", type=int, nargs="+", default=[511], help="square input sides, taking turns")
@@ -83,7 +85,7 @@ def allocator_table(args) -> None:
         for setting in ("default", "kept", "detector"):
             cmd = [sys.executable, __file__, "--child", setting, arch, "--threads", str(args.threads),
                    "--repeats", str(args.repeats), "--sizes", *map(str, args.sizes)]
-            row = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+            row = json.loads(child_stdout(cmd, f"the {setting} process of {arch}"))
             name = {"default": "glibc default", "kept": "kept", "detector": "Detector"}[setting]
             if setting != "default" and not row["kept"]:
                 name += " (no glibc: default)"
@@ -168,6 +170,10 @@ def ops_table(args) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
+    for flag in ("threads", "repeats", "top"):
+        check_positive_int(f"--{flag}", getattr(args, flag))
+    for side in args.sizes:
+        check_positive_int("--sizes", side)
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
     if args.child:
@@ -180,4 +186,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_cli(main, get_args_parser().parse_args())

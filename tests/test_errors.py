@@ -55,8 +55,9 @@ def test_sigterm_ends_a_command_with_143_after_its_cleanup():
 def test_every_command_line_ends_through_run_cli():
     """Each script's `__main__` block calls run_cli, which gives Ctrl-C 130, SIGTERM 143 and user errors one line."""
     scripts = [REPO / "train.py", REPO / "test.py", REPO / "demo.py", REPO / "datasets" / "shapes.py",
-               REPO / "datasets" / "check.py", *sorted((REPO / "tools").glob("[!_]*.py"))]
-    assert len(scripts) == 12
+               REPO / "datasets" / "check.py", *sorted((REPO / "tools").glob("[!_]*.py")),
+               *sorted((REPO / "bench").glob("bench_*.py")), REPO / "bench" / "profile_infer.py"]
+    assert len(scripts) == 22
     for script in scripts:
         main_blocks = [node for node in ast.parse(script.read_text()).body
                        if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test)]
