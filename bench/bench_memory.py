@@ -104,7 +104,7 @@ def main(args: argparse.Namespace) -> None:
         raise DeviceError("bench/bench_memory.py: --device cuda, but no GPU is visible")
     peak_name = "peak RSS" if args.device == "cpu" else "max allocated"
     print(f"{args.device}, {torch.get_num_threads()} threads, {args.num_classes} classes, median of {args.steps} steps")
-    print(f"| arch | input | batch | --grad_checkpoint | saved activations MB | {peak_name} MB | s / step |")
+    print(f"| arch | input | batch | --grad_checkpoint | saved activations MiB | {peak_name} MiB | s / step |")
     print("|---|---|---|---|---|---|---|")
     for arch, size, batch in configs:
         rows = []

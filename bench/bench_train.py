@@ -60,7 +60,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def peak_memory_mb(device: torch.device) -> float:
+def peak_memory_mib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # process peak RSS (Linux: KiB)
@@ -68,7 +68,7 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def bench(arch: str, mode: str, layout: str, compiled: bool, args, device: torch.device
           ) -> tuple[float, float, float]:
-    """(images/s, peak MB, seconds of the first step) of `arch` trained in `mode` with the network and input in
+    """(images/s, peak MiB, seconds of the first step) of `arch` trained in `mode` with the network and input in
     memory format `layout`, under torch.compile when `compiled`."""
     amp, our_pooling, benchmark, fused = MODES[mode]
     memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
@@ -104,7 +104,7 @@ def bench(arch: str, mode: str, layout: str, compiled: bool, args, device: torch
                 torch.cuda.reset_peak_memory_stats(device)
     if not torch.isfinite(loss):
         raise SystemExit(f"bench/bench_train.py: {arch} {mode}: non-finite loss {loss.item()}")
-    return args.batch_size / statistics.median(times), peak_memory_mb(device), first
+    return args.batch_size / statistics.median(times), peak_memory_mib(device), first
 
 
 def main(args: argparse.Namespace) -> None:
@@ -113,11 +113,12 @@ def main(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench/bench_train.py: --device cuda, but no GPU is visible")
-    modes = args.modes or (list(MODES) if device.type == "cuda" else ["fp32"])
+    chosen = args.modes or (list(MODES) if device.type == "cuda" else ["fp32"])
+    modes = [m for m in MODES if m in chosen]  # 'old' first: the "vs old" column divides by its rate
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"{name}, input {args.img_size}, batch {args.batch_size}, {args.num_classes} classes, median of "
           f"{args.steps} steps; torch {torch.__version__}, CUDA {torch.version.cuda}")
-    print(f"{'arch':<18}{'mode':<6}{'layout':<15}{'compiled':<10}{'images/s':>10}{'vs old':>8}{'peak MB':>10}"
+    print(f"{'arch':<18}{'mode':<6}{'layout':<15}{'compiled':<10}{'images/s':>10}{'vs old':>8}{'peak MiB':>10}"
           f"{'first s':>9}")
     for arch in args.archs:
         old_rate = None

@@ -67,3 +67,35 @@ def test_a_failed_measuring_process_shows_its_error():
     assert child_stdout([sys.executable, "-c", "print('{}')"], "a child") == "{}\n"
     with pytest.raises(SystemExit, match="a child failed \\(exit status 1\\):\nerror: no GPU"):
         child_stdout([sys.executable, "-c", "import sys; sys.exit('error: no GPU')"], "a child")
+
+
+def test_the_train_bench_divides_by_the_old_rate_whatever_the_order_of_modes(monkeypatch, capsys):
+    """"vs old" is each setting's images/s over the old way's (above 1: faster); with --modes fp32 old the fp32 row
+    ran first and had no ratio. Peak memory is in MiB (2**20 bytes), as printed."""
+    from bench import bench_train
+
+    rates = {"old": 10.0, "fp32": 25.0, "bf16": 40.0}
+    monkeypatch.setattr(bench_train, "bench", lambda arch, mode, *rest: (rates[mode], 1434.0, 2.5))
+    bench_train.main(bench_train.get_args_parser().parse_args(["--modes", "bf16", "fp32", "old"]))
+    lines = capsys.readouterr().out.splitlines()
+    assert "peak MiB" in lines[1]
+    rows = [line.split() for line in lines[2:]]
+    assert [r[1] for r in rows] == ["old", "fp32", "bf16"]
+    assert [r[5] for r in rows] == ["1.00x", "2.50x", "4.00x"] and all(r[6] == "1434" for r in rows)
+
+
+def test_the_memory_bench_table_in_mib_and_the_change_against_the_plain_row(monkeypatch, capsys):
+    """The columns said MB over values in MiB (bytes / 2**20); the checkpointed row's changes are against the plain
+    row (-13% saved: 215 MiB kept for 248)."""
+    import json
+
+    from bench import bench_memory
+
+    measured = iter([{"saved": 248 * 2**20, "peak": 1255 * 2**20, "seconds": 16.0},
+                     {"saved": 215 * 2**20, "peak": 1242 * 2**20, "seconds": 20.0}])
+    monkeypatch.setattr(bench_memory, "child_stdout", lambda cmd, what: json.dumps(next(measured)))
+    bench_memory.main(bench_memory.get_args_parser().parse_args(["--configs", "tiny_hourglass:127:16"]))
+    lines = capsys.readouterr().out.splitlines()
+    assert "saved activations MiB | peak RSS MiB | s / step" in lines[1]
+    assert lines[3:] == ["| tiny_hourglass | 127 | 16 | no | 248 | 1255 | 16.00 |",
+                         "| tiny_hourglass | 127 | 16 | yes | 215 (-13%) | 1242 (-1%) | 20.00 (+25%) |"]

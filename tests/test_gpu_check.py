@@ -176,7 +176,7 @@ all four      0.549    4.400   37.000         8.0x         67.4x    2200
 """
     assert gpu_check.summarize_cpool(cpool) == ("4 dirs 0.549 ms, 8.0x faster than cummax, 67.4x than rowloop; "
                                                 "GB/s t/b/l/r 2456/2416/2013/2000")
-    train = """arch              mode  layout         compiled    images/s  vs old   peak MB  first s
+    train = """arch              mode  layout         compiled    images/s  vs old  peak MiB  first s
 small_hourglass   old   contiguous     no              20.0   1.00x     10240      1.5
 small_hourglass   fp16  contiguous     no              50.0   2.50x      6144      0.9
 small_hourglass   fp16  channels_last  no              55.5   2.78x      5120      0.9
