@@ -54,6 +54,10 @@ from utils.checks import check_positive_int
 from utils.device import autocast, cudnn_benchmark
 from utils.errors import ArgumentError, run_cli
 
+# Label columns as wide as the longest label: "forward large_hourglass 511 bf16 compiled" in the stage table (CUDA),
+# "forward large_hourglass 511 bf16 prepared (--amp)" in the CPU forward table.
+STAGE_WIDTH, FORWARD_WIDTH = 42, 50
+
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -181,8 +185,8 @@ def cpu_forward_rows(arch: str, image: torch.Tensor, args, peaks: dict, clock) -
         rate = gflop / (t / 1e3)
         peak = peaks["bf16" if "bf16" in name else "fp32"]
         label = f"forward {arch} 511 {name}"
-        print(f"{label:<46}{t:>10.1f}{ms['fp32 unprepared'] / t:>9.2f}x{rate:>9.1f}{100 * rate / peak:>8.0f}%",
-              flush=True)
+        speed_up = ms["fp32 unprepared"] / t
+        print(f"{label:<{FORWARD_WIDTH}}{t:>10.1f}{speed_up:>9.2f}x{rate:>9.1f}{100 * rate / peak:>7.0f}%", flush=True)
 
 
 def main(args: argparse.Namespace) -> None:
@@ -204,13 +208,13 @@ def main(args: argparse.Namespace) -> None:
     cfg = InferenceConfig()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device {name}, {torch.get_num_threads()} CPU threads, {args.clock} clock")
-    header = f"{'stage':<34}{'ms / image':>12}{'boxes kept':>12}"
+    header = f"{'stage':<{STAGE_WIDTH}}{'ms / image':>12}{'boxes kept':>12}"
     print(header)
     for name, batch in (("post-processing single", 1), ("post-processing flip (2 inputs)", 2)):
         out = {k: v.to(device) for k, v in synthetic_outputs(batch).items()}
         kept = len(postprocess(out, cfg, device))
         ms = median_ms(lambda: postprocess(out, cfg, device), args.post_repeats, device, clock=clock)
-        print(f"{name:<34}{ms:>12.1f}{kept:>12}")
+        print(f"{name:<{STAGE_WIDTH}}{ms:>12.1f}{kept:>12}")
     if args.skip_forward:
         return
     image = torch.randn(1, 3, 511, 511, device=device)
@@ -220,7 +224,7 @@ def main(args: argparse.Namespace) -> None:
         peaks = matmul_peaks(clock)
         print(f"matrix product 2048: fp32 {peaks['fp32']:.1f} GFLOP/s, bf16 {peaks['bf16']:.1f} GFLOP/s "
               f"({args.clock} clock)")
-        print(f"{'forward':<46}{'ms':>10}{'speed-up':>10}{'GFLOP/s':>9}{'of peak':>8}")
+        print(f"{'forward':<{FORWARD_WIDTH}}{'ms':>10}{'speed-up':>10}{'GFLOP/s':>9}{'of peak':>8}")
         for arch in args.archs:
             cpu_forward_rows(arch, image, args, peaks, clock)
         print(header)  # the pipeline rows below are not in the forward table's columns
@@ -236,7 +240,7 @@ def main(args: argparse.Namespace) -> None:
                         ms = median_ms(lambda: forward(network, image, device, amp), args.forward_repeats, device,
                                        warmup)
                     label = f"forward {arch} 511 {amp or 'fp32'}{suffix}"
-                    print(f"{label:<34}{ms:>12.1f}{'':>12}", flush=True)
+                    print(f"{label:<{STAGE_WIDTH}}{ms:>12.1f}{'':>12}", flush=True)
         timed = TimedForward(network_for(model, device), {k: v.to(device) for k, v in synthetic_outputs(2).items()})
         for flip in (False, True):
             with cudnn_benchmark(False):
@@ -244,7 +248,7 @@ def main(args: argparse.Namespace) -> None:
                 ms = median_ms(lambda: detect(timed, inputs[flip], cfg, device), args.forward_repeats, device,
                                clock=clock)
             label = f"pipeline {arch} 511 {'flip' if flip else 'single'}"
-            print(f"{label:<34}{ms:>12.1f}{kept:>12}", flush=True)
+            print(f"{label:<{STAGE_WIDTH}}{ms:>12.1f}{kept:>12}", flush=True)
 
 
 class TimedForward(torch.nn.Module):

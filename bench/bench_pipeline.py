@@ -129,7 +129,7 @@ def main(args: argparse.Namespace) -> None:
         for setting, (scales, flip) in SETTINGS.items():
             inputs = [eval_input(photo, s, flip) for s in scales]
             ms, parts, kept = time_setting(wrapped, timer, inputs, autocast_amp, args.repeats, device)
-            shares = "".join(f"{parts[p]:>9.1f} ({parts[p] / ms:>4.0%})" for p in PARTS + ["rest"])
+            shares = "".join(f"{parts[p]:>10.1f} ({parts[p] / ms:>4.0%})" for p in PARTS + ["rest"])
             print(f"{arch + ' ' + setting:<40}{ms:>10.1f}{shares}{kept:>7}", flush=True)
 
 

@@ -99,3 +99,56 @@ def test_the_memory_bench_table_in_mib_and_the_change_against_the_plain_row(monk
     assert "saved activations MiB | peak RSS MiB | s / step" in lines[1]
     assert lines[3:] == ["| tiny_hourglass | 127 | 16 | no | 248 | 1255 | 16.00 |",
                          "| tiny_hourglass | 127 | 16 | yes | 215 (-13%) | 1242 (-1%) | 20.00 (+25%) |"]
+
+
+def assert_rows_as_wide_as_their_header(lines: list[str], header_starts: tuple[str, ...],
+                                        row_starts: tuple[str, ...]) -> None:
+    """Each row (fixed-width columns, the last one right-aligned) ends where the header above it ends, so no label
+    pushes its row's numbers out of their columns."""
+    header, rows = None, 0
+    for line in lines:
+        if line.startswith(header_starts):
+            header = line
+        elif line.startswith(row_starts):
+            assert header is not None and len(line) == len(header), f"\n{header}\n{line}"
+            rows += 1
+    assert rows
+
+
+def test_the_inference_bench_rows_stay_under_their_headers(monkeypatch, capsys):
+    """The large nets' labels ("forward large_hourglass 511 bf16 prepared (--amp)", "pipeline small_hourglass 511
+    single") were wider than their column, and the '% of peak' cells one character wider than theirs."""
+    import numpy as np
+    import torch
+
+    from bench import bench_infer
+
+    monkeypatch.setattr(bench_infer, "matmul_peaks", lambda clock: {"fp32": 100.0, "bf16": 200.0})
+    monkeypatch.setattr(bench_infer, "build_model", lambda arch, classes: torch.nn.Identity())
+    monkeypatch.setattr(bench_infer, "conv_gflop", lambda model, image: 30.0)
+    monkeypatch.setattr(bench_infer, "prepare_for_inference", lambda model, dtype=None: model)
+    monkeypatch.setattr(bench_infer, "side_by_side", lambda fns, *args, **kwargs: dict.fromkeys(fns, 300.0))
+    monkeypatch.setattr(bench_infer, "postprocess", lambda *args: [])
+    monkeypatch.setattr(bench_infer, "detect", lambda *args: np.zeros((3, 6), np.float32))
+    bench_infer.main(bench_infer.get_args_parser().parse_args(
+        ["--archs", "large_hourglass", "small_hourglass", "--no-onnx", "--compile"]))
+    lines = capsys.readouterr().out.splitlines()
+    bf16 = next(line for line in lines if line.startswith("forward large_hourglass 511 bf16 prepared (--amp)"))
+    assert bf16.split()[-4:] == ["300.0", "1.00x", "100.0", "50%"]  # 30 GFLOP in 0.3 s, of 200 GFLOP/s
+    assert_rows_as_wide_as_their_header(lines, ("stage", "forward  "), ("post-processing", "forward ", "pipeline"))
+
+
+def test_the_pipeline_bench_rows_stay_under_their_headers(monkeypatch, capsys):
+    """Each part's cell, 'ms (share)', was one character narrower than its header's column. The shares are of the
+    image's whole time, and 'rest' is what the parts leave of it."""
+    from bench import bench_pipeline
+
+    def time_setting(wrapped, timer, inputs, amp, repeats, device):
+        return 200.0, {"forward": 150.0, "decode": 30.0, "soft-NMS": 2.0, "rest": 18.0}, 7
+
+    monkeypatch.setattr(bench_pipeline, "time_setting", time_setting)
+    bench_pipeline.main(bench_pipeline.get_args_parser().parse_args(["--archs", "tiny_hourglass"]))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2].split() == ["tiny_hourglass", "single", "200.0", "150.0", "(", "75%)", "30.0", "(", "15%)", "2.0",
+                                "(", "1%)", "18.0", "(", "9%)", "7"]
+    assert_rows_as_wide_as_their_header(lines, ("pipeline",), ("tiny_hourglass",))
