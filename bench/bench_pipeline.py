@@ -45,7 +45,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--archs", nargs="+", default=["tiny_hourglass"], choices=list(ARCHS))
-    parser.add_argument("--amp", default="fp32", choices=["fp32", "fp16", "bf16"], help="autocast of the forward")
+    parser.add_argument("--amp", default="fp32", choices=["fp32", "fp16", "bf16"],
+                        help="the forward's precision: autocast on CUDA; on the CPU either 16-bit one runs the "
+                        "prepared network in bf16, as test.py --amp does")
     parser.add_argument("--repeats", type=int, default=5, help="timed images, after one warm-up (odd: a median run)")
     return parser
 
@@ -116,9 +118,10 @@ def main(args: argparse.Namespace) -> None:
         raise SystemExit("bench/bench_pipeline.py: --device cuda, but no GPU is visible")
     torch.set_grad_enabled(False)
     amp = False if args.amp == "fp32" else args.amp
+    precision = "bf16" if amp and device.type == "cpu" else args.amp  # the CPU's 16-bit network is bf16 (network_for)
     photo = np.random.default_rng(0).integers(0, 256, (511, 511, 3), dtype=np.uint8)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-    print(f"{name}, torch {torch.__version__}, CUDA {torch.version.cuda}; a 511 x 511 image, forward {args.amp}, "
+    print(f"{name}, torch {torch.__version__}, CUDA {torch.version.cuda}; a 511 x 511 image, forward {precision}, "
           f"median of {args.repeats}; ms per image and each part's share")
     print(f"{'pipeline':<40}{'ms':>10}" + "".join(f"{p:>17}" for p in PARTS + ["rest"]) + f"{'boxes':>7}")
     timer = PartTimer(device)

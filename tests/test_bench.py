@@ -3,6 +3,7 @@ import importlib
 import sys
 
 import pytest
+import torch
 
 from utils.errors import ArgumentError, MissingFileError
 
@@ -119,7 +120,6 @@ def test_the_inference_bench_rows_stay_under_their_headers(monkeypatch, capsys):
     """The large nets' labels ("forward large_hourglass 511 bf16 prepared (--amp)", "pipeline small_hourglass 511
     single") were wider than their column, and the '% of peak' cells one character wider than theirs."""
     import numpy as np
-    import torch
 
     from bench import bench_infer
 
@@ -152,3 +152,20 @@ def test_the_pipeline_bench_rows_stay_under_their_headers(monkeypatch, capsys):
     assert lines[2].split() == ["tiny_hourglass", "single", "200.0", "150.0", "(", "75%)", "30.0", "(", "15%)", "2.0",
                                 "(", "1%)", "18.0", "(", "9%)", "7"]
     assert_rows_as_wide_as_their_header(lines, ("pipeline",), ("tiny_hourglass",))
+
+
+def test_the_pipeline_bench_names_the_precision_that_runs(monkeypatch, capsys):
+    """On the CPU --amp fp16 runs the prepared network in bf16 (network_for, as test.py --amp): the header said
+    'forward fp16'."""
+    from bench import bench_pipeline
+
+    networks = []
+
+    def time_setting(wrapped, timer, inputs, amp, repeats, device):
+        networks.append(wrapped.model)
+        return 1.0, dict.fromkeys(bench_pipeline.PARTS + ["rest"], 0.25), 0
+
+    monkeypatch.setattr(bench_pipeline, "time_setting", time_setting)
+    bench_pipeline.main(bench_pipeline.get_args_parser().parse_args(["--archs", "tiny_hourglass", "--amp", "fp16"]))
+    assert "forward bf16," in capsys.readouterr().out.splitlines()[0]
+    assert {network.dtype for network in networks} == {torch.bfloat16}
