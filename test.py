@@ -166,6 +166,7 @@ def main(args: argparse.Namespace) -> dict:
     if list(dataset.class_names) != list(state["class_names"]):
         raise DataError(f"{path} was trained on classes {state['class_names']}, but {args.data_dir} "
                         f"{args.val_split} has {dataset.class_names}")
+    dataset.check_images_there()  # before the detections of the images before it
     if model is None:
         model = model_from_checkpoint(state, path).to(device).eval()
     else:

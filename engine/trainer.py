@@ -265,6 +265,7 @@ def train(args: argparse.Namespace, signals: StopSignals, folder_lock: RunFolder
         raise DataError(f"--train_split {args.train_split} has no box to train on: its 'annotations' list is empty "
                         "or holds crowd regions and boxes without width or height only")
     check_same_categories(train_set, val_set)
+    val_set.check_images_there()  # now, not after the first epoch's training
     step_batch = args.batch_size * args.accum_steps
     if len(train_set) < step_batch:
         raise ArgumentError(f"--batch_size {args.batch_size} x --accum_steps {args.accum_steps} is larger than the "

@@ -87,6 +87,18 @@ def test_evaluates_and_writes_json(ckpt_dir, capsys):
     assert not list(out.parent.glob("*.tmp"))
 
 
+def test_a_val_image_not_there_is_named_before_the_detections(ckpt_dir, tmp_path):
+    """It stopped the evaluation when reached, after the detections of the images before it."""
+    data = tmp_path / "raccoon"
+    shutil.copytree(RACCOON, data)
+    gone = sorted((data / "val").iterdir())[-1]
+    gone.unlink()
+    before = sorted((ckpt_dir / "tiny").iterdir())
+    with pytest.raises(MissingFileError, match=rf"{gone}: image file not found \(1 of the {len(VAL_IDS)} images of "):
+        test_cli.main(cli_args(ckpt_dir, "--data_dir", str(data)))
+    assert sorted((ckpt_dir / "tiny").iterdir()) == before
+
+
 def test_a_scoring_backend_that_is_not_installed_is_refused_before_the_detections(ckpt_dir, monkeypatch):
     """Not after them, which took the whole evaluation and left a results json without its metrics."""
     monkeypatch.setitem(sys.modules, "faster_coco_eval", None)  # its import raises ImportError

@@ -29,7 +29,7 @@ from engine.inference import EvaluationStopped, InferenceConfig, evaluate
 from nets import build_model
 from utils import dist
 from utils.checkpoint import load_checkpoint, save_checkpoint
-from utils.errors import ArgumentError, CheckpointError, DataError, UserError, WriteError
+from utils.errors import ArgumentError, CheckpointError, DataError, MissingFileError, UserError, WriteError
 from utils.logger import RunLogger
 from utils.losses import OBJECTIVE_FLAGS_BEFORE, LossConfig
 
@@ -296,15 +296,29 @@ def test_a_run_folder_that_cannot_be_written_is_a_one_line_error(shapes_dir, tmp
         train.main(args_for(shapes_dir, tmp_path, "--num_epochs", "1"))
 
 
-def test_a_val_image_gone_keeps_the_epoch_trained_and_resume_validates_it(shapes_dir, tmp_path):
-    """Validation reads the val images only after the epoch's training: a missing one stops the run with its one-line
-    error, but the epoch is saved first (on COCO an epoch is hours), marked for validation; --resume, once the image
-    is back, runs that validation before anything else, also after the last epoch (which alone would be complete)."""
+def test_a_val_image_not_there_is_named_before_any_training(shapes_dir, tmp_path):
+    """It stopped the run at the first validation, after an epoch of training (hours on COCO)."""
+    data = tmp_path / "data"
+    shutil.copytree(shapes_dir, data)
+    val = sorted((data / "val").iterdir())
+    for gone in val:
+        gone.unlink()
+    with pytest.raises(MissingFileError, match=rf"{val[0]}: image file not found \({len(val)} of the {len(val)} images of "
+                                               rf"{data / 'annotations' / 'instances_val.json'} are not there\)"):
+        train.main(args_for(data, tmp_path, "--num_epochs", "1"))
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_a_val_image_corrupt_keeps_the_epoch_trained_and_resume_validates_it(shapes_dir, tmp_path):
+    """Validation reads the val images only after the epoch's training: a corrupt one (a missing one is refused at
+    the start) stops the run with its one-line error, but the epoch is saved first (on COCO an epoch is hours),
+    marked for validation; --resume, once the image is mended, runs that validation before anything else, also after
+    the last epoch (which alone would be complete)."""
     data = tmp_path / "data"
     shutil.copytree(shapes_dir, data)
     gone = sorted((data / "val").iterdir())[0]
     kept = gone.read_bytes()
-    gone.unlink()
+    gone.write_bytes(kept[:len(kept) // 3])  # a JPEG cut short
     with pytest.raises(UserError, match=f"{gone.name}") as e:
         train.main(args_for(data, tmp_path, "--num_epochs", "1"))
     assert "Traceback" not in str(e.value)
