@@ -18,7 +18,8 @@ loss that is minimised is the mean over the GPUs of each GPU's loss (nnet/py_fac
   with B / N (see tests/test_official_training_parity.py for the algebra and the proof against official numbers).
 - The total is the mean over the stacks (`stack_mean`), as the official `loss / len(tl_heats)`.
 Runs started before these settings were flags of train.py trained with `OBJECTIVE_FLAGS_BEFORE` (pull / push
-per-image means with weight 1, stacks summed, no eps); their checkpoints resume with it (`resumed_objective`).
+per-image means weighted 0.1, i.e. `ae_images_per_gpu` 1; stacks summed; no eps); their checkpoints resume with it
+(`resumed_objective`).
 """
 from dataclasses import dataclass
 
@@ -126,7 +127,7 @@ def centernet_loss(outputs: list[dict[str, torch.Tensor]], batch: dict[str, torc
 
 
 # train.py's flags that define the training objective, with the values every run had before they were flags
-# (pull / push weight 1, stacks summed, no eps, boxes under 1 canvas pixel dropped).
+# (pull / push per-image means weighted 0.1, stacks summed, no eps, boxes under 1 canvas pixel dropped).
 OBJECTIVE_FLAGS_BEFORE = {"ae_images_per_gpu": 1.0, "stack_loss": "sum", "count_eps": 0.0, "min_box_size": 1.0}
 
 
