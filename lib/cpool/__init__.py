@@ -8,7 +8,9 @@
 Tie rule (all implementations, tested): each output's gradient goes to ONE input position, the maximum nearest
 to the output position. A single scan starting at the far end (top pooling scans y = H-1 .. 0) keeps a running
 maximum and replaces it whenever the new value is >= the running one, so on ties the last position met wins; this
-is also `torch.cummax`'s rule. A NaN becomes the running maximum and stays until the next NaN (as in cummax).
+is also `torch.cummax`'s rule. (The official CornerNet / CenterNet kernels replace it only on a strictly greater
+value, so there the farthest of tied maxima gets the gradient.) A NaN becomes the running maximum and stays
+until the next NaN (as in cummax).
 
 The compiled extension `lib.cpool._ext` (C++ CPU kernel, CUDA kernel when built for a GPU; `make setup`) is used
 when present and it registered a kernel for the input's device; otherwise (not built, or built without its CUDA
