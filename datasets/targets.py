@@ -43,7 +43,7 @@ def gaussian_radius(height: np.ndarray, width: np.ndarray, min_overlap: float = 
 @lru_cache(maxsize=1024)
 def gaussian_1d(radius: int, delta: int) -> np.ndarray:
     """(2r + 1,) float32 exp(-d^2 / (2 sigma^2)), sigma = (2r + 1) / delta; the 2-D bump is its outer product.
-    CornerNet zeroes values below eps * max; with delta <= 6 the smallest value in the window is exp(-9), so that
+    CornerNet zeroes values below eps * max; with delta <= 6 every value of the 2-D window is above exp(-9), so that
     never applies."""
     sigma = (2 * radius + 1) / delta
     d = np.arange(-radius, radius + 1, dtype=np.float64)
