@@ -380,6 +380,28 @@ def test_resume_refuses_what_cannot_continue_the_run(shapes_dir, tmp_path, capsy
     assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before
 
 
+def test_a_resume_inside_an_epoch_keeps_its_images_per_optimizer_step(shapes_dir, tmp_path):
+    """The saved order of an epoch stopped at step 1 is cut into steps of 4 images (--batch_size 4): --resume
+    refuses another --batch_size x --accum_steps, before anything is written, and continues with the same product
+    split otherwise (2 x 2)."""
+    train.main(args_for(shapes_dir, tmp_path, "--num_epochs", "1", "--val_interval", "0"))
+    path = tmp_path / "run" / "checkpoint.pt"
+    state = load_checkpoint(path)
+    state["position"] = {"epoch": 2, "step": 1, "order": torch.from_numpy(epoch_order(8, 4, SEED, 2)),
+                         "global_batch": 4, "global_step": 3, "sums": {}, "unreadable": 0}
+    save_checkpoint(path, state)
+    before = path.read_bytes()
+    for flags in (("--batch_size", "2"), ("--batch_size", "4", "--accum_steps", "2")):
+        with pytest.raises(ArgumentError, match="stopped inside epoch 2 with 4 images per optimizer step; resume "
+                                                "with the same --batch_size and --accum_steps"):
+            train.main(args_for(shapes_dir, tmp_path, "--num_epochs", "2", "--val_interval", "0", "--resume", *flags))
+        assert path.read_bytes() == before
+    train.main(args_for(shapes_dir, tmp_path, "--num_epochs", "2", "--val_interval", "0", "--resume",
+                        "--batch_size", "2", "--accum_steps", "2"))
+    resumed = load_checkpoint(path)
+    assert resumed["epoch"] == 2 and resumed["global_step"] == 4  # step 2 of epoch 2 alone was trained
+
+
 def test_resume_across_amp_settings(shapes_dir, tmp_path):
     # A CPU run has no loss scaler; a checkpoint of an fp16 run on CUDA has one. Resuming it without fp16 drops
     # the scale with a log line (the other way round: tests/test_device.py); a scale no run can use is refused.
