@@ -807,6 +807,20 @@ def test_a_batch_the_processes_cannot_share_is_refused_before_anything_is_create
     assert not (tmp_path / "ddp").exists()
 
 
+def test_the_legacy_launcher_starts_train_py_too(shapes_dir, tmp_path):
+    """README: `python -m torch.distributed.launch --nproc_per_node N train.py --dist ...` works too. It passes
+    --local-rank=N to each process; both processes take it and join one group of 2, as their refusal of
+    --batch_size 3 shows (before any training, which keeps this test short)."""
+    cmd = [sys.executable, "-m", "torch.distributed.launch", "--nproc_per_node", "2", "--master_port",
+           str(free_port()), *launch_cmd(tmp_path, shapes_dir, "--dist", "--batch_size", "3")]
+    result = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                            text=True, timeout=300)
+    assert "unrecognized arguments" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.count("error: --batch_size 3 must be divisible by the number of processes (2)") == 2, \
+        result.stderr[-3000:]
+    assert not (tmp_path / "ddp").exists()
+
+
 FAILS_ONCE = """
 import os, runpy, signal, sys
 from pathlib import Path
