@@ -20,6 +20,7 @@ from datasets.shapes import ShapesConfig, write_split
 from utils import files
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.errors import CheckpointError, DataError, WriteError
+from utils.stopping import CheckpointTimer, StopSignals
 
 ROOT = Path(__file__).resolve().parents[1]
 # test.py by path: a plain `import test` could find the standard library's `test` package
@@ -99,6 +100,32 @@ def test_sigterm_then_kill_9_then_resume_ends_bit_identical_to_an_uninterrupted_
         assert torch.equal(a["model"][k], b["model"][k]), k
     for k, v in a["optimizer"]["state"].items():
         assert torch.equal(v["exp_avg_sq"], b["optimizer"]["state"][k]["exp_avg_sq"])
+
+
+def test_ctrl_c_asks_for_a_stop_and_a_second_ctrl_c_stops_at_once():
+    """README: Ctrl-C, as SIGTERM, makes the run finish its step, save and exit 130; a second Ctrl-C stops at once
+    (KeyboardInterrupt, which train.log records: tests/test_train.py). The caller's handlers come back after."""
+    previous = signal.getsignal(signal.SIGINT)
+    with StopSignals() as signals:
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(1000):  # the handler runs in this thread between two bytecodes: at once, in practice
+            if signals.received:
+                break
+            time.sleep(0.01)
+        assert signals.received == "SIGINT" and signals.exit_status == 130
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(10)  # the handler raises in this thread before this ends
+    assert signal.getsignal(signal.SIGINT) is previous
+
+
+def test_ckpt_interval_0_saves_at_epoch_ends_only():
+    """README: a checkpoint every --ckpt_interval minutes inside an epoch (default 20); 0: only at epoch ends."""
+    assert train.get_args_parser().get_default("ckpt_interval") == 20
+    for minutes, due in ((20, True), (0, False)):
+        timer = CheckpointTimer(minutes)
+        timer.last -= 24 * 3600  # a day since the last save
+        assert timer.due() is due, minutes
 
 
 def test_a_write_the_kernel_refuses_stops_the_run_with_one_line_and_keeps_the_checkpoint(shapes_dir, tmp_path):
