@@ -175,6 +175,30 @@ def test_bits_flipped_in_a_stored_tensor_are_found(tmp_path):
         load_checkpoint(path)
 
 
+def flip_a_weight_bit(path: Path) -> str:
+    """Changes one bit in the middle of the largest tensor stored in torch's zip file `path`; the member's name."""
+    with zipfile.ZipFile(path) as archive:
+        member = max((m for m in archive.infolist() if "/data/" in m.filename), key=lambda m: m.file_size)
+    data = bytearray(path.read_bytes())
+    name_length, extra_length = (int.from_bytes(data[member.header_offset + i:member.header_offset + i + 2], "little")
+                                 for i in (26, 28))  # the local file header's two length fields
+    data[member.header_offset + 30 + name_length + extra_length + member.file_size // 2] ^= 0x40
+    path.write_bytes(bytes(data))
+    return member.filename
+
+
+@pytest.mark.parametrize("reader", list(READERS))
+def test_every_reader_finds_bits_flipped_in_a_stored_tensor(shapes_dir, fixed_box_checkpoint, tmp_path, reader):
+    """README: every reader checks the zip format's CRC-32s and names the damaged part (a whole checkpoint here,
+    which a reader that skipped the check would load and use)."""
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(fixed_box_checkpoint.read_bytes())
+    damaged = flip_a_weight_bit(path)
+    with pytest.raises(CheckpointError, match=rf"truncated or corrupt \({re.escape(damaged)} does not match its "
+                                              "checksum"):
+        READERS[reader](path, shapes_dir, tmp_path)
+
+
 def test_a_plain_pickle_is_not_a_checkpoint_nor_offered_for_conversion(tmp_path):
     src = tmp_path / "dict.pkl"
     src.write_bytes(pickle.dumps({"model": {}, "args": {"arch": "tiny_hourglass"}}, protocol=4))
