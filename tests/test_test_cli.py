@@ -4,6 +4,7 @@ import importlib.util
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -250,6 +251,24 @@ def test_a_missing_image_is_the_same_one_line_error_with_loader_workers(ckpt_dir
         errors.append(str(e.value))
     assert images[0].name in errors[0] and "\n" not in errors[0]
     assert errors[1] == errors[0]
+
+
+def test_a_missing_val_image_is_named_with_how_many_are_missing_before_any_detection(ckpt_dir, tmp_path,
+                                                                                      monkeypatch):
+    """README: a missing one is named, with how many are missing, before any detection (the last image here: an
+    evaluation reached it after detecting all the others)."""
+    data = tmp_path / "data"
+    shutil.copytree(RACCOON, data)
+    images = sorted((data / "val").iterdir())
+    images[-1].unlink()
+
+    def detection_started(*args, **kwargs):
+        raise AssertionError("detection started")
+
+    monkeypatch.setattr(test_cli, "evaluate", detection_started)
+    with pytest.raises(MissingFileError, match=rf"{re.escape(str(images[-1]))}: image file not found \(1 of the "
+                                               rf"{len(images)} images of .* are not there\)"):
+        test_cli.main(cli_args(ckpt_dir, "--data_dir", str(data)))
 
 
 def test_a_split_of_another_data_set_gets_results_of_its_own(ckpt_dir, tmp_path):
