@@ -88,18 +88,6 @@ def test_evaluates_and_writes_json(ckpt_dir, capsys):
     assert not list(out.parent.glob("*.tmp"))
 
 
-def test_a_val_image_not_there_is_named_before_the_detections(ckpt_dir, tmp_path):
-    """It stopped the evaluation when reached, after the detections of the images before it."""
-    data = tmp_path / "raccoon"
-    shutil.copytree(RACCOON, data)
-    gone = sorted((data / "val").iterdir())[-1]
-    gone.unlink()
-    before = sorted((ckpt_dir / "tiny").iterdir())
-    with pytest.raises(MissingFileError, match=rf"{gone}: image file not found \(1 of the {len(VAL_IDS)} images of "):
-        test_cli.main(cli_args(ckpt_dir, "--data_dir", str(data)))
-    assert sorted((ckpt_dir / "tiny").iterdir()) == before
-
-
 def test_a_scoring_backend_that_is_not_installed_is_refused_before_the_detections(ckpt_dir, monkeypatch):
     """Not after them, which took the whole evaluation and left a results json without its metrics."""
     monkeypatch.setitem(sys.modules, "faster_coco_eval", None)  # its import raises ImportError
@@ -233,9 +221,10 @@ def test_torchrun_two_processes_match_one(squares_dir, fixed_box_checkpoint, tmp
         assert got["bbox"] == expected["bbox"] and got["score"] == pytest.approx(expected["score"], abs=1e-6)
 
 
-def test_a_missing_image_is_the_same_one_line_error_with_loader_workers(ckpt_dir, tmp_path):
+def test_a_corrupt_image_is_the_same_one_line_error_with_loader_workers(ckpt_dir, tmp_path):
     """A loader worker's exception comes back from DataLoader with the worker's traceback in its message: the
-    error the user sees must be the dataset's own, whatever --num_workers."""
+    error the user sees must be the dataset's own, whatever --num_workers. (A corrupt image: a missing one is
+    refused before any worker starts.)"""
     data = tmp_path / "data"
     (data / "annotations").mkdir(parents=True)
     (data / "annotations" / "instances_val.json").write_bytes((RACCOON / "annotations" / "instances_val.json")
@@ -244,9 +233,10 @@ def test_a_missing_image_is_the_same_one_line_error_with_loader_workers(ckpt_dir
     (data / "val").mkdir()
     for image in images[1:]:
         (data / "val" / image.name).symlink_to(image)
+    (data / "val" / images[0].name).write_bytes(images[0].read_bytes()[:2000])  # a JPEG cut short
     errors = []
     for workers in ("0", "1"):
-        with pytest.raises(MissingFileError) as e:
+        with pytest.raises(DataError) as e:
             test_cli.main(cli_args(ckpt_dir, "--data_dir", str(data), "--num_workers", workers, "--force"))
         errors.append(str(e.value))
     assert images[0].name in errors[0] and "\n" not in errors[0]
@@ -266,9 +256,11 @@ def test_a_missing_val_image_is_named_with_how_many_are_missing_before_any_detec
         raise AssertionError("detection started")
 
     monkeypatch.setattr(test_cli, "evaluate", detection_started)
+    before = sorted((ckpt_dir / "tiny").iterdir())
     with pytest.raises(MissingFileError, match=rf"{re.escape(str(images[-1]))}: image file not found \(1 of the "
                                                rf"{len(images)} images of .* are not there\)"):
         test_cli.main(cli_args(ckpt_dir, "--data_dir", str(data)))
+    assert sorted((ckpt_dir / "tiny").iterdir()) == before  # no results file begun
 
 
 def test_a_split_of_another_data_set_gets_results_of_its_own(ckpt_dir, tmp_path):
