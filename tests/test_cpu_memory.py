@@ -81,3 +81,35 @@ def test_a_cpu_detector_keeps_freed_memory_for_the_next_forward():
     returned, kept_faults = probe("detector")
     assert returned < BLOCK_MIB * 0.1
     assert kept_faults < returning_faults / 20
+
+
+class OlderGlibc:
+    """mallopt as glibc up to 2.34 at least answers it: mmap thresholds above `mmap_max` refused, the rest set."""
+
+    def __init__(self, mmap_max: int):
+        self.mmap_max, self.thresholds = mmap_max, {}
+
+    def mallopt(self, param: int, value: int) -> int:
+        from utils.cpu_memory import M_MMAP_THRESHOLD
+
+        if param == M_MMAP_THRESHOLD and value > self.mmap_max:
+            return 0
+        self.thresholds[param] = value
+        return 1
+
+
+@pytest.mark.parametrize("mmap_max, kept", [(32 << 20, True), (0, False)])
+def test_a_glibc_refusing_a_1_gib_mmap_threshold_is_never_left_with_only_the_trim_one(monkeypatch, mmap_max, kept):
+    """The trim threshold was set first, then an older glibc (2.34 at least) refused the 1 GiB mmap threshold: the
+    dynamic mmap threshold was off and every block above 128 KiB mmapped, 4x the faults of glibc's default, and
+    keep_freed_memory() answered False. The mmap threshold now comes first, at 32 MiB where 1 GiB is refused,
+    and the trim threshold only once it is set."""
+    from utils import cpu_memory
+
+    libc = OlderGlibc(mmap_max)
+    monkeypatch.setattr(cpu_memory.ctypes, "CDLL", lambda name: libc)
+    monkeypatch.setattr(cpu_memory.platform, "libc_ver", lambda: ("glibc", "2.31"))
+    monkeypatch.setattr(cpu_memory, "_kept", False)
+    assert cpu_memory.keep_freed_memory() is kept
+    expected = {cpu_memory.M_MMAP_THRESHOLD: 32 << 20, cpu_memory.M_TRIM_THRESHOLD: 1 << 30} if kept else {}
+    assert libc.thresholds == expected
