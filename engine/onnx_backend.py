@@ -85,7 +85,10 @@ class OnnxModel:
 
         path = Path(path)
         if path.is_dir():
-            raise ArgumentError(f"{path} is a folder; expected an .onnx file of tools/export_onnx.py")
+            raise CheckpointError(f"ONNX file {path} is a folder, not a file; expected an .onnx file of "
+                                  "tools/export_onnx.py")
+        if path.exists() and not path.is_file():  # a FIFO would block the read until a writer comes
+            raise CheckpointError(f"ONNX file {path} is not a regular file (a FIFO, socket or device)")
         if not path.is_file():
             raise MissingFileError(f"ONNX file not found: {path}")
         options = ort.SessionOptions()

@@ -97,15 +97,19 @@ def no_gpu(monkeypatch):
     ("missing .onnx", MissingFileError, "ONNX file not found: .*nowhere.onnx"),
     ("random bytes named .onnx", CheckpointError, "random.onnx: onnxruntime cannot load it as an ONNX model"),
     ("ONNX without our metadata", CheckpointError, "plain.onnx is an ONNX model without the 'centernet47' metadata"),
-    ("a folder named .onnx", ArgumentError, "folder.onnx is a folder"),
+    ("missing checkpoint", MissingFileError, "checkpoint not found: .*nowhere.pt"),
+    ("a folder named .onnx", CheckpointError, "folder.onnx is a folder, not a file"),  # was an ArgumentError
+    ("a FIFO named .onnx", CheckpointError, r"fifo\.onnx is not a regular file"),  # was 'not found'
 ])
 def test_detector_errors_are_exceptions_a_program_catches(ckpt, tmp_path, monkeypatch, case, kind, message):
     (tmp_path / "random.onnx").write_bytes(np.random.default_rng(0).bytes(3000))
     (tmp_path / "folder.onnx").mkdir()
+    os.mkfifo(tmp_path / "fifo.onnx")
     path = {"cuda without a GPU": ckpt, "missing .onnx": tmp_path / "nowhere.onnx",
             "random bytes named .onnx": tmp_path / "random.onnx",
             "ONNX without our metadata": onnx_without_metadata(tmp_path / "plain.onnx"),
-            "a folder named .onnx": tmp_path / "folder.onnx"}[case]
+            "missing checkpoint": tmp_path / "nowhere.pt", "a folder named .onnx": tmp_path / "folder.onnx",
+            "a FIFO named .onnx": tmp_path / "fifo.onnx"}[case]
     no_gpu(monkeypatch)
     with pytest.raises(Exception) as caught:  # what a service catches; a SystemExit would pass through it
         Detector.from_checkpoint(path, device="cuda" if case == "cuda without a GPU" else "cpu")
