@@ -79,7 +79,9 @@ def list_images(source: Path) -> list[Path]:
         if source.exists():  # a named pipe, a device, a socket
             raise UserError(f"--images {source}: neither a regular file nor a folder")
         raise MissingFileError(f"--images {source}: no such file or folder")
-    files = sorted(p for p in source.iterdir() if p.is_file())
+    # Every entry but folders and named pipes (reading one waits for a writer): a device, a socket or a broken
+    # link named as an image is refused by the reader and listed as skipped, not passed over in silence.
+    files = sorted(p for p in source.iterdir() if not p.is_dir() and not p.is_fifo())
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
     looked_for = f"looked for {' '.join(sorted(IMAGE_SUFFIXES))}"
     if not images:

@@ -2,9 +2,11 @@
 exceptions of utils.errors that `except Exception` (and the builtin kind) catches, with messages for a Python user;
 arguments are checked when a Detector is made; image arrays in any layout a file may have are read as files are."""
 import ast
+import json
 import math
 import os
 import re
+import socket
 import zlib
 from pathlib import Path, PurePosixPath
 
@@ -17,6 +19,8 @@ import torch
 from onnx import TensorProto, helper
 
 import datasets.transforms as transforms
+import demo
+from datasets.coco import CocoDetection
 from datasets.image_io import load_image
 import test as test_cli
 from engine import Detector
@@ -252,6 +256,53 @@ def test_image_files_that_would_fill_the_memory_or_block_are_refused(tmp_path, m
     monkeypatch.setattr(Path, "read_bytes", refused)  # chmod 000 does not stop root, who may run the tests
     with pytest.raises(DataError, match=r"locked\.png: cannot read the image file \(Permission denied\)"):
         load_image(image)
+
+
+def memory_filling_files(folder: Path) -> dict[str, str]:
+    """{file name: what its refusal says} of the image files that would fill the memory, made in `folder`."""
+    folder.mkdir(exist_ok=True)
+    (folder / "zero.png").symlink_to("/dev/zero")
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(folder / "sock.png"))
+    with open(folder / "huge.png", "wb") as f:
+        f.truncate(2**30 + 1)
+    png_header_only(folder / "bomb.png", 20000, 20000)
+    return {"zero.png": "a device or socket, not an image file", "sock.png": "a device or socket, not an image file",
+            "huge.png": "a file of 1073741825 bytes, more than", "bomb.png": "the image has 400000000 pixels by its header"}
+
+
+def test_every_image_reader_refuses_files_that_would_fill_the_memory(ckpt, tmp_path, capsys):
+    """README: such a file given to Detector, demo.py and the data loader is a DataError naming it (load_image is
+    what each of them reads with); demo.py skips and lists it, with an image whose test input is too large (a device
+    or socket in a folder was passed over without a word)."""
+    refusals = memory_filling_files(tmp_path / "in")
+    detector = Detector.from_checkpoint(ckpt, device="cpu")
+    for name, message in refusals.items():
+        with pytest.raises(DataError, match=rf"in/{re.escape(name)}: {message}"):
+            detector(tmp_path / "in" / name)
+
+    assert cv2.imwrite(str(tmp_path / "in" / "thin.png"), np.zeros((200000, 1, 3), np.uint8))
+    assert cv2.imwrite(str(tmp_path / "in" / "good.png"), np.zeros((40, 50, 3), np.uint8))
+    (tmp_path / "in" / "gone.png").symlink_to(tmp_path / "nowhere.png")  # a broken link was passed over in silence
+    written = demo.main(demo.get_args_parser().parse_args(["--ckpt", str(ckpt), "--images", str(tmp_path / "in"),
+                                                           "--out", str(tmp_path / "out"), "--device", "cpu"]))
+    assert sorted(Path(path).name for path in written["skipped"]) == sorted([*refusals, "thin.png", "gone.png"])
+    assert [Path(image["file"]).name for image in written["images"]] == ["good.png"]
+    err = capsys.readouterr().err
+    for name, message in refusals.items():
+        assert f"skipped: {tmp_path / 'in' / name}: {message}" in err
+    assert f"skipped: {tmp_path / 'in' / 'thin.png'}: an image of 1 x 200000 pixels at test scale 1 makes a network " \
+           "input of 127 x 200063 pixels" in err
+
+    names = sorted(refusals)
+    data = {"images": [{"id": i + 1, "file_name": name} for i, name in enumerate(names)],
+            "annotations": [], "categories": [{"id": 1, "name": "a"}]}
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "instances_in.json").write_text(json.dumps(data))
+    dataset = CocoDetection(tmp_path, "in", train=False)
+    for i, name in enumerate(names):
+        with pytest.raises(DataError, match=rf"in/{re.escape(name)}: {refusals[name]}"):
+            dataset.load(i)
 
 
 def test_an_image_whose_test_input_is_too_large_is_refused_before_the_forward(ckpt, monkeypatch):
