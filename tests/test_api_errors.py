@@ -308,14 +308,21 @@ def test_every_image_reader_refuses_files_that_would_fill_the_memory(ckpt, tmp_p
 def test_an_image_whose_test_input_is_too_large_is_refused_before_the_forward(ckpt, monkeypatch):
     """The padding to 128k - 1 makes a 1 x 200000 image a 127 x 200063 input (25 M pixels; 1 x 100000 took 3.8 GB
     for tiny_hourglass), and a 20000 x 20000 array at scale 1 one of 404 M pixels: each is an ArgumentError naming
-    the image's size and the scale, before anything of that size is allocated. The detector and demo.py's check
-    (`check_size`) are tried with the limit lowered, so that without it the forward stays small."""
+    the image's size, the scale and the input's size, before anything of that size is allocated: the detector is
+    given both. Its scales and demo.py's check (`check_size`) are then tried with the limit lowered."""
     with pytest.raises(ArgumentError, match=r"1 x 200000 pixels at test scale 1 makes a network input of 127 x "
                                             r"200063 pixels"):
         transforms.check_input_size(1, 200000, 1.0)
     with pytest.raises(ArgumentError, match="20000 x 20000 pixels at test scale 0.5"):
         transforms.check_input_size(20000, 20000, 0.5)
     transforms.check_input_size(511, 511, 8.0)  # COCO's images at the largest test scale fit
+    detector = Detector.from_checkpoint(ckpt, device="cpu")
+    with pytest.raises(ArgumentError, match=r"^an image of 1 x 200000 pixels at test scale 1 makes a network input of "
+                                            r"127 x 200063 pixels"):
+        detector(np.zeros((200000, 1, 3), np.uint8))
+    with pytest.raises(ArgumentError, match=r"^an image of 20000 x 20000 pixels at test scale 1 makes a network input "
+                                            r"of 20095 x 20095 pixels"):
+        detector(np.zeros((20000, 20000, 3), np.uint8))  # zeros: pages the refusal never touches take no memory
     monkeypatch.setattr(transforms, "MAX_INPUT_PIXELS", 127 * 383, raising=False)
     detector = Detector.from_checkpoint(ckpt, device="cpu", test_scales=(1.0, 2.0))
     thin = np.zeros((1, 300, 3), np.uint8)  # 127 x 383 at scale 1, 127 x 639 at scale 2
