@@ -213,3 +213,20 @@ def test_a_split_name_too_long_for_the_file_system_is_an_error_not_a_traceback(t
     err = capsys.readouterr().err
     assert err.startswith(f"error: {tmp_path}/annotations/instances_{'a' * 300}.json: cannot look for the files of "
                           f"split '{'a' * 40}' (File name too long)")
+
+
+def test_a_device_or_a_path_the_system_cannot_open_is_listed_unread(tmp_path):
+    """README: datasets.check lists a device in the image folder without reading it (/dev/zero was read until the
+    memory ran out; /dev/null stands in for it) and a path the system cannot open with the system's reason."""
+    ann_file = one_image_split(tmp_path, np.zeros((80, 100, 3), np.uint8), "1.png", {}, [[10, 10, 20, 20]])
+    data = json.loads(ann_file.read_text())
+    names = ["device.png", "1.png/x.png", "a" * 300 + ".png", "loop.png"]
+    data["images"] += [{"id": i + 2, "file_name": name} for i, name in enumerate(names)]
+    ann_file.write_text(json.dumps(data))
+    (tmp_path / "train" / "device.png").symlink_to("/dev/null")
+    (tmp_path / "train" / "loop.png").symlink_to("loop.png")
+    reasons = ["a device or socket, not an image file", "cannot read the image file (Not a directory)",
+               "cannot read the image file (File name too long)",
+               "cannot read the image file (Too many levels of symbolic links)"]
+    assert check_split(tmp_path, "train", progress=False) == [
+        f"image id {i + 2}: {tmp_path / 'train' / name}: {reason}" for i, (name, reason) in enumerate(zip(names, reasons))]
