@@ -175,7 +175,7 @@ def test_numbers_beyond_a_float_are_named(tmp_path, huge, where, key, value, mat
     data = coco_dict()
     data[where][0][key] = value
     write_set(tmp_path, json.dumps(data).replace('"HUGE"', huge).encode(), {})
-    with pytest.raises(DataError, match=match):
+    with pytest.raises(DataError, match=rf"instances_train\.json: {match}"):  # the file, then the entry
         CocoDetection(tmp_path, "train", train=True)
 
 

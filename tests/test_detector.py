@@ -214,8 +214,9 @@ def test_a_checkpoint_that_does_not_fit_its_network_is_refused_with_numbers(tmp_
     ]
     for entries, message in cases:
         save_checkpoint(path, {"model": model.state_dict(), "args": args, **entries})
-        with pytest.raises(CheckpointError, match=message):
+        with pytest.raises(CheckpointError, match=message) as refused:
             Detector.from_checkpoint(path, device="cpu")
+        assert str(refused.value).startswith(f"{path}: ")  # README: naming the file and the key
 
 
 @pytest.mark.parametrize("amp, dtype", [(False, None), (True, torch.float16), ("fp16", torch.float16),

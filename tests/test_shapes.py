@@ -101,6 +101,7 @@ def test_info_records_the_config(tmp_path):
 
 
 @pytest.mark.parametrize("flag, value", [("--max_objects", "0"), ("--max_objects", "-3"), ("--max_objects", "101"),
+                                         ("--max_objects", str(10**6)),
                                          ("--clutter", "-5"), ("--jpeg_quality", "500"), ("--seed", "-1")])
 def test_whole_number_flags_out_of_range_are_refused(tmp_path, flag, value):
     with pytest.raises(ArgumentError, match=f"{flag}: expected a whole number in"):
@@ -111,6 +112,7 @@ def test_whole_number_flags_out_of_range_are_refused(tmp_path, flag, value):
 def test_an_image_side_beyond_the_limit_is_refused(tmp_path):
     with pytest.raises(ArgumentError, match=r"--max_size <= 4096, got 16, 72, 100000, 100000"):
         generate(tmp_path / "x", "--min_size", "100000", "--max_size", "100000")
+    assert not (tmp_path / "x").exists()  # refused before anything is written
 
 
 def test_out_that_is_a_file_or_holds_a_data_set_is_refused_unless_force(tmp_path):
