@@ -2,6 +2,7 @@
 opens one, before the call can happen; checkpoints hold plain data only; an old checkpoint with Python objects
 (argparse.Namespace, numpy scalars and arrays) converts once, explicitly, to the same values."""
 import argparse
+import ast
 import fractions
 import importlib.util
 import io
@@ -102,6 +103,32 @@ def test_a_checkpoint_that_would_run_code_is_refused_on_every_path_and_runs_noth
             r"\(posix\.system\); reading them could run code, so it is refused.*python tools/upgrade_checkpoint.py "
             "--src ", str(refused.value))
     assert not (tmp_path / "ckpt" / "run" / "train.log").exists()  # refused before the run started
+
+
+UNPICKLERS = {"torch.load", "pickle.load", "pickle.loads", "pickle.Unpickler", "torch.hub.load",
+              "torch.hub.load_state_dict_from_url"}
+
+
+def unpickling_calls() -> list[str]:
+    """`file function weights_only=...` of each call of an unpickler in the project's code outside tests/."""
+    found = []
+    for path in sorted(REPO.rglob("*.py")):
+        relative = path.relative_to(REPO).as_posix()
+        if relative.startswith(("tests/", ".venv/", "data/")):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) in UNPICKLERS:
+                weights_only = next((ast.unparse(k.value) for k in node.keywords if k.arg == "weights_only"), None)
+                found.append(f"{relative} {ast.unparse(node.func)} weights_only={weights_only}")
+    return found
+
+
+def test_checkpoints_are_unpickled_in_one_place():
+    """README: every .pt and .pkl is read with torch.load(weights_only=True) in utils/checkpoint.py; the converter
+    alone unpickles otherwise (its own restricted unpickler, or in full with --trust)."""
+    assert unpickling_calls() == ["tools/upgrade_checkpoint.py torch.load weights_only=False",
+                                  "tools/upgrade_checkpoint.py torch.load weights_only=True",
+                                  "utils/checkpoint.py torch.load weights_only=True"]
 
 
 def test_checkpoints_hold_plain_data_only(tmp_path):
