@@ -352,3 +352,7 @@ def test_a_test_scale_given_twice_is_refused():
     with pytest.raises(ArgumentError, match="scale 0.5 is given more than once"):
         parse_scales("0.5,1,0.50")
     assert parse_scales("0.5,1,1.5") == [0.5, 1.0, 1.5]
+    for scales in ("8.5", "1,nan", "0"):  # README: the Detector's range, (0, 8], for test.py's and demo.py's flag too
+        with pytest.raises(ArgumentError, match=r"--test_scales: expected a number in \(0, 8\]"):
+            parse_scales(scales)
+    assert parse_scales("8") == [8.0]
