@@ -305,6 +305,9 @@ def test_the_converter_never_writes_over_a_file_unasked(tmp_path):
 def test_an_object_without_a_plain_form_is_named(tmp_path):
     src = tmp_path / "odd.pt"
     torch.save({"model": {}, "extra": {"third": fractions.Fraction(1, 3)}}, src)
+    with pytest.raises(UnsafeCheckpointError, match=r"names fractions\.Fraction, which no checkpoint of ours held.*"
+                                                    "--trust"):  # README: a class of other code, refused untrusted
+        upgrade("--src", str(src), "--out", str(tmp_path / "new.pt"))
     with pytest.raises(CheckpointError, match=r"checkpoint\['extra'\]\['third'\] is a fractions.Fraction, which "
                                               "has no plain equivalent"):
         upgrade("--src", str(src), "--out", str(tmp_path / "new.pt"), "--trust")
