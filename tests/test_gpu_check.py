@@ -1,6 +1,7 @@
 """tools/gpu_check.py on the CPU: its plan and budget, the refusal without a GPU, step running with logs, time
 limits and the ending of every process a step started, skips and the exit status, the summaries it reads off each
 step's output, and the Makefile target (--dry-run, PY override)."""
+import importlib
 import os
 import subprocess
 import sys
@@ -166,36 +167,92 @@ def test_plan_skips_and_exit_status(tmp_path, monkeypatch):
     assert gpu_check.exit_status([("t", "timeout (9 s)", 9.0, "")]) == 1
 
 
-def test_summaries():
-    cpool = """direction      ours   cummax  rowloop  cummax/ours  rowloop/ours    GB/s
-top           0.123    1.000    9.000         8.1x         73.2x    2456
-bottom        0.125    1.000    9.000         8.0x         72.0x    2416
-left          0.150    1.200    9.500         8.0x         63.3x    2013
-right         0.151    1.200    9.500         7.9x         62.9x    2000
-all four      0.549    4.400   37.000         8.0x         67.4x    2200
-"""
-    assert gpu_check.summarize_cpool(cpool) == ("4 dirs 0.549 ms, 8.0x faster than cummax, 67.4x than rowloop; "
-                                                "GB/s t/b/l/r 2456/2416/2013/2000")
-    train = """arch              mode  layout         compiled    images/s  vs old  peak MiB  first s
-small_hourglass   old   contiguous     no              20.0   1.00x     10240      1.5
-small_hourglass   fp16  contiguous     no              50.0   2.50x      6144      0.9
-small_hourglass   fp16  channels_last  no              55.5   2.78x      5120      0.9
-small_hourglass   fp16  channels_last  yes             61.0   3.05x      4096     80.2
-large_hourglass   bf16  channels_last  no              25.0              8192      2.0
-"""
-    assert gpu_check.summarize_train_bench(train) == (
-        "small img/s: old 20.0 10.0G, fp16 50.0 6.0G, fp16 cl 55.5 5.0G, fp16 cl c 61.0 4.0G; "
-        "large img/s: bf16 cl 25.0 8.0G")
-    infer = ("forward large_hourglass 511 fp16          12.5            \n"
-             "forward large_hourglass 511 bf16          11.0            \n"
-             "forward large_hourglass 511 bf16 compiled        7.5            \n"
-             "pipeline large_hourglass 511 flip   40.1    100\n")
-    assert gpu_check.summarize_infer(infer) == "forward large fp16 12.5, large bf16 11.0, large bf16 compiled 7.5 ms"
-    pipeline = ("large_hourglass single                   30.5      20.0 ( 66%)\n"
-                "large_hourglass 5 scales + flip         210.0     150.0 ( 71%)\n")
-    assert gpu_check.summarize_pipeline(pipeline) == "large single 30.5, large 5 scales + flip 210.0 ms"
+def bench_output(step: "gpu_check.Step", monkeypatch, capsys, **fakes) -> str:
+    """What the bench of `step` prints with the step's own arguments, run here on a pretend GPU: CUDA said to be
+    there, tensors made on the meta device (shapes only), and the bench's measuring functions replaced by `fakes`.
+    Its rows come from its own formatting code, so a change of its table that the step's summary cannot read fails
+    here rather than in the one run on a GPU."""
+    [command] = step.commands
+    bench = importlib.import_module(f"bench.{Path(command[1]).stem}")
+    args = bench.get_args_parser().parse_args(command[2:])  # every flag and value of the plan exists
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    monkeypatch.setattr(torch, "randn", lambda *shape, **kwargs: torch.empty(*shape, device="meta"))
+    for name, fake in fakes.items():
+        monkeypatch.setattr(bench, name, fake)
+    bench.main(args)
+    return capsys.readouterr().out
+
+
+def plan_steps() -> dict[str, "gpu_check.Step"]:
+    return {s.name: s for s in gpu_check.steps("python3", "/tmp/x", None) + gpu_check.lever_steps("python3")}
+
+
+def test_the_cpool_summary_reads_what_the_bench_prints(monkeypatch, capsys):
+    from lib.cpool.pool import BOTTOM, LEFT, RIGHT, TOP, cummax_pool, extension_pool
+
+    ours = {TOP: 0.230, BOTTOM: 0.217, LEFT: 0.277, RIGHT: 0.216}
+
+    def median_ms(fn, x, grad, direction, warmup, repeats):
+        return ours[direction] * {extension_pool: 1, cummax_pool: 2}.get(fn, 30)  # rowloop: 30 times ours
+
+    step = plan_steps()["bench_cpool (6,128,128,128) fp32"]
+    out = bench_output(step, monkeypatch, capsys, median_ms=median_ms, copy_gbs=lambda *args: 2784.0,
+                       extension_available=lambda: True, kernel_registered=lambda device_type: True)
+    assert "device-to-device copy of one tensor: 2784 GB/s" in out
+    # 6 passes of 6 * 128**3 fp32 values: 302 MB, in 0.230 ms at the top: 1313 GB/s
+    assert step.summarize(out) == ("4 dirs 0.940 ms, 2.0x faster than cummax, 30.0x than rowloop; "
+                                   "GB/s t/b/l/r 1313/1392/1090/1398")
+
+
+def fake_train_bench(arch, mode, layout, compiled, args, device):
+    """(images/s, peak MiB, first step's seconds) of a setting: HG-104's from README's GPU section."""
+    rate = {"fp32": 32.4, "fp16": 40.9, "bf16": 39.1}[mode] * (1.5 if compiled else 1)
+    return rate, 18458.0 if mode == "fp32" else 12303.0, 95.5 if compiled else 2.1
+
+
+def test_the_train_bench_summaries_read_what_the_bench_prints(monkeypatch, capsys):
+    steps = plan_steps()
+    step = steps["bench_train 511 batch 6"]
+    out = bench_output(step, monkeypatch, capsys, bench=fake_train_bench)
+    assert step.summarize(out) == "large img/s: fp32 32.4 18.0G, fp16 40.9 12.0G, bf16 39.1 12.0G"
+    step = steps["bench_train HG-104 compiled"]
+    out = bench_output(step, monkeypatch, capsys, bench=fake_train_bench)
+    assert step.summarize(out) == "large img/s: fp32 32.4 18.0G, fp32 c 48.6 18.0G, bf16 39.1 12.0G, bf16 c 58.7 12.0G"
+
+
+def test_the_infer_summaries_read_what_the_bench_prints(monkeypatch, capsys):
+    import numpy as np
+
+    fakes = {"build_model": lambda arch, classes: torch.nn.Identity(), "synthetic_outputs": lambda batch: {},
+             "postprocess": lambda *args: [], "median_ms": lambda *args, **kwargs: 38.7,
+             "detect": lambda *args: np.zeros((3, 6), np.float32)}
+    steps = plan_steps()
+    step = steps["bench_infer 511"]
+    assert step.summarize(bench_output(step, monkeypatch, capsys, **fakes)) == (
+        "forward large fp32 38.7, large fp16 38.7, large bf16 38.7, small fp32 38.7, small fp16 38.7, "
+        "small bf16 38.7 ms")
+    step = steps["bench_infer HG-104 compiled"]
+    assert step.summarize(bench_output(step, monkeypatch, capsys, **fakes)) == (
+        "forward large fp32 38.7, large fp16 38.7, large bf16 38.7, large fp32 compiled 38.7, "
+        "large fp16 compiled 38.7, large bf16 compiled 38.7 ms")
+
+
+def test_the_pipeline_summary_reads_what_the_bench_prints(monkeypatch, capsys):
+    def time_setting(wrapped, timer, inputs, amp, repeats, device):
+        ms = {1: 23.2, 2: 25.5, 10: 126.7}[sum(len(images) for images, _ in inputs)]  # single, flip, 5 scales
+        return ms, {"forward": 0.7 * ms, "decode": 0.1 * ms, "soft-NMS": 0.01 * ms, "rest": 0.19 * ms}, 12
+
+    step = plan_steps()["bench_pipeline 511"]
+    out = bench_output(step, monkeypatch, capsys, build_model=lambda arch, classes: torch.nn.Identity(),
+                       time_setting=time_setting)
+    assert step.summarize(out) == ("large single 23.2, large flip 25.5, large 5 scales + flip 126.7, small single "
+                                   "23.2, small flip 25.5, small 5 scales + flip 126.7 ms")
+
+
+def test_the_other_summaries():
     ap = " Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ] = 0.721\n"
-    plan = {s.name: s for s in gpu_check.steps("python3", "/tmp/x", None)}
+    plan = plan_steps()
     assert plan["train --amp + test --test_flip"].summarize(ap).endswith("= 0.721")
     assert plan["pytest -m cuda"].summarize("..\n3 passed, 1 skipped in 2.0s\n") == "3 passed, 1 skipped in 2.0s"
     assert plan["memcheck pooling tests"].summarize("========= ERROR SUMMARY: 0 errors\n") == "ERROR SUMMARY: 0 errors"
