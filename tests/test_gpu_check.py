@@ -218,7 +218,7 @@ def test_the_train_bench_summaries_read_what_the_bench_prints(monkeypatch, capsy
     assert step.summarize(out) == "large img/s: fp32 32.4 18.0G, fp16 40.9 12.0G, bf16 39.1 12.0G"
     step = steps["bench_train HG-104 compiled"]
     out = bench_output(step, monkeypatch, capsys, bench=fake_train_bench)
-    assert step.summarize(out) == "large img/s: fp32 32.4 18.0G, fp32 c 48.6 18.0G, bf16 39.1 12.0G, bf16 c 58.7 12.0G"
+    assert step.summarize(out) == "large img/s: bf16 39.1 12.0G, bf16 c 58.7 12.0G, fp32 32.4 18.0G, fp32 c 48.6 18.0G"
 
 
 def test_the_infer_summaries_read_what_the_bench_prints(monkeypatch, capsys):
