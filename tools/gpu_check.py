@@ -135,7 +135,7 @@ def build_step(py: str) -> Step:
                 100, last_line(r"CUDA kernel registered: .*$"))
 
 
-# Limits: about 1.3 times the seconds each step took in the first run on one H200 (16 cores; README, GPU): build 70,
+# Limits: at least 1.3 times the seconds each step took in the first run on one H200 (16 cores; README, GPU): build 70,
 # cuda tests 54, bench_cpool 8, train + test 89, bench_infer 23, bench_pipeline 10, memcheck 10. bench_train there
 # timed 4 HG-104 settings in 130 s in a fresh process (each new network, precision and layout is autotuned by
 # cuDNN), so this step times train.py's layout in three precisions; README gives the command of the full table.
