@@ -102,6 +102,15 @@ def test_run_step_statuses_logs_and_time_limit(tmp_path):
     assert gpu_check.run_step(with_env, env, tmp_path, 10) == ("ok", "v 7")
 
 
+def test_a_step_log_holds_each_line_as_it_comes(tmp_path):
+    """A gpu-check that the device machine's own time limit kills leaves its logs under $OUT as they stand: the
+    step's lines were held in a buffer until the step ended (here the second command found none of the first's)."""
+    lines_of_first = f"print(open({str(tmp_path / 'log.log')!r}).read().splitlines().count('a 1'))"
+    step = gpu_check.Step("log", "log.log", [[sys.executable, "-c", "print('a', 1)"],
+                                             [sys.executable, "-c", lines_of_first]], 10, gpu_check.last_line(r"^\d+$"))
+    assert gpu_check.run_step(step, {"PATH": "/usr/bin:/bin"}, tmp_path, 10) == ("ok", "1")
+
+
 # A command that starts a grandchild holding the output pipe (as setup.py starts nvcc; torchrun starts its workers
 # in sessions of their own, outside the step's process group), writes its pid, then sleeps (the timeout case) or
 # exits (the straggler case).

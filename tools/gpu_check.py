@@ -276,7 +276,7 @@ def run_command(command: list[str], env: dict, timeout_s: float, sink: Callable[
 def run_step(step: Step, env: dict, out: Path, limit_s: float) -> tuple[str, str]:
     """Runs the step's commands in order, output to the console and to its log; (status, result)."""
     lines = []
-    with open(out / step.log, "w") as log:
+    with open(out / step.log, "w", buffering=1) as log:  # by line: a run cut short from outside keeps what it logged
         def sink(line: str) -> None:
             sys.stdout.write(line)
             log.write(line)
