@@ -92,7 +92,7 @@ def summarize_cpool(text: str) -> str:
 
 
 def summarize_train_bench(text: str) -> str:
-    """Images/s and peak GB of each arch, mode, layout and compilation of bench_train ('cl': channels_last, 'c':
+    """Images/s and peak GiB ("G") of each arch, mode, layout and compilation of bench_train ('cl': channels_last, 'c':
     torch.compile)."""
     rows = re.findall(r"^(\w+)_hourglass\s+(old|fp32|fp16|bf16)\s+(contiguous|channels_last)\s+(no|yes)\s+([\d.]+)\s+"
                       r"(?:[\d.]+x\s+)?(\d+)\s+[\d.]+$", text, flags=re.MULTILINE)
