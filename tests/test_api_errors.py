@@ -268,7 +268,8 @@ def memory_filling_files(folder: Path) -> dict[str, str]:
         f.truncate(2**30 + 1)
     png_header_only(folder / "bomb.png", 20000, 20000)
     return {"zero.png": "a device or socket, not an image file", "sock.png": "a device or socket, not an image file",
-            "huge.png": "a file of 1073741825 bytes, more than", "bomb.png": "the image has 400000000 pixels by its header"}
+            "huge.png": "a file of 1073741825 bytes, more than",
+            "bomb.png": "the image has 400000000 pixels by its header"}
 
 
 def test_every_image_reader_refuses_files_that_would_fill_the_memory(ckpt, tmp_path, capsys):

@@ -229,4 +229,5 @@ def test_a_device_or_a_path_the_system_cannot_open_is_listed_unread(tmp_path):
                "cannot read the image file (File name too long)",
                "cannot read the image file (Too many levels of symbolic links)"]
     assert check_split(tmp_path, "train", progress=False) == [
-        f"image id {i + 2}: {tmp_path / 'train' / name}: {reason}" for i, (name, reason) in enumerate(zip(names, reasons))]
+        f"image id {i + 2}: {tmp_path / 'train' / name}: {reason}"
+        for i, (name, reason) in enumerate(zip(names, reasons))]

@@ -134,8 +134,8 @@ def test_cli_never_replaces_an_existing_file(tmp_path):
 def test_an_out_ending_in_a_slash_is_refused_as_a_folder(tmp_path):
     """`--out ckpt/official_52/` wrote a file named official_52, which test.py --log_name official_52 then could not
     find (it reads ckpt/official_52/checkpoint.pt)."""
-    with pytest.raises(ArgumentError, match=f"--out {tmp_path}/official_52/ names a folder; give the file to write, such "
-                                        f"as {tmp_path}/official_52/checkpoint.pt"):
+    with pytest.raises(ArgumentError, match=f"--out {tmp_path}/official_52/ names a folder; give the file to write, "
+                                            f"such as {tmp_path}/official_52/checkpoint.pt"):
         convert(saved_official("CenterNet-52", tmp_path / "official.pkl"), f"{tmp_path}/official_52/",
                 "--arch", "small_hourglass")
     (tmp_path / "official_104").mkdir()  # it said "exists; choose another path"

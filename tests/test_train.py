@@ -303,8 +303,9 @@ def test_a_val_image_not_there_is_named_before_any_training(shapes_dir, tmp_path
     val = sorted((data / "val").iterdir())
     for gone in val:
         gone.unlink()
-    with pytest.raises(MissingFileError, match=rf"{val[0]}: image file not found \({len(val)} of the {len(val)} images of "
-                                               rf"{data / 'annotations' / 'instances_val.json'} are not there\)"):
+    with pytest.raises(MissingFileError, match=rf"{val[0]}: image file not found \({len(val)} of the {len(val)} "
+                                               rf"images of {data / 'annotations' / 'instances_val.json'} are not "
+                                               rf"there\)"):
         train.main(args_for(data, tmp_path, "--num_epochs", "1"))
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
