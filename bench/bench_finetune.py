@@ -59,8 +59,8 @@ def run(data_dir: Path, ckpt_dir: Path, name: str, epochs: int, lr_step: int, wo
     args = train.get_args_parser().parse_args([
         "--log_name", name, "--ckpt_dir", str(ckpt_dir), "--data_dir", str(data_dir), "--train_split", "train",
         "--val_split", "val", "--arch", "tiny_hourglass", "--img_size", "127", "--batch_size", str(BATCH_SIZE),
-        "--lr", "2e-3", "--lr_step", str(lr_step), "--num_epochs", str(epochs), "--val_interval", "0", "--num_workers", str(workers),
-        "--device", "cpu", *extra])
+        "--lr", "2e-3", "--lr_step", str(lr_step), "--num_epochs", str(epochs), "--val_interval", "0",
+        "--num_workers", str(workers), "--device", "cpu", *extra])
     train.main(args)
 
 
