@@ -75,9 +75,9 @@ def results_path(model: Path, split: str, scales: list[float], flip: bool, onnx:
                  server: bool) -> Path:
     """Where test.py writes the results of the checkpoint or .onnx file `model` on `split`: beside `model`, as
     results_<split>_<model stem>[_onnx]_s<scales>[_flip][_<settings hash>].json, the hash only when `settings` (the
-    post-processing settings that differ from the official ones, and the data folder when it is not the one the
-    checkpoint trained on, {name: value}) is not empty. A split without
-    annotations (`server`) gets the COCO server's name with the run folder, stem, scales, flip and hash in it."""
+    post-processing settings that differ from the official ones, --amp, and the data folder when it is not the one
+    the checkpoint trained on, {name: value}) is not empty. A split without annotations (`server`) gets the COCO
+    server's name with the run folder, stem, scales, flip and hash in it."""
     tag = [model.stem] + (["onnx"] if onnx else [])
     extra = (["flip"] if flip else []) + ([settings_hash(settings)] if settings else [])
     if server:  # the server reads the algorithm name from the file name: letters, digits and hyphens
