@@ -10,9 +10,8 @@ outputs of the eval dict in this order: hm_tl hm_br hm_ct emb_tl emb_br off_tl o
 The batch size is always free; with --dynamic so are H and W (any k * unit - 1 up to --max_size), otherwise the
 input is fixed to --img_size (default: the checkpoint's) and --max_size is refused (--img_size with --dynamic
 too). Corner pooling is the exact log-step shifted maximum of nets/export_pool.py: standard operators only, no
-plugin. The file carries the
-checkpoint's arch, variant, class names and input size as metadata (key `centernet47`), so test.py and demo.py need
-only it.
+plugin. The file carries the checkpoint's arch, variant, class names and input size as metadata (key
+`centernet47`), so test.py and demo.py need only it.
 
 Exporter: torch.onnx.export with dynamo=False (the TorchScript exporter). It needs nothing beyond onnx and gives
 one graph for every input size; torch 2.14 warns that it is deprecated. README ("ONNX export") says why not dynamo.
