@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from utils.checkpoint import check_regular_file
 from utils.checks import is_id
-from utils.errors import ArgumentError, CheckpointError, MissingFileError
+from utils.errors import ArgumentError, CheckpointError
 
 METADATA_KEY = "centernet47"  # the metadata entry tools/export_onnx.py writes and this class reads
 
@@ -84,13 +85,7 @@ class OnnxModel:
         import onnxruntime as ort
 
         path = Path(path)
-        if path.is_dir():
-            raise CheckpointError(f"ONNX file {path} is a folder, not a file; expected an .onnx file of "
-                                  "tools/export_onnx.py")
-        if path.exists() and not path.is_file():  # a FIFO would block the read until a writer comes
-            raise CheckpointError(f"ONNX file {path} is not a regular file (a FIFO, socket or device)")
-        if not path.is_file():
-            raise MissingFileError(f"ONNX file not found: {path}")
+        check_regular_file(path, "ONNX file", "; expected an .onnx file of tools/export_onnx.py")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         providers = ["CPUExecutionProvider"]

@@ -195,17 +195,23 @@ def why_not_torch(path: Path) -> str:
             "legacy format, which starts with torch's magic number; a plain pickle, say)")
 
 
+def check_regular_file(path: Path, what: str, expected: str = "") -> None:
+    """Refuses a `path` that is not a regular file before it is read, naming it as `what`: a folder (with the
+    `expected` hint), FIFO, socket or device is a CheckpointError, a path with nothing there a MissingFileError."""
+    if path.is_dir():
+        raise CheckpointError(f"{what} {path} is a folder, not a file{expected}")
+    if path.exists() and not path.is_file():  # a FIFO would block the read until a writer comes
+        raise CheckpointError(f"{what} {path} is not a regular file (a FIFO, socket or device)")
+    if not path.is_file():
+        raise MissingFileError(f"{what} not found: {path}")
+
+
 def read_plain(path: str | Path, map_location: str | torch.device = "cpu", what: str = "checkpoint"):
     """The content of a file of torch.save, read weights-only: tensors, numbers, strings and containers of them.
     A missing, truncated or corrupt file is a CheckpointError naming it; one that holds other objects an
     UnsafeCheckpointError naming them, and how to convert it if it is trusted."""
     path = Path(path)
-    if path.is_dir():
-        raise CheckpointError(f"{what} {path} is a folder, not a file")
-    if path.exists() and not path.is_file():  # a FIFO would block the read until a writer comes
-        raise CheckpointError(f"{what} {path} is not a regular file (a FIFO, socket or device)")
-    if not path.is_file():
-        raise MissingFileError(f"{what} not found: {path}")
+    check_regular_file(path, what)
     try:
         torch_file = is_torch_checkpoint(path)
     except OSError as e:
