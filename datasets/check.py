@@ -27,9 +27,10 @@ from tqdm import tqdm
 if __package__ in (None, ""):  # run as a script from anywhere: import the repo, not this folder's modules
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from datasets.coco import coco_problems, is_box, is_file_name, is_id, is_size, load_entry_image, read_json, split_files
+from datasets.coco import coco_problems, is_box, is_file_name, is_size, load_entry_image, read_json, split_files
 from datasets.image_io import exif_orientation
 from datasets.transforms import check_input_size
+from utils.checks import is_id
 from utils.errors import ArgumentError, UserError, run_cli
 
 OUTSIDE_TOLERANCE = 0.01  # of the image side a box may leave it by (at least 1 px)
