@@ -143,8 +143,7 @@ class Detector:
         if isinstance(model, OnnxModel):
             model.require_dynamic("photos and video frames")
         self.scaled_down = 0  # images shrunk to fit an ONNX export's --max_size, for the caller to report
-        # images for which the network output NaN or infinity (engine.inference.detect_batch), for the same
-        self.non_finite = 0
+        self.non_finite = 0  # images whose network outputs held NaN or infinity (detect_batch), for the caller too
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto", test_flip: bool = False,
