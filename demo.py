@@ -41,6 +41,7 @@ from datasets.image_io import IMAGE_SUFFIXES, drawing_names, load_image, write_i
 from engine.detector import Detections, Detector
 from engine.inference import non_finite_warning, parse_scales
 from engine.visualize import draw
+from utils.checkpoint import refuse_onnx_as_checkpoint
 from utils.checks import check_number, check_positive_int
 from utils.errors import ArgumentError, DataError, MissingFileError, UserError, WriteError, run_cli
 from utils.files import make_folder, pid_temporary, remove_dead_temporaries, same_file, write_json
@@ -304,8 +305,8 @@ def main(args: argparse.Namespace) -> dict:
     check_number("--score_thresh", args.score_thresh, 0, 1)
     if args.onnx and args.amp:
         raise UserError("--amp: an ONNX model runs in the precision it was exported in; drop --amp")
-    if args.ckpt and Path(args.ckpt).suffix.lower() == ".onnx":
-        raise UserError(f"--ckpt {args.ckpt} is an ONNX file; pass it as --onnx {args.ckpt}")
+    if args.ckpt:
+        refuse_onnx_as_checkpoint(args.ckpt)
     source = prepare_video(args) if args.video else prepare_images(args)
     detector = Detector.from_checkpoint(args.onnx or args.ckpt, device=args.device, test_flip=args.test_flip,
                                         test_scales=scales, score_thresh=args.score_thresh,

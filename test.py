@@ -42,7 +42,7 @@ from engine.inference import MAX_TOPK, InferenceConfig, build_eval_config, chang
 from engine.onnx_backend import OnnxModel
 from nets import model_from_checkpoint, variant_name
 from utils import dist
-from utils.checkpoint import load_inference_checkpoint, saved_args
+from utils.checkpoint import load_inference_checkpoint, refuse_onnx_as_checkpoint, saved_args
 from utils.cpu_memory import keep_freed_memory
 from utils.device import select_device
 from utils.errors import ArgumentError, DataError, run_cli
@@ -98,8 +98,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def checkpoint_path(args: argparse.Namespace) -> Path:
     if args.ckpt:
-        if Path(args.ckpt).suffix.lower() == ".onnx":  # else "truncated or corrupt", which it is not
-            raise ArgumentError(f"--ckpt {args.ckpt} is an ONNX file; pass it as --onnx {args.ckpt}")
+        refuse_onnx_as_checkpoint(args.ckpt)
         return Path(args.ckpt)
     if not args.log_name:
         raise ArgumentError("give --log_name (evaluates CKPT_DIR/LOG_NAME/checkpoint.pt) or --ckpt PATH")

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from utils.checks import is_id
-from utils.errors import CheckpointError, MissingFileError, UnsafeCheckpointError
+from utils.errors import ArgumentError, CheckpointError, MissingFileError, UnsafeCheckpointError
 from utils.files import atomic_write
 
 PLAIN_LEAVES = (str, bytes, bool, int, float, type(None))  # exact types: numpy's float64 subclasses float
@@ -193,6 +193,13 @@ def why_not_torch(path: Path) -> str:
                 "browser if the site shows a confirmation page)")
     return ("the file is truncated or corrupt, or not a file of torch.save at all (neither its zip archive nor its "
             "legacy format, which starts with torch's magic number; a plain pickle, say)")
+
+
+def refuse_onnx_as_checkpoint(ckpt: str) -> None:
+    """An ArgumentError for an exported .onnx file given as --ckpt (test.py, demo.py), which the checkpoint reader
+    would call truncated or corrupt: it is read with --onnx."""
+    if Path(ckpt).suffix.lower() == ".onnx":
+        raise ArgumentError(f"--ckpt {ckpt} is an ONNX file; pass it as --onnx {ckpt}")
 
 
 def check_regular_file(path: Path, what: str, expected: str = "") -> None:
