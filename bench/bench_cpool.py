@@ -1,6 +1,6 @@
 """Corner pooling speed: forward + backward of each direction, our kernels vs torch.cummax vs a per-row loop.
 
-    .venv/bin/python bench/bench_cpool.py [--shape 2 128 128 128] [--device cpu|cuda] [--repeats 11]
+    .venv/bin/python bench/bench_cpool.py [--shape 2 128 128 128] [--device cpu|cuda|cuda:N] [--repeats 11]
     python3 bench/bench_cpool.py --device cuda --shape 6 128 128 128     # the per-GPU training shape
 
 Prints one row per direction (and their sum): median ms over the repeats of
@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: import lib from the repo
+from bench.device import DEVICE_HELP, bench_device
 from lib.cpool.pool import (BOTTOM, LEFT, RIGHT, TOP, _DIM, _REVERSE, REBUILD_CUDA, cummax_pool, extension_available,
                             extension_pool, kernel_registered)
 from utils.checks import check_positive_int
@@ -36,7 +37,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", type=int, nargs=4, default=[2, 128, 128, 128], metavar=("N", "C", "H", "W"))
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--device", default="cpu", help=DEVICE_HELP)
     parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--warmup", type=int, default=2)
     return parser
@@ -93,9 +94,7 @@ def main(args: argparse.Namespace) -> None:
     check_positive_int("--repeats", args.repeats)
     if args.warmup < 0:
         raise ArgumentError(f"--warmup must be 0 or more, got {args.warmup}")
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("bench/bench_cpool.py: --device cuda, but no GPU is visible")
+    device = bench_device(args.device)
     if not extension_available():
         raise SystemExit("bench/bench_cpool.py: lib.cpool._ext is not built; run `make setup` first")
     if not kernel_registered(device.type):

@@ -1,7 +1,7 @@
 """Inference speed per image: post-processing (decode + center check + soft-NMS), the model forward, and the
 whole test-time pipeline.
 
-    .venv/bin/python bench/bench_infer.py [--device cpu|cuda] [--threads N] [--forward_repeats 3] [--clock cpu]
+    .venv/bin/python bench/bench_infer.py [--device cpu|cuda|cuda:N] [--threads N] [--forward_repeats 3] [--clock cpu]
                                           [--archs tiny_hourglass small_hourglass] [--skip_forward] [--no-onnx]
     python3 bench/bench_infer.py --device cuda --archs small_hourglass large_hourglass --forward_repeats 20
 
@@ -44,6 +44,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: import the repo
+from bench.device import DEVICE_HELP, bench_device
 from datasets.transforms import eval_input
 from engine.inference import InferenceConfig, detect, network_for, nms_per_class
 from nets import ARCHS, build_model
@@ -61,7 +62,7 @@ STAGE_WIDTH, FORWARD_WIDTH = 42, 50
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--device", default="cpu", help=DEVICE_HELP)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--archs", nargs="+", default=["tiny_hourglass", "small_hourglass"], choices=list(ARCHS))
     parser.add_argument("--post_repeats", type=int, default=10)
@@ -194,9 +195,7 @@ def main(args: argparse.Namespace) -> None:
         check_positive_int(f"--{flag}", getattr(args, flag))
     if args.threads < 0:
         raise ArgumentError(f"--threads must be 0 (torch's default) or more, got {args.threads}")
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("bench/bench_infer.py: --device cuda, but no GPU is visible")
+    device = bench_device(args.device)
     if device.type == "cuda" and args.clock == "cpu":  # the host's CPU time leaves out the GPU's work
         raise SystemExit("bench/bench_infer.py: --clock cpu times CPU runs only; drop it with --device cuda")
     clock = time.process_time if args.clock == "cpu" else time.perf_counter

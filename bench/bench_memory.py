@@ -20,15 +20,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: import the repo
 from bench.bench_model import random_batch, timed
 from bench.child import child_stdout
+from bench.device import DEVICE_HELP, bench_device
 from nets import ARCHS, build_model
 from utils.checks import check_positive_int
-from utils.errors import ArgumentError, DeviceError, run_cli
+from utils.errors import ArgumentError, run_cli
 from utils.losses import centernet_loss
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--device", default="cpu", help=DEVICE_HELP)
     p.add_argument("--configs", nargs="*", default=["tiny_hourglass:127:16", "small_hourglass:255:2"])
     p.add_argument("--num_classes", type=int, default=80)
     p.add_argument("--steps", type=int, default=3)
@@ -68,8 +69,7 @@ def parse_config(config: str) -> tuple[str, int, int]:
     return parts[0], int(parts[1]), int(parts[2])
 
 
-def measure(arch: str, size: int, batch_size: int, grad_checkpoint: bool, args) -> dict:
-    device = torch.device(args.device)
+def measure(arch: str, size: int, batch_size: int, grad_checkpoint: bool, args, device: torch.device) -> dict:
     torch.manual_seed(0)
     model = build_model(arch, args.num_classes, grad_checkpoint=grad_checkpoint).to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
@@ -93,23 +93,22 @@ def measure(arch: str, size: int, batch_size: int, grad_checkpoint: bool, args) 
 
 
 def main(args: argparse.Namespace) -> None:
+    device = bench_device(args.device)
     if args.one:
         arch, size, batch, ckpt = args.one.split(":")
-        print(json.dumps(measure(arch, int(size), int(batch), ckpt == "1", args)))
+        print(json.dumps(measure(arch, int(size), int(batch), ckpt == "1", args, device)))
         return
     configs = [parse_config(c) for c in args.configs]
     for flag in ("num_classes", "steps"):
         check_positive_int(f"--{flag}", getattr(args, flag))
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise DeviceError("bench/bench_memory.py: --device cuda, but no GPU is visible")
-    peak_name = "peak RSS" if args.device == "cpu" else "max allocated"
-    print(f"{args.device}, {torch.get_num_threads()} threads, {args.num_classes} classes, median of {args.steps} steps")
+    peak_name = "peak RSS" if device.type == "cpu" else "max allocated"
+    print(f"{device}, {torch.get_num_threads()} threads, {args.num_classes} classes, median of {args.steps} steps")
     print(f"| arch | input | batch | --grad_checkpoint | saved activations MiB | {peak_name} MiB | s / step |")
     print("|---|---|---|---|---|---|---|")
     for arch, size, batch in configs:
         rows = []
         for ckpt in (0, 1):
-            cmd = [sys.executable, __file__, "--one", f"{arch}:{size}:{batch}:{ckpt}", "--device", args.device,
+            cmd = [sys.executable, __file__, "--one", f"{arch}:{size}:{batch}:{ckpt}", "--device", str(device),
                    "--num_classes", str(args.num_classes), "--steps", str(args.steps)]
             rows.append(json.loads(child_stdout(cmd, f"the measuring process of {arch}:{size}:{batch}")))
         for ckpt, r in enumerate(rows):

@@ -18,16 +18,17 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: import the repo
+from bench.device import DEVICE_HELP, bench_device
 from datasets.targets import make_targets
 from nets import ARCHS, build_model
 from utils.checks import check_number, check_positive_int
-from utils.errors import DeviceError, run_cli
+from utils.errors import run_cli
 from utils.losses import centernet_loss
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--device", default="cpu", help=DEVICE_HELP)
     p.add_argument("--num_classes", type=int, default=80)
     p.add_argument("--train_archs", nargs="*", default=["tiny_hourglass"], choices=list(ARCHS))
     p.add_argument("--img_size", type=int, default=127, help="training input size (128k - 1)")
@@ -96,10 +97,8 @@ def main(args: argparse.Namespace) -> None:
     check_number("--forward_budget", args.forward_budget, 0, above=True)
     for flag in ("num_classes", "batch_size", "train_steps", "forward_iters"):
         check_positive_int(f"--{flag}", getattr(args, flag))
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DeviceError("bench/bench_model.py: --device cuda, but no GPU is visible")
-    print(f"{args.device}, {torch.get_num_threads()} threads, {args.num_classes} classes; training: input "
+    device = bench_device(args.device)
+    print(f"{device}, {torch.get_num_threads()} threads, {args.num_classes} classes; training: input "
           f"{args.img_size}, batch {args.batch_size}, {args.train_steps} steps; forward: input {args.forward_size}, "
           "batch 1")
     train_col, fwd_col = f"train img/s @{args.img_size}", f"forward ms @{args.forward_size}"

@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: import the repo
 from bench.bench_infer import synthetic_outputs  # noqa: E402
+from bench.device import DEVICE_HELP, bench_device  # noqa: E402
 from datasets.transforms import eval_input  # noqa: E402
 from engine import inference  # noqa: E402
 from engine.inference import network_for  # noqa: E402
@@ -43,7 +44,7 @@ PARTS = ["forward", "decode", "soft-NMS"]
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--device", default="cpu", help=DEVICE_HELP)
     parser.add_argument("--archs", nargs="+", default=["tiny_hourglass"], choices=list(ARCHS))
     parser.add_argument("--amp", default="fp32", choices=["fp32", "fp16", "bf16"],
                         help="the forward's precision: autocast on CUDA; on the CPU either 16-bit one runs the "
@@ -113,9 +114,7 @@ def time_setting(wrapped: SyntheticAfterForward, timer: PartTimer, inputs: list,
 
 def main(args: argparse.Namespace) -> None:
     check_positive_int("--repeats", args.repeats)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("bench/bench_pipeline.py: --device cuda, but no GPU is visible")
+    device = bench_device(args.device)
     torch.set_grad_enabled(False)
     amp = False if args.amp == "fp32" else args.amp
     precision = "bf16" if amp and device.type == "cpu" else args.amp  # the CPU's 16-bit network is bf16 (network_for)

@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: import the repo
 from bench.bench_model import random_batch
+from bench.device import DEVICE_HELP, bench_device
 from lib.cpool.pool import forced_fallback
 from nets import ARCHS, build_model
 from utils.checks import check_positive_int
@@ -47,7 +48,7 @@ MODES = {  # name: (amp, our pooling kernels, cudnn.benchmark, fused Adam on CUD
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--device", default="cpu", help=DEVICE_HELP)
     p.add_argument("--archs", nargs="+", default=["tiny_hourglass"], choices=list(ARCHS))
     p.add_argument("--modes", nargs="+", choices=list(MODES), help="default: all on CUDA, fp32 on the CPU")
     p.add_argument("--img_size", type=int, default=127)
@@ -110,9 +111,7 @@ def bench(arch: str, mode: str, layout: str, compiled: bool, args, device: torch
 def main(args: argparse.Namespace) -> None:
     for flag in ("batch_size", "num_classes", "steps"):
         check_positive_int(f"--{flag}", getattr(args, flag))
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("bench/bench_train.py: --device cuda, but no GPU is visible")
+    device = bench_device(args.device)
     chosen = args.modes or (list(MODES) if device.type == "cuda" else ["fp32"])
     # 'old' first, as the "vs old" column divides by its rate; the others in the order given, so that a run cut
     # short (gpu_check's time limit) has timed the modes named first

@@ -70,6 +70,72 @@ def test_a_failed_measuring_process_shows_its_error():
         child_stdout([sys.executable, "-c", "import sys; sys.exit('error: no GPU')"], "a child")
 
 
+DEVICE_BENCHES = ["bench_cpool", "bench_infer", "bench_memory", "bench_model", "bench_pipeline", "bench_train"]
+
+
+def pretend_gpus(monkeypatch, count: int) -> list:
+    """`count` GPUs visible (none: CUDA unavailable); returns the list that torch.cuda.set_device's calls go to."""
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    return current
+
+
+@pytest.mark.parametrize("bench", DEVICE_BENCHES)
+@pytest.mark.parametrize("device, gpus, message", [
+    ("cuda", 0, "device cuda: no CUDA device is visible to this process"),
+    ("cuda:7", 1, "device cuda:7: this process sees 1 CUDA device(s), cuda:0 to cuda:0"),
+    ("gpu", 1, "device: expected auto, cpu, cuda, cuda:N or a torch.device, got 'gpu'"),
+    ("cuda:x", 1, "device: expected auto, cpu, cuda, cuda:N or a torch.device, got 'cuda:x'"),
+])
+def test_every_bench_refuses_a_device_it_cannot_use_with_one_line_before_any_work(bench, device, gpus, message,
+                                                                                   monkeypatch, capsys):
+    """Each bench checked --device by hand, in two ways: four ended with their own SystemExit text, two with a
+    DeviceError, and argparse's choices refused cuda:N with a usage message. Now all choose it as train.py and
+    test.py do (utils.device.select_device), so each ends with the same one line, before printing anything."""
+    from utils.errors import run_cli
+
+    current = pretend_gpus(monkeypatch, gpus)
+    module = importlib.import_module(f"bench.{bench}")
+    with pytest.raises(SystemExit) as ended:
+        run_cli(module.main, module.get_args_parser().parse_args(["--device", device]))
+    assert ended.value.code == f"error: {message}"
+    assert capsys.readouterr().out == "" and current == []
+
+
+def test_a_bench_cli_ends_a_bad_device_with_its_one_line():
+    from bench import bench_model
+    from bench.child import child_stdout
+
+    with pytest.raises(SystemExit, match="failed \\(exit status 1\\):\nerror: device: expected auto, cpu, cuda, "
+                                         "cuda:N or a torch.device, got 'gpu'$"):
+        child_stdout([sys.executable, bench_model.__file__, "--device", "gpu"], "bench_model")
+
+
+def test_the_memory_bench_runs_on_the_gpu_it_names_and_says_so(monkeypatch, capsys):
+    """With --device cuda:1 the header names cuda:1 and its peak counter, each measuring process gets cuda:1, and
+    cuda:1 is the current GPU, which the measurement's synchronisations and peak counters act on."""
+    import json
+
+    from bench import bench_memory
+
+    current = pretend_gpus(monkeypatch, 2)
+    commands = []
+
+    def child_stdout(cmd, what):
+        commands.append(cmd)
+        return json.dumps({"saved": 2**20, "peak": 2**20, "seconds": 1.0})
+
+    monkeypatch.setattr(bench_memory, "child_stdout", child_stdout)
+    bench_memory.main(bench_memory.get_args_parser().parse_args(["--device", "cuda:1", "--configs",
+                                                                 "tiny_hourglass:127:2"]))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("cuda:1, ") and "max allocated MiB" in lines[1]
+    assert [cmd[cmd.index("--device") + 1] for cmd in commands] == ["cuda:1", "cuda:1"]
+    assert current == [torch.device("cuda", 1)]
+
+
 def test_the_train_bench_divides_by_the_old_rate_whatever_the_order_of_modes(monkeypatch, capsys):
     """"vs old" is each setting's images/s over the old way's (above 1: faster); with --modes fp32 old the fp32 row
     ran first and had no ratio. The other modes keep the order given (sorting them as MODES timed fp32 before the bf16

@@ -178,18 +178,27 @@ def test_plan_skips_and_exit_status(tmp_path, monkeypatch):
 
 def bench_output(step: "gpu_check.Step", monkeypatch, capsys, **fakes) -> str:
     """What the bench of `step` prints with the step's own arguments, run here on a pretend GPU: CUDA said to be
-    there, tensors made on the meta device (shapes only), and the bench's measuring functions replaced by `fakes`.
-    Its rows come from its own formatting code, so a change of its table that the step's summary cannot read fails
-    here rather than in the one run on a GPU."""
+    there with one GPU, which the bench's --device makes the current one (bench.device, as on a GPU), tensors made
+    on the meta device (shapes only), and the bench's measuring functions replaced by `fakes`. Its rows come from
+    its own formatting code, so a change of its table that the step's summary cannot read fails here rather than in
+    the one run on a GPU."""
     [command] = step.commands
     bench = importlib.import_module(f"bench.{Path(command[1]).stem}")
     args = bench.get_args_parser().parse_args(command[2:])  # every flag and value of the plan exists
+    current = []
+
+    def set_device(device):  # an index or a torch.device, as torch.cuda.set_device takes
+        current.append(torch.device("cuda", device) if isinstance(device, int) else torch.device(device))
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
     monkeypatch.setattr(torch, "randn", lambda *shape, **kwargs: torch.empty(*shape, device="meta"))
     for name, fake in fakes.items():
         monkeypatch.setattr(bench, name, fake)
     bench.main(args)
+    assert current[-1] == torch.device("cuda", 0)  # the plan's --device cuda: the one GPU, current as it runs
     return capsys.readouterr().out
 
 
