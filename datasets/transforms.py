@@ -96,10 +96,13 @@ def crop_matrix(p: CropParams, img_size: int) -> np.ndarray:
     """(2, 3) continuous map original -> canvas: the crop's top-left corner (center - crop // 2) goes to 0,
     the crop is scaled by img_size / crop, then flipped (x -> img_size - x) when p.flip."""
     k = img_size / p.crop
-    a = np.array([[k, 0.0, -k * (p.center_x - p.crop // 2)],
-                  [0.0, k, -k * (p.center_y - p.crop // 2)]])
-    if p.flip:
-        a[0] = [-k, 0.0, img_size - a[0, 2]]
+    left, top = p.center_x - p.crop // 2, p.center_y - p.crop // 2
+    a = np.array([[k, 0.0, -k * left],
+                  [0.0, k, -k * top]])
+    if p.flip:  # as k * (right - x): the crop's right edge lands on exactly 0, as its left edge does unflipped
+        # (img_size + k * left, equal in exact arithmetic, can miss 0 by 1e-13: a box touching the crop from outside
+        # would stay, as a sliver)
+        a[0] = [-k, 0.0, k * (left + p.crop)]
     return a
 
 

@@ -167,6 +167,27 @@ def test_clip_boxes_partly_and_wholly_outside_and_zero_size():
     assert keep.tolist() == [True, True, False, False, False]
 
 
+@pytest.mark.parametrize("img_size", [127, 511])
+def test_a_box_outside_the_crop_is_dropped_where_it_touches_it(img_size):
+    """Boxes of whole pixels touching each side of the crop from outside, and overlapping it by one pixel, at many
+    crops, flipped and not: kept exactly when they overlap the crop (integer comparisons). A touching box must not
+    become a sliver of width 1e-13 at the canvas edge: that is a radius-0 target where there is no object."""
+    for crop in sorted({int(img_size * s) for s in RAND_SCALES}):
+        for center in range(0, 3000, 7):
+            for flip in (False, True):
+                p = CropParams(crop=crop, center_x=center, center_y=center + 3, flip=flip)
+                x0, y0 = center - crop // 2, center + 3 - crop // 2
+                x1, y1 = x0 + crop, y0 + crop
+                boxes = []
+                for overlap in (0, 1):
+                    boxes += [[x1 - overlap, y0 + 5, x1 + 7, y0 + 20], [x0 - 7, y0 + 5, x0 + overlap, y0 + 20],
+                              [x0 + 5, y1 - overlap, x0 + 20, y1 + 7], [x0 + 5, y0 - 7, x0 + 20, y0 + overlap]]
+                boxes = np.array(boxes, np.float32)
+                _, keep = clip_boxes(warp_boxes(boxes, crop_matrix(p, img_size)), img_size, img_size)
+                overlaps = (boxes[:, 0] < x1) & (boxes[:, 2] > x0) & (boxes[:, 1] < y1) & (boxes[:, 3] > y0)
+                np.testing.assert_array_equal(keep, overlaps, err_msg=f"crop {crop} at {center}, flip {flip}")
+
+
 def forward_reference(boxes, image_w, image_h, scale):
     """Where original boxes land on the test input: resized by int(size * scale) / size, then centered by
     (input // 2 - resized // 2) in an input of size resized | 127; in output units (x map / input size)."""
