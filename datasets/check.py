@@ -12,7 +12,9 @@ it; an image entry without a valid width and height has its boxes checked agains
 is not 1 are listed as notes, not problems: they are read upright, as viewers show them, so their width, height and
 boxes must be those of the upright image (an annotation tool that ignored the tag gave the stored image's). So are
 images too large to evaluate (a test input of more than datasets.transforms.MAX_INPUT_PIXELS at scale 1): training
-crops them, but train.py and test.py refuse a val split that holds one. So is a category name given to several ids.
+crops them, but train.py and test.py refuse a val split that holds one. So is a category name given to several ids,
+and an image with more boxes to train on than datasets.targets.MAX_OBJECTS (128, the official cap): a crop of it
+that holds more gives the objects past the first 128 no embeddings and offsets, only heatmap peaks.
 Problems are listed with the file and the entry (annotation ids included), all of them rather than the first;
 the exit status is 1 when there is any, 0 when the split is clean. Runs from any folder as
 `python PATH/TO/REPO/datasets/check.py ...` too.
@@ -29,6 +31,7 @@ if __package__ in (None, ""):  # run as a script from anywhere: import the repo,
 
 from datasets.coco import coco_problems, is_box, is_file_name, is_size, load_entry_image, read_json, split_files
 from datasets.image_io import exif_orientation
+from datasets.targets import MAX_OBJECTS
 from datasets.transforms import check_input_size
 from utils.checks import is_id
 from utils.errors import ArgumentError, UserError, run_cli
@@ -136,7 +139,8 @@ def inspect_split(data_dir: str | Path, split: str, progress: bool = True) -> tu
     image_info = ann_file.name.startswith("image_info_")  # a test split: images without annotations
     problems = coco_problems(data, ann_file, require_annotations=not image_info) + \
         box_problems(data, ann_file, report.sizes)
-    notes = report.turned + too_large_notes(images, img_dir, report.sizes) + repeated_name_notes(data, ann_file)
+    notes = report.turned + too_large_notes(images, img_dir, report.sizes) + repeated_name_notes(data, ann_file) + \
+        crowded_notes(data, img_dir)
     return annotation_ids(problems, data) + report.problems, notes
 
 
@@ -149,6 +153,23 @@ def repeated_name_notes(data: dict, ann_file: Path) -> list[str]:
             ids_of.setdefault(str(c["name"]), []).append(c["id"])
     return [f"{ann_file}: category name {name!r} is given to ids {', '.join(map(repr, ids))}: each is a class of "
             "its own, named alike in results and drawings" for name, ids in ids_of.items() if len(ids) > 1]
+
+
+def crowded_notes(data: dict, img_dir: Path) -> list[str]:
+    """One note per image entry with more than MAX_OBJECTS boxes that training uses (not crowd, of positive width
+    and height): past MAX_OBJECTS in one crop, datasets.targets.make_targets leaves objects out of the embedding
+    and offset losses, which nothing else reports (the official code stops with an IndexError)."""
+    counts: dict = {}
+    for a in data.get("annotations") if isinstance(data.get("annotations"), list) else []:
+        if isinstance(a, dict) and is_id(a.get("image_id")) and is_box(a.get("bbox")) and a.get("iscrowd", 0) != 1 \
+                and a["bbox"][2] > 0 and a["bbox"][3] > 0:
+            counts[a["image_id"]] = counts.get(a["image_id"], 0) + 1
+    images = data.get("images") if isinstance(data.get("images"), list) else []
+    crowded = [im for im in images if isinstance(im, dict) and is_id(im.get("id"))
+               and counts.get(im["id"], 0) > MAX_OBJECTS]
+    return [f"image id {im['id']!r}: {img_dir / str(im.get('file_name'))}: {counts[im['id']]} boxes to train on; in "
+            f"a crop holding more than {MAX_OBJECTS}, those past the first {MAX_OBJECTS} train the heatmaps only, "
+            "without embeddings and offsets" for im in crowded]
 
 
 def too_large_notes(images: list, img_dir: Path, decoded_sizes: dict) -> list[str]:

@@ -37,7 +37,7 @@ from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
 from datasets.image_io import exif_orientation, load_image
-from datasets.targets import STRIDE, make_targets
+from datasets.targets import MAX_OBJECTS, STRIDE, make_targets
 from datasets.transforms import check_input_size, clip_boxes, eval_input, train_transform
 from utils.checks import is_id
 from utils.errors import ArgumentError, DataError, MissingFileError
@@ -297,7 +297,7 @@ class CocoDetection(Dataset):
     """
 
     def __init__(self, data_dir: str | Path, split: str, train: bool, img_size: int = 511,
-                 test_scales: Sequence[float] = (1.0,), test_flip: bool = False, max_objects: int = 128,
+                 test_scales: Sequence[float] = (1.0,), test_flip: bool = False, max_objects: int = MAX_OBJECTS,
                  min_box_size: float = 0.0):
         self.ann_file, self.img_dir = check_split_files(Path(data_dir), split)
         if (img_size + 1) % STRIDE:  # the targets' map size; the network checks its own, coarser unit

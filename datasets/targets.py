@@ -23,6 +23,7 @@ STRIDE = 4
 MIN_OVERLAP = 0.7
 CORNER_DELTA = 6  # sigma = diameter / 6 for the corners
 CENTER_DELTA = 5  # sigma = diameter / 5 for the centers
+MAX_OBJECTS = 128  # objects with offsets and indices per image: the official max_tag_len
 
 
 def gaussian_radius(height: np.ndarray, width: np.ndarray, min_overlap: float = MIN_OVERLAP) -> np.ndarray:
@@ -77,7 +78,7 @@ def keypoint_cells(points: np.ndarray, ratio: np.ndarray, map_w: int, map_h: int
 
 
 def make_targets(boxes: np.ndarray, labels: np.ndarray, num_classes: int, input_h: int, input_w: int,
-                 max_objects: int = 128) -> dict[str, np.ndarray]:
+                 max_objects: int = MAX_OBJECTS) -> dict[str, np.ndarray]:
     """Targets for one image.
 
     boxes (N, 4) x1 y1 x2 y2 in input pixels (already clipped to the input), labels (N,) contiguous class ids.

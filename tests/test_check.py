@@ -182,6 +182,21 @@ def test_an_image_too_large_to_evaluate_is_a_note(tmp_path):
     assert inspect_split(tmp_path, "train", progress=False)[1] == []
 
 
+def test_an_image_with_more_boxes_than_the_training_cap_is_a_note(tmp_path):
+    """Past MAX_OBJECTS (128) objects in a crop, training gives the rest no embeddings or offsets, and said nothing.
+    Counted as training counts: crowd boxes and boxes of no size are left out."""
+    boxes = [[i % 20 * 4, i // 20 * 4, 3, 3] for i in range(129)]
+    ann_file = one_image_split(tmp_path, np.zeros((80, 100, 3), np.uint8), "1.png", {}, boxes + [[1, 1, 0, 5]])
+    note = (f"image id 1: {tmp_path / 'train' / '1.png'}: 129 boxes to train on; in a crop holding more than 128, "
+            "those past the first 128 train the heatmaps only, without embeddings and offsets")
+    problems, notes = inspect_split(tmp_path, "train", progress=False)
+    assert notes == [note] and len(problems) == 1 and "has a width or height of 0 or less" in problems[0]
+    data = json.loads(ann_file.read_text())
+    data["annotations"][0]["iscrowd"] = 1
+    ann_file.write_text(json.dumps(data))
+    assert inspect_split(tmp_path, "train", progress=False)[1] == []
+
+
 def test_a_category_name_given_to_several_ids_is_a_note(tmp_path):
     """Two ids named 'cat' (two label sets joined by hand): two classes that results and drawings name alike; the
     check said "no problems found"."""
