@@ -5,6 +5,7 @@ Decoding here is the plain reading of the targets, independent of utils/decode.p
 and the three keypoints of one object share one slot of the index arrays.
 """
 import math
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -73,22 +74,24 @@ def test_eval_transform_targets_decode_to_ground_truth(scale, flipped):
 
 
 def train_reference(gt: np.ndarray, height: int, width: int, seed: int, size: int):
-    """Replays the geometric draws of the training transform from the same seed and moves the boxes by hand:
-    crop window [c - crop // 2, c - crop // 2 + crop) -> canvas scaled by size / crop, flip x -> size - x, clip,
-    drop boxes under one pixel."""
+    """Replays the geometric draws of the training transform from the same seed and moves the boxes by hand, in
+    exact rational arithmetic: crop window [c - crop // 2, c - crop // 2 + crop) -> canvas scaled by size / crop,
+    flip x -> size - x, clip, drop boxes of no width or height (a box under one pixel stays, as in the official
+    code)."""
     p = random_crop_params(np.random.default_rng(seed), height, width, size)
-    k = size / p.crop
+    k = Fraction(size, p.crop)
     out = []
-    for x1, y1, x2, y2 in gt.astype(np.float64):
+    for box in gt.astype(np.float64).tolist():
+        x1, y1, x2, y2 = map(Fraction, box)
         x1, x2 = (x1 - (p.center_x - p.crop // 2)) * k, (x2 - (p.center_x - p.crop // 2)) * k
         y1, y2 = (y1 - (p.center_y - p.crop // 2)) * k, (y2 - (p.center_y - p.crop // 2)) * k
         if p.flip:
             x1, x2 = size - x2, size - x1
         x1, x2 = min(max(x1, 0), size), min(max(x2, 0), size)
         y1, y2 = min(max(y1, 0), size), min(max(y2, 0), size)
-        if x2 - x1 >= 1 and y2 - y1 >= 1:
+        if x2 > x1 and y2 > y1:
             out.append((x1, y1, x2, y2))
-    return np.array(out).reshape(-1, 4), p
+    return np.array(out, np.float64).reshape(-1, 4), p
 
 
 def test_train_transform_targets_decode_to_moved_ground_truth():
