@@ -1,13 +1,16 @@
-"""Oracle checks on real photos (tests/data/raccoon): the targets decode back to the ground truth.
+"""Oracle checks on real photos (tests/data/raccoon), and on images far from the canvas' size and shape: the targets
+decode back to the ground truth.
 
 Decoding here is the plain reading of the targets, independent of utils/decode.py: each object's keypoint is
 (cell of its index + offset) * in / out (input over map size, per axis), its heatmap is exactly 1 at that cell,
 and the three keypoints of one object share one slot of the index arrays.
 """
+import json
 import math
 from fractions import Fraction
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -133,3 +136,46 @@ def test_gaussian_radius_of_a_raccoon_box():
     sigma = (2 * r + 1) / 6
     assert hm[y, x + r] == pytest.approx(math.exp(-r * r / (2 * sigma * sigma)), rel=1e-6)
     assert hm[y, x + r + 1] == 0
+
+
+def extreme_split(root: Path) -> Path:
+    """Images far from the 127 x 127 canvas, each with whole-pixel boxes on its edges and a sub-pixel one: 1 x 1
+    (grayscale), 3000 x 20, 20 x 3000 and 40 x 30 (crops of 3 to 150 times its side, mostly zero padding). Each
+    image's boxes are of one class; the category ids (9, 4) are not those labels (4 -> 0, 9 -> 1)."""
+    (root / "annotations").mkdir(parents=True)
+    (root / "train").mkdir()
+    specs = [(1, 1, 9, [[0, 0, 1, 1]]),
+             (3000, 20, 4, [[0, 0, 3000, 20], [2990, 5, 10, 10], [1500.25, 3.5, 0.5, 0.25]]),
+             (20, 3000, 9, [[0, 0, 20, 3000], [5, 2990, 10, 10], [3.5, 1500.25, 0.25, 0.5]]),
+             (40, 30, 4, [[0, 0, 40, 30], [39, 29, 1, 1], [10, 10, 0.3, 0.3]])]
+    rng = np.random.default_rng(0)
+    images, annotations = [], []
+    for i, (w, h, cat, boxes) in enumerate(specs):
+        pixels = rng.integers(0, 256, (h, w) if i == 0 else (h, w, 3), dtype=np.uint8)
+        assert cv2.imwrite(str(root / "train" / f"{i}.png"), pixels)
+        images.append({"id": i + 1, "file_name": f"{i}.png", "width": w, "height": h})
+        annotations += [{"image_id": i + 1, "category_id": cat, "bbox": b} for b in boxes]  # ids filled in
+    (root / "annotations" / "instances_train.json").write_text(json.dumps(
+        {"images": images, "annotations": annotations, "categories": [{"id": 9, "name": "b"}, {"id": 4, "name": "a"}]}))
+    return root
+
+
+def test_train_samples_of_extreme_images_decode_to_the_exact_reference(tmp_path):
+    """Training items of images much smaller than the crop and of aspect ratio 150, against `train_reference`:
+    every box that overlaps the crop (sub-pixel ones included) and no other, in its class's heatmap."""
+    ds = CocoDetection(extreme_split(tmp_path), "train", train=True, img_size=127)
+    assert ds.cat_ids == [4, 9]
+    tiny = dropped = 0
+    for i in range(len(ds)):
+        image, gt, labels = ds.load(i)
+        assert image.shape[2] == 3 and (labels == labels[0]).all()
+        for seed in range(40):
+            t = {k: v.numpy() for k, v in ds.train_sample(i, np.random.default_rng(seed)).items()}
+            want, _ = train_reference(gt, image.shape[0], image.shape[1], seed, 127)
+            boxes, centers, got_labels = decode_targets(t, 127, 127)
+            assert len(boxes) == len(want) and (got_labels == labels[0]).all()
+            np.testing.assert_allclose(boxes, want, atol=1e-3)
+            np.testing.assert_allclose(centers, (want[:, :2] + want[:, 2:]) / 2, atol=1e-3)
+            tiny += int(np.any(want[:, 2:] - want[:, :2] < 1))
+            dropped += len(gt) - len(want)
+    assert tiny > 0 and dropped > 0
