@@ -2,12 +2,12 @@
 
 Grayscale, gray + alpha, RGBA and 16-bit images are converted to 3-channel 8-bit BGR (alpha dropped, 16-bit values
 keep their high byte); so are such arrays given to engine.Detector (`as_bgr8`), as a PNG file of them is read. The
-EXIF orientation of a JPEG is applied, as image viewers (and most annotation tools) show the image: a phone's
-portrait photo is upright, its boxes are drawn where one sees the objects, and the width / height an annotation file
-gives are those of the upright image (a 90-degree mismatch fails the loader's size check). Every image is read here:
-training, evaluation, demo.py, datasets.check and tools/analyze.py agree. A JPEG cut short (which libjpeg would
-otherwise decode with gray rows at the bottom) is an error. `exif_orientation` reads the turn a JPEG's EXIF asks
-for. Drawn images are written here too (`write_image`)."""
+EXIF orientation of a JPEG, PNG, WebP or TIFF file is applied, as image viewers (and most annotation tools) show the
+image: a phone's portrait photo is upright, its boxes are drawn where one sees the objects, and the width / height an
+annotation file gives are those of the upright image (a 90-degree mismatch fails the loader's size check). Every
+image is read here: training, evaluation, demo.py, datasets.check and tools/analyze.py agree. A JPEG cut short (which
+libjpeg would otherwise decode with gray rows at the bottom) is an error. `exif_orientation` reads the turn an
+image's EXIF asks for. Drawn images are written here too (`write_image`)."""
 import io
 import re
 import stat
@@ -39,7 +39,7 @@ IMAGE_SUFFIXES = frozenset({".bmp", ".dib", ".jpeg", ".jpg", ".jpe", ".jfif", ".
 DRAWING_SUFFIXES = frozenset({".bmp", ".dib", ".jpeg", ".jpg", ".jpe", ".jp2", ".png", ".webp", ".avif", ".ppm",
                               ".pnm", ".sr", ".ras", ".tiff", ".tif"})
 _JPEG_SOI, _JPEG_SOS, _JPEG_EOI = b"\xff\xd8", 0xDA, b"\xff\xd9"
-_JPEG_APP1, _EXIF_ID, _ORIENTATION_TAG = 0xE1, b"Exif\x00\x00", 0x0112
+_ORIENTATION_TAG = 0x0112
 
 
 def jpeg_header_segments(data: bytes) -> Iterator[tuple[int, int, int]]:
@@ -70,46 +70,22 @@ def is_truncated_jpeg(data: bytes) -> bool:
 
 
 def exif_orientation(path: Path) -> int:
-    """The EXIF Orientation (1 to 8) of a JPEG file, which imread applies; 1 (as stored) when the file is no JPEG or
-    has none. 5 to 8 turn the image by 90 or 270 degrees: it is read with its stored width and height swapped. The
-    header is walked segment by segment from the file (ICC profiles and other APPn data before the Exif block may
-    take any room), reading only the Exif block."""
-    with open(path, "rb") as f:
-        if f.read(2) != _JPEG_SOI:
+    """The EXIF Orientation (1 to 8) that imread applies: the tag of the Exif block of a JPEG, PNG or WebP file, or of
+    a TIFF file's own tags; 1 (as stored) when the file has none or Pillow cannot parse its header. 5 to 8 turn the
+    image by 90 or 270 degrees: it is read with its stored width and height swapped. Only the header is read (an
+    Exif block behind large ICC profiles or other APPn data included), and not XMP metadata, which imread ignores."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pillow's DecompressionBombWarning: no pixel is decoded here
+        try:
+            with PIL.Image.open(path) as image:
+                tags = getattr(image, "tag_v2", None)  # a TIFF's directory
+                if tags is None:
+                    tags = PIL.Image.Exif()
+                    tags.load(image.info.get("exif", b""))
+                value = tags.get(_ORIENTATION_TAG, 1)
+        except Exception:  # a format Pillow does not read, or a header it cannot parse: no turn known
             return 1
-        while True:
-            head = f.read(4)
-            if len(head) < 4 or head[0] != 0xFF:
-                return 1
-            if head[1] == 0xFF:  # a fill byte before the marker
-                f.seek(-3, 1)
-                continue
-            marker, length = head[1], int.from_bytes(head[2:], "big")
-            if marker == _JPEG_SOS or length < 2:  # the image data, or bytes that are not a segment
-                return 1
-            if marker == _JPEG_APP1:
-                payload = f.read(length - 2)
-                if payload.startswith(_EXIF_ID):
-                    return _tiff_orientation(payload[len(_EXIF_ID):])
-            else:
-                f.seek(length - 2, 1)
-
-
-def _tiff_orientation(tiff: bytes) -> int:
-    """The Orientation tag of the first image directory of an Exif block (a small TIFF file); 1 when it has none."""
-    order = {b"II": "little", b"MM": "big"}.get(tiff[:2])
-    if order is None:
-        return 1
-
-    def number(at: int, size: int) -> int:
-        return int.from_bytes(tiff[at:at + size], order)
-
-    directory = number(4, 4)
-    for entry in range(directory + 2, directory + 2 + 12 * number(directory, 2), 12):
-        if number(entry, 2) == _ORIENTATION_TAG:
-            value = number(entry + 8, 2)  # a SHORT, stored in the entry's first value bytes
-            return value if 1 <= value <= 8 else 1
-    return 1
+    return value if value in range(1, 9) else 1
 
 
 def load_image(path: str | Path) -> np.ndarray:
