@@ -6,7 +6,7 @@ The annotation file must parse; every image, category and annotation entry is ch
 checks it (datasets/coco.py), and every image file must exist, decode and have the width and height the json gives.
 Boxes that the loader accepts but that cannot be right are reported too (training would drop or clip them, while
 evaluation would keep them as ground truth): a width or height of 0 or less, and a box that leaves its image by more
-than OUTSIDE_TOLERANCE of the image's side (at least 1 px: converters round), which includes a box entirely outside
+than 1% of the image's side (at least 1 px: converters round), which includes a box entirely outside
 it; an image entry without a valid width and height has its boxes checked against its decoded size. An empty
 'annotations' list is reported: there is nothing to train on or to evaluate against. Images whose EXIF orientation
 is not 1 are listed as notes, not problems: they are read upright, as viewers show them, so their width, height and
@@ -29,14 +29,13 @@ from tqdm import tqdm
 if __package__ in (None, ""):  # run as a script from anywhere: import the repo, not this folder's modules
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from datasets.coco import coco_problems, is_box, is_file_name, is_size, load_entry_image, read_json, split_files
+from datasets.coco import (box_fault, coco_problems, is_box, is_file_name, is_size, load_entry_image, read_json,
+                           split_files)
 from datasets.image_io import exif_orientation
 from datasets.targets import MAX_OBJECTS
 from datasets.transforms import check_input_size
 from utils.checks import is_id
 from utils.errors import ArgumentError, UserError, run_cli
-
-OUTSIDE_TOLERANCE = 0.01  # of the image side a box may leave it by (at least 1 px)
 
 
 def box_problems(data: dict, ann_file: Path, decoded_sizes: dict) -> list[str]:
@@ -54,22 +53,11 @@ def box_problems(data: dict, ann_file: Path, decoded_sizes: dict) -> list[str]:
         box = a.get("bbox") if isinstance(a, dict) else None
         if not is_box(box):
             continue
-        x, y, w, h = box
-        where = f"{ann_file}: annotations[{i}].bbox {box!r}"
-        if w <= 0 or h <= 0:
-            problems.append(f"{where} has a width or height of 0 or less")
-            continue
         im = images.get(a["image_id"], {}) if is_id(a.get("image_id")) else {}
-        size = image_size(im, decoded_sizes)
-        if size is None:
-            continue
-        width, height = size
-        beyond = max(-x, x + w - width) / width, max(-y, y + h - height) / height
-        limits = max(OUTSIDE_TOLERANCE, 1 / width), max(OUTSIDE_TOLERANCE, 1 / height)
-        if beyond[0] > limits[0] or beyond[1] > limits[1]:
-            inside = x < width and y < height and x + w > 0 and y + h > 0
-            problems.append(f"{where} {'leaves' if inside else 'lies entirely outside'} its {width}x{height} image "
-                            f"(file {im.get('file_name')!r})")
+        fault = box_fault(box, *(image_size(im, decoded_sizes) or (None, None)))
+        if fault:
+            file = f" (file {im.get('file_name')!r})" if fault.endswith("image") else ""
+            problems.append(f"{ann_file}: annotations[{i}].bbox {box!r} {fault}{file}")
     return problems
 
 

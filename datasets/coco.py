@@ -8,7 +8,8 @@ the evaluation server instead of scoring them.
   `class_names[label]` its name); any number of classes.
 - Training targets leave out crowd boxes (iscrowd 1) and boxes with zero or negative width or height; boxes that
   reach outside the image are clipped to it (and dropped when nothing is left). Images without annotations are
-  kept and give empty targets. The COCO ground truth used for evaluation is left as the json has it.
+  kept and give empty targets. The COCO ground truth used for evaluation is left as the json has it
+  (`ground_truth_note` counts the boxes it scores that training drops or clips, for train.py and test.py to warn of).
 - Checked when the data set is built (an error names the file, the entry and what was expected): the json exists
   and parses; it has `images`, `annotations` and `categories` lists; images have `id` and `file_name` (a path
   inside the image folder: relative, without '..'), annotations `image_id`, `category_id` and a `bbox` of 4 finite
@@ -147,6 +148,44 @@ def _unique_ids(items: list[tuple[int, dict]], key: str, path: Path, problems: l
         else:
             first[v] = i
     return set(first)
+
+
+OUTSIDE_TOLERANCE = 0.01  # of the image side a box may leave it by (at least 1 px: converters round)
+
+
+def box_fault(box: list, width: int | None, height: int | None) -> str | None:
+    """What makes bbox `box` (4 finite numbers) one that training drops or clips, in an image of `width` x `height`
+    (None: not known, and only the box's own sides are looked at): "has a width or height of 0 or less", "leaves its
+    WxH image" by more than OUTSIDE_TOLERANCE of the image's side, or "lies entirely outside its WxH image"; None
+    for a box training takes as it is."""
+    x, y, w, h = box
+    if w <= 0 or h <= 0:
+        return "has a width or height of 0 or less"
+    if width is None or height is None:
+        return None
+    beyond = max(-x, x + w - width) / width, max(-y, y + h - height) / height
+    limits = max(OUTSIDE_TOLERANCE, 1 / width), max(OUTSIDE_TOLERANCE, 1 / height)
+    if beyond[0] <= limits[0] and beyond[1] <= limits[1]:
+        return None
+    inside = x < width and y < height and x + w > 0 and y + h > 0
+    return f"{'leaves' if inside else 'lies entirely outside'} its {width}x{height} image"
+
+
+def scored_as_given_note(data: dict, ann_file: Path) -> str | None:
+    """A warning for an evaluation split (a checked dict) whose non-crowd boxes include some that training drops or
+    clips (`box_fault`, against the json's image sizes): the evaluation scores them as the json gives them, and no
+    detection, which is clipped to its image, matches them fully (a box of 300 x 300 from -20, -10 in a 259 x 194
+    image: IoU 0.56 at best; one without width: none). None when there is none."""
+    size_of = {im["id"]: (im.get("width"), im.get("height")) for im in data["images"]}
+    ids = [a["id"] for a in data.get("annotations", [])
+           if not a["iscrowd"] and box_fault(a["bbox"], *size_of[a["image_id"]])]
+    if not ids:
+        return None
+    more = f" and {len(ids) - 5} more" if len(ids) > 5 else ""
+    return (f"{ann_file}: {len(ids)} ground-truth boxes (annotation ids {', '.join(map(str, ids[:5]))}{more}) have "
+            "no width or height, or leave their image: training drops or clips them, but the evaluation scores them "
+            "as the json gives them, where no detection (clipped to its image) matches them fully; "
+            "`python -m datasets.check` lists them")
 
 
 def coco_problems(data: dict, path: Path, require_annotations: bool = True) -> list[str]:
@@ -317,6 +356,8 @@ class CocoDetection(Dataset):
         self.images = list(data["images"])
         self.image_ids = [im["id"] for im in self.images]
         self.boxes, self.labels = self._training_boxes(data.get("annotations", []))
+        # For train.py and test.py to show: the evaluation of such boxes is not what training learns.
+        self.ground_truth_note = None if train else scored_as_given_note(data, self.ann_file)
         if not train:
             self._check_input_sizes()
 

@@ -315,6 +315,8 @@ def train(args: argparse.Namespace, signals: StopSignals, folder_lock: RunFolder
                         "DistributedDataParallel (--dist implied)")
         for line in pretrained.lines() if pretrained else []:
             logger.info(line)
+        if val_set.ground_truth_note:
+            logger.info(f"warning: {val_set.ground_truth_note}")
         if args.pretrained and resuming:
             logger.info(f"--pretrained {args.pretrained} not read: the run resumes from its own checkpoint, which "
                         "holds the weights it started from and trained")

@@ -263,6 +263,25 @@ def test_a_missing_val_image_is_named_with_how_many_are_missing_before_any_detec
     assert sorted((ckpt_dir / "tiny").iterdir()) == before  # no results file begun
 
 
+def test_a_val_split_with_boxes_training_drops_or_clips_is_evaluated_with_a_warning(ckpt_dir, tmp_path, capsys,
+                                                                                  monkeypatch):
+    """A box without width and one that leaves its image: the evaluation scores them as the json gives them (no
+    detection matches them fully), which test.py said nothing of."""
+    data = tmp_path / "data"
+    shutil.copytree(RACCOON, data)
+    ann_file = data / "annotations" / "instances_val.json"
+    coco = json.loads(ann_file.read_text())
+    coco["annotations"][0]["bbox"][2] = 0
+    width = next(im["width"] for im in coco["images"] if im["id"] == coco["annotations"][1]["image_id"])
+    coco["annotations"][1]["bbox"][2] = width * 1.5
+    ann_file.write_text(json.dumps(coco))
+    monkeypatch.setattr(test_cli, "evaluate", lambda *args, **kwargs: {})
+    test_cli.main(cli_args(ckpt_dir, "--data_dir", str(data)))
+    ids = f"{coco['annotations'][0]['id']}, {coco['annotations'][1]['id']}"
+    assert f"warning: {ann_file}: 2 ground-truth boxes (annotation ids {ids}) have no width or height, or leave " \
+        "their image" in capsys.readouterr().out
+
+
 def test_a_split_of_another_data_set_gets_results_of_its_own(ckpt_dir, tmp_path):
     """The same checkpoint on the "val" of the data it trained on and on the "val" of another folder: two results
     files (the other named with a hash of its folder), neither refused nor replaced."""
