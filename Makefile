@@ -11,8 +11,10 @@ setup: .venv/.installed lib/.built
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
+# --force: setuptools alone skips an extension whose build/ copy is newer than its .cpp and .pyx files, so a new torch
+# (requirements.txt) or a changed setup.py would keep the old build.
 lib/.built: .venv/.installed $(EXT_SOURCES)
-	$(PY) setup.py -q build_ext --inplace
+	$(PY) setup.py -q build_ext --inplace --force
 	touch $@
 
 test: setup
