@@ -1,4 +1,5 @@
 # One-command set-up, tests and demo. Every target is idempotent and quick when nothing changed.
+PYTHON := python3
 PY := .venv/bin/python
 EXT_SOURCES := setup.py lib/cuda_toolkit.py $(wildcard lib/cpool/csrc/*) $(wildcard lib/nms/*.pyx)
 
@@ -6,8 +7,15 @@ EXT_SOURCES := setup.py lib/cuda_toolkit.py $(wildcard lib/cpool/csrc/*) $(wildc
 
 setup: .venv/.installed lib/.built
 
+# requirements.txt pins releases (numpy, matplotlib, onnxruntime) that need Python 3.11: with an older one pip only
+# says "no matching distribution found for numpy", and a .venv it made keeps its Python when venv runs again.
+NEEDS_311 = -c 'import sys; sys.exit(sys.version_info < (3, 11) and "$(1) is Python %s; requirements.txt needs 3.11 \
+	or newer; $(2)" % sys.version.split()[0])'
+
 .venv/.installed: requirements.txt
-	python3 -m venv .venv
+	@$(PYTHON) $(call NEEDS_311,$(PYTHON),make setup PYTHON=python3.12 (say) takes another)
+	$(PYTHON) -m venv .venv
+	@$(PY) $(call NEEDS_311,$(PY),remove .venv (an older Python made it) and run make setup again)
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 

@@ -1,5 +1,5 @@
 """The Makefile's set-up targets, run on a copy of it with stand-in Pythons (no venv, pip or compiler runs): the
-rebuild that setuptools would skip."""
+Python version check before a venv is made, and the rebuild that setuptools would skip."""
 import os
 import shutil
 import subprocess
@@ -45,6 +45,24 @@ def make(folder: Path, *args: str, python3: str) -> subprocess.CompletedProcess:
 
 def calls(folder: Path) -> list[str]:
     return (folder / "calls.txt").read_text().splitlines() if (folder / "calls.txt").exists() else []
+
+
+def test_a_python_older_than_3_11_is_named_before_a_venv_is_made(tmp_path):
+    result = make(tmp_path, "setup", python3="3.10.13")
+    assert result.returncode != 0
+    assert ("python3 is Python 3.10.13; requirements.txt needs 3.11 or newer; make setup PYTHON=python3.12 (say) "
+            "takes another") in result.stderr
+    assert calls(tmp_path) == []
+
+
+def test_a_venv_that_an_older_python_made_is_named_before_pip_runs(tmp_path):
+    """`python3 -m venv .venv` keeps the python of a .venv that exists, whichever Python runs it."""
+    fake_python(tmp_path / ".venv" / "bin" / "python", "3.10.13")
+    result = make(tmp_path, "setup", python3="3.12.1")
+    assert result.returncode != 0
+    assert (".venv/bin/python is Python 3.10.13; requirements.txt needs 3.11 or newer; remove .venv (an older "
+            "Python made it) and run make setup again") in result.stderr
+    assert calls(tmp_path) == ["-m venv .venv"]
 
 
 def test_setup_installs_then_rebuilds_what_setuptools_would_skip(tmp_path):
