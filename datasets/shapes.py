@@ -3,16 +3,16 @@
     python -m datasets.shapes --out data/shapes
     python train.py ... --dataset coco --data_dir data/shapes --train_split train --val_split val --img_size 127
 
-writes `annotations/instances_{train,val}.json` and the JPEGs in `train/` and `val/` (400 + 100 images by default,
-a few seconds). Four classes (rectangle, ellipse, triangle, cross), each of random size, aspect ratio and colour;
-shapes may overlap, but none is covered by more than `--max_occlusion` of its area, and each box is the tight box of
-the shape's visible pixels. Backgrounds are smooth random colour fields with lines, soft blobs and pixel noise;
-`--empty` of the images have no shape. Images are `--min_size`..`--max_size` pixels a side (128..192, at most
-MAX_SIDE), small enough for a CPU model at input 127. Harder: more `--clutter`, `--noise`, `--max_occlusion`, smaller
-`--min_obj`. A folder that already holds a train or val split is refused unless --force is given. The images of
-both splits are written to hidden folders and renamed into place when all are complete, and a failure (a full disk,
-Ctrl-C) removes what this run wrote, so that the same command runs again (with --force, the earlier data set stays
-unless the failure comes after all images were drawn).
+writes `annotations/instances_{train,val}.json` and the JPEGs in `train/` and `val/` (400 + 100 images by default, a few
+seconds). Four classes (rectangle, ellipse, triangle, cross), each of random size, aspect ratio and colour; shapes may
+overlap, but none is covered by more than `--max_occlusion` of its area, and each box is the tight box of the shape's
+visible pixels (at 1, a shape covered whole has none and is left out). Backgrounds are smooth random colour fields with
+lines, soft blobs and pixel noise; `--empty` of the images have no shape. Images are `--min_size`..`--max_size` pixels a
+side (128..192, at most MAX_SIDE), small enough for a CPU model at input 127. Harder: more `--clutter`, `--noise`,
+`--max_occlusion`, smaller `--min_obj`. A folder that already holds a train or val split is refused unless --force is
+given. The images of both splits are written to hidden folders and renamed into place when all are complete, and a
+failure (a full disk, Ctrl-C) removes what this run wrote, so that the same command runs again (with --force, the
+earlier data set stays unless the failure comes after all images were drawn).
 """
 import argparse
 import math
@@ -122,6 +122,8 @@ def make_image(rng: np.random.Generator, cfg: ShapesConfig) -> tuple[np.ndarray,
     objects = []
     for j, cls in enumerate(classes):
         ys, xs = np.nonzero(owner == j)
+        if not len(xs):  # covered whole by later shapes, which --max_occlusion 1 allows: nothing to see, no box
+            continue
         x0, y0 = int(xs.min()), int(ys.min())
         objects.append((cls, [x0, y0, int(xs.max()) + 1 - x0, int(ys.max()) + 1 - y0]))
     return img, objects

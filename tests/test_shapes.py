@@ -170,3 +170,14 @@ def test_a_failed_write_leaves_no_split_and_the_command_runs_again(tmp_path, mon
     monkeypatch.undo()
     generate(tmp_path)
     assert len(list((tmp_path / "val").iterdir())) == 8
+
+
+def test_max_occlusion_1_drops_the_shapes_covered_whole():
+    """--max_occlusion 1 lets a later shape cover an earlier one whole: it has no visible pixel and so no box (its
+    box was the min of no pixels, a numpy traceback)."""
+    rng = np.random.default_rng(0)
+    cfg = ShapesConfig(max_occlusion=1.0, max_objects=30, noise=0.0)
+    for _ in range(5):
+        img, objects = make_image(rng, cfg)
+        for _cls, (x, y, w, h) in objects:
+            assert w >= 1 and h >= 1 and x + w <= img.shape[1] and y + h <= img.shape[0]
