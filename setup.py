@@ -15,7 +15,7 @@ import torch
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-from lib.cuda_toolkit import default_arch_list, find_cuda_home
+from lib.cuda_toolkit import default_arch_list, find_cuda_home, release_mismatch
 
 
 def want_cuda() -> bool:
@@ -36,6 +36,12 @@ def want_cuda() -> bool:
             raise SystemExit("setup.py: FORCE_CUDA=1 but no nvcc on PATH and no CUDA_HOME: set CUDA_HOME to a CUDA "
                              f"toolkit of version {torch.version.cuda} (torch.version.cuda)")
         print("setup.py: a GPU is visible but no CUDA toolkit (nvcc) is: building the CPU kernel only")
+        return False
+    mismatch = release_mismatch(home, torch.version.cuda)
+    if mismatch is not None:
+        if forced:
+            raise SystemExit(f"setup.py: FORCE_CUDA=1, but {mismatch}")
+        print(f"setup.py: a GPU is visible, but {mismatch}; building the CPU kernel only")
         return False
     os.environ["CUDA_HOME"] = str(home)
     arch_list = default_arch_list(dict(os.environ), torch.cuda.device_count())

@@ -1,5 +1,5 @@
-"""Where the CUDA toolkit is and which GPU architectures to compile for: the two choices setup.py makes before
-torch's BuildExtension compiles lib/cpool's CUDA kernel. Imports nothing of torch, so tests call it with fake
+"""Where the CUDA toolkit is, whether torch can build with it, and which GPU architectures to compile for: the
+choices setup.py makes before torch's BuildExtension compiles lib/cpool's CUDA kernel. Imports nothing of torch, so tests call it with fake
 toolkits and setup.py calls it before torch.utils.cpp_extension reads CUDA_HOME at import.
 
 torch alone guesses CUDA_HOME as the folder above `which nvcc`; where nvcc is a wrapper outside the toolkit
@@ -69,6 +69,27 @@ def find_cuda_home(environ: dict[str, str], which: Callable[[str], str | None] =
     raise RuntimeError(f"found nvcc at {nvcc} but no CUDA toolkit with libcudart (looked in "
                        f"{', '.join(map(str, tried + [default]))}): set CUDA_HOME to the toolkit, e.g. "
                        "CUDA_HOME=/usr/local/cuda-12.8")
+
+
+def toolkit_release(home: Path) -> str | None:
+    """The CUDA release ("13.0") that home/bin/nvcc reports, read as torch's BuildExtension reads it; None when it
+    reports none."""
+    try:
+        result = subprocess.run([str(home / "bin" / "nvcc"), "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    found = re.search(r"release (\d+\.\d+)", result.stdout)
+    return found.group(1) if found else None
+
+
+def release_mismatch(home: Path, torch_cuda: str) -> str | None:
+    """Why torch, built with CUDA `torch_cuda`, cannot compile with the toolkit at `home`, or None: its
+    BuildExtension stops on another major release, in a traceback that prints its message unformatted."""
+    release = toolkit_release(home)
+    if release is None or release.split(".")[0] == torch_cuda.split(".")[0]:
+        return None
+    return (f"the CUDA toolkit at {home} is CUDA {release}, and this torch was built with CUDA {torch_cuda}: set "
+            f"CUDA_HOME to a CUDA {torch_cuda.split('.')[0]}.x toolkit")
 
 
 def default_arch_list(environ: dict[str, str], visible_gpus: int) -> str | None:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from lib.cuda_toolkit import DEFAULT_ARCH_LIST, default_arch_list, find_cuda_home, has_cudart
+from lib.cuda_toolkit import DEFAULT_ARCH_LIST, default_arch_list, find_cuda_home, has_cudart, release_mismatch
 
 
 def executable(path: Path, text: str) -> Path:
@@ -73,6 +73,21 @@ def test_default_folder_and_no_nvcc(tmp_path):
     default = toolkit(tmp_path / "cuda")
     assert find_cuda_home({}, which_of(None), default) == default
     assert find_cuda_home({}, which_of(None), NO_DEFAULT) is None  # a CPU machine: no CUDA kernel, no error
+
+
+@pytest.mark.parametrize("release, expected", [
+    ("12.8", "the CUDA toolkit at {home} is CUDA 12.8, and this torch was built with CUDA 13.0: set CUDA_HOME to a "
+             "CUDA 13.x toolkit"),
+    ("13.2", None),  # another minor release: torch warns and builds
+    ("13.0", None),
+    (None, None),  # nvcc reports no release: torch does not check either
+])
+def test_another_major_release_than_torch_s_is_named(tmp_path, release, expected):
+    """torch's BuildExtension stopped on it with a traceback ending in its message unformatted, a tuple with '%s'."""
+    output = f"Cuda compilation tools, release {release}, V{release}.1" if release else "nvcc: no version"
+    executable(tmp_path / "bin" / "nvcc", f'#!/bin/sh\necho "{output}"\n')
+    mismatch = release_mismatch(tmp_path, "13.0")
+    assert mismatch == (expected.format(home=tmp_path) if expected else None)
 
 
 @pytest.mark.parametrize("environ, visible, expected", [
