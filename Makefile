@@ -1,4 +1,6 @@
-# One-command set-up, tests and demo. Every target is idempotent and quick when nothing changed.
+# One-command set-up, tests and demo. The set-up steps (.venv, lib/'s build, the data set) run again only when
+# their output is missing or older than its inputs, and pick up where a stopped run left off; test, demo and
+# gpu-check run in full each time (demo into a new folder).
 PYTHON := python3
 PY := .venv/bin/python
 EXT_SOURCES := setup.py lib/cuda_toolkit.py $(wildcard lib/cpool/csrc/*) $(wildcard lib/nms/*.pyx)
