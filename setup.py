@@ -22,7 +22,10 @@ def want_cuda() -> bool:
     """Whether to compile the CUDA kernel; when so, sets CUDA_HOME (and TORCH_CUDA_ARCH_LIST where torch could not
     choose) for torch's BuildExtension, which reads them later."""
     # CPU machines (and CI) never compile CUDA: it is slow and fails on nvcc / torch version mismatches.
-    forced = os.environ.get("FORCE_CUDA", "0") == "1"
+    force = os.environ.get("FORCE_CUDA") or "0"
+    if force not in ("0", "1"):  # FORCE_CUDA=true or =yes built the CPU kernel only, without a word
+        raise SystemExit(f"setup.py: FORCE_CUDA={force}: expected 1 (build the CUDA kernel) or 0")
+    forced = force == "1"
     if forced and torch.version.cuda is None:
         raise SystemExit(f"FORCE_CUDA=1, but this torch ({torch.__version__}) was built without CUDA")
     if torch.version.cuda is None or not (forced or torch.cuda.is_available()):

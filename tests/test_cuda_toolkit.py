@@ -1,5 +1,8 @@
-"""lib/cuda_toolkit.py on fake toolkits: which CUDA_HOME setup.py builds with, and the default GPU architectures."""
+"""lib/cuda_toolkit.py on fake toolkits: which CUDA_HOME setup.py builds with, and the default GPU architectures;
+setup.py's FORCE_CUDA."""
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -113,3 +116,11 @@ def test_default_arch_list_gives_sass_and_ptx(monkeypatch):
 @pytest.mark.skipif(not os.path.exists("/usr/local/cuda/bin/nvcc"), reason="needs a real CUDA toolkit")
 def test_real_toolkit_found_from_nvcc():
     assert has_cudart(find_cuda_home({}))
+
+
+def test_force_cuda_other_than_0_or_1_is_refused():
+    """FORCE_CUDA=true built the CPU kernel only, without a word (`--name` builds nothing)."""
+    result = subprocess.run([sys.executable, "setup.py", "--name"], cwd=Path(__file__).resolve().parents[1],
+                            env={**os.environ, "FORCE_CUDA": "true"}, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.endswith("setup.py: FORCE_CUDA=true: expected 1 (build the CUDA kernel) or 0\n")
