@@ -158,7 +158,8 @@ def write_split(out: Path, split: str, num_images: int, seed: int, cfg: ShapesCo
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("built-in shapes data set (COCO layout)")
+    p = argparse.ArgumentParser("python -m datasets.shapes", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="data/shapes", help="folder to write (created)")
     p.add_argument("--num_train", type=int, default=400)
     p.add_argument("--num_val", type=int, default=100)
