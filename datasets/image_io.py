@@ -142,8 +142,8 @@ def header_pixels(data: bytes) -> int | None:
 
 def as_bgr8(image: np.ndarray) -> np.ndarray:
     """An image array converted as `load_image` converts a PNG file of it: (H, W) or (H, W, 1) gray to BGR,
-    (H, W, 4) BGRA without its alpha, 16-bit values to their high byte; (H, W, 3) uint8 BGR comes back as it is. Anything else,
-    and an image without pixels, is an ArgumentError naming its shape and dtype."""
+    (H, W, 4) BGRA without its alpha, 16-bit values to their high byte; (H, W, 3) uint8 BGR comes back as it is.
+    Anything else, and an image without pixels, is an ArgumentError naming its shape and dtype."""
     if not isinstance(image, np.ndarray):
         # The conversion a user reaches for first, np.asarray(image), gives RGB: no error, other detections.
         hint = "; a PIL image is RGB: pass np.asarray(image.convert('RGB'))[:, :, ::-1]" \

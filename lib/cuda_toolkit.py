@@ -1,6 +1,6 @@
 """Where the CUDA toolkit is, whether torch can build with it, and which GPU architectures to compile for: the
-choices setup.py makes before torch's BuildExtension compiles lib/cpool's CUDA kernel. Imports nothing of torch, so tests call it with fake
-toolkits and setup.py calls it before torch.utils.cpp_extension reads CUDA_HOME at import.
+choices setup.py makes before torch's BuildExtension compiles lib/cpool's CUDA kernel. Imports nothing of torch, so
+tests call it with fake toolkits and setup.py calls it before torch.utils.cpp_extension reads CUDA_HOME at import.
 
 torch alone guesses CUDA_HOME as the folder above `which nvcc`; where nvcc is a wrapper outside the toolkit
 (/usr/local/bin/nvcc running /usr/local/cuda-13.0/bin/nvcc) that guess has no libcudart, so compiling succeeds and
