@@ -102,7 +102,7 @@ def changed_settings(cfg: InferenceConfig, num_scales: int, amp: bool | str) -> 
 
 
 # The largest test scale: a network input's memory grows with the square of the scale (8: 64 times the pixels of
-# the image; the published multi-scale test goes to 1.5), and a scale far above it fails in OpenCV or the
+# the image; the official multi-scale test goes to 1.8), and a scale far above it fails in OpenCV or the
 # kernel's out-of-memory killer, after the work has started.
 MAX_TEST_SCALE = 8.0
 
