@@ -81,7 +81,9 @@ def results_path(model: Path, split: str, scales: list[float], flip: bool, onnx:
     tag = [model.stem] + (["onnx"] if onnx else [])
     extra = (["flip"] if flip else []) + ([settings_hash(settings)] if settings else [])
     if server:  # the server reads the algorithm name from the file name: letters, digits and hyphens
-        alg = [model.parent.name, *tag, "s" + "-".join(f"{round(s * 100)}" for s in scales), *extra]
+        # Scales in percent, as precise as in the other names (0.625 -> 62p5: rounded, it was 0.62's name).
+        percents = (f"{s * 100:g}".replace(".", "p") for s in scales)
+        alg = [model.parent.name, *tag, "s" + "-".join(percents), *extra]
         return model.parent / server_results_name(split, "-".join(alg))
     name = "_".join([f"results_{split}", *tag, "s" + "_".join(f"{s:g}" for s in scales), *extra])
     return model.parent / f"{name}.json"

@@ -139,6 +139,13 @@ def test_results_names_carry_the_split_model_scales_flip_and_changed_settings():
         settings_hash({"topk": 21, "amp": True})
     assert results_path(model, "test-dev2017", [0.5, 1.0], True, False, {}, True).name == \
         "detections_test-dev2017_run-epoch-10-s50-100-flip_results.json"
+    # Scales that differ get names that differ, in the server's name too (it rounded to whole percents).
+    for split, server in (("val2017", False), ("test-dev2017", True)):
+        names = {results_path(model, split, scales, True, False, {}, server).name
+                 for scales in ([0.62, 1.0], [0.625, 1.0], [0.63, 1.0], [1.0], [1.004], [0.6, 1.2, 1.8])}
+        assert len(names) == 6
+    assert results_path(model, "test-dev2017", [0.625, 1.0, 1.8], False, False, {}, True).name == \
+        "detections_test-dev2017_run-epoch-10-s62p5-100-180_results.json"
 
 
 def test_amp_dtype_reaches_cuda_autocast_and_is_one_setting_on_the_cpu():
