@@ -4,13 +4,15 @@
   batches. Optimizer step s of the epoch uses positions [s * B, (s + 1) * B) of it, split over the processes
   (`EpochSampler`), so one process with batch B and N processes with B / N see the same images at every step, and
   a run resumed at step s (even with another number of processes) continues with exactly the images it had left.
-- `TrainSamples`: the augmentation of image i in epoch e is drawn from a generator seeded with (seed, epoch, i),
+- `TrainSamples`: the augmentation of item i in epoch e is drawn from a generator seeded with (seed, epoch, i, 1),
   not from a process-wide generator. Every sample of a step thus gets its own draw, whichever process or data
   loading worker reads it (the processes of a DDP run never repeat each other's crops), and the draw is the same
-  after a resume.
-- One unreadable image in a large training set does not end the run: it is replaced by the next readable one,
-  with a warning that names the file, and counted once (`unreadable` in its own item) so that the training loop
-  can stop when too many fail. Evaluation reads the data set directly and stays strict.
+  after a resume. The seeds end in a non-zero attempt number, since numpy's seeding ignores trailing zeros: (seed,
+  epoch, 0) would draw what the epoch's order (seed, epoch) draws.
+- One unreadable image in a large training set does not end the run: it is replaced by the next readable one, drawn
+  with the item's seed and the attempt's number (not as that image's own item, which would repeat it exactly in the
+  epoch), with a warning that names the file, and counted once (`unreadable` in its own item) so that the training
+  loop can stop when too many fail. Evaluation reads the data set directly and stays strict.
 """
 import warnings
 
@@ -62,7 +64,8 @@ class TrainSamples(Dataset):
         for skipped in range(tries):
             i = (index + skipped) % len(self.dataset)
             try:
-                item = self.dataset.train_sample(i, np.random.default_rng([self.seed, self.epoch, i]))
+                rng = np.random.default_rng([self.seed, self.epoch, index, skipped + 1])
+                item = self.dataset.train_sample(i, rng)
             except (DataError, MissingFileError) as e:
                 warnings.warn(f"skipping a training image that cannot be used: {e}", DataWarning)
                 last_error = e

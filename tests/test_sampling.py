@@ -78,3 +78,33 @@ def test_a_split_whose_images_all_fail_says_how_many_it_tried(size, message):
     with pytest.raises(DataError, match=message), pytest.warns(UserWarning, match="image file not found"):
         TrainSamples(images, seed=0, epoch=1)[2 % size]
     assert sorted(images.read) == sorted(set(images.read)) and len(images.read) == min(size, MAX_REPLACEMENTS)
+
+
+class RecordedDraws:
+    """A data set of `size` images whose `missing` ones fail; each item holds the first draw of its generator."""
+
+    img_dir = "data/train"
+
+    def __init__(self, size: int, missing: set[int]):
+        self.size, self.missing = size, missing
+
+    def __len__(self) -> int:
+        return self.size
+
+    def train_sample(self, index: int, rng: np.random.Generator) -> dict:
+        if index in self.missing:
+            raise DataError(f"data/train/{index}.jpg: image file not found")
+        return {"image_index": index, "draw": rng.random()}
+
+
+def test_each_item_draws_its_own_augmentation_apart_from_the_epoch_order():
+    """Item 1 stands in for unreadable image 1 with image 2, which item 2 reads too: both were seeded with image 2's
+    index, the same crop twice in one epoch. And item 0's seed (seed, epoch, 0) was the epoch order's (seed, epoch),
+    since numpy's seeding drops trailing zeros."""
+    samples = TrainSamples(RecordedDraws(4, missing={1}), seed=317, epoch=3)
+    with pytest.warns(UserWarning, match="1.jpg: image file not found"):
+        items = [samples[i] for i in range(4)]
+    assert [item["image_index"] for item in items] == [0, 2, 2, 3]
+    draws = [item["draw"] for item in items] + [np.random.default_rng([317, 3]).random()]
+    assert len(set(draws)) == len(draws)
+    assert [samples[i]["draw"] for i in (0, 2, 3)] == [draws[0], draws[2], draws[3]]  # the same after a resume
