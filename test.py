@@ -40,6 +40,7 @@ from datasets.coco_eval import BACKENDS, check_backend, check_results_free, resu
 from datasets.transforms import eval_sizes
 from engine.inference import MAX_TOPK, InferenceConfig, build_eval_config, changed_settings, evaluate, parse_scales
 from engine.onnx_backend import OnnxModel
+from engine.run_folder import check_log_name
 from nets import model_from_checkpoint, variant_name
 from utils import dist
 from utils.checkpoint import load_inference_checkpoint, refuse_onnx_as_checkpoint, saved_args
@@ -102,6 +103,7 @@ def checkpoint_path(args: argparse.Namespace) -> Path:
         return Path(args.ckpt)
     if not args.log_name:
         raise ArgumentError("give --log_name (evaluates CKPT_DIR/LOG_NAME/checkpoint.pt) or --ckpt PATH")
+    check_log_name(args.log_name, "; --ckpt PATH evaluates a checkpoint file elsewhere")
     return Path(args.ckpt_dir) / args.log_name / "checkpoint.pt"
 
 

@@ -13,9 +13,8 @@ SIGTERM or Ctrl-C, and resumes from the exact step it reached. The loop itself: 
 run folder (new run, resume, what may continue): engine/run_folder.py.
 """
 import argparse
-import os
 
-from engine.run_folder import RunComplete, RunFolderLock
+from engine.run_folder import RunComplete, RunFolderLock, check_log_name
 from engine.trainer import parse_lr_steps, train
 from nets import ARCHS, METHODS
 from nets.hourglass import CENTER_BRANCHES, CORNER_POOLS
@@ -110,9 +109,7 @@ def check_args(args: argparse.Namespace) -> None:
     # A box must fit the training crop to be kept: a larger minimum would drop every box.
     check_number("--min_box_size", args.min_box_size, 0, args.img_size, below=True)
     check_number("--max_bad_fraction", args.max_bad_fraction, 0, 1, below=True)
-    if args.log_name in ("", ".", "..") or "/" in args.log_name or os.sep in args.log_name:
-        raise ArgumentError(f"--log_name {args.log_name!r}: expected a folder name, without path separators and "
-                            "not '..' (the run folder is created under --ckpt_dir)")
+    check_log_name(args.log_name)
     parse_lr_steps(args.lr_step)
 
 

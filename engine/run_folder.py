@@ -17,6 +17,14 @@ from utils.files import make_folder
 CHECKPOINT, BEST = "checkpoint.pt", "best.pt"
 
 
+def check_log_name(log_name: str, hint: str = "") -> None:
+    """Refuses a --log_name that is not one folder name: with a separator or as '..' it would lead outside
+    --ckpt_dir, where a run folder would be created or results written beside a checkpoint found there."""
+    if log_name in ("", ".", "..") or "/" in log_name or os.sep in log_name:
+        raise ArgumentError(f"--log_name {log_name!r}: expected a folder name, without path separators and not '..' "
+                            f"(the run folder under --ckpt_dir){hint}")
+
+
 class RunComplete(Exception):
     """--resume of a run that has trained its --num_epochs (a job requeued after its last save): nothing to do,
     which is a success (exit status 0)."""

@@ -122,6 +122,17 @@ def test_errors(ckpt_dir, tmp_path):
         test_cli.main(cli_args(tmp_path, "--log_name", "other"))
 
 
+def test_a_log_name_that_is_not_one_folder_name_is_refused(ckpt_dir, tmp_path):
+    """As train.py refuses it: `..` or a path read a checkpoint outside --ckpt_dir and wrote the results beside it."""
+    save_checkpoint(tmp_path / "checkpoint.pt", load_checkpoint(ckpt_dir / "tiny" / "checkpoint.pt"))
+    nested = tmp_path / "ckpt"
+    nested.mkdir()
+    for log_name in ("..", "../ckpt/..", "a/b"):
+        with pytest.raises(ArgumentError, match=r"^--log_name .*: expected a folder name, without path separators"):
+            test_cli.main(cli_args(nested, "--log_name", log_name))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "ckpt"]
+
+
 def test_results_names_carry_the_split_model_scales_flip_and_changed_settings():
     model = Path("run") / "epoch_10.pt"
     assert changed_settings(official_config(1), 1, amp=False) == {}
