@@ -45,7 +45,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "or none (no center loss, no center check); default: the --method's")
     p.add_argument("--img_size", type=int, default=511, help="training crop size, of the form 128k-1")
     p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--lr_step", default="90,120", help="epochs after which the lr is multiplied by 0.1")
+    p.add_argument("--lr_step", default="90,120", help="epochs after which the lr is multiplied by 0.1 (\"\": none)")
     p.add_argument("--batch_size", type=int, default=48, help="global batch, split over the processes")
     p.add_argument("--num_epochs", type=int, default=200)
     p.add_argument("--num_workers", type=int, default=2, help="data loading workers per process")

@@ -42,9 +42,10 @@ class TrainingDiverged(UserError, FloatingPointError):
 
 def parse_lr_steps(text: str) -> list[int]:
     """--lr_step "90,120" -> [90, 120]: epochs of at least 1, increasing (0 would divide the lr from the start, a
-    negative one be ignored)."""
+    negative one be ignored); "" -> [], no step. An empty entry ("90,,120", ",") is a typo, refused as in
+    --test_scales."""
     try:
-        steps = [int(s) for s in text.split(",") if s.strip()]
+        steps = [int(s) for s in text.split(",")] if text.strip() else []
     except ValueError:
         steps = None
     if steps is None or any(s < 1 for s in steps) or any(a >= b for a, b in zip(steps, steps[1:])):

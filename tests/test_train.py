@@ -155,6 +155,8 @@ def test_flags_that_cannot_work_are_refused_before_anything_is_created(shapes_di
                            (("--lr_step", "5,3"), "--lr_step: expected increasing"),
                            (("--lr_step", "5,5"), "--lr_step: expected increasing"),
                            (("--lr_step", "5,x"), "--lr_step: expected increasing"),
+                           (("--lr_step", "5,,9"), "--lr_step: expected increasing"),  # was taken as 5,9
+                           (("--lr_step", ","), "--lr_step: expected increasing"),  # was taken as no step
                            (("--max_bad_fraction", "1"), r"--max_bad_fraction: expected a number in \[0, 1\)"),
                            (("--log_name", "../../x"), "expected a folder name, without path separators"),
                            (("--log_name", ".."), "expected a folder name"),
@@ -177,6 +179,10 @@ def test_flags_that_cannot_work_are_refused_before_anything_is_created(shapes_di
         with pytest.raises(ArgumentError, match=message):
             train.main(args_for(shapes_dir, tmp_path, *flags))
         assert not (tmp_path / "run").exists()
+
+
+def test_lr_step_empty_is_no_step_and_blanks_around_epochs_are_fine():
+    assert trainer.parse_lr_steps("") == [] and trainer.parse_lr_steps(" 90, 120") == [90, 120]
 
 
 def test_a_failed_run_logs_its_error_and_its_folder_takes_a_new_run(shapes_dir, tmp_path):
