@@ -54,6 +54,17 @@ def parse_lr_steps(text: str) -> list[int]:
     return steps
 
 
+def late_lr_steps_note(steps: list[int], num_epochs: int, lr: float) -> str | None:
+    """A line for the log when --lr_step names epochs at or after the last one, whose drops this run never makes
+    (kept, not refused: a --resume with more --num_epochs makes them); None when every step falls inside the run."""
+    late = [str(s) for s in steps if s >= num_epochs]
+    if not late:
+        return None
+    throughout = f", so the lr stays {lr:g} throughout" if len(late) == len(steps) else ""
+    return (f"--lr_step {','.join(late)}: at or after the last epoch ({num_epochs}), not taken in this run{throughout} "
+            "(a --resume with more --num_epochs takes it)")
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -305,7 +316,7 @@ def train(args: argparse.Namespace, signals: StopSignals, folder_lock: RunFolder
         logger.info(plan_message)
         for line in objective_notes:
             logger.info(line)
-        for note in (scaler_note, schedule_note):
+        for note in (scaler_note, schedule_note, late_lr_steps_note(lr_steps, args.num_epochs, args.lr)):
             if note:
                 logger.info(note)
         if dist.is_main():

@@ -109,6 +109,11 @@ def test_resume_follows_a_changed_lr_schedule_and_says_so(shapes_dir, tmp_path):
     log = (tmp_path / "run" / "train.log").read_text()
     assert "resuming with --lr 0.001 --lr_step 1 (it was trained with --lr 0.001 --lr_step 5): the learning rate " \
            "is 0.0001 from epoch 2" in log
+    # The first run's step after its last epoch is told (a user of --num_epochs 70 and the default 90,120 trains
+    # without a drop); the resumed run's step falls inside it.
+    assert log.count("not taken in this run") == 1
+    assert "--lr_step 5: at or after the last epoch (1), not taken in this run, so the lr stays 0.001 throughout " \
+           "(a --resume with more --num_epochs takes it)" in log
 
 
 def test_the_progress_bar_counts_a_step_before_showing_its_loss(shapes_dir, tmp_path, capsys):
