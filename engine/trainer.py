@@ -1,7 +1,9 @@
 """The training loop of train.py: one epoch (`train_one_epoch`, with gradient accumulation, mid-epoch saves and
 the unreadable-image budget), its position inside an epoch (`EpochProgress`, what a mid-epoch checkpoint holds),
-and the whole run (`train`): data, network, optimizer, resume, validation and checkpoints in the run folder
-(engine/run_folder.py). Fine-tuning from another run's weights: engine/pretrained.py.
+and the whole run (`train`): data (`build_datasets`), network, optimizer, scheduler and scaler (`build_training`,
+`resume_training`: a `TrainingState`), the log's opening lines (`log_run_start`), then the epochs with validation
+and checkpoints in the run folder (`run_epochs`; engine/run_folder.py). Fine-tuning from another run's weights:
+engine/pretrained.py.
 """
 import argparse
 import bisect
@@ -19,10 +21,10 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from datasets import build_dataset
-from datasets.coco import check_same_categories
+from datasets.coco import CocoDetection, check_same_categories
 from datasets.sampling import EpochSampler, TrainSamples, epoch_order
 from engine.inference import EvaluationStopped, InferenceConfig, evaluate
-from engine.pretrained import load_pretrained_checkpoint
+from engine.pretrained import PretrainedReport, load_pretrained_checkpoint
 from engine.run_folder import (BEST, CHECKPOINT, RunFolderLock, check_resumable, on_main_for_all,
                                run_folder_plan)
 from engine.visualize import val_images
@@ -242,13 +244,42 @@ def load_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer
     state_in_parameter_layout(optimizer)
 
 
-def train(args: argparse.Namespace, signals: StopSignals, folder_lock: RunFolderLock) -> tuple[float, bool]:
-    """The run of `main`: (last validation AP, whether a signal stopped it). The main process holds `folder_lock` on
-    the run folder from before it decides to start or resume there."""
-    args = argparse.Namespace(**vars(args))  # completed below; the caller's flags stay as given, to run again
-    # The variant's two parts, resolved from the preset once: the checkpoint's args hold what the network is.
-    vars(args).update(resolve_variant(args.method, args.corner_pool, args.center_branch))
-    launched_without_flag = dist.launched() and not args.dist
+@dataclass
+class TrainingState:
+    """The network (`config` rebuilds it from a checkpoint) and what trains it: the optimizer, the learning rate
+    schedule, the fp16 loss scaler, the memory layout and the --amp dtype (or False); and where the run stands: the
+    first epoch to train, the best validation AP, the optimizer steps done, the position inside a part-trained epoch
+    and whether the validation of the epoch before `start_epoch` is still to run."""
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.MultiStepLR
+    scaler: torch.amp.GradScaler
+    config: dict
+    memory_format: torch.memory_format
+    amp: bool | str
+    start_epoch: int = 1
+    best_ap: float = -1.0
+    global_step: int = 0
+    progress: EpochProgress | None = None
+    validation_pending: bool = False
+
+    def steps_done(self) -> int:
+        """Optimizer steps of the run (the checkpoint's, before a resumed epoch starts)."""
+        return self.progress.global_step if self.progress else self.global_step
+
+    def state_dict(self, epoch_done: int, position: dict | None, args: argparse.Namespace,
+                   train_set: CocoDetection) -> dict:
+        """What checkpoint.pt holds after `epoch_done` epochs and, mid-epoch, the next one's `position`."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "epoch": epoch_done,
+                "position": position, "global_step": self.steps_done(), "best_ap": self.best_ap,
+                "args": dict(vars(args)), "model_config": self.config, "class_names": train_set.class_names,
+                "category_ids": train_set.cat_ids}
+
+
+def init_process(args: argparse.Namespace) -> torch.device:
+    """Joins the other processes of a distributed run (--dist, or started by a launcher) and returns this process's
+    device, refusing a --batch_size the processes cannot share and --sync_bn off CUDA."""
     dist.init_distributed(args.dist or dist.launched(), args.local_rank, args.device)
     if args.batch_size % dist.world_size():  # --batch_size is that of one forward over all the processes
         raise ArgumentError(f"--batch_size {args.batch_size} must be divisible by the number of processes "
@@ -257,17 +288,13 @@ def train(args: argparse.Namespace, signals: StopSignals, folder_lock: RunFolder
     if args.sync_bn and device.type != "cuda":  # torch's SyncBatchNorm refuses CPU tensors at the first step
         raise ArgumentError(f"--sync_bn: SyncBatchNorm runs on CUDA devices only, and this run is on {device}; "
                             "drop --sync_bn")
-    run_dir = Path(args.ckpt_dir) / args.log_name
-    on_main_for_all(lambda: folder_lock.hold(run_dir))
-    resuming, plan_message = on_main_for_all(lambda: run_folder_plan(run_dir, args.resume))
-    lr_steps = parse_lr_steps(args.lr_step)
-    seed_everything(args.seed)
-    state = load_checkpoint(run_dir / CHECKPOINT) if resuming else None
-    objective_notes = []
-    if state is not None:
-        objective, objective_notes = resumed_objective(saved_args(state), vars(args))
-        vars(args).update(objective)
+    return device
 
+
+def build_datasets(args: argparse.Namespace) -> tuple[CocoDetection, CocoDetection]:
+    """The training and validation sets, refused before any training when they cannot make a run: a val split
+    without annotations, a train split without a box, different categories, a val image missing, or fewer training
+    images than one optimizer step takes."""
     train_set = build_dataset(args, args.train_split, train=True, min_box_size=args.min_box_size)
     val_set = build_dataset(args, args.val_split, train=False)
     if not val_set.has_annotations:
@@ -282,10 +309,12 @@ def train(args: argparse.Namespace, signals: StopSignals, folder_lock: RunFolder
     if len(train_set) < step_batch:
         raise ArgumentError(f"--batch_size {args.batch_size} x --accum_steps {args.accum_steps} is larger than the "
                             f"training set ({len(train_set)} images): no optimizer step would be made")
-    args.num_classes = len(train_set.class_names)
+    return train_set, val_set
 
-    if state is not None:
-        check_resumable(state, args, train_set.class_names, run_dir / CHECKPOINT)
+
+def build_training(args: argparse.Namespace, device: torch.device, lr_steps: list[int]) -> TrainingState:
+    """A new run's network (SyncBatchNorm across processes with --sync_bn), Adam, the --lr_step schedule and the
+    loss scaler, at its first epoch."""
     config = model_config(args.arch, args.num_classes, args.corner_pool, args.center_branch)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     model = build_model(args.arch, args.num_classes, args.grad_checkpoint, args.corner_pool,
@@ -296,138 +325,189 @@ def train(args: argparse.Namespace, signals: StopSignals, folder_lock: RunFolder
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=lr_steps, gamma=0.1)
     amp = args.amp and args.amp_dtype
     scaler = grad_scaler(device, amp)
-    start_epoch, best_ap, global_step, progress, validation_pending = 1, -1.0, 0, None, False
-    scaler_note = schedule_note = None
+    return TrainingState(model, optimizer, scheduler, scaler, config, memory_format, amp)
+
+
+def resume_training(training: TrainingState, state: dict, path: Path) -> list[str | None]:
+    """Puts `training` where the checkpoint `state` (read from `path`) left the run; returns the lines for the log
+    on what this command changes there, the loss scaling and the learning rate schedule (None: nothing)."""
+    load_training_state(training.model, training.optimizer, state, path)
+    schedule_note = continue_schedule(training.optimizer, training.scheduler, state["epoch"], saved_args(state))
+    scaler_note = resume_scaler(training.scaler, state["scaler"], path)
+    training.start_epoch, training.best_ap, training.global_step = \
+        state["epoch"] + 1, state["best_ap"], state["global_step"]
+    training.progress = EpochProgress.from_position(state["position"]) if state.get("position") else None
+    training.validation_pending = bool(state.get("validation_pending"))
+    return [scaler_note, schedule_note]
+
+
+def log_run_start(logger: RunLogger, notes: list[str | None], run_dir: Path, args: argparse.Namespace,
+                  training: TrainingState, train_set: CocoDetection, val_set: CocoDetection, device: torch.device,
+                  pretrained: PretrainedReport | None, launched_without_flag: bool, resuming: bool) -> None:
+    """The run's first lines in train.log: `notes` (how it starts or resumes; None: no line), the temporary files
+    of an interrupted save it removes, how it was launched, the --pretrained weights, then what trains on what."""
+    for note in notes:
+        if note:
+            logger.info(note)
+    if dist.is_main():
+        for stale in remove_stale_temporaries(run_dir, CHECKPOINT) + remove_stale_temporaries(run_dir, BEST):
+            logger.info(f"removed {stale}, left by a save that was interrupted")
+    if launched_without_flag:
+        logger.info(f"started as {dist.world_size()} processes by a launcher: training with "
+                    "DistributedDataParallel (--dist implied)")
+    for line in pretrained.lines() if pretrained else []:
+        logger.info(line)
+    if val_set.ground_truth_note:
+        logger.info(f"warning: {val_set.ground_truth_note}")
+    if args.pretrained and resuming:
+        logger.info(f"--pretrained {args.pretrained} not read: the run resumes from its own checkpoint, which "
+                    "holds the weights it started from and trained")
+    variant = variant_name(args.corner_pool, args.center_branch)
+    start_epoch, progress = training.start_epoch, training.progress
+    logger.info(f"{args.arch} ({variant}) at epoch {start_epoch}{f' step {progress.step}' if progress else ''}: "
+                f"{args.num_classes} classes, {len(train_set)} train / {len(val_set)} val images, "
+                f"{dist.world_size()} process(es) on {device}")
+
+
+def model_for_training_steps(model: torch.nn.Module, device: torch.device, compile_steps: bool,
+                             logger: RunLogger) -> torch.nn.Module:
+    """`model` as the training steps run it: in DistributedDataParallel across processes, and through torch.compile
+    with --compile."""
+    ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if dist.is_dist() else model
+    # Only the training steps are compiled: validation's image sizes vary, and would each compile anew.
+    train_model = ddp_model
+    if compile_steps:
+        train_model = torch.compile(ddp_model)
+        logger.info("--compile: the training steps run through torch.compile, which compiles on the first step")
+    return train_model
+
+
+def run_epochs(args: argparse.Namespace, training: TrainingState, train_model: torch.nn.Module,
+               train_set: CocoDetection, val_set: CocoDetection, device: torch.device, run_dir: Path,
+               logger: RunLogger, signals: StopSignals) -> tuple[float, bool]:
+    """The validation a stop left pending, then the epochs from `training.start_epoch` to --num_epochs, each ended by
+    its validation (when due) and saves, with mid-epoch saves every --ckpt_interval minutes and on a stop request.
+    Returns (last validation AP, whether a stop request stopped the run)."""
+    eval_config = InferenceConfig()  # the official single-scale settings
+    step_batch = args.batch_size * args.accum_steps
+
+    def end_epoch(epoch: int, validate: bool) -> bool:
+        """Validation (when due), then checkpoint.pt and, on a better AP, best.pt. A val image missing or corrupt
+        stops the run, and a stop request (SIGTERM, Ctrl-C) the validation, but the epoch trained is saved
+        first, marked for its validation to run on --resume. Whether a stop request ended the validation (the
+        same on every process)."""
+        nonlocal ap
+        if validate:
+            dist.broadcast_buffers(training.model)  # every process validates the network the checkpoint holds
+            try:
+                stats = evaluate(training.model, val_set, eval_config, device=device, num_workers=args.num_workers,
+                                 amp=training.amp, stop=lambda: signals.received is not None)
+            except (UserError, EvaluationStopped) as error:
+                snapshot = {**training.state_dict(epoch, None, args, train_set), "validation_pending": True}
+                on_main_for_all(lambda: save_checkpoint(run_dir / CHECKPOINT, snapshot))
+                if isinstance(error, EvaluationStopped):
+                    return True
+                raise
+            ap = stats["AP"]
+            logger.scalars({"AP": ap, "AP50": stats["AP50"]}, training.steps_done(), prefix="val/")
+            logger.info(f"epoch {epoch}: val AP {ap:.4f} AP50 {stats['AP50']:.4f}")
+            if dist.is_main():  # a few val images with true (green) and detected boxes, in tensorboard
+                logger.images("val/boxes", val_images(training.model, val_set, eval_config, device, amp=training.amp),
+                              training.steps_done())
+        improved = validate and ap > training.best_ap
+        training.best_ap = max(training.best_ap, ap)
+        snapshot = training.state_dict(epoch, None, args, train_set)
+        # checkpoint.pt first: a failure between the two saves leaves a folder that --resume continues.
+        on_main_for_all(lambda: save_checkpoint(run_dir / CHECKPOINT, snapshot))
+        if improved:
+            on_main_for_all(lambda: save_checkpoint(run_dir / BEST, snapshot))
+        timer.reset()
+        return False
+
+    timer = CheckpointTimer(args.ckpt_interval)
+    ap, where = training.best_ap, None  # where a stop request (SIGTERM, Ctrl-C) stopped the run, for its last line
+    start_epoch = training.start_epoch
+    if training.validation_pending:
+        logger.info(f"epoch {start_epoch - 1}: its validation did not end before the run stopped; it runs now")
+        if end_epoch(start_epoch - 1, True):
+            where = f"epoch {start_epoch - 1}'s validation"
+    for epoch in range(start_epoch, args.num_epochs + 1):
+        if where:
+            break
+        if training.progress is None or training.progress.epoch != epoch:
+            training.progress = EpochProgress(epoch, epoch_order(len(train_set), step_batch, args.seed, epoch),
+                                              step_batch, training.steps_done())
+        progress = training.progress
+        loader = make_train_loader(TrainSamples(train_set, args.seed, epoch), progress, args.num_workers, device,
+                                   args.accum_steps)
+
+        def save_mid_epoch():
+            snapshot = training.state_dict(epoch - 1, progress.position(), args, train_set)
+            on_main_for_all(lambda: save_checkpoint(run_dir / CHECKPOINT, snapshot))
+            timer.reset()
+
+        if train_one_epoch(
+                train_model, loader, training.optimizer, training.scaler, device, training.amp, progress, logger,
+                pause=lambda: dist.any_true(signals.received is not None, dist.is_main() and timer.due()),
+                save=save_mid_epoch, max_unreadable=args.max_bad_fraction * len(progress.order),
+                accum_steps=args.accum_steps, loss_config=build_loss_config(args),
+                memory_format=training.memory_format):
+            where = f"epoch {epoch}, step {progress.step} of {progress.steps}"
+            break
+        training.scheduler.step()
+        means = {k: v / max(progress.steps * args.accum_steps, 1) for k, v in progress.sums.items()}
+        logger.info(f"epoch {epoch}: " + " ".join(f"{k} {v:.4f}" for k, v in means.items()) +
+                    (f" ({progress.unreadable} unreadable images skipped)" if progress.unreadable else ""))
+
+        if end_epoch(epoch, epoch == args.num_epochs or (args.val_interval > 0 and epoch % args.val_interval == 0)):
+            where = f"epoch {epoch}'s validation"
+        # After the last epoch's save the run is complete: a stop received meanwhile has nothing left to stop.
+        elif epoch < args.num_epochs and dist.any_true(signals.received is not None)[0]:
+            where = f"the end of epoch {epoch}"
+    if where:
+        logger.info(f"stopped by {signals.received or 'a signal to another process'} at {where}; saved "
+                    f"{run_dir / CHECKPOINT}. Resume with the same command plus --resume")
+    return ap, where is not None
+
+
+def train(args: argparse.Namespace, signals: StopSignals, folder_lock: RunFolderLock) -> tuple[float, bool]:
+    """The run of `main`: (last validation AP, whether a signal stopped it). The main process holds `folder_lock` on
+    the run folder from before it decides to start or resume there."""
+    args = argparse.Namespace(**vars(args))  # completed below; the caller's flags stay as given, to run again
+    # The variant's two parts, resolved from the preset once: the checkpoint's args hold what the network is.
+    vars(args).update(resolve_variant(args.method, args.corner_pool, args.center_branch))
+    launched_without_flag = dist.launched() and not args.dist
+    device = init_process(args)
+    run_dir = Path(args.ckpt_dir) / args.log_name
+    on_main_for_all(lambda: folder_lock.hold(run_dir))
+    resuming, plan_message = on_main_for_all(lambda: run_folder_plan(run_dir, args.resume))
+    lr_steps = parse_lr_steps(args.lr_step)
+    seed_everything(args.seed)
+    state = load_checkpoint(run_dir / CHECKPOINT) if resuming else None
+    objective_notes = []
     if state is not None:
-        load_training_state(model, optimizer, state, run_dir / CHECKPOINT)
-        schedule_note = continue_schedule(optimizer, scheduler, state["epoch"], saved_args(state))
-        scaler_note = resume_scaler(scaler, state["scaler"], run_dir / CHECKPOINT)
-        start_epoch, best_ap, global_step = state["epoch"] + 1, state["best_ap"], state["global_step"]
-        progress = EpochProgress.from_position(state["position"]) if state.get("position") else None
-        validation_pending = bool(state.get("validation_pending"))
-        del state
+        objective, objective_notes = resumed_objective(saved_args(state), vars(args))
+        vars(args).update(objective)
+    train_set, val_set = build_datasets(args)
+    args.num_classes = len(train_set.class_names)
+    if state is not None:
+        check_resumable(state, args, train_set.class_names, run_dir / CHECKPOINT)
+    training = build_training(args, device, lr_steps)
+    resume_notes = resume_training(training, state, run_dir / CHECKPOINT) if state is not None else []
+    del state
 
     # Before the log is opened: a missing or foreign --pretrained file leaves nothing written (the lock removes the
     # run folder it created), so nothing refuses the corrected rerun.
-    pretrained = load_pretrained_checkpoint(model, args.pretrained, train_set.class_names, args.arch) \
+    pretrained = load_pretrained_checkpoint(training.model, args.pretrained, train_set.class_names, args.arch) \
         if args.pretrained and not resuming else None  # a resumed run already holds the fine-tuned weights
     logger = RunLogger(run_dir, enabled=dist.is_main())
     try:
-        logger.info(plan_message)
-        for line in objective_notes:
-            logger.info(line)
-        for note in (scaler_note, schedule_note, late_lr_steps_note(lr_steps, args.num_epochs, args.lr)):
-            if note:
-                logger.info(note)
-        if dist.is_main():
-            for stale in remove_stale_temporaries(run_dir, CHECKPOINT) + remove_stale_temporaries(run_dir, BEST):
-                logger.info(f"removed {stale}, left by a save that was interrupted")
-        if launched_without_flag:
-            logger.info(f"started as {dist.world_size()} processes by a launcher: training with "
-                        "DistributedDataParallel (--dist implied)")
-        for line in pretrained.lines() if pretrained else []:
-            logger.info(line)
-        if val_set.ground_truth_note:
-            logger.info(f"warning: {val_set.ground_truth_note}")
-        if args.pretrained and resuming:
-            logger.info(f"--pretrained {args.pretrained} not read: the run resumes from its own checkpoint, which "
-                        "holds the weights it started from and trained")
-        variant = variant_name(args.corner_pool, args.center_branch)
-        logger.info(f"{args.arch} ({variant}) at epoch {start_epoch}{f' step {progress.step}' if progress else ''}: "
-                    f"{args.num_classes} classes, {len(train_set)} train / {len(val_set)} val images, "
-                    f"{dist.world_size()} process(es) on {device}")
-        ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-            if dist.is_dist() else model
-        # Only the training steps are compiled: validation's image sizes vary, and would each compile anew.
-        train_model = ddp_model
-        if args.compile:
-            train_model = torch.compile(ddp_model)
-            logger.info("--compile: the training steps run through torch.compile, which compiles on the first step")
-        eval_config = InferenceConfig()  # the official single-scale settings
-
-        def steps_done() -> int:  # optimizer steps of the run (the checkpoint's, before a resumed epoch starts)
-            return progress.global_step if progress else global_step
-
-        def state_dict(epoch_done: int, position: dict | None) -> dict:
-            return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch_done,
-                    "position": position, "global_step": steps_done(), "best_ap": best_ap,
-                    "args": dict(vars(args)), "model_config": config, "class_names": train_set.class_names,
-                    "category_ids": train_set.cat_ids}
-
-        def end_epoch(epoch: int, validate: bool) -> bool:
-            """Validation (when due), then checkpoint.pt and, on a better AP, best.pt. A val image missing or corrupt
-            stops the run, and a stop request (SIGTERM, Ctrl-C) the validation, but the epoch trained is saved
-            first, marked for its validation to run on --resume. Whether a stop request ended the validation (the
-            same on every process)."""
-            nonlocal ap, best_ap
-            if validate:
-                dist.broadcast_buffers(model)  # every process validates the network the checkpoint holds
-                try:
-                    stats = evaluate(model, val_set, eval_config, device=device, num_workers=args.num_workers,
-                                     amp=amp, stop=lambda: signals.received is not None)
-                except (UserError, EvaluationStopped) as error:
-                    snapshot = {**state_dict(epoch, None), "validation_pending": True}
-                    on_main_for_all(lambda: save_checkpoint(run_dir / CHECKPOINT, snapshot))
-                    if isinstance(error, EvaluationStopped):
-                        return True
-                    raise
-                ap = stats["AP"]
-                logger.scalars({"AP": ap, "AP50": stats["AP50"]}, steps_done(), prefix="val/")
-                logger.info(f"epoch {epoch}: val AP {ap:.4f} AP50 {stats['AP50']:.4f}")
-                if dist.is_main():  # a few val images with true (green) and detected boxes, in tensorboard
-                    logger.images("val/boxes", val_images(model, val_set, eval_config, device, amp=amp),
-                                  steps_done())
-            improved = validate and ap > best_ap
-            best_ap = max(best_ap, ap)
-            snapshot = state_dict(epoch, None)
-            # checkpoint.pt first: a failure between the two saves leaves a folder that --resume continues.
-            on_main_for_all(lambda: save_checkpoint(run_dir / CHECKPOINT, snapshot))
-            if improved:
-                on_main_for_all(lambda: save_checkpoint(run_dir / BEST, snapshot))
-            timer.reset()
-            return False
-
-        timer = CheckpointTimer(args.ckpt_interval)
-        ap, where = best_ap, None  # where a stop request (SIGTERM, Ctrl-C) stopped the run, for its last line
-        if validation_pending:
-            logger.info(f"epoch {start_epoch - 1}: its validation did not end before the run stopped; it runs now")
-            if end_epoch(start_epoch - 1, True):
-                where = f"epoch {start_epoch - 1}'s validation"
-        for epoch in range(start_epoch, args.num_epochs + 1):
-            if where:
-                break
-            if progress is None or progress.epoch != epoch:
-                progress = EpochProgress(epoch, epoch_order(len(train_set), step_batch, args.seed, epoch), step_batch,
-                                         progress.global_step if progress else global_step)
-            loader = make_train_loader(TrainSamples(train_set, args.seed, epoch), progress, args.num_workers, device,
-                                       args.accum_steps)
-
-            def save_mid_epoch():
-                snapshot = state_dict(epoch - 1, progress.position())
-                on_main_for_all(lambda: save_checkpoint(run_dir / CHECKPOINT, snapshot))
-                timer.reset()
-
-            if train_one_epoch(
-                    train_model, loader, optimizer, scaler, device, amp, progress, logger,
-                    pause=lambda: dist.any_true(signals.received is not None, dist.is_main() and timer.due()),
-                    save=save_mid_epoch, max_unreadable=args.max_bad_fraction * len(progress.order),
-                    accum_steps=args.accum_steps, loss_config=build_loss_config(args), memory_format=memory_format):
-                where = f"epoch {epoch}, step {progress.step} of {progress.steps}"
-                break
-            scheduler.step()
-            means = {k: v / max(progress.steps * args.accum_steps, 1) for k, v in progress.sums.items()}
-            logger.info(f"epoch {epoch}: " + " ".join(f"{k} {v:.4f}" for k, v in means.items()) +
-                        (f" ({progress.unreadable} unreadable images skipped)" if progress.unreadable else ""))
-
-            if end_epoch(epoch, epoch == args.num_epochs or (args.val_interval > 0 and epoch % args.val_interval == 0)):
-                where = f"epoch {epoch}'s validation"
-            # After the last epoch's save the run is complete: a stop received meanwhile has nothing left to stop.
-            elif epoch < args.num_epochs and dist.any_true(signals.received is not None)[0]:
-                where = f"the end of epoch {epoch}"
-        if where:
-            logger.info(f"stopped by {signals.received or 'a signal to another process'} at {where}; saved "
-                        f"{run_dir / CHECKPOINT}. Resume with the same command plus --resume")
+        notes = [plan_message, *objective_notes, *resume_notes, late_lr_steps_note(lr_steps, args.num_epochs, args.lr)]
+        log_run_start(logger, notes, run_dir, args, training, train_set, val_set, device, pretrained,
+                      launched_without_flag, resuming)
+        train_model = model_for_training_steps(training.model, device, args.compile, logger)
+        ap, stopped = run_epochs(args, training, train_model, train_set, val_set, device, run_dir, logger, signals)
     # What the run leaves, and the line that ends it, go into its train.log too (KeyboardInterrupt: a second Ctrl-C).
     except (Exception, KeyboardInterrupt) as error:
         saved = run_dir / CHECKPOINT
@@ -438,5 +518,4 @@ def train(args: argparse.Namespace, signals: StopSignals, folder_lock: RunFolder
     finally:  # a caller that goes on (a notebook, the ablation's next row) keeps no open log or writer thread
         logger.close()
     dist.cleanup()
-    return ap, where is not None
-
+    return ap, stopped
