@@ -13,8 +13,9 @@ the evaluation server instead of scoring them.
 - Checked when the data set is built (an error names the file, the entry and what was expected): the json exists
   and parses; it has `images`, `annotations` and `categories` lists; images have `id` and `file_name` (a path
   inside the image folder: relative, without '..'), annotations `image_id`, `category_id` and a `bbox` of 4 finite
-  numbers, categories `id` and `name`; ids are unique and every annotation refers to a listed image and category.
-  Filled in when absent: annotation `id` (numbered after the largest given), `iscrowd` (0) and `area` (w * h).
+  numbers, categories `id` and `name`; ids are unique and every annotation refers to a listed image and category;
+  `area`, when given, is a number, not negative for a box of positive size (pycocotools' area ranges would leave
+  the box out of the evaluation). Filled in when absent: annotation `id` (numbered after the largest given), `iscrowd` (0) and `area` (w * h).
 - Checked when an item is read (the error names the image file): the file exists, can be opened, is no device or
   socket (a symbolic link to /dev/zero would be read until the memory runs out; a named pipe is read), decodes (a
   truncated JPEG does not) and has the json's `width` and `height` when those are given (of the upright image: when
@@ -222,6 +223,10 @@ def coco_problems(data: dict, path: Path, require_annotations: bool = True) -> l
         area, crowd = a.get("area", 0), a.get("iscrowd", 0)
         if not is_finite_number(area):
             problems.append(f"{path}: annotations[{i}].area is {area!r}, expected a number")
+        elif area < 0 and is_box(box) and box[2] > 0 and box[3] > 0:  # (a box without width is dropped anyway)
+            problems.append(f"{path}: annotations[{i}].area is {area!r} for a box of positive width and height: "
+                            "the evaluation would leave it out of every area range, so missing it would cost "
+                            "nothing; expected a number of at least 0")
         if crowd not in (0, 1) or isinstance(crowd, float):
             problems.append(f"{path}: annotations[{i}].iscrowd is {crowd!r}, expected 0 or 1")
     _unique_ids([(i, a) for i, a in annotations if "id" in a], "annotations", path, problems)

@@ -260,6 +260,9 @@ def test_problems_after_an_entry_without_a_field_name_the_entry_by_its_own_index
     ("annotations", "category_id", {"id": 1}, r"annotations\[0\]\.category_id \{'id': 1\} is not in 'categories'"),
     ("annotations", "image_id", True, r"annotations\[0\]\.image_id True is not in 'images'"),
     ("annotations", "area", "abc", r"annotations\[0\]\.area is 'abc', expected a number"),
+    # pycocotools leaves a negative area out of every area range, "all" included: missing the box cost nothing
+    ("annotations", "area", -5, r"annotations\[0\]\.area is -5 for a box of positive width and height: the "
+                                r"evaluation would leave it out of every area range"),
     ("annotations", "iscrowd", "yes", r"annotations\[0\]\.iscrowd is 'yes', expected 0 or 1"),
     ("annotations", "iscrowd", 2, r"annotations\[0\]\.iscrowd is 2"),
     *[(where, "id", 2**63, rf"{where}\[0\]\.id must be an integer of 64 bits, got 92233720368547758")
