@@ -5,11 +5,12 @@
 reads `Annotations/<id>.xml`, `JPEGImages/<id>.jpg` and the image lists `ImageSets/Main/<split>.txt`, and writes
 `OUT/annotations/instances_<split>.json` with `OUT/<split>/` holding the images (symbolic links to the VOC files,
 or copies with --copy). Boxes: VOC's 1-based inclusive pixel corners (xmin, ymin, xmax, ymax) become COCO's
-[xmin - 1, ymin - 1, xmax - xmin + 1, ymax - ymin + 1]. Objects marked `difficult` become `iscrowd` 1: left out
-of training and ignored by the COCO evaluation, as VOC's own evaluation ignores them (--keep_difficult: ordinary
-objects). Classes: the 20 VOC classes in their usual order when every name is one of them, else the names found
-in all splits, sorted (--classes fixes the list and its order); category ids are 1..C. An existing split in OUT is
-never overwritten.
+[xmin - 1, ymin - 1, xmax - xmin + 1, ymax - ymin + 1]. Objects marked `difficult` become `iscrowd` 1: left out of
+training and ignored by the COCO evaluation, close to VOC's own rule (COCO matches a crowd box by the share of the
+detection inside it: a small detection inside a difficult object is ignored too, where VOC counts it as a false
+positive; --keep_difficult: ordinary objects). Classes: the 20 VOC classes in their usual order when every name is
+one of them, else the names found in all splits, sorted (--classes fixes the list and its order); category ids are
+1..C. An existing split in OUT is never overwritten.
 """
 import argparse
 import math
