@@ -15,7 +15,8 @@ the evaluation server instead of scoring them.
   inside the image folder: relative, without '..'), annotations `image_id`, `category_id` and a `bbox` of 4 finite
   numbers, categories `id` and `name`; ids are unique and every annotation refers to a listed image and category;
   `area`, when given, is a number, not negative for a box of positive size (pycocotools' area ranges would leave
-  the box out of the evaluation). Filled in when absent: annotation `id` (numbered after the largest given), `iscrowd` (0) and `area` (w * h).
+  the box out of the evaluation). Filled in when absent: annotation `id` (numbered after the largest given),
+  `iscrowd` (0) and `area` (w * h).
 - Checked when an item is read (the error names the image file): the file exists, can be opened, is no device or
   socket (a symbolic link to /dev/zero would be read until the memory runs out; a named pipe is read), decodes (a
   truncated JPEG does not) and has the json's `width` and `height` when those are given (of the upright image: when
