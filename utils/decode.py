@@ -86,7 +86,8 @@ def finite_images(out: dict) -> torch.Tensor:
 
 def keypoints(out: dict, kind: str, topk: int, kernel: int) -> dict[str, torch.Tensor]:
     """Top K keypoints of `kind` (tl, br or ct): score, label, x, y (cell + offset, output units), all (N, K), and
-    `finite` (N, K), False for a keypoint taken at a cell whose outputs are not finite (its other values are 0)."""
+    `finite` (N, K), False for a keypoint taken at a cell whose outputs are not finite (its x and y are then the
+    cell's, without the offset; pair_corners pairs it with nothing)."""
     finite = finite_cells(out, kind)
     heat = out[f"hm_{kind}"]
     if not finite.all():
@@ -99,7 +100,7 @@ def keypoints(out: dict, kind: str, topk: int, kernel: int) -> dict[str, torch.T
     points = dict(score=scores, label=labels, x=(inds % width).to(scores.dtype) + offsets[..., 0],
                   y=(inds // width).to(scores.dtype) + offsets[..., 1], finite=finite)
     if kind != "ct":
-        points["emb"] = gather_maps(out[f"emb_{kind}"], inds)[..., 0].masked_fill(~finite, 0)
+        points["emb"] = gather_maps(out[f"emb_{kind}"], inds)[..., 0]
     return points
 
 
