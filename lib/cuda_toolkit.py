@@ -26,15 +26,19 @@ def has_cudart(home: Path) -> bool:
     return (home / "bin" / "nvcc").is_file() and any(any(d.glob("libcudart.so*")) for d in libs if d.is_dir())
 
 
+def run_nvcc(nvcc: str, *args: str) -> subprocess.CompletedProcess | None:
+    """`nvcc args` run to its end (its output captured as text), or None where it cannot run or hangs."""
+    try:
+        return subprocess.run([nvcc, *args], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
 def nvcc_home(nvcc: str) -> Path | None:
     """The toolkit folder of the nvcc that `nvcc` runs, as nvcc itself reports it (`_HERE_`, its real bin/ folder,
     in the dry run of a compile), so that wrapper scripts and symlinks lead to the real toolkit."""
-    try:
-        result = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
-                                capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    found = re.search(r"^#\$ _HERE_=(.+)$", result.stdout + result.stderr, flags=re.MULTILINE)
+    result = run_nvcc(nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull)
+    found = result and re.search(r"^#\$ _HERE_=(.+)$", result.stdout + result.stderr, flags=re.MULTILINE)
     return Path(found.group(1).strip()).resolve().parent if found else None
 
 
@@ -74,11 +78,8 @@ def find_cuda_home(environ: dict[str, str], which: Callable[[str], str | None] =
 def toolkit_release(home: Path) -> str | None:
     """The CUDA release ("13.0") that home/bin/nvcc reports, read as torch's BuildExtension reads it; None when it
     reports none."""
-    try:
-        result = subprocess.run([str(home / "bin" / "nvcc"), "--version"], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    found = re.search(r"release (\d+\.\d+)", result.stdout)
+    result = run_nvcc(str(home / "bin" / "nvcc"), "--version")
+    found = result and re.search(r"release (\d+\.\d+)", result.stdout)
     return found.group(1) if found else None
 
 
