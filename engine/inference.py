@@ -28,7 +28,7 @@ from datasets.transforms import EvalMeta, boxes_to_original, boxes_to_resized, f
 from lib.nms import soft_nms, soft_nms_merge
 from nets.hourglass import CenterNet
 from nets.inference import PreparedNetwork, prepare_for_inference
-from utils.decode import center_check, decode, finite_images
+from utils.decode import center_check, decode_checked
 from utils.device import autocast, cudnn_benchmark
 from utils.checks import check_number, check_positive_int
 from utils.errors import ArgumentError, UserError
@@ -202,10 +202,10 @@ def detect_batch(model, samples: list[list], cfg: InferenceConfig, device: torch
         # A prepared network has its dtype; otherwise `amp` as given: train.py validates with its --amp_dtype.
         with autocast(device, False if isinstance(model, PreparedNetwork) else amp):
             out = model(images.to(device, non_blocking=True))
-        dets, points = decode(out, topk=cfg.topk, ae_threshold=cfg.ae_threshold, num_dets=cfg.num_dets,
-                              kernel=cfg.kernel)
+        dets, points, finite = decode_checked(out, topk=cfg.topk, ae_threshold=cfg.ae_threshold,
+                                              num_dets=cfg.num_dets, kernel=cfg.kernel)
         per_sample = len(scale_inputs[0][0])  # 2 with the flipped copy
-        finite = finite_images(out).view(-1, per_sample).all(dim=1).tolist()
+        finite = finite.view(-1, per_sample).all(dim=1).tolist()
         for j, (_, meta) in enumerate(scale_inputs):
             non_finite[j] |= not finite[j]
             for i in range(per_sample):

@@ -186,7 +186,7 @@ def first_non_finite(weights: dict) -> str | None:
     for key, tensor in weights.items():
         # A sum is finite when every term is (a 25th of torch.isfinite's time on the CPU); one that is not may
         # also be an overflow of finite terms, which the count tells apart. Summed in float32 at least, without a
-        # copy of a 16-bit tensor (utils.decode.finite_images sums the same way).
+        # copy of a 16-bit tensor.
         if not tensor.is_floating_point() or \
                 tensor.sum(dtype=torch.promote_types(tensor.dtype, torch.float32)).isfinite():
             continue

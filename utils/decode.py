@@ -68,7 +68,7 @@ def gather_maps(maps: torch.Tensor, inds: torch.Tensor) -> torch.Tensor:
     return flat.gather(2, inds.unsqueeze(1).expand(n, d, inds.shape[1])).transpose(1, 2)
 
 
-# The finiteness checks below test sums, which take a tenth of the time of torch.isfinite on every value: a sum is
+# The finiteness check below tests sums, which take a tenth of the time of torch.isfinite on every value: a sum is
 # NaN or infinite when one of its terms is, and otherwise only when finite terms overflow it (outputs near 1e31),
 # which no network outputs.
 def finite_cells(out: dict, kind: str) -> torch.Tensor:
@@ -77,28 +77,23 @@ def finite_cells(out: dict, kind: str) -> torch.Tensor:
     return sum(value.sum(dim=1) for key, value in out.items() if key.endswith(f"_{kind}")).isfinite()
 
 
-def finite_images(out: dict) -> torch.Tensor:
-    """(N,) bool: True for the images whose outputs (of any dtype: fp16 under autocast) are all finite."""
-    # Summed in float32 at least: fp16 sums of finite maps overflow (2 classes of 32 x 32 logits of -20: -40960).
-    return sum(value.flatten(1).sum(dim=1, dtype=torch.promote_types(value.dtype, torch.float32))
-               for value in out.values()).isfinite()
-
-
 def keypoints(out: dict, kind: str, topk: int, kernel: int) -> dict[str, torch.Tensor]:
     """Top K keypoints of `kind` (tl, br or ct): score, label, x, y (cell + offset, output units), all (N, K), and
     `finite` (N, K), False for a keypoint taken at a cell whose outputs are not finite (its x and y are then the
-    cell's, without the offset; pair_corners pairs it with nothing)."""
-    finite = finite_cells(out, kind)
+    cell's, without the offset; pair_corners pairs it with nothing), and `image_finite` (N,), whether every output
+    of `kind` is finite in the image."""
+    cells = finite_cells(out, kind).flatten(1)
     heat = out[f"hm_{kind}"]
-    if not finite.all():
-        heat = heat.masked_fill(~finite[:, None], float("-inf"))
+    image_finite = cells.all(dim=1)
+    if not image_finite.all():
+        heat = heat.masked_fill(~cells.view(heat.shape[0], 1, *heat.shape[2:]), float("-inf"))
     logits, labels, inds = topk_keypoints(heatmap_peaks(heat, kernel), topk)
-    finite = finite.flatten(1).gather(1, inds)
+    finite = cells.gather(1, inds)
     scores = torch.sigmoid(logits)
     width = heat.shape[3]
     offsets = gather_maps(out[f"off_{kind}"], inds).masked_fill(~finite[..., None], 0)  # (N, K, 2) x, y
     points = dict(score=scores, label=labels, x=(inds % width).to(scores.dtype) + offsets[..., 0],
-                  y=(inds // width).to(scores.dtype) + offsets[..., 1], finite=finite)
+                  y=(inds // width).to(scores.dtype) + offsets[..., 1], finite=finite, image_finite=image_finite)
     if kind != "ct":
         points["emb"] = gather_maps(out[f"emb_{kind}"], inds)[..., 0]
     return points
@@ -136,15 +131,25 @@ def decode(out: dict, topk: int = 70, ae_threshold: float = 0.5, num_dets: int =
     score -1 for pairs that failed; centers (N, K, 4) x y label score, highest score first (label -1 at a cell whose
     outputs are not finite), or None for outputs without `hm_ct`. K = min(topk, C h w): a map smaller than topk
     keypoints gives all it has."""
+    boxes, centers, _ = decode_checked(out, topk, ae_threshold, num_dets, kernel)
+    return boxes, centers
+
+
+@torch.no_grad()
+def decode_checked(out: dict, topk: int = 70, ae_threshold: float = 0.5, num_dets: int = 1000, kernel: int = 3
+                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """`decode`'s (boxes, centers) and (N,) bool, True for the images whose outputs are all finite (every output
+    map belongs to one keypoint kind: docs/FORMAT.md), from the checks decoding makes anyway."""
+    # Summed in float32 at least: fp16 sums of finite maps overflow (2 classes of 32 x 32 logits of -20: -40960).
     out = {key: value.to(torch.promote_types(value.dtype, torch.float32)) for key, value in out.items()}
-    tl = keypoints(out, "tl", topk, kernel)
-    br = keypoints(out, "br", topk, kernel)
-    if "hm_ct" not in out:
-        return pair_corners(tl, br, ae_threshold, num_dets), None
-    ct = keypoints(out, "ct", topk, kernel)
+    kinds = [keypoints(out, kind, topk, kernel) for kind in ("tl", "br", "ct") if f"hm_{kind}" in out]
+    finite = torch.stack([points["image_finite"] for points in kinds]).all(dim=0)
+    boxes = pair_corners(kinds[0], kinds[1], ae_threshold, num_dets)
+    if len(kinds) == 2:
+        return boxes, None, finite
+    ct = kinds[2]
     label = ct["label"].masked_fill(~ct["finite"], -1).to(ct["score"].dtype)  # -1: no box has it
-    centers = torch.stack([ct["x"], ct["y"], label, ct["score"]], dim=2)
-    return pair_corners(tl, br, ae_threshold, num_dets), centers
+    return boxes, torch.stack([ct["x"], ct["y"], label, ct["score"]], dim=2), finite
 
 
 def center_check(boxes: np.ndarray, centers: np.ndarray) -> np.ndarray:
