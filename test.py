@@ -98,6 +98,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def checkpoint_path(args: argparse.Namespace) -> Path:
+    if args.ckpt and args.log_name:  # one of them would be ignored without a word
+        raise ArgumentError(f"--ckpt {args.ckpt} and --log_name {args.log_name} both name the checkpoint to evaluate: "
+                            "give one")
     if args.ckpt:
         refuse_onnx_as_checkpoint(args.ckpt)
         return Path(args.ckpt)

@@ -45,8 +45,9 @@ def ckpt_dir(tmp_path_factory) -> Path:
 
 
 def cli_args(ckpt_dir: Path, *extra: str):
+    run = [] if "--ckpt" in extra else ["--log_name", "tiny"]
     return test_cli.get_args_parser().parse_args([
-        "--log_name", "tiny", "--ckpt_dir", str(ckpt_dir), "--dataset", "coco", "--data_dir", str(RACCOON),
+        *run, "--ckpt_dir", str(ckpt_dir), "--dataset", "coco", "--data_dir", str(RACCOON),
         "--val_split", "val", "--device", "cpu", "--num_workers", "0", "--topk", "20", *extra])
 
 
@@ -106,6 +107,10 @@ def test_errors(ckpt_dir, tmp_path):
         test_cli.main(cli_args(ckpt_dir, "--ckpt", str(onnx_file)))
     with pytest.raises(ArgumentError, match="--arch small_hourglass does not match"):
         test_cli.main(cli_args(ckpt_dir, "--arch", "small_hourglass"))
+    both = cli_args(ckpt_dir, "--ckpt", str(tmp_path / "other.pt"))
+    both.log_name = "tiny"  # --ckpt won without a word
+    with pytest.raises(ArgumentError, match="both name the checkpoint to evaluate: give one$"):
+        test_cli.main(both)
     with pytest.raises(ArgumentError, match="--img_size 511 does not match"):
         test_cli.main(cli_args(ckpt_dir, "--img_size", "511"))
     with pytest.raises(UserError, match="--test_scales"):
