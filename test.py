@@ -195,8 +195,8 @@ def main(args: argparse.Namespace) -> dict:
               f"{args.num_classes} classes) on {len(dataset)} images of "
               f"{args.data_dir} {args.val_split}, scales {args.test_scales}, flip {args.test_flip}, "
               f"{dist.world_size()} process(es) on {device}", flush=True)
-        if dataset.ground_truth_note:
-            print(f"warning: {dataset.ground_truth_note}", flush=True)
+        for note in dataset.ground_truth_notes:
+            print(f"warning: {note}", flush=True)
     if device.type == "cpu":
         keep_freed_memory()  # activations reused from one image to the next (utils/cpu_memory.py)
     stats = evaluate(model, dataset, cfg, device, num_workers=args.num_workers, amp=amp,

@@ -14,7 +14,8 @@ boxes must be those of the upright image (an annotation tool that ignored the ta
 images too large to evaluate (a test input of more than datasets.transforms.MAX_INPUT_PIXELS at scale 1): training
 crops them, but train.py and test.py refuse a val split that holds one. So is a category name given to several ids,
 and an image with more boxes to train on than datasets.targets.MAX_OBJECTS (128, the official cap): a crop of it
-that holds more gives the objects past the first 128 no embeddings and offsets, only heatmap peaks.
+that holds more gives the objects past the first 128 no embeddings and offsets, only heatmap peaks. So are boxes of
+positive size whose `area` is 0: the evaluation counts them as small objects, whatever their size.
 Problems are listed with the file and the entry (annotation ids included), all of them rather than the first;
 the exit status is 1 when there is any, 0 when the split is clean. Runs from any folder as
 `python PATH/TO/REPO/datasets/check.py ...` too.
@@ -30,7 +31,7 @@ if __package__ in (None, ""):  # run as a script from anywhere: import the repo,
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from datasets.coco import (box_fault, coco_problems, is_box, is_file_name, is_size, load_entry_image, read_json,
-                           split_files)
+                           split_files, zero_area_note)
 from datasets.image_io import exif_orientation
 from datasets.targets import MAX_OBJECTS
 from datasets.transforms import check_input_size
@@ -127,8 +128,9 @@ def inspect_split(data_dir: str | Path, split: str, progress: bool = True) -> tu
     image_info = ann_file.name.startswith("image_info_")  # a test split: images without annotations
     problems = coco_problems(data, ann_file, require_annotations=not image_info) + \
         box_problems(data, ann_file, report.sizes)
+    annotations = data.get("annotations") if isinstance(data.get("annotations"), list) else []
     notes = report.turned + too_large_notes(images, img_dir, report.sizes) + repeated_name_notes(data, ann_file) + \
-        crowded_notes(data, img_dir)
+        crowded_notes(data, img_dir) + [note for note in [zero_area_note(annotations, ann_file)] if note]
     return annotation_ids(problems, data) + report.problems, notes
 
 

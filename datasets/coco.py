@@ -9,7 +9,8 @@ the evaluation server instead of scoring them.
 - Training targets leave out crowd boxes (iscrowd 1) and boxes with zero or negative width or height; boxes that
   reach outside the image are clipped to it (and dropped when nothing is left). Images without annotations are
   kept and give empty targets. The COCO ground truth used for evaluation is left as the json has it
-  (`ground_truth_note` counts the boxes it scores that training drops or clips, for train.py and test.py to warn of).
+  (`ground_truth_notes` name the boxes it scores that training drops or clips, and boxes of positive size given
+  area 0, for train.py and test.py to warn of).
 - Checked when the data set is built (an error names the file, the entry and what was expected): the json exists
   and parses; it has `images`, `annotations` and `categories` lists; images have `id` and `file_name` (a path
   inside the image folder: relative, without '..'), annotations `image_id`, `category_id` and a `bbox` of 4 finite
@@ -173,6 +174,19 @@ def box_fault(box: list, width: int | None, height: int | None) -> str | None:
     return f"{'leaves' if inside else 'lies entirely outside'} its {width}x{height} image"
 
 
+def evaluation_notes(data: dict, ann_file: Path) -> list[str]:
+    """Warnings for an evaluation split (a checked dict) whose scores would not measure what the json's boxes
+    suggest: `scored_as_given_note` and `zero_area_note`, those that apply."""
+    return [note for note in (scored_as_given_note(data, ann_file), zero_area_note(data.get("annotations", []),
+                                                                                     ann_file)) if note]
+
+
+def some_ids(ids: list) -> str:
+    """`ids` for a message: the first 5, and how many more."""
+    more = f" and {len(ids) - 5} more" if len(ids) > 5 else ""
+    return ", ".join(map(str, ids[:5])) + more
+
+
 def scored_as_given_note(data: dict, ann_file: Path) -> str | None:
     """A warning for an evaluation split (a checked dict) whose non-crowd boxes include some that training drops or
     clips (`box_fault`, against the json's image sizes): the evaluation scores them as the json gives them, and no
@@ -183,11 +197,26 @@ def scored_as_given_note(data: dict, ann_file: Path) -> str | None:
            if not a["iscrowd"] and box_fault(a["bbox"], *size_of[a["image_id"]])]
     if not ids:
         return None
-    more = f" and {len(ids) - 5} more" if len(ids) > 5 else ""
-    return (f"{ann_file}: {len(ids)} ground-truth boxes (annotation ids {', '.join(map(str, ids[:5]))}{more}) have "
+    return (f"{ann_file}: {len(ids)} ground-truth boxes (annotation ids {some_ids(ids)}) have "
             "no width or height, or leave their image: training drops or clips them, but the evaluation scores them "
             "as the json gives them, where no detection (clipped to its image) matches them fully; "
             "`python -m datasets.check` lists them")
+
+
+def zero_area_note(annotations: list, ann_file: Path) -> str | None:
+    """A warning for annotations (entries of any shape: datasets.check passes them unchecked) whose box has a
+    positive width and height but whose `area` is 0, as converters write it for objects without a segmentation:
+    the COCO evaluation sorts objects into small, medium and large by `area`, so it counts these as small whatever
+    their size. None when there is none."""
+    ids = [a.get("id", f"annotations[{i}]") for i, a in enumerate(annotations)
+           if isinstance(a, dict) and is_box(a.get("bbox")) and a["bbox"][2] > 0 and a["bbox"][3] > 0
+           and is_finite_number(a.get("area")) and a["area"] == 0]
+    if not ids:
+        return None
+    return (f"{ann_file}: boxes of positive width and height given area 0 ({len(ids)}: annotation ids "
+            f"{some_ids(ids)}): the evaluation counts them as small objects (area below 32^2) whatever their size, "
+            "which moves them into AP_S and out of AP_M and AP_L; leave `area` out (it is then width x height) or "
+            "give the object's area")
 
 
 def coco_problems(data: dict, path: Path, require_annotations: bool = True) -> list[str]:
@@ -363,7 +392,7 @@ class CocoDetection(Dataset):
         self.image_ids = [im["id"] for im in self.images]
         self.boxes, self.labels = self._training_boxes(data.get("annotations", []))
         # For train.py and test.py to show: the evaluation of such boxes is not what training learns.
-        self.ground_truth_note = None if train else scored_as_given_note(data, self.ann_file)
+        self.ground_truth_notes = [] if train else evaluation_notes(data, self.ann_file)
         if not train:
             self._check_input_sizes()
 

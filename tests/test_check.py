@@ -246,3 +246,21 @@ def test_a_device_or_a_path_the_system_cannot_open_is_listed_unread(tmp_path):
     assert check_split(tmp_path, "train", progress=False) == [
         f"image id {i + 2}: {tmp_path / 'train' / name}: {reason}"
         for i, (name, reason) in enumerate(zip(names, reasons))]
+
+
+def test_boxes_of_positive_size_with_area_0_are_a_note(tmp_path):
+    """The evaluation counts them as small objects whatever their size (see datasets.coco.zero_area_note); entries
+    without an id are named by their index."""
+    ann_file = one_image_split(tmp_path, np.zeros((80, 100, 3), np.uint8), "1.png", {"width": 100, "height": 80},
+                               [[10, 10, 60, 50], [5, 5, 20, 20], [0, 0, 0, 10]])
+    data = json.loads(ann_file.read_text())
+    for a, area in zip(data["annotations"], (0, 0, 0)):
+        a["area"] = area
+    del data["annotations"][1]["id"]
+    ann_file.write_text(json.dumps(data))
+    problems, notes = inspect_split(tmp_path, "train", progress=False)
+    assert len(problems) == 1 and "has a width or height of 0 or less" in problems[0]
+    assert notes == [f"{ann_file}: boxes of positive width and height given area 0 (2: annotation ids "
+                     "10, annotations[1]): the evaluation counts them as small objects (area below 32^2) "
+                     "whatever their size, which moves them into AP_S and out of AP_M and AP_L; leave `area` out (it "
+                     "is then width x height) or give the object's area"]

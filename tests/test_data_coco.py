@@ -1,5 +1,7 @@
 """datasets/coco.py: loading, classes, training items, and every kind of bad input (error or documented handling)."""
 import argparse
+import contextlib
+import io
 import json
 import math
 import struct
@@ -10,10 +12,12 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from pycocotools.cocoeval import COCOeval
 from torch.utils.data import DataLoader, Subset, default_collate
 
 from datasets import build_dataset
 from datasets.coco import CocoDetection, check_same_categories, coco_problems
+from datasets.coco_eval import load_results
 from datasets.image_io import exif_orientation, load_image
 from datasets.sampling import TrainSamples
 from utils.errors import DataError
@@ -512,12 +516,37 @@ def test_an_eval_split_warns_of_the_boxes_training_drops_or_clips_but_the_evalua
     data = coco_dict(boxes=((10, 10, 30, 20), (20, 20, 0, 10), (-30, 10, 60, 20), (0, 0, 100.5, 80), (-50, 0, 80, 5)))
     data["annotations"][-1]["iscrowd"] = 1
     write_set(tmp_path, data, {"1.png": image()})
-    assert CocoDetection(tmp_path, "train", train=True).ground_truth_note is None
-    note = CocoDetection(tmp_path, "train", train=False).ground_truth_note
+    assert CocoDetection(tmp_path, "train", train=True).ground_truth_notes == []
+    [note] = CocoDetection(tmp_path, "train", train=False).ground_truth_notes
     assert note == (f"{tmp_path / 'annotations' / 'instances_train.json'}: 2 ground-truth boxes (annotation ids 2, 3) "
                     "have no width or height, or leave their image: training drops or clips them, but the evaluation "
                     "scores them as the json gives them, where no detection (clipped to its image) matches them "
                     "fully; `python -m datasets.check` lists them")
+
+
+def test_an_eval_split_warns_of_boxes_of_positive_size_with_area_0(tmp_path):
+    """Converters write area 0 for objects without a segmentation. The evaluation sorts objects by `area`, so a
+    60 x 50 box given area 0 is a small object: detections equal to the ground truth scored AP_S 1 and AP_M -1 (no
+    medium object) where the box is a medium one, with no word of why. An area left out is filled in as w * h."""
+    data = coco_dict(boxes=((10, 10, 60, 50), (5, 5, 20, 20)))
+    data["annotations"][0]["area"] = 0
+    del data["annotations"][1]["area"]
+    write_set(tmp_path, data, {"1.png": image()})
+    ds = CocoDetection(tmp_path, "train", train=False)
+    assert ds.ground_truth_notes == [
+        f"{tmp_path / 'annotations' / 'instances_train.json'}: boxes of positive width and height given area 0 "
+        "(1: annotation ids 1): the evaluation counts them as small objects (area below 32^2) whatever their size, "
+        "which moves them into AP_S and out of AP_M and AP_L; leave `area` out (it is then width x height) or give "
+        "the object's area"]
+    results = [{"image_id": 1, "category_id": 1, "bbox": a["bbox"], "score": 0.9} for a in data["annotations"]]
+    evaluation = COCOeval(ds.coco, load_results(ds.coco, results), "bbox")
+    with contextlib.redirect_stdout(io.StringIO()):
+        evaluation.evaluate(), evaluation.accumulate(), evaluation.summarize()
+    ap_small, ap_medium = evaluation.stats[3:5]
+    assert (ap_small, ap_medium) == (pytest.approx(1), -1)  # the 60 x 50 box counted as small
+    data["annotations"][0]["area"] = 3000
+    write_set(tmp_path, data, {"1.png": image()})
+    assert CocoDetection(tmp_path, "train", train=False).ground_truth_notes == []
 
 
 def test_a_training_image_of_the_wrong_size_is_skipped_with_what_is_wrong(tmp_path):

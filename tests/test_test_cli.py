@@ -289,7 +289,7 @@ def test_a_missing_val_image_is_named_with_how_many_are_missing_before_any_detec
 def test_a_val_split_with_boxes_training_drops_or_clips_is_evaluated_with_a_warning(ckpt_dir, tmp_path, capsys,
                                                                                   monkeypatch):
     """A box without width and one that leaves its image: the evaluation scores them as the json gives them (no
-    detection matches them fully), which test.py said nothing of."""
+    detection matches them fully), which test.py said nothing of; nor of a box given area 0 (counted as small)."""
     data = tmp_path / "data"
     shutil.copytree(RACCOON, data)
     ann_file = data / "annotations" / "instances_val.json"
@@ -297,12 +297,16 @@ def test_a_val_split_with_boxes_training_drops_or_clips_is_evaluated_with_a_warn
     coco["annotations"][0]["bbox"][2] = 0
     width = next(im["width"] for im in coco["images"] if im["id"] == coco["annotations"][1]["image_id"])
     coco["annotations"][1]["bbox"][2] = width * 1.5
+    coco["annotations"][2]["area"] = 0
     ann_file.write_text(json.dumps(coco))
     monkeypatch.setattr(test_cli, "evaluate", lambda *args, **kwargs: {})
     test_cli.main(cli_args(ckpt_dir, "--data_dir", str(data)))
+    out = capsys.readouterr().out
     ids = f"{coco['annotations'][0]['id']}, {coco['annotations'][1]['id']}"
-    assert f"warning: {ann_file}: 2 ground-truth boxes (annotation ids {ids}) have no width or height, or leave " \
-        "their image" in capsys.readouterr().out
+    assert f"\nwarning: {ann_file}: 2 ground-truth boxes (annotation ids {ids}) have no width or height, or leave " \
+        "their image" in out
+    assert f"\nwarning: {ann_file}: boxes of positive width and height given area 0 (1: annotation ids " \
+        f"{coco['annotations'][2]['id']}): the evaluation counts them as small objects" in out
 
 
 def test_a_split_of_another_data_set_gets_results_of_its_own(ckpt_dir, tmp_path):
