@@ -44,6 +44,7 @@ from engine.run_folder import check_log_name
 from nets import model_from_checkpoint, variant_name
 from utils import dist
 from utils.checkpoint import load_inference_checkpoint, refuse_onnx_as_checkpoint, saved_args
+from utils.checks import check_non_negative_int
 from utils.cpu_memory import keep_freed_memory
 from utils.device import select_device
 from utils.errors import ArgumentError, DataError, run_cli
@@ -146,8 +147,7 @@ def autocast_setting(amp: bool, dtype: str, device: torch.device) -> bool | str:
 
 def main(args: argparse.Namespace) -> dict:
     args = argparse.Namespace(**vars(args))  # completed below; the caller's flags stay as given, to run again
-    if args.num_workers < 0:
-        raise ArgumentError(f"--num_workers must be 0 or more, got {args.num_workers}")
+    check_non_negative_int("--num_workers", args.num_workers)
     args.test_scales = parse_scales(args.test_scales)
     cfg = build_eval_config(args)  # refuses settings that cannot work before anything is read or written
     check_backend(args.eval_backend)

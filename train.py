@@ -20,7 +20,7 @@ from nets import ARCHS, METHODS
 from nets.hourglass import CENTER_BRANCHES, CORNER_POOLS
 from utils import dist
 from utils.checkpoint import MAX_IMG_SIZE
-from utils.checks import check_number, check_positive_int
+from utils.checks import check_non_negative_int, check_number, check_positive_int
 from utils.device import cudnn_benchmark
 from utils.errors import ArgumentError, run_cli
 from utils.stopping import StopSignals
@@ -97,8 +97,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise ArgumentError(f"--img_size must be of the form 128k - 1 (127, 255, 383, 511, ..., {MAX_IMG_SIZE}), got "
                             f"{args.img_size}")
     for flag in ("num_workers", "val_interval"):
-        if getattr(args, flag) < 0:
-            raise ArgumentError(f"--{flag} must be 0 or more, got {getattr(args, flag)}")
+        check_non_negative_int(f"--{flag}", getattr(args, flag))
     # The augmentation draws and the epoch orders seed numpy generators, which take no negative number, and
     # torch.manual_seed takes 64 bits at most.
     if not 0 <= args.seed < 2**64:

@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from bench.device import DEVICE_HELP, bench_device
 from lib.cpool.pool import (BOTTOM, LEFT, RIGHT, TOP, _DIM, _REVERSE, REBUILD_CUDA, cummax_pool, extension_available,
                             extension_pool, kernel_registered)
-from utils.checks import check_positive_int
-from utils.errors import ArgumentError, run_cli
+from utils.checks import check_non_negative_int, check_positive_int
+from utils.errors import run_cli
 
 DIRECTIONS = [("top", TOP), ("bottom", BOTTOM), ("left", LEFT), ("right", RIGHT)]
 
@@ -92,8 +92,7 @@ def main(args: argparse.Namespace) -> None:
     for i, side in enumerate(args.shape):
         check_positive_int(f"--shape {'NCHW'[i]}", side)
     check_positive_int("--repeats", args.repeats)
-    if args.warmup < 0:
-        raise ArgumentError(f"--warmup must be 0 or more, got {args.warmup}")
+    check_non_negative_int("--warmup", args.warmup)
     device = bench_device(args.device)
     if not extension_available():
         raise SystemExit("bench/bench_cpool.py: lib.cpool._ext is not built; run `make setup` first")

@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: import the repo
 import train
 from datasets.shapes import ShapesConfig, write_split
-from utils.checks import check_positive_int
+from utils.checks import check_non_negative_int, check_positive_int
 from utils.errors import ArgumentError, MissingFileError, run_cli
 
 KEEP = ("ellipse", "cross")
@@ -72,8 +72,7 @@ def check_args(args: argparse.Namespace) -> None:
     for flag in ("target_images",) if args.pre_ckpt else ("pre_images", "target_images"):
         if getattr(args, flag) < BATCH_SIZE:
             raise ArgumentError(f"--{flag} must be at least the batch size {BATCH_SIZE}, got {getattr(args, flag)}")
-    if args.num_workers < 0:
-        raise ArgumentError(f"--num_workers must be 0 or more, got {args.num_workers}")
+    check_non_negative_int("--num_workers", args.num_workers)
     if args.pre_ckpt and not Path(args.pre_ckpt).is_file():
         raise MissingFileError(f"--pre_ckpt {args.pre_ckpt}: no such file")
 

@@ -51,9 +51,9 @@ from nets import ARCHS, build_model
 from nets.inference import prepare_for_inference
 from utils.cpu_memory import keep_freed_memory
 from utils.decode import center_check, decode
-from utils.checks import check_positive_int
+from utils.checks import check_non_negative_int, check_positive_int
 from utils.device import autocast, cudnn_benchmark
-from utils.errors import ArgumentError, run_cli
+from utils.errors import run_cli
 
 # Label columns as wide as the longest label: "forward large_hourglass 511 bf16 compiled" in the stage table (CUDA),
 # "forward large_hourglass 511 bf16 prepared (--amp)" in the CPU forward table.
@@ -193,8 +193,7 @@ def cpu_forward_rows(arch: str, image: torch.Tensor, args, peaks: dict, clock) -
 def main(args: argparse.Namespace) -> None:
     for flag in ("post_repeats", "forward_repeats"):
         check_positive_int(f"--{flag}", getattr(args, flag))
-    if args.threads < 0:
-        raise ArgumentError(f"--threads must be 0 (torch's default) or more, got {args.threads}")
+    check_non_negative_int("--threads", args.threads)
     device = bench_device(args.device)
     if device.type == "cuda" and args.clock == "cpu":  # the host's CPU time leaves out the GPU's work
         raise SystemExit("bench/bench_infer.py: --clock cpu times CPU runs only; drop it with --device cuda")

@@ -27,7 +27,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script from anywhere: import the repo, not this folder's modules
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from utils.checks import check_number
+from utils.checks import check_non_negative_int, check_number
 from utils.errors import ArgumentError, run_cli
 from utils.files import make_folder, write_coco_split, write_coco_splits
 
@@ -184,8 +184,8 @@ def main(args: argparse.Namespace) -> None:
     for flag, value, high in (("--empty", cfg.empty, 1), ("--max_occlusion", cfg.max_occlusion, 1),
                               ("--noise", cfg.noise, math.inf)):
         check_number(flag, value, 0, high)
-    if args.num_train < 0 or args.num_val < 0:
-        raise ArgumentError(f"--num_train and --num_val: expected 0 or more, got {args.num_train}, {args.num_val}")
+    for flag in ("num_train", "num_val"):
+        check_non_negative_int(f"--{flag}", getattr(args, flag))
     out = make_folder(args.out, "--out")
     splits = (("train", args.num_train), ("val", args.num_val))
     existing = [p for split, _ in splits for p in (out / "annotations" / f"instances_{split}.json", out / split)

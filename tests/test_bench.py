@@ -25,6 +25,7 @@ def test_an_unknown_arch_is_a_usage_error(bench, flag, capsys):
 @pytest.mark.parametrize("bench, flags, message", [
     ("bench_cpool", ["--repeats", "0"], "--repeats"),
     ("bench_cpool", ["--shape", "2", "0", "8", "8"], "--shape C"),
+    ("bench_cpool", ["--warmup", "-1"], "--warmup: expected a whole number of at least 0, got -1"),
     ("bench_nms", ["--repeats", "0"], "--repeats"),
     ("bench_nms", ["--sizes", "100", "0"], "--sizes"),
     ("bench_train", ["--steps", "0"], "--steps"),
@@ -40,6 +41,8 @@ def test_an_unknown_arch_is_a_usage_error(bench, flag, capsys):
     ("profile_infer", ["--repeats", "0"], "--repeats"),
     ("bench_finetune", ["--out", "unused", "--epochs", "0"], "--epochs"),
     ("bench_finetune", ["--out", "unused", "--target_images", "15"], "--target_images"),
+    ("bench_finetune", ["--out", "unused", "--num_workers", "-1"], "--num_workers: expected a whole number of at "
+                                                                   "least 0"),
 ])
 def test_a_count_that_cannot_time_anything_is_an_argument_error(bench, flags, message, tmp_path, monkeypatch):
     """Zero repeats or steps ended in statistics.median's "no median for empty data" (or an IndexError, a

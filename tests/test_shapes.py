@@ -110,6 +110,12 @@ def test_whole_number_flags_out_of_range_are_refused(tmp_path, flag, value):
     assert not (tmp_path / "x").exists()
 
 
+def test_a_negative_split_size_is_refused(tmp_path):
+    with pytest.raises(ArgumentError, match="--num_val: expected a whole number of at least 0, got -1"):
+        generate(tmp_path / "x", "--num_train", "1", "--num_val", "-1")
+    assert not (tmp_path / "x").exists()
+
+
 def test_an_image_side_beyond_the_limit_is_refused(tmp_path):
     with pytest.raises(ArgumentError, match=r"--max_size <= 4096, got 16, 72, 100000, 100000"):
         generate(tmp_path / "x", "--min_size", "100000", "--max_size", "100000")

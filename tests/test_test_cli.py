@@ -118,7 +118,7 @@ def test_errors(ckpt_dir, tmp_path):
     for scales in ("1,,2", "1e9", "0", "9"):  # an empty entry was dropped; 1e9 failed in OpenCV once work started
         with pytest.raises(ArgumentError, match=r"--test_scales: expected .*got"):
             test_cli.main(cli_args(ckpt_dir, "--test_scales", scales))
-    with pytest.raises(ArgumentError, match="--num_workers must be 0 or more, got -1"):
+    with pytest.raises(ArgumentError, match="--num_workers: expected a whole number of at least 0, got -1"):
         test_cli.main(cli_args(ckpt_dir, "--num_workers", "-1"))
     other = load_checkpoint(ckpt_dir / "tiny" / "checkpoint.pt")
     other["class_names"] = ["dog"]

@@ -152,6 +152,7 @@ def test_resume_with_nothing_to_resume_starts_a_new_run(shapes_dir, tmp_path):
 def test_flags_that_cannot_work_are_refused_before_anything_is_created(shapes_dir, tmp_path):
     for flags, message in [(("--batch_size", "0"), "--batch_size: expected a whole number of at least 1, got 0"),
                            (("--num_epochs", "0"), "--num_epochs: expected a whole number of at least 1"),
+                           (("--val_interval", "-1"), "--val_interval: expected a whole number of at least 0, got -1"),
                            (("--img_size", "128"), "128k - 1"),
                            (("--img_size", "-1"), "128k - 1"),  # -1 % 128 == 127
                            (("--img_size", "2175"), "128k - 1 .*2047"),  # more than a checkpoint may hold

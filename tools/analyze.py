@@ -35,7 +35,7 @@ from datasets.coco import check_coco_dict, coco_from_dict, is_box, is_finite_num
 from datasets.coco_eval import (ALL_METRIC_NAMES, ANALYSIS_DRAWING, FD_NAMES, METRIC_NAMES, analysis_folder,
                                  load_results, results_of_metrics)
 from datasets.image_io import load_image
-from utils.checks import check_number, is_id
+from utils.checks import check_non_negative_int, check_number, is_id
 from utils.errors import ArgumentError, DataError, MissingFileError, run_cli
 from utils.files import atomic_write, make_folder, same_file
 
@@ -282,8 +282,7 @@ def earlier_drawings(out: Path, results_path: Path, force: bool) -> list[Path]:
 
 def main(args: argparse.Namespace) -> dict[str, tuple[int, float]]:
     check_number("--score_thresh", args.score_thresh, 0, 1)
-    if args.num_images < 0:  # a negative slice end would draw all but the last images
-        raise ArgumentError(f"--num_images: expected a whole number of at least 0, got {args.num_images}")
+    check_non_negative_int("--num_images", args.num_images)  # a negative slice end would draw all but the last images
     ann_file, img_dir = split_files(Path(args.data_dir), args.split)
     data = read_json(ann_file)
     if not data.get("annotations"):  # missing (a test-dev split) or empty

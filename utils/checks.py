@@ -37,6 +37,15 @@ def describe_range(low: float, high: float, above: bool = False, below: bool = F
 
 def check_positive_int(name: str, value) -> int:
     """`value` when it is a whole number of at least 1 (not a bool), else an ArgumentError naming `name`."""
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-        raise ArgumentError(f"{name}: expected a whole number of at least 1, got {value!r}")
+    return check_int_at_least(name, value, 1)
+
+
+def check_non_negative_int(name: str, value) -> int:
+    """`value` when it is a whole number of at least 0 (not a bool), else an ArgumentError naming `name`."""
+    return check_int_at_least(name, value, 0)
+
+
+def check_int_at_least(name: str, value, low: int) -> int:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low:
+        raise ArgumentError(f"{name}: expected a whole number of at least {low}, got {value!r}")
     return int(value)
