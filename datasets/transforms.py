@@ -46,6 +46,9 @@ LIGHTING_STD = 0.1
 # with them (a 127 x 100095 input, 12.7 M pixels, took 3.8 GB and 19 s for tiny_hourglass on the CPU, many times that
 # for the hourglasses), and the padding to 128k - 1 makes a thin image's input far larger than the image itself.
 MAX_INPUT_PIXELS = 4095 * 4095
+# Each side of a test input is padded to the next size of the form 128k - 1 (`side | 127`, eval_sizes): this is the
+# smallest test input, the least --max_size an ONNX export for images of any size may have.
+MIN_TEST_INPUT = 127
 
 
 def warp_boxes(boxes: np.ndarray, a: np.ndarray) -> np.ndarray:
@@ -197,7 +200,7 @@ def eval_sizes(side: int, scale: float) -> tuple[int, int]:
     """(resized, input) length of an image side at a test scale: int(side * scale), at least 1, and the next
     128k - 1 (`| 127`), the length of the zero input it is placed on."""
     resized = max(1, int(side * scale))
-    return resized, resized | 127
+    return resized, resized | MIN_TEST_INPUT
 
 
 def check_input_size(width: int, height: int, scale: float) -> None:

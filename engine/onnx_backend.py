@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from datasets.transforms import MIN_TEST_INPUT
 from utils.checkpoint import check_regular_file
 from utils.checks import is_id
 from utils.errors import ArgumentError, CheckpointError
@@ -148,9 +149,9 @@ class OnnxModel:
         if not self.dynamic:
             raise ArgumentError(f"{self.path} takes {self.img_size} x {self.img_size} inputs only; {inputs} need "
                                 "other sizes: export it with --dynamic")
-        if self.max_size < 127:
+        if self.max_size < MIN_TEST_INPUT:
             raise ArgumentError(f"{self.path} was exported with --max_size {self.max_size}, below the smallest "
-                                "test input (127): export it again with a larger --max_size")
+                                f"test input ({MIN_TEST_INPUT}): export it again with a larger --max_size")
 
     def fit_scale(self, height: int, width: int, scales: list[float]) -> float:
         """The factor (at most 1) by which the test `scales` of a height x width image shrink so that its largest

@@ -73,3 +73,11 @@ def test_a_detector_refuses_category_ids_that_are_not_whole_numbers(tmp_path):
         with pytest.raises(ArgumentError, match=r"category_ids: expected one whole number per class \(3\), each "
                                                 f"within 64 bits, got \\{ids!r}"):
             Detector(model, CLASSES, torch.device("cpu"), category_ids=ids)
+
+
+def test_a_dynamic_file_smaller_than_every_test_input_is_refused_before_any_work(tmp_path):
+    """Every test input is padded to at least 127 x 127: a file exported for at most 63 pixels fits no image."""
+    model = OnnxModel(onnx_file(tmp_path / "small.onnx", {**METADATA, "max_size": 63}), torch.device("cpu"))
+    with pytest.raises(ArgumentError, match="small.onnx was exported with --max_size 63, below the smallest test "
+                                            r"input \(127\): export it again with a larger --max_size"):
+        model.require_dynamic("images of any size")

@@ -29,6 +29,7 @@ import onnx
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: import the repo
+from datasets.transforms import MIN_TEST_INPUT
 from engine.onnx_backend import METADATA_KEY
 from nets import model_from_checkpoint, variant_name
 from nets.export_pool import rounds_for, use_export_pooling
@@ -153,9 +154,9 @@ def main(args: argparse.Namespace) -> Path:
         raise ArgumentError(f"--img_size {args.img_size} fixes the input side, which --dynamic frees (up to "
                             "--max_size): drop one of them")
     max_size = MAX_IMG_SIZE if args.max_size is None else args.max_size
-    if args.dynamic and 0 < max_size < 127:  # a file that test.py, demo.py and Detector then refuse
-        raise ArgumentError(f"--max_size {max_size} is below the smallest test input, 127 (test inputs are padded to "
-                            "the next 128k - 1): give 127 or more")
+    if args.dynamic and 0 < max_size < MIN_TEST_INPUT:  # a file that test.py, demo.py and Detector then refuse
+        raise ArgumentError(f"--max_size {max_size} is below the smallest test input, {MIN_TEST_INPUT} (test inputs "
+                            f"are padded to the next 128k - 1): give {MIN_TEST_INPUT} or more")
     if Path(args.ckpt).suffix.lower() == ".onnx":
         raise ArgumentError(f"--ckpt {args.ckpt} is an .onnx file, an export already: export again from the "
                             "checkpoint it was made from (train.py's or tools/convert_official.py's .pt)")
