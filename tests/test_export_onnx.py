@@ -230,8 +230,8 @@ def test_max_size_without_dynamic_and_an_onnx_file_as_ckpt_are_refused(exported,
         export("--ckpt", str(ckpt), "--dynamic", "--img_size", "255")  # it went into the metadata as the training size
     with pytest.raises(ArgumentError, match="--max_size 63 is below the smallest test input, 127"):
         export("--ckpt", str(ckpt), "--dynamic", "--max_size", "63")  # a file that Detector and test.py refused
-    with pytest.raises(ArgumentError, match=f"--ckpt {path} is an .onnx file, an export already: export again from "
-                                            "the checkpoint it was made from"):
+    with pytest.raises(ArgumentError, match=f"--ckpt {path} is an ONNX file; export again from the checkpoint it was "
+                                            "made from"):
         export("--ckpt", str(path), "--dynamic")
     assert not any(tmp_path.iterdir())
 

@@ -33,7 +33,8 @@ from datasets.transforms import MIN_TEST_INPUT
 from engine.onnx_backend import METADATA_KEY
 from nets import model_from_checkpoint, variant_name
 from nets.export_pool import rounds_for, use_export_pooling
-from utils.checkpoint import MAX_IMG_SIZE, is_torch_checkpoint, load_inference_checkpoint, saved_args
+from utils.checkpoint import (MAX_IMG_SIZE, is_torch_checkpoint, load_inference_checkpoint,
+                              refuse_onnx_as_checkpoint, saved_args)
 from utils.errors import ArgumentError, UserError, WriteError, run_cli
 from utils.files import file_to_write, make_folder, same_file
 
@@ -157,9 +158,8 @@ def main(args: argparse.Namespace) -> Path:
     if args.dynamic and 0 < max_size < MIN_TEST_INPUT:  # a file that test.py, demo.py and Detector then refuse
         raise ArgumentError(f"--max_size {max_size} is below the smallest test input, {MIN_TEST_INPUT} (test inputs "
                             f"are padded to the next 128k - 1): give {MIN_TEST_INPUT} or more")
-    if Path(args.ckpt).suffix.lower() == ".onnx":
-        raise ArgumentError(f"--ckpt {args.ckpt} is an .onnx file, an export already: export again from the "
-                            "checkpoint it was made from (train.py's or tools/convert_official.py's .pt)")
+    refuse_onnx_as_checkpoint(args.ckpt, "export again from the checkpoint it was made from (train.py's or "
+                                         "tools/convert_official.py's .pt)")
     out = check_out(file_to_write(args.out, "--out", "model.onnx"), Path(args.ckpt), args.force)
     state = load_inference_checkpoint(args.ckpt)
     arch, class_names = saved_args(state)["arch"], list(state["class_names"])

@@ -195,11 +195,11 @@ def why_not_torch(path: Path) -> str:
             "legacy format, which starts with torch's magic number; a plain pickle, say)")
 
 
-def refuse_onnx_as_checkpoint(ckpt: str) -> None:
-    """An ArgumentError for an exported .onnx file given as --ckpt (test.py, demo.py), which the checkpoint reader
-    would call truncated or corrupt: it is read with --onnx."""
+def refuse_onnx_as_checkpoint(ckpt: str, instead: str | None = None) -> None:
+    """An ArgumentError for an exported .onnx file given as --ckpt, which the checkpoint reader would call truncated
+    or corrupt, saying what to do `instead` (by default what test.py and demo.py take: pass it as --onnx)."""
     if Path(ckpt).suffix.lower() == ".onnx":
-        raise ArgumentError(f"--ckpt {ckpt} is an ONNX file; pass it as --onnx {ckpt}")
+        raise ArgumentError(f"--ckpt {ckpt} is an ONNX file; {instead or f'pass it as --onnx {ckpt}'}")
 
 
 def check_regular_file(path: Path, what: str, expected: str = "") -> None:
