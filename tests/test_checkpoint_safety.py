@@ -26,7 +26,7 @@ from engine import Detector
 from nets import build_model, model_config, model_from_checkpoint, network_on_meta
 from tools import convert_official, export_onnx, upgrade_checkpoint
 from utils.checkpoint import load_checkpoint, load_inference_checkpoint, pickled_globals, read_plain, save_checkpoint
-from utils.errors import CheckpointError, UnsafeCheckpointError, UserError
+from utils.errors import CheckpointError, MissingFileError, UnsafeCheckpointError, UserError
 
 REPO = Path(__file__).resolve().parents[1]
 RACCOON = Path(__file__).parent / "data" / "raccoon"
@@ -293,13 +293,24 @@ def test_the_converter_never_writes_over_a_file_unasked(tmp_path):
         with pytest.raises(UserError, match=f"--out {tmp_path} is a folder; give the file to write, such as "
                                             f"{tmp_path / 'checkpoint.pt'}"):
             upgrade("--src", str(src), "--out", str(tmp_path), *force)
-    with pytest.raises(UserError, match=f"--src {tmp_path}: a folder, not a checkpoint file"):
+    with pytest.raises(CheckpointError, match=f"--src {tmp_path} is a folder, not a file; give the checkpoint file "
+                                              "to convert"):
         upgrade("--src", str(tmp_path), "--out", str(tmp_path / "x.pt"))
     with pytest.raises(UserError, match=f"--out {tmp_path}/new/ names a folder; give the file to write, such as "
                                         f"{tmp_path}/new/checkpoint.pt"):  # it wrote a file named new
         upgrade("--src", str(src), "--out", f"{tmp_path}/new/")
     upgrade("--src", str(src), "--out", str(src), "--force")
     assert load_checkpoint(src)["args"]["arch"] == "tiny_hourglass"
+
+
+def test_a_src_that_is_no_regular_file_is_named_as_such(tmp_path):
+    """A named pipe exists: "no such file" was wrong."""
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(CheckpointError, match=f"--src {tmp_path / 'pipe'} is not a regular file"):
+        upgrade("--src", str(tmp_path / "pipe"), "--out", str(tmp_path / "x.pt"))
+    with pytest.raises(MissingFileError, match=f"--src not found: {tmp_path / 'nowhere.pt'}"):
+        upgrade("--src", str(tmp_path / "nowhere.pt"), "--out", str(tmp_path / "x.pt"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]
 
 
 def test_an_object_without_a_plain_form_is_named(tmp_path):

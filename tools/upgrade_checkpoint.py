@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: import the repo
-from utils.checkpoint import PLAIN_CONTAINERS, PLAIN_LEAVES, load_checkpoint, save_checkpoint
+from utils.checkpoint import PLAIN_CONTAINERS, PLAIN_LEAVES, check_regular_file, load_checkpoint, save_checkpoint
 from utils.checks import is_id
 from utils.errors import CheckpointError, UnsafeCheckpointError, UserError, run_cli
 from utils.files import file_to_write, same_file
@@ -139,8 +139,7 @@ def parse_category_ids(text: str, class_names: list[str]) -> list[int]:
 def main(args: argparse.Namespace) -> list[str]:
     """Writes the converted checkpoint; returns the changes made (also printed)."""
     src, out = Path(args.src), file_to_write(args.out, "--out", "checkpoint.pt")
-    if not src.is_file():
-        raise UserError(f"--src {src}: {'a folder, not a checkpoint file' if src.is_dir() else 'no such file'}")
+    check_regular_file(src, "--src", "; give the checkpoint file to convert")
     if out.exists() and not args.force:
         what = "is the input" if same_file(out, src) else "exists"
         raise UserError(f"--out {out} {what}; choose another path or pass --force to replace it")
