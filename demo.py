@@ -80,9 +80,10 @@ def list_images(source: Path) -> list[Path]:
         if source.exists():  # a named pipe, a device, a socket
             raise UserError(f"--images {source}: neither a regular file nor a folder")
         raise MissingFileError(f"--images {source}: no such file or folder")
+    entries = sorted(source.iterdir())
     # Every entry but folders and named pipes (reading one waits for a writer): a device, a socket or a broken
     # link named as an image is refused by the reader and listed as skipped, not passed over in silence.
-    files = sorted(p for p in source.iterdir() if not p.is_dir() and not p.is_fifo())
+    files = [p for p in entries if not p.is_dir() and not p.is_fifo()]
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
     looked_for = f"looked for {' '.join(sorted(IMAGE_SUFFIXES))}"
     if not images:
@@ -92,7 +93,7 @@ def list_images(source: Path) -> list[Path]:
         print(f"note: {len(others)} files of {source} are not read, as their names end in no image suffix "
               f"({looked_for}): {', '.join(others[:3])}{', ...' if len(others) > 3 else ''}", file=sys.stderr)
     # A data set's image folder often has sub-folders (file_name cam1/0001.jpg): say that their images were left out.
-    folders = sorted(p.name for p in source.iterdir() if p.is_dir())
+    folders = [p.name for p in entries if p.is_dir()]
     if folders:
         print(f"note: {len(folders)} sub-folders of {source} are not read (give each as --images): "
               f"{', '.join(folders[:3])}{', ...' if len(folders) > 3 else ''}", file=sys.stderr)
@@ -153,11 +154,12 @@ def prepare_images(args) -> tuple[dict[Path, str], Path]:
     paths = list_images(Path(args.images))
     images = dict(zip(paths, drawing_names([path.name for path in paths])))
     out = Path(args.out)
+    # A drawing named apart from its input (scan.pgm.png) would land among the inputs, and be read as one next time.
+    out_holds_inputs = same_file(out, paths[0].parent)  # list_images: one file, or the files of one folder
     for path, drawing in images.items():
         if same_file(out / drawing, path):
             raise ArgumentError(f"--out {out} would write over the input image {path}; choose another folder")
-        # A drawing named apart from its input (scan.pgm.png) would land among the inputs, and be read as one next time.
-        if same_file(out, path.parent):
+        if out_holds_inputs:  # raised at the first image, after the more precise check above
             raise ArgumentError(f"--out {out} is the folder of the input image {path}; choose another folder")
     if out.is_dir() and any(out.iterdir()) and not args.force:
         raise ArgumentError(f"--out {out} is not empty; choose another folder or pass --force to replace its files")
