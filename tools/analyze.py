@@ -191,8 +191,10 @@ def draw_worst(gt: dict, results: list[dict], errors: dict, status: dict, img_di
 
 
 def write_drawings(out: Path, drawings: list[tuple[str, bytes]], stale: list[Path]) -> list[Path]:
-    """Writes `drawings` into `out`, then removes the `stale` ones of an earlier analysis that none replaced."""
-    make_folder(out, "--out")
+    """Writes `drawings` into `out`, then removes the `stale` ones of an earlier analysis that none replaced. With
+    nothing to draw (--num_images 0, or no error to show), `out` is not created."""
+    if drawings:
+        make_folder(out, "--out")
     written = []
     for name, data in drawings:
         written.append(out / name)
