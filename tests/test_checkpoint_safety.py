@@ -273,6 +273,12 @@ def test_an_old_checkpoint_is_refused_then_converts_once_to_the_same_values(tmp_
 
     # A plain file needs no full unpickling and is left as it is.
     assert upgrade("--src", str(out), "--out", str(tmp_path / "again.pt")) == []
+    assert "checkpoint['category_ids']: added [3, 7]" in changes
+    # Ids a checkpoint already holds: the same ones change nothing, others are replaced and said to be (not "added").
+    assert upgrade("--src", str(out), "--out", str(tmp_path / "same.pt"), "--category_ids", "3,7") == []
+    assert upgrade("--src", str(out), "--out", str(tmp_path / "other.pt"), "--category_ids", "7,3") == [
+        "checkpoint['category_ids']: [3, 7] replaced by [7, 3]"]
+    assert load_checkpoint(tmp_path / "other.pt")["category_ids"] == [7, 3]
 
 
 def test_the_converter_never_writes_over_a_file_unasked(tmp_path):

@@ -14,7 +14,8 @@ after weights-only reading refused it. Every other reader (utils/checkpoint.py) 
 
 The result is written atomically. An existing --out is replaced only with --force, and never the input unless
 --out names it and --force is given. --category_ids adds the data set's category id of each class to a checkpoint
-written before checkpoints stored them (needed for COCO results: `Detections.to_coco`).
+written before checkpoints stored them (needed for COCO results: `Detections.to_coco`); in one that holds ids, other
+ids replace them, and the list of changes says so.
 """
 import argparse
 import pathlib
@@ -146,8 +147,10 @@ def main(args: argparse.Namespace) -> list[str]:
     changes: list[str] = []
     state = to_plain(read_trusted(src, args.trust), "checkpoint", changes)
     if args.category_ids:
-        state["category_ids"] = parse_category_ids(args.category_ids, list(state.get("class_names", [])))
-        changes.append(f"checkpoint['category_ids']: added {state['category_ids']}")
+        ids, held = parse_category_ids(args.category_ids, list(state.get("class_names", []))), state.get("category_ids")
+        if ids != held:  # a checkpoint that holds ids has them replaced, which the list of changes must say
+            changes.append(f"checkpoint['category_ids']: {'added' if held is None else f'{held} replaced by'} {ids}")
+        state["category_ids"] = ids
     save_checkpoint(out, state)
     shown = changes[:SHOWN] + ([f"... and {len(changes) - SHOWN} more"] if len(changes) > SHOWN else [])
     for line in shown or ["nothing to change: the checkpoint was plain data already"]:
