@@ -145,7 +145,7 @@ def steps(py: str, ckpt_dir: str, sanitizer: str | None) -> list[Step]:
     cuda_tests = [py, "-m", "pytest", "-q", "-m", "cuda", "tests/test_cuda.py"]
     return [
         build_step(py),
-        Step("pytest -m cuda", "cuda_tests.log", [cuda_tests], 70, last_line(r"^=*\s*\d+ (?:passed|failed).*$")),
+        Step("pytest -m cuda", "cuda_tests.log", [cuda_tests], 71, last_line(r"^=*\s*\d+ (?:passed|failed).*$")),
         Step("bench_cpool (6,128,128,128) fp32", "bench_cpool.log",
              [[py, "bench/bench_cpool.py", "--device", "cuda", "--shape", "6", "128", "128", "128"]], 20,
              summarize_cpool),
