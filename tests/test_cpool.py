@@ -1,5 +1,6 @@
 """Corner pooling (lib/cpool): compiled extension and torch.cummax fallback against a slow loop reference."""
 import warnings
+import zlib
 from pathlib import Path
 
 import pytest
@@ -66,7 +67,9 @@ def test_extension_is_built():
 @pytest.mark.parametrize("direction", DIRECTIONS)
 @pytest.mark.parametrize("kind", ["random", "ties"])
 def test_matches_reference(impl, direction, kind):
-    g = torch.Generator().manual_seed(hash((impl, direction, kind)) % 2**31)
+    # crc32, not hash(): Python salts str hashes per process, so each run drew other data and a failure could not
+    # be reproduced
+    g = torch.Generator().manual_seed(zlib.crc32(f"{impl} {direction} {kind}".encode()))
     shape = (2, 3, 5, 7)
     x = torch.randn(shape, generator=g, dtype=torch.float64) if kind == "random" else tie_heavy(shape, g)
     grad = torch.randn(shape, generator=g, dtype=torch.float64)
