@@ -71,6 +71,10 @@ def random_case(counts, num_classes=3, h=6, w=7, max_objects=8, seed=0):
     n = len(counts)
     gt = torch.rand(n, num_classes, h, w, generator=g) * 0.9
     gt[torch.rand(gt.shape, generator=g) < 0.3] = 0  # far from every object: only the focal weight p^2 is left
+    # just below 1 (the largest float32 below it, and 0.9999): negatives all the same, as only gt == 1 is a positive
+    near_one = torch.rand(gt.shape, generator=g)
+    gt[near_one < 0.03] = 1 - 2**-24
+    gt[(near_one >= 0.03) & (near_one < 0.06)] = 0.9999
     mask = torch.zeros(n, max_objects, dtype=torch.bool)
     batch = {"mask": mask}
     for k in ("tl", "br", "ct"):
