@@ -186,6 +186,19 @@ def test_half_precision_outputs_and_small_maps():
     assert len(kept(out, topk=100)) == 1
 
 
+def test_a_non_finite_center_taken_into_the_top_k_keeps_no_box():
+    # One class of 6 x 6 cells and K = 100: every cell is a keypoint, a non-finite one too. The box's central
+    # region (2.17, 3.83)^2 holds one cell, (3, 3), its center's; a NaN offset there leaves the box no center.
+    out = one_object(6, tl=(0.5, 0.5), br=(5.5, 5.5), ct=(3.0, 3.0), c=1)
+    assert len(kept(out, topk=100)) == 1
+    out["off_ct"][0, 0, 3, 3] = float("nan")
+    boxes, centers = decode(out, topk=100)
+    assert torch.isfinite(boxes).all() and torch.isfinite(centers).all()
+    # its keypoint is at the cell itself, without the offset, of no class, with score 0
+    assert centers[0][centers[0, :, 2] == -1].tolist() == [[3.0, 3.0, -1.0, 0.0]]
+    assert len(kept(out, topk=100)) == 0
+
+
 @pytest.mark.parametrize("kernel", [1, 3, 5])
 def test_window_max_is_max_pool(kernel):
     gen = torch.Generator().manual_seed(kernel)
