@@ -57,24 +57,24 @@ def reference_center_check(boxes: np.ndarray, centers: np.ndarray) -> np.ndarray
     return out
 
 
-def random_outputs(gen: torch.Generator, n: int, c: int, size: int) -> dict:
+def random_outputs(gen: torch.Generator, n: int, c: int, h: int, w: int) -> dict:
     def rand(*shape):
         return torch.rand(*shape, generator=gen, dtype=torch.float64)
 
-    out = {f"hm_{k}": rand(n, c, size, size) * 6 - 4 for k in ("tl", "br", "ct")}
-    out.update({f"off_{k}": rand(n, 2, size, size) for k in ("tl", "br", "ct")})
-    out.update({f"emb_{k}": rand(n, 1, size, size) * 3 for k in ("tl", "br")})
+    out = {f"hm_{k}": rand(n, c, h, w) * 6 - 4 for k in ("tl", "br", "ct")}
+    out.update({f"off_{k}": rand(n, 2, h, w) for k in ("tl", "br", "ct")})
+    out.update({f"emb_{k}": rand(n, 1, h, w) * 3 for k in ("tl", "br")})
     # bottom-right corners and centers more likely lower right: more valid pairs and center hits
-    ramp = torch.linspace(-1, 1, size, dtype=torch.float64)
-    out["hm_br"] += 2 * (ramp[None, :] + ramp[:, None])
-    out["hm_tl"] -= 2 * (ramp[None, :] + ramp[:, None])
+    ramp = torch.linspace(-1, 1, h, dtype=torch.float64)[:, None] + torch.linspace(-1, 1, w, dtype=torch.float64)
+    out["hm_br"] += 2 * ramp
+    out["hm_tl"] -= 2 * ramp
     return out
 
 
 @pytest.mark.parametrize("seed, topk, num_dets", [(0, 12, 1000), (1, 20, 1000), (2, 20, 15), (4, 8, 40)])
 def test_pairs_and_centers_match_reference(seed, topk, num_dets):
     gen = torch.Generator().manual_seed(seed)
-    out = random_outputs(gen, n=2, c=3, size=14)
+    out = random_outputs(gen, n=2, c=3, h=13, w=17)  # not square: x and y cannot stand in for each other
     boxes, centers = decode(out, topk=topk, ae_threshold=0.5, num_dets=num_dets, kernel=3)
     assert boxes.shape == (2, min(num_dets, topk * topk), 8) and boxes.dtype == torch.float64
     assert centers.shape == (2, topk, 4)
