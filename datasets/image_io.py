@@ -145,9 +145,12 @@ def as_bgr8(image: np.ndarray) -> np.ndarray:
     (H, W, 4) BGRA without its alpha, 16-bit values to their high byte; (H, W, 3) uint8 BGR comes back as it is.
     Anything else, and an image without pixels, is an ArgumentError naming its shape and dtype."""
     if not isinstance(image, np.ndarray):
-        # The conversion a user reaches for first, np.asarray(image), gives RGB: no error, other detections.
-        hint = "; a PIL image is RGB: pass np.asarray(image.convert('RGB'))[:, :, ::-1]" \
-            if isinstance(image, PIL.Image.Image) else ""
+        hint = ""
+        if isinstance(image, PIL.Image.Image):
+            # The conversion a user reaches for first, np.asarray(image), gives RGB: no error, other detections.
+            hint = "; a PIL image is RGB: pass np.asarray(image.convert('RGB'))[:, :, ::-1]"
+        elif image is None:
+            hint = "; cv2.imread gives None for a file it cannot read"
         raise ArgumentError(f"expected a numpy array in BGR order ((H, W, 3) uint8, as cv2.imread gives) or an image "
                             f"path, got {type(image).__name__}{hint}")
     shape = image.shape + (1,) if image.ndim == 2 else image.shape

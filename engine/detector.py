@@ -164,8 +164,19 @@ class Detector:
             # Read batch by batch: a list of a thousand photo paths held every decoded photo at once (6 MB each).
             return [Detections.from_rows(rows, self.class_names, self.category_ids)
                     for start in range(0, len(images), self.batch_size)
-                    for rows in self.detect_rows([self.read(image) for image in images[start:start + self.batch_size]])]
+                    for rows in self.detect_rows([self.read_listed(images, i)
+                                                  for i in range(start, min(start + self.batch_size, len(images)))])]
         return Detections.from_rows(self.detect_rows([self.read(images)])[0], self.class_names, self.category_ids)
+
+    def read_listed(self, images: list | tuple, index: int) -> np.ndarray:
+        """`read` of images[index], its size checked: an array that cannot be detected is named by its position,
+        which is all that tells it from the others (cv2.imread's None for one unreadable file of many)."""
+        try:
+            image = self.read(images[index])
+            self.check_size(image)
+        except ArgumentError as error:
+            raise ArgumentError(f"images[{index}]: {error}") from None
+        return image
 
     @staticmethod
     def read(image: np.ndarray | str | Path) -> np.ndarray:

@@ -357,3 +357,20 @@ def test_a_test_scale_given_twice_is_refused():
         with pytest.raises(ArgumentError, match=r"--test_scales: expected a number in \(0, 8\]"):
             parse_scales(scales)
     assert parse_scales("8") == [8.0]
+
+
+def test_an_image_of_a_list_that_cannot_be_detected_is_named_by_its_position(ckpt, monkeypatch):
+    """cv2.imread gives None for a file it cannot read: in a list of its results, the error said `got NoneType`,
+    leaving the user to find which one; so for an array of another shape or one too large to test."""
+    detector = Detector.from_checkpoint(ckpt, device="cpu", batch_size=2)
+    image = np.zeros((40, 50, 3), np.uint8)
+    with pytest.raises(ArgumentError, match=r"^images\[3\]: expected a numpy array .* got NoneType; cv2.imread gives "
+                                            r"None for a file it cannot read$"):
+        detector([image, image, image, None])
+    with pytest.raises(ArgumentError, match=r"^images\[1\]: expected a \(H, W, 3\) BGR.* shape \(3, 40, 50\)"):
+        detector((image, image.transpose(2, 0, 1)))
+    monkeypatch.setattr(transforms, "MAX_INPUT_PIXELS", 127 * 127, raising=False)
+    with pytest.raises(ArgumentError, match=r"^images\[2\]: an image of 200 x 40 pixels at test scale 1"):
+        detector([image, image, np.zeros((40, 200, 3), np.uint8)])
+    with pytest.raises(ArgumentError, match=r"^expected a numpy array .* got NoneType; cv2.imread gives None"):
+        detector(None)  # one image alone: no position
