@@ -127,11 +127,11 @@ class Detector:
         if category_ids is not None and len(category_ids) != len(class_names):
             raise ArgumentError(f"category_ids: expected one per class ({len(class_names)}), got "
                                 f"{len(category_ids)}")
-        # within 64 bits: Detections makes an int64 array of them
-        if category_ids is not None and not all(isinstance(c, numbers.Integral) and is_id(int(c))
-                                                for c in category_ids):
+        # within 64 bits: Detections makes an int64 array of them; none twice: two classes would merge in to_coco
+        whole = category_ids is None or all(isinstance(c, numbers.Integral) and is_id(int(c)) for c in category_ids)
+        if not whole or category_ids is not None and len(set(map(int, category_ids))) != len(category_ids):
             raise ArgumentError(f"category_ids: expected one whole number per class ({len(class_names)}), each within "
-                                f"64 bits, got {category_ids!r}")
+                                f"64 bits and none twice, got {category_ids!r}")
         self.model, self.class_names, self.device, self.amp = model, list(class_names), device, amp
         if device.type == "cpu":
             keep_freed_memory()

@@ -47,9 +47,10 @@ METADATA_FIELDS = {
     "outputs": (is_strings, "a list of output names"),
 }
 OPTIONAL_FIELDS = {
-    # ids past 64 bits failed at the first image, where they become an int64 array
-    "category_ids": (lambda v: v is None or isinstance(v, list) and all(map(is_id, v)),
-                     "a list of whole numbers that fit 64 bits"),
+    # ids past 64 bits failed at the first image, where they become an int64 array; one given twice would merge
+    # two classes in the COCO results
+    "category_ids": (lambda v: v is None or isinstance(v, list) and all(map(is_id, v)) and len(set(v)) == len(v),
+                     "a list of whole numbers that fit 64 bits, none twice"),
     "corner_pool": (lambda v: isinstance(v, str), "a string"),
     "center_branch": (lambda v: isinstance(v, str), "a string"),
 }

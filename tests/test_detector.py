@@ -210,7 +210,9 @@ def test_a_checkpoint_that_does_not_fit_its_network_is_refused_with_numbers(tmp_
          "extra.bias is in the checkpoint but not in the network"),
         ({"class_names": ["a"], "category_ids": [1, 2]}, "expected 'category_ids' to list one whole number per class"),
         ({"class_names": ["a"], "category_ids": [2**64]},  # was an OverflowError at the first image
-         r"one whole number per class \(1\), each within 64 bits, got \[18446744073709551616\]"),
+         r"one whole number per class \(1\), each within 64 bits and none twice, got \[18446744073709551616\]"),
+        ({"class_names": ["a", "b"], "category_ids": [3, 3]},  # both classes were category 3 in to_coco
+         r"one whole number per class \(2\), each within 64 bits and none twice, got \[3, 3\]"),
     ]
     for entries, message in cases:
         save_checkpoint(path, {"model": model.state_dict(), "args": args, **entries})

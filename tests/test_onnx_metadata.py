@@ -49,6 +49,8 @@ def test_a_well_formed_file_loads_and_runs(tmp_path):
     ("ids_x", {**METADATA, "category_ids": ["x", 2, 3]}, r"'category_ids' is \['x', 2, 3\], expected a list of whole"),
     ("ids_huge", {**METADATA, "category_ids": [1, 2, 2**64]}, "'category_ids' is \\[1, 2, 18446744073709551616\\], "
      "expected a list of whole numbers that fit 64 bits"),  # OverflowError at the first image
+    ("ids_twice", {**METADATA, "category_ids": [1, 2, 2]}, r"'category_ids' is \[1, 2, 2\], expected a list of whole "
+     "numbers that fit 64 bits, none twice"),  # two classes merged in the COCO results
     ("names_int", {**METADATA, "class_names": 7}, "'class_names' is 7, expected a list of strings"),
     ("dynamic_text", {**METADATA, "dynamic": "false"}, "'dynamic' is 'false', expected true or false"),
     ("no_outputs", {k: v for k, v in METADATA.items() if k != "outputs"}, "no 'outputs'"),
@@ -67,11 +69,12 @@ def test_metadata_naming_outputs_the_graph_lacks_is_refused(tmp_path):
         OnnxModel(path, torch.device("cpu"))
 
 
-def test_a_detector_refuses_category_ids_that_are_not_whole_numbers(tmp_path):
+def test_a_detector_refuses_category_ids_that_are_not_whole_numbers_or_given_twice(tmp_path):
     model = OnnxModel(onnx_file(tmp_path / "good.onnx", METADATA), torch.device("cpu"))
-    for ids in (["x", 2, 3], [1, 2, 2**64]):  # a ValueError from int(), an OverflowError at the first image
+    # a ValueError from int(), an OverflowError at the first image, two classes merged by to_coco
+    for ids in (["x", 2, 3], [1, 2, 2**64], [1, 2, 2]):
         with pytest.raises(ArgumentError, match=r"category_ids: expected one whole number per class \(3\), each "
-                                                f"within 64 bits, got \\{ids!r}"):
+                                                f"within 64 bits and none twice, got \\{ids!r}"):
             Detector(model, CLASSES, torch.device("cpu"), category_ids=ids)
 
 
