@@ -41,6 +41,8 @@ MAX_TOPK = 1000  # decoding pairs every top-left corner with every bottom-right 
 
 @dataclass(frozen=True)
 class InferenceConfig:
+    """The post-processing settings of test.py's flags of the same names (the defaults are the official ones, box
+    merging off: `official_config` turns it on for several scales); fields that cannot work are an ArgumentError."""
     topk: int = 70
     ae_threshold: float = 0.5
     num_dets: int = 1000
