@@ -62,6 +62,10 @@ class Detections:
     def to_coco(self, image_id: int) -> list[dict]:
         """COCO result entries (the results json of test.py and the COCO evaluation server): image_id,
         category_id, bbox x y w h (pixels, 2 decimals) and score, one per detection."""
+        # int() took 3.7 as image 3 and None as a TypeError that was no UserError
+        if isinstance(image_id, bool) or not (isinstance(image_id, numbers.Integral) and is_id(int(image_id))):
+            raise ArgumentError(f"image_id: expected a whole number within 64 bits (the image's id in the data set), "
+                                f"got {image_id!r}")
         if self.category_ids is None:
             raise ArgumentError("these detections have no category ids: their checkpoint was written before "
                                 "checkpoints stored them; add them once with tools/upgrade_checkpoint.py "

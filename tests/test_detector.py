@@ -2,6 +2,7 @@
 test.py's pipeline (the evaluation sample of datasets.coco through engine.inference.detect), and an exported .onnx
 file gives those of its checkpoint."""
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -176,6 +177,10 @@ def test_coco_results_and_json_use_the_category_ids_of_the_data_set():
     assert json.loads(json.dumps(as_dict)) == as_dict == {
         "boxes": [[10.5, 20.25, 30.125, 60.0], [0.0, 1.0, 2.0, 3.0]], "scores": [0.875, 0.5], "labels": [2, 0],
         "names": ["car", "person"], "category_ids": [7, 1]}
+    for image_id in (3.7, None, "5", True, 2**64):  # 3.7 was image 3, None a TypeError that was no UserError
+        with pytest.raises(ArgumentError, match=f"image_id: expected a whole number within 64 bits .*, got "
+                                                f"{re.escape(repr(image_id))}$"):
+            found.to_coco(image_id)
     without = Detections.from_rows(rows, ["person", "bicycle", "car"])
     assert without.to_dict()["category_ids"] is None
     with pytest.raises(ArgumentError, match="no category ids.*tools/upgrade_checkpoint.py --category_ids"):
