@@ -4,14 +4,17 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from datasets.image_io import as_bgr8
 from engine.inference import InferenceConfig, detect
 
 TRUE_COLOR = (0, 255, 0)  # BGR
 
 
 def draw(image: np.ndarray, dets: np.ndarray, class_names: list[str]) -> np.ndarray:
-    """Boxes (M, 6) x1 y1 x2 y2 score label drawn on a copy of the BGR image."""
-    canvas = image.copy()
+    """Boxes (M, 6) x1 y1 x2 y2 score label drawn on a copy of the BGR image; a gray, BGRA or 16-bit image is
+    converted as the Detector converts it (any other is an ArgumentError naming its shape and dtype)."""
+    # 16-bit: OpenCV's text drawing asserted 8 bits; gray: the boxes were drawn in shades of gray
+    canvas = as_bgr8(image).copy()
     for x1, y1, x2, y2, score, label in dets:
         color = tuple(int(c) for c in np.random.default_rng(int(label)).integers(64, 256, 3))
         p1, p2 = (int(round(x1)), int(round(y1))), (int(round(x2)), int(round(y2)))

@@ -2,15 +2,18 @@
 writing them to the event file."""
 import struct
 
+import cv2
 import numpy as np
+import pytest
 import torch
 from tensorboardX.proto import event_pb2
 
 from datasets.coco import CocoDetection
 from engine.inference import InferenceConfig
-from engine.visualize import val_images
+from engine.visualize import draw, val_images
 from nets import build_model
 from tests.test_test_cli import RACCOON
+from utils.errors import ArgumentError
 from utils.logger import RunLogger
 
 
@@ -28,6 +31,22 @@ def test_val_images_show_the_true_boxes():
         assert image[(y1 + y2) // 2, x1].tolist() == [0, 255, 0]
         inside = image[y1 + 2:y2 - 1, x1 + 2:x2 - 1]
         np.testing.assert_array_equal(inside, original[y1 + 2:y2 - 1, x1 + 2:x2 - 1, ::-1])  # BGR -> RGB
+
+
+def test_draw_takes_the_image_arrays_the_detector_takes():
+    """A gray, BGRA or 16-bit array given to the Detector is drawn on as its BGR conversion: 16-bit was an OpenCV
+    assertion, gray was drawn in shades of gray; a float image is refused naming its dtype."""
+    rng = np.random.default_rng(0)
+    bgr = rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)
+    rows = np.array([[10, 20, 50, 40, 0.9, 1]], np.float32)
+    expected = draw(bgr, rows, ["a", "b"])
+    assert not np.array_equal(expected, bgr)  # the box is there, on a copy
+    np.testing.assert_array_equal(draw(cv2.cvtColor(bgr, cv2.COLOR_BGR2BGRA), rows, ["a", "b"]), expected)
+    np.testing.assert_array_equal(draw(bgr.astype(np.uint16) * 257, rows, ["a", "b"]), expected)
+    gray = bgr[:, :, 0].copy()
+    np.testing.assert_array_equal(draw(gray, rows, ["a", "b"]), draw(cv2.merge([gray] * 3), rows, ["a", "b"]))
+    with pytest.raises(ArgumentError, match="dtype float32"):
+        draw(bgr.astype(np.float32), rows, ["a", "b"])
 
 
 def read_events(path) -> list:
