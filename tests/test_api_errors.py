@@ -123,14 +123,15 @@ def test_detector_errors_are_exceptions_a_program_catches(ckpt, tmp_path, monkey
 
 
 def test_devices_by_name_index_and_torch_device(monkeypatch):
-    assert select_device(torch.device("cpu")) == torch.device("cpu")
+    assert select_device(torch.device("cpu")) == select_device(torch.device("cpu", 0)) == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert select_device("cuda:1") == select_device(torch.device("cuda", 1)) == torch.device("cuda", 1)
     with pytest.raises(DeviceError, match="device cuda:2: this process sees 2 CUDA device"):
         select_device("cuda:2")
-    for bad in ("gpu", "cuda:x", "cuda:-1", 0, None):
-        with pytest.raises(ArgumentError, match="device: expected auto, cpu, cuda, cuda:N or a torch.device"):
+    for bad in ("gpu", "cuda:x", "cuda:-1", "cpu:1", torch.device("meta"), 0, None):
+        with pytest.raises(ArgumentError, match="device: expected auto, cpu, cuda or cuda:N, as a string or a "
+                                                "torch.device, got"):
             select_device(bad)
 
 

@@ -89,8 +89,8 @@ def pretend_gpus(monkeypatch, count: int) -> list:
 @pytest.mark.parametrize("device, gpus, message", [
     ("cuda", 0, "device cuda: no CUDA device is visible to this process"),
     ("cuda:7", 1, "device cuda:7: this process sees 1 CUDA device(s), cuda:0 to cuda:0"),
-    ("gpu", 1, "device: expected auto, cpu, cuda, cuda:N or a torch.device, got 'gpu'"),
-    ("cuda:x", 1, "device: expected auto, cpu, cuda, cuda:N or a torch.device, got 'cuda:x'"),
+    ("gpu", 1, "device: expected auto, cpu, cuda or cuda:N, as a string or a torch.device, got 'gpu'"),
+    ("cuda:x", 1, "device: expected auto, cpu, cuda or cuda:N, as a string or a torch.device, got 'cuda:x'"),
 ])
 def test_every_bench_refuses_a_device_it_cannot_use_with_one_line_before_any_work(bench, device, gpus, message,
                                                                                    monkeypatch, capsys):
@@ -111,8 +111,8 @@ def test_a_bench_cli_ends_a_bad_device_with_its_one_line():
     from bench import bench_model
     from bench.child import child_stdout
 
-    with pytest.raises(SystemExit, match="failed \\(exit status 1\\):\nerror: device: expected auto, cpu, cuda, "
-                                         "cuda:N or a torch.device, got 'gpu'$"):
+    with pytest.raises(SystemExit, match="failed \\(exit status 1\\):\nerror: device: expected auto, cpu, cuda or "
+                                         "cuda:N, as a string or a torch.device, got 'gpu'$"):
         child_stdout([sys.executable, bench_model.__file__, "--device", "gpu"], "bench_model")
 
 

@@ -14,11 +14,11 @@ def select_device(name: str | torch.device = "auto", local_rank: int | None = No
     """`auto` takes the GPU of this process (its local rank) when CUDA is available, else the CPU; `cuda` that
     GPU, `cuda:N` (or torch.device("cuda", N)) GPU N, each a DeviceError where it is not visible; `cpu` the CPU."""
     text = str(name) if isinstance(name, torch.device) else name
-    if not isinstance(text, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
-        raise ArgumentError(f"device: expected auto, cpu, cuda, cuda:N or a torch.device, got {name!r}")
+    if not isinstance(text, str) or not re.fullmatch(r"auto|cpu(:0)?|cuda(:\d+)?", text):  # torch.device("cpu", 0)
+        raise ArgumentError(f"device: expected auto, cpu, cuda or cuda:N, as a string or a torch.device, got {name!r}")
     if text.startswith("cuda") and not torch.cuda.is_available():
         raise DeviceError(f"device {text}: no CUDA device is visible to this process")
-    if text == "cpu" or not torch.cuda.is_available():
+    if text.startswith("cpu") or not torch.cuda.is_available():
         return torch.device("cpu")
     if ":" in text:  # our CUDA kernels guard their tensors' device: no need to make it the current one
         index, count = int(text.split(":")[1]), torch.cuda.device_count()
