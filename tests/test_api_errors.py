@@ -143,7 +143,7 @@ def test_devices_by_name_index_and_torch_device(monkeypatch):
     ("test_scales", "1", "test_scales: expected a number or a sequence"), ("test_scales", [], "test_scales"),
     ("test_scales", (0, 1), r"test_scales: expected a number in \(0, 8\], got 0"),
     ("test_scales", (1, math.inf), "test_scales"), ("test_scales", [math.nan], "test_scales"),
-    ("test_scales", (1, 0.5, 1.0), r"test_scales: scale 1 is given more than once in \['1', '0.5', '1'\]"),
+    ("test_scales", (1, 0.5, 1.0), r"test_scales: scale 1 is given more than once in 1,0.5,1;"),
     ("test_flip", "yes", "test_flip: expected True or False"), ("amp", 1, "amp: expected True or False"),
     ("device", "gpu", "device: expected auto, cpu, cuda"),
 ])
@@ -349,7 +349,7 @@ def test_a_checkpoint_path_that_is_a_folder_or_fifo_is_named_as_such(tmp_path):
 
 def test_a_test_scale_given_twice_is_refused():
     """`--test_scales 1,1` ran the same forward twice and doubled its boxes, which turned box merging on."""
-    with pytest.raises(ArgumentError, match=r"--test_scales: scale 1 is given more than once in \['1', '1'\]"):
+    with pytest.raises(ArgumentError, match=r"--test_scales: scale 1 is given more than once in 1,1;"):
         parse_scales("1,1")
     with pytest.raises(ArgumentError, match="scale 0.5 is given more than once"):
         parse_scales("0.5,1,0.50")
