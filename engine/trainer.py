@@ -328,15 +328,31 @@ def build_training(args: argparse.Namespace, device: torch.device, lr_steps: lis
     return TrainingState(model, optimizer, scheduler, scaler, config, memory_format, amp)
 
 
-def resume_training(training: TrainingState, state: dict, path: Path) -> list[str | None]:
-    """Puts `training` where the checkpoint `state` (read from `path`) left the run; returns the lines for the log
-    on what this command changes there, the loss scaling and the learning rate schedule (None: nothing)."""
+def resumed_progress(state: dict, path: Path, accum_steps: int) -> EpochProgress:
+    """The position inside an epoch that the checkpoint `state` (read from `path`) holds, continued with
+    `accum_steps` micro-batches per optimizer step. Its loss sums add one value per micro-batch, and the epoch's
+    mean divides them by its steps x `accum_steps`: they are rescaled from the --accum_steps of the run that saved
+    them, as the same images per step may be split otherwise on resume (--batch_size 4 --accum_steps 2 continued
+    as 8 x 1 logged the epoch's loss 7/5 too large)."""
+    saved = saved_args(state).get("accum_steps", 1)  # a run from before the flag made one micro-batch per step
+    if not isinstance(saved, int) or saved < 1:
+        raise CheckpointError(f"--resume: {path} holds accum_steps {saved!r} in its args, expected a whole number "
+                              "of at least 1")
+    progress = EpochProgress.from_position(state["position"])
+    progress.sums = {k: v * accum_steps / saved for k, v in progress.sums.items()}
+    return progress
+
+
+def resume_training(training: TrainingState, state: dict, path: Path, accum_steps: int) -> list[str | None]:
+    """Puts `training` where the checkpoint `state` (read from `path`) left the run, to continue with `accum_steps`
+    micro-batches per optimizer step; returns the lines for the log on what this command changes there, the loss
+    scaling and the learning rate schedule (None: nothing)."""
     load_training_state(training.model, training.optimizer, state, path)
     schedule_note = continue_schedule(training.optimizer, training.scheduler, state["epoch"], saved_args(state))
     scaler_note = resume_scaler(training.scaler, state["scaler"], path)
     training.start_epoch, training.best_ap, training.global_step = \
         state["epoch"] + 1, state["best_ap"], state["global_step"]
-    training.progress = EpochProgress.from_position(state["position"]) if state.get("position") else None
+    training.progress = resumed_progress(state, path, accum_steps) if state.get("position") else None
     training.validation_pending = bool(state.get("validation_pending"))
     return [scaler_note, schedule_note]
 
@@ -494,7 +510,7 @@ def train(args: argparse.Namespace, signals: StopSignals, folder_lock: RunFolder
     if state is not None:
         check_resumable(state, args, train_set.class_names, run_dir / CHECKPOINT)
     training = build_training(args, device, lr_steps)
-    resume_notes = resume_training(training, state, run_dir / CHECKPOINT) if state is not None else []
+    resume_notes = resume_training(training, state, run_dir / CHECKPOINT, args.accum_steps) if state is not None else []
     del state
 
     # Before the log is opened: a missing or foreign --pretrained file leaves nothing written (the lock removes the

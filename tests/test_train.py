@@ -31,7 +31,7 @@ from utils import dist
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.errors import ArgumentError, CheckpointError, DataError, MissingFileError, UserError, WriteError
 from utils.logger import RunLogger
-from utils.losses import OBJECTIVE_FLAGS_BEFORE, LossConfig
+from utils.losses import OBJECTIVE_FLAGS_BEFORE, LossConfig, centernet_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -366,6 +366,8 @@ def test_resume_names_what_a_checkpoint_lacks_for_training(shapes_dir, tmp_path)
                              "its position entry 'global_batch' is missing"),
                             (lambda s: s.update(position={**position, "sums": {"hm": "x"}}),
                              "its position entry 'sums' holds values other than numbers"),
+                            (lambda s: s.update(position=position, args={**s["args"], "accum_steps": "2"}),
+                             "holds accum_steps '2' in its args, expected a whole number"),
                             (lambda s: s.update(optimizer={}), "does not hold this network's training state"),
                             (lambda s: s["model"].pop(next(iter(s["model"]))),
                              "does not hold this network's training state")]:
@@ -413,6 +415,31 @@ def test_a_resume_inside_an_epoch_keeps_its_images_per_optimizer_step(shapes_dir
                         "--batch_size", "2", "--accum_steps", "2"))
     resumed = load_checkpoint(path)
     assert resumed["epoch"] == 2 and resumed["global_step"] == 4  # step 2 of epoch 2 alone was trained
+
+
+def test_an_epoch_resumed_with_its_steps_split_otherwise_logs_the_mean_of_its_steps(shapes_dir, tmp_path,
+                                                                                    monkeypatch):
+    """Step 1 of 2 as 2 micro-batches of 2 images (stopped by SIGTERM after it), step 2 as one batch of 4 after
+    --resume: train.log's epoch loss is the mean of the two steps' losses, each step's the mean of its
+    micro-batches (the sums of 3 micro-batches divided by 2 x 1 gave 3/2 of it)."""
+    losses = []
+
+    def recorded_loss(outputs, batch, config):
+        loss, terms = centernet_loss(outputs, batch, config)
+        losses.append(loss.item())
+        if len(losses) == 2:  # the stop request arrives during step 1; the run finishes the step and saves
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss, terms
+
+    monkeypatch.setattr(trainer, "centernet_loss", recorded_loss)
+    common = ("--num_epochs", "1", "--val_interval", "0")
+    with pytest.raises(SystemExit):
+        train.main(args_for(shapes_dir, tmp_path, *common, "--batch_size", "2", "--accum_steps", "2"))
+    train.main(args_for(shapes_dir, tmp_path, *common, "--batch_size", "4", "--resume"))
+    assert len(losses) == 3
+    logged = re.search(r"^epoch 1: loss (\S+)", (tmp_path / "run" / "train.log").read_text(), re.M)
+    expected = ((losses[0] + losses[1]) / 2 + losses[2]) / 2
+    assert float(logged[1]) == pytest.approx(expected, abs=1e-4)  # logged with 4 decimals
 
 
 def test_resume_across_amp_settings(shapes_dir, tmp_path):
