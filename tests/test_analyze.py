@@ -90,6 +90,7 @@ def test_cli_prints_the_table_and_draws_the_worst_image(tmp_path, capsys):
     assert table["background"][0] == 1
     out = capsys.readouterr().out
     assert f"AP50 {ONE_FP_BETWEEN:.4f}" in out and f"background            1  +{1 - ONE_FP_BETWEEN:.4f}" in out
+    assert "count  AP50 gained if fixed" in out  # the column holds what fixing adds, not the AP50 after it
     drawn = list((tmp_path / "results_analysis").iterdir())
     assert [p.name for p in drawn] == ["001_errors_1.jpg"]
     image = cv2.imread(str(drawn[0]))

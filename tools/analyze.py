@@ -14,9 +14,10 @@ foreground IoU 0.5, background IoU 0.1):
   localisation    0.1 <= IoU < 0.5 with a box of its class
   background      anything else (including IoU 0.1..0.5 with another class only)
 A ground-truth box is missed when nothing matched it and no classification or localisation error points at it.
-"AP50 if fixed" re-runs pycocotools' COCOeval with that one kind fixed: classification and localisation errors get
-the class / the box of their ground truth (or are removed when that box is already matched), duplicates and
-background detections are removed, missed boxes are removed from the ground truth.
+"AP50 gained if fixed" is what AP50 gains when pycocotools' COCOeval is re-run with that one kind fixed:
+classification and localisation errors get the class / the box of their ground truth (or are removed when that box
+is already matched), duplicates and background detections are removed, missed boxes are removed from the ground
+truth.
 """
 import argparse
 import contextlib
@@ -299,7 +300,7 @@ def main(args: argparse.Namespace) -> dict[str, tuple[int, float]]:
         print(f"{args.results}:\n{format_metrics(metrics)}")
     base, table, errors, status = breakdown(gt, results)
     print(f"{results_path}: {len(results)} detections, {len(status)} ground-truth boxes; AP50 {base:.4f}")
-    print(f"{'error':<15} {'count':>7}  AP50 if fixed")
+    print(f"{'error':<15} {'count':>7}  AP50 gained if fixed")
     for kind, (count, gain) in table.items():
         print(f"{kind:<15} {count:>7}  {gain:+.4f}")
     drawings = draw_worst(gt, results, errors, status, img_dir, args.num_images, args.score_thresh)
