@@ -75,23 +75,28 @@ def load_pretrained(model: nn.Module, state_dict: dict[str, torch.Tensor], same_
 def load_pretrained_checkpoint(model: nn.Module, path: str, class_names: list[str], arch: str
                                ) -> PretrainedReport:
     """`load_pretrained` from one of our checkpoint files (training runs and tools/convert_official.py output) into
-    `model`, a fresh network of `arch`. A checkpoint that fills less than MIN_WEIGHT_SHARE of the network's weight
-    tensors (convolution kernels, outside the class outputs) is another architecture: a CheckpointError naming
-    both, and `model` is then partly overwritten (build a fresh one)."""
+    `model`, a fresh network of `arch`. A checkpoint of another --arch, or one that fills less than MIN_WEIGHT_SHARE
+    of the network's weight tensors (convolution kernels, outside the class outputs: another code's names), is
+    refused with a CheckpointError; after the second, `model` is partly overwritten (build a fresh one)."""
     try:
         state = load_checkpoint(path, map_location="cpu")
     except (MissingFileError, CheckpointError) as e:
         raise type(e)(f"--pretrained: {e}") from None
+    saved = saved_args(state).get("arch", "unknown")
+    # By name, not only by the weights that match: large_hourglass's first stack has small_hourglass's names and
+    # shapes, so either fills half of the other or more, which the count below lets through (half of the network
+    # would train from scratch, or half of the checkpoint be dropped).
+    if saved not in (arch, "unknown"):
+        raise CheckpointError(f"--pretrained {path}: the checkpoint's --arch is {saved}, not {arch}; pass a "
+                              f"checkpoint of --arch {arch}, or train with --arch {saved}")
     report = load_pretrained(model, state["model"], list(state.get("class_names", [])) == list(class_names))
     # Batch-norm counters and biases match between any two of our networks; only the kernels say it is the same one.
     class_keys = set(class_output_keys(model))
     weights = [k for k, v in model.state_dict().items() if v.dim() >= 2 and k not in class_keys]
     matched = len(set(weights) & set(report.loaded))
     if matched < MIN_WEIGHT_SHARE * len(weights):
-        saved = saved_args(state).get("arch", "unknown")
         raise CheckpointError(f"--pretrained {path}: only {matched} of the {len(weights)} weight tensors of this "
                               f"{arch} network match the checkpoint by name and shape (the checkpoint's --arch is "
-                              f"{saved}); pass a checkpoint of --arch {arch}"
-                              + (f", or train with --arch {saved}" if saved not in (arch, "unknown") else ""))
+                              f"{saved}); pass a checkpoint of --arch {arch}")
     refuse_non_finite({key: state["model"][key] for key in report.loaded}, f"--pretrained {path}")
     return report

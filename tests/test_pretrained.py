@@ -101,18 +101,37 @@ def test_another_architecture_is_refused(shapes_ckpt, tmp_path):
 
 def test_a_checkpoint_of_another_arch_sharing_only_counters_and_biases_is_refused(shapes_ckpt, tmp_path):
     """small_hourglass and tiny_hourglass share 50 tensors by name and shape (batch-norm counters, head biases)
-    and no kernel: that is not a fine-tuning start."""
+    and no kernel: that is not a fine-tuning start, even from a checkpoint that does not name its arch."""
     tiny = build_model("tiny_hourglass", 2)
     small = build_model("small_hourglass", 2).state_dict()
     shared = {k: v for k, v in small.items() if k in tiny.state_dict() and v.shape == tiny.state_dict()[k].shape}
     assert len(shared) >= 40 and all(v.dim() <= 1 for v in shared.values())
     state = load_checkpoint(shapes_ckpt)
-    state["model"], state["args"]["arch"] = shared, "small_hourglass"  # the tensors that matter, not 400 MB
+    state["model"] = shared  # the tensors that matter, not 400 MB
+    del state["args"]["arch"]
     save_checkpoint(tmp_path / "small.pt", state)
     with pytest.raises(CheckpointError, match=r"only 0 of the \d+ weight tensors of this tiny_hourglass network match "
                                          r"the checkpoint by name and shape \(the checkpoint's --arch is "
-                                         r"small_hourglass\)"):
+                                         r"unknown\)"):
         load_pretrained_checkpoint(tiny, str(tmp_path / "small.pt"), list(KEEP), "tiny_hourglass")
+
+
+@pytest.mark.parametrize("saved, arch", [("small_hourglass", "large_hourglass"), ("large_hourglass", "small_hourglass")])
+def test_small_and_large_hourglass_refuse_each_other_though_they_share_a_stack(shapes_ckpt, tmp_path, saved, arch):
+    """large_hourglass's first stack has small_hourglass's names and shapes: CenterNet-52 weights filled exactly
+    half of a large_hourglass network (630 of its 1260 tensors, the rest trained from scratch) and CenterNet-104
+    weights all of a small_hourglass one (its second stack dropped), both let through by the count of matching
+    kernels. On the meta device: the weights are stride-0 views of one zero, the networks hold no memory."""
+    with torch.device("meta"):
+        source = build_model(saved, 2).state_dict()
+        model = build_model(arch, 2)
+    state = load_checkpoint(shapes_ckpt)
+    state["model"] = {k: torch.zeros((), dtype=v.dtype).expand(v.shape) for k, v in source.items()}
+    state["args"]["arch"] = saved
+    save_checkpoint(tmp_path / "other.pt", state)
+    with pytest.raises(CheckpointError, match=f"the checkpoint's --arch is {saved}, not {arch}; pass a checkpoint "
+                                              f"of --arch {arch}, or train with --arch {saved}"):
+        load_pretrained_checkpoint(model, str(tmp_path / "other.pt"), list(KEEP), arch)
 
 
 @pytest.mark.parametrize("problem", ["missing", "truncated"])
