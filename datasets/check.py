@@ -30,8 +30,8 @@ from tqdm import tqdm
 if __package__ in (None, ""):  # run as a script from anywhere: import the repo, not this folder's modules
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from datasets.coco import (box_fault, coco_problems, is_box, is_file_name, is_size, load_entry_image, read_json,
-                           split_files, zero_area_note)
+from datasets.coco import (box_fault, coco_problems, has_positive_size, is_box, is_file_name, is_size,
+                           load_entry_image, read_json, split_files, zero_area_note)
 from datasets.image_io import exif_orientation
 from datasets.targets import MAX_OBJECTS
 from datasets.transforms import check_input_size
@@ -128,9 +128,8 @@ def inspect_split(data_dir: str | Path, split: str, progress: bool = True) -> tu
     image_info = ann_file.name.startswith("image_info_")  # a test split: images without annotations
     problems = coco_problems(data, ann_file, require_annotations=not image_info) + \
         box_problems(data, ann_file, report.sizes)
-    annotations = data.get("annotations") if isinstance(data.get("annotations"), list) else []
     notes = report.turned + too_large_notes(images, img_dir, report.sizes) + repeated_name_notes(data, ann_file) + \
-        crowded_notes(data, img_dir) + [note for note in [zero_area_note(annotations, ann_file)] if note]
+        crowded_notes(data, img_dir) + [note for note in [zero_area_note(data, ann_file)] if note]
     return annotation_ids(problems, data) + report.problems, notes
 
 
@@ -151,8 +150,8 @@ def crowded_notes(data: dict, img_dir: Path) -> list[str]:
     and offset losses, which nothing else reports (the official code stops with an IndexError)."""
     counts: dict = {}
     for a in data.get("annotations") if isinstance(data.get("annotations"), list) else []:
-        if isinstance(a, dict) and is_id(a.get("image_id")) and is_box(a.get("bbox")) and a.get("iscrowd", 0) != 1 \
-                and a["bbox"][2] > 0 and a["bbox"][3] > 0:
+        if isinstance(a, dict) and is_id(a.get("image_id")) and has_positive_size(a.get("bbox")) \
+                and a.get("iscrowd", 0) != 1:
             counts[a["image_id"]] = counts.get(a["image_id"], 0) + 1
     images = data.get("images") if isinstance(data.get("images"), list) else []
     crowded = [im for im in images if isinstance(im, dict) and is_id(im.get("id"))

@@ -120,6 +120,11 @@ def is_box(value) -> bool:
     return isinstance(value, list) and len(value) == 4 and all(map(is_finite_number, value))
 
 
+def has_positive_size(value) -> bool:
+    """A COCO bbox (`is_box`) of positive width and height: one that training takes (clipped to its image)."""
+    return is_box(value) and value[2] > 0 and value[3] > 0
+
+
 def is_size(value) -> bool:
     """An image width or height: a positive whole number (100.0 too, not True, "100" or 10**400)."""
     return is_finite_number(value) and value > 0 and float(value).is_integer()
@@ -177,8 +182,7 @@ def box_fault(box: list, width: int | None, height: int | None) -> str | None:
 def evaluation_notes(data: dict, ann_file: Path) -> list[str]:
     """Warnings for an evaluation split (a checked dict) whose scores would not measure what the json's boxes
     suggest: `scored_as_given_note` and `zero_area_note`, those that apply."""
-    return [note for note in (scored_as_given_note(data, ann_file), zero_area_note(data.get("annotations", []),
-                                                                                     ann_file)) if note]
+    return [note for note in (scored_as_given_note(data, ann_file), zero_area_note(data, ann_file)) if note]
 
 
 def some_ids(ids: list) -> str:
@@ -203,14 +207,15 @@ def scored_as_given_note(data: dict, ann_file: Path) -> str | None:
             "`python -m datasets.check` lists them")
 
 
-def zero_area_note(annotations: list, ann_file: Path) -> str | None:
-    """A warning for annotations (entries of any shape: datasets.check passes them unchecked) whose box has a
-    positive width and height but whose `area` is 0, as converters write it for objects without a segmentation:
+def zero_area_note(data: dict, ann_file: Path) -> str | None:
+    """A warning for the annotations of COCO dict `data` (entries of any shape: datasets.check passes it unchecked)
+    whose box has a positive width and height but whose `area` is 0, as converters write it for objects without a segmentation:
     the COCO evaluation sorts objects into small, medium and large by `area`, so it counts these as small whatever
     their size. None when there is none."""
+    annotations = data.get("annotations") if isinstance(data.get("annotations"), list) else []
     ids = [a.get("id", f"annotations[{i}]") for i, a in enumerate(annotations)
-           if isinstance(a, dict) and is_box(a.get("bbox")) and a["bbox"][2] > 0 and a["bbox"][3] > 0
-           and is_finite_number(a.get("area")) and a["area"] == 0]
+           if isinstance(a, dict) and has_positive_size(a.get("bbox")) and is_finite_number(a.get("area"))
+           and a["area"] == 0]
     if not ids:
         return None
     return (f"{ann_file}: boxes of positive width and height given area 0 ({len(ids)}: annotation ids "
@@ -253,7 +258,7 @@ def coco_problems(data: dict, path: Path, require_annotations: bool = True) -> l
         area, crowd = a.get("area", 0), a.get("iscrowd", 0)
         if not is_finite_number(area):
             problems.append(f"{path}: annotations[{i}].area is {area!r}, expected a number")
-        elif area < 0 and is_box(box) and box[2] > 0 and box[3] > 0:  # (a box without width is dropped anyway)
+        elif area < 0 and has_positive_size(box):  # (a box without width is dropped anyway)
             problems.append(f"{path}: annotations[{i}].area is {area!r} for a box of positive width and height: "
                             "the evaluation would leave it out of every area range, so missing it would cost "
                             "nothing; expected a number of at least 0")
