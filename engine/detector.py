@@ -25,7 +25,7 @@ from engine.inference import (MAX_TEST_SCALE, InferenceConfig, check_distinct, d
 from engine.onnx_backend import OnnxModel
 from nets import model_from_checkpoint
 from utils.checkpoint import load_inference_checkpoint
-from utils.checks import check_number, check_positive_int, is_id
+from utils.checks import are_distinct_ids, check_number, check_positive_int, is_id
 from utils.cpu_memory import keep_freed_memory
 from utils.device import select_device
 from utils.errors import ArgumentError
@@ -131,16 +131,17 @@ class Detector:
         if category_ids is not None and len(category_ids) != len(class_names):
             raise ArgumentError(f"category_ids: expected one per class ({len(class_names)}), got "
                                 f"{len(category_ids)}")
-        # within 64 bits: Detections makes an int64 array of them; none twice: two classes would merge in to_coco
-        whole = category_ids is None or all(isinstance(c, numbers.Integral) and is_id(int(c)) for c in category_ids)
-        if not whole or category_ids is not None and len(set(map(int, category_ids))) != len(category_ids):
+        # numpy's integers as ints; within 64 bits: Detections makes an int64 array of them
+        ids = None if category_ids is None else \
+            [int(c) if isinstance(c, numbers.Integral) else c for c in category_ids]
+        if ids is not None and not are_distinct_ids(ids):
             raise ArgumentError(f"category_ids: expected one whole number per class ({len(class_names)}), each within "
                                 f"64 bits and none twice, got {category_ids!r}")
         self.model, self.class_names, self.device, self.amp = model, list(class_names), device, amp
         if device.type == "cpu":
             keep_freed_memory()
         self.network = network_for(model, device, amp)
-        self.category_ids = None if category_ids is None else [int(c) for c in category_ids]
+        self.category_ids = ids
         self.test_flip, self.test_scales = test_flip, scales
         self.score_thresh, self.batch_size = score_thresh, batch_size
         self.config = config or official_config(len(scales))

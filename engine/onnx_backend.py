@@ -17,7 +17,7 @@ import torch
 
 from datasets.transforms import MIN_TEST_INPUT
 from utils.checkpoint import check_regular_file
-from utils.checks import is_id
+from utils.checks import are_distinct_ids
 from utils.errors import ArgumentError, CheckpointError
 
 METADATA_KEY = "centernet47"  # the metadata entry tools/export_onnx.py writes and this class reads
@@ -47,9 +47,8 @@ METADATA_FIELDS = {
     "outputs": (is_strings, "a list of output names"),
 }
 OPTIONAL_FIELDS = {
-    # ids past 64 bits failed at the first image, where they become an int64 array; one given twice would merge
-    # two classes in the COCO results
-    "category_ids": (lambda v: v is None or isinstance(v, list) and all(map(is_id, v)) and len(set(v)) == len(v),
+    # ids past 64 bits failed at the first image, where they become an int64 array
+    "category_ids": (lambda v: v is None or isinstance(v, list) and are_distinct_ids(v),
                      "a list of whole numbers that fit 64 bits, none twice"),
     "corner_pool": (lambda v: isinstance(v, str), "a string"),
     "center_branch": (lambda v: isinstance(v, str), "a string"),

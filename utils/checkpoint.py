@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from utils.checks import is_id
+from utils.checks import are_distinct_ids
 from utils.errors import ArgumentError, CheckpointError, MissingFileError, UnsafeCheckpointError
 from utils.files import atomic_write
 
@@ -310,9 +310,8 @@ def load_inference_checkpoint(path: str | Path) -> dict:
     check_network_args(state, path)
     check_class_names(state, path)
     ids = state.get("category_ids")
-    # An id given twice would merge two classes in the COCO results, as tools/upgrade_checkpoint.py refuses to write.
     if ids is not None and (not isinstance(ids, list) or len(ids) != len(state["class_names"])
-                            or not all(map(is_id, ids)) or len(set(ids)) != len(ids)):
+                            or not are_distinct_ids(ids)):
         raise CheckpointError(f"{path}: expected 'category_ids' to list one whole number per class "
                               f"({len(state['class_names'])}), each within 64 bits and none twice, got {ids!r}")
     return state

@@ -13,6 +13,12 @@ def is_id(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and -2**63 <= value < 2**63
 
 
+def are_distinct_ids(values: list) -> bool:
+    """Whether `values` are COCO ids (`is_id`), none given twice: the category ids of classes, where an id given twice
+    would put two classes under one id in the COCO results."""
+    return all(map(is_id, values)) and len(set(values)) == len(values)
+
+
 def check_number(name: str, value, low: float = -math.inf, high: float = math.inf, *, above: bool = False,
                  below: bool = False) -> float:
     """`value` as a float when it is a finite number in [low, high] (`above`: greater than low; `below`: less than
