@@ -140,6 +140,16 @@ def header_pixels(data: bytes) -> int | None:
             return None
 
 
+def layout_hint(shape: tuple[int, ...]) -> str:
+    """What an array of `shape` most likely is when it is not one image in channels-last order: the two layouts a
+    user of other frameworks passes by habit."""
+    if len(shape) == 4 and shape[-1] in (1, 3, 4):
+        return "; several images are a list of arrays: pass list(images)"
+    if len(shape) == 3 and shape[0] in (1, 3, 4) and shape[2] not in (1, 3, 4):
+        return "; channels come last: pass image.transpose(1, 2, 0)"
+    return ""
+
+
 def as_bgr8(image: np.ndarray) -> np.ndarray:
     """An image array converted as `load_image` converts a PNG file of it: (H, W) or (H, W, 1) gray to BGR,
     (H, W, 4) BGRA without its alpha, 16-bit values to their high byte; (H, W, 3) uint8 BGR comes back as it is.
@@ -156,7 +166,8 @@ def as_bgr8(image: np.ndarray) -> np.ndarray:
     shape = image.shape + (1,) if image.ndim == 2 else image.shape
     if len(shape) != 3 or shape[2] not in (1, 3, 4) or image.dtype not in (np.uint8, np.uint16):
         raise ArgumentError(f"expected a (H, W, 3) BGR, (H, W, 4) BGRA or (H, W) gray image of dtype uint8 or "
-                            f"uint16, or an image path; got an array of shape {image.shape} and dtype {image.dtype}")
+                            f"uint16, or an image path; got an array of shape {image.shape} and dtype {image.dtype}"
+                            f"{layout_hint(image.shape)}")
     if image.size == 0:
         raise ArgumentError(f"the image array has no pixels (shape {image.shape})")
     if image.dtype == np.uint16:
