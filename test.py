@@ -152,6 +152,7 @@ def main(args: argparse.Namespace) -> dict:
     cfg = build_eval_config(args)  # refuses settings that cannot work before anything is read or written
     check_backend(args.eval_backend)
     dist.init_distributed(dist.launched(), args.local_rank, args.device)
+    dist.check_same_flags(vars(args), {"local_rank", "num_workers", "data_dir", "ckpt_dir", "ckpt", "onnx"})
     device = select_device(args.device, dist.local_rank())
     if args.onnx:
         if args.ckpt or args.log_name or args.amp:

@@ -277,10 +277,17 @@ class TrainingState:
                 "category_ids": train_set.cat_ids}
 
 
+# Flags that may differ between the processes of a run: paths (each node may mount the data elsewhere; only rank 0
+# writes the run folder), what is the process's own, and --dist (implied under a launcher).
+PER_PROCESS_FLAGS = {"local_rank", "num_workers", "data_dir", "ckpt_dir", "pretrained", "dist"}
+
+
 def init_process(args: argparse.Namespace) -> torch.device:
     """Joins the other processes of a distributed run (--dist, or started by a launcher) and returns this process's
-    device, refusing a --batch_size the processes cannot share and --sync_bn off CUDA."""
+    device, refusing flags that differ between the processes, a --batch_size they cannot share and --sync_bn off
+    CUDA."""
     dist.init_distributed(args.dist or dist.launched(), args.local_rank, args.device)
+    dist.check_same_flags(vars(args), PER_PROCESS_FLAGS)
     if args.batch_size % dist.world_size():  # --batch_size is that of one forward over all the processes
         raise ArgumentError(f"--batch_size {args.batch_size} must be divisible by the number of processes "
                             f"({dist.world_size()})")

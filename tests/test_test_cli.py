@@ -20,6 +20,7 @@ from datasets.false_discovery import FD_NAMES
 from nets import build_model
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from datasets.coco_eval import results_path, settings_hash
+from utils import dist
 from utils.device import amp_dtype
 from utils.errors import ArgumentError, DataError, MissingFileError, UserError
 from engine.inference import InferenceConfig, changed_settings, official_config
@@ -325,3 +326,15 @@ def test_a_split_of_another_data_set_gets_results_of_its_own(ckpt_dir, tmp_path)
                            f"{settings_hash({**settings, 'data_dir': str(other.resolve())})}.json")
     assert sorted((tmp_path / "run").glob("results_val_checkpoint_s1*.json")) == sorted(
         [own, theirs, metrics_path(own), metrics_path(theirs)])
+
+
+def test_processes_given_different_flags_are_refused_before_reading_anything(monkeypatch):
+    """A node of a multi-node evaluation with another --topk (or scale, or flip) scored its share of the images
+    otherwise, and the results mixed both without a word. The gather over two processes is played by one: rank 1's
+    flags are its own with another --topk."""
+    monkeypatch.setattr(dist, "is_dist", lambda: True)
+    monkeypatch.setattr(dist, "_holders", 0)
+    monkeypatch.setattr(dist, "all_gather_object", lambda flags: [flags, {**flags, "topk": 10}])
+    args = test_cli.get_args_parser().parse_args(["--ckpt", "missing.pt", "--data_dir", "missing", "--device", "cpu"])
+    with pytest.raises(ArgumentError, match=r"given different flags: --topk 70 on rank 0, 10 on rank 1\. Start"):
+        test_cli.main(args)

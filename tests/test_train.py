@@ -861,6 +861,42 @@ def test_the_legacy_launcher_starts_train_py_too(shapes_dir, tmp_path):
     assert not (tmp_path / "ddp").exists()
 
 
+def two_nodes(port: int, *node_args: list[str]) -> list[subprocess.CompletedProcess]:
+    """Two torchrun "nodes" on this machine (--nnodes 2, one process each), node r running train.py with
+    node_args[r], as two machines of a multi-node run would."""
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(r),
+                               "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
+                               *args], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r, args in enumerate(node_args)]
+    results = []
+    for node in nodes:
+        try:
+            out, err = node.communicate(timeout=120)
+        except subprocess.TimeoutExpired:  # waiting in a collective the other node never reaches
+            for other in nodes:
+                other.kill()
+            pytest.fail("a node did not end within 120 s")
+        results.append(subprocess.CompletedProcess(node.args, node.returncode, out, err))
+    return results
+
+
+def test_nodes_started_with_different_flags_are_refused_on_each_before_anything_is_created(shapes_dir, tmp_path):
+    """Node 1 given another --batch_size (and --lr): it trained 4 steps of 1 image where node 0 trained 2 of 2,
+    without a word, then the nodes waited for each other for ever. Paths (here --data_dir spelled otherwise) and
+    --num_workers may differ."""
+    base = launch_cmd(tmp_path, shapes_dir, "--dist")
+    other = [*launch_cmd(tmp_path, shapes_dir / ".." / shapes_dir.name), "--batch_size", "2", "--lr", "2e-3",
+             "--num_workers", "1"]
+    nodes = two_nodes(free_port(), base, other)
+    expected = ("error: the processes of this run were given different flags: --batch_size 4 on rank 0, 2 on rank 1; "
+                "--lr 0.0005 on rank 0, 0.002 on rank 1. Start every node with the same flags (only paths and "
+                "--num_workers may differ)")
+    for node in nodes:
+        assert node.returncode != 0 and expected in node.stderr.splitlines(), node.stderr[-3000:]
+    assert not (tmp_path / "ddp").exists()
+
+
 FAILS_ONCE = """
 import os, runpy, signal, sys
 from pathlib import Path
