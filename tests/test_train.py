@@ -1017,3 +1017,16 @@ def test_first_host_of_a_slurm_node_list():
     assert dist.first_host("node7,node8") == "node7"
     assert dist.first_host("a-b[100]") == "a-b100"
     assert dist.first_host("127.0.0.1") == "127.0.0.1"
+
+
+@pytest.mark.parametrize("given, missing", [({"WORLD_SIZE": "2"}, "RANK, MASTER_ADDR, MASTER_PORT"),
+                                            ({"WORLD_SIZE": "2", "RANK": "0"}, "MASTER_ADDR, MASTER_PORT")])
+def test_world_size_without_a_launchers_other_variables_is_a_one_line_error(monkeypatch, given, missing):
+    """WORLD_SIZE set by hand (or left in the shell) without RANK was taken for srun's environment: a RuntimeError
+    traceback saying that srun started several tasks, outside SLURM; with RANK, a traceback too."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in (
+        "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    monkeypatch.setattr(os, "environ", {**env, **given})
+    with pytest.raises(UserError, match=f"^the environment sets WORLD_SIZE=2 but not {missing}, which a launcher"):
+        dist.init_distributed(True, device="cpu")
+    assert not dist.is_dist()

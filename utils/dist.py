@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from utils.device import bind_local_gpu
-from utils.errors import ArgumentError
+from utils.errors import ArgumentError, UserError
 
 _holders = 0  # init_distributed calls of this process not yet paired with a cleanup
 
@@ -87,11 +87,14 @@ def init_distributed(enabled: bool = True, local_rank: int | None = None, device
     torchrun_env = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     if not enabled or not (launched() or torchrun_env):
         return False
-    if not torchrun_env:
+    if not torchrun_env and _slurm_step_tasks() > 1:
         slurm_to_torchrun_env()
     missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
-        raise RuntimeError(f"utils/dist.py: WORLD_SIZE > 1 but the environment lacks {missing}; launch with torchrun")
+        # WORLD_SIZE set by hand, or left in the shell by another job: not a launcher's environment.
+        raise UserError(f"the environment sets WORLD_SIZE={os.environ.get('WORLD_SIZE')} but not {', '.join(missing)}, "
+                        "which a launcher sets with it: start the processes with torchrun (or srun), or unset "
+                        "WORLD_SIZE to run one process")
     if local_rank is not None and "LOCAL_RANK" not in os.environ:
         os.environ["LOCAL_RANK"] = str(local_rank)
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
