@@ -25,7 +25,7 @@ from datasets.coco import CocoDetection, check_same_categories
 from datasets.sampling import EpochSampler, TrainSamples, epoch_order
 from engine.inference import EvaluationStopped, InferenceConfig, evaluate
 from engine.pretrained import PretrainedReport, load_pretrained_checkpoint
-from engine.run_folder import (BEST, CHECKPOINT, RunFolderLock, check_resumable, on_main_for_all,
+from engine.run_folder import (BEST, CHECKPOINT, RunFolderLock, check_resumable, on_every_process, on_main_for_all,
                                run_folder_plan)
 from engine.visualize import val_images
 from nets import build_model, model_config, resolve_variant, variant_name
@@ -512,7 +512,7 @@ def train(args: argparse.Namespace, signals: StopSignals, folder_lock: RunFolder
     if state is not None:
         objective, objective_notes = resumed_objective(saved_args(state), vars(args))
         vars(args).update(objective)
-    train_set, val_set = build_datasets(args)
+    train_set, val_set = on_every_process(lambda: build_datasets(args))
     args.num_classes = len(train_set.class_names)
     if state is not None:
         check_resumable(state, args, train_set.class_names, run_dir / CHECKPOINT)

@@ -1030,3 +1030,16 @@ def test_world_size_without_a_launchers_other_variables_is_a_one_line_error(monk
     with pytest.raises(UserError, match=f"^the environment sets WORLD_SIZE=2 but not {missing}, which a launcher"):
         dist.init_distributed(True, device="cpu")
     assert not dist.is_dist()
+
+
+def test_data_that_one_process_cannot_read_stops_every_process_before_anything_is_created(shapes_dir, tmp_path,
+                                                                                         monkeypatch):
+    """A node without the data (or with another --data_dir) failed alone: the others built the network, opened
+    train.log and stopped at their first collective, whose `Connection closed by peer` was all their train.log held.
+    Tried with two torchrun nodes on this machine; here the gather of a 2-process run is played by one process,
+    rank 1 reporting its error."""
+    elsewhere = DataError("/elsewhere: data directory not found")
+    monkeypatch.setattr(dist, "all_gather_object", lambda obj: [obj, elsewhere])
+    with pytest.raises(DataError, match=r"^rank 1: /elsewhere: data directory not found$"):
+        train.main(args_for(shapes_dir, tmp_path, "--num_epochs", "1"))
+    assert list(tmp_path.iterdir()) == []
