@@ -319,6 +319,18 @@ def build_datasets(args: argparse.Namespace) -> tuple[CocoDetection, CocoDetecti
     return train_set, val_set
 
 
+def check_same_input(train_set: CocoDetection, val_set: CocoDetection, state: dict | None) -> None:
+    """Refuses (DataError, on every process) data sets, or checkpoints to resume, that differ between the processes:
+    each node reads its own copy, and one of another size, or an older checkpoint.pt, made its processes take other
+    steps than the rest, and then wait for them for ever."""
+    differing = dist.differences({"training images": len(train_set), "val images": len(val_set),
+                                  "classes": train_set.class_names,
+                                  f"{CHECKPOINT} steps": state and state.get("global_step")})
+    if differing:
+        raise DataError(f"the processes of this run read different inputs: {'; '.join(differing)}. Every node must "
+                        "read the same data set, and to --resume the same run folder (a shared file system)")
+
+
 def build_training(args: argparse.Namespace, device: torch.device, lr_steps: list[int]) -> TrainingState:
     """A new run's network (SyncBatchNorm across processes with --sync_bn), Adam, the --lr_step schedule and the
     loss scaler, at its first epoch."""
@@ -507,12 +519,13 @@ def train(args: argparse.Namespace, signals: StopSignals, folder_lock: RunFolder
     resuming, plan_message = on_main_for_all(lambda: run_folder_plan(run_dir, args.resume))
     lr_steps = parse_lr_steps(args.lr_step)
     seed_everything(args.seed)
-    state = load_checkpoint(run_dir / CHECKPOINT) if resuming else None
+    state = on_every_process(lambda: load_checkpoint(run_dir / CHECKPOINT)) if resuming else None
     objective_notes = []
     if state is not None:
         objective, objective_notes = resumed_objective(saved_args(state), vars(args))
         vars(args).update(objective)
     train_set, val_set = on_every_process(lambda: build_datasets(args))
+    check_same_input(train_set, val_set, state)
     args.num_classes = len(train_set.class_names)
     if state is not None:
         check_resumable(state, args, train_set.class_names, run_dir / CHECKPOINT)
@@ -522,7 +535,8 @@ def train(args: argparse.Namespace, signals: StopSignals, folder_lock: RunFolder
 
     # Before the log is opened: a missing or foreign --pretrained file leaves nothing written (the lock removes the
     # run folder it created), so nothing refuses the corrected rerun.
-    pretrained = load_pretrained_checkpoint(training.model, args.pretrained, train_set.class_names, args.arch) \
+    pretrained = on_every_process(lambda: load_pretrained_checkpoint(
+        training.model, args.pretrained, train_set.class_names, args.arch)) \
         if args.pretrained and not resuming else None  # a resumed run already holds the fine-tuned weights
     logger = RunLogger(run_dir, enabled=dist.is_main())
     try:

@@ -334,7 +334,7 @@ def test_processes_given_different_flags_are_refused_before_reading_anything(mon
     flags are its own with another --topk."""
     monkeypatch.setattr(dist, "is_dist", lambda: True)
     monkeypatch.setattr(dist, "_holders", 0)
-    monkeypatch.setattr(dist, "all_gather_object", lambda flags: [flags, {**flags, "topk": 10}])
+    monkeypatch.setattr(dist, "all_gather_object", lambda flags: [flags, {**flags, "--topk": 10}])
     args = test_cli.get_args_parser().parse_args(["--ckpt", "missing.pt", "--data_dir", "missing", "--device", "cpu"])
     with pytest.raises(ArgumentError, match=r"given different flags: --topk 70 on rank 0, 10 on rank 1\. Start"):
         test_cli.main(args)

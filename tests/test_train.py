@@ -889,9 +889,31 @@ def test_nodes_started_with_different_flags_are_refused_on_each_before_anything_
     other = [*launch_cmd(tmp_path, shapes_dir / ".." / shapes_dir.name), "--batch_size", "2", "--lr", "2e-3",
              "--num_workers", "1"]
     nodes = two_nodes(free_port(), base, other)
-    expected = ("error: the processes of this run were given different flags: --batch_size 4 on rank 0, 2 on rank 1; "
-                "--lr 0.0005 on rank 0, 0.002 on rank 1. Start every node with the same flags (only paths and "
+    expected = ("error: the processes of this run were given different flags: --lr 0.0005 on rank 0, 0.002 on rank 1; "
+                "--batch_size 4 on rank 0, 2 on rank 1. Start every node with the same flags (only paths and "
                 "--num_workers may differ)")
+    for node in nodes:
+        assert node.returncode != 0 and expected in node.stderr.splitlines(), node.stderr[-3000:]
+    assert not (tmp_path / "ddp").exists()
+
+
+def test_nodes_reading_different_copies_of_the_data_are_refused_on_each_before_anything_is_created(shapes_dir,
+                                                                                                    tmp_path):
+    """Node 1's copy of the data set (its own --data_dir, as a node without a shared file system has) lacks two of
+    the 8 training images: its process took 1 step per epoch where node 0's took 2, and died in the mismatched
+    all-reduce (gloo: `terminate called after throwing an instance of 'gloo::EnforceNotMet'`) with only a `Connection
+    reset by peer` in train.log."""
+    copy = tmp_path / "copy"
+    shutil.copytree(shapes_dir, copy)
+    ann_file = copy / "annotations" / "instances_train.json"
+    data = json.loads(ann_file.read_text())
+    kept = {image["id"] for image in data["images"][:6]}
+    data["images"] = data["images"][:6]
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in kept]
+    ann_file.write_text(json.dumps(data))
+    nodes = two_nodes(free_port(), launch_cmd(tmp_path, shapes_dir), launch_cmd(tmp_path, copy))
+    expected = ("error: the processes of this run read different inputs: training images 8 on rank 0, 6 on rank 1. "
+                "Every node must read the same data set, and to --resume the same run folder (a shared file system)")
     for node in nodes:
         assert node.returncode != 0 and expected in node.stderr.splitlines(), node.stderr[-3000:]
     assert not (tmp_path / "ddp").exists()
@@ -1043,3 +1065,14 @@ def test_data_that_one_process_cannot_read_stops_every_process_before_anything_i
     with pytest.raises(DataError, match=r"^rank 1: /elsewhere: data directory not found$"):
         train.main(args_for(shapes_dir, tmp_path, "--num_epochs", "1"))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_node_reading_an_older_checkpoint_to_resume_is_refused(shapes_dir, monkeypatch):
+    """--resume on nodes that do not share the run folder: node 1's copy of checkpoint.pt, two steps behind, set its
+    processes at another epoch and step than rank 0's. The gather of a 2-process run is played by one process."""
+    monkeypatch.setattr(dist, "is_dist", lambda: True)
+    monkeypatch.setattr(dist, "all_gather_object", lambda values: [values, {**values, "checkpoint.pt steps": 2}])
+    train_set = CocoDetection(shapes_dir, "train", train=True, img_size=127)
+    val_set = CocoDetection(shapes_dir, "val", train=False)
+    with pytest.raises(DataError, match=r"read different inputs: checkpoint\.pt steps 4 on rank 0, 2 on rank 1\. "):
+        trainer.check_same_input(train_set, val_set, {"global_step": 4})

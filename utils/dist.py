@@ -129,22 +129,29 @@ def reduce_mean(values: dict[str, torch.Tensor]) -> dict[str, float]:
     return dict(zip(values, stacked.tolist()))
 
 
+def differences(values: dict) -> list[str]:
+    """For each entry of `values` that is not the same on every process, `NAME v on ranks 0,2, w on rank 1` (each
+    value in the order of the first rank that has it); [] when all agree, or not distributed."""
+    if not is_dist():
+        return []
+    every = all_gather_object(values)
+    differing = []
+    for name in dict.fromkeys(k for process_values in every for k in process_values):
+        ranks_of = {}
+        for r, process_values in enumerate(every):
+            ranks_of.setdefault(repr(process_values.get(name)), []).append(str(r))
+        if len(ranks_of) > 1:
+            differing.append(f"{name} " + ", ".join(f"{value} on rank{'s' if len(ranks) > 1 else ''} "
+                                                    f"{','.join(ranks)}" for value, ranks in ranks_of.items()))
+    return differing
+
+
 def check_same_flags(flags: dict, may_differ: set[str]) -> None:
     """Refuses (ArgumentError, on every process) command-line flags that differ between the processes of a run,
     but for those in `may_differ` (paths, which each node may mount elsewhere, and per-process settings). A node
     started with another --batch_size trained on other images in other steps than the rest, silently, and then
     waited for ever in a collective that they never reached."""
-    if not is_dist():
-        return
-    every = all_gather_object({k: v for k, v in flags.items() if k not in may_differ})
-    differing = []
-    for name in sorted(set().union(*every)):
-        ranks_of = {}  # each value, in the order of the first rank that has it
-        for r, process_flags in enumerate(every):
-            ranks_of.setdefault(repr(process_flags.get(name)), []).append(str(r))
-        if len(ranks_of) > 1:
-            differing.append(f"--{name} " + ", ".join(f"{value} on rank{'s' if len(ranks) > 1 else ''} "
-                                                      f"{','.join(ranks)}" for value, ranks in ranks_of.items()))
+    differing = differences({f"--{k}": v for k, v in flags.items() if k not in may_differ})
     if differing:
         raise ArgumentError(f"the processes of this run were given different flags: {'; '.join(differing)}. Start "
                             "every node with the same flags (only paths and --num_workers may differ)")
