@@ -172,6 +172,9 @@ def main(args: argparse.Namespace) -> dict:
         raise DataError(f"{path} was trained on classes {state['class_names']}, but {args.data_dir} "
                         f"{args.val_split} has {dataset.class_names}")
     dataset.check_images_there()  # before the detections of the images before it
+    # Each process scores its share of its own copy: copies of other sizes would leave images out, silently.
+    dist.check_same_input({"images": len(dataset), "classes": list(dataset.class_names),
+                           "checkpoint steps": state.get("global_step")})
     if model is None:
         model = model_from_checkpoint(state, path).to(device).eval()
     else:

@@ -320,15 +320,11 @@ def build_datasets(args: argparse.Namespace) -> tuple[CocoDetection, CocoDetecti
 
 
 def check_same_input(train_set: CocoDetection, val_set: CocoDetection, state: dict | None) -> None:
-    """Refuses (DataError, on every process) data sets, or checkpoints to resume, that differ between the processes:
-    each node reads its own copy, and one of another size, or an older checkpoint.pt, made its processes take other
-    steps than the rest, and then wait for them for ever."""
-    differing = dist.differences({"training images": len(train_set), "val images": len(val_set),
-                                  "classes": train_set.class_names,
-                                  f"{CHECKPOINT} steps": state and state.get("global_step")})
-    if differing:
-        raise DataError(f"the processes of this run read different inputs: {'; '.join(differing)}. Every node must "
-                        "read the same data set, and to --resume the same run folder (a shared file system)")
+    """Refuses (DataError, on every process) copies of the data set, or checkpoints to resume, that differ between
+    the processes: one of another size, or an older checkpoint.pt, made its processes take other steps than the rest
+    (a run folder not shared: each process reads checkpoint.pt itself)."""
+    dist.check_same_input({"training images": len(train_set), "val images": len(val_set),
+                           "classes": train_set.class_names, f"{CHECKPOINT} steps": state and state.get("global_step")})
 
 
 def build_training(args: argparse.Namespace, device: torch.device, lr_steps: list[int]) -> TrainingState:

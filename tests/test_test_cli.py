@@ -338,3 +338,18 @@ def test_processes_given_different_flags_are_refused_before_reading_anything(mon
     args = test_cli.get_args_parser().parse_args(["--ckpt", "missing.pt", "--data_dir", "missing", "--device", "cpu"])
     with pytest.raises(ArgumentError, match=r"given different flags: --topk 70 on rank 0, 10 on rank 1\. Start"):
         test_cli.main(args)
+
+
+def test_processes_reading_copies_of_the_val_split_of_other_sizes_are_refused(ckpt_dir, monkeypatch):
+    """Each process scores every world_size-th image of its own copy: a node whose copy lacked images left some out of
+    the AP, and scored others twice, without a word. The gather over two processes is played by one: rank 1 read
+    one image fewer."""
+    monkeypatch.setattr(dist, "is_dist", lambda: True)
+    monkeypatch.setattr(dist, "_holders", 0)
+    monkeypatch.setattr(dist, "all_gather_object",
+                        lambda values: [values, {**values, "images": values["images"] - 1} if "images" in values
+                                        else values])
+    before = sorted((ckpt_dir / "tiny").iterdir())
+    with pytest.raises(DataError, match=r"^the processes of this run read different inputs: images (\d+) on rank 0, "):
+        test_cli.main(cli_args(ckpt_dir))
+    assert sorted((ckpt_dir / "tiny").iterdir()) == before

@@ -913,7 +913,7 @@ def test_nodes_reading_different_copies_of_the_data_are_refused_on_each_before_a
     ann_file.write_text(json.dumps(data))
     nodes = two_nodes(free_port(), launch_cmd(tmp_path, shapes_dir), launch_cmd(tmp_path, copy))
     expected = ("error: the processes of this run read different inputs: training images 8 on rank 0, 6 on rank 1. "
-                "Every node must read the same data set, and to --resume the same run folder (a shared file system)")
+                "Every node must read the same files (on a shared file system, or identical copies)")
     for node in nodes:
         assert node.returncode != 0 and expected in node.stderr.splitlines(), node.stderr[-3000:]
     assert not (tmp_path / "ddp").exists()

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from utils.device import bind_local_gpu
-from utils.errors import ArgumentError, UserError
+from utils.errors import ArgumentError, DataError, UserError
 
 _holders = 0  # init_distributed calls of this process not yet paired with a cleanup
 
@@ -155,6 +155,16 @@ def check_same_flags(flags: dict, may_differ: set[str]) -> None:
     if differing:
         raise ArgumentError(f"the processes of this run were given different flags: {'; '.join(differing)}. Start "
                             "every node with the same flags (only paths and --num_workers may differ)")
+
+
+def check_same_input(values: dict) -> None:
+    """Refuses (DataError, on every process) what the processes read that differs between them (`values`: the size
+    of a data set, the step of a checkpoint): each node may read its own copy of the files, and one of another size
+    or age made its processes take other steps than the rest, or score other images."""
+    differing = differences(values)
+    if differing:
+        raise DataError(f"the processes of this run read different inputs: {'; '.join(differing)}. Every node must "
+                        "read the same files (on a shared file system, or identical copies)")
 
 
 def broadcast_object(obj):
