@@ -145,15 +145,9 @@ def autocast_setting(amp: bool, dtype: str, device: torch.device) -> bool | str:
     return dtype if device.type == "cuda" else True
 
 
-def main(args: argparse.Namespace) -> dict:
-    args = argparse.Namespace(**vars(args))  # completed below; the caller's flags stay as given, to run again
-    check_non_negative_int("--num_workers", args.num_workers)
-    args.test_scales = parse_scales(args.test_scales)
-    cfg = build_eval_config(args)  # refuses settings that cannot work before anything is read or written
-    check_backend(args.eval_backend)
-    dist.init_distributed(dist.launched(), args.local_rank, args.device)
-    dist.check_same_flags(vars(args), {"local_rank", "num_workers", "data_dir", "ckpt_dir", "ckpt", "onnx"})
-    device = select_device(args.device, dist.local_rank())
+def read_model_and_data(args: argparse.Namespace, device: torch.device) -> tuple:
+    """(checkpoint path, its state, the ONNX model or None, the val split) for `args`, which takes the checkpoint's
+    settings; refuses a split of other classes or with images missing."""
     if args.onnx:
         if args.ckpt or args.log_name or args.amp:
             raise ArgumentError("--onnx evaluates the exported file alone: drop --ckpt, --log_name and --amp")
@@ -166,12 +160,26 @@ def main(args: argparse.Namespace) -> dict:
         state = load_inference_checkpoint(path)
         model = None
     settings_from_checkpoint(args, state, path)
-
     dataset = build_dataset(args, args.val_split, train=False, test_scales=args.test_scales)
     if list(dataset.class_names) != list(state["class_names"]):
         raise DataError(f"{path} was trained on classes {state['class_names']}, but {args.data_dir} "
                         f"{args.val_split} has {dataset.class_names}")
     dataset.check_images_there()  # before the detections of the images before it
+    return path, state, model, dataset
+
+
+def main(args: argparse.Namespace) -> dict:
+    args = argparse.Namespace(**vars(args))  # completed below; the caller's flags stay as given, to run again
+    check_non_negative_int("--num_workers", args.num_workers)
+    args.test_scales = parse_scales(args.test_scales)
+    cfg = build_eval_config(args)  # refuses settings that cannot work before anything is read or written
+    check_backend(args.eval_backend)
+    dist.init_distributed(dist.launched(), args.local_rank, args.device)
+    dist.check_same_flags(vars(args), {"local_rank", "num_workers", "data_dir", "ckpt_dir", "ckpt", "onnx"})
+    device = select_device(args.device, dist.local_rank())
+    # Each process reads its own copy of the files: an error on one node is raised on all (the others raised a
+    # disconnect's traceback).
+    path, state, model, dataset = dist.on_every_process(lambda: read_model_and_data(args, device))
     # Each process scores its share of its own copy: copies of other sizes would leave images out, silently.
     dist.check_same_input({"images": len(dataset), "classes": list(dataset.class_names),
                            "checkpoint steps": state.get("global_step")})

@@ -168,23 +168,3 @@ def on_main_for_all(work):
     if error is not None:
         raise error
     return result
-
-
-def on_every_process(work):
-    """Runs `work()` on every process (reading the data, which each node may hold in its own copy) and raises the
-    user error of the first process that failed on every process, naming its rank: one that failed alone left the
-    others to go on, and to stop at their next collective with only its disconnect (`Connection closed by peer`) in
-    train.log."""
-    result, error = None, None
-    try:
-        result = work()
-    except UserError as e:
-        error = e
-    failed = [(r, e) for r, e in enumerate(dist.all_gather_object(error)) if e is not None]
-    if error is not None:
-        raise error
-    if failed:
-        r, first = failed[0]
-        raise type(first)(f"rank {r}: {first}")
-    return result
-

@@ -25,7 +25,7 @@ from datasets.coco import CocoDetection, check_same_categories
 from datasets.sampling import EpochSampler, TrainSamples, epoch_order
 from engine.inference import EvaluationStopped, InferenceConfig, evaluate
 from engine.pretrained import PretrainedReport, load_pretrained_checkpoint
-from engine.run_folder import (BEST, CHECKPOINT, RunFolderLock, check_resumable, on_every_process, on_main_for_all,
+from engine.run_folder import (BEST, CHECKPOINT, RunFolderLock, check_resumable, on_main_for_all,
                                run_folder_plan)
 from engine.visualize import val_images
 from nets import build_model, model_config, resolve_variant, variant_name
@@ -515,12 +515,12 @@ def train(args: argparse.Namespace, signals: StopSignals, folder_lock: RunFolder
     resuming, plan_message = on_main_for_all(lambda: run_folder_plan(run_dir, args.resume))
     lr_steps = parse_lr_steps(args.lr_step)
     seed_everything(args.seed)
-    state = on_every_process(lambda: load_checkpoint(run_dir / CHECKPOINT)) if resuming else None
+    state = dist.on_every_process(lambda: load_checkpoint(run_dir / CHECKPOINT)) if resuming else None
     objective_notes = []
     if state is not None:
         objective, objective_notes = resumed_objective(saved_args(state), vars(args))
         vars(args).update(objective)
-    train_set, val_set = on_every_process(lambda: build_datasets(args))
+    train_set, val_set = dist.on_every_process(lambda: build_datasets(args))
     check_same_input(train_set, val_set, state)
     args.num_classes = len(train_set.class_names)
     if state is not None:
@@ -531,7 +531,7 @@ def train(args: argparse.Namespace, signals: StopSignals, folder_lock: RunFolder
 
     # Before the log is opened: a missing or foreign --pretrained file leaves nothing written (the lock removes the
     # run folder it created), so nothing refuses the corrected rerun.
-    pretrained = on_every_process(lambda: load_pretrained_checkpoint(
+    pretrained = dist.on_every_process(lambda: load_pretrained_checkpoint(
         training.model, args.pretrained, train_set.class_names, args.arch)) \
         if args.pretrained and not resuming else None  # a resumed run already holds the fine-tuned weights
     logger = RunLogger(run_dir, enabled=dist.is_main())

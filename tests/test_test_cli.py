@@ -347,9 +347,20 @@ def test_processes_reading_copies_of_the_val_split_of_other_sizes_are_refused(ck
     monkeypatch.setattr(dist, "is_dist", lambda: True)
     monkeypatch.setattr(dist, "_holders", 0)
     monkeypatch.setattr(dist, "all_gather_object",
-                        lambda values: [values, {**values, "images": values["images"] - 1} if "images" in values
-                                        else values])
+                        lambda obj: [obj, {**obj, "images": obj["images"] - 1} if "images" in (obj or {}) else obj])
     before = sorted((ckpt_dir / "tiny").iterdir())
     with pytest.raises(DataError, match=r"^the processes of this run read different inputs: images (\d+) on rank 0, "):
+        test_cli.main(cli_args(ckpt_dir))
+    assert sorted((ckpt_dir / "tiny").iterdir()) == before
+
+
+def test_a_checkpoint_or_data_that_one_process_cannot_read_stops_every_process(ckpt_dir, monkeypatch):
+    """A node without the checkpoint failed alone; the others went on to their first gather and ended in a
+    `Connection closed by peer` traceback. The gather over two processes is played by one, rank 1 reporting its
+    error."""
+    elsewhere = MissingFileError("checkpoint not found: /elsewhere/checkpoint.pt")
+    monkeypatch.setattr(dist, "all_gather_object", lambda obj: [obj, elsewhere])
+    before = sorted((ckpt_dir / "tiny").iterdir())
+    with pytest.raises(MissingFileError, match=r"^rank 1: checkpoint not found: /elsewhere/checkpoint\.pt$"):
         test_cli.main(cli_args(ckpt_dir))
     assert sorted((ckpt_dir / "tiny").iterdir()) == before

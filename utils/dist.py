@@ -167,6 +167,25 @@ def check_same_input(values: dict) -> None:
                         "read the same files (on a shared file system, or identical copies)")
 
 
+def on_every_process(work):
+    """Runs `work()` on every process (reading files, of which each node may hold its own copy) and raises the user
+    error of the first process that failed on every process, naming its rank: one that failed alone left the others
+    to go on, and to stop at their next collective with only its disconnect (`Connection closed by peer`), in
+    train.log or as a traceback."""
+    result, error = None, None
+    try:
+        result = work()
+    except UserError as e:
+        error = e
+    failed = [(r, e) for r, e in enumerate(all_gather_object(error)) if e is not None]
+    if error is not None:
+        raise error
+    if failed:
+        r, first = failed[0]
+        raise type(first)(f"rank {r}: {first}")
+    return result
+
+
 def broadcast_object(obj):
     """Rank 0's `obj` on every process."""
     if not is_dist():
