@@ -1,4 +1,5 @@
-"""Distributed helpers: one place for rank, world size, process-group set-up and gathering.
+"""Distributed helpers: one place for rank, world size, process-group set-up, gathering, and the checks that the
+processes of a run were given the same flags and read the same files.
 
 Launch with `torchrun --nproc_per_node N script.py ...` (or the legacy `python -m torch.distributed.launch`,
 which passes `--local_rank`/`--local-rank` to the script: give it to `init_distributed`), or with SLURM's
