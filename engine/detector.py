@@ -138,9 +138,7 @@ class Detector:
             raise ArgumentError(f"category_ids: expected one whole number per class ({len(class_names)}), each within "
                                 f"64 bits and none twice, got {category_ids!r}")
         self.model, self.class_names, self.device, self.amp = model, list(class_names), device, amp
-        if device.type == "cpu":
-            keep_freed_memory()
-        self.network = network_for(model, device, amp)
+        self.set_up_network()
         self.category_ids = ids
         self.test_flip, self.test_scales = test_flip, scales
         self.score_thresh, self.batch_size = score_thresh, batch_size
@@ -149,6 +147,23 @@ class Detector:
             model.require_dynamic("photos and video frames")
         self.scaled_down = 0  # images shrunk to fit an ONNX export's --max_size, for the caller to report
         self.non_finite = 0  # images whose network outputs held NaN or infinity (detect_batch), for the caller too
+
+    def set_up_network(self) -> None:
+        """`network`, what detect_batch runs for `model` (on the CPU: prepared for inference, in a process that
+        keeps freed memory)."""
+        if self.device.type == "cpu":
+            keep_freed_memory()
+        self.network = network_for(self.model, self.device, self.amp)
+
+    def __getstate__(self) -> dict:
+        """Pickled (for a spawned process) without `network`, which is `model` prepared again when unpickled: after
+        the first image its weights are packed for oneDNN, which cannot be pickled ('Cannot access storage of
+        OpaqueTensorImpl'), and it held the weights a second time."""
+        return {name: value for name, value in self.__dict__.items() if name != "network"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.set_up_network()
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto", test_flip: bool = False,

@@ -1,7 +1,9 @@
 """engine.Detector, the Python API: for an image path, a numpy image and a list of them it gives the detections of
 test.py's pipeline (the evaluation sample of datasets.coco through engine.inference.detect), and an exported .onnx
 file gives those of its checkpoint."""
+import copy
 import json
+import pickle
 import re
 from pathlib import Path
 
@@ -251,3 +253,17 @@ def test_detection_autocasts_to_the_amp_dtype_it_is_given(monkeypatch, amp, dtyp
     inputs = [eval_input(np.zeros((40, 50, 3), np.uint8), 1.0, True)]
     assert detect(network, inputs, official_config(1), CPU, amp).shape == (0, 6)
     assert picked == [dtype]
+
+
+def test_a_detector_pickles_and_copies_after_its_first_image(tiny):
+    """A Detector given to a spawned process (a Pool's argument, the dataset of a DataLoader's workers) is pickled:
+    after its first image this failed with 'Cannot access storage of OpaqueTensorImpl' (its weights packed for
+    oneDNN). The copies detect as the original does."""
+    ckpt, _ = tiny
+    detector = Detector.from_checkpoint(ckpt, device="cpu", test_flip=True, test_scales=(0.5, 1))
+    image = load_image(RACCOON / "val" / "raccoon-102.jpg")
+    expected = detector(image).rows()
+    assert len(expected) > 10
+    for copied in (pickle.loads(pickle.dumps(detector)), copy.deepcopy(detector)):
+        np.testing.assert_array_equal(copied(image).rows(), expected)
+    np.testing.assert_array_equal(detector(image).rows(), expected)
