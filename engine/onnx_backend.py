@@ -132,6 +132,11 @@ class OnnxModel:
                                   f"{len(self.class_names)} classes; export it again with tools/export_onnx.py")
         self.providers = self.session.get_providers()
 
+    def __getstate__(self):
+        raise TypeError(f"{self.path}: an onnxruntime session cannot be pickled (sent to a process started by spawn or "
+                        "forkserver, a DataLoader worker of theirs included): make the Detector in that process, "
+                        "e.g. in the Pool's initializer or the DataLoader's worker_init_fn")
+
     training = False  # inference only; eval() and train(False) are accepted as for an nn.Module
 
     def eval(self) -> "OnnxModel":

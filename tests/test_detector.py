@@ -41,6 +41,15 @@ def tiny(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
     return ckpt, model
 
 
+@pytest.fixture(scope="module")
+def tiny_onnx(tiny, tmp_path_factory) -> Path:
+    """The `tiny` checkpoint exported with dynamic input sizes."""
+    path = tmp_path_factory.mktemp("detector_onnx") / "tiny.onnx"
+    export_onnx.main(export_onnx.get_args_parser().parse_args(
+        ["--ckpt", str(tiny[0]), "--out", str(path), "--dynamic", "--max_size", "511"]))
+    return path
+
+
 def rows_of(found: list[Detections]) -> list[tuple]:
     """(image index, box, score) of every detection, for same_detections."""
     return [(i, box, float(score)) for i, f in enumerate(found) for box, score in zip(f.boxes, f.scores)]
@@ -133,11 +142,9 @@ def test_a_callers_autocast_region_does_not_change_the_detections(tiny):
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore:Constant folding")
-def test_an_exported_onnx_file_gives_the_checkpoint_detections(tiny, tmp_path):
+def test_an_exported_onnx_file_gives_the_checkpoint_detections(tiny, tiny_onnx):
     ckpt, _ = tiny
-    onnx_path = tmp_path / "tiny.onnx"
-    export_onnx.main(export_onnx.get_args_parser().parse_args(
-        ["--ckpt", str(ckpt), "--out", str(onnx_path), "--dynamic", "--max_size", "511"]))
+    onnx_path = tiny_onnx
     photos = [RACCOON / "val" / name for name in ("raccoon-102.jpg", "raccoon-148.jpg")]
     from_pt = Detector.from_checkpoint(ckpt, device="cpu", test_flip=True)(photos)
     onnx_detector = Detector.from_checkpoint(onnx_path, device="cpu", test_flip=True)
@@ -267,3 +274,11 @@ def test_a_detector_pickles_and_copies_after_its_first_image(tiny):
     for copied in (pickle.loads(pickle.dumps(detector)), copy.deepcopy(detector)):
         np.testing.assert_array_equal(copied(image).rows(), expected)
     np.testing.assert_array_equal(detector(image).rows(), expected)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore:Constant folding")
+def test_an_onnx_detector_says_what_to_do_instead_of_pickling(tiny_onnx):
+    detector = Detector.from_checkpoint(tiny_onnx, device="cpu")
+    with pytest.raises(TypeError, match=r"tiny.onnx: an onnxruntime session cannot be pickled .* make the Detector "
+                                        r"in that process, e.g. in the Pool's initializer"):
+        pickle.dumps(detector)
