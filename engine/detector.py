@@ -27,7 +27,7 @@ from nets import model_from_checkpoint
 from utils.checkpoint import load_inference_checkpoint
 from utils.checks import are_distinct_ids, check_number, check_positive_int, is_id
 from utils.cpu_memory import keep_freed_memory
-from utils.device import select_device
+from utils.device import one_thread_after_fork, select_device
 from utils.errors import ArgumentError
 
 
@@ -124,7 +124,8 @@ class Detector:
         the official settings for the number of `test_scales`; detections scoring below `score_thresh` are
         dropped; `category_ids` are the data set's ids of the classes (None: unknown). `amp`: the 16-bit path (the
         bf16 network on the CPU, fp16 autocast on CUDA); a network is run prepared for inference on the CPU, in a
-        process that keeps freed memory for the next forward (utils/cpu_memory.py)."""
+        process that keeps freed memory for the next forward (utils/cpu_memory.py) and whose forked children run
+        torch on one thread (utils.device.one_thread_after_fork)."""
         scales = check_settings(test_flip, test_scales, score_thresh, batch_size, amp)
         if amp and isinstance(model, OnnxModel):
             raise ArgumentError("amp: an ONNX model runs in the precision it was exported in; drop amp")
@@ -149,10 +150,11 @@ class Detector:
         self.non_finite = 0  # images whose network outputs held NaN or infinity (detect_batch), for the caller too
 
     def set_up_network(self) -> None:
-        """`network`, what detect_batch runs for `model` (on the CPU: prepared for inference, in a process that
-        keeps freed memory)."""
+        """`network`, what detect_batch runs for `model` (on the CPU: prepared for inference, in a process set up
+        for it: freed memory kept, one thread in processes forked from it)."""
         if self.device.type == "cpu":
             keep_freed_memory()
+            one_thread_after_fork()
         self.network = network_for(self.model, self.device, self.amp)
 
     def __getstate__(self) -> dict:

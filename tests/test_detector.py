@@ -3,6 +3,7 @@ test.py's pipeline (the evaluation sample of datasets.coco through engine.infere
 file gives those of its checkpoint."""
 import copy
 import json
+import multiprocessing
 import pickle
 import re
 from pathlib import Path
@@ -282,3 +283,27 @@ def test_an_onnx_detector_says_what_to_do_instead_of_pickling(tiny_onnx):
     with pytest.raises(TypeError, match=r"tiny.onnx: an onnxruntime session cannot be pickled .* make the Detector "
                                         r"in that process, e.g. in the Pool's initializer"):
         pickle.dumps(detector)
+
+
+def test_a_process_forked_after_a_forward_detects_as_its_parent(tiny):
+    """GNU OpenMP's threads do not survive a fork: a child forked after the parent's first forward (a Pool of the
+    fork start method, a server's preforked workers) waited forever in its own first one. Children run torch on
+    one thread, as DataLoader's workers do; the parent's two threads make the hang reproducible on one core."""
+    ckpt, _ = tiny
+    detector = Detector.from_checkpoint(ckpt, device="cpu", test_flip=True, test_scales=(0.5, 1))
+    image = load_image(RACCOON / "val" / "raccoon-102.jpg")
+    torch.set_num_threads(2)  # the fixture torch_state_restored sets the count back
+    detector(image)
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    child = context.Process(target=lambda: results.put((torch.get_num_threads(), detector(image).rows())))
+    child.start()
+    try:
+        threads, found = results.get(timeout=120)  # a hung child sends nothing
+    finally:
+        child.kill()
+        child.join()
+    torch.set_num_threads(1)
+    expected = detector(image).rows()  # on one thread, as in the child
+    assert threads == 1 and len(expected) > 10
+    np.testing.assert_array_equal(found, expected)

@@ -1,6 +1,7 @@
 """Device and precision choices, taken from arguments so that nothing assumes CUDA."""
 import contextlib
 import math
+import os
 import re
 
 import torch
@@ -26,6 +27,19 @@ def select_device(name: str | torch.device = "auto", local_rank: int | None = No
             raise DeviceError(f"device {text}: this process sees {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
         return torch.device("cuda", index)
     return torch.device("cuda", bind_local_gpu(local_rank or 0))
+
+
+_one_thread_after_fork = False
+
+
+def one_thread_after_fork() -> None:
+    """Makes every process forked from this one run torch on one thread (as DataLoader's workers do), once per
+    process: GNU OpenMP's threads do not survive a fork, and a child's first parallel operation waited for them
+    forever once the parent had run one (a multiprocessing Pool forked after a Detector's first image)."""
+    global _one_thread_after_fork
+    if not _one_thread_after_fork:
+        os.register_at_fork(after_in_child=lambda: torch.set_num_threads(1))
+        _one_thread_after_fork = True
 
 
 def local_gpu_index(local_rank: int, visible: int) -> int:
