@@ -6,6 +6,7 @@ import json
 import multiprocessing
 import pickle
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -307,3 +308,24 @@ def test_a_process_forked_after_a_forward_detects_as_its_parent(tiny):
     expected = detector(image).rows()  # on one thread, as in the child
     assert threads == 1 and len(expected) > 10
     np.testing.assert_array_equal(found, expected)
+
+
+# the first two of one size: a buffer shared by calls of one shape would mix them
+PHOTOS = ["raccoon-102.jpg", "raccoon-198.jpg", "raccoon-148.jpg"]
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore:Constant folding")
+@pytest.mark.parametrize("backend", ["pt", "onnx"])
+def test_threads_sharing_a_detector_get_what_calls_one_at_a_time_get(tiny, tiny_onnx, backend):
+    """A service calls one Detector from several threads: each call gets the detections that the same call gets
+    alone. The detector starts fresh, so that its first calls (which pack the weights) run side by side too."""
+    path = tiny[0] if backend == "pt" else tiny_onnx
+    images = [load_image(RACCOON / "val" / name) for name in PHOTOS]
+    settings = {"device": "cpu", "test_flip": True, "test_scales": (0.5, 1)}
+    alone = [Detector.from_checkpoint(path, **settings)(image).rows() for image in images]
+    shared = Detector.from_checkpoint(path, **settings)
+    with ThreadPoolExecutor(4) as threads:
+        found = list(threads.map(lambda i: (i, shared(images[i]).rows()), [0, 1, 2] * 4))
+    assert all(len(rows) > 10 for rows in alone)
+    for i, rows in found:
+        np.testing.assert_array_equal(rows, alone[i])
