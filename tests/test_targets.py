@@ -62,6 +62,20 @@ def test_draw_gaussian_matches_reference_inside_and_at_edges(delta):
         assert hm[y, x] == 1.0
 
 
+@pytest.mark.parametrize("delta", [5, 6])
+def test_draw_gaussian_off_the_map_draws_only_the_part_inside(delta):
+    # Centers up to r + 2 cells outside every edge: the window's overlap with the map (possibly none) is drawn.
+    rng = np.random.default_rng(2)
+    for _ in range(60):
+        h, w = rng.integers(1, 12, 2)
+        r = int(rng.integers(0, 6))
+        x, y = int(rng.integers(-r - 2, w + r + 2)), int(rng.integers(-r - 2, h + r + 2))
+        base = rng.uniform(0, 1, (h, w)).astype(np.float32)
+        hm = base.copy()
+        draw_gaussian(hm, x, y, r, delta)
+        np.testing.assert_allclose(hm, heatmap_reference((h, w), x, y, r, delta, base), rtol=1e-6, atol=1e-7)
+
+
 def test_keypoint_cells_scaled_and_clamped():
     cells, offs = keypoint_cells(np.array([[0.0, 0.0], [5.0, 9.5], [511.0, 510.9], [3.999, 4.0]]),
                                  np.array([0.25, 0.25]), 128, 128)
