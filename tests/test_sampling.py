@@ -108,3 +108,13 @@ def test_each_item_draws_its_own_augmentation_apart_from_the_epoch_order():
     draws = [item["draw"] for item in items] + [np.random.default_rng([317, 3]).random()]
     assert len(set(draws)) == len(draws)
     assert [samples[i]["draw"] for i in (0, 2, 3)] == [draws[0], draws[2], draws[3]]  # the same after a resume
+
+
+def test_each_unreadable_image_is_counted_once_by_its_own_item():
+    """Images 1 and 2 fail: item 1 reads image 3 after two tries, item 2 after one; both count their own image,
+    and the items that read a replacement without their own image failing (3, and 0) count nothing."""
+    samples = TrainSamples(RecordedDraws(5, missing={1, 2}), seed=0, epoch=1)
+    with pytest.warns(UserWarning, match="image file not found"):
+        items = [samples[i] for i in range(5)]
+    assert [item["image_index"] for item in items] == [0, 3, 3, 3, 4]
+    assert [int(item["unreadable"]) for item in items] == [0, 1, 1, 0, 0]
