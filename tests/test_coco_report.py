@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from pycocotools.cocoeval import COCOeval
 
-from datasets import coco_eval
+from datasets import coco_eval, coco_report
 from datasets.coco import coco_from_dict
 from datasets.coco_eval import (METRIC_NAMES, detections_to_coco, evaluate_detections, metrics_path,
                                 server_results_name)
@@ -136,3 +136,32 @@ def test_replaced_results_never_sit_beside_the_old_numbers(tmp_path, monkeypatch
     assert not (tmp_path / "results_val_s1_analysis").exists()
     left = [path for path in stale if path.exists()]
     assert left == ([] if annotated else [stale[2]]) and all(path.read_text() != "old" for path in left)
+
+
+def test_csv_tells_an_ap_of_zero_from_no_ground_truth():
+    row = {"class": "cat", "category_id": 2, "ground_truth": 3, "AP": 0.0, "AP50": 0.5, "AP75": 0.0, "APs": -1.0,
+           "APm": 0.0, "APl": -1.0, "AR100": 0.0}
+    line = coco_report.table_csv([row]).decode().splitlines()[1]
+    assert line == "cat,2,3,0.0000,0.5000,0.0000,,0.0000,,0.0000"
+
+
+@pytest.mark.filterwarnings("ignore:No artists with labels")  # the curves are recorded, not drawn
+def test_pr_plot_curves_are_the_coco_summary_numbers(monkeypatch):
+    """The legend's AP of each curve is the mean of the curve, which for the three overall curves is pycocotools'
+    AP50, AP75 and AP, and for each class the class's AP."""
+    from matplotlib.axes import Axes
+
+    coco = ground_truth(seed=0, num_images=30)
+    results = coco_eval.load_results(coco, detections_to_coco(noisy_detections(coco, seed=4), CAT_IDS))
+    with contextlib.redirect_stdout(io.StringIO()):
+        e = coco_eval.run_cocoeval(coco, results, CAT_IDS)
+    labels = []
+    monkeypatch.setattr(Axes, "plot", lambda self, x, y, label, **kw: labels.append(label))
+    coco_report.pr_figure(e, NAMES, "run")
+    names = [label.rsplit(" (", 1)[0] for label in labels]
+    shown = [float(label.rsplit(" ", 1)[1].strip("()")) for label in labels]
+    per_class = coco_eval.per_class_ap(e)
+    assert names == ["IoU 0.50", "IoU 0.75", "IoU 0.50:0.95"] + NAMES and all(per_class >= 0)
+    # 3 decimals shown; the same means summed in another order otherwise
+    assert shown == pytest.approx([e.stats[1], e.stats[2], e.stats[0], *per_class], abs=5e-4 + 1e-12)
+    assert len(set(shown[:3])) == 3
