@@ -149,3 +149,15 @@ def test_replaced_results_take_only_their_drawings_from_the_analysis_folder(tmp_
     (folder / "001_errors_2.jpg").write_bytes(b"drawing")
     write_results(out_json, [])
     assert not folder.exists()
+
+
+def test_a_link_named_like_a_drawing_is_kept_with_the_analysis_folder(tmp_path, capsys):
+    """tools/analyze.py writes files, never links: a link in its folder is the user's, whatever its name."""
+    out_json = tmp_path / "results.json"
+    folder = analysis_folder(out_json)
+    folder.mkdir()
+    (tmp_path / "mine.jpg").write_bytes(b"photo")
+    (folder / "002_errors_5.jpg").symlink_to(tmp_path / "mine.jpg")
+    write_results(out_json, [])
+    assert [p.name for p in folder.iterdir()] == ["002_errors_5.jpg"] and (folder / "002_errors_5.jpg").is_symlink()
+    assert "removed the 0 drawings" in capsys.readouterr().out
