@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from datasets.coco_eval import FD_NAMES, METRIC_NAMES
-from tools.analyze import KINDS, breakdown, get_args_parser, main
+from tools.analyze import KINDS, breakdown, draw_worst, get_args_parser, main
 from utils.errors import ArgumentError, DataError, MissingFileError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,6 +71,58 @@ def test_fixed_target_already_matched_is_removed():
     assert set(status.values()) == {"matched"}
 
 
+def counts(table: dict) -> dict:
+    return {kind: count for kind, (count, _) in table.items() if count}
+
+
+def test_an_iou_of_exactly_0_5_with_a_matched_box_is_a_duplicate():
+    # 100 x 50 inside the 100 x 100 box: IoU 5000 / 10000, exactly the foreground IoU (>=, as matching counts it)
+    _, table, _, _ = breakdown(ground_truth(GT_BOXES[:1]), [FIRST, det([10, 10, 100, 50], 0.8)])
+    assert counts(table) == {"duplicate": 1}
+
+
+def test_overlapping_only_a_box_of_another_class_below_0_5_is_background():
+    # a dog at IoU 0.3 with the only box, a cat: background (the cat box is missed), not localisation
+    _, table, errors, status = breakdown(ground_truth(GT_BOXES[:1]), [det([10, 10, 100, 30], 0.9, cat=2)])
+    assert counts(table) == {"background": 1, "missed": 1}
+    assert errors == {0: ("background", None)} and status == {1: "missed"}
+
+
+def test_fixing_errors_that_share_a_box_fixes_the_best_scoring_one():
+    # Two localisation errors on the one box, a background detection between them: fixing gives the box to the
+    # 0.9 one (a true positive first: AP50 1) and removes the 0.7 one; the 0.7 one fixed would give AP50 0.5.
+    results = [det([10, 10, 100, 30], 0.9), det([250, 10, 40, 40], 0.8), det([10, 10, 100, 25], 0.7)]
+    base, table, _, _ = breakdown(ground_truth(GT_BOXES[:1]), results)
+    assert base == 0 and table["localisation"] == (2, pytest.approx(1.0, abs=1e-9))
+
+
+def test_all_100_detections_of_an_image_are_evaluated():
+    # 12 boxes found exactly: all matched (pycocotools' maxDets 10 would leave the last two missed, AP50 84 / 101)
+    boxes = [[25 * i, 10, 20, 20] for i in range(12)]
+    base, table, _, status = breakdown(ground_truth(boxes), [det(b, 0.99 - 0.01 * i) for i, b in enumerate(boxes)])
+    assert base == pytest.approx(1.0) and counts(table) == {} and set(status.values()) == {"matched"}
+
+
+def test_a_crowd_region_is_not_a_missed_box():
+    gt = ground_truth(GT_BOXES)
+    gt["annotations"][1]["iscrowd"] = 1  # nothing detected on it
+    base, table, _, status = breakdown(gt, [FIRST])
+    assert base == pytest.approx(1.0) and counts(table) == {} and status == {1: "matched"}
+
+
+def test_the_images_with_the_most_errors_are_drawn_counting_scores_at_the_threshold(tmp_path):
+    # Image 2 has two background detections, one scoring exactly --score_thresh; image 1 has one: image 2 is drawn.
+    for name in ("1.jpg", "2.jpg"):
+        cv2.imwrite(str(tmp_path / name), np.full((300, 300, 3), 200, np.uint8))
+    gt = {"images": [{"id": i, "file_name": f"{i}.jpg", "width": 300, "height": 300} for i in (1, 2)],
+          "annotations": [], "categories": CATS}
+    results = [det([250, 10, 40, 40], 0.9), {**det([250, 10, 40, 40], 0.9), "image_id": 2},
+               {**det([10, 200, 40, 40], 0.3), "image_id": 2}]
+    errors = {i: ("background", None) for i in range(3)}
+    drawings = draw_worst(gt, results, errors, {}, tmp_path, 1, 0.3)
+    assert [name for name, _ in drawings] == ["002_errors_2.jpg"]
+
+
 def data_dir(tmp_path: Path) -> Path:
     """A data folder whose split val holds one 300 x 300 grey image, 1.jpg, and no annotations file yet."""
     data = tmp_path / "data"
@@ -107,7 +159,7 @@ def test_cli_prints_the_table_and_draws_the_worst_image(tmp_path, capsys):
             main(get_args_parser().parse_args([str(results), "--data_dir", str(data), "--split", "val", "--out",
                                                str(tmp_path / "x")]))
     # what pycocotools would fail on with a TypeError or ValueError, far from the entry
-    for box, score in [([1, 2, "3", 4], 0.9), ([1, 2, 3], 0.9), ([1, 2, -3, 4], 0.9), (GT_BOXES[0], "high"),
+    for box, score in [([1, 2, "3", 4], 0.9), ([1, 2, 3], 0.9), ([1, 2, -3, 4], 0.9), ([1, 2, 3, -4], 0.9), (GT_BOXES[0], "high"),
                        (GT_BOXES[0], None), ([1, 2, 3, float("nan")], 0.9)]:
         results.write_text(json.dumps([FIRST, det(box, score)]))
         with pytest.raises(DataError, match=r"entry 1 has bbox .* expected \[x, y, width, height\]"):
