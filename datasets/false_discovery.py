@@ -17,7 +17,8 @@ import numpy as np
 from datasets.coco_report import mean_valid
 
 FD_NAMES = ("FD", "FD5", "FD25", "FD50", "FD_S", "FD_M", "FD_L")
-# linspace, not arange: the thresholds must be the exact floats 0.05, 0.1, ... that matching compares IoUs with
+# Built as pycocotools builds COCO's (linspace). 0.15 and 0.35 come out one float above those decimals
+# (0.15000000000000002), as with arange: an IoU of exactly 0.35 does not count at 0.35
 FD_IOU_THRESHOLDS = np.linspace(0.05, 0.5, 10)
 # (name, IoU threshold index or None for all, COCO area label)
 _SUMMARY = (("FD", None, "all"), ("FD5", 0, "all"), ("FD25", 4, "all"), ("FD50", 9, "all"),
