@@ -15,6 +15,7 @@ import torch
 
 import demo
 from datasets.transforms import eval_input
+from engine import Detector
 from engine.inference import InferenceConfig, detect
 from engine.onnx_backend import OnnxModel
 from lib.cpool import bottom_pool, left_pool, right_pool, top_pool
@@ -275,6 +276,15 @@ def test_demo_scales_images_larger_than_the_export_down_and_refuses_a_fixed_size
     with pytest.raises(ArgumentError, match="takes 63 x 63 inputs only; photos and video frames need other sizes"):
         demo.main(demo.get_args_parser().parse_args(args[:1] + [str(static)] + args[2:5] + [str(tmp_path / "o2")]))
     assert not (tmp_path / "o2").exists()
+
+
+def test_the_detector_counts_only_the_images_it_scales_down(exported):
+    """demo.py's note that images are scaled down to fit the export comes from this count."""
+    _, path, _ = exported
+    detector = Detector.from_checkpoint(path, device="cpu")
+    assert detector.fit_scale(np.zeros((375, 500, 3), np.uint8)) == 1.0 and detector.scaled_down == 0  # fits 511
+    assert detector.fit_scale(np.zeros((495, 660, 3), np.uint8)) == pytest.approx(511 / 660)
+    assert detector.scaled_down == 1
 
 
 def test_malformed_metadata_is_a_clear_error(exported, tmp_path):
