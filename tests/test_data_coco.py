@@ -364,6 +364,20 @@ def test_a_jpeg_with_data_after_its_end_loads_and_one_cut_in_its_scan_does_not(t
         load_image(write_bytes(tmp_path / "cut.jpg", cut))
 
 
+def test_a_jpeg_cut_in_its_scan_is_found_behind_a_thumbnail_or_fill_bytes(tmp_path):
+    """The end-of-image marker is looked for after the start of the scan, found by walking the header segments: an
+    EXIF thumbnail before the scan has an end-of-image of its own, and a marker may follow fill bytes (0xFF)."""
+    jpeg = cv2.imencode(".jpg", image())[1].tobytes()
+    exif = b"Exif\x00\x00" + b"\xff\xd8" + bytes(16) + b"\xff\xd9"  # a thumbnail's start and end markers
+    plain = load_image(write_bytes(tmp_path / "plain.jpg", jpeg))
+    for extra in (b"\xff\xe1" + (len(exif) + 2).to_bytes(2, "big") + exif, b"\xff\xff"):
+        whole = jpeg[:2] + extra + jpeg[2:]
+        np.testing.assert_array_equal(load_image(write_bytes(tmp_path / "whole.jpg", whole)), plain)
+        scan = whole.index(b"\xff\xda")  # the image's own: neither the thumbnail nor the fill bytes hold one
+        with pytest.raises(DataError, match=r"cut\.jpg: truncated JPEG"):
+            load_image(write_bytes(tmp_path / "cut.jpg", whole[:(scan + len(whole)) // 2]))
+
+
 def test_an_image_too_large_to_evaluate_is_named_before_any_work(tmp_path):
     """A 6000 x 4000 val photo (input 6015 x 4095, over 4095 x 4095 pixels): train.py trained an epoch, then stopped
     at its validation with the image's size but not its file. By the json's size the eval set refuses it when built
