@@ -243,6 +243,9 @@ def test_image_files_that_would_fill_the_memory_or_block_are_refused(tmp_path, m
     PermissionError traceback)."""
     with pytest.raises(DataError, match=r"bomb\.png: the image has 400000000 pixels by its header"):
         load_image(png_header_only(tmp_path / "bomb.png", 20000, 20000))
+    with pytest.raises(DataError, match=r"over\.png: the image has 134217729 pixels by its header, more than the "
+                                        r"134217728 read"):  # one over the limit
+        load_image(png_header_only(tmp_path / "over.png", 2**27 + 1, 1))
     huge = tmp_path / "huge.png"
     with open(huge, "wb") as f:
         f.truncate(2**30 + 1)  # sparse: nothing written, 1 GiB read
