@@ -1,6 +1,6 @@
 """engine/inference.py cases the other tests leave open (each was a planted bug the rest of the suite let through):
-`center_check` off keeps the boxes that no center confirms, and a test input whose flipped copy alone has
-non-finite outputs is counted."""
+`center_check` off keeps the boxes that no center confirms, and a sample whose flipped copy alone, or one test scale
+alone, has non-finite outputs is counted."""
 import numpy as np
 import pytest
 import torch
@@ -28,4 +28,14 @@ def test_a_flipped_copy_alone_with_non_finite_outputs_counts_its_sample():
     bad["off_br"][1].fill_(float("nan"))
     sample = [eval_input(np.zeros((SIZE, SIZE, 3), np.uint8), 1.0, True)]
     _, non_finite = detect_batch(lambda images: bad, [sample], InferenceConfig(), CPU)
+    assert non_finite == 1
+
+
+def test_non_finite_outputs_at_one_test_scale_of_several_count_their_sample():
+    bad, clean = outputs(), outputs()
+    bad["hm_tl"][0, 0, 5, 5] = float("nan")
+    forwards = iter([bad, clean])  # the first scale's forward, then the second's
+    image = np.zeros((SIZE, SIZE, 3), np.uint8)
+    sample = [eval_input(image, 1.0, False), eval_input(image, 0.5, False)]
+    _, non_finite = detect_batch(lambda images: next(forwards), [sample], InferenceConfig(), CPU)
     assert non_finite == 1
