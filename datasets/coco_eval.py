@@ -44,8 +44,9 @@ def detections_to_coco(detections: dict[int, np.ndarray], cat_ids: list[int]) ->
     for image_id, dets in detections.items():
         dets = np.asarray(dets).reshape(-1, 6)
         labels = dets[:, 5].astype(np.int64)
-        if len(dets) and (labels.min() < 0 or labels.max() >= len(cat_ids)):
-            raise ValueError(f"detections of image {image_id}: label {labels.max()} outside 0..{len(cat_ids) - 1}")
+        outside = labels[(labels < 0) | (labels >= len(cat_ids))]
+        if outside.size:
+            raise ValueError(f"detections of image {image_id}: label {outside[0]} outside 0..{len(cat_ids) - 1}")
         results += coco_entries(image_id, dets[:, :4], dets[:, 4], np.asarray(cat_ids, np.int64)[labels])
     return results
 
