@@ -474,6 +474,8 @@ def test_drawing_names_are_distinct_ignoring_case():
     """A case-insensitive file system (macOS, Windows) holds one of A.PGM.png and a.pgm.png."""
     assert drawing_names(["A.PGM", "a.pgm", "b.png", "B.PNG", "c.pbm"]) == [
         "A.PGM.png", "a.pgm.2.png", "b.png", "B.PNG", "c.pbm.png"]
+    assert drawing_names(["a.pgm", "A.PGM", "SCAN.PGM.PNG", "scan.pgm"]) == [
+        "a.pgm.png", "A.PGM.2.png", "SCAN.PGM.PNG", "scan.pgm.2.png"]  # the upper-case name second, and an image's own
 
 
 def test_sub_folders_that_are_not_read_are_named_in_a_note(tmp_path, capsys):
