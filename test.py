@@ -175,7 +175,7 @@ def main(args: argparse.Namespace) -> dict:
     cfg = build_eval_config(args)  # refuses settings that cannot work before anything is read or written
     check_backend(args.eval_backend)
     dist.init_distributed(dist.launched(), args.local_rank, args.device)
-    dist.check_same_flags(vars(args), {"local_rank", "num_workers", "data_dir", "ckpt_dir", "ckpt", "onnx"})
+    dist.check_same_flags(vars(args), {"data_dir", "ckpt_dir", "ckpt", "onnx"}, {"local_rank", "num_workers"})
     device = select_device(args.device, dist.local_rank())
     # Each process reads its own copy of the files: an error on one node is raised on all (the others raised a
     # disconnect's traceback).

@@ -278,8 +278,10 @@ class TrainingState:
 
 
 # Flags that may differ between the processes of a run: paths (each node may mount the data elsewhere; only rank 0
-# writes the run folder), what is the process's own, and --dist (implied under a launcher).
-PER_PROCESS_FLAGS = {"local_rank", "num_workers", "data_dir", "ckpt_dir", "pretrained", "dist"}
+# writes the run folder), given on all processes or on none; what is the process's own, and --dist (implied under a
+# launcher).
+PATH_FLAGS = {"data_dir", "ckpt_dir", "pretrained"}
+PER_PROCESS_FLAGS = {"local_rank", "num_workers", "dist"}
 
 
 def init_process(args: argparse.Namespace) -> torch.device:
@@ -287,7 +289,7 @@ def init_process(args: argparse.Namespace) -> torch.device:
     device, refusing flags that differ between the processes, a --batch_size they cannot share and --sync_bn off
     CUDA."""
     dist.init_distributed(args.dist or dist.launched(), args.local_rank, args.device)
-    dist.check_same_flags(vars(args), PER_PROCESS_FLAGS)
+    dist.check_same_flags(vars(args), PATH_FLAGS, PER_PROCESS_FLAGS)
     if args.batch_size % dist.world_size():  # --batch_size is that of one forward over all the processes
         raise ArgumentError(f"--batch_size {args.batch_size} must be divisible by the number of processes "
                             f"({dist.world_size()})")

@@ -20,6 +20,7 @@ from datasets.false_discovery import FD_NAMES
 from nets import build_model
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from datasets.coco_eval import results_path, settings_hash
+from tests.test_train import sent_in_first_gather
 from utils import dist
 from utils.device import amp_dtype
 from utils.errors import ArgumentError, DataError, MissingFileError, UserError
@@ -364,3 +365,15 @@ def test_a_checkpoint_or_data_that_one_process_cannot_read_stops_every_process(c
     with pytest.raises(MissingFileError, match=r"^rank 1: checkpoint not found: /elsewhere/checkpoint\.pt$"):
         test_cli.main(cli_args(ckpt_dir))
     assert sorted((ckpt_dir / "tiny").iterdir()) == before
+
+
+def test_processes_evaluating_an_onnx_file_beside_checkpoints_are_refused(monkeypatch):
+    """--ckpt and --onnx are paths, which may differ between the nodes, but not whether they are given: a node
+    evaluating the .onnx export scored its share on onnxruntime, the others theirs on PyTorch."""
+    rank_1 = sent_in_first_gather(test_cli.main, test_cli.get_args_parser().parse_args(
+        ["--ckpt", "elsewhere.pt", "--data_dir", "missing", "--device", "cpu"]), monkeypatch)
+    monkeypatch.setattr(dist, "all_gather_object", lambda flags: [flags, rank_1])
+    args = test_cli.get_args_parser().parse_args(["--onnx", "model.onnx", "--data_dir", "missing", "--device", "cpu"])
+    with pytest.raises(ArgumentError, match=r"given different flags: --ckpt 'not given' on rank 0, 'given' on rank 1; "
+                                            r"--onnx 'given' on rank 0, 'not given' on rank 1\. Start"):
+        test_cli.main(args)

@@ -1054,6 +1054,35 @@ def test_world_size_without_a_launchers_other_variables_is_a_one_line_error(monk
     assert not dist.is_dist()
 
 
+def sent_in_first_gather(main, args, monkeypatch):
+    """What `main(args)` sends in its first gather as a process of a distributed run: what another process, given
+    `args`, sends to this one in a run that a test plays with one process."""
+    class Sent(Exception):
+        pass
+
+    def stop(values):
+        raise Sent(values)
+
+    monkeypatch.setattr(dist, "is_dist", lambda: True)
+    monkeypatch.setattr(dist, "_holders", 0)
+    with monkeypatch.context() as gathering:
+        gathering.setattr(dist, "all_gather_object", stop)
+        with pytest.raises(Sent) as sent:
+            main(args)
+    return sent.value.args[0]
+
+
+def test_a_path_given_on_some_nodes_only_is_refused(shapes_dir, tmp_path, monkeypatch):
+    """Paths may differ between the nodes, not whether they are given: --pretrained on rank 0 alone made it read
+    the file in a gather that rank 1 never joined (it went on to DistributedDataParallel's own collective)."""
+    rank_1 = sent_in_first_gather(train.main, args_for(shapes_dir, tmp_path / "ckpt"), monkeypatch)
+    monkeypatch.setattr(dist, "all_gather_object", lambda values: [values, rank_1])
+    with pytest.raises(ArgumentError, match=r"given different flags: --pretrained 'given' on rank 0, 'not given' on "
+                                            r"rank 1\. Start"):
+        train.main(args_for(shapes_dir, tmp_path / "ckpt", "--pretrained", str(tmp_path / "elsewhere.pt")))
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_data_that_one_process_cannot_read_stops_every_process_before_anything_is_created(shapes_dir, tmp_path,
                                                                                          monkeypatch):
     """A node without the data (or with another --data_dir) failed alone: the others built the network, opened

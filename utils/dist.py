@@ -147,12 +147,15 @@ def differences(values: dict) -> list[str]:
     return differing
 
 
-def check_same_flags(flags: dict, may_differ: set[str]) -> None:
-    """Refuses (ArgumentError, on every process) command-line flags that differ between the processes of a run,
-    but for those in `may_differ` (paths, which each node may mount elsewhere, and per-process settings). A node
-    started with another --batch_size trained on other images in other steps than the rest, silently, and then
-    waited for ever in a collective that they never reached."""
-    differing = differences({f"--{k}": v for k, v in flags.items() if k not in may_differ})
+def check_same_flags(flags: dict, paths: set[str], per_process: set[str]) -> None:
+    """Refuses (ArgumentError, on every process) command-line flags that differ between the processes of a run. The
+    values of `paths` may differ (each node may mount the files elsewhere), not whether they are given: --pretrained
+    on some nodes only made them read it alone, in a collective the others never joined. `per_process` flags are
+    not compared. A node started with another --batch_size trained on other images in other steps than the rest,
+    silently, and then waited for ever in a collective that they never reached."""
+    compared = {f"--{k}": ("given" if v is not None else "not given") if k in paths else v
+                for k, v in flags.items() if k not in per_process}
+    differing = differences(compared)
     if differing:
         raise ArgumentError(f"the processes of this run were given different flags: {'; '.join(differing)}. Start "
                             "every node with the same flags (only paths and --num_workers may differ)")
