@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_train import free_port
+from tests.test_train import free_port, sent_in_first_gather
 from tools import ablation
 from utils import dist
 from utils.checkpoint import load_checkpoint
@@ -129,6 +129,16 @@ def test_a_flag_neither_script_knows_is_one_error_before_anything_is_written(sha
     with pytest.raises(ArgumentError, match=f"^{' '.join(typo)}: neither tools/ablation.py nor train.py has this"):
         run(flags(shapes_dir, tmp_path / "ckpt", *typo))
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_processes_given_different_test_flags_are_refused_before_any_row(shapes_dir, tmp_path, monkeypatch):
+    """A node given --no-test_flip trained the first row with the others (train.py's flags agreed) and was refused
+    only by that row's test.py, after the training. The gather over two processes is played by one."""
+    rank_1 = sent_in_first_gather(run, flags(shapes_dir, tmp_path, "--no-test_flip"), monkeypatch)
+    monkeypatch.setattr(dist, "all_gather_object", lambda values: [values, rank_1])
+    with pytest.raises(ArgumentError, match=r"given different flags: --test_flip True on rank 0, False on rank 1\. "):
+        run(flags(shapes_dir, tmp_path))
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_the_process_group_lasts_until_its_last_holder_leaves(monkeypatch):

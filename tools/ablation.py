@@ -188,6 +188,9 @@ def main(args: argparse.Namespace, train_extra: list[str] = ()) -> dict:
     rows = read_table(table_path, setting)
     # One process group for every row's training and test (utils/dist.py cleanup says why).
     dist.init_distributed(args.dist or dist.launched(), device=args.device)
+    # Here, not in each row's train.py: --test_flip or --test_scales differing came to light after the first row's
+    # training, --rows differing left processes waiting for rows that the others skipped.
+    dist.check_same_flags(vars(args), {"data_dir", "ckpt_dir"}, {"num_workers", "dist"})
     if dist.is_main() and not table_path.exists():  # the settings before any row: a rerun with others is refused
         write_json(table_path, {"settings": setting, "rows": rows})
     for row in wanted_rows:
