@@ -172,10 +172,10 @@ def check_same_input(values: dict) -> None:
 
 
 def on_every_process(work):
-    """Runs `work()` on every process (reading files, of which each node may hold its own copy) and raises the user
-    error of the first process that failed on every process, naming its rank: one that failed alone left the others
-    to go on, and to stop at their next collective with only its disconnect (`Connection closed by peer`), in
-    train.log or as a traceback."""
+    """Runs `work()` on every process (reading files, of which each node may hold its own copy); where it raised a
+    user error on any, every process raises: one that failed its own error, the others the first failed process's,
+    prefixed by its rank. One that failed alone left the others to go on, and to stop at their next collective with
+    only its disconnect (`Connection closed by peer`), in train.log or as a traceback."""
     result, error = None, None
     try:
         result = work()
