@@ -144,7 +144,7 @@ def layout_hint(shape: tuple[int, ...]) -> str:
     """What an array of `shape` most likely is when it is not one image in channels-last order: the two layouts a
     user of other frameworks passes by habit."""
     if len(shape) == 4 and shape[-1] in (1, 3, 4):
-        return "; several images are a list of arrays: pass list(images)"
+        return "; several images stacked: pass one at a time (a Detector takes a list of them: list(images))"
     if len(shape) == 3 and shape[0] in (1, 3, 4) and shape[2] not in (1, 3, 4):
         return "; channels come last: pass image.transpose(1, 2, 0)"
     return ""

@@ -195,7 +195,7 @@ def test_images_that_cannot_be_read_are_clear_errors(ckpt, tmp_path):
         detector(np.zeros((20, 30, 2), np.uint8))
     with pytest.raises(ArgumentError, match="dtype float32"):
         detector(np.zeros((20, 30, 3), np.float32))
-    with pytest.raises(ArgumentError, match=r"shape \(2, 20, 30, 3\).*several images are a list of arrays"):
+    with pytest.raises(ArgumentError, match=r"shape \(2, 20, 30, 3\).*a Detector takes a list of them: list\(images\)"):
         detector(np.zeros((2, 20, 30, 3), np.uint8))
     with pytest.raises(ArgumentError, match=r"shape \(3, 20, 30\).*channels come last"):
         detector(np.zeros((3, 20, 30), np.uint8))

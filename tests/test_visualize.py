@@ -47,6 +47,9 @@ def test_draw_takes_the_image_arrays_the_detector_takes():
     np.testing.assert_array_equal(draw(gray, rows, ["a", "b"]), draw(cv2.merge([gray] * 3), rows, ["a", "b"]))
     with pytest.raises(ArgumentError, match="dtype float32"):
         draw(bgr.astype(np.float32), rows, ["a", "b"])
+    # draw takes one image: the hint for a stacked batch must not send a list of them here
+    with pytest.raises(ArgumentError, match=r"shape \(2, 60, 80, 3\).*several images stacked: pass one at a time"):
+        draw(np.stack([bgr, bgr]), rows, ["a", "b"])
 
 
 def read_events(path) -> list:
