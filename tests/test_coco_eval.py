@@ -121,7 +121,7 @@ def test_bad_detections_are_errors():
         evaluate_detections(coco, {7: np.zeros((1, 6))}, CAT_IDS, NAMES)
     with pytest.raises(ValueError, match="label 3 outside 0..2"):
         evaluate_detections(coco, {100: np.array([[0, 0, 5, 5, 0.5, 3]])}, CAT_IDS, NAMES)
-    # the label outside is named, not the largest one (a label of -1 took the last category's id)
+    # the label outside is named, not the largest one (labels 0 and -1 were refused as "label 0 outside 0..2")
     with pytest.raises(ValueError, match="label -1 outside 0..2"):
         evaluate_detections(coco, {100: np.array([[0, 0, 5, 5, 0.5, 0], [0, 0, 5, 5, 0.4, -1]])}, CAT_IDS, NAMES)
 
