@@ -159,8 +159,8 @@ def test_cli_prints_the_table_and_draws_the_worst_image(tmp_path, capsys):
             main(get_args_parser().parse_args([str(results), "--data_dir", str(data), "--split", "val", "--out",
                                                str(tmp_path / "x")]))
     # what pycocotools would fail on with a TypeError or ValueError, far from the entry
-    for box, score in [([1, 2, "3", 4], 0.9), ([1, 2, 3], 0.9), ([1, 2, -3, 4], 0.9), ([1, 2, 3, -4], 0.9), (GT_BOXES[0], "high"),
-                       (GT_BOXES[0], None), ([1, 2, 3, float("nan")], 0.9)]:
+    for box, score in [([1, 2, "3", 4], 0.9), ([1, 2, 3], 0.9), ([1, 2, -3, 4], 0.9), ([1, 2, 3, -4], 0.9),
+                       (GT_BOXES[0], "high"), (GT_BOXES[0], None), ([1, 2, 3, float("nan")], 0.9)]:
         results.write_text(json.dumps([FIRST, det(box, score)]))
         with pytest.raises(DataError, match=r"entry 1 has bbox .* expected \[x, y, width, height\]"):
             main(get_args_parser().parse_args([str(results), "--data_dir", str(data), "--split", "val", "--out",
