@@ -29,17 +29,17 @@ def select_device(name: str | torch.device = "auto", local_rank: int | None = No
     return torch.device("cuda", bind_local_gpu(local_rank or 0))
 
 
-_one_thread_after_fork = False
+_fork_hook_registered = False  # one_thread_after_fork's, once per process (forked children inherit it)
 
 
 def one_thread_after_fork() -> None:
     """Makes every process forked from this one run torch on one thread (as DataLoader's workers do), once per
     process: GNU OpenMP's threads do not survive a fork, and a child's first parallel operation waited for them
     forever once the parent had run one (a multiprocessing Pool forked after a Detector's first image)."""
-    global _one_thread_after_fork
-    if not _one_thread_after_fork:
+    global _fork_hook_registered
+    if not _fork_hook_registered:
         os.register_at_fork(after_in_child=lambda: torch.set_num_threads(1))
-        _one_thread_after_fork = True
+        _fork_hook_registered = True
 
 
 def local_gpu_index(local_rank: int, visible: int) -> int:
