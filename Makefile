@@ -14,9 +14,14 @@ setup: .venv/.installed lib/.built
 NEEDS_311 = -c 'import sys; sys.exit(sys.version_info < (3, 11) and "$(1) is Python %s; requirements.txt needs 3.11 \
 	or newer; $(2)" % sys.version.split()[0])'
 
-.venv/.installed: requirements.txt
+# The venv is made once, not on each change of requirements.txt: venv run on a .venv that another Python made
+# (PYTHON=python3.12) rewrote its pyvenv.cfg for python3, or stopped where python3 is older than 3.11. venv writes
+# bin/activate last (after pip), so one that was stopped or failed (no ensurepip) runs again.
+.venv/bin/activate:
 	@$(PYTHON) $(call NEEDS_311,$(PYTHON),make setup PYTHON=python3.12 (say) takes another)
 	$(PYTHON) -m venv .venv
+
+.venv/.installed: requirements.txt | .venv/bin/activate
 	@$(PY) $(call NEEDS_311,$(PY),remove .venv (an older Python made it) and run make setup again)
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@

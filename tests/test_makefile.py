@@ -10,14 +10,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 FAKE_PYTHON = """#!{executable}
 # Python {version} for the Makefile: runs `-c CODE` under that version; any other call (venv, pip, setup.py) is
-# written to calls.txt and does nothing.
-import sys
+# written to calls.txt and does nothing, but for venv's last file, bin/activate.
+import os, sys
 if sys.argv[1] == "-c":
     sys.version_info, sys.version = {version_info!r}, "{version} (stand-in)"
     exec(sys.argv[2])
 else:
     with open("calls.txt", "a") as f:
         f.write(" ".join(sys.argv[1:]) + "\\n")
+    if sys.argv[1:3] == ["-m", "venv"]:
+        os.makedirs(sys.argv[3] + "/bin", exist_ok=True)
+        open(sys.argv[3] + "/bin/activate", "a").close()
 """
 
 
@@ -77,3 +80,15 @@ def test_setup_installs_then_rebuilds_what_setuptools_would_skip(tmp_path):
     os.utime(tmp_path / "lib" / ".built", (0, 0))  # setup.py changed after the build
     assert make(tmp_path, "setup", python3="3.12.1").returncode == 0
     assert calls(tmp_path)[3:] == ["setup.py -q build_ext --inplace --force"]
+
+
+def test_a_new_requirements_txt_is_installed_into_the_venv_there_is(tmp_path):
+    """A .venv made with PYTHON=python3.12 where python3 is 3.10: venv ran again on each change of requirements.txt
+    and stopped on python3's version (or, with a python3 of 3.11, rewrote the .venv's pyvenv.cfg for it)."""
+    fake_python(tmp_path / ".venv" / "bin" / "python", "3.12.1")
+    (tmp_path / ".venv" / "bin" / "activate").touch()  # venv's last file: the .venv is complete
+    (tmp_path / ".venv" / ".installed").touch()
+    os.utime(tmp_path / ".venv" / ".installed", (0, 0))  # requirements.txt changed after the install
+    result = make(tmp_path, "setup", python3="3.10.13")
+    assert result.returncode == 0, result.stderr
+    assert calls(tmp_path) == ["-m pip install -q -r requirements.txt", "setup.py -q build_ext --inplace --force"]
