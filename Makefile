@@ -26,6 +26,12 @@ NEEDS_311 = -c 'import sys; sys.exit(sys.version_info < (3, 11) and "$(1) is Pyt
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
+# lib/.built stands for the two modules only while both are there: with one removed by hand, `make setup` (which
+# the import error asks for) did nothing.
+ifeq ($(and $(wildcard lib/cpool/_ext.*.so),$(wildcard lib/nms/_soft_nms.*.so)),)
+.PHONY: lib/.built
+endif
+
 # --force: setuptools alone skips an extension whose build/ copy is newer than its .cpp and .pyx files, so a new torch
 # (requirements.txt) or a changed setup.py would keep the old build.
 lib/.built: .venv/.installed $(EXT_SOURCES)

@@ -10,7 +10,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 FAKE_PYTHON = """#!{executable}
 # Python {version} for the Makefile: runs `-c CODE` under that version; any other call (venv, pip, setup.py) is
-# written to calls.txt and does nothing, but for venv's last file, bin/activate.
+# written to calls.txt and does nothing, but for the files make looks for: venv's last file, bin/activate, and
+# the two modules of setup.py.
 import os, sys
 if sys.argv[1] == "-c":
     sys.version_info, sys.version = {version_info!r}, "{version} (stand-in)"
@@ -18,9 +19,14 @@ if sys.argv[1] == "-c":
 else:
     with open("calls.txt", "a") as f:
         f.write(" ".join(sys.argv[1:]) + "\\n")
+    made = []
     if sys.argv[1:3] == ["-m", "venv"]:
-        os.makedirs(sys.argv[3] + "/bin", exist_ok=True)
-        open(sys.argv[3] + "/bin/activate", "a").close()
+        made = [sys.argv[3] + "/bin/activate"]
+    elif sys.argv[1] == "setup.py":
+        made = ["lib/cpool/_ext.stand-in.so", "lib/nms/_soft_nms.stand-in.so"]
+    for path in made:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        open(path, "a").close()
 """
 
 
@@ -92,3 +98,13 @@ def test_a_new_requirements_txt_is_installed_into_the_venv_there_is(tmp_path):
     result = make(tmp_path, "setup", python3="3.10.13")
     assert result.returncode == 0, result.stderr
     assert calls(tmp_path) == ["-m pip install -q -r requirements.txt", "setup.py -q build_ext --inplace --force"]
+
+
+def test_setup_builds_again_when_a_module_of_the_build_is_gone(tmp_path):
+    """lib/.built alone, its module removed by hand: `make setup`, which the import error asks for, did nothing."""
+    fake_python(tmp_path / ".venv" / "bin" / "python", "3.11.2")
+    assert make(tmp_path, "setup", python3="3.11.2").returncode == 0
+    (tmp_path / "lib" / "nms" / "_soft_nms.stand-in.so").unlink()
+    result = make(tmp_path, "setup", python3="3.11.2")
+    assert result.returncode == 0, result.stderr
+    assert calls(tmp_path)[3:] == ["setup.py -q build_ext --inplace --force"]
