@@ -6,6 +6,7 @@
 The CUDA toolkit is CUDA_HOME when set, else found from nvcc (lib/cuda_toolkit.py); the GPU architectures are
 TORCH_CUDA_ARCH_LIST when set, else those of the visible GPUs, else sm_80 and sm_90 with PTX of compute_90.
 """
+import logging
 import os
 import sys
 from glob import glob
@@ -56,6 +57,11 @@ def want_cuda() -> bool:
 
 
 BUILD_CUDA = want_cuda()
+if not BUILD_CUDA:
+    # Without a GPU, torch's import below warns "No CUDA runtime is found, using CUDA_HOME='/usr/local'" (its guess
+    # from nvcc), which the C++ build never uses: a CPU set-up would end on a CUDA warning naming a wrong folder.
+    # Only that message: the logger's compiler warnings stay.
+    logging.getLogger("torch.utils.cpp_extension").addFilter(lambda record: "No CUDA runtime" not in str(record.msg))
 # torch.utils.cpp_extension reads CUDA_HOME when imported: only after want_cuda() has set it
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 

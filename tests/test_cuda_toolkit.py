@@ -124,3 +124,13 @@ def test_force_cuda_other_than_0_or_1_is_refused():
                             env={**os.environ, "FORCE_CUDA": "true"}, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert result.stderr.endswith("setup.py: FORCE_CUDA=true: expected 1 (build the CUDA kernel) or 0\n")
+
+
+def test_a_cpu_build_prints_no_cuda_warning(tmp_path):
+    """torch's import warned "No CUDA runtime is found, using CUDA_HOME=..." on every set-up without a GPU."""
+    env = {**os.environ, "CUDA_HOME": str(toolkit(tmp_path / "cuda"))}
+    env.pop("FORCE_CUDA", None)
+    result = subprocess.run([sys.executable, "setup.py", "--name"], cwd=Path(__file__).resolve().parents[1], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "CUDA_HOME" not in result.stderr
