@@ -211,16 +211,20 @@ class Detector:
     def check_size(self, image: np.ndarray) -> None:
         """An ArgumentError naming the image's size when one of its test inputs would have more than
         datasets.transforms.MAX_INPUT_PIXELS pixels (calling the detector on it raises the same)."""
-        fit = self.model.fit_scale(*image.shape[:2], self.test_scales) if isinstance(self.model, OnnxModel) else 1.0
+        fit = self.export_fit(image)
         for scale in self.test_scales:
             check_input_size(image.shape[1], image.shape[0], scale * fit)
 
-    def fit_scale(self, image: np.ndarray) -> float:
+    def export_fit(self, image: np.ndarray) -> float:
         """1, or the factor by which the test scales of `image` shrink so that its inputs fit an ONNX export's
         --max_size (its boxes still come back in original pixels)."""
         if not isinstance(self.model, OnnxModel):
             return 1.0
-        fit = self.model.fit_scale(*image.shape[:2], self.test_scales)
+        return self.model.fit_scale(*image.shape[:2], self.test_scales)
+
+    def fit_scale(self, image: np.ndarray) -> float:
+        """`export_fit`, counting the image in `scaled_down` when it shrinks (detect_rows' call, once per image)."""
+        fit = self.export_fit(image)
         self.scaled_down += fit < 1
         return fit
 
