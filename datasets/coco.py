@@ -209,9 +209,9 @@ def scored_as_given_note(data: dict, ann_file: Path) -> str | None:
 
 def zero_area_note(data: dict, ann_file: Path) -> str | None:
     """A warning for the annotations of COCO dict `data` (entries of any shape: datasets.check passes it unchecked)
-    whose box has a positive width and height but whose `area` is 0, as converters write it for objects without a segmentation:
-    the COCO evaluation sorts objects into small, medium and large by `area`, so it counts these as small whatever
-    their size. None when there is none."""
+    whose box has a positive width and height but whose `area` is 0, as converters write it for objects without a
+    segmentation: the COCO evaluation sorts objects into small, medium and large by `area`, so it counts these as
+    small whatever their size. None when there is none."""
     annotations = data.get("annotations") if isinstance(data.get("annotations"), list) else []
     ids = [a.get("id", f"annotations[{i}]") for i, a in enumerate(annotations)
            if isinstance(a, dict) and has_positive_size(a.get("bbox")) and is_finite_number(a.get("area"))

@@ -126,8 +126,8 @@ def check_distinct(name: str, scales: list[float]) -> list[float]:
     forward again and doubles its boxes, which turns box merging on (--merge auto) and changes the detections."""
     repeated = sorted({s for s in scales if scales.count(s) > 1})
     if repeated:
-        raise ArgumentError(f"{name}: scale {repeated[0]:g} is given more than once in {','.join(f'{s:g}' for s in scales)}; "
-                            "give each scale once")
+        given = ",".join(f"{s:g}" for s in scales)
+        raise ArgumentError(f"{name}: scale {repeated[0]:g} is given more than once in {given}; give each scale once")
     return scales
 
 

@@ -116,7 +116,8 @@ def test_a_checkpoint_of_another_arch_sharing_only_counters_and_biases_is_refuse
         load_pretrained_checkpoint(tiny, str(tmp_path / "small.pt"), list(KEEP), "tiny_hourglass")
 
 
-@pytest.mark.parametrize("saved, arch", [("small_hourglass", "large_hourglass"), ("large_hourglass", "small_hourglass")])
+@pytest.mark.parametrize("saved, arch", [("small_hourglass", "large_hourglass"),
+                                         ("large_hourglass", "small_hourglass")])
 def test_small_and_large_hourglass_refuse_each_other_though_they_share_a_stack(shapes_ckpt, tmp_path, saved, arch):
     """large_hourglass's first stack has small_hourglass's names and shapes: CenterNet-52 weights filled exactly
     half of a large_hourglass network (630 of its 1260 tensors, the rest trained from scratch) and CenterNet-104
