@@ -1,5 +1,6 @@
 """Device and precision choices, taken from arguments so that nothing assumes CUDA."""
 import contextlib
+import functools
 import math
 import os
 import re
@@ -29,17 +30,12 @@ def select_device(name: str | torch.device = "auto", local_rank: int | None = No
     return torch.device("cuda", bind_local_gpu(local_rank or 0))
 
 
-_fork_hook_registered = False  # one_thread_after_fork's, once per process (forked children inherit it)
-
-
+@functools.cache  # the hook once per process (forked children inherit it)
 def one_thread_after_fork() -> None:
-    """Makes every process forked from this one run torch on one thread (as DataLoader's workers do), once per
-    process: GNU OpenMP's threads do not survive a fork, and a child's first parallel operation waited for them
-    forever once the parent had run one (a multiprocessing Pool forked after a Detector's first image)."""
-    global _fork_hook_registered
-    if not _fork_hook_registered:
-        os.register_at_fork(after_in_child=lambda: torch.set_num_threads(1))
-        _fork_hook_registered = True
+    """Makes every process forked from this one run torch on one thread (as DataLoader's workers do): GNU OpenMP's
+    threads do not survive a fork, and a child's first parallel operation waited for them forever once the parent
+    had run one (a multiprocessing Pool forked after a Detector's first image)."""
+    os.register_at_fork(after_in_child=lambda: torch.set_num_threads(1))
 
 
 def local_gpu_index(local_rank: int, visible: int) -> int:
