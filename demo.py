@@ -31,6 +31,7 @@ import itertools
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -39,7 +40,7 @@ from tqdm import tqdm
 
 from datasets.image_io import IMAGE_SUFFIXES, drawing_names, load_image, write_image
 from engine.detector import Detections, Detector
-from engine.inference import non_finite_warning, parse_scales
+from engine.inference import MAX_TOPK, InferenceConfig, non_finite_warning, official_config, parse_scales
 from engine.visualize import draw
 from utils.checkpoint import refuse_onnx_as_checkpoint
 from utils.checks import check_number, check_positive_int
@@ -48,6 +49,7 @@ from utils.files import make_folder, pid_temporary, remove_dead_temporaries, sam
 
 VIDEO_CODECS = {".mp4": "mp4v", ".avi": "MJPG"}
 JSON_EVERY_S = 5.0  # how often a long run saves the detections so far
+DEFAULTS = InferenceConfig()
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -64,6 +66,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--score_thresh", type=float, default=0.3, help="draw and save detections scoring at least this")
     p.add_argument("--test_flip", action="store_true", help="also run the horizontally flipped image")
     p.add_argument("--test_scales", default="1", help="comma-separated scales, e.g. 0.75,1,1.25")
+    p.add_argument("--max_per_image", type=int, default=DEFAULTS.max_per_image,
+                   help="keep the best N detections of an image (raise it for crowded scenes)")
+    p.add_argument("--topk", type=int, default=DEFAULTS.topk,
+                   help=f"corners and centers kept per heatmap, over all classes (at most {MAX_TOPK}): boxes are "
+                        "paired from them, so a scene with more objects needs more")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--amp", action="store_true",
                    help="16-bit: the bf16 network on the CPU, fp16 autocast on CUDA (README: CPU inference)")
@@ -307,12 +314,14 @@ def main(args: argparse.Namespace) -> dict:
     check_number("--score_thresh", args.score_thresh, 0, 1)
     if args.onnx and args.amp:
         raise UserError("--amp: an ONNX model runs in the precision it was exported in; drop --amp")
+    config = replace(official_config(len(scales)), topk=args.topk, max_per_image=args.max_per_image)
     if args.ckpt:
         refuse_onnx_as_checkpoint(args.ckpt)
     source = prepare_video(args) if args.video else prepare_images(args)
     detector = Detector.from_checkpoint(args.onnx or args.ckpt, device=args.device, test_flip=args.test_flip,
                                         test_scales=scales, score_thresh=args.score_thresh,
-                                        batch_size=args.batch_size, onnx=bool(args.onnx), amp=args.amp)
+                                        batch_size=args.batch_size, onnx=bool(args.onnx), config=config,
+                                        amp=args.amp)
     # Stopped by Ctrl-C or SIGTERM (run_cli), a run keeps its json and leaves no temporary video.
     content = run_video(*source, args, detector) if args.video else run_images(*source, args, detector)
     if detector.non_finite:

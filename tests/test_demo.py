@@ -186,6 +186,24 @@ def test_batches_give_the_detections_of_single_images(ckpt, float64_demo, tmp_pa
                            [(d["file"], d["box"], d["score"]) for d in single])
 
 
+def test_max_per_image_keeps_the_best_and_topk_bounds_the_pairs(ckpt, float64_demo, tmp_path):
+    """--max_per_image 3 keeps each image's 3 best detections of the default run (the peaked float64 net's scores
+    are distinct); --topk 20 instead of 70 pairs fewer corners: this untrained net's 156 boxes become 1."""
+    folder = tmp_path / "photos"
+    small_photos(folder)
+    default = run(ckpt, folder, tmp_path / "default")
+    best3 = run(ckpt, folder, tmp_path / "best3", "--max_per_image", "3")
+    for full, capped in zip(default["images"], best3["images"]):
+        assert len(full["detections"]) > 3
+        top = sorted(full["detections"], key=lambda d: -d["score"])[:3]
+        assert same_detections([(0, d["box"], d["score"]) for d in capped["detections"]],
+                               [(0, d["box"], d["score"]) for d in top])
+    few_pairs = run(ckpt, folder, tmp_path / "topk20", "--topk", "20")
+    assert len(detections_of(few_pairs)) * 10 < len(detections_of(default))
+    with pytest.raises(ArgumentError, match="max_per_image"):
+        run(ckpt, folder, tmp_path / "none", "--max_per_image", "0")
+
+
 def test_a_failed_write_stops_with_the_file_and_keeps_the_detections(ckpt, tmp_path, monkeypatch):
     folder = tmp_path / "photos"
     small_photos(folder)
