@@ -17,7 +17,8 @@ the evaluation server instead of scoring them.
   numbers, categories `id` and `name`; ids are unique and every annotation refers to a listed image and category;
   `area`, when given, is a number, not negative for a box of positive size (pycocotools' area ranges would leave
   the box out of the evaluation). Filled in when absent: annotation `id` (numbered after the largest given),
-  `iscrowd` (0) and `area` (w * h).
+  `iscrowd` (0) and `area` (w * h). An annotation id 0 is numbered so too: pycocotools' matching reads id 0 as
+  "no match", so that box would never count as found.
 - Checked when an item is read (the error names the image file): the file exists, can be opened, is no device or
   socket (a symbolic link to /dev/zero would be read until the memory runs out; a named pipe is read), decodes (a
   truncated JPEG does not) and has the json's `width` and `height` when those are given (of the upright image: when
@@ -280,7 +281,9 @@ def check_coco_dict(data: dict, path: Path, require_annotations: bool = True) ->
     annotations = data.get("annotations", [])
     next_id = 1 + max([a["id"] for a in annotations if isinstance(a.get("id"), int)], default=0)
     for a in annotations:
-        if "id" not in a:
+        # pycocotools' matching marks a detection matched by the id of its ground truth, and 0 reads as unmatched:
+        # a box of id 0 (Roboflow, Label Studio and labelme2coco number from 0) was never counted as found.
+        if a.get("id", 0) == 0:
             a["id"], next_id = next_id, next_id + 1
         a.setdefault("iscrowd", 0)
         if "area" not in a:  # in floats: whole numbers past 1e154 multiply to an int that no float holds

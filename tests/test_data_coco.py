@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Subset, default_collate
 
 from datasets import build_dataset
 from datasets.coco import CocoDetection, check_same_categories, coco_problems
-from datasets.coco_eval import load_results
+from datasets.coco_eval import evaluate_detections, load_results
 from datasets.image_io import exif_orientation, load_image
 from datasets.sampling import TrainSamples
 from utils.errors import DataError
@@ -311,6 +311,20 @@ def test_optional_annotation_fields_are_filled(tmp_path):
     anns = ds.coco.loadAnns(ds.coco.getAnnIds())
     assert sorted(a["id"] for a in anns) == [7, 8]
     assert sorted(a["area"] for a in anns) == [100, 600] and all(a["iscrowd"] == 0 for a in anns)
+
+
+def test_annotation_id_0_counts_when_found(tmp_path, capsys):
+    # Roboflow, Label Studio and labelme2coco number annotations from 0; pycocotools takes a match with the ground
+    # truth of id 0 for no match, and the perfect detections below scored AP 0.25 instead of 1.
+    data = coco_dict(boxes=((10, 10, 30, 20), (50, 40, 40, 30)))
+    for i, a in enumerate(data["annotations"]):
+        a["id"] = i
+    ds = CocoDetection(write_set(tmp_path, data, {"1.png": image()}), "train", train=False)
+    assert sorted(a["id"] for a in ds.coco.loadAnns(ds.coco.getAnnIds())) == [1, 2]
+    boxes = ds.boxes[0]
+    detections = {1: np.concatenate([boxes, np.ones((2, 1)), ds.labels[0][:, None]], axis=1)}
+    stats = evaluate_detections(ds.coco, detections, ds.cat_ids, ds.class_names)
+    assert stats["AP"] == pytest.approx(1.0) and stats["AR100"] == pytest.approx(1.0)
 
 
 # ---------------------------------------------------------------- bad input: errors when an item is read
