@@ -15,7 +15,8 @@ images too large to evaluate (a test input of more than datasets.transforms.MAX_
 crops them, but train.py and test.py refuse a val split that holds one. So is a category name given to several ids,
 and an image with more boxes to train on than datasets.targets.MAX_OBJECTS (128, the official cap): a crop of it
 that holds more gives the objects past the first 128 no embeddings and offsets, only heatmap peaks. So are boxes of
-positive size whose `area` is 0: the evaluation counts them as small objects, whatever their size.
+positive size whose `area` is 0: the evaluation counts them as small objects, whatever their size. So are categories
+that no box to train on has, such as the extra one of a Roboflow export: each is still a class of the network.
 Problems are listed with the file and the entry (annotation ids included), all of them rather than the first;
 the exit status is 1 when there is any, 0 when the split is clean. Runs from any folder as
 `python PATH/TO/REPO/datasets/check.py ...` too.
@@ -31,7 +32,7 @@ if __package__ in (None, ""):  # run as a script from anywhere: import the repo,
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from datasets.coco import (box_fault, coco_problems, has_positive_size, is_box, is_file_name, is_size,
-                           load_entry_image, read_json, split_files, zero_area_note)
+                           load_entry_image, read_json, split_files, unboxed_categories_note, zero_area_note)
 from datasets.image_io import exif_orientation
 from datasets.targets import MAX_OBJECTS
 from datasets.transforms import check_input_size
@@ -129,7 +130,8 @@ def inspect_split(data_dir: str | Path, split: str, progress: bool = True) -> tu
     problems = coco_problems(data, ann_file, require_annotations=not image_info) + \
         box_problems(data, ann_file, report.sizes)
     notes = report.turned + too_large_notes(images, img_dir, report.sizes) + repeated_name_notes(data, ann_file) + \
-        crowded_notes(data, img_dir) + [note for note in [zero_area_note(data, ann_file)] if note]
+        crowded_notes(data, img_dir) + [note for note in [zero_area_note(data, ann_file),
+                                                          unboxed_categories_note(data, ann_file)] if note]
     return annotation_ids(problems, data) + report.problems, notes
 
 

@@ -225,6 +225,28 @@ def zero_area_note(data: dict, ann_file: Path) -> str | None:
             "give the object's area")
 
 
+def unboxed_categories_note(data: dict, ann_file: Path) -> str | None:
+    """A note naming the categories of COCO dict `data` (entries of any shape: datasets.check passes it unchecked)
+    that no box to train on has (not crowd, of positive width and height). Each is still a class, that a training
+    split teaches as never present, and whose AP an evaluation of the split leaves out of the mean. Exporters add
+    such entries: Roboflow one named after the data set, labelme2coco '_background_'. None when there is none, or no
+    box at all (which is an error of its own)."""
+    annotations = data.get("annotations") if isinstance(data.get("annotations"), list) else []
+    boxed = {a["category_id"] for a in annotations if isinstance(a, dict) and is_id(a.get("category_id"))
+             and has_positive_size(a.get("bbox")) and a.get("iscrowd", 0) != 1}
+    categories = [c for c in data.get("categories") if isinstance(c, dict) and is_id(c.get("id"))] \
+        if isinstance(data.get("categories"), list) else []
+    unboxed = [f"{str(c.get('name'))!r} (id {c['id']})" for c in categories if c["id"] not in boxed]
+    if not boxed or not unboxed:
+        return None
+    more = f" and {len(unboxed) - 5} more" if len(unboxed) > 5 else ""
+    return (f"{ann_file}: no box here has category {', '.join(unboxed[:5])}{more} ({len(unboxed)} of the "
+            f"{len(categories)} categories). Each is still a class of the network: trained on this split, it learns "
+            "the class as never present; evaluated on it, the class's AP is '-', left out of the mean. An exporter's "
+            "extra entry (Roboflow's named after the data set, labelme2coco's '_background_') is best left out of "
+            "the 'categories' of every split")
+
+
 def coco_problems(data: dict, path: Path, require_annotations: bool = True) -> list[str]:
     """Every problem of a COCO detection dict (see the module docstring), each naming its entry; [] if usable.
     Without `require_annotations`, a dict without an 'annotations' list is accepted."""
@@ -401,6 +423,9 @@ class CocoDetection(Dataset):
         self.boxes, self.labels = self._training_boxes(data.get("annotations", []))
         # For train.py and test.py to show: the evaluation of such boxes is not what training learns.
         self.ground_truth_notes = [] if train else evaluation_notes(data, self.ann_file)
+        # For train.py to log: classes it trains that no box of the split has.
+        self.training_notes = [note for note in [unboxed_categories_note(data, self.ann_file)] if note] \
+            if train else []
         if not train:
             self._check_input_sizes()
 

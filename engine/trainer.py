@@ -390,7 +390,7 @@ def log_run_start(logger: RunLogger, notes: list[str | None], run_dir: Path, arg
                     "DistributedDataParallel (--dist implied)")
     for line in pretrained.lines() if pretrained else []:
         logger.info(line)
-    for note in val_set.ground_truth_notes:
+    for note in train_set.training_notes + val_set.ground_truth_notes:
         logger.info(f"warning: {note}")
     if args.pretrained and resuming:
         logger.info(f"--pretrained {args.pretrained} not read: the run resumes from its own checkpoint, which "

@@ -205,8 +205,31 @@ def test_a_category_name_given_to_several_ids_is_a_note(tmp_path):
     data["categories"] = [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}, {"id": 7, "name": "cat"}]
     ann_file.write_text(json.dumps(data))
     problems, notes = inspect_split(tmp_path, "train", progress=False)
-    assert problems == [] and notes == [f"{ann_file}: category name 'cat' is given to ids 1, 7: each is a class of "
-                                        "its own, named alike in results and drawings"]
+    assert problems == [] and notes[0] == (f"{ann_file}: category name 'cat' is given to ids 1, 7: each is a class "
+                                           "of its own, named alike in results and drawings")
+    assert len(notes) == 2 and "no box here has category 'dog' (id 2), 'cat' (id 7)" in notes[1]
+
+
+def test_a_category_without_a_box_is_a_note(tmp_path):
+    """Roboflow's export adds a category named after the data set that no box has (labelme2coco a '_background_'):
+    a class the network learns as never present, which the check passed without a word. Crowd boxes and boxes
+    without width train nothing, so their category is named too."""
+    ann_file = one_image_split(tmp_path, np.zeros((80, 100, 3), np.uint8), "1.png", {},
+                               [[10, 10, 20, 20], [30, 30, 20, 20], [50, 50, 0, 20]])
+    data = json.loads(ann_file.read_text())
+    data["categories"] = [{"id": 0, "name": "raccoons-Xq2p", "supercategory": "none"},
+                          {"id": 1, "name": "raccoon", "supercategory": "raccoons-Xq2p"},
+                          {"id": 2, "name": "crowd"}, {"id": 3, "name": "flat"}]
+    data["annotations"][1].update(category_id=2, iscrowd=1)
+    data["annotations"][2]["category_id"] = 3
+    ann_file.write_text(json.dumps(data))
+    problems, notes = inspect_split(tmp_path, "train", progress=False)
+    assert len(problems) == 1 and "width or height of 0" in problems[0]
+    assert notes == [f"{ann_file}: no box here has category 'raccoons-Xq2p' (id 0), 'crowd' (id 2), 'flat' (id 3) "
+                     "(3 of the 4 categories). Each is still a class of the network: trained on this split, it "
+                     "learns the class as never present; evaluated on it, the class's AP is '-', left out of the "
+                     "mean. An exporter's extra entry (Roboflow's named after the data set, labelme2coco's "
+                     "'_background_') is best left out of the 'categories' of every split"]
 
 
 def test_a_file_name_outside_the_image_folder_is_reported_once_and_not_read(tmp_path):

@@ -270,6 +270,23 @@ def test_a_training_split_without_boxes_is_refused_naming_it_not_min_box_size(sh
     assert not (tmp_path / "run").exists()
 
 
+def test_a_class_without_a_training_box_is_a_warning_in_train_log(shapes_dir, tmp_path):
+    """Roboflow's extra category (id 0, named after the data set, no box) became a class trained as never present,
+    without a word in train.log."""
+    data = tmp_path / "data"
+    shutil.copytree(shapes_dir, data)
+    for split in ("train", "val"):
+        ann = data / "annotations" / f"instances_{split}.json"
+        content = json.loads(ann.read_text())
+        content["categories"].insert(0, {"id": 0, "name": "shapes-Xq2p", "supercategory": "none"})
+        ann.write_text(json.dumps(content))
+    train.main(args_for(data, tmp_path, "--num_epochs", "1"))
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert f"warning: {data / 'annotations' / 'instances_train.json'}: no box here has category 'shapes-Xq2p' " \
+           "(id 0) (1 of the 5 categories)" in log
+    assert "instances_val.json: no box here" not in log  # the val split's classes are the evaluation's to show
+
+
 def test_train_and_val_splits_of_other_categories_are_refused_naming_the_files_and_names(shapes_dir, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(shapes_dir, data)
