@@ -328,6 +328,10 @@ def load_entry_image(img_dir: Path, info: dict, ann_file: Path) -> np.ndarray:
         if posix != info["file_name"] and is_file_name(posix) and (img_dir / posix).is_file():
             raise MissingFileError(f"{e}; {ann_file} separates the folders of its file_name with '\\' (Windows), "
                                    f"where '/' is needed: {posix!r} exists") from None
+        other = other_case(img_dir, info["file_name"])
+        if other:
+            raise MissingFileError(f"{e}; {other!r} exists: file names differ by letter case here, unlike on Windows "
+                                   f"and macOS; rename the file or correct its file_name in {ann_file}") from None
         raise
     h, w = image.shape[:2]
     declared = info.get("width", w), info.get("height", h)
@@ -335,6 +339,16 @@ def load_entry_image(img_dir: Path, info: dict, ann_file: Path) -> np.ndarray:
         raise DataError(f"{path}: decoded size {w}x{h} differs from width x height {declared[0]}x{declared[1]} in "
                         f"{ann_file}{turned_note(path, declared, (w, h))}")
     return image
+
+
+def other_case(img_dir: Path, file_name: str) -> str | None:
+    """A file of `img_dir` that `file_name` (not there) names in other letter case: its ending (a camera's .JPG for
+    .jpg), or its whole name, lower or upper case; None when there is none. A few stats, not a listing of the
+    folder: the check of a split whose files are all missing asks for each."""
+    path = PurePosixPath(file_name)
+    names = (path.with_suffix(path.suffix.swapcase()), path.with_name(path.name.lower()),
+             path.with_name(path.name.upper()))
+    return next((str(n) for n in names if str(n) != file_name and (img_dir / n).is_file()), None)
 
 
 def turned_note(path: Path, declared: tuple, decoded: tuple[int, int]) -> str:

@@ -347,6 +347,21 @@ def test_a_file_name_with_windows_separators_says_so(tmp_path):
         ds[0]
 
 
+@pytest.mark.parametrize("file_name,on_disk", [("sub/1.png", "sub/1.PNG"), ("IMG_1.JPG", "IMG_1.jpg"),
+                                               ("Img_1.png", "img_1.png"), ("img_1.png", "IMG_1.PNG")])
+def test_a_file_name_in_other_letter_case_says_so(tmp_path, file_name, on_disk):
+    # A camera's IMG_1.JPG listed as IMG_1.jpg by a converter is found on Windows and macOS, not on Linux: the error
+    # said only "image file not found", beside the file.
+    data = coco_dict()
+    data["images"][0]["file_name"] = file_name
+    (tmp_path / "train" / "sub").mkdir(parents=True)
+    ds = CocoDetection(write_set(tmp_path, data, {on_disk: image()}), "train", train=True)
+    with pytest.raises(FileNotFoundError, match=rf"train/{file_name}: image file not found; '{on_disk}' exists: file "
+                                                r"names differ by letter case here, .* correct its file_name in "
+                                                r".*instances_train\.json$"):
+        ds[0]
+
+
 @pytest.mark.parametrize("content,match", [(b"", "image file is empty"), (b"not an image at all", "cannot decode")])
 def test_undecodable_image(tmp_path, content, match):
     ds = CocoDetection(write_set(tmp_path, coco_dict(), {"1.png": content}), "train", train=False)
