@@ -323,16 +323,7 @@ def load_entry_image(img_dir: Path, info: dict, ann_file: Path) -> np.ndarray:
     try:
         image = load_image(path)
     except MissingFileError as e:
-        # A json written on Windows may separate folders with '\\', which is part of a file's name here.
-        posix = info["file_name"].replace("\\", "/")
-        if posix != info["file_name"] and is_file_name(posix) and (img_dir / posix).is_file():
-            raise MissingFileError(f"{e}; {ann_file} separates the folders of its file_name with '\\' (Windows), "
-                                   f"where '/' is needed: {posix!r} exists") from None
-        other = other_case(img_dir, info["file_name"])
-        if other:
-            raise MissingFileError(f"{e}; {other!r} exists: file names differ by letter case here, unlike on Windows "
-                                   f"and macOS; rename the file or correct its file_name in {ann_file}") from None
-        raise
+        raise MissingFileError(f"{e}{missing_file_hint(img_dir, info['file_name'], ann_file)}") from None
     h, w = image.shape[:2]
     declared = info.get("width", w), info.get("height", h)
     if declared != (w, h):
@@ -341,10 +332,27 @@ def load_entry_image(img_dir: Path, info: dict, ann_file: Path) -> np.ndarray:
     return image
 
 
+def missing_file_hint(img_dir: Path, file_name: str, ann_file: Path) -> str:
+    """The file of `img_dir` that `file_name` of `ann_file` (not there) most likely means, as "; ..." to add to the
+    error, or "" when none is found: a few stats, for an error that may be reported for every image of a split."""
+    posix = file_name.replace("\\", "/")  # a json written on Windows: '\\' is part of a file's name here
+    if posix != file_name and is_file_name(posix) and (img_dir / posix).is_file():
+        return f"; {ann_file} separates the folders of its file_name with '\\' (Windows), where '/' is needed: " \
+               f"{posix!r} exists"
+    name = PurePosixPath(file_name)
+    if len(name.parts) > 1 and (img_dir / name.name).is_file():
+        return f"; {name.name!r} is in {img_dir} itself: its file_name in {ann_file} starts with the folder " \
+               f"{str(name.parent)!r} (as Label Studio's images/ and labelme2coco's JPEGImages/ do), so the split's " \
+               f"image folder must be the one that holds {str(name.parent)!r}"
+    other = other_case(img_dir, file_name)
+    return f"; {other!r} exists: file names differ by letter case here, unlike on Windows and macOS; rename the " \
+           f"file or correct its file_name in {ann_file}" if other else ""
+
+
 def other_case(img_dir: Path, file_name: str) -> str | None:
     """A file of `img_dir` that `file_name` (not there) names in other letter case: its ending (a camera's .JPG for
     .jpg), or its whole name, lower or upper case; None when there is none. A few stats, not a listing of the
-    folder: the check of a split whose files are all missing asks for each."""
+    folder."""
     path = PurePosixPath(file_name)
     names = (path.with_suffix(path.suffix.swapcase()), path.with_name(path.name.lower()),
              path.with_name(path.name.upper()))

@@ -362,6 +362,18 @@ def test_a_file_name_in_other_letter_case_says_so(tmp_path, file_name, on_disk):
         ds[0]
 
 
+def test_a_file_name_with_a_folder_the_image_folder_lacks_says_so(tmp_path):
+    # Label Studio writes "images/1.png", relative to its export folder; with the images/ folder itself linked as
+    # the split's, the error said only "image file not found", beside the file.
+    data = coco_dict()
+    data["images"][0]["file_name"] = "images/1.png"
+    ds = CocoDetection(write_set(tmp_path, data, {"1.png": image()}), "train", train=True)
+    with pytest.raises(FileNotFoundError, match=r"train/images/1\.png: image file not found; '1\.png' is in "
+                                                r".*/train itself: its file_name in .*instances_train\.json starts "
+                                                r"with the folder 'images' .* must be the one that holds 'images'$"):
+        ds[0]
+
+
 @pytest.mark.parametrize("content,match", [(b"", "image file is empty"), (b"not an image at all", "cannot decode")])
 def test_undecodable_image(tmp_path, content, match):
     ds = CocoDetection(write_set(tmp_path, coco_dict(), {"1.png": content}), "train", train=False)
