@@ -6,8 +6,9 @@ The annotation file must parse; every image, category and annotation entry is ch
 checks it (datasets/coco.py), and every image file must exist, decode and have the width and height the json gives.
 Boxes that the loader accepts but that cannot be right are reported too (training would drop or clip them, while
 evaluation would keep them as ground truth): a width or height of 0 or less, and a box that leaves its image by more
-than 1% of the image's side (at least 1 px: converters round), which includes a box entirely outside
-it; an image entry without a valid width and height has its boxes checked against its decoded size. An empty
+than 1% of the image's side (at least 1 px: converters round), which includes a box entirely outside it; an image
+entry without a valid width and height has its boxes checked against its decoded size. So are boxes that all lie
+within [0, 1] x [0, 1] (fractions of the image, as YOLO writes them, where COCO's are pixels). An empty
 'annotations' list is reported: there is nothing to train on or to evaluate against. Images whose EXIF orientation
 is not 1 are listed as notes, not problems: they are read upright, as viewers show them, so their width, height and
 boxes must be those of the upright image (an annotation tool that ignored the tag gave the stored image's). So are
@@ -31,8 +32,8 @@ from tqdm import tqdm
 if __package__ in (None, ""):  # run as a script from anywhere: import the repo, not this folder's modules
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from datasets.coco import (box_fault, coco_problems, has_positive_size, is_box, is_file_name, is_size,
-                           load_entry_image, read_json, split_files, unboxed_categories_note, zero_area_note)
+from datasets.coco import (box_fault, coco_problems, fraction_boxes_note, has_positive_size, is_box, is_file_name,
+                           is_size, load_entry_image, read_json, split_files, unboxed_categories_note, zero_area_note)
 from datasets.image_io import exif_orientation
 from datasets.targets import MAX_OBJECTS
 from datasets.transforms import check_input_size
@@ -128,7 +129,7 @@ def inspect_split(data_dir: str | Path, split: str, progress: bool = True) -> tu
         report = ImageReport([f"{img_dir}: image directory of split {split!r} not found"], {}, [])
     image_info = ann_file.name.startswith("image_info_")  # a test split: images without annotations
     problems = coco_problems(data, ann_file, require_annotations=not image_info) + \
-        box_problems(data, ann_file, report.sizes)
+        box_problems(data, ann_file, report.sizes) + [p for p in [fraction_boxes_note(data, ann_file)] if p]
     notes = report.turned + too_large_notes(images, img_dir, report.sizes) + repeated_name_notes(data, ann_file) + \
         crowded_notes(data, img_dir) + [note for note in [zero_area_note(data, ann_file),
                                                           unboxed_categories_note(data, ann_file)] if note]

@@ -182,8 +182,28 @@ def box_fault(box: list, width: int | None, height: int | None) -> str | None:
 
 def evaluation_notes(data: dict, ann_file: Path) -> list[str]:
     """Warnings for an evaluation split (a checked dict) whose scores would not measure what the json's boxes
-    suggest: `scored_as_given_note` and `zero_area_note`, those that apply."""
-    return [note for note in (scored_as_given_note(data, ann_file), zero_area_note(data, ann_file)) if note]
+    suggest: `scored_as_given_note`, `zero_area_note` and `fraction_boxes_note`, those that apply."""
+    notes = scored_as_given_note(data, ann_file), zero_area_note(data, ann_file), fraction_boxes_note(data, ann_file)
+    return [note for note in notes if note]
+
+
+def training_notes(data: dict, ann_file: Path) -> list[str]:
+    """Warnings for a training split (a checked dict) that trains other than its json suggests:
+    `unboxed_categories_note` and `fraction_boxes_note`, those that apply."""
+    return [note for note in (unboxed_categories_note(data, ann_file), fraction_boxes_note(data, ann_file)) if note]
+
+
+def fraction_boxes_note(data: dict, ann_file: Path) -> str | None:
+    """A warning for the annotations of COCO dict `data` (entries of any shape: datasets.check passes it unchecked)
+    whose boxes of positive size all lie within [0, 1] x [0, 1]: fractions of the image's width and height, as YOLO
+    writes them (a converter that did not scale them to pixels), where COCO's are pixels. Training would learn
+    boxes of a pixel at the image's corner, and no detection would match them. None otherwise."""
+    annotations = data.get("annotations") if isinstance(data.get("annotations"), list) else []
+    boxes = [a["bbox"] for a in annotations if isinstance(a, dict) and has_positive_size(a.get("bbox"))]
+    if not boxes or any(x < 0 or y < 0 or x + w > 1 or y + h > 1 for x, y, w, h in boxes):
+        return None
+    return (f"{ann_file}: all {len(boxes)} boxes lie within the image's top left pixel, [0, 1] x [0, 1]: fractions "
+            "of its width and height (YOLO's coordinates)? A COCO bbox is [x, y, width, height] in pixels")
 
 
 def some_ids(ids: list) -> str:
@@ -445,9 +465,8 @@ class CocoDetection(Dataset):
         self.boxes, self.labels = self._training_boxes(data.get("annotations", []))
         # For train.py and test.py to show: the evaluation of such boxes is not what training learns.
         self.ground_truth_notes = [] if train else evaluation_notes(data, self.ann_file)
-        # For train.py to log: classes it trains that no box of the split has.
-        self.training_notes = [note for note in [unboxed_categories_note(data, self.ann_file)] if note] \
-            if train else []
+        # For train.py to log: what training on the split learns other than its json suggests.
+        self.training_notes = training_notes(data, self.ann_file) if train else []
         if not train:
             self._check_input_sizes()
 

@@ -232,6 +232,16 @@ def test_a_category_without_a_box_is_a_note(tmp_path):
                      "'_background_') is best left out of the 'categories' of every split"]
 
 
+def test_boxes_that_all_lie_within_the_top_left_pixel_are_a_problem(tmp_path):
+    """YOLO's fractions of the image written as a COCO bbox (a converter that did not scale them): "no problems
+    found" before."""
+    ann_file = one_image_split(tmp_path, np.zeros((80, 100, 3), np.uint8), "1.png", {},
+                               [[0.1, 0.2, 0.3, 0.25], [0.5, 0.5, 0.5, 0.5]])
+    assert check_split(tmp_path, "train", progress=False) == [
+        f"{ann_file}: all 2 boxes lie within the image's top left pixel, [0, 1] x [0, 1]: fractions of its width and "
+        "height (YOLO's coordinates)? A COCO bbox is [x, y, width, height] in pixels"]
+
+
 def test_a_file_name_outside_the_image_folder_is_reported_once_and_not_read(tmp_path):
     """'../outside.png' is a good image, but outside the split's folder: reported as the entry's problem, not read
     (an absolute path such as /dev/zero would be read until memory runs out)."""

@@ -579,6 +579,21 @@ def test_an_eval_split_warns_of_the_boxes_training_drops_or_clips_but_the_evalua
                     "fully; `python -m datasets.check` lists them")
 
 
+def test_boxes_in_fractions_of_the_image_are_a_warning_of_both_splits(tmp_path):
+    """A YOLO-to-COCO converter that did not scale the boxes to pixels: each lies within the image's top left pixel.
+    Nothing said so before the first epoch ended with "trained on no box at all ... lower --min_box_size"."""
+    data = coco_dict(boxes=((0.1, 0.2, 0.3, 0.25), (0.5, 0.5, 0.5, 0.5), (0.2, 0.2, 0, 0.1)))
+    write_set(tmp_path, data, {"1.png": image()})
+    warning = (f"{tmp_path / 'annotations' / 'instances_train.json'}: all 2 boxes lie within the image's top left "
+               "pixel, [0, 1] x [0, 1]: fractions of its width and height (YOLO's coordinates)? A COCO bbox is "
+               "[x, y, width, height] in pixels")
+    assert CocoDetection(tmp_path, "train", train=True).training_notes == [warning]
+    assert warning in CocoDetection(tmp_path, "train", train=False).ground_truth_notes
+    data["annotations"][1]["bbox"] = [0.5, 0.5, 0.5, 1.5]  # one box of pixels: a set in pixels with small boxes
+    write_set(tmp_path, data, {})
+    assert CocoDetection(tmp_path, "train", train=True).training_notes == []
+
+
 def test_an_eval_split_warns_of_boxes_of_positive_size_with_area_0(tmp_path):
     """Converters write area 0 for objects without a segmentation. The evaluation sorts objects by `area`, so a
     60 x 50 box given area 0 is a small object: detections equal to the ground truth scored AP_S 1 and AP_M -1 (no
