@@ -43,11 +43,10 @@ def shapes_ckpt(shapes_dir, tmp_path_factory) -> Path:
     return root / "four" / "checkpoint.pt"
 
 
-def test_weights_load_and_class_outputs_are_fresh(shapes_ckpt):
+def test_weights_load_and_class_outputs_are_taken_by_class_name(shapes_ckpt):
+    """The 2-class subset (ellipse, cross) of the 4 shapes (rectangle, ellipse, triangle, cross): every other tensor
+    is copied, and each class output's channels 0 and 1 are the checkpoint's channels 1 and 3."""
     source = load_checkpoint(shapes_ckpt)["model"]
-    torch.manual_seed(0)
-    fresh = build_model("tiny_hourglass", 2).state_dict()
-    torch.manual_seed(0)
     model = build_model("tiny_hourglass", 2)
     report = load_pretrained_checkpoint(model, str(shapes_ckpt), list(KEEP), "tiny_hourglass")
     state = model.state_dict()
@@ -55,34 +54,61 @@ def test_weights_load_and_class_outputs_are_fresh(shapes_ckpt):
     class_keys = class_output_keys(model)
     assert len(class_keys) == 6 and all(".hm_" in k for k in class_keys)  # weight and bias of 3 heads
     assert sorted(report.class_outputs) == sorted(class_keys)
+    assert report.known_classes == list(KEEP) and report.new_classes == []
     assert not report.shape_differs and not report.missing and not report.unused
     assert sorted(report.loaded) == sorted(set(state) - set(class_keys))
     for k in report.loaded:
         torch.testing.assert_close(state[k], source[k], rtol=0, atol=0, msg=k)
     for k in class_keys:
         assert state[k].shape[0] == 2 and source[k].shape[0] == 4
-        torch.testing.assert_close(state[k], fresh[k], rtol=0, atol=0, msg=k)
-        if k.endswith("bias"):
-            assert torch.all(state[k] == HEATMAP_BIAS)
+        torch.testing.assert_close(state[k], source[k][[1, 3]], rtol=0, atol=0, msg=k)
     lines = report.lines()
-    assert lines[0].startswith(f"pretrained: loaded {len(report.loaded)} tensors; kept fresh: 6 class outputs")
-    assert sum("fresh (new classes)" in line for line in lines) == 6
+    assert lines[1] == "pretrained: the 6 class outputs by class name: 2 classes from the checkpoint, 0 new"
+    assert lines[2:] == ["  class from the checkpoint: ellipse", "  class from the checkpoint: cross"]
+
+
+def test_a_new_class_keeps_its_fresh_channel(shapes_ckpt):
+    """cross is the checkpoint's channel 3; star is new, and a name given twice (here: by the checkpoint) says
+    nothing of which channel it would be: both keep the fresh network's channel, its bias the prior."""
+    source = load_checkpoint(shapes_ckpt)["model"]
+    torch.manual_seed(0)
+    fresh = build_model("tiny_hourglass", 3).state_dict()
+    torch.manual_seed(0)
+    model = build_model("tiny_hourglass", 3)
+    saved_names = ["rectangle", "ellipse", "ellipse", "cross"]
+    report = load_pretrained(model, source, saved_names, ["star", "cross", "ellipse"])
+    assert report.known_classes == ["cross"] and report.new_classes == ["star", "ellipse"]
+    state = model.state_dict()
+    for k in class_output_keys(model):
+        torch.testing.assert_close(state[k][1], source[k][3], rtol=0, atol=0, msg=k)
+        torch.testing.assert_close(state[k][[0, 2]], fresh[k][[0, 2]], rtol=0, atol=0, msg=k)
+        if k.endswith("bias"):
+            assert torch.all(state[k][[0, 2]] == HEATMAP_BIAS)
+    assert "  fresh (new class): star" in report.lines()
 
 
 def test_same_classes_load_everything_and_other_shapes_are_reported(shapes_ckpt):
     source = load_checkpoint(shapes_ckpt)["model"]
+    names = ["rectangle", "ellipse", "triangle", "cross"]
     model = build_model("tiny_hourglass", 4)
-    report = load_pretrained(model, source, same_classes=True)
+    report = load_pretrained(model, source, names, names)
     assert sorted(report.loaded) == sorted(source) and not report.class_outputs
-    # Four classes of other names: the outputs have the right shape but are not loaded.
-    report = load_pretrained(build_model("tiny_hourglass", 4), source, same_classes=False)
-    assert len(report.class_outputs) == 6
+    assert len(report.lines()) == 1
+    # Four classes of other names: the outputs have the right shape, but every channel stays fresh.
+    torch.manual_seed(0)
+    fresh = build_model("tiny_hourglass", 4).state_dict()
+    torch.manual_seed(0)
+    model = build_model("tiny_hourglass", 4)
+    report = load_pretrained(model, source, names, ["a", "b", "c", "d"])
+    assert len(report.class_outputs) == 6 and report.new_classes == ["a", "b", "c", "d"]
+    for k in report.class_outputs:
+        torch.testing.assert_close(model.state_dict()[k], fresh[k], rtol=0, atol=0, msg=k)
     # A checkpoint with an extra tensor and one of another shape.
     edited = dict(source)
     edited["extra.weight"] = torch.zeros(1)
     key = "stem.0.0.weight"
     edited[key] = torch.zeros(1, 3, 7, 7)
-    report = load_pretrained(build_model("tiny_hourglass", 4), edited, same_classes=True)
+    report = load_pretrained(build_model("tiny_hourglass", 4), edited, names, names)
     assert report.unused == ["extra.weight"] and report.shape_differs == {key: ((1, 3, 7, 7), tuple(source[key].shape))}
     assert any(line.startswith("  fresh (shape (1, 3, 7, 7) in the checkpoint") for line in report.lines())
 
@@ -165,7 +191,7 @@ def test_train_py_fine_tunes_on_a_two_class_subset(shapes_dir, shapes_ckpt, tmp_
     assert state["category_ids"] == [2, 4]  # the data set's ids, not the labels 0 and 1
     assert state["model"]["branches.0.hm_ct.2.weight"].shape[0] == 2
     log = (tmp_path / "two" / "train.log").read_text()
-    assert "pretrained: loaded" in log and log.count("fresh (new classes)") == 6
+    assert "pretrained: loaded" in log and log.count("class from the checkpoint: ") == 2
 
     # Resumed, the run continues from its own weights: --pretrained (here a file that is gone) is not read, and
     # the log says so instead of passing over it in silence.
