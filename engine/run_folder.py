@@ -149,10 +149,20 @@ def check_resumable(state: dict, args: argparse.Namespace, class_names: list[str
                             f"{position['global_batch']} images per optimizer step; resume with the same "
                             "--batch_size and --accum_steps")
     last_epoch = position["epoch"] if position else state["epoch"] + 1
-    if last_epoch > args.num_epochs and not state.get("validation_pending"):
+    if last_epoch > args.num_epochs and not validation_due(state, args.num_epochs):
         raise RunComplete(f"{path} is complete: it has trained {state['epoch']} epochs (--num_epochs "
                           f"{args.num_epochs}); pass a larger --num_epochs to train longer", state["best_ap"])
     check_scaler_state(state.get("scaler"), path)  # any --amp setting may continue it: see resume_scaler
+
+
+def validation_due(state: dict, num_epochs: int) -> bool:
+    """Whether --resume validates the checkpoint's epoch before anything else: one whose validation a stop or a
+    corrupt val image left pending, or one saved without validation that --num_epochs, lowered to it, now makes the
+    last (a run always validates after its last epoch; it was complete without a validation, and without best.pt
+    under --val_interval 0). A checkpoint from before `validated` was saved counts as validated."""
+    unvalidated_last = state.get("position") is None and state["epoch"] == num_epochs and \
+        state.get("validated") is False
+    return bool(state.get("validation_pending")) or unvalidated_last
 
 
 def on_main_for_all(work):

@@ -26,7 +26,7 @@ from datasets.sampling import EpochSampler, TrainSamples, epoch_order
 from engine.inference import EvaluationStopped, InferenceConfig, evaluate
 from engine.pretrained import PretrainedReport, load_pretrained_checkpoint
 from engine.run_folder import (BEST, CHECKPOINT, RunFolderLock, check_resumable, on_main_for_all,
-                               run_folder_plan)
+                               run_folder_plan, validation_due)
 from engine.visualize import val_images
 from nets import build_model, model_config, resolve_variant, variant_name
 from utils import dist
@@ -360,17 +360,18 @@ def resumed_progress(state: dict, path: Path, accum_steps: int) -> EpochProgress
     return progress
 
 
-def resume_training(training: TrainingState, state: dict, path: Path, accum_steps: int) -> list[str | None]:
+def resume_training(training: TrainingState, state: dict, path: Path, accum_steps: int,
+                    num_epochs: int) -> list[str | None]:
     """Puts `training` where the checkpoint `state` (read from `path`) left the run, to continue with `accum_steps`
-    micro-batches per optimizer step; returns the lines for the log on what this command changes there, the loss
-    scaling and the learning rate schedule (None: nothing)."""
+    micro-batches per optimizer step up to `num_epochs`; returns the lines for the log on what this command changes
+    there, the loss scaling and the learning rate schedule (None: nothing)."""
     load_training_state(training.model, training.optimizer, state, path)
     schedule_note = continue_schedule(training.optimizer, training.scheduler, state["epoch"], saved_args(state))
     scaler_note = resume_scaler(training.scaler, state["scaler"], path)
     training.start_epoch, training.best_ap, training.global_step = \
         state["epoch"] + 1, state["best_ap"], state["global_step"]
     training.progress = resumed_progress(state, path, accum_steps) if state.get("position") else None
-    training.validation_pending = bool(state.get("validation_pending"))
+    training.validation_pending = validation_due(state, num_epochs)
     return [scaler_note, schedule_note]
 
 
@@ -450,7 +451,7 @@ def run_epochs(args: argparse.Namespace, training: TrainingState, train_model: t
                               training.steps_done())
         improved = validate and ap > training.best_ap
         training.best_ap = max(training.best_ap, ap)
-        snapshot = training.state_dict(epoch, None, args, train_set)
+        snapshot = {**training.state_dict(epoch, None, args, train_set), "validated": validate}
         # checkpoint.pt first: a failure between the two saves leaves a folder that --resume continues.
         on_main_for_all(lambda: save_checkpoint(run_dir / CHECKPOINT, snapshot))
         if improved:
@@ -462,7 +463,8 @@ def run_epochs(args: argparse.Namespace, training: TrainingState, train_model: t
     ap, where = training.best_ap, None  # where a stop request (SIGTERM, Ctrl-C) stopped the run, for its last line
     start_epoch = training.start_epoch
     if training.validation_pending:
-        logger.info(f"epoch {start_epoch - 1}: its validation did not end before the run stopped; it runs now")
+        logger.info(f"epoch {start_epoch - 1}: its validation is still to run (it did not end before the run stopped, "
+                    "or --num_epochs now makes this unvalidated epoch the last); it runs now")
         if end_epoch(start_epoch - 1, True):
             where = f"epoch {start_epoch - 1}'s validation"
     for epoch in range(start_epoch, args.num_epochs + 1):
@@ -528,7 +530,8 @@ def train(args: argparse.Namespace, signals: StopSignals, folder_lock: RunFolder
     if state is not None:
         check_resumable(state, args, train_set.class_names, run_dir / CHECKPOINT)
     training = build_training(args, device, lr_steps)
-    resume_notes = resume_training(training, state, run_dir / CHECKPOINT, args.accum_steps) if state is not None else []
+    resume_notes = resume_training(training, state, run_dir / CHECKPOINT, args.accum_steps, args.num_epochs) \
+        if state is not None else []
     del state
 
     # Before the log is opened: a missing or foreign --pretrained file leaves nothing written (the lock removes the

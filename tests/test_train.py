@@ -397,6 +397,32 @@ def test_resume_names_what_a_checkpoint_lacks_for_training(shapes_dir, tmp_path)
         assert (tmp_path / "run" / "train.log").read_text() == log_before
 
 
+def test_num_epochs_lowered_to_an_epoch_saved_unvalidated_validates_it(shapes_dir, tmp_path, monkeypatch):
+    """README: a run always validates after its last epoch. A run stopped at the end of epoch 1 of 3 (--val_interval
+    0: no validation there), resumed with --num_epochs 1, was complete at once: never validated, no best.pt."""
+    log_info = RunLogger.info
+
+    def stop_after_epoch_1(logger, message):  # SIGTERM as the epoch's line is written: the run stops after its save
+        log_info(logger, message)
+        if message.startswith("epoch 1: loss"):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(RunLogger, "info", stop_after_epoch_1)
+    with pytest.raises(SystemExit):
+        train.main(args_for(shapes_dir, tmp_path, "--num_epochs", "3", "--val_interval", "0"))
+    monkeypatch.setattr(RunLogger, "info", log_info)
+    state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert state["epoch"] == 1 and state["position"] is None and not (tmp_path / "run" / "best.pt").exists()
+
+    ap = train.main(args_for(shapes_dir, tmp_path, "--num_epochs", "1", "--val_interval", "0", "--resume"))
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert log.count("epoch 1: val AP") == 1 and ap >= 0 and (tmp_path / "run" / "best.pt").is_file()
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["validated"]
+    # validated now: the run is complete, and a second --resume says so without validating again
+    assert train.main(args_for(shapes_dir, tmp_path, "--num_epochs", "1", "--val_interval", "0", "--resume")) == ap
+    assert (tmp_path / "run" / "train.log").read_text() == log
+
+
 def test_resume_refuses_what_cannot_continue_the_run(shapes_dir, tmp_path, capsys):
     ap = train.main(args_for(shapes_dir, tmp_path, "--num_epochs", "2", "--val_interval", "0"))
     before = (tmp_path / "run" / "checkpoint.pt").read_bytes()

@@ -2,7 +2,8 @@
 
 A training checkpoint holds `model`, `optimizer`, `scheduler`, `scaler`, `epoch` (the last finished epoch),
 `position` (None at an epoch's end; mid-epoch: the epoch, the optimizer steps done in it, its sample order (see
-datasets/sampling.py) and the running sums of its loss terms), `global_step`, `best_ap`, `validation_pending`
+datasets/sampling.py) and the running sums of its loss terms), `global_step`, `best_ap`, `validated` (at an
+epoch's end: whether that epoch was validated), `validation_pending`
 (only in one saved because the epoch's validation failed or was stopped: --resume runs it first),
 `args` (the flags, a dict: read it with `saved_args`), `model_config` (the network's constructor arguments, so
 that the checkpoint still builds after the architecture table in nets/ changes), `class_names` and
