@@ -539,7 +539,7 @@ def train(args: argparse.Namespace, signals: StopSignals, folder_lock: RunFolder
     pretrained = dist.on_every_process(lambda: load_pretrained_checkpoint(
         training.model, args.pretrained, train_set.class_names, args.arch)) \
         if args.pretrained and not resuming else None  # a resumed run already holds the fine-tuned weights
-    logger = RunLogger(run_dir, enabled=dist.is_main())
+    logger = RunLogger(run_dir, enabled=dist.is_main(), purge_step=training.steps_done() + 1 if resuming else None)
     try:
         notes = [plan_message, *objective_notes, *resume_notes, late_lr_steps_note(lr_steps, args.num_epochs, args.lr)]
         log_run_start(logger, notes, run_dir, args, training, train_set, val_set, device, pretrained,

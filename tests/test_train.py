@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from torch import nn
+from tensorboardX.proto.event_pb2 import SessionLog
 from torch.utils.data import Dataset, Subset
 
 import train
@@ -27,6 +28,7 @@ from datasets.targets import make_targets
 from engine import trainer
 from engine.inference import EvaluationStopped, InferenceConfig, evaluate
 from nets import build_model
+from tests.tensorboard_events import read_events
 from utils import dist
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.errors import ArgumentError, CheckpointError, DataError, MissingFileError, UserError, WriteError
@@ -421,6 +423,36 @@ def test_num_epochs_lowered_to_an_epoch_saved_unvalidated_validates_it(shapes_di
     # validated now: the run is complete, and a second --resume says so without validating again
     assert train.main(args_for(shapes_dir, tmp_path, "--num_epochs", "1", "--val_interval", "0", "--resume")) == ap
     assert (tmp_path / "run" / "train.log").read_text() == log
+
+
+def tensorboard_files(run_dir: Path) -> list[list]:
+    """The events of each tensorboard file of a run, oldest first (their names start with the time of writing)."""
+    return [read_events(path) for path in sorted(run_dir.glob("events.out.tfevents.*"))]
+
+
+def test_a_resumed_run_marks_tensorboard_to_drop_what_came_after_its_checkpoint(shapes_dir, tmp_path, monkeypatch):
+    """A resumed run's file starts at the step after its checkpoint's, with the mark (SessionLog START at that step)
+    from which TensorBoard drops the earlier files' events of that step and later: a run that died after its last
+    save (killed, or failed on another process) had logged steps that the resumed run logs again, two values each.
+    At the checkpoint's own step, not after it, the mark would drop the epoch's val/AP, which is not logged again."""
+    log_info = RunLogger.info
+
+    def stop_after_epoch_1(logger, message):
+        log_info(logger, message)
+        if message.startswith("epoch 1: val AP"):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(RunLogger, "info", stop_after_epoch_1)
+    with pytest.raises(SystemExit):
+        train.main(args_for(shapes_dir, tmp_path, "--num_epochs", "2", "--val_interval", "1"))
+    monkeypatch.setattr(RunLogger, "info", log_info)
+    steps = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["global_step"]
+    train.main(args_for(shapes_dir, tmp_path, "--num_epochs", "2", "--val_interval", "1", "--resume"))
+    first, resumed = tensorboard_files(tmp_path / "run")
+    assert ("val/AP", steps) in {(v.tag, e.step) for e in first for v in e.summary.value}
+    starts = [e.step for e in resumed if e.HasField("session_log") and e.session_log.status == SessionLog.START]
+    assert starts == [steps + 1] and not any(e.HasField("session_log") for e in first)
+    assert min(e.step for e in resumed if e.summary.value) == steps + 1
 
 
 def test_resume_refuses_what_cannot_continue_the_run(shapes_dir, tmp_path, capsys):

@@ -1,17 +1,16 @@
 """Validation images for tensorboard: true boxes drawn where the annotations put them, and RunLogger.images
 writing them to the event file."""
-import struct
 
 import cv2
 import numpy as np
 import pytest
 import torch
-from tensorboardX.proto import event_pb2
 
 from datasets.coco import CocoDetection
 from engine.inference import InferenceConfig
 from engine.visualize import draw, val_images
 from nets import build_model
+from tests.tensorboard_events import read_events
 from tests.test_test_cli import RACCOON
 from utils.errors import ArgumentError
 from utils.logger import RunLogger
@@ -50,16 +49,6 @@ def test_draw_takes_the_image_arrays_the_detector_takes():
     # draw takes one image: the hint for a stacked batch must not send a list of them here
     with pytest.raises(ArgumentError, match=r"shape \(2, 60, 80, 3\).*several images stacked: pass one at a time"):
         draw(np.stack([bgr, bgr]), rows, ["a", "b"])
-
-
-def read_events(path) -> list:
-    """The records of a tensorboard event file (length, crc, payload, crc)."""
-    data, events, pos = path.read_bytes(), [], 0
-    while pos < len(data):
-        (length,) = struct.unpack("<Q", data[pos:pos + 8])
-        events.append(event_pb2.Event.FromString(data[pos + 12:pos + 12 + length]))
-        pos += 12 + length + 4
-    return events
 
 
 def test_logger_writes_images(tmp_path):

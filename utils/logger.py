@@ -13,9 +13,11 @@ from utils.files import make_folder
 
 class RunLogger:
     """Writes to `run_dir/train.log` and tensorboard files in `run_dir`; does nothing when `enabled` is False
-    (every process but rank 0), so callers need no rank checks, except that `failed` adds the line of any process."""
+    (every process but rank 0), so callers need no rank checks, except that `failed` adds the line of any process.
+    `purge_step`, for a resumed run: TensorBoard drops the earlier files' events from that step on, logged after the
+    checkpoint by the run that stopped, which the resumed run logs again (two values per step otherwise)."""
 
-    def __init__(self, run_dir: Path, enabled: bool):
+    def __init__(self, run_dir: Path, enabled: bool, purge_step: int | None = None):
         self.enabled = enabled
         self.log_path = run_dir / "train.log"
         self.writer = None
@@ -25,7 +27,7 @@ class RunLogger:
                 self.text = open(self.log_path, "a", buffering=1)
             except OSError as e:
                 raise WriteError(f"cannot write {self.log_path}: {e.strerror or e}") from None
-            self.writer = SummaryWriter(str(run_dir))
+            self.writer = SummaryWriter(str(run_dir), purge_step=purge_step)
 
     def info(self, message: str) -> None:
         if self.enabled:
