@@ -2,9 +2,9 @@
 
     python -m datasets.check --data_dir data/coco --split train2017
 
-The annotation file must parse; every image, category and annotation entry is checked as the data set loader
-checks it (datasets/coco.py), and every image file must exist, decode and have the width and height the json gives.
-Boxes that the loader accepts but that cannot be right are reported too (training would drop or clip them, while
+The annotation file must parse; every image, category and annotation entry is checked as the data set loader checks it
+(datasets/annotations.py), and every image file must exist, decode and have the width and height the json gives. Boxes
+that the loader accepts but that cannot be right are reported too (training would drop or clip them, while
 evaluation would keep them as ground truth): a width or height of 0 or less, and a box that leaves its image by more
 than 1% of the image's side (at least 1 px: converters round), which includes a box entirely outside it; an image
 entry without a valid width and height has its boxes checked against its decoded size. So are boxes that all lie
@@ -32,8 +32,9 @@ from tqdm import tqdm
 if __package__ in (None, ""):  # run as a script from anywhere: import the repo, not this folder's modules
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from datasets.coco import (box_fault, coco_problems, fraction_boxes_note, has_positive_size, is_box, is_file_name,
-                           is_size, load_entry_image, read_json, split_files, unboxed_categories_note, zero_area_note)
+from datasets.annotations import (box_fault, coco_problems, fraction_boxes_note, has_positive_size, is_box,
+                                  is_file_name, is_size, read_json, unboxed_categories_note, zero_area_note)
+from datasets.coco import load_entry_image, split_files
 from datasets.image_io import exif_orientation
 from datasets.targets import MAX_OBJECTS
 from datasets.transforms import check_input_size

@@ -282,8 +282,8 @@ def test_a_device_or_a_path_the_system_cannot_open_is_listed_unread(tmp_path):
 
 
 def test_boxes_of_positive_size_with_area_0_are_a_note(tmp_path):
-    """The evaluation counts them as small objects whatever their size (see datasets.coco.zero_area_note); entries
-    without an id are named by their index."""
+    """The evaluation counts them as small objects whatever their size (see datasets.annotations.zero_area_note);
+    entries without an id are named by their index."""
     ann_file = one_image_split(tmp_path, np.zeros((80, 100, 3), np.uint8), "1.png", {"width": 100, "height": 80},
                                [[10, 10, 60, 50], [5, 5, 20, 20], [0, 0, 0, 10]])
     data = json.loads(ann_file.read_text())

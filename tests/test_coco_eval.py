@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from pycocotools.cocoeval import COCOeval
 
-from datasets.coco import coco_from_dict
+from datasets.annotations import coco_from_dict
 from datasets.coco_eval import METRIC_NAMES, analysis_folder, evaluate_detections, write_results
 
 CAT_IDS = [2, 5, 11]  # non-contiguous on purpose

@@ -12,7 +12,7 @@ import pytest
 from pycocotools.cocoeval import COCOeval
 
 from datasets import coco_eval, coco_report
-from datasets.coco import coco_from_dict
+from datasets.annotations import coco_from_dict
 from datasets.coco_eval import (METRIC_NAMES, detections_to_coco, evaluate_detections, metrics_path,
                                 server_results_name)
 from datasets.false_discovery import FD_NAMES

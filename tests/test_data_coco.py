@@ -1,4 +1,5 @@
-"""datasets/coco.py: loading, classes, training items, and every kind of bad input (error or documented handling)."""
+"""datasets/coco.py and datasets/annotations.py: loading, classes, training items, and every kind of bad input
+(error or documented handling)."""
 import argparse
 import contextlib
 import io
@@ -16,7 +17,8 @@ from pycocotools.cocoeval import COCOeval
 from torch.utils.data import DataLoader, Subset, default_collate
 
 from datasets import build_dataset
-from datasets.coco import CocoDetection, check_same_categories, coco_problems
+from datasets.annotations import coco_problems
+from datasets.coco import CocoDetection, check_same_categories
 from datasets.coco_eval import evaluate_detections, load_results
 from datasets.image_io import exif_orientation, load_image
 from datasets.sampling import TrainSamples

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from datasets.coco import coco_from_dict
+from datasets.annotations import coco_from_dict
 from datasets.coco_eval import (ALL_METRIC_NAMES, METRIC_NAMES, evaluate_detections, load_results, metrics_path,
                                 new_cocoeval, results_of_metrics)
 from datasets.false_discovery import FD_IOU_THRESHOLDS, FD_NAMES, false_discovery_rates, format_rates

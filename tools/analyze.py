@@ -32,7 +32,8 @@ from pycocotools import mask as mask_utils
 from pycocotools.cocoeval import COCOeval
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: import the repo
-from datasets.coco import check_coco_dict, coco_from_dict, is_box, is_finite_number, read_json, split_files
+from datasets.annotations import check_coco_dict, coco_from_dict, is_box, is_finite_number, read_json
+from datasets.coco import split_files
 from datasets.coco_eval import (ALL_METRIC_NAMES, ANALYSIS_DRAWING, FD_NAMES, METRIC_NAMES, analysis_folder,
                                  load_results, results_of_metrics)
 from datasets.image_io import load_image
